@@ -1,0 +1,206 @@
+//! The tape. Every op whose inputs require grad records a [`Node`]: the
+//! inputs and a [`Backward`] rule mapping dL/d(output) to dL/d(each input).
+//! [`Tensor::backward`] walks those nodes from the loss in reverse topological
+//! order — iteratively, so a 48-layer GPT cannot overflow the stack — sums
+//! the gradients of tensors used more than once, and returns them in a
+//! [`GradStore`].
+
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
+
+use crate::error::{Error, Result};
+use crate::tensor::{Tensor, TensorId};
+
+/// One op's derivative rule. Each op family defines its own structs, with
+/// the math in a one-line comment beside `backward`.
+pub trait Backward: Send + Sync {
+    /// The op's name, shown in `Debug` output as `grad_fn`.
+    fn name(&self) -> &'static str;
+
+    /// Given the op's `inputs` (as recorded) and dL/d(output), returns
+    /// dL/d(input) for each input, `None` where an input needs no gradient
+    /// (indices, constants).
+    fn backward(&self, inputs: &[Tensor], grad_output: &Tensor) -> Result<Vec<Option<Tensor>>>;
+}
+
+/// The graph edge stored in an op's output.
+pub(crate) struct Node {
+    pub backward: Box<dyn Backward>,
+    pub inputs: Vec<Tensor>,
+}
+
+thread_local! {
+    static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Whether ops record the graph on this thread right now.
+pub fn is_grad_enabled() -> bool {
+    GRAD_ENABLED.with(|g| g.get())
+}
+
+/// While alive, ops on this thread record nothing (evaluation, optimizer
+/// updates, the backward pass itself). Restores the previous mode on drop.
+#[must_use = "grad recording resumes as soon as the guard is dropped"]
+pub struct NoGradGuard {
+    previous: bool,
+}
+
+/// Turns gradient recording off until the returned guard is dropped.
+///
+/// ```
+/// let _guard = kiln::no_grad();
+/// // ops here build no graph
+/// ```
+pub fn no_grad() -> NoGradGuard {
+    let previous = GRAD_ENABLED.with(|g| g.replace(false));
+    NoGradGuard { previous }
+}
+
+impl Drop for NoGradGuard {
+    fn drop(&mut self) {
+        GRAD_ENABLED.with(|g| g.set(self.previous));
+    }
+}
+
+/// Gradients of the loss with respect to the leaves that require grad
+/// (parameters and inputs marked with `requires_grad_()`), keyed by tensor id.
+#[derive(Default, Debug)]
+pub struct GradStore {
+    grads: HashMap<TensorId, Tensor>,
+}
+
+impl GradStore {
+    pub fn get(&self, tensor: &Tensor) -> Option<&Tensor> {
+        self.grads.get(&tensor.id())
+    }
+
+    pub fn get_by_id(&self, id: TensorId) -> Option<&Tensor> {
+        self.grads.get(&id)
+    }
+
+    pub fn insert(&mut self, tensor: &Tensor, grad: Tensor) {
+        self.grads.insert(tensor.id(), grad);
+    }
+
+    pub fn remove(&mut self, tensor: &Tensor) -> Option<Tensor> {
+        self.grads.remove(&tensor.id())
+    }
+
+    pub fn len(&self) -> usize {
+        self.grads.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.grads.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&TensorId, &Tensor)> {
+        self.grads.iter()
+    }
+}
+
+impl Tensor {
+    /// Reverse-mode autodiff from this scalar: dL/dL = 1.
+    pub fn backward(&self) -> Result<GradStore> {
+        if self.numel() != 1 {
+            return Err(Error::Autograd(format!(
+                "backward() needs a scalar loss, got shape {}; reduce it (sum/mean) or use backward_with()",
+                self.shape()
+            )));
+        }
+        let seed = Tensor::ones(self.shape().clone(), self.dtype(), self.device())?;
+        self.backward_with(&seed)
+    }
+
+    /// Reverse-mode autodiff with an explicit dL/d(self) (same shape as self).
+    pub fn backward_with(&self, grad: &Tensor) -> Result<GradStore> {
+        if !self.requires_grad() {
+            return Err(Error::Autograd(
+                "this tensor does not require grad: no input of the computation was marked with requires_grad_()".into(),
+            ));
+        }
+        if grad.shape() != self.shape() {
+            return Err(Error::Autograd(format!(
+                "gradient of shape {} given for a tensor of shape {}",
+                grad.shape(),
+                self.shape()
+            )));
+        }
+        let _no_grad = no_grad();
+        let order = topological_order(self);
+        // Gradients flowing into tensors not yet processed.
+        let mut pending: HashMap<TensorId, Tensor> = HashMap::new();
+        pending.insert(self.id(), grad.clone());
+        let mut store = GradStore::default();
+        for tensor in order.iter().rev() {
+            let Some(grad_out) = pending.remove(&tensor.id()) else {
+                continue;
+            };
+            let Some(node) = tensor.node() else {
+                store.insert(tensor, grad_out);
+                continue;
+            };
+            let input_grads = node.backward.backward(&node.inputs, &grad_out)?;
+            debug_assert_eq!(
+                input_grads.len(),
+                node.inputs.len(),
+                "{}",
+                node.backward.name()
+            );
+            for (input, grad) in node.inputs.iter().zip(input_grads) {
+                let Some(grad) = grad else { continue };
+                if !input.requires_grad() {
+                    continue;
+                }
+                if grad.shape() != input.shape() {
+                    return Err(Error::Autograd(format!(
+                        "rule {} returned a gradient of shape {} for an input of shape {}",
+                        node.backward.name(),
+                        grad.shape(),
+                        input.shape()
+                    )));
+                }
+                // A tensor used more than once gets the sum of its gradients.
+                let total = match pending.remove(&input.id()) {
+                    Some(previous) => previous.add(&grad)?,
+                    None => grad,
+                };
+                pending.insert(input.id(), total);
+            }
+        }
+        Ok(store)
+    }
+}
+
+/// Tensors reachable from `root` through nodes that require grad, ordered so
+/// that every tensor comes after all of its inputs. Iterative DFS with an
+/// explicit stack: (tensor, whether its inputs were already pushed).
+fn topological_order(root: &Tensor) -> Vec<Tensor> {
+    let mut order = Vec::new();
+    let mut visited: HashSet<TensorId> = HashSet::new();
+    let mut stack: Vec<(Tensor, bool)> = vec![(root.clone(), false)];
+    while let Some((tensor, inputs_done)) = stack.pop() {
+        if inputs_done {
+            order.push(tensor);
+            continue;
+        }
+        if !visited.insert(tensor.id()) {
+            continue;
+        }
+        stack.push((tensor.clone(), true));
+        if let Some(node) = tensor.node() {
+            for input in &node.inputs {
+                if input.requires_grad() && !visited.contains(&input.id()) {
+                    stack.push((input.clone(), false));
+                }
+            }
+        }
+    }
+    order
+}
+
+/// Runs `f` with gradient recording off.
+pub fn no_grad_scope<R>(f: impl FnOnce() -> R) -> R {
+    let _guard = no_grad();
+    f()
+}

@@ -1,0 +1,289 @@
+//! Elementwise arithmetic: broadcast binary ops (add, sub, mul, div) and
+//! pointwise maps (neg, exp, log, sqrt, powf, clamp, scalar add/mul).
+//!
+//! Pointwise maps share one pattern, also used by the activations: a
+//! [`Pointwise`] function knows its value and its derivative, so one forward
+//! kernel and one backward kernel (dL/dx = dL/dy · f'(x)) serve them all.
+
+pub(crate) mod cpu;
+
+use crate::autograd::Backward;
+use crate::error::Result;
+use crate::float_slice;
+use crate::float_slice2;
+use crate::ops::broadcast_shape;
+use crate::storage::{CpuStorage, Float, Storage};
+use crate::tensor::{Tensor, check_operands};
+
+/// The four broadcast arithmetic ops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+impl BinaryOp {
+    fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+        }
+    }
+
+    #[inline]
+    pub(crate) fn apply<T: Float>(self, x: T, y: T) -> T {
+        match self {
+            BinaryOp::Add => x + y,
+            BinaryOp::Sub => x - y,
+            BinaryOp::Mul => x * y,
+            BinaryOp::Div => x / y,
+        }
+    }
+}
+
+/// A scalar function applied to every element, with its derivative.
+pub(crate) trait Pointwise: Copy + Send + Sync + 'static {
+    fn name(self) -> &'static str;
+    fn value<T: Float>(self, x: T) -> T;
+    /// f'(x).
+    fn derivative<T: Float>(self, x: T) -> T;
+}
+
+/// The pointwise maps of this family.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum UnaryOp {
+    Neg,
+    Exp,
+    Log,
+    Sqrt,
+    Powf(f64),
+    Clamp { min: f64, max: f64 },
+    AddScalar(f64),
+    MulScalar(f64),
+}
+
+impl Pointwise for UnaryOp {
+    fn name(self) -> &'static str {
+        match self {
+            UnaryOp::Neg => "neg",
+            UnaryOp::Exp => "exp",
+            UnaryOp::Log => "log",
+            UnaryOp::Sqrt => "sqrt",
+            UnaryOp::Powf(_) => "powf",
+            UnaryOp::Clamp { .. } => "clamp",
+            UnaryOp::AddScalar(_) => "add_scalar",
+            UnaryOp::MulScalar(_) => "mul_scalar",
+        }
+    }
+
+    #[inline]
+    fn value<T: Float>(self, x: T) -> T {
+        match self {
+            UnaryOp::Neg => -x,
+            UnaryOp::Exp => x.exp(),
+            UnaryOp::Log => x.ln(),
+            UnaryOp::Sqrt => x.sqrt(),
+            UnaryOp::Powf(p) => x.powf(T::from_f64(p)),
+            UnaryOp::Clamp { min, max } => x.max(T::from_f64(min)).min(T::from_f64(max)),
+            UnaryOp::AddScalar(c) => x + T::from_f64(c),
+            UnaryOp::MulScalar(c) => x * T::from_f64(c),
+        }
+    }
+
+    #[inline]
+    fn derivative<T: Float>(self, x: T) -> T {
+        match self {
+            UnaryOp::Neg => -T::ONE,
+            // d/dx eˣ = eˣ
+            UnaryOp::Exp => x.exp(),
+            // d/dx ln x = 1/x
+            UnaryOp::Log => T::ONE / x,
+            // d/dx √x = 1/(2√x)
+            UnaryOp::Sqrt => T::from_f64(0.5) / x.sqrt(),
+            // d/dx xᵖ = p·xᵖ⁻¹
+            UnaryOp::Powf(p) => T::from_f64(p) * x.powf(T::from_f64(p - 1.0)),
+            // 1 inside [min, max] (ends included, as PyTorch), 0 outside
+            UnaryOp::Clamp { min, max } => {
+                if x >= T::from_f64(min) && x <= T::from_f64(max) {
+                    T::ONE
+                } else {
+                    T::ZERO
+                }
+            }
+            UnaryOp::AddScalar(_) => T::ONE,
+            UnaryOp::MulScalar(c) => T::from_f64(c),
+        }
+    }
+}
+
+/// Applies a pointwise function, recording its backward.
+pub(crate) fn pointwise<F: Pointwise>(x: &Tensor, f: F) -> Result<Tensor> {
+    let op = f.name();
+    check_operands(op, &[x])?;
+    let out = x.with_cpu(|s| -> Result<_> {
+        Ok(float_slice!(op, s, |v| CpuStorage::from(cpu::map(
+            v,
+            |e| f.value(e)
+        ))))
+    })?;
+    Ok(Tensor::from_op(
+        Storage::Cpu(out),
+        x.shape().clone(),
+        &[x],
+        |_| PointwiseBackward { f },
+    ))
+}
+
+/// dL/dx = dL/dy · f'(x), one fused kernel.
+pub(crate) fn pointwise_backward<F: Pointwise>(x: &Tensor, grad: &Tensor, f: F) -> Result<Tensor> {
+    let op = f.name();
+    check_operands(op, &[x, grad])?;
+    let dx = x.with_cpu(|xs| {
+        grad.with_cpu(|gs| -> Result<_> {
+            Ok(float_slice2!(op, xs, gs, |xv, gv| CpuStorage::from(
+                cpu::zip_map(xv, gv, |e, g| g * f.derivative(e))
+            )))
+        })
+    })?;
+    Ok(Tensor::from_cpu(dx, x.shape().clone()))
+}
+
+struct PointwiseBackward<F> {
+    f: F,
+}
+
+impl<F: Pointwise> Backward for PointwiseBackward<F> {
+    fn name(&self) -> &'static str {
+        self.f.name()
+    }
+    // dL/dx = dL/dy · f'(x)
+    fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(pointwise_backward(&inputs[0], grad, self.f)?)])
+    }
+}
+
+fn binary(lhs: &Tensor, rhs: &Tensor, op: BinaryOp) -> Result<Tensor> {
+    let name = op.name();
+    check_operands(name, &[lhs, rhs])?;
+    let out_shape = broadcast_shape(name, lhs.shape(), rhs.shape())?;
+    let out = lhs.with_cpu(|a| {
+        rhs.with_cpu(|b| -> Result<_> {
+            Ok(float_slice2!(name, a, b, |av, bv| CpuStorage::from(
+                cpu::binary(op, av, lhs.dims(), bv, rhs.dims(), out_shape.dims())
+            )))
+        })
+    })?;
+    Ok(Tensor::from_op(
+        Storage::Cpu(out),
+        out_shape,
+        &[lhs, rhs],
+        |_| BinaryBackward { op },
+    ))
+}
+
+struct BinaryBackward {
+    op: BinaryOp,
+}
+
+impl Backward for BinaryBackward {
+    fn name(&self) -> &'static str {
+        self.op.name()
+    }
+
+    fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let (a, b) = (&inputs[0], &inputs[1]);
+        let (da, db) = match self.op {
+            // d(a+b) = da + db
+            BinaryOp::Add => (grad.clone(), grad.clone()),
+            // d(a-b) = da - db
+            BinaryOp::Sub => (grad.clone(), grad.neg()?),
+            // d(a·b) = b·da + a·db
+            BinaryOp::Mul => (grad.mul(b)?, grad.mul(a)?),
+            // d(a/b) = da/b - a/b²·db
+            BinaryOp::Div => {
+                let da = grad.div(b)?;
+                let db = da.mul(a)?.div(b)?.neg()?;
+                (da, db)
+            }
+        };
+        // Broadcast dims of an input receive the sum of their gradients.
+        let da = a
+            .requires_grad()
+            .then(|| da.sum_to_shape(a.shape()))
+            .transpose()?;
+        let db = b
+            .requires_grad()
+            .then(|| db.sum_to_shape(b.shape()))
+            .transpose()?;
+        Ok(vec![da, db])
+    }
+}
+
+impl Tensor {
+    /// self + rhs, broadcasting.
+    pub fn add(&self, rhs: &Tensor) -> Result<Tensor> {
+        binary(self, rhs, BinaryOp::Add)
+    }
+
+    /// self - rhs, broadcasting.
+    pub fn sub(&self, rhs: &Tensor) -> Result<Tensor> {
+        binary(self, rhs, BinaryOp::Sub)
+    }
+
+    /// self · rhs elementwise, broadcasting.
+    pub fn mul(&self, rhs: &Tensor) -> Result<Tensor> {
+        binary(self, rhs, BinaryOp::Mul)
+    }
+
+    /// self / rhs elementwise, broadcasting.
+    pub fn div(&self, rhs: &Tensor) -> Result<Tensor> {
+        binary(self, rhs, BinaryOp::Div)
+    }
+
+    pub fn neg(&self) -> Result<Tensor> {
+        pointwise(self, UnaryOp::Neg)
+    }
+
+    pub fn exp(&self) -> Result<Tensor> {
+        pointwise(self, UnaryOp::Exp)
+    }
+
+    /// Natural logarithm.
+    pub fn log(&self) -> Result<Tensor> {
+        pointwise(self, UnaryOp::Log)
+    }
+
+    pub fn sqrt(&self) -> Result<Tensor> {
+        pointwise(self, UnaryOp::Sqrt)
+    }
+
+    /// selfᵖ for a scalar exponent.
+    pub fn powf(&self, exponent: f64) -> Result<Tensor> {
+        pointwise(self, UnaryOp::Powf(exponent))
+    }
+
+    /// Limits every value to [min, max].
+    pub fn clamp(&self, min: f64, max: f64) -> Result<Tensor> {
+        if min > max {
+            return Err(crate::Error::invalid(
+                "clamp",
+                format!("min {min} is greater than max {max}"),
+            ));
+        }
+        pointwise(self, UnaryOp::Clamp { min, max })
+    }
+
+    /// self + c.
+    pub fn add_scalar(&self, c: f64) -> Result<Tensor> {
+        pointwise(self, UnaryOp::AddScalar(c))
+    }
+
+    /// self · c.
+    pub fn mul_scalar(&self, c: f64) -> Result<Tensor> {
+        pointwise(self, UnaryOp::MulScalar(c))
+    }
+}

@@ -1,0 +1,67 @@
+//! Every op kiln differentiates, one module per op family. Each family has
+//! the public API with its shape checks and `Backward` rules in `mod.rs`, the
+//! plain CPU reference in `cpu.rs`, and (with the CUDA backend) the launch
+//! glue in `cuda.rs`, next to `kernels/<family>.cu`.
+
+pub mod activation;
+pub mod attention;
+pub mod batchnorm;
+pub mod conv;
+pub mod dropout;
+pub mod elementwise;
+pub mod embedding;
+pub mod gemm;
+pub mod layernorm;
+pub mod loss;
+pub mod reduce;
+pub mod shape;
+pub mod softmax;
+
+use crate::error::{Error, Result};
+use crate::tensor::Shape;
+
+/// NumPy/PyTorch broadcasting: align trailing dims; each pair must be equal or contain a 1.
+pub(crate) fn broadcast_shape(op: &'static str, lhs: &Shape, rhs: &Shape) -> Result<Shape> {
+    let rank = lhs.rank().max(rhs.rank());
+    let mut dims = vec![0; rank];
+    for i in 0..rank {
+        let l = dim_from_end(lhs, rank - 1 - i);
+        let r = dim_from_end(rhs, rank - 1 - i);
+        dims[i] = match (l, r) {
+            (a, b) if a == b => a,
+            (1, b) => b,
+            (a, 1) => a,
+            _ => {
+                return Err(Error::shape(
+                    op,
+                    format!("shapes {lhs} and {rhs} cannot be broadcast together"),
+                ));
+            }
+        };
+    }
+    Ok(Shape::new(dims))
+}
+
+/// Size of the dim `k` places from the end, 1 beyond the rank (broadcast padding).
+fn dim_from_end(shape: &Shape, k: usize) -> usize {
+    let dims = shape.dims();
+    if k < dims.len() {
+        dims[dims.len() - 1 - k]
+    } else {
+        1
+    }
+}
+
+/// Checks a dim index against a rank.
+pub(crate) fn check_dim(op: &'static str, dim: usize, shape: &Shape) -> Result<()> {
+    if dim >= shape.rank() {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "dim {dim} is out of range for shape {shape} (rank {})",
+                shape.rank()
+            ),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,219 @@
+//! Reductions: sum, mean and max over dims, with or without keepdim.
+
+mod cpu;
+
+use crate::autograd::Backward;
+use crate::error::{Error, Result};
+use crate::float_slice;
+use crate::ops::check_dim;
+use crate::storage::{CpuStorage, Storage};
+use crate::tensor::{Shape, Tensor, check_operands};
+
+/// The shape after reducing `dims` (kept as size 1 with `keepdim`).
+fn reduced_shape(shape: &Shape, dims: &[usize], keepdim: bool) -> Shape {
+    let mut out = Vec::with_capacity(shape.rank());
+    for (d, &size) in shape.dims().iter().enumerate() {
+        if !dims.contains(&d) {
+            out.push(size);
+        } else if keepdim {
+            out.push(1);
+        }
+    }
+    Shape::new(out)
+}
+
+/// Sorted, de-duplicated, range-checked dims.
+fn check_dims(op: &'static str, dims: &[usize], shape: &Shape) -> Result<Vec<usize>> {
+    let mut dims = dims.to_vec();
+    dims.sort_unstable();
+    dims.dedup();
+    for &d in &dims {
+        check_dim(op, d, shape)?;
+    }
+    Ok(dims)
+}
+
+/// Sums `dims` of `x` on the CPU, keeping them as size 1.
+fn sum_keepdim(x: &Tensor, dims: &[usize]) -> Result<CpuStorage> {
+    let mut current_dims = x.dims().to_vec();
+    let mut values = x.with_cpu(|s| s.clone());
+    for &d in dims {
+        let shape = Shape::new(current_dims.clone());
+        let (outer, n, inner) = shape.split_at_dim(d);
+        values = float_slice!("sum", &values, |v| CpuStorage::from(cpu::sum(
+            v, outer, n, inner
+        )));
+        current_dims[d] = 1;
+    }
+    Ok(values)
+}
+
+impl Tensor {
+    /// Σ over `dims` (an empty list reduces nothing; `sum_all` reduces every dim).
+    pub fn sum(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
+        check_operands("sum", &[self])?;
+        let dims = check_dims("sum", dims, self.shape())?;
+        let storage = sum_keepdim(self, &dims)?;
+        let out_shape = reduced_shape(self.shape(), &dims, keepdim);
+        let input_shape = self.shape().clone();
+        let kept_shape = reduced_shape(self.shape(), &dims, true);
+        Ok(Tensor::from_op(
+            Storage::Cpu(storage),
+            out_shape,
+            &[self],
+            |_| SumBackward {
+                input_shape,
+                kept_shape,
+                scale: 1.0,
+            },
+        ))
+    }
+
+    /// Sum of every element, as a rank-0 tensor.
+    pub fn sum_all(&self) -> Result<Tensor> {
+        let dims: Vec<usize> = (0..self.rank()).collect();
+        self.sum(&dims, false)
+    }
+
+    /// Mean over `dims`.
+    pub fn mean(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
+        check_operands("mean", &[self])?;
+        let dims = check_dims("mean", dims, self.shape())?;
+        let count: usize = dims.iter().map(|&d| self.dims()[d]).product();
+        if count == 0 {
+            return Err(Error::shape(
+                "mean",
+                format!("mean over an empty dim of shape {}", self.shape()),
+            ));
+        }
+        let scale = 1.0 / count as f64;
+        let summed = sum_keepdim(self, &dims)?;
+        let storage = float_slice!("mean", &summed, |v| CpuStorage::from(cpu::scale(v, scale)));
+        let out_shape = reduced_shape(self.shape(), &dims, keepdim);
+        let input_shape = self.shape().clone();
+        let kept_shape = reduced_shape(self.shape(), &dims, true);
+        Ok(Tensor::from_op(
+            Storage::Cpu(storage),
+            out_shape,
+            &[self],
+            |_| SumBackward {
+                input_shape,
+                kept_shape,
+                scale,
+            },
+        ))
+    }
+
+    /// Mean of every element, as a rank-0 tensor.
+    pub fn mean_all(&self) -> Result<Tensor> {
+        let dims: Vec<usize> = (0..self.rank()).collect();
+        self.mean(&dims, false)
+    }
+
+    /// Maximum over `dim`; the gradient flows to the first maximal element.
+    pub fn max(&self, dim: usize, keepdim: bool) -> Result<Tensor> {
+        Ok(self.max_with_indices(dim, keepdim)?.0)
+    }
+
+    /// Maximum over `dim` and the (u32) index of the first maximal element.
+    pub fn max_with_indices(&self, dim: usize, keepdim: bool) -> Result<(Tensor, Tensor)> {
+        check_operands("max", &[self])?;
+        check_dim("max", dim, self.shape())?;
+        let (outer, n, inner) = self.shape().split_at_dim(dim);
+        if n == 0 {
+            return Err(Error::shape(
+                "max",
+                format!("max over an empty dim of shape {}", self.shape()),
+            ));
+        }
+        let (values, indices) = self.with_cpu(|s| -> Result<_> {
+            Ok(float_slice!("max", s, |v| {
+                let (values, indices) = cpu::max(v, outer, n, inner);
+                (CpuStorage::from(values), indices)
+            }))
+        })?;
+        let out_shape = reduced_shape(self.shape(), &[dim], keepdim);
+        let argmax = Tensor::from_cpu(CpuStorage::U32(indices), out_shape.clone());
+        let saved = argmax.clone();
+        let out = Tensor::from_op(Storage::Cpu(values), out_shape, &[self], |_| MaxBackward {
+            dim,
+            argmax: saved,
+        });
+        Ok((out, argmax))
+    }
+
+    /// Sums a broadcast gradient back to `shape` (the inverse of broadcasting:
+    /// leading extra dims and dims where `shape` has 1 are summed).
+    pub fn sum_to_shape(&self, shape: &Shape) -> Result<Tensor> {
+        if self.shape() == shape {
+            return Ok(self.clone());
+        }
+        let rank = self.rank();
+        let pad = rank.checked_sub(shape.rank()).ok_or_else(|| {
+            Error::shape(
+                "sum_to_shape",
+                format!("cannot sum {} down to {shape}", self.shape()),
+            )
+        })?;
+        let mut dims = Vec::new();
+        for d in 0..rank {
+            let target = if d < pad { 1 } else { shape.dims()[d - pad] };
+            if d < pad || (target == 1 && self.dims()[d] != 1) {
+                dims.push(d);
+            } else if target != self.dims()[d] {
+                return Err(Error::shape(
+                    "sum_to_shape",
+                    format!("cannot sum {} down to {shape}", self.shape()),
+                ));
+            }
+        }
+        self.sum(&dims, true)?.reshape(shape.clone())
+    }
+}
+
+struct SumBackward {
+    input_shape: Shape,
+    /// The output shape with reduced dims kept as 1, to broadcast from.
+    kept_shape: Shape,
+    /// 1 for sum, 1/count for mean.
+    scale: f64,
+}
+
+impl Backward for SumBackward {
+    fn name(&self) -> &'static str {
+        if self.scale == 1.0 { "sum" } else { "mean" }
+    }
+    // dL/dx = broadcast(dL/dy) · scale   (scale = 1 for sum, 1/count for mean)
+    fn backward(&self, _inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let mut g = grad
+            .reshape(self.kept_shape.clone())?
+            .broadcast_to(self.input_shape.clone())?;
+        if self.scale != 1.0 {
+            g = g.mul_scalar(self.scale)?;
+        }
+        Ok(vec![Some(g)])
+    }
+}
+
+struct MaxBackward {
+    dim: usize,
+    argmax: Tensor,
+}
+
+impl Backward for MaxBackward {
+    fn name(&self) -> &'static str {
+        "max"
+    }
+    // dL/dx[argmax] = dL/dy, 0 elsewhere
+    fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let x = &inputs[0];
+        let (outer, n, inner) = x.shape().split_at_dim(self.dim);
+        let argmax = self.argmax.to_indices()?;
+        let dx = grad.with_cpu(|g| -> Result<_> {
+            Ok(float_slice!("max_backward", g, |gv| CpuStorage::from(
+                cpu::max_backward(gv, &argmax, outer, n, inner)
+            )))
+        })?;
+        Ok(vec![Some(Tensor::from_cpu(dx, x.shape().clone()))])
+    }
+}

@@ -1,0 +1,344 @@
+//! Shape ops: reshape (free: it shares storage), and the copying ones —
+//! permute/transpose, narrow, cat, stack, broadcast_to.
+
+mod cpu;
+
+use crate::any_slice;
+use crate::autograd::Backward;
+use crate::error::{Error, Result};
+use crate::ops::{broadcast_shape, check_dim};
+use crate::storage::{CpuStorage, Element, Storage};
+use crate::tensor::{DType, Shape, Tensor, same_device};
+
+pub(crate) use cpu::contiguous_strides;
+
+impl Tensor {
+    /// The same values with a new shape of equal element count (no copy:
+    /// storage is contiguous, so only the shape changes).
+    pub fn reshape(&self, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if shape.numel() != self.numel() {
+            return Err(Error::shape(
+                "reshape",
+                format!(
+                    "cannot reshape {} ({} elements) into {shape} ({} elements)",
+                    self.shape(),
+                    self.numel(),
+                    shape.numel()
+                ),
+            ));
+        }
+        let input_shape = self.shape().clone();
+        Ok(Tensor::from_op_shared(
+            self.shared_storage(),
+            shape,
+            &[self],
+            |_| ReshapeBackward { input_shape },
+        ))
+    }
+
+    /// Merges dims `start..=end` into one.
+    pub fn flatten(&self, start: usize, end: usize) -> Result<Tensor> {
+        if start > end || end >= self.rank() {
+            return Err(Error::invalid(
+                "flatten",
+                format!("dims {start}..={end} invalid for shape {}", self.shape()),
+            ));
+        }
+        let dims = self.dims();
+        let mut new_dims = dims[..start].to_vec();
+        new_dims.push(dims[start..=end].iter().product());
+        new_dims.extend_from_slice(&dims[end + 1..]);
+        self.reshape(new_dims)
+    }
+
+    /// Inserts a size-1 dim at `dim` (0..=rank).
+    pub fn unsqueeze(&self, dim: usize) -> Result<Tensor> {
+        if dim > self.rank() {
+            return Err(Error::invalid(
+                "unsqueeze",
+                format!("dim {dim} out of range for shape {}", self.shape()),
+            ));
+        }
+        let mut dims = self.dims().to_vec();
+        dims.insert(dim, 1);
+        self.reshape(dims)
+    }
+
+    /// Removes the size-1 dim `dim`.
+    pub fn squeeze(&self, dim: usize) -> Result<Tensor> {
+        check_dim("squeeze", dim, self.shape())?;
+        if self.dims()[dim] != 1 {
+            return Err(Error::shape(
+                "squeeze",
+                format!("dim {dim} of shape {} is not 1", self.shape()),
+            ));
+        }
+        let mut dims = self.dims().to_vec();
+        dims.remove(dim);
+        self.reshape(dims)
+    }
+
+    /// Reorders dims: output dim `d` is input dim `perm[d]` (a copy).
+    pub fn permute(&self, perm: &[usize]) -> Result<Tensor> {
+        let rank = self.rank();
+        let mut seen = vec![false; rank];
+        let valid = perm.len() == rank
+            && perm
+                .iter()
+                .all(|&p| p < rank && !std::mem::replace(&mut seen[p], true));
+        if !valid {
+            return Err(Error::invalid(
+                "permute",
+                format!(
+                    "{perm:?} is not a permutation of the dims of shape {}",
+                    self.shape()
+                ),
+            ));
+        }
+        let out_shape = Shape::new(perm.iter().map(|&p| self.dims()[p]).collect::<Vec<_>>());
+        let storage = self
+            .with_cpu(|s| any_slice!(s, |v| CpuStorage::from(cpu::permute(v, self.dims(), perm))));
+        let perm = perm.to_vec();
+        Ok(Tensor::from_op(
+            Storage::Cpu(storage),
+            out_shape,
+            &[self],
+            |_| PermuteBackward { perm },
+        ))
+    }
+
+    /// Swaps two dims (a copy).
+    pub fn transpose(&self, dim0: usize, dim1: usize) -> Result<Tensor> {
+        check_dim("transpose", dim0, self.shape())?;
+        check_dim("transpose", dim1, self.shape())?;
+        let mut perm: Vec<usize> = (0..self.rank()).collect();
+        perm.swap(dim0, dim1);
+        self.permute(&perm)
+    }
+
+    /// The slice `start..start + len` along `dim` (a copy).
+    pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Tensor> {
+        check_dim("narrow", dim, self.shape())?;
+        let size = self.dims()[dim];
+        if start + len > size {
+            return Err(Error::invalid(
+                "narrow",
+                format!(
+                    "range {start}..{} exceeds dim {dim} of shape {}",
+                    start + len,
+                    self.shape()
+                ),
+            ));
+        }
+        let (outer, dim_size, inner) = self.shape().split_at_dim(dim);
+        let storage = self.with_cpu(|s| {
+            any_slice!(s, |v| CpuStorage::from(cpu::narrow(
+                v, outer, dim_size, inner, start, len
+            )))
+        });
+        let mut dims = self.dims().to_vec();
+        dims[dim] = len;
+        Ok(Tensor::from_op(
+            Storage::Cpu(storage),
+            Shape::new(dims),
+            &[self],
+            |_| NarrowBackward { dim, start, size },
+        ))
+    }
+
+    /// Joins tensors along an existing dim; all other dims must match.
+    pub fn cat(tensors: &[&Tensor], dim: usize) -> Result<Tensor> {
+        let first = tensors
+            .first()
+            .ok_or_else(|| Error::invalid("cat", "needs at least one tensor"))?;
+        check_dim("cat", dim, first.shape())?;
+        same_device("cat", tensors)?;
+        for t in tensors {
+            let compatible = t.rank() == first.rank()
+                && t.dims()
+                    .iter()
+                    .zip(first.dims())
+                    .enumerate()
+                    .all(|(d, (a, b))| d == dim || a == b);
+            if !compatible {
+                return Err(Error::shape(
+                    "cat",
+                    format!(
+                        "shape {} does not match {} outside dim {dim}",
+                        t.shape(),
+                        first.shape()
+                    ),
+                ));
+            }
+            if t.dtype() != first.dtype() {
+                return Err(Error::dtype_mismatch("cat", first.dtype(), t.dtype()));
+            }
+        }
+        let (outer, _, inner) = first.shape().split_at_dim(dim);
+        let guards: Vec<_> = tensors.iter().map(|t| t.storage()).collect();
+        let sizes: Vec<usize> = tensors.iter().map(|t| t.dims()[dim]).collect();
+        let parts: Vec<(&CpuStorage, usize)> = guards
+            .iter()
+            .zip(&sizes)
+            .map(|(g, &size)| match &**g {
+                Storage::Cpu(s) => (s, size),
+            })
+            .collect();
+        let storage = match first.dtype() {
+            DType::F32 => cat_typed::<f32>(&parts, outer, inner),
+            DType::F64 => cat_typed::<f64>(&parts, outer, inner),
+            DType::U32 => cat_typed::<u32>(&parts, outer, inner),
+            other => return Err(Error::unsupported_dtype("cat", other)),
+        };
+        drop(parts);
+        drop(guards);
+        let mut dims = first.dims().to_vec();
+        dims[dim] = sizes.iter().sum();
+        Ok(Tensor::from_op(
+            Storage::Cpu(storage),
+            Shape::new(dims),
+            tensors,
+            |_| CatBackward { dim, sizes },
+        ))
+    }
+
+    /// Joins equally-shaped tensors along a new dim.
+    pub fn stack(tensors: &[&Tensor], dim: usize) -> Result<Tensor> {
+        let unsqueezed = tensors
+            .iter()
+            .map(|t| t.unsqueeze(dim))
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&Tensor> = unsqueezed.iter().collect();
+        Tensor::cat(&refs, dim)
+    }
+
+    /// Repeats size-1 (and missing leading) dims to reach `shape` (a copy).
+    pub fn broadcast_to(&self, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        let joint = broadcast_shape("broadcast_to", self.shape(), &shape)?;
+        if joint != shape {
+            return Err(Error::shape(
+                "broadcast_to",
+                format!("cannot broadcast {} to {shape}", self.shape()),
+            ));
+        }
+        if &shape == self.shape() {
+            return Ok(self.clone());
+        }
+        let storage = self.with_cpu(|s| {
+            any_slice!(s, |v| CpuStorage::from(cpu::broadcast(
+                v,
+                self.dims(),
+                shape.dims()
+            )))
+        });
+        let input_shape = self.shape().clone();
+        Ok(Tensor::from_op(
+            Storage::Cpu(storage),
+            shape,
+            &[self],
+            |_| BroadcastBackward { input_shape },
+        ))
+    }
+}
+
+/// Concatenates typed parts (their dtype was checked to be `T`'s).
+fn cat_typed<T: Element>(parts: &[(&CpuStorage, usize)], outer: usize, inner: usize) -> CpuStorage {
+    let typed: Vec<(&[T], usize)> = parts
+        .iter()
+        .map(|(s, n)| (T::slice(s).expect("cat operands share a dtype"), *n))
+        .collect();
+    T::wrap(cpu::cat(&typed, outer, inner))
+}
+
+struct ReshapeBackward {
+    input_shape: Shape,
+}
+
+impl Backward for ReshapeBackward {
+    fn name(&self) -> &'static str {
+        "reshape"
+    }
+    // dL/dx = reshape(dL/dy, shape(x))
+    fn backward(&self, _inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(grad.reshape(self.input_shape.clone())?)])
+    }
+}
+
+struct PermuteBackward {
+    perm: Vec<usize>,
+}
+
+impl Backward for PermuteBackward {
+    fn name(&self) -> &'static str {
+        "permute"
+    }
+    // dL/dx = permute(dL/dy, perm⁻¹)
+    fn backward(&self, _inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let mut inverse = vec![0; self.perm.len()];
+        for (d, &p) in self.perm.iter().enumerate() {
+            inverse[p] = d;
+        }
+        Ok(vec![Some(grad.permute(&inverse)?)])
+    }
+}
+
+struct NarrowBackward {
+    dim: usize,
+    start: usize,
+    size: usize,
+}
+
+impl Backward for NarrowBackward {
+    fn name(&self) -> &'static str {
+        "narrow"
+    }
+    // dL/dx = [0 … 0, dL/dy, 0 … 0] along dim (zeros outside the slice)
+    fn backward(&self, _inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let len = grad.dims()[self.dim];
+        let zeros_of = |n: usize| {
+            let mut dims = grad.dims().to_vec();
+            dims[self.dim] = n;
+            Tensor::zeros(dims, grad.dtype(), grad.device())
+        };
+        let before = zeros_of(self.start)?;
+        let after = zeros_of(self.size - self.start - len)?;
+        Ok(vec![Some(Tensor::cat(&[&before, grad, &after], self.dim)?)])
+    }
+}
+
+struct CatBackward {
+    dim: usize,
+    sizes: Vec<usize>,
+}
+
+impl Backward for CatBackward {
+    fn name(&self) -> &'static str {
+        "cat"
+    }
+    // dL/dx_i = narrow(dL/dy, dim, offset_i, size_i)
+    fn backward(&self, _inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let mut offset = 0;
+        let mut grads = Vec::with_capacity(self.sizes.len());
+        for &size in &self.sizes {
+            grads.push(Some(grad.narrow(self.dim, offset, size)?));
+            offset += size;
+        }
+        Ok(grads)
+    }
+}
+
+struct BroadcastBackward {
+    input_shape: Shape,
+}
+
+impl Backward for BroadcastBackward {
+    fn name(&self) -> &'static str {
+        "broadcast_to"
+    }
+    // dL/dx = sum of dL/dy over every broadcast dim
+    fn backward(&self, _inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(grad.sum_to_shape(&self.input_shape)?)])
+    }
+}

@@ -1,0 +1,295 @@
+//! Where a tensor's numbers live. Storage is always contiguous and row-major;
+//! views with strides do not exist in kiln (permute, narrow... are copies), so
+//! every op is one kernel with a clear cost.
+
+use std::fmt::Debug;
+use std::iter::Sum;
+use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
+
+use crate::tensor::DType;
+
+/// The numbers of a tensor, on some device. CUDA storage joins this enum with
+/// the CUDA backend.
+#[derive(Clone, Debug)]
+pub enum Storage {
+    Cpu(CpuStorage),
+}
+
+/// Host memory, one variant per dtype the CPU path computes in.
+#[derive(Clone, Debug)]
+pub enum CpuStorage {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    /// Indices (token ids, class targets, argmax positions).
+    U32(Vec<u32>),
+}
+
+impl CpuStorage {
+    pub fn dtype(&self) -> DType {
+        match self {
+            CpuStorage::F32(_) => DType::F32,
+            CpuStorage::F64(_) => DType::F64,
+            CpuStorage::U32(_) => DType::U32,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            CpuStorage::F32(v) => v.len(),
+            CpuStorage::F64(v) => v.len(),
+            CpuStorage::U32(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every element as f64 (exact for all supported dtypes).
+    pub fn to_f64_vec(&self) -> Vec<f64> {
+        match self {
+            CpuStorage::F32(v) => v.iter().map(|&x| x as f64).collect(),
+            CpuStorage::F64(v) => v.clone(),
+            CpuStorage::U32(v) => v.iter().map(|&x| x as f64).collect(),
+        }
+    }
+
+    /// Builds storage of `dtype` from f64 values (rounding for f32, truncating for u32).
+    pub fn from_f64_vec(values: Vec<f64>, dtype: DType) -> Option<Self> {
+        match dtype {
+            DType::F32 => Some(CpuStorage::F32(
+                values.into_iter().map(|x| x as f32).collect(),
+            )),
+            DType::F64 => Some(CpuStorage::F64(values)),
+            DType::U32 => Some(CpuStorage::U32(
+                values.into_iter().map(|x| x as u32).collect(),
+            )),
+            DType::F16 | DType::BF16 => None,
+        }
+    }
+}
+
+/// The float types the CPU reference computes in: `f32` (the working dtype)
+/// and `f64` (so that gradcheck's finite differences mean something).
+pub trait Float:
+    Copy
+    + Send
+    + Sync
+    + Debug
+    + Default
+    + PartialOrd
+    + 'static
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + SubAssign
+    + MulAssign
+    + DivAssign
+    + Sum
+    + Element
+{
+    const DTYPE: DType;
+    const ZERO: Self;
+    const ONE: Self;
+    fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn tanh(self) -> Self;
+    fn powf(self, p: Self) -> Self;
+    fn abs(self) -> Self;
+    fn max(self, other: Self) -> Self;
+    fn min(self, other: Self) -> Self;
+    fn ln_1p(self) -> Self;
+    fn erf(self) -> Self {
+        Self::from_f64(erf_f64(self.to_f64()))
+    }
+}
+
+/// Any type a CPU storage can hold; shape ops are generic over it.
+pub trait Element: Copy + Send + Sync + 'static {
+    /// Wraps a vector of this type as storage.
+    fn wrap(values: Vec<Self>) -> CpuStorage;
+    /// The slice inside `storage`, if it has this dtype.
+    fn slice(storage: &CpuStorage) -> Option<&[Self]>;
+    fn slice_mut(storage: &mut CpuStorage) -> Option<&mut [Self]>;
+}
+
+macro_rules! impl_element {
+    ($t:ty, $variant:ident) => {
+        impl Element for $t {
+            fn wrap(values: Vec<Self>) -> CpuStorage {
+                CpuStorage::$variant(values)
+            }
+            fn slice(storage: &CpuStorage) -> Option<&[Self]> {
+                match storage {
+                    CpuStorage::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn slice_mut(storage: &mut CpuStorage) -> Option<&mut [Self]> {
+                match storage {
+                    CpuStorage::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+        }
+
+        impl From<Vec<$t>> for CpuStorage {
+            fn from(v: Vec<$t>) -> Self {
+                CpuStorage::$variant(v)
+            }
+        }
+    };
+}
+
+impl_element!(f32, F32);
+impl_element!(f64, F64);
+impl_element!(u32, U32);
+
+macro_rules! impl_float {
+    ($t:ty, $variant:ident) => {
+        impl Float for $t {
+            const DTYPE: DType = DType::$variant;
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            fn tanh(self) -> Self {
+                <$t>::tanh(self)
+            }
+            fn powf(self, p: Self) -> Self {
+                <$t>::powf(self, p)
+            }
+            fn abs(self) -> Self {
+                <$t>::abs(self)
+            }
+            fn max(self, other: Self) -> Self {
+                <$t>::max(self, other)
+            }
+            fn min(self, other: Self) -> Self {
+                <$t>::min(self, other)
+            }
+            fn ln_1p(self) -> Self {
+                <$t>::ln_1p(self)
+            }
+        }
+    };
+}
+
+impl_float!(f32, F32);
+impl_float!(f64, F64);
+
+/// The error function, accurate to about 1e-15, for the exact GELU (the
+/// standard library's `erf` is not stable yet).
+///
+/// |x| < 3: the Maclaurin series erf(x) = 2/√π Σ (-1)ⁿ x^(2n+1) / (n! (2n+1));
+/// otherwise the continued fraction of erfc, which converges fast there.
+pub fn erf_f64(x: f64) -> f64 {
+    let two_over_sqrt_pi = std::f64::consts::FRAC_2_SQRT_PI;
+    let a = x.abs();
+    if a < 3.0 {
+        let x2 = x * x;
+        // term_n = (-1)^n x^(2n+1) / n!
+        let mut term = x;
+        let mut sum = x;
+        for n in 1..200 {
+            term *= -x2 / n as f64;
+            let contribution = term / (2 * n + 1) as f64;
+            sum += contribution;
+            if contribution.abs() < 1e-17 * sum.abs() {
+                break;
+            }
+        }
+        two_over_sqrt_pi * sum
+    } else {
+        // erfc(a) = exp(-a²)/√π · 1/(a + 1/2/(a + 1/(a + 3/2/(a + 2/(a + ...)))))
+        let mut fraction = a;
+        for k in (1..60).rev() {
+            fraction = a + (k as f64 / 2.0) / fraction;
+        }
+        let erfc = (-a * a).exp() / std::f64::consts::PI.sqrt() / fraction;
+        (1.0 - erfc).copysign(x)
+    }
+}
+
+/// Runs `$body` with `$v` bound to the typed slice of a float CPU storage
+/// (f32 or f64); any other dtype returns `Error::DType` from the caller.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! float_slice {
+    ($op:expr, $storage:expr, |$v:ident| $body:expr) => {
+        match $storage {
+            $crate::storage::CpuStorage::F32($v) => $body,
+            $crate::storage::CpuStorage::F64($v) => $body,
+            other => return Err($crate::Error::unsupported_dtype($op, other.dtype())),
+        }
+    };
+}
+
+/// Like `float_slice!`, for two storages that must share one float dtype.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! float_slice2 {
+    ($op:expr, $a:expr, $b:expr, |$x:ident, $y:ident| $body:expr) => {
+        match ($a, $b) {
+            ($crate::storage::CpuStorage::F32($x), $crate::storage::CpuStorage::F32($y)) => $body,
+            ($crate::storage::CpuStorage::F64($x), $crate::storage::CpuStorage::F64($y)) => $body,
+            (a, b) if a.dtype() == b.dtype() => {
+                return Err($crate::Error::unsupported_dtype($op, a.dtype()))
+            }
+            (a, b) => return Err($crate::Error::dtype_mismatch($op, a.dtype(), b.dtype())),
+        }
+    };
+}
+
+/// Runs `$body` for any CPU storage dtype (for dtype-agnostic copies).
+#[macro_export]
+#[doc(hidden)]
+macro_rules! any_slice {
+    ($storage:expr, |$v:ident| $body:expr) => {
+        match $storage {
+            $crate::storage::CpuStorage::F32($v) => $body,
+            $crate::storage::CpuStorage::F64($v) => $body,
+            $crate::storage::CpuStorage::U32($v) => $body,
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::erf_f64;
+
+    #[test]
+    fn erf_matches_known_values() {
+        // Reference values of erf from tables (Abramowitz & Stegun 7.1).
+        let cases = [
+            (0.0, 0.0),
+            (0.5, 0.520_499_877_813_046_5),
+            (1.0, 0.842_700_792_949_714_9),
+            (2.0, 0.995_322_265_018_952_7),
+            (3.5, 0.999_999_256_901_627_7),
+            (-1.0, -0.842_700_792_949_714_9),
+        ];
+        for (x, want) in cases {
+            assert!((erf_f64(x) - want).abs() < 1e-14, "erf({x})");
+        }
+    }
+}

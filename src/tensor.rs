@@ -1,0 +1,674 @@
+//! `Tensor`: a cheap-to-clone handle (an `Arc`) to contiguous row-major
+//! storage, its shape, dtype and device, and — when it came from an op on
+//! tensors that need gradients — the op's node in the autodiff graph.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, StandardNormal, StandardUniform};
+
+use crate::autograd::{self, Backward, Node};
+use crate::error::{Error, Result};
+use crate::storage::{CpuStorage, Float, Storage};
+
+/// Element type of a tensor. `f32` is the working dtype everywhere, `f64`
+/// exists on the CPU for gradcheck, `u32` holds indices. `f16`/`bf16` are
+/// reserved for mixed precision: no op computes in them yet, and each says so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F64,
+    F16,
+    BF16,
+    U32,
+}
+
+impl DType {
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            DType::F64 => 8,
+            DType::F32 | DType::U32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    pub fn is_float(self) -> bool {
+        !matches!(self, DType::U32)
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            DType::F32 => "f32",
+            DType::F64 => "f64",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::U32 => "u32",
+        };
+        f.write_str(name)
+    }
+}
+
+/// Where a tensor lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Device {
+    Cpu,
+    /// A CUDA device by ordinal.
+    Cuda(usize),
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// The extent of each dimension, outermost first.
+#[derive(Clone, PartialEq, Eq, Hash, Default)]
+pub struct Shape(Vec<usize>);
+
+impl Shape {
+    pub fn new(dims: impl Into<Vec<usize>>) -> Self {
+        Shape(dims.into())
+    }
+
+    pub fn dims(&self) -> &[usize] {
+        &self.0
+    }
+
+    pub fn rank(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Number of elements (1 for a scalar of rank 0).
+    pub fn numel(&self) -> usize {
+        self.0.iter().product()
+    }
+
+    /// Row-major strides in elements.
+    pub fn strides(&self) -> Vec<usize> {
+        let mut strides = vec![1; self.0.len()];
+        for i in (0..self.0.len().saturating_sub(1)).rev() {
+            strides[i] = strides[i + 1] * self.0[i + 1];
+        }
+        strides
+    }
+
+    /// Splits the shape around `dim` into (product before, size of dim, product after).
+    pub fn split_at_dim(&self, dim: usize) -> (usize, usize, usize) {
+        let outer = self.0[..dim].iter().product();
+        let inner = self.0[dim + 1..].iter().product();
+        (outer, self.0[dim], inner)
+    }
+}
+
+impl fmt::Debug for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl fmt::Display for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl From<Vec<usize>> for Shape {
+    fn from(v: Vec<usize>) -> Self {
+        Shape(v)
+    }
+}
+
+impl From<&[usize]> for Shape {
+    fn from(v: &[usize]) -> Self {
+        Shape(v.to_vec())
+    }
+}
+
+impl<const N: usize> From<[usize; N]> for Shape {
+    fn from(v: [usize; N]) -> Self {
+        Shape(v.to_vec())
+    }
+}
+
+impl From<&Shape> for Shape {
+    fn from(s: &Shape) -> Self {
+        s.clone()
+    }
+}
+
+impl From<()> for Shape {
+    fn from(_: ()) -> Self {
+        Shape(Vec::new())
+    }
+}
+
+/// A tensor's identity: the key of its gradient in a `GradStore`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(u64);
+
+impl TensorId {
+    fn next() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        TensorId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Seeded random generator for `randn`, `rand` and initialisers: kiln has no
+/// hidden global RNG, so every random tensor says where its randomness came from.
+pub struct Rng(StdRng);
+
+impl Rng {
+    pub fn seed(seed: u64) -> Self {
+        Rng(StdRng::seed_from_u64(seed))
+    }
+
+    /// A fresh 64-bit seed (for dropout masks, which are counter-based).
+    pub fn next_u64(&mut self) -> u64 {
+        rand::Rng::next_u64(&mut self.0)
+    }
+
+    pub(crate) fn inner(&mut self) -> &mut StdRng {
+        &mut self.0
+    }
+}
+
+/// An n-dimensional array; cloning is cheap (it shares the storage).
+#[derive(Clone)]
+pub struct Tensor(Arc<TensorInner>);
+
+struct TensorInner {
+    id: TensorId,
+    shape: Shape,
+    dtype: DType,
+    device: Device,
+    /// Shared with `detach()`ed handles; written in place only by optimizers
+    /// and running statistics (`Tensor::assign`).
+    storage: Arc<RwLock<Storage>>,
+    requires_grad: bool,
+    /// Set when the tensor came from an op on tensors that require grad.
+    node: Option<Node>,
+}
+
+/// Dropping the last handle to a deep graph would recurse once per op and
+/// overflow the stack; instead the graph is taken apart with an explicit stack.
+impl Drop for TensorInner {
+    fn drop(&mut self) {
+        let Some(node) = self.node.take() else { return };
+        let mut pending: Vec<Tensor> = node.inputs;
+        while let Some(tensor) = pending.pop() {
+            if let Ok(mut inner) = Arc::try_unwrap(tensor.0) {
+                if let Some(node) = inner.node.take() {
+                    pending.extend(node.inputs);
+                }
+            }
+        }
+    }
+}
+
+impl Tensor {
+    // ----- construction -------------------------------------------------
+
+    /// Wraps CPU storage; fails if the element count does not fit the shape.
+    pub(crate) fn from_cpu_storage(storage: CpuStorage, shape: impl Into<Shape>) -> Result<Self> {
+        let shape = shape.into();
+        if storage.len() != shape.numel() {
+            return Err(Error::shape(
+                "from_vec",
+                format!(
+                    "{} values cannot fill shape {shape} ({} elements)",
+                    storage.len(),
+                    shape.numel()
+                ),
+            ));
+        }
+        let dtype = storage.dtype();
+        Ok(Self::from_storage(
+            Storage::Cpu(storage),
+            shape,
+            dtype,
+            Device::Cpu,
+            false,
+            None,
+        ))
+    }
+
+    /// Wraps the result of a kernel that no graph needs to see (backward
+    /// kernels, optimizer updates). The shape is the kernel's own invariant.
+    pub(crate) fn from_cpu(storage: CpuStorage, shape: Shape) -> Self {
+        debug_assert_eq!(storage.len(), shape.numel());
+        let dtype = storage.dtype();
+        Self::from_storage(
+            Storage::Cpu(storage),
+            shape,
+            dtype,
+            Device::Cpu,
+            false,
+            None,
+        )
+    }
+
+    fn from_storage(
+        storage: Storage,
+        shape: Shape,
+        dtype: DType,
+        device: Device,
+        requires_grad: bool,
+        node: Option<Node>,
+    ) -> Self {
+        Tensor(Arc::new(TensorInner {
+            id: TensorId::next(),
+            shape,
+            dtype,
+            device,
+            storage: Arc::new(RwLock::new(storage)),
+            requires_grad,
+            node,
+        }))
+    }
+
+    /// The result of an op: records `backward` (built lazily, only if needed)
+    /// as the output's node when grad mode is on and an input requires grad.
+    /// `make_backward` receives a detached handle to the output, for rules
+    /// that are cheapest in terms of it (sigmoid, exp, softmax...).
+    pub(crate) fn from_op<B: Backward + 'static>(
+        storage: Storage,
+        shape: Shape,
+        inputs: &[&Tensor],
+        make_backward: impl FnOnce(&Tensor) -> B,
+    ) -> Self {
+        Self::from_op_shared(Arc::new(RwLock::new(storage)), shape, inputs, make_backward)
+    }
+
+    /// Like `from_op`, for outputs that share the storage of an input
+    /// (`reshape`: contiguous data needs no copy to change shape).
+    pub(crate) fn from_op_shared<B: Backward + 'static>(
+        storage: Arc<RwLock<Storage>>,
+        shape: Shape,
+        inputs: &[&Tensor],
+        make_backward: impl FnOnce(&Tensor) -> B,
+    ) -> Self {
+        let (dtype, device) = match &*storage.read().unwrap_or_else(|e| e.into_inner()) {
+            Storage::Cpu(s) => (s.dtype(), Device::Cpu),
+        };
+        let out = Tensor(Arc::new(TensorInner {
+            id: TensorId::next(),
+            shape,
+            dtype,
+            device,
+            storage,
+            requires_grad: false,
+            node: None,
+        }));
+        let tracked = autograd::is_grad_enabled() && inputs.iter().any(|t| t.requires_grad());
+        if !tracked {
+            return out;
+        }
+        let backward = make_backward(&out.detach());
+        Tensor(Arc::new(TensorInner {
+            id: out.0.id,
+            shape: out.0.shape.clone(),
+            dtype,
+            device,
+            storage: out.0.storage.clone(),
+            requires_grad: true,
+            node: Some(Node {
+                backward: Box::new(backward),
+                inputs: inputs.iter().map(|&t| t.clone()).collect(),
+            }),
+        }))
+    }
+
+    pub(crate) fn shared_storage(&self) -> Arc<RwLock<Storage>> {
+        self.0.storage.clone()
+    }
+
+    /// A CPU tensor from values; `values.len()` must equal the shape's element count.
+    pub fn from_vec<T: Float>(values: Vec<T>, shape: impl Into<Shape>) -> Result<Self> {
+        Self::from_cpu_storage(T::wrap(values), shape)
+    }
+
+    /// A CPU tensor of indices (token ids, class targets).
+    pub fn from_indices(values: Vec<u32>, shape: impl Into<Shape>) -> Result<Self> {
+        Self::from_cpu_storage(CpuStorage::U32(values), shape)
+    }
+
+    /// A rank-0 tensor holding one value.
+    pub fn scalar<T: Float>(value: T) -> Self {
+        Self::from_cpu_storage(T::wrap(vec![value]), ()).expect("one value fills a scalar")
+    }
+
+    /// A tensor filled with `value`.
+    pub fn full(value: f64, shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Self> {
+        let shape = shape.into();
+        let storage = CpuStorage::from_f64_vec(vec![value; shape.numel()], dtype)
+            .ok_or_else(|| Error::unsupported_dtype("full", dtype))?;
+        Self::from_cpu_storage(storage, shape)?.to_device(device)
+    }
+
+    pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Self> {
+        Self::full(0.0, shape, dtype, device)
+    }
+
+    pub fn ones(shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Self> {
+        Self::full(1.0, shape, dtype, device)
+    }
+
+    /// Zeros with the shape, dtype and device of `self`.
+    pub fn zeros_like(&self) -> Result<Self> {
+        Self::zeros(self.shape().clone(), self.dtype(), self.device())
+    }
+
+    /// `[start, start + step, ...]` up to but excluding `end` (as PyTorch's `arange`).
+    pub fn arange(start: f64, end: f64, step: f64, dtype: DType, device: Device) -> Result<Self> {
+        if step == 0.0 || !step.is_finite() || (end - start) / step < 0.0 {
+            return Err(Error::invalid(
+                "arange",
+                format!("cannot go from {start} to {end} in steps of {step}"),
+            ));
+        }
+        let n = ((end - start) / step).ceil() as usize;
+        let values = (0..n).map(|i| start + i as f64 * step).collect();
+        let storage = CpuStorage::from_f64_vec(values, dtype)
+            .ok_or_else(|| Error::unsupported_dtype("arange", dtype))?;
+        Self::from_cpu_storage(storage, [n])?.to_device(device)
+    }
+
+    /// Standard normal samples N(0, 1) drawn from `rng`.
+    pub fn randn(
+        shape: impl Into<Shape>,
+        dtype: DType,
+        device: Device,
+        rng: &mut Rng,
+    ) -> Result<Self> {
+        let shape = shape.into();
+        let values = (0..shape.numel())
+            .map(|_| StandardNormal.sample(rng.inner()))
+            .collect();
+        let storage = CpuStorage::from_f64_vec(values, dtype)
+            .filter(|_| dtype.is_float())
+            .ok_or_else(|| Error::unsupported_dtype("randn", dtype))?;
+        Self::from_cpu_storage(storage, shape)?.to_device(device)
+    }
+
+    /// Uniform samples in [low, high) drawn from `rng`.
+    pub fn rand(
+        low: f64,
+        high: f64,
+        shape: impl Into<Shape>,
+        dtype: DType,
+        device: Device,
+        rng: &mut Rng,
+    ) -> Result<Self> {
+        if !(low < high) {
+            return Err(Error::invalid(
+                "rand",
+                format!("empty range [{low}, {high})"),
+            ));
+        }
+        let shape = shape.into();
+        let values = (0..shape.numel())
+            .map(|_| {
+                let u: f64 = StandardUniform.sample(rng.inner());
+                low + (high - low) * u
+            })
+            .collect();
+        let storage = CpuStorage::from_f64_vec(values, dtype)
+            .filter(|_| dtype.is_float())
+            .ok_or_else(|| Error::unsupported_dtype("rand", dtype))?;
+        Self::from_cpu_storage(storage, shape)?.to_device(device)
+    }
+
+    // ----- properties ---------------------------------------------------
+
+    pub fn id(&self) -> TensorId {
+        self.0.id
+    }
+
+    pub fn shape(&self) -> &Shape {
+        &self.0.shape
+    }
+
+    pub fn dims(&self) -> &[usize] {
+        self.0.shape.dims()
+    }
+
+    pub fn rank(&self) -> usize {
+        self.0.shape.rank()
+    }
+
+    pub fn numel(&self) -> usize {
+        self.0.shape.numel()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.0.dtype
+    }
+
+    pub fn device(&self) -> Device {
+        self.0.device
+    }
+
+    /// True for leaves marked with `requires_grad()` and for op outputs that depend on one.
+    pub fn requires_grad(&self) -> bool {
+        self.0.requires_grad
+    }
+
+    /// True if the tensor was not produced by a tracked op.
+    pub fn is_leaf(&self) -> bool {
+        self.0.node.is_none()
+    }
+
+    pub(crate) fn node(&self) -> Option<&Node> {
+        self.0.node.as_ref()
+    }
+
+    /// The size of dimension `dim`, or an error naming `op` if out of range.
+    pub fn dim(&self, dim: usize) -> Result<usize> {
+        self.dims().get(dim).copied().ok_or_else(|| {
+            Error::invalid(
+                "dim",
+                format!("dim {dim} out of range for shape {}", self.shape()),
+            )
+        })
+    }
+
+    pub(crate) fn storage(&self) -> RwLockReadGuard<'_, Storage> {
+        self.0.storage.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn storage_mut(&self) -> RwLockWriteGuard<'_, Storage> {
+        self.0.storage.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the CPU storage (all ops' CPU dispatch goes through here).
+    pub(crate) fn with_cpu<R>(&self, f: impl FnOnce(&CpuStorage) -> R) -> R {
+        match &*self.storage() {
+            Storage::Cpu(s) => f(s),
+        }
+    }
+
+    // ----- autodiff handles --------------------------------------------
+
+    /// A new leaf sharing this tensor's data that requires grad (a parameter).
+    pub fn requires_grad_(self) -> Self {
+        self.leaf_with(true)
+    }
+
+    /// A new leaf sharing this tensor's data, cut from the graph.
+    pub fn detach(&self) -> Self {
+        self.leaf_with(false)
+    }
+
+    fn leaf_with(&self, requires_grad: bool) -> Self {
+        Tensor(Arc::new(TensorInner {
+            id: TensorId::next(),
+            shape: self.0.shape.clone(),
+            dtype: self.0.dtype,
+            device: self.0.device,
+            storage: self.0.storage.clone(),
+            requires_grad,
+            node: None,
+        }))
+    }
+
+    /// Overwrites this tensor's values in place with those of `src` (same
+    /// shape, dtype, device). Used by optimizers and running statistics;
+    /// every handle sharing the storage sees the change.
+    pub fn assign(&self, src: &Tensor) -> Result<()> {
+        if src.shape() != self.shape() {
+            return Err(Error::shape_mismatch("assign", self.shape(), src.shape()));
+        }
+        if src.dtype() != self.dtype() {
+            return Err(Error::dtype_mismatch("assign", self.dtype(), src.dtype()));
+        }
+        if src.device() != self.device() {
+            return Err(Error::DeviceMismatch {
+                op: "assign",
+                lhs: self.device(),
+                rhs: src.device(),
+            });
+        }
+        if Arc::ptr_eq(&self.0.storage, &src.0.storage) {
+            return Ok(());
+        }
+        let new_values = src.storage().clone();
+        *self.storage_mut() = new_values;
+        Ok(())
+    }
+
+    // ----- conversion ---------------------------------------------------
+
+    /// A copy on `device` (a cheap clone if already there).
+    pub fn to_device(&self, device: Device) -> Result<Self> {
+        if device == self.device() {
+            return Ok(self.clone());
+        }
+        Err(Error::Cuda {
+            op: "to_device",
+            msg: format!(
+                "cannot move a tensor to {device}: this build of kiln has no CUDA backend"
+            ),
+        })
+    }
+
+    /// A copy converted to `dtype` (not differentiable: use for data and checkpoints).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        if dtype == self.dtype() {
+            return Ok(self.clone());
+        }
+        let values = self.with_cpu(|s| s.to_f64_vec());
+        let storage = CpuStorage::from_f64_vec(values, dtype)
+            .ok_or_else(|| Error::unsupported_dtype("to_dtype", dtype))?;
+        Self::from_cpu_storage(storage, self.shape().clone())
+    }
+
+    /// All values, in row-major order, as `T` (an error if the dtype differs).
+    pub fn to_vec<T: Float>(&self) -> Result<Vec<T>> {
+        self.with_cpu(|s| {
+            T::slice(s).map(|v| v.to_vec()).ok_or_else(|| Error::DType {
+                op: "to_vec",
+                msg: format!("tensor has dtype {}, asked for {}", s.dtype(), T::DTYPE),
+            })
+        })
+    }
+
+    /// All values converted to f64 (any dtype).
+    pub fn to_f64_vec(&self) -> Vec<f64> {
+        self.with_cpu(|s| s.to_f64_vec())
+    }
+
+    /// Index values of a u32 tensor.
+    pub fn to_indices(&self) -> Result<Vec<u32>> {
+        self.with_cpu(|s| match s {
+            CpuStorage::U32(v) => Ok(v.clone()),
+            other => Err(Error::DType {
+                op: "to_indices",
+                msg: format!("tensor has dtype {}, expected u32", other.dtype()),
+            }),
+        })
+    }
+
+    /// The single value of a one-element tensor, as f64.
+    pub fn item(&self) -> Result<f64> {
+        if self.numel() != 1 {
+            return Err(Error::shape(
+                "item",
+                format!(
+                    "item() needs exactly one element, tensor has shape {}",
+                    self.shape()
+                ),
+            ));
+        }
+        Ok(self.to_f64_vec()[0])
+    }
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Tensor(shape={}, dtype={}, device={}, requires_grad={}",
+            self.shape(),
+            self.dtype(),
+            self.device(),
+            self.requires_grad()
+        )?;
+        if let Some(node) = self.node() {
+            write!(f, ", grad_fn={}", node.backward.name())?;
+        }
+        let values = self.to_f64_vec();
+        const SHOWN: usize = 8;
+        let head: Vec<String> = values
+            .iter()
+            .take(SHOWN)
+            .map(|v| format!("{v:.4}"))
+            .collect();
+        let more = if values.len() > SHOWN { ", ..." } else { "" };
+        write!(f, ", values=[{}{more}])", head.join(", "))
+    }
+}
+
+/// Checks that every operand shares one device; names the first two that differ.
+pub(crate) fn same_device(op: &'static str, tensors: &[&Tensor]) -> Result<Device> {
+    let device = tensors[0].device();
+    for t in &tensors[1..] {
+        if t.device() != device {
+            return Err(Error::DeviceMismatch {
+                op,
+                lhs: device,
+                rhs: t.device(),
+            });
+        }
+    }
+    Ok(device)
+}
+
+/// Checks that every operand shares one float dtype.
+pub(crate) fn same_float_dtype(op: &'static str, tensors: &[&Tensor]) -> Result<DType> {
+    let dtype = tensors[0].dtype();
+    if !matches!(dtype, DType::F32 | DType::F64) {
+        return Err(Error::unsupported_dtype(op, dtype));
+    }
+    for t in &tensors[1..] {
+        if t.dtype() != dtype {
+            return Err(Error::dtype_mismatch(op, dtype, t.dtype()));
+        }
+    }
+    Ok(dtype)
+}
+
+/// Both checks at once, as every op's first line needs.
+pub(crate) fn check_operands(op: &'static str, tensors: &[&Tensor]) -> Result<()> {
+    same_device(op, tensors)?;
+    same_float_dtype(op, tensors)?;
+    Ok(())
+}

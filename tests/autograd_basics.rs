@@ -1,0 +1,74 @@
+//! The tape itself: reuse of a tensor, detach, no_grad, deep graphs.
+
+use kiln::{DType, Device, Tensor, no_grad};
+
+fn vec_tensor(values: &[f64], shape: &[usize]) -> Tensor {
+    Tensor::from_vec(values.to_vec(), shape).unwrap()
+}
+
+#[test]
+fn gradient_of_a_tensor_used_twice_is_summed() {
+    // y = x·x + x  →  dy/dx = 2x + 1
+    let x = vec_tensor(&[1.0, -2.0, 3.0], &[3]).requires_grad_();
+    let y = x.mul(&x).unwrap().add(&x).unwrap().sum_all().unwrap();
+    let grads = y.backward().unwrap();
+    assert_eq!(
+        grads.get(&x).unwrap().to_vec::<f64>().unwrap(),
+        vec![3.0, -3.0, 7.0]
+    );
+}
+
+#[test]
+fn detach_and_no_grad_cut_the_graph() {
+    let x = vec_tensor(&[2.0], &[1]).requires_grad_();
+    let through = x.mul(&x.detach()).unwrap().sum_all().unwrap();
+    // d(x · stop(x))/dx = stop(x) = 2
+    assert_eq!(
+        through.backward().unwrap().get(&x).unwrap().item().unwrap(),
+        2.0
+    );
+
+    let guard = no_grad();
+    let untracked = x.mul(&x).unwrap();
+    drop(guard);
+    assert!(!untracked.requires_grad());
+    assert!(untracked.sum_all().unwrap().backward().is_err());
+}
+
+#[test]
+fn only_tensors_that_need_grad_are_tracked() {
+    let a = vec_tensor(&[1.0, 2.0], &[2]);
+    let b = vec_tensor(&[3.0, 4.0], &[2]);
+    let c = a.mul(&b).unwrap();
+    assert!(!c.requires_grad());
+    assert!(c.is_leaf());
+}
+
+#[test]
+fn backward_needs_a_scalar() {
+    let x = vec_tensor(&[1.0, 2.0], &[2]).requires_grad_();
+    let err = x
+        .mul_scalar(2.0)
+        .unwrap()
+        .backward()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("scalar"), "{err}");
+}
+
+#[test]
+fn a_very_deep_graph_does_not_overflow_the_stack() {
+    // 20 000 chained ops: a recursive walk would exhaust the test thread's stack.
+    let x = Tensor::ones([4], DType::F64, Device::Cpu)
+        .unwrap()
+        .requires_grad_();
+    let mut y = x.clone();
+    for _ in 0..20_000 {
+        y = y.mul_scalar(1.0).unwrap().add_scalar(0.0).unwrap();
+    }
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    assert_eq!(
+        grads.get(&x).unwrap().to_vec::<f64>().unwrap(),
+        vec![1.0; 4]
+    );
+}

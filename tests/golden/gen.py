@@ -1,0 +1,508 @@
+#!/usr/bin/env python3
+"""Generate the PyTorch reference ("golden") files used by kiln's tests.
+
+Usage:
+    python tests/golden/gen.py
+
+Writes one `<case>.safetensors` file per case into `data/` next to this
+script. Requires PyTorch and safetensors. See README.md for the naming
+convention.
+"""
+
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "data")
+
+DTYPE = torch.float32
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def path_for(case):
+    return os.path.join(DATA, case + ".safetensors")
+
+
+def save(case, tensors, meta=None):
+    """Write `tensors` (name -> tensor) and string metadata for `case`."""
+    meta = {k: str(v) for k, v in (meta or {}).items()}
+    clean = {}
+    for name, t in tensors.items():
+        t = t.detach()
+        if t.is_floating_point():
+            t = t.to(DTYPE)
+        clean[name] = t.contiguous().clone()
+    path = path_for(case)
+    save_file(clean, path, metadata=meta)
+    print(f"{os.path.relpath(path, HERE):45s} {os.path.getsize(path):7d} bytes")
+
+
+def ints(*xs):
+    return ",".join(str(int(x)) for x in xs)
+
+
+def randn(*shape):
+    return torch.randn(tuple(shape), dtype=DTYPE)
+
+
+def leaf(t):
+    return t.to(DTYPE).detach().requires_grad_(True)
+
+
+def forward_backward(fn, inputs, diff):
+    """Run `fn(**inputs)`, draw a random upstream gradient and backprop.
+
+    Returns a dict with `out`, `grad_out` and `grad_<name>` for every name in
+    `diff` (the gradients of `(out * grad_out).sum()`).
+    """
+    out = fn(**inputs)
+    grad_out = randn(*out.shape)
+    targets = [inputs[n] for n in diff]
+    grads = torch.autograd.grad((out * grad_out).sum(), targets)
+    res = {"out": out, "grad_out": grad_out}
+    for n, g in zip(diff, grads):
+        res["grad_" + n] = g
+    return res
+
+
+# ---------------------------------------------------------------------------
+# convolutions
+# ---------------------------------------------------------------------------
+
+
+def conv2d_case(case, x_shape, w_shape, bias, stride, padding, dilation):
+    torch.manual_seed(0)
+    inputs = {"x": leaf(randn(*x_shape)), "weight": leaf(randn(*w_shape) * 0.3)}
+    diff = ["x", "weight"]
+    if bias:
+        inputs["bias"] = leaf(randn(w_shape[0]) * 0.1)
+        diff.append("bias")
+
+    def fn(x, weight, bias=None):
+        return F.conv2d(x, weight, bias, stride=stride, padding=padding, dilation=dilation)
+
+    res = forward_backward(fn, inputs, diff)
+    meta = {
+        "stride": ints(*stride),
+        "padding": ints(*padding),
+        "dilation": ints(*dilation),
+        "bias": "true" if bias else "false",
+    }
+    save(case, {**inputs, **res}, meta)
+
+
+def conv2d_a():
+    conv2d_case("conv2d_a", (2, 3, 7, 6), (4, 3, 3, 3), True, (2, 2), (1, 1), (1, 1))
+
+
+def conv2d_b():
+    conv2d_case("conv2d_b", (3, 2, 9, 8), (5, 2, 3, 2), False, (1, 2), (2, 0), (2, 1))
+
+
+def conv2d_dcgan():
+    conv2d_case("conv2d_dcgan", (2, 3, 8, 8), (5, 3, 4, 4), True, (2, 2), (1, 1), (1, 1))
+
+
+def conv_transpose2d_case(case, x_shape, w_shape, bias, stride, padding, output_padding, dilation):
+    torch.manual_seed(0)
+    # PyTorch layout: weight is (in_channels, out_channels, kh, kw).
+    inputs = {"x": leaf(randn(*x_shape)), "weight": leaf(randn(*w_shape) * 0.3)}
+    diff = ["x", "weight"]
+    if bias:
+        inputs["bias"] = leaf(randn(w_shape[1]) * 0.1)
+        diff.append("bias")
+
+    def fn(x, weight, bias=None):
+        return F.conv_transpose2d(
+            x,
+            weight,
+            bias,
+            stride=stride,
+            padding=padding,
+            output_padding=output_padding,
+            dilation=dilation,
+        )
+
+    res = forward_backward(fn, inputs, diff)
+    meta = {
+        "stride": ints(*stride),
+        "padding": ints(*padding),
+        "output_padding": ints(*output_padding),
+        "dilation": ints(*dilation),
+        "bias": "true" if bias else "false",
+    }
+    save(case, {**inputs, **res}, meta)
+
+
+def conv_transpose2d_a():
+    conv_transpose2d_case(
+        "conv_transpose2d_a", (2, 4, 5, 3), (4, 3, 4, 4), True, (2, 2), (1, 1), (1, 0), (1, 1)
+    )
+
+
+def conv_transpose2d_b():
+    conv_transpose2d_case(
+        "conv_transpose2d_b", (1, 3, 4, 4), (3, 2, 3, 3), False, (3, 2), (0, 1), (2, 1), (1, 1)
+    )
+
+
+def conv_transpose2d_c():
+    conv_transpose2d_case(
+        "conv_transpose2d_c", (2, 2, 3, 3), (2, 3, 3, 2), True, (2, 1), (1, 0), (0, 0), (2, 2)
+    )
+
+
+# ---------------------------------------------------------------------------
+# normalisation
+# ---------------------------------------------------------------------------
+
+
+def batch_norm_case(case, training):
+    torch.manual_seed(0)
+    momentum, eps = 0.1, 1e-5
+    x = leaf(randn(4, 3, 5, 5) * 2.0 + 0.5)
+    weight = leaf(1.0 + 0.3 * randn(3))
+    bias = leaf(0.2 * randn(3))
+    running_mean = 0.5 * randn(3)
+    running_var = 0.5 + torch.rand(3, dtype=DTYPE)
+
+    rm = running_mean.clone()
+    rv = running_var.clone()
+
+    def fn(x, weight, bias):
+        return F.batch_norm(x, rm, rv, weight, bias, training=training, momentum=momentum, eps=eps)
+
+    res = forward_backward(fn, {"x": x, "weight": weight, "bias": bias}, ["x", "weight", "bias"])
+    tensors = {
+        "x": x,
+        "weight": weight,
+        "bias": bias,
+        "running_mean": running_mean,
+        "running_var": running_var,
+        **res,
+    }
+    if training:
+        tensors["running_mean_after"] = rm
+        tensors["running_var_after"] = rv
+    meta = {
+        "momentum": str(momentum),
+        "eps": str(eps),
+        "training": "true" if training else "false",
+    }
+    save(case, tensors, meta)
+
+
+def batch_norm2d_train():
+    batch_norm_case("batch_norm2d_train", True)
+
+
+def batch_norm2d_eval():
+    batch_norm_case("batch_norm2d_eval", False)
+
+
+def layer_norm():
+    torch.manual_seed(0)
+    eps = 1e-5
+    inputs = {
+        "x": leaf(randn(2, 3, 7) * 1.5 + 0.3),
+        "weight": leaf(1.0 + 0.3 * randn(7)),
+        "bias": leaf(0.2 * randn(7)),
+    }
+
+    def fn(x, weight, bias):
+        return F.layer_norm(x, (7,), weight, bias, eps=eps)
+
+    res = forward_backward(fn, inputs, ["x", "weight", "bias"])
+    save("layer_norm", {**inputs, **res}, {"eps": str(eps), "normalized_shape": "7"})
+
+
+# ---------------------------------------------------------------------------
+# activations
+# ---------------------------------------------------------------------------
+
+
+def leaky_relu():
+    torch.manual_seed(0)
+    slope = 0.2
+    x = randn(3, 7)
+    # A few values very close to zero on both sides (never exactly zero).
+    x[0, :4] = torch.tensor([1e-3, -1e-3, 2e-4, -5e-4], dtype=DTYPE)
+    x[x == 0] = 1e-3
+    inputs = {"x": leaf(x)}
+    res = forward_backward(lambda x: F.leaky_relu(x, slope), inputs, ["x"])
+    save("leaky_relu", {**inputs, **res}, {"slope": str(slope)})
+
+
+def gelu_case(approximate):
+    torch.manual_seed(0)
+    inputs = {"x": leaf(randn(5, 9) * 2.0)}
+    res = forward_backward(lambda x: F.gelu(x, approximate=approximate), inputs, ["x"])
+    save("gelu_" + approximate, {**inputs, **res}, {"approximate": approximate})
+
+
+def gelu_none():
+    gelu_case("none")
+
+
+def gelu_tanh():
+    gelu_case("tanh")
+
+
+def softmax():
+    torch.manual_seed(0)
+    inputs = {"x": leaf(randn(4, 9) * 3.0)}
+    res = forward_backward(lambda x: F.softmax(x, dim=-1), inputs, ["x"])
+    save("softmax", {**inputs, **res}, {"dim": "-1"})
+
+
+def log_softmax():
+    torch.manual_seed(0)
+    inputs = {"x": leaf(randn(4, 9) * 3.0)}
+    res = forward_backward(lambda x: F.log_softmax(x, dim=-1), inputs, ["x"])
+    save("log_softmax", {**inputs, **res}, {"dim": "-1"})
+
+
+# ---------------------------------------------------------------------------
+# losses (scalar output; `out` and `grad_out` are 0-dim)
+# ---------------------------------------------------------------------------
+
+
+def cross_entropy():
+    torch.manual_seed(0)
+    x = leaf(randn(6, 5) * 2.0)
+    target = torch.randint(0, 5, (6,), dtype=torch.int64)
+    res = forward_backward(
+        lambda x: F.cross_entropy(x, target, reduction="mean"), {"x": x}, ["x"]
+    )
+    save("cross_entropy", {"x": x, "target": target, **res}, {"reduction": "mean"})
+
+
+def bce_with_logits():
+    torch.manual_seed(0)
+    x = leaf(randn(4, 7) * 2.0)
+    target = torch.rand(4, 7, dtype=DTYPE)
+    res = forward_backward(
+        lambda x: F.binary_cross_entropy_with_logits(x, target, reduction="mean"), {"x": x}, ["x"]
+    )
+    save("bce_with_logits", {"x": x, "target": target, **res}, {"reduction": "mean"})
+
+
+def mse():
+    torch.manual_seed(0)
+    x = leaf(randn(3, 5))
+    target = randn(3, 5)
+    res = forward_backward(lambda x: F.mse_loss(x, target, reduction="mean"), {"x": x}, ["x"])
+    save("mse", {"x": x, "target": target, **res}, {"reduction": "mean"})
+
+
+# ---------------------------------------------------------------------------
+# attention / embedding
+# ---------------------------------------------------------------------------
+
+
+def attention():
+    torch.manual_seed(0)
+    shape = (2, 3, 5, 4)  # batch, heads, seq, head_dim
+    inputs = {"q": leaf(randn(*shape)), "k": leaf(randn(*shape)), "v": leaf(randn(*shape))}
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    res = forward_backward(fn, inputs, ["q", "k", "v"])
+    meta = {"is_causal": "true", "scale": repr(1.0 / math.sqrt(shape[-1]))}
+    save("attention", {**inputs, **res}, meta)
+
+
+def embedding():
+    torch.manual_seed(0)
+    weight = leaf(randn(7, 5))
+    ids = torch.tensor([[1, 4, 6, 1], [0, 4, 4, 3]], dtype=torch.int64)  # 1 and 4 repeat
+    res = forward_backward(lambda weight: F.embedding(ids, weight), {"weight": weight}, ["weight"])
+    save("embedding", {"weight": weight, "ids": ids, **res}, {"num_embeddings": "7", "dim": "5"})
+
+
+# ---------------------------------------------------------------------------
+# optimisers
+# ---------------------------------------------------------------------------
+
+STEPS = 3
+
+
+def run_optimizer(make_opt):
+    """Three steps on two parameters with fixed random gradients."""
+    torch.manual_seed(0)
+    param_a = randn(3, 4)
+    param_b = randn(5)
+    pa = param_a.clone().requires_grad_(True)
+    pb = param_b.clone().requires_grad_(True)
+    opt = make_opt([pa, pb])
+    tensors = {"param_a": param_a, "param_b": param_b}
+    for s in range(1, STEPS + 1):
+        ga = randn(3, 4)
+        gb = randn(5)
+        pa.grad = ga.clone()
+        pb.grad = gb.clone()
+        opt.step()
+        tensors[f"grad_a_s{s}"] = ga
+        tensors[f"grad_b_s{s}"] = gb
+        tensors[f"param_a_s{s}"] = pa.detach().clone()
+        tensors[f"param_b_s{s}"] = pb.detach().clone()
+    return opt, pa, pb, tensors
+
+
+def adam_case(case, cls):
+    lr, beta1, beta2, eps, wd = 0.01, 0.9, 0.999, 1e-8, 0.1
+    opt, pa, pb, tensors = run_optimizer(
+        lambda ps: cls(ps, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=wd, foreach=False)
+    )
+    for suffix, p in (("a", pa), ("b", pb)):
+        st = opt.state[p]
+        tensors[f"exp_avg_{suffix}"] = st["exp_avg"]
+        tensors[f"exp_avg_sq_{suffix}"] = st["exp_avg_sq"]
+    meta = {
+        "lr": str(lr),
+        "beta1": str(beta1),
+        "beta2": str(beta2),
+        "eps": str(eps),
+        "weight_decay": str(wd),
+        "steps": str(STEPS),
+    }
+    save(case, tensors, meta)
+
+
+def adam():
+    adam_case("adam", torch.optim.Adam)
+
+
+def adamw():
+    adam_case("adamw", torch.optim.AdamW)
+
+
+def sgd_momentum():
+    lr, momentum, wd = 0.1, 0.9, 0.01
+    opt, pa, pb, tensors = run_optimizer(
+        lambda ps: torch.optim.SGD(ps, lr=lr, momentum=momentum, weight_decay=wd, foreach=False)
+    )
+    tensors["momentum_buffer_a"] = opt.state[pa]["momentum_buffer"]
+    tensors["momentum_buffer_b"] = opt.state[pb]["momentum_buffer"]
+    meta = {
+        "lr": str(lr),
+        "momentum": str(momentum),
+        "dampening": "0.0",
+        "nesterov": "false",
+        "weight_decay": str(wd),
+        "steps": str(STEPS),
+    }
+    save("sgd_momentum", tensors, meta)
+
+
+# ---------------------------------------------------------------------------
+# a small trained module, state_dict saved exactly as PyTorch writes it
+# ---------------------------------------------------------------------------
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x):
+        return self.fc(F.leaky_relu(self.bn(self.conv(x)), 0.2).flatten(1))
+
+
+def state_dict_small():
+    torch.manual_seed(0)
+    model = Small()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    for _ in range(2):
+        xb = randn(6, 1, 5, 5) * 1.5 + 0.4
+        yb = torch.randint(0, 3, (6,))
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    model.eval()
+
+    path = path_for("state_dict_small")
+    save_file(model.state_dict(), path)
+    print(f"{os.path.relpath(path, HERE):45s} {os.path.getsize(path):7d} bytes")
+
+    x = randn(2, 1, 5, 5)
+    with torch.no_grad():
+        out = model(x)
+    save("state_dict_small_io", {"x": x, "out": out}, {"negative_slope": "0.2", "mode": "eval"})
+
+
+# ---------------------------------------------------------------------------
+
+CASES = [
+    conv2d_a,
+    conv2d_b,
+    conv2d_dcgan,
+    conv_transpose2d_a,
+    conv_transpose2d_b,
+    conv_transpose2d_c,
+    batch_norm2d_train,
+    batch_norm2d_eval,
+    leaky_relu,
+    gelu_none,
+    gelu_tanh,
+    layer_norm,
+    softmax,
+    log_softmax,
+    cross_entropy,
+    bce_with_logits,
+    mse,
+    attention,
+    embedding,
+    adam,
+    adamw,
+    sgd_momentum,
+    state_dict_small,
+]
+
+
+def verify():
+    """Reload every file and print its keys, shapes, dtypes and metadata."""
+    print()
+    for name in sorted(os.listdir(DATA)):
+        if not name.endswith(".safetensors"):
+            continue
+        path = os.path.join(DATA, name)
+        size = os.path.getsize(path)
+        assert size < 40 * 1024, f"{name} is too large ({size} bytes)"
+        with safe_open(path, framework="pt") as f:
+            print(f"{name} ({size} bytes) metadata={f.metadata()}")
+            for key in f.keys():
+                t = f.get_tensor(key)
+                assert t.dtype in (torch.float32, torch.int64), (name, key, t.dtype)
+                if t.is_floating_point():
+                    assert torch.isfinite(t).all(), (name, key)
+                assert t.numel() == 0 or t.abs().sum() > 0 or key.endswith("num_batches_tracked"), (
+                    f"{name}:{key} is all zeros"
+                )
+                print(f"    {key:22s} {str(t.dtype):14s} {list(t.shape)}")
+
+
+def main():
+    os.makedirs(DATA, exist_ok=True)
+    print(f"torch {torch.__version__}")
+    for case in CASES:
+        case()
+    verify()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+//! Golden tests: kiln's forward outputs and gradients against PyTorch's, from
+//! the committed files of `tests/golden/gen.py`.
+
+mod common;
+
+mod activation;

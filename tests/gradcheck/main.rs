@@ -1,0 +1,5 @@
+//! gradcheck: every differentiable op's backward() against central finite
+//! differences in f64, on shapes and values drawn by proptest (odd sizes and
+//! size-1 dims included).
+
+mod common;
