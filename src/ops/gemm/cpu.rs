@@ -118,3 +118,47 @@ fn gemm_one<T: Float>(d: GemmDims, a: &[T], b: &[T], c: &mut [T], parallelism: P
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngExt, SeedableRng, rngs::StdRng};
+
+    #[test]
+    fn fast_path_matches_the_reference_for_every_transpose() {
+        let mut rng = StdRng::seed_from_u64(3);
+        // Sizes that are not multiples of any micro-kernel tile, and one large
+        // enough to take the multi-threaded path.
+        for &(batch, m, n, k) in &[
+            (1, 1, 1, 1),
+            (3, 7, 5, 9),
+            (1, 33, 17, 65),
+            (2, 1, 13, 4),
+            (1, 70, 80, 90),
+        ] {
+            for trans_a in [false, true] {
+                for trans_b in [false, true] {
+                    let d = GemmDims {
+                        batch,
+                        m,
+                        n,
+                        k,
+                        trans_a,
+                        trans_b,
+                    };
+                    let a: Vec<f64> = (0..batch * m * k)
+                        .map(|_| rng.random_range(-1.0..1.0))
+                        .collect();
+                    let b: Vec<f64> = (0..batch * k * n)
+                        .map(|_| rng.random_range(-1.0..1.0))
+                        .collect();
+                    let fast = gemm(d, &a, &b);
+                    let reference = gemm_reference(d, &a, &b);
+                    for (x, y) in fast.iter().zip(&reference) {
+                        assert!((x - y).abs() < 1e-12, "{d:?}: {x} vs {y}");
+                    }
+                }
+            }
+        }
+    }
+}
