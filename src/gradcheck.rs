@@ -69,7 +69,7 @@ pub fn gradcheck(
             };
             let numeric = (loss_at(options.eps)? - loss_at(-options.eps)?) / (2.0 * options.eps);
             let error = (analytic[j] - numeric).abs();
-            if !(error <= options.atol + options.rtol * numeric.abs()) {
+            if error.is_nan() || error > options.atol + options.rtol * numeric.abs() {
                 return Err(Error::invalid(
                     "gradcheck",
                     format!(

@@ -55,16 +55,20 @@
 //! (`tests/golden`).
 
 pub mod autograd;
+pub mod checkpoint;
 pub mod error;
 pub mod gradcheck;
 pub mod kernels;
+pub mod nn;
 pub mod ops;
+pub mod optim;
 pub mod storage;
 pub mod tensor;
 
 pub use autograd::{Backward, GradStore, is_grad_enabled, no_grad, no_grad_scope};
 pub use error::{Error, Result};
 pub use ops::activation::GeluApproximation;
+pub use ops::conv::{Conv2dParams, ConvTranspose2dParams};
 pub use ops::loss::Reduction;
 pub use tensor::{DType, Device, Rng, Shape, Tensor, TensorId};
 

@@ -105,6 +105,7 @@ pub trait Float:
     fn max(self, other: Self) -> Self;
     fn min(self, other: Self) -> Self;
     fn ln_1p(self) -> Self;
+    fn is_nan(self) -> bool;
     fn erf(self) -> Self {
         Self::from_f64(erf_f64(self.to_f64()))
     }
@@ -189,6 +190,9 @@ macro_rules! impl_float {
             }
             fn ln_1p(self) -> Self {
                 <$t>::ln_1p(self)
+            }
+            fn is_nan(self) -> bool {
+                <$t>::is_nan(self)
             }
         }
     };

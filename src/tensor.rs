@@ -205,10 +205,10 @@ impl Drop for TensorInner {
         let Some(node) = self.node.take() else { return };
         let mut pending: Vec<Tensor> = node.inputs;
         while let Some(tensor) = pending.pop() {
-            if let Ok(mut inner) = Arc::try_unwrap(tensor.0) {
-                if let Some(node) = inner.node.take() {
-                    pending.extend(node.inputs);
-                }
+            if let Ok(mut inner) = Arc::try_unwrap(tensor.0)
+                && let Some(node) = inner.node.take()
+            {
+                pending.extend(node.inputs);
             }
         }
     }
@@ -408,7 +408,7 @@ impl Tensor {
         device: Device,
         rng: &mut Rng,
     ) -> Result<Self> {
-        if !(low < high) {
+        if low.is_nan() || high.is_nan() || low >= high {
             return Err(Error::invalid(
                 "rand",
                 format!("empty range [{low}, {high})"),

@@ -24,10 +24,10 @@ use crate::tensor::Shape;
 pub(crate) fn broadcast_shape(op: &'static str, lhs: &Shape, rhs: &Shape) -> Result<Shape> {
     let rank = lhs.rank().max(rhs.rank());
     let mut dims = vec![0; rank];
-    for i in 0..rank {
+    for (i, out) in dims.iter_mut().enumerate() {
         let l = dim_from_end(lhs, rank - 1 - i);
         let r = dim_from_end(rhs, rank - 1 - i);
-        dims[i] = match (l, r) {
+        *out = match (l, r) {
             (a, b) if a == b => a,
             (1, b) => b,
             (a, 1) => a,

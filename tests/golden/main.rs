@@ -4,3 +4,8 @@
 mod common;
 
 mod activation;
+mod conv;
+mod misc;
+mod norm;
+mod optim;
+mod state_dict;

@@ -3,3 +3,7 @@
 //! size-1 dims included).
 
 mod common;
+mod conv;
+mod core;
+mod misc;
+mod norm;

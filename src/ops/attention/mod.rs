@@ -1,1 +1,141 @@
-//! (in progress)
+//! Causal scaled-dot-product attention (PyTorch's
+//! `F.scaled_dot_product_attention(q, k, v, is_causal=True)`) as one fused op:
+//! O = softmax(mask(Q·Kᵀ/√D))·V per head, with its own backward kernel that
+//! reuses the saved attention probabilities P.
+
+pub mod cpu;
+
+use crate::autograd::Backward;
+use crate::error::{Error, Result};
+use crate::float_slice;
+use crate::storage::{CpuStorage, Float, Storage};
+use crate::tensor::{Shape, Tensor, check_operands};
+
+use cpu::AttentionDims;
+
+const OP: &str = "causal_attention";
+
+/// The `T` values of `storage`; the operands were checked to share one dtype.
+fn values_as<T: Float>(storage: &CpuStorage) -> Result<&[T]> {
+    T::slice(storage).ok_or_else(|| Error::dtype_mismatch(OP, T::DTYPE, storage.dtype()))
+}
+
+impl Tensor {
+    /// Causal scaled-dot-product attention: q, k, v [B, H, T, D] → [B, H, T, D].
+    /// Position i attends to positions j ≤ i with weights
+    /// softmax_j(qᵢ·kⱼ/√D), as PyTorch's
+    /// `F.scaled_dot_product_attention(q, k, v, is_causal=True)`.
+    pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        check_operands(OP, &[q, k, v])?;
+        let &[batch, heads, seq, head_dim] = q.dims() else {
+            return Err(Error::shape(
+                OP,
+                format!("expected q of shape [B, H, T, D], got {}", q.shape()),
+            ));
+        };
+        if k.shape() != q.shape() || v.shape() != q.shape() {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "q, k and v must share one shape [B, H, T, D], got q {}, k {}, v {}",
+                    q.shape(),
+                    k.shape(),
+                    v.shape()
+                ),
+            ));
+        }
+        if head_dim == 0 {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "head dim D must be > 0 (the scale is 1/√D), got q {}",
+                    q.shape()
+                ),
+            ));
+        }
+        let dims = AttentionDims {
+            heads: batch * heads,
+            seq,
+            head_dim,
+        };
+        let (out, probs) = q.with_cpu(|qs| -> Result<_> {
+            Ok(float_slice!(OP, qs, |q| {
+                let f = forward(q, k, v, dims)?;
+                (CpuStorage::from(f.out), CpuStorage::from(f.probs))
+            }))
+        })?;
+        let probs_shape = Shape::new([batch, heads, seq, seq]);
+        Ok(Tensor::from_op(
+            Storage::Cpu(out),
+            q.shape().clone(),
+            &[q, k, v],
+            |_| CausalAttentionBackward {
+                dims,
+                probs: Tensor::from_cpu(probs, probs_shape),
+            },
+        ))
+    }
+}
+
+fn forward<T: Float>(
+    q: &[T],
+    k: &Tensor,
+    v: &Tensor,
+    dims: AttentionDims,
+) -> Result<cpu::AttentionForward<T>> {
+    k.with_cpu(|ks| v.with_cpu(|vs| Ok(cpu::attention(q, values_as(ks)?, values_as(vs)?, dims))))
+}
+
+struct CausalAttentionBackward {
+    dims: AttentionDims,
+    /// P = softmax(mask(Q·Kᵀ·scale)) from the forward (detached, [B, H, T, T]).
+    probs: Tensor,
+}
+
+impl CausalAttentionBackward {
+    fn grads<T: Float>(&self, d_out: &[T], inputs: &[Tensor]) -> Result<cpu::AttentionGrads<T>> {
+        let (q, k, v) = (&inputs[0], &inputs[1], &inputs[2]);
+        q.with_cpu(|qs| {
+            k.with_cpu(|ks| {
+                v.with_cpu(|vs| {
+                    self.probs.with_cpu(|ps| {
+                        Ok(cpu::attention_backward(
+                            values_as(qs)?,
+                            values_as(ks)?,
+                            values_as(vs)?,
+                            values_as(ps)?,
+                            d_out,
+                            self.dims,
+                        ))
+                    })
+                })
+            })
+        })
+    }
+}
+
+impl Backward for CausalAttentionBackward {
+    fn name(&self) -> &'static str {
+        OP
+    }
+
+    // dV = Pᵀ·dO;  dP = dO·Vᵀ;  dS = P ⊙ (dP − rowsum(dP ⊙ P));  dQ = dS·K·scale;  dK = dSᵀ·Q·scale
+    fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let (dq, dk, dv) = grad.with_cpu(|gs| -> Result<_> {
+            Ok(float_slice!(OP, gs, |d_out| {
+                let g = self.grads(d_out, inputs)?;
+                (
+                    CpuStorage::from(g.dq),
+                    CpuStorage::from(g.dk),
+                    CpuStorage::from(g.dv),
+                )
+            }))
+        })?;
+        let shape = inputs[0].shape().clone();
+        Ok(vec![
+            Some(Tensor::from_cpu(dq, shape.clone())),
+            Some(Tensor::from_cpu(dk, shape.clone())),
+            Some(Tensor::from_cpu(dv, shape)),
+        ])
+    }
+}

@@ -1,1 +1,141 @@
-//! (in progress)
+//! Layer normalisation over the last dim (PyTorch's `F.layer_norm` with
+//! `normalized_shape = [last dim]`) as one fused op: one forward kernel and
+//! one backward kernel producing dx, dweight and dbias together.
+
+pub mod cpu;
+
+use crate::autograd::Backward;
+use crate::error::{Error, Result};
+use crate::storage::{CpuStorage, Storage};
+use crate::tensor::{Shape, Tensor, check_operands};
+use crate::{float_slice, float_slice2};
+
+const OP: &str = "layer_norm";
+
+impl Tensor {
+    /// Normalises each row of the last dim to zero mean and unit (biased)
+    /// variance, y = (x − mean)/√(var + eps) · weight + bias, with optional
+    /// `weight` and `bias` of shape [last dim].
+    pub fn layer_norm(
+        &self,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        eps: f64,
+    ) -> Result<Tensor> {
+        let mut operands = vec![self];
+        operands.extend([weight, bias].into_iter().flatten());
+        check_operands(OP, &operands)?;
+        let width = match self.dims().last() {
+            Some(&width) if width > 0 => width,
+            _ => {
+                return Err(Error::shape(
+                    OP,
+                    format!(
+                        "needs rank >= 1 and a non-empty last dim to normalise over, got shape {}",
+                        self.shape()
+                    ),
+                ));
+            }
+        };
+        for (name, param) in [("weight", weight), ("bias", bias)] {
+            if let Some(param) = param
+                && param.dims() != [width]
+            {
+                return Err(Error::shape(
+                    OP,
+                    format!(
+                        "{name} has shape {}, expected [{width}] (the last dim of x {})",
+                        param.shape(),
+                        self.shape()
+                    ),
+                ));
+            }
+        }
+        if !(eps.is_finite() && eps >= 0.0) {
+            return Err(Error::invalid(
+                OP,
+                format!("eps must be finite and >= 0, got {eps}"),
+            ));
+        }
+        let (out, mean, invstd) = self.with_cpu(|s| -> Result<_> {
+            Ok(float_slice!(OP, s, |x| {
+                let weight = weight.map(Tensor::to_vec).transpose()?;
+                let bias = bias.map(Tensor::to_vec).transpose()?;
+                let f = cpu::layer_norm(x, width, weight.as_deref(), bias.as_deref(), eps);
+                (
+                    CpuStorage::from(f.out),
+                    CpuStorage::from(f.mean),
+                    CpuStorage::from(f.invstd),
+                )
+            }))
+        })?;
+        let row_shape = Shape::new(&self.dims()[..self.rank() - 1]);
+        let mut inputs = vec![self];
+        inputs.extend(weight);
+        inputs.extend(bias);
+        Ok(Tensor::from_op(
+            Storage::Cpu(out),
+            self.shape().clone(),
+            &inputs,
+            |_| LayerNormBackward {
+                width,
+                mean: Tensor::from_cpu(mean, row_shape.clone()),
+                invstd: Tensor::from_cpu(invstd, row_shape),
+                has_weight: weight.is_some(),
+                has_bias: bias.is_some(),
+            },
+        ))
+    }
+}
+
+struct LayerNormBackward {
+    width: usize,
+    /// Per-row mean and 1/√(var + eps) from the forward (detached, x's leading dims).
+    mean: Tensor,
+    invstd: Tensor,
+    /// Which optional inputs follow x in the recorded inputs (weight, then bias).
+    has_weight: bool,
+    has_bias: bool,
+}
+
+impl Backward for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        OP
+    }
+
+    // x̂ = (x − μ)·invstd, dx̂ = dy·γ, D = last dim:
+    // dx = invstd/D · (D·dx̂ − Σdx̂ − x̂·Σ(dx̂·x̂)) per row;  dγ = Σ_rows dy·x̂;  dβ = Σ_rows dy
+    fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let x = &inputs[0];
+        let weight = self.has_weight.then(|| &inputs[1]);
+        let (dx, dweight, dbias) = x.with_cpu(|xs| {
+            grad.with_cpu(|gs| -> Result<_> {
+                Ok(float_slice2!(OP, xs, gs, |x, dy| {
+                    let weight = weight.map(Tensor::to_vec).transpose()?;
+                    let grads = cpu::layer_norm_backward(
+                        x,
+                        dy,
+                        self.width,
+                        &self.mean.to_vec()?,
+                        &self.invstd.to_vec()?,
+                        weight.as_deref(),
+                    );
+                    (
+                        CpuStorage::from(grads.dx),
+                        CpuStorage::from(grads.dweight),
+                        CpuStorage::from(grads.dbias),
+                    )
+                }))
+            })
+        })?;
+        let param_shape = Shape::new([self.width]);
+        let mut grads = vec![Some(Tensor::from_cpu(dx, x.shape().clone()))];
+        if self.has_weight {
+            grads.push(Some(Tensor::from_cpu(dweight, param_shape.clone())));
+        }
+        if self.has_bias {
+            grads.push(Some(Tensor::from_cpu(dbias, param_shape)));
+        }
+        Ok(grads)
+    }
+}

@@ -40,7 +40,7 @@ pub fn max<T: Float>(x: &[T], outer: usize, n: usize, inner: usize) -> (Vec<T>, 
             for j in 1..n {
                 let v = x[(o * n + j) * inner + i];
                 // NaN propagates, as in PyTorch.
-                if v > best || (v != v && best == best) {
+                if v > best || (v.is_nan() && !best.is_nan()) {
                     best = v;
                     best_j = j;
                 }

@@ -1,1 +1,98 @@
-//! (in progress)
+//! Softmax and log-softmax over the last dim, each one fused op whose
+//! backward works from the saved output alone (no recomputation of exp).
+
+pub mod cpu;
+
+use crate::autograd::Backward;
+use crate::error::{Error, Result};
+use crate::storage::{CpuStorage, Storage};
+use crate::tensor::{Tensor, check_operands};
+use crate::{float_slice, float_slice2};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SoftmaxKind {
+    Softmax,
+    LogSoftmax,
+}
+
+impl SoftmaxKind {
+    fn name(self) -> &'static str {
+        match self {
+            SoftmaxKind::Softmax => "softmax",
+            SoftmaxKind::LogSoftmax => "log_softmax",
+        }
+    }
+}
+
+impl Tensor {
+    /// softmax(x)ᵢ = exp(xᵢ) / Σⱼ exp(xⱼ) over the last dim, computed with the
+    /// row maximum subtracted so that large logits do not overflow.
+    pub fn softmax(&self) -> Result<Tensor> {
+        softmax_op(self, SoftmaxKind::Softmax)
+    }
+
+    /// log(softmax(x)) over the last dim, as xᵢ − max − ln Σⱼ exp(xⱼ − max):
+    /// accurate where taking the log of a tiny softmax would underflow.
+    pub fn log_softmax(&self) -> Result<Tensor> {
+        softmax_op(self, SoftmaxKind::LogSoftmax)
+    }
+}
+
+fn softmax_op(x: &Tensor, kind: SoftmaxKind) -> Result<Tensor> {
+    let op = kind.name();
+    check_operands(op, &[x])?;
+    let Some(&width) = x.dims().last() else {
+        return Err(Error::shape(
+            op,
+            format!(
+                "needs rank >= 1 (it works over the last dim), got shape {}",
+                x.shape()
+            ),
+        ));
+    };
+    let out = x.with_cpu(|s| -> Result<_> {
+        Ok(float_slice!(op, s, |v| CpuStorage::from(match kind {
+            SoftmaxKind::Softmax => cpu::softmax(v, width),
+            SoftmaxKind::LogSoftmax => cpu::log_softmax(v, width),
+        })))
+    })?;
+    Ok(Tensor::from_op(
+        Storage::Cpu(out),
+        x.shape().clone(),
+        &[x],
+        |output| SoftmaxBackward {
+            kind,
+            output: output.clone(),
+        },
+    ))
+}
+
+struct SoftmaxBackward {
+    kind: SoftmaxKind,
+    /// The op's own output y (detached).
+    output: Tensor,
+}
+
+impl Backward for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        self.kind.name()
+    }
+
+    // softmax:     dL/dx = y ⊙ (dL/dy − Σ dL/dy ⊙ y)
+    // log_softmax: dL/dx = dL/dy − exp(y) · Σ dL/dy       (exp(y) = softmax(x))
+    fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let op = self.kind.name();
+        let width = inputs[0].dims()[inputs[0].rank() - 1];
+        let dx = self.output.with_cpu(|ys| {
+            grad.with_cpu(|gs| -> Result<_> {
+                Ok(float_slice2!(op, ys, gs, |y, dy| CpuStorage::from(
+                    match self.kind {
+                        SoftmaxKind::Softmax => cpu::softmax_backward(y, dy, width),
+                        SoftmaxKind::LogSoftmax => cpu::log_softmax_backward(y, dy, width),
+                    }
+                )))
+            })
+        })?;
+        Ok(vec![Some(Tensor::from_cpu(dx, inputs[0].shape().clone()))])
+    }
+}

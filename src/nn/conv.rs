@@ -1,0 +1,135 @@
+//! `Conv2d` and `ConvTranspose2d` with PyTorch's weight layouts and default
+//! initialisation.
+
+use crate::error::{Error, Result};
+use crate::nn::init::{Init, weight_and_bias};
+use crate::nn::{Module, TensorRole, visit_tensor};
+use crate::ops::conv::{Conv2dParams, ConvTranspose2dParams};
+use crate::tensor::Tensor;
+
+/// 2-D convolution: weight `[out_c, in_c, kh, kw]`, bias `[out_c]`.
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub params: Conv2dParams,
+}
+
+impl Conv2d {
+    /// Weight and bias from U(−1/√fan_in, 1/√fan_in), fan_in = in_c · kh · kw.
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: [usize; 2],
+        params: Conv2dParams,
+        bias: bool,
+        init: &mut Init,
+    ) -> Result<Self> {
+        check_sizes("Conv2d", in_channels, out_channels, kernel)?;
+        let fan_in = in_channels * kernel[0] * kernel[1];
+        let (weight, bias) = weight_and_bias(
+            init,
+            [out_channels, in_channels, kernel[0], kernel[1]],
+            out_channels,
+            fan_in,
+            bias,
+        )?;
+        Ok(Conv2d {
+            weight,
+            bias,
+            params,
+        })
+    }
+}
+
+impl Module for Conv2d {
+    /// x [N, in_c, H, W] → [N, out_c, H', W'].
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.conv2d(&self.weight, self.bias.as_ref(), self.params)
+    }
+
+    fn visit(&self, prefix: &str, visitor: &mut dyn FnMut(&str, &Tensor, TensorRole)) {
+        visit_tensor(
+            prefix,
+            "weight",
+            &self.weight,
+            TensorRole::Parameter,
+            visitor,
+        );
+        if let Some(bias) = &self.bias {
+            visit_tensor(prefix, "bias", bias, TensorRole::Parameter, visitor);
+        }
+    }
+}
+
+/// 2-D transposed convolution (the DCGAN generator's upsampling):
+/// weight `[in_c, out_c, kh, kw]`, bias `[out_c]`.
+pub struct ConvTranspose2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub params: ConvTranspose2dParams,
+}
+
+impl ConvTranspose2d {
+    /// Weight and bias from U(−1/√fan_in, 1/√fan_in) where, as in PyTorch
+    /// (which reads the fan from weight.size(1)), fan_in = out_c · kh · kw.
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: [usize; 2],
+        params: ConvTranspose2dParams,
+        bias: bool,
+        init: &mut Init,
+    ) -> Result<Self> {
+        check_sizes("ConvTranspose2d", in_channels, out_channels, kernel)?;
+        let fan_in = out_channels * kernel[0] * kernel[1];
+        let (weight, bias) = weight_and_bias(
+            init,
+            [in_channels, out_channels, kernel[0], kernel[1]],
+            out_channels,
+            fan_in,
+            bias,
+        )?;
+        Ok(ConvTranspose2d {
+            weight,
+            bias,
+            params,
+        })
+    }
+}
+
+impl Module for ConvTranspose2d {
+    /// x [N, in_c, H, W] → [N, out_c, H', W'].
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.conv_transpose2d(&self.weight, self.bias.as_ref(), self.params)
+    }
+
+    fn visit(&self, prefix: &str, visitor: &mut dyn FnMut(&str, &Tensor, TensorRole)) {
+        visit_tensor(
+            prefix,
+            "weight",
+            &self.weight,
+            TensorRole::Parameter,
+            visitor,
+        );
+        if let Some(bias) = &self.bias {
+            visit_tensor(prefix, "bias", bias, TensorRole::Parameter, visitor);
+        }
+    }
+}
+
+fn check_sizes(
+    module: &'static str,
+    in_channels: usize,
+    out_channels: usize,
+    kernel: [usize; 2],
+) -> Result<()> {
+    if in_channels == 0 || out_channels == 0 || kernel.contains(&0) {
+        return Err(Error::invalid(
+            module,
+            format!(
+                "channels and kernel sizes must be positive, got in {in_channels}, out {out_channels}, kernel {kernel:?}"
+            ),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,574 @@
+//! Modules (state-dict names, default initialisation, train/eval behaviour),
+//! optimizers on a small training problem, and gradient clipping.
+
+use std::collections::HashMap;
+
+use kiln::nn::{
+    BatchNorm2d, CausalSelfAttention, Conv2d, ConvTranspose2d, Dropout, Embedding, Flatten, Init,
+    LayerNorm, Linear, Module, Relu, Sequential, Tanh, TensorRole,
+};
+use kiln::ops::conv::{Conv2dParams, ConvTranspose2dParams};
+use kiln::optim::{Adam, AdamConfig, Optimizer, Sgd, SgdConfig, clip_grad_norm};
+use kiln::{DType, Device, GradStore, Reduction, Rng, Tensor};
+
+fn names(pairs: &[(String, Tensor)]) -> Vec<&str> {
+    pairs.iter().map(|(n, _)| n.as_str()).collect()
+}
+
+fn shapes(pairs: &[(String, Tensor)]) -> Vec<Vec<usize>> {
+    pairs.iter().map(|(_, t)| t.dims().to_vec()).collect()
+}
+
+fn max_abs(t: &Tensor) -> f64 {
+    t.to_f64_vec().iter().fold(0.0, |m, v| m.max(v.abs()))
+}
+
+fn close(a: f64, b: f64, tol: f64) -> bool {
+    (a - b).abs() <= tol
+}
+
+// ----- state-dict names ------------------------------------------------------
+
+#[test]
+fn sequential_names_children_by_position_like_pytorch() {
+    let mut rng = Rng::seed(0);
+    let mut init = Init::new(&mut rng, Device::Cpu, DType::F32);
+    let inner = Sequential::new()
+        .with(Linear::new(8, 8, false, &mut init).unwrap())
+        .with(Tanh);
+    let model = Sequential::new()
+        .with(Conv2d::new(1, 2, [3, 3], Conv2dParams::default(), true, &mut init).unwrap())
+        .with(BatchNorm2d::new(2, &mut init).unwrap())
+        .with(Relu)
+        .with(Flatten)
+        .with(Linear::new(4, 8, true, &mut init).unwrap())
+        .with(inner);
+    let state = model.state_dict();
+    assert_eq!(
+        names(&state),
+        [
+            "0.weight",
+            "0.bias",
+            "1.weight",
+            "1.bias",
+            "1.running_mean",
+            "1.running_var",
+            "1.num_batches_tracked",
+            "4.weight",
+            "4.bias",
+            "5.0.weight",
+        ]
+    );
+    assert_eq!(
+        names(&model.named_parameters()),
+        [
+            "0.weight",
+            "0.bias",
+            "1.weight",
+            "1.bias",
+            "4.weight",
+            "4.bias",
+            "5.0.weight"
+        ]
+    );
+    assert_eq!(
+        names(&model.named_buffers()),
+        ["1.running_mean", "1.running_var", "1.num_batches_tracked"]
+    );
+    assert_eq!(
+        model.num_parameters(),
+        2 * 9 + 2 + 2 + 2 + 8 * 4 + 8 + 8 * 8
+    );
+    assert!(model.parameters().iter().all(|p| p.requires_grad()));
+    assert!(
+        model
+            .named_buffers()
+            .iter()
+            .all(|(_, b)| !b.requires_grad())
+    );
+    let counter = &state[6].1;
+    assert_eq!((counter.dtype(), counter.rank()), (DType::U32, 0));
+}
+
+#[test]
+fn causal_self_attention_uses_gpt2_names_and_shapes() {
+    let mut rng = Rng::seed(0);
+    let mut init = Init::new(&mut rng, Device::Cpu, DType::F32);
+    let attention = CausalSelfAttention::new(12, 3, 0.0, 1, &mut init).unwrap();
+    let state = attention.state_dict();
+    assert_eq!(
+        names(&state),
+        [
+            "c_attn.weight",
+            "c_attn.bias",
+            "c_proj.weight",
+            "c_proj.bias"
+        ]
+    );
+    assert_eq!(
+        shapes(&state),
+        [vec![36, 12], vec![36], vec![12, 12], vec![12]]
+    );
+    let err = CausalSelfAttention::new(10, 3, 0.0, 1, &mut init)
+        .err()
+        .expect("10 is not divisible by 3");
+    assert!(err.to_string().contains("not divisible"), "{err}");
+}
+
+#[test]
+fn causal_self_attention_output_ignores_later_positions() {
+    let mut rng = Rng::seed(3);
+    let mut init = Init::new(&mut rng, Device::Cpu, DType::F64);
+    let attention = CausalSelfAttention::new(8, 2, 0.0, 1, &mut init).unwrap();
+    let (b, t, e) = (2, 5, 8);
+    let x = Tensor::randn([b, t, e], DType::F64, Device::Cpu, &mut rng).unwrap();
+    let y = attention.forward(&x).unwrap();
+    assert_eq!(y.dims(), [b, t, e]);
+    // Change only the last position: the first t−1 outputs must not move.
+    let mut changed = x.to_vec::<f64>().unwrap();
+    for batch in 0..b {
+        for c in 0..e {
+            changed[(batch * t + t - 1) * e + c] += 1.0;
+        }
+    }
+    let y2 = attention
+        .forward(&Tensor::from_vec(changed, [b, t, e]).unwrap())
+        .unwrap();
+    let (before, after) = (y.to_vec::<f64>().unwrap(), y2.to_vec::<f64>().unwrap());
+    for batch in 0..b {
+        for pos in 0..t {
+            let row = (batch * t + pos) * e;
+            let moved = (0..e).any(|c| before[row + c] != after[row + c]);
+            assert_eq!(moved, pos == t - 1, "batch {batch}, position {pos}");
+        }
+    }
+}
+
+// ----- initialisation ---------------------------------------------------------
+
+/// Every value lies in [−bound, bound] and the extremes come close to it (so
+/// a narrower or wider distribution would fail), with mean near 0.
+fn assert_uniform_with_bound(what: &str, t: &Tensor, bound: f64) {
+    let values = t.to_f64_vec();
+    let largest = max_abs(t);
+    assert!(largest <= bound, "{what}: {largest} exceeds bound {bound}");
+    assert!(
+        largest >= 0.95 * bound,
+        "{what}: {largest} far below bound {bound}"
+    );
+    let mean = values.iter().sum::<f64>() / values.len() as f64;
+    assert!(mean.abs() < 0.1 * bound, "{what}: mean {mean}");
+}
+
+#[test]
+fn default_initialisation_matches_pytorch_bounds() {
+    let mut rng = Rng::seed(11);
+    let mut init = Init::new(&mut rng, Device::Cpu, DType::F32);
+
+    let linear = Linear::new(200, 30, true, &mut init).unwrap();
+    let bound = 1.0 / 200f64.sqrt();
+    assert_uniform_with_bound("Linear.weight", &linear.weight, bound);
+    assert_eq!(linear.weight.dims(), [30, 200]);
+    let bias = linear.bias.as_ref().unwrap();
+    assert!(max_abs(bias) <= bound && max_abs(bias) > 0.5 * bound);
+
+    let conv = Conv2d::new(3, 64, [3, 3], Conv2dParams::default(), true, &mut init).unwrap();
+    assert_uniform_with_bound("Conv2d.weight", &conv.weight, 1.0 / 27f64.sqrt());
+
+    // PyTorch takes the transposed conv's fan from weight.size(1) = out channels.
+    let deconv = ConvTranspose2d::new(
+        64,
+        3,
+        [4, 4],
+        ConvTranspose2dParams::default(),
+        true,
+        &mut init,
+    )
+    .unwrap();
+    assert_eq!(deconv.weight.dims(), [64, 3, 4, 4]);
+    assert_uniform_with_bound("ConvTranspose2d.weight", &deconv.weight, 1.0 / 48f64.sqrt());
+
+    let embedding = Embedding::new(100, 40, &mut init).unwrap();
+    let values = embedding.weight.to_f64_vec();
+    let mean = values.iter().sum::<f64>() / values.len() as f64;
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / values.len() as f64;
+    assert!(
+        mean.abs() < 0.06 && (var - 1.0).abs() < 0.08,
+        "N(0,1)? mean {mean}, var {var}"
+    );
+
+    let bn = BatchNorm2d::new(5, &mut init).unwrap();
+    assert_eq!(bn.weight.to_f64_vec(), [1.0; 5]);
+    assert_eq!(bn.bias.to_f64_vec(), [0.0; 5]);
+    assert_eq!(bn.running_mean.to_f64_vec(), [0.0; 5]);
+    assert_eq!(bn.running_var.to_f64_vec(), [1.0; 5]);
+    let ln = LayerNorm::new(6, &mut init).unwrap();
+    assert_eq!(ln.weight.to_f64_vec(), [1.0; 6]);
+    assert_eq!(ln.bias.to_f64_vec(), [0.0; 6]);
+}
+
+#[test]
+fn same_seed_builds_the_same_model() {
+    let build = || {
+        let mut rng = Rng::seed(5);
+        let mut init = Init::new(&mut rng, Device::Cpu, DType::F32);
+        Linear::new(7, 3, true, &mut init)
+            .unwrap()
+            .weight
+            .to_f64_vec()
+    };
+    assert_eq!(build(), build());
+}
+
+#[test]
+fn linear_accepts_any_leading_dims_and_rejects_wrong_width() {
+    let mut rng = Rng::seed(2);
+    let mut init = Init::new(&mut rng, Device::Cpu, DType::F64);
+    let linear = Linear::new(3, 2, true, &mut init).unwrap();
+    let x = Tensor::randn([2, 4, 3], DType::F64, Device::Cpu, &mut rng).unwrap();
+    let y = linear.forward(&x).unwrap();
+    assert_eq!(y.dims(), [2, 4, 2]);
+    let (w, b) = (
+        linear.weight.to_f64_vec(),
+        linear.bias.as_ref().unwrap().to_f64_vec(),
+    );
+    let (xv, yv) = (x.to_f64_vec(), y.to_f64_vec());
+    for row in 0..8 {
+        for o in 0..2 {
+            let want: f64 = b[o] + (0..3).map(|i| xv[row * 3 + i] * w[o * 3 + i]).sum::<f64>();
+            assert!(close(yv[row * 2 + o], want, 1e-12));
+        }
+    }
+    let vector = linear.forward(&x.narrow(0, 0, 1).unwrap().reshape([4, 3]).unwrap());
+    assert_eq!(vector.unwrap().dims(), [4, 2]);
+    let single = linear.forward(&Tensor::from_vec(vec![1.0f64, 2.0, 3.0], [3]).unwrap());
+    assert_eq!(single.unwrap().dims(), [2]);
+    let err = linear.forward(&Tensor::zeros([4, 5], DType::F64, Device::Cpu).unwrap());
+    assert!(err.unwrap_err().to_string().contains("in_features = 3"));
+}
+
+// ----- train / eval -----------------------------------------------------------
+
+#[test]
+fn batch_norm_uses_batch_statistics_in_training_and_running_ones_in_eval() {
+    let mut rng = Rng::seed(4);
+    let mut init = Init::new(&mut rng, Device::Cpu, DType::F64);
+    let bn = BatchNorm2d::new(2, &mut init).unwrap();
+    let (n, c, hw) = (4, 2, 9);
+    let x = Tensor::randn([n, c, 3, 3], DType::F64, Device::Cpu, &mut rng)
+        .unwrap()
+        .mul_scalar(2.0)
+        .unwrap()
+        .add_scalar(3.0)
+        .unwrap();
+    let xv = x.to_f64_vec();
+    let channel_values = |v: &[f64], ch: usize| -> Vec<f64> {
+        (0..n)
+            .flat_map(|i| v[(i * c + ch) * hw..(i * c + ch + 1) * hw].to_vec())
+            .collect()
+    };
+
+    // Training: each channel of the output is normalised by its batch statistics.
+    let y = bn.forward(&x).unwrap().to_f64_vec();
+    for ch in 0..c {
+        let out = channel_values(&y, ch);
+        let mean = out.iter().sum::<f64>() / out.len() as f64;
+        let var = out.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / out.len() as f64;
+        assert!(
+            close(mean, 0.0, 1e-10) && close(var, 1.0, 1e-4),
+            "channel {ch}"
+        );
+        // running = 0.9·initial + 0.1·batch statistic (unbiased variance).
+        let input = channel_values(&xv, ch);
+        let m = input.len() as f64;
+        let batch_mean = input.iter().sum::<f64>() / m;
+        let unbiased = input.iter().map(|v| (v - batch_mean).powi(2)).sum::<f64>() / (m - 1.0);
+        assert!(close(
+            bn.running_mean.to_f64_vec()[ch],
+            0.1 * batch_mean,
+            1e-12
+        ));
+        assert!(close(
+            bn.running_var.to_f64_vec()[ch],
+            0.9 + 0.1 * unbiased,
+            1e-12
+        ));
+    }
+    assert_eq!(bn.num_batches_tracked.item().unwrap(), 1.0);
+
+    // Eval: (x − running_mean)/√(running_var + eps), statistics frozen.
+    bn.eval();
+    let (rm, rv) = (bn.running_mean.to_f64_vec(), bn.running_var.to_f64_vec());
+    let y = bn.forward(&x).unwrap().to_f64_vec();
+    for (i, (&out, &input)) in y.iter().zip(&xv).enumerate() {
+        let ch = (i / hw) % c;
+        assert!(close(out, (input - rm[ch]) / (rv[ch] + 1e-5).sqrt(), 1e-12));
+    }
+    assert_eq!(bn.running_mean.to_f64_vec(), rm);
+    assert_eq!(bn.running_var.to_f64_vec(), rv);
+    assert_eq!(bn.num_batches_tracked.item().unwrap(), 1.0);
+}
+
+#[test]
+fn dropout_masks_in_training_differ_per_call_reproducibly_and_vanish_in_eval() {
+    let p = 0.25;
+    let x = Tensor::ones([4000], DType::F32, Device::Cpu).unwrap();
+    let masks = |dropout: &Dropout| -> (Vec<f64>, Vec<f64>) {
+        let first = dropout.forward(&x).unwrap().to_f64_vec();
+        let second = dropout.forward(&x).unwrap().to_f64_vec();
+        (first, second)
+    };
+    let dropout = Dropout::new(p, 42).unwrap();
+    let (first, second) = masks(&dropout);
+    let scale = 1.0 / (1.0 - p);
+    for v in first.iter().chain(&second) {
+        assert!(*v == 0.0 || close(*v, scale, 1e-6), "value {v}");
+    }
+    let dropped = first.iter().filter(|v| **v == 0.0).count() as f64 / first.len() as f64;
+    assert!(close(dropped, p, 0.04), "dropped fraction {dropped}");
+    assert_ne!(first, second, "two training calls drew the same mask");
+    assert_eq!(
+        masks(&Dropout::new(p, 42).unwrap()),
+        (first.clone(), second)
+    );
+    assert_ne!(masks(&Dropout::new(p, 43).unwrap()).0, first);
+
+    // Eval through a container: the identity.
+    let model = Sequential::new().with(dropout).with(Tanh);
+    model.eval();
+    let y = model.forward(&x).unwrap().to_f64_vec();
+    assert!(y.iter().all(|v| close(*v, 1f64.tanh(), 1e-6)));
+    model.train();
+    assert!(model.forward(&x).unwrap().to_f64_vec().contains(&0.0));
+    assert!(Dropout::new(1.0, 0).is_err() && Dropout::new(-0.1, 0).is_err());
+}
+
+// ----- training -----------------------------------------------------------------
+
+#[test]
+fn mlp_fits_sine_with_adam_below_1e_3_mse() {
+    let mut rng = Rng::seed(0);
+    let mut init = Init::new(&mut rng, Device::Cpu, DType::F32);
+    let model = Sequential::new()
+        .with(Linear::new(1, 32, true, &mut init).unwrap())
+        .with(Tanh)
+        .with(Linear::new(32, 1, true, &mut init).unwrap());
+    let points = 64;
+    let xs: Vec<f32> = (0..points)
+        .map(|i| -1.0 + 2.0 * i as f32 / (points - 1) as f32)
+        .collect();
+    let ys: Vec<f32> = xs.iter().map(|x| (3.0 * x).sin()).collect();
+    let x = Tensor::from_vec(xs, [points, 1]).unwrap();
+    let y = Tensor::from_vec(ys, [points, 1]).unwrap();
+    let config = AdamConfig {
+        lr: 0.05,
+        ..AdamConfig::adam()
+    };
+    let mut optimizer = Adam::new(model.named_parameters(), config).unwrap();
+    let mut mse = f64::INFINITY;
+    let mut steps = 0;
+    while steps < 500 && mse >= 1e-3 {
+        let loss = model
+            .forward(&x)
+            .unwrap()
+            .mse_loss(&y, Reduction::Mean)
+            .unwrap();
+        mse = loss.item().unwrap();
+        if steps % 25 == 0 {
+            println!("step {steps:4}  mse {mse:.6}");
+        }
+        let grads = loss.backward().unwrap();
+        optimizer.step(&grads).unwrap();
+        steps += 1;
+    }
+    println!("step {steps:4}  mse {mse:.6} (done)");
+    assert!(mse < 1e-3, "MSE {mse} after {steps} steps");
+}
+
+// ----- optimizer behaviour ------------------------------------------------------
+
+#[test]
+fn optimizer_skips_parameters_without_gradient_and_leaves_their_state_alone() {
+    let a = Tensor::from_vec(vec![1.0f32, 2.0], [2])
+        .unwrap()
+        .requires_grad_();
+    let b = Tensor::from_vec(vec![3.0f32], [1])
+        .unwrap()
+        .requires_grad_();
+    let mut adam = Adam::new(
+        vec![("a".into(), a.clone()), ("b".into(), b.clone())],
+        AdamConfig::adam(),
+    )
+    .unwrap();
+    let mut grads = GradStore::default();
+    grads.insert(&a, Tensor::from_vec(vec![0.5f32, -0.5], [2]).unwrap());
+    adam.step(&grads).unwrap();
+    adam.step(&grads).unwrap();
+    assert_eq!(b.to_f64_vec(), [3.0]);
+    let state: HashMap<String, Tensor> = adam.state_dict().into_iter().collect();
+    let mut keys: Vec<&str> = state.keys().map(|k| k.as_str()).collect();
+    keys.sort();
+    assert_eq!(keys, ["a.exp_avg", "a.exp_avg_sq", "a.step"]);
+    assert_eq!(state["a.step"].item().unwrap(), 2.0);
+    // Adam's first step moves every coordinate by lr against the gradient sign.
+    let moved = a.to_f64_vec();
+    assert!(moved[0] < 1.0 && moved[1] > 2.0);
+}
+
+#[test]
+fn sgd_nesterov_matches_hand_computed_steps() {
+    let p = Tensor::from_vec(vec![1.0f64], [1])
+        .unwrap()
+        .requires_grad_();
+    let config = SgdConfig {
+        momentum: 0.9,
+        nesterov: true,
+        ..SgdConfig::new(0.1)
+    };
+    let mut sgd = Sgd::new(vec![("p".into(), p.clone())], config).unwrap();
+    let mut grads = GradStore::default();
+    grads.insert(&p, Tensor::from_vec(vec![0.5f64], [1]).unwrap());
+    // buf = 0.5, d = 0.5 + 0.9·0.5 = 0.95, p = 1 − 0.095
+    sgd.step(&grads).unwrap();
+    assert!(close(p.item().unwrap(), 0.905, 1e-15));
+    // buf = 0.9·0.5 + 0.5 = 0.95, d = 0.5 + 0.9·0.95 = 1.355, p = 0.905 − 0.1355
+    sgd.step(&grads).unwrap();
+    assert!(close(p.item().unwrap(), 0.7695, 1e-15));
+    let nesterov_without_momentum = SgdConfig {
+        nesterov: true,
+        ..SgdConfig::new(0.1)
+    };
+    assert!(Sgd::new(vec![("p".into(), p)], nesterov_without_momentum).is_err());
+}
+
+#[test]
+fn optimizer_rejects_a_gradient_of_the_wrong_shape_naming_the_parameter() {
+    let w = Tensor::zeros([2, 3], DType::F32, Device::Cpu)
+        .unwrap()
+        .requires_grad_();
+    let mut sgd = Sgd::new(
+        vec![("layer.weight".into(), w.clone())],
+        SgdConfig::new(0.1),
+    )
+    .unwrap();
+    let mut grads = GradStore::default();
+    grads.insert(&w, Tensor::zeros([3, 2], DType::F32, Device::Cpu).unwrap());
+    let err = sgd.step(&grads).unwrap_err().to_string();
+    assert!(
+        err.contains("layer.weight") && err.contains("[3, 2]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn learning_rate_can_be_changed_between_steps() {
+    let p = Tensor::from_vec(vec![0.0f64], [1])
+        .unwrap()
+        .requires_grad_();
+    let mut sgd = Sgd::new(vec![("p".into(), p.clone())], SgdConfig::new(1.0)).unwrap();
+    let mut grads = GradStore::default();
+    grads.insert(&p, Tensor::from_vec(vec![1.0f64], [1]).unwrap());
+    sgd.set_learning_rate(0.25);
+    assert_eq!(sgd.learning_rate(), 0.25);
+    sgd.step(&grads).unwrap();
+    assert_eq!(p.item().unwrap(), -0.25);
+}
+
+// ----- gradient clipping --------------------------------------------------------
+
+#[test]
+fn clip_grad_norm_scales_all_gradients_to_max_norm_and_returns_the_old_norm() {
+    let a = Tensor::zeros([2], DType::F64, Device::Cpu)
+        .unwrap()
+        .requires_grad_();
+    let b = Tensor::zeros([1], DType::F64, Device::Cpu)
+        .unwrap()
+        .requires_grad_();
+    let other = Tensor::zeros([1], DType::F64, Device::Cpu)
+        .unwrap()
+        .requires_grad_();
+    let mut grads = GradStore::default();
+    grads.insert(&a, Tensor::from_vec(vec![3.0f64, 4.0], [2]).unwrap());
+    grads.insert(&b, Tensor::from_vec(vec![12.0f64], [1]).unwrap());
+    grads.insert(&other, Tensor::from_vec(vec![100.0f64], [1]).unwrap());
+
+    // Joint norm √(9 + 16 + 144) = 13; `other` is not among the clipped params.
+    let norm = clip_grad_norm(&mut grads, &[a.clone(), b.clone()], 6.5).unwrap();
+    assert_eq!(norm, 13.0);
+    let coef = 6.5 / (13.0 + 1e-6);
+    let ga = grads.get(&a).unwrap().to_f64_vec();
+    let gb = grads.get(&b).unwrap().to_f64_vec();
+    assert!(close(ga[0], 3.0 * coef, 1e-12) && close(ga[1], 4.0 * coef, 1e-12));
+    assert!(close(gb[0], 12.0 * coef, 1e-12));
+    assert_eq!(grads.get(&other).unwrap().to_f64_vec(), [100.0]);
+    let clipped = (ga[0] * ga[0] + ga[1] * ga[1] + gb[0] * gb[0]).sqrt();
+    assert!(close(clipped, 6.5, 1e-6));
+
+    // Under the limit: nothing changes.
+    let norm = clip_grad_norm(&mut grads, &[a.clone(), b.clone()], 100.0).unwrap();
+    assert!(close(norm, 6.5, 1e-6));
+    assert_eq!(grads.get(&a).unwrap().to_f64_vec(), ga);
+    assert!(clip_grad_norm(&mut grads, &[a], -1.0).is_err());
+}
+
+#[test]
+fn updates_reach_every_element_of_a_parameter_larger_than_one_parallel_chunk() {
+    let n = 50_001;
+    let p = Tensor::zeros([n], DType::F32, Device::Cpu)
+        .unwrap()
+        .requires_grad_();
+    let grad: Vec<f32> = (0..n).map(|i| (i % 7) as f32 - 3.0).collect();
+    let mut grads = GradStore::default();
+    grads.insert(&p, Tensor::from_vec(grad.clone(), [n]).unwrap());
+    let mut adam = Adam::new(vec![("p".into(), p.clone())], AdamConfig::adam()).unwrap();
+    adam.step(&grads).unwrap();
+    // First Adam step: p = −lr · g / (|g| + eps), i.e. −lr · sign(g).
+    for (i, (v, g)) in p.to_vec::<f32>().unwrap().iter().zip(&grad).enumerate() {
+        let want = if *g == 0.0 { 0.0 } else { -1e-3 * g.signum() };
+        assert!(close(*v as f64, want as f64, 1e-8), "element {i}: {v}");
+    }
+}
+
+/// A module that registers one tensor under two names (weight tying).
+struct Tied {
+    shared: Tensor,
+}
+
+impl Module for Tied {
+    fn forward(&self, x: &Tensor) -> kiln::Result<Tensor> {
+        x.mul(&self.shared)
+    }
+
+    fn visit(&self, prefix: &str, visitor: &mut dyn FnMut(&str, &Tensor, TensorRole)) {
+        visitor(
+            &kiln::nn::child_prefix(prefix, "encoder"),
+            &self.shared,
+            TensorRole::Parameter,
+        );
+        visitor(
+            &kiln::nn::child_prefix(prefix, "decoder"),
+            &self.shared,
+            TensorRole::Parameter,
+        );
+    }
+}
+
+#[test]
+fn tied_weights_are_one_parameter_but_both_names_are_saved() {
+    let tied = Tied {
+        shared: Tensor::ones([3], DType::F32, Device::Cpu)
+            .unwrap()
+            .requires_grad_(),
+    };
+    assert_eq!(names(&tied.named_parameters()), ["encoder"]);
+    assert_eq!(names(&tied.state_dict()), ["encoder", "decoder"]);
+    assert_eq!(tied.num_parameters(), 3);
+    let twice = vec![
+        ("encoder".to_string(), tied.shared.clone()),
+        ("decoder".to_string(), tied.shared.clone()),
+    ];
+    let err = Sgd::new(twice, SgdConfig::new(0.1))
+        .err()
+        .expect("listed twice");
+    assert!(err.to_string().contains("decoder"), "{err}");
+}
