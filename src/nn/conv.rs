@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::nn::init::{Init, weight_and_bias};
-use crate::nn::{Module, TensorRole, visit_tensor};
+use crate::nn::{Module, TensorRole, visit_weight_and_bias};
 use crate::ops::conv::{Conv2dParams, ConvTranspose2dParams};
 use crate::tensor::Tensor;
 
@@ -48,16 +48,7 @@ impl Module for Conv2d {
     }
 
     fn visit(&self, prefix: &str, visitor: &mut dyn FnMut(&str, &Tensor, TensorRole)) {
-        visit_tensor(
-            prefix,
-            "weight",
-            &self.weight,
-            TensorRole::Parameter,
-            visitor,
-        );
-        if let Some(bias) = &self.bias {
-            visit_tensor(prefix, "bias", bias, TensorRole::Parameter, visitor);
-        }
+        visit_weight_and_bias(prefix, &self.weight, self.bias.as_ref(), visitor);
     }
 }
 
@@ -104,16 +95,7 @@ impl Module for ConvTranspose2d {
     }
 
     fn visit(&self, prefix: &str, visitor: &mut dyn FnMut(&str, &Tensor, TensorRole)) {
-        visit_tensor(
-            prefix,
-            "weight",
-            &self.weight,
-            TensorRole::Parameter,
-            visitor,
-        );
-        if let Some(bias) = &self.bias {
-            visit_tensor(prefix, "bias", bias, TensorRole::Parameter, visitor);
-        }
+        visit_weight_and_bias(prefix, &self.weight, self.bias.as_ref(), visitor);
     }
 }
 

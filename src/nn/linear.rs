@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::nn::init::{Init, weight_and_bias};
-use crate::nn::{Module, TensorRole, visit_tensor};
+use crate::nn::{Module, TensorRole, visit_weight_and_bias};
 use crate::tensor::Tensor;
 
 /// A fully connected layer: weight `[out, in]`, bias `[out]`.
@@ -71,15 +71,6 @@ impl Module for Linear {
     }
 
     fn visit(&self, prefix: &str, visitor: &mut dyn FnMut(&str, &Tensor, TensorRole)) {
-        visit_tensor(
-            prefix,
-            "weight",
-            &self.weight,
-            TensorRole::Parameter,
-            visitor,
-        );
-        if let Some(bias) = &self.bias {
-            visit_tensor(prefix, "bias", bias, TensorRole::Parameter, visitor);
-        }
+        visit_weight_and_bias(prefix, &self.weight, self.bias.as_ref(), visitor);
     }
 }

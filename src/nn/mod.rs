@@ -218,3 +218,16 @@ pub(crate) fn visit_tensor(
 ) {
     visitor(&child_prefix(prefix, name), tensor, role);
 }
+
+/// Visits the usual `weight` and optional `bias` parameters of a layer.
+pub(crate) fn visit_weight_and_bias(
+    prefix: &str,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    visitor: &mut dyn FnMut(&str, &Tensor, TensorRole),
+) {
+    visit_tensor(prefix, "weight", weight, TensorRole::Parameter, visitor);
+    if let Some(bias) = bias {
+        visit_tensor(prefix, "bias", bias, TensorRole::Parameter, visitor);
+    }
+}
