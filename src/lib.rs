@@ -56,6 +56,7 @@
 
 pub mod autograd;
 pub mod checkpoint;
+pub mod cuda;
 pub mod error;
 pub mod gradcheck;
 pub mod kernels;

@@ -278,11 +278,17 @@ fn run_sgd(
     let mut param_guard = param.storage_mut();
     let grad_guard = grad.storage();
     let mut buffer_guard = momentum_buffer.map(|(b, first)| (b.storage_mut(), first));
-    let Storage::Cpu(p) = &mut *param_guard;
-    let Storage::Cpu(g) = &*grad_guard;
+    let Storage::Cpu(p) = &mut *param_guard else {
+        return Err(no_cuda_update());
+    };
+    let Storage::Cpu(g) = &*grad_guard else {
+        return Err(no_cuda_update());
+    };
     let buffer = match &mut buffer_guard {
         Some((guard, first)) => {
-            let Storage::Cpu(b) = &mut **guard;
+            let Storage::Cpu(b) = &mut **guard else {
+                return Err(no_cuda_update());
+            };
             Some((b, *first))
         }
         None => None,
@@ -327,10 +333,18 @@ fn run_adam(
     let grad_guard = grad.storage();
     let mut exp_avg_guard = exp_avg.storage_mut();
     let mut exp_avg_sq_guard = exp_avg_sq.storage_mut();
-    let Storage::Cpu(p) = &mut *param_guard;
-    let Storage::Cpu(g) = &*grad_guard;
-    let Storage::Cpu(m) = &mut *exp_avg_guard;
-    let Storage::Cpu(v) = &mut *exp_avg_sq_guard;
+    let Storage::Cpu(p) = &mut *param_guard else {
+        return Err(no_cuda_update());
+    };
+    let Storage::Cpu(g) = &*grad_guard else {
+        return Err(no_cuda_update());
+    };
+    let Storage::Cpu(m) = &mut *exp_avg_guard else {
+        return Err(no_cuda_update());
+    };
+    let Storage::Cpu(v) = &mut *exp_avg_sq_guard else {
+        return Err(no_cuda_update());
+    };
     match p.dtype() {
         DType::F32 => typed_update::<f32>(name, p, g, m, v, s),
         DType::F64 => typed_update::<f64>(name, p, g, m, v, s),
@@ -894,4 +908,12 @@ pub fn clip_grad_norm(grads: &mut GradStore, params: &[Tensor], max_norm: f64) -
         }
     }
     Ok(norm)
+}
+
+/// Optimizer updates on CUDA tensors arrive with the fused kernels of kernels/optim.cu.
+fn no_cuda_update() -> Error {
+    Error::Cuda {
+        op: "optimizer step",
+        msg: "parameters on a CUDA device are not supported by this optimizer yet; keep them on the CPU".into(),
+    }
 }

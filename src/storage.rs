@@ -6,13 +6,46 @@ use std::fmt::Debug;
 use std::iter::Sum;
 use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
 
-use crate::tensor::DType;
+use crate::cuda::CudaStorage;
+use crate::tensor::{DType, Device};
 
-/// The numbers of a tensor, on some device. CUDA storage joins this enum with
-/// the CUDA backend.
-#[derive(Clone, Debug)]
+/// The numbers of a tensor, on some device.
+#[derive(Debug)]
 pub enum Storage {
     Cpu(CpuStorage),
+    Cuda(CudaStorage),
+}
+
+impl Storage {
+    pub fn dtype(&self) -> DType {
+        match self {
+            Storage::Cpu(s) => s.dtype(),
+            Storage::Cuda(s) => s.dtype(),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match self {
+            Storage::Cpu(_) => Device::Cpu,
+            Storage::Cuda(s) => Device::Cuda(s.device().ordinal()),
+        }
+    }
+
+    /// A copy on the same device.
+    pub fn try_clone(&self) -> crate::Result<Storage> {
+        Ok(match self {
+            Storage::Cpu(s) => Storage::Cpu(s.clone()),
+            Storage::Cuda(s) => Storage::Cuda(s.try_clone()?),
+        })
+    }
+
+    /// The values on the host (a copy from the device for CUDA storage).
+    pub fn to_cpu(&self) -> crate::Result<CpuStorage> {
+        match self {
+            Storage::Cpu(s) => Ok(s.clone()),
+            Storage::Cuda(s) => s.to_cpu(),
+        }
+    }
 }
 
 /// Host memory, one variant per dtype the CPU path computes in.

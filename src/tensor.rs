@@ -61,6 +61,15 @@ pub enum Device {
     Cuda(usize),
 }
 
+impl Device {
+    /// The CUDA device `ordinal`, checked: an error (not a panic) that says
+    /// so when there is no CUDA driver or no such device.
+    pub fn cuda(ordinal: usize) -> Result<Device> {
+        crate::cuda::device(ordinal)?;
+        Ok(Device::Cuda(ordinal))
+    }
+}
+
 impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -245,15 +254,13 @@ impl Tensor {
     /// kernels, optimizer updates). The shape is the kernel's own invariant.
     pub(crate) fn from_cpu(storage: CpuStorage, shape: Shape) -> Self {
         debug_assert_eq!(storage.len(), shape.numel());
-        let dtype = storage.dtype();
-        Self::from_storage(
-            Storage::Cpu(storage),
-            shape,
-            dtype,
-            Device::Cpu,
-            false,
-            None,
-        )
+        Self::from_result(Storage::Cpu(storage), shape)
+    }
+
+    /// Like `from_cpu`, for storage on any device.
+    pub(crate) fn from_result(storage: Storage, shape: Shape) -> Self {
+        let (dtype, device) = (storage.dtype(), storage.device());
+        Self::from_storage(storage, shape, dtype, device, false, None)
     }
 
     fn from_storage(
@@ -296,8 +303,9 @@ impl Tensor {
         inputs: &[&Tensor],
         make_backward: impl FnOnce(&Tensor) -> B,
     ) -> Self {
-        let (dtype, device) = match &*storage.read().unwrap_or_else(|e| e.into_inner()) {
-            Storage::Cpu(s) => (s.dtype(), Device::Cpu),
+        let (dtype, device) = {
+            let s = storage.read().unwrap_or_else(|e| e.into_inner());
+            (s.dtype(), s.device())
         };
         let out = Tensor(Arc::new(TensorInner {
             id: TensorId::next(),
@@ -489,11 +497,21 @@ impl Tensor {
         self.0.storage.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `f` on the CPU storage (all ops' CPU dispatch goes through here).
+    /// Runs `f` on the CPU storage: the CPU branch of every op goes through
+    /// here, after the op has dispatched on the device.
     pub(crate) fn with_cpu<R>(&self, f: impl FnOnce(&CpuStorage) -> R) -> R {
         match &*self.storage() {
             Storage::Cpu(s) => f(s),
+            Storage::Cuda(_) => panic!(
+                "internal error: a CPU kernel was called on a CUDA tensor of shape {}",
+                self.shape()
+            ),
         }
+    }
+
+    /// The values on the host (a copy from the device for CUDA tensors).
+    pub(crate) fn host_storage(&self) -> Result<CpuStorage> {
+        self.storage().to_cpu()
     }
 
     // ----- autodiff handles --------------------------------------------
@@ -540,24 +558,34 @@ impl Tensor {
         if Arc::ptr_eq(&self.0.storage, &src.0.storage) {
             return Ok(());
         }
-        let new_values = src.storage().clone();
+        let new_values = src.storage().try_clone()?;
         *self.storage_mut() = new_values;
         Ok(())
     }
 
     // ----- conversion ---------------------------------------------------
 
-    /// A copy on `device` (a cheap clone if already there).
+    /// A copy on `device` (a cheap clone if already there). Differentiable:
+    /// the gradient travels back to the source device.
     pub fn to_device(&self, device: Device) -> Result<Self> {
         if device == self.device() {
             return Ok(self.clone());
         }
-        Err(Error::Cuda {
-            op: "to_device",
-            msg: format!(
-                "cannot move a tensor to {device}: this build of kiln has no CUDA backend"
-            ),
-        })
+        let storage = match device {
+            Device::Cpu => Storage::Cpu(self.host_storage()?),
+            Device::Cuda(ordinal) => {
+                let cuda = crate::cuda::device(ordinal)?;
+                let host = self.host_storage()?;
+                Storage::Cuda(crate::cuda::CudaStorage::from_cpu(&cuda, &host)?)
+            }
+        };
+        let source = self.device();
+        Ok(Tensor::from_op(
+            storage,
+            self.shape().clone(),
+            &[self],
+            |_| ToDeviceBackward { source },
+        ))
     }
 
     /// A copy converted to `dtype` (not differentiable: use for data and checkpoints).
@@ -565,36 +593,43 @@ impl Tensor {
         if dtype == self.dtype() {
             return Ok(self.clone());
         }
-        let values = self.with_cpu(|s| s.to_f64_vec());
+        let values = self.host_storage()?.to_f64_vec();
         let storage = CpuStorage::from_f64_vec(values, dtype)
             .ok_or_else(|| Error::unsupported_dtype("to_dtype", dtype))?;
-        Self::from_cpu_storage(storage, self.shape().clone())
+        Self::from_cpu_storage(storage, self.shape().clone())?.to_device(self.device())
     }
 
     /// All values, in row-major order, as `T` (an error if the dtype differs).
     pub fn to_vec<T: Float>(&self) -> Result<Vec<T>> {
-        self.with_cpu(|s| {
-            T::slice(s).map(|v| v.to_vec()).ok_or_else(|| Error::DType {
+        let host = self.host_storage()?;
+        T::slice(&host)
+            .map(|v| v.to_vec())
+            .ok_or_else(|| Error::DType {
                 op: "to_vec",
-                msg: format!("tensor has dtype {}, asked for {}", s.dtype(), T::DTYPE),
+                msg: format!("tensor has dtype {}, asked for {}", host.dtype(), T::DTYPE),
             })
-        })
     }
 
-    /// All values converted to f64 (any dtype).
+    /// All values converted to f64 (any dtype, any device).
+    ///
+    /// # Panics
+    /// If copying from a CUDA device fails (a driver fault, not bad input).
     pub fn to_f64_vec(&self) -> Vec<f64> {
-        self.with_cpu(|s| s.to_f64_vec())
+        match self.host_storage() {
+            Ok(host) => host.to_f64_vec(),
+            Err(e) => panic!("to_f64_vec: {e}"),
+        }
     }
 
     /// Index values of a u32 tensor.
     pub fn to_indices(&self) -> Result<Vec<u32>> {
-        self.with_cpu(|s| match s {
-            CpuStorage::U32(v) => Ok(v.clone()),
+        match self.host_storage()? {
+            CpuStorage::U32(v) => Ok(v),
             other => Err(Error::DType {
                 op: "to_indices",
                 msg: format!("tensor has dtype {}, expected u32", other.dtype()),
             }),
-        })
+        }
     }
 
     /// The single value of a one-element tensor, as f64.
@@ -634,6 +669,20 @@ impl fmt::Debug for Tensor {
             .collect();
         let more = if values.len() > SHOWN { ", ..." } else { "" };
         write!(f, ", values=[{}{more}])", head.join(", "))
+    }
+}
+
+struct ToDeviceBackward {
+    source: Device,
+}
+
+impl Backward for ToDeviceBackward {
+    fn name(&self) -> &'static str {
+        "to_device"
+    }
+    // dL/dx = dL/dy, moved back to x's device
+    fn backward(&self, _inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(grad.to_device(self.source)?)])
     }
 }
 

@@ -3,6 +3,7 @@
 //! one fused backward kernel dL/dx = dL/dy · f'(x).
 
 use crate::error::{Error, Result};
+use crate::ops::elementwise::cuda::CudaPointwise;
 use crate::ops::elementwise::{Pointwise, pointwise};
 use crate::storage::Float;
 use crate::tensor::Tensor;
@@ -48,6 +49,25 @@ impl Pointwise for Activation {
             Activation::Sigmoid => "sigmoid",
             Activation::Gelu => "gelu",
             Activation::GeluTanh => "gelu_tanh",
+        }
+    }
+
+    fn cuda(self) -> CudaPointwise {
+        let (op, slope) = match self {
+            Activation::Relu => (0, 0.0),
+            Activation::LeakyRelu(slope) => (1, slope),
+            Activation::Tanh => (2, 0.0),
+            Activation::Sigmoid => (3, 0.0),
+            Activation::Gelu => (4, 0.0),
+            Activation::GeluTanh => (5, 0.0),
+        };
+        CudaPointwise {
+            file: "activation.cu",
+            forward: "activation_forward",
+            backward: "activation_backward",
+            op,
+            a: slope as f32,
+            b: 0.0,
         }
     }
 

@@ -6,6 +6,7 @@
 //! kernel and one backward kernel (dL/dx = dL/dy · f'(x)) serve them all.
 
 pub(crate) mod cpu;
+pub(crate) mod cuda;
 
 use crate::autograd::Backward;
 use crate::error::Result;
@@ -25,7 +26,7 @@ pub enum BinaryOp {
 }
 
 impl BinaryOp {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             BinaryOp::Add => "add",
             BinaryOp::Sub => "sub",
@@ -51,6 +52,8 @@ pub(crate) trait Pointwise: Copy + Send + Sync + 'static {
     fn value<T: Float>(self, x: T) -> T;
     /// f'(x).
     fn derivative<T: Float>(self, x: T) -> T;
+    /// The same function as a CUDA kernel and op code.
+    fn cuda(self) -> cuda::CudaPointwise;
 }
 
 /// The pointwise maps of this family.
@@ -77,6 +80,27 @@ impl Pointwise for UnaryOp {
             UnaryOp::Clamp { .. } => "clamp",
             UnaryOp::AddScalar(_) => "add_scalar",
             UnaryOp::MulScalar(_) => "mul_scalar",
+        }
+    }
+
+    fn cuda(self) -> cuda::CudaPointwise {
+        let (op, a, b) = match self {
+            UnaryOp::Neg => (0, 0.0, 0.0),
+            UnaryOp::Exp => (1, 0.0, 0.0),
+            UnaryOp::Log => (2, 0.0, 0.0),
+            UnaryOp::Sqrt => (3, 0.0, 0.0),
+            UnaryOp::Powf(p) => (4, p, 0.0),
+            UnaryOp::Clamp { min, max } => (5, min, max),
+            UnaryOp::AddScalar(c) => (6, c, 0.0),
+            UnaryOp::MulScalar(c) => (7, c, 0.0),
+        };
+        cuda::CudaPointwise {
+            file: "elementwise.cu",
+            forward: "unary_forward",
+            backward: "unary_backward",
+            op,
+            a: a as f32,
+            b: b as f32,
         }
     }
 
@@ -124,32 +148,34 @@ impl Pointwise for UnaryOp {
 pub(crate) fn pointwise<F: Pointwise>(x: &Tensor, f: F) -> Result<Tensor> {
     let op = f.name();
     check_operands(op, &[x])?;
-    let out = x.with_cpu(|s| -> Result<_> {
-        Ok(float_slice!(op, s, |v| CpuStorage::from(cpu::map(
+    let out = match &*x.storage() {
+        Storage::Cpu(s) => Storage::Cpu(float_slice!(op, s, |v| CpuStorage::from(cpu::map(
             v,
             |e| f.value(e)
-        ))))
-    })?;
-    Ok(Tensor::from_op(
-        Storage::Cpu(out),
-        x.shape().clone(),
-        &[x],
-        |_| PointwiseBackward { f },
-    ))
+        )))),
+        Storage::Cuda(s) => Storage::Cuda(cuda::pointwise_forward(f.cuda(), s)?),
+    };
+    Ok(Tensor::from_op(out, x.shape().clone(), &[x], |_| {
+        PointwiseBackward { f }
+    }))
 }
 
 /// dL/dx = dL/dy · f'(x), one fused kernel.
 pub(crate) fn pointwise_backward<F: Pointwise>(x: &Tensor, grad: &Tensor, f: F) -> Result<Tensor> {
     let op = f.name();
     check_operands(op, &[x, grad])?;
-    let dx = x.with_cpu(|xs| {
-        grad.with_cpu(|gs| -> Result<_> {
-            Ok(float_slice2!(op, xs, gs, |xv, gv| CpuStorage::from(
-                cpu::zip_map(xv, gv, |e, g| g * f.derivative(e))
-            )))
-        })
-    })?;
-    Ok(Tensor::from_cpu(dx, x.shape().clone()))
+    let dx = match (&*x.storage(), &*grad.storage()) {
+        (Storage::Cpu(xs), Storage::Cpu(gs)) => {
+            Storage::Cpu(float_slice2!(op, xs, gs, |xv, gv| {
+                CpuStorage::from(cpu::zip_map(xv, gv, |e, g| g * f.derivative(e)))
+            }))
+        }
+        (Storage::Cuda(xs), Storage::Cuda(gs)) => {
+            Storage::Cuda(cuda::pointwise_backward(f.cuda(), xs, gs)?)
+        }
+        _ => unreachable!("check_operands put both operands on one device"),
+    };
+    Ok(Tensor::from_result(dx, x.shape().clone()))
 }
 
 struct PointwiseBackward<F> {
@@ -170,19 +196,30 @@ fn binary(lhs: &Tensor, rhs: &Tensor, op: BinaryOp) -> Result<Tensor> {
     let name = op.name();
     check_operands(name, &[lhs, rhs])?;
     let out_shape = broadcast_shape(name, lhs.shape(), rhs.shape())?;
-    let out = lhs.with_cpu(|a| {
-        rhs.with_cpu(|b| -> Result<_> {
-            Ok(float_slice2!(name, a, b, |av, bv| CpuStorage::from(
-                cpu::binary(op, av, lhs.dims(), bv, rhs.dims(), out_shape.dims())
-            )))
-        })
-    })?;
-    Ok(Tensor::from_op(
-        Storage::Cpu(out),
-        out_shape,
-        &[lhs, rhs],
-        |_| BinaryBackward { op },
-    ))
+    let out = match (&*lhs.storage(), &*rhs.storage()) {
+        (Storage::Cpu(a), Storage::Cpu(b)) => Storage::Cpu(float_slice2!(name, a, b, |av, bv| {
+            CpuStorage::from(cpu::binary(
+                op,
+                av,
+                lhs.dims(),
+                bv,
+                rhs.dims(),
+                out_shape.dims(),
+            ))
+        })),
+        (Storage::Cuda(a), Storage::Cuda(b)) => Storage::Cuda(cuda::binary(
+            op,
+            a,
+            lhs.shape(),
+            b,
+            rhs.shape(),
+            &out_shape,
+        )?),
+        _ => unreachable!("check_operands put both operands on one device"),
+    };
+    Ok(Tensor::from_op(out, out_shape, &[lhs, rhs], |_| {
+        BinaryBackward { op }
+    }))
 }
 
 struct BinaryBackward {

@@ -183,6 +183,7 @@ impl Tensor {
             .zip(&sizes)
             .map(|(g, &size)| match &**g {
                 Storage::Cpu(s) => (s, size),
+                Storage::Cuda(_) => panic!("internal error: CPU cat called on a CUDA tensor"),
             })
             .collect();
         let storage = match first.dtype() {

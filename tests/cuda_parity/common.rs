@@ -1,0 +1,84 @@
+//! Shared pieces of the CPU-vs-CUDA parity tests.
+
+use kiln::{DType, Device, Rng, Tensor};
+
+/// The first CUDA device, or None after printing a visible skip message.
+pub fn cuda_or_skip(test: &str) -> Option<Device> {
+    if kiln::cuda::device_count() == 0 {
+        eprintln!("skipped: no CUDA device ({test})");
+        return None;
+    }
+    // New device buffers start as NaN so an unwritten element cannot pass.
+    kiln::cuda::set_poison_allocations(true);
+    Some(Device::cuda(0).expect("a CUDA device was counted"))
+}
+
+/// Fresh N(0, 1) values (never zeros) of `shape` on the CPU, f32.
+pub fn randn(shape: &[usize], seed: u64) -> Tensor {
+    Tensor::randn(shape, DType::F32, Device::Cpu, &mut Rng::seed(seed)).unwrap()
+}
+
+pub fn uniform(low: f64, high: f64, shape: &[usize], seed: u64) -> Tensor {
+    Tensor::rand(
+        low,
+        high,
+        shape,
+        DType::F32,
+        Device::Cpu,
+        &mut Rng::seed(seed),
+    )
+    .unwrap()
+}
+
+/// |cuda − cpu| ≤ atol + rtol·|cpu| for every element, and the maximum error.
+pub fn assert_close(what: &str, cpu: &Tensor, cuda: &Tensor, atol: f64, rtol: f64) -> f64 {
+    assert_eq!(cpu.dims(), cuda.dims(), "{what}: shape");
+    assert_eq!(
+        cuda.device(),
+        Device::Cuda(0),
+        "{what}: result left the device"
+    );
+    let expected = cpu.to_f64_vec();
+    let actual = cuda.to_f64_vec();
+    let mut worst = 0f64;
+    for (i, (e, a)) in expected.iter().zip(&actual).enumerate() {
+        let err = (a - e).abs();
+        assert!(
+            err <= atol + rtol * e.abs(),
+            "{what}[{i}]: cuda {a} vs cpu {e} (atol {atol}, rtol {rtol})"
+        );
+        worst = worst.max(err);
+    }
+    eprintln!("{what}: max |error| {worst:.3e}");
+    worst
+}
+
+/// Runs `f` on CPU inputs and on their CUDA copies; compares the outputs and
+/// the gradients of Σ out·w (w random) with respect to every input.
+pub fn check_op(
+    what: &str,
+    device: Device,
+    inputs: &[Tensor],
+    f: impl Fn(&[Tensor]) -> kiln::Result<Tensor>,
+    atol: f64,
+    rtol: f64,
+) {
+    let cpu_leaves: Vec<Tensor> = inputs.iter().map(|t| t.detach().requires_grad_()).collect();
+    let cuda_leaves: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| t.to_device(device).unwrap().detach().requires_grad_())
+        .collect();
+    let cpu_out = f(&cpu_leaves).unwrap();
+    let cuda_out = f(&cuda_leaves).unwrap();
+    assert_close(&format!("{what} forward"), &cpu_out, &cuda_out, atol, rtol);
+    let weights = randn(cpu_out.dims(), 999);
+    let cpu_grads = cpu_out.backward_with(&weights).unwrap();
+    let cuda_grads = cuda_out
+        .backward_with(&weights.to_device(device).unwrap())
+        .unwrap();
+    for (i, (c, g)) in cpu_leaves.iter().zip(&cuda_leaves).enumerate() {
+        if let (Some(cg), Some(gg)) = (cpu_grads.get(c), cuda_grads.get(g)) {
+            assert_close(&format!("{what} grad of input {i}"), cg, gg, atol, rtol);
+        }
+    }
+}
