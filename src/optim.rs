@@ -15,9 +15,10 @@ use std::collections::{HashMap, HashSet};
 use rayon::prelude::*;
 
 use crate::autograd::GradStore;
+use crate::cuda::CudaStorage;
 use crate::error::{Error, Result};
 use crate::storage::{CpuStorage, Float, Storage};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Device, Tensor};
 
 /// Elements per parallel task of a fused update (small enough to spread a
 /// large parameter over every core, large enough to amortise scheduling).
@@ -278,25 +279,26 @@ fn run_sgd(
     let mut param_guard = param.storage_mut();
     let grad_guard = grad.storage();
     let mut buffer_guard = momentum_buffer.map(|(b, first)| (b.storage_mut(), first));
-    let Storage::Cpu(p) = &mut *param_guard else {
-        return Err(no_cuda_update());
-    };
-    let Storage::Cpu(g) = &*grad_guard else {
-        return Err(no_cuda_update());
-    };
-    let buffer = match &mut buffer_guard {
-        Some((guard, first)) => {
-            let Storage::Cpu(b) = &mut **guard else {
-                return Err(no_cuda_update());
+    match (&mut *param_guard, &*grad_guard) {
+        (Storage::Cpu(p), Storage::Cpu(g)) => {
+            let buffer = match &mut buffer_guard {
+                Some((guard, first)) => Some((cpu_state(name, guard)?, *first)),
+                None => None,
             };
-            Some((b, *first))
+            match p.dtype() {
+                DType::F32 => typed_update::<f32>(name, p, g, buffer, s),
+                DType::F64 => typed_update::<f64>(name, p, g, buffer, s),
+                other => Err(Error::unsupported_dtype("Sgd", other)),
+            }
         }
-        None => None,
-    };
-    match p.dtype() {
-        DType::F32 => typed_update::<f32>(name, p, g, buffer, s),
-        DType::F64 => typed_update::<f64>(name, p, g, buffer, s),
-        other => Err(Error::unsupported_dtype("Sgd", other)),
+        (Storage::Cuda(p), Storage::Cuda(g)) => {
+            let buffer = match &mut buffer_guard {
+                Some((guard, first)) => Some((&*cuda_state(name, guard)?, *first)),
+                None => None,
+            };
+            cuda::sgd_update(p, g, buffer, s)
+        }
+        _ => unreachable!("checked_grad put the gradient on its parameter's device"),
     }
 }
 
@@ -333,23 +335,48 @@ fn run_adam(
     let grad_guard = grad.storage();
     let mut exp_avg_guard = exp_avg.storage_mut();
     let mut exp_avg_sq_guard = exp_avg_sq.storage_mut();
-    let Storage::Cpu(p) = &mut *param_guard else {
-        return Err(no_cuda_update());
-    };
-    let Storage::Cpu(g) = &*grad_guard else {
-        return Err(no_cuda_update());
-    };
-    let Storage::Cpu(m) = &mut *exp_avg_guard else {
-        return Err(no_cuda_update());
-    };
-    let Storage::Cpu(v) = &mut *exp_avg_sq_guard else {
-        return Err(no_cuda_update());
-    };
-    match p.dtype() {
-        DType::F32 => typed_update::<f32>(name, p, g, m, v, s),
-        DType::F64 => typed_update::<f64>(name, p, g, m, v, s),
-        other => Err(Error::unsupported_dtype("Adam", other)),
+    match (&mut *param_guard, &*grad_guard) {
+        (Storage::Cpu(p), Storage::Cpu(g)) => {
+            let m = cpu_state(name, &mut exp_avg_guard)?;
+            let v = cpu_state(name, &mut exp_avg_sq_guard)?;
+            match p.dtype() {
+                DType::F32 => typed_update::<f32>(name, p, g, m, v, s),
+                DType::F64 => typed_update::<f64>(name, p, g, m, v, s),
+                other => Err(Error::unsupported_dtype("Adam", other)),
+            }
+        }
+        (Storage::Cuda(p), Storage::Cuda(g)) => {
+            let m = cuda_state(name, &mut exp_avg_guard)?;
+            let v = cuda_state(name, &mut exp_avg_sq_guard)?;
+            cuda::adam_update(p, g, m, v, s)
+        }
+        _ => unreachable!("checked_grad put the gradient on its parameter's device"),
     }
+}
+
+/// The host buffer of a state tensor of a CPU parameter.
+fn cpu_state<'a>(name: &str, state: &'a mut Storage) -> Result<&'a mut CpuStorage> {
+    match state {
+        Storage::Cpu(s) => Ok(s),
+        Storage::Cuda(_) => Err(state_device_error(name)),
+    }
+}
+
+/// The device buffer of a state tensor of a CUDA parameter.
+fn cuda_state<'a>(name: &str, state: &'a mut Storage) -> Result<&'a mut CudaStorage> {
+    match state {
+        Storage::Cuda(s) => Ok(s),
+        Storage::Cpu(_) => Err(state_device_error(name)),
+    }
+}
+
+/// State is created and loaded on its parameter's device, so this only
+/// fires if a parameter's storage was moved under the optimizer.
+fn state_device_error(name: &str) -> Error {
+    Error::invalid(
+        "optimizer step",
+        format!("{name}: optimizer state lives on another device than its parameter"),
+    )
 }
 
 // ----- shared bookkeeping --------------------------------------------------
@@ -873,7 +900,9 @@ impl Optimizer for AdamW {
 /// `max_norm`, as `torch.nn.utils.clip_grad_norm_`: with
 /// coef = max_norm / (norm + 1e-6), every gradient is multiplied by coef
 /// when coef < 1. Returns the norm before clipping. Scaled gradients are
-/// new tensors (a gradient may share storage with another one).
+/// new tensors (a gradient may share storage with another one). CUDA
+/// gradients are reduced on their device; only the total (one f64 per
+/// device) comes back to the host, and the scaling runs on the device.
 pub fn clip_grad_norm(grads: &mut GradStore, params: &[Tensor], max_norm: f64) -> Result<f64> {
     if max_norm.is_nan() || max_norm < 0.0 {
         return Err(Error::invalid(
@@ -882,10 +911,15 @@ pub fn clip_grad_norm(grads: &mut GradStore, params: &[Tensor], max_norm: f64) -
         ));
     }
     let mut sum_of_squares = 0.0f64;
+    let mut cuda_grads = Vec::new();
     for param in params {
         let Some(grad) = grads.get(param) else {
             continue;
         };
+        if let Device::Cuda(_) = grad.device() {
+            cuda_grads.push(grad.clone());
+            continue;
+        }
         sum_of_squares += grad.with_cpu(|s| -> Result<f64> {
             Ok(crate::float_slice!("clip_grad_norm", s, |v| v
                 .iter()
@@ -896,6 +930,7 @@ pub fn clip_grad_norm(grads: &mut GradStore, params: &[Tensor], max_norm: f64) -
                 .sum::<f64>()))
         })?;
     }
+    sum_of_squares += cuda::sum_of_squares(&cuda_grads)?;
     let norm = sum_of_squares.sqrt();
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
@@ -910,10 +945,219 @@ pub fn clip_grad_norm(grads: &mut GradStore, params: &[Tensor], max_norm: f64) -
     Ok(norm)
 }
 
-/// Optimizer updates on CUDA tensors arrive with the fused kernels of kernels/optim.cu.
-fn no_cuda_update() -> Error {
-    Error::Cuda {
-        op: "optimizer step",
-        msg: "parameters on a CUDA device are not supported by this optimizer yet; keep them on the CPU".into(),
+// ----- CUDA launch glue ------------------------------------------------------
+
+/// Launches of kernels/optim.cu: the fused updates, in place on the
+/// parameter and state buffers, and Σ g² for clipping.
+mod cuda {
+    use std::collections::BTreeMap;
+
+    use cudarc::driver::LaunchConfig;
+
+    use super::{AdamScalars, SgdScalars};
+    use crate::cuda::{CudaStorage, launch_1d, require_f32};
+    use crate::error::Result;
+    use crate::kernel_params;
+    use crate::storage::{CpuStorage, Storage};
+    use crate::tensor::{DType, Device, Tensor};
+
+    const FILE: &str = "optim.cu";
+
+    kernel_params! {
+        pub struct SgdParams {
+            param: u64,
+            grad: u64,
+            momentum_buffer: u64,
+            n: i64,
+            lr: f32,
+            weight_decay: f32,
+            momentum: f32,
+            one_minus_dampening: f32,
+            apply_weight_decay: u32,
+            first_step: u32,
+            nesterov: u32,
+            pad: u32,
+        }
+    }
+
+    kernel_params! {
+        pub struct AdamParams {
+            param: u64,
+            grad: u64,
+            exp_avg: u64,
+            exp_avg_sq: u64,
+            n: i64,
+            weight_decay: f32,
+            decay_factor: f32,
+            one_minus_beta1: f32,
+            beta2: f32,
+            one_minus_beta2: f32,
+            neg_step_size: f32,
+            bias_correction2_sqrt: f32,
+            eps: f32,
+            apply_weight_decay: u32,
+            decoupled_weight_decay: u32,
+        }
+    }
+
+    kernel_params! {
+        pub struct SumOfSquaresParams {
+            x: u64,
+            partials: u64,
+            n: i64,
+        }
+    }
+
+    kernel_params! {
+        pub struct FinishSumOfSquaresParams {
+            partials: u64,
+            total: u64,
+            count: i64,
+        }
+    }
+
+    // kernels/optim.cu static_asserts the same sizes.
+    const _: () = assert!(std::mem::size_of::<SgdParams>() == 64);
+    const _: () = assert!(std::mem::size_of::<AdamParams>() == 80);
+    const _: () = assert!(std::mem::size_of::<SumOfSquaresParams>() == 24);
+    const _: () = assert!(std::mem::size_of::<FinishSumOfSquaresParams>() == 24);
+
+    /// One SGD step in place; the scalars are rounded to f32 as the CPU
+    /// kernel rounds them with `T::from_f64`.
+    pub(super) fn sgd_update(
+        param: &CudaStorage,
+        grad: &CudaStorage,
+        momentum_buffer: Option<(&CudaStorage, bool)>,
+        s: &SgdScalars,
+    ) -> Result<()> {
+        require_f32("Sgd", &[param, grad])?;
+        if let Some((buffer, _)) = momentum_buffer {
+            require_f32("Sgd", &[buffer])?;
+        }
+        let n = param.len();
+        let params = SgdParams {
+            param: param.ptr(),
+            grad: grad.ptr(),
+            momentum_buffer: momentum_buffer.map_or(0, |(b, _)| b.ptr()),
+            n: n as i64,
+            lr: s.lr as f32,
+            weight_decay: s.weight_decay as f32,
+            momentum: s.momentum as f32,
+            one_minus_dampening: (1.0 - s.dampening) as f32,
+            apply_weight_decay: u32::from(s.weight_decay != 0.0),
+            first_step: u32::from(momentum_buffer.is_some_and(|(_, first)| first)),
+            nesterov: u32::from(s.nesterov),
+            pad: 0,
+        };
+        param
+            .device()
+            .launch(FILE, "sgd_update", launch_1d(n), params)
+    }
+
+    /// One Adam/AdamW step in place, scalars rounded to f32 as on the CPU.
+    pub(super) fn adam_update(
+        param: &CudaStorage,
+        grad: &CudaStorage,
+        exp_avg: &CudaStorage,
+        exp_avg_sq: &CudaStorage,
+        s: &AdamScalars,
+    ) -> Result<()> {
+        require_f32("Adam", &[param, grad, exp_avg, exp_avg_sq])?;
+        let n = param.len();
+        let params = AdamParams {
+            param: param.ptr(),
+            grad: grad.ptr(),
+            exp_avg: exp_avg.ptr(),
+            exp_avg_sq: exp_avg_sq.ptr(),
+            n: n as i64,
+            weight_decay: s.weight_decay as f32,
+            decay_factor: (1.0 - s.lr * s.weight_decay) as f32,
+            one_minus_beta1: (1.0 - s.beta1) as f32,
+            beta2: s.beta2 as f32,
+            one_minus_beta2: (1.0 - s.beta2) as f32,
+            neg_step_size: (-s.step_size) as f32,
+            bias_correction2_sqrt: s.bias_correction2_sqrt as f32,
+            eps: s.eps as f32,
+            apply_weight_decay: u32::from(s.weight_decay != 0.0),
+            decoupled_weight_decay: u32::from(s.decoupled_weight_decay),
+        };
+        param
+            .device()
+            .launch(FILE, "adam_update", launch_1d(n), params)
+    }
+
+    /// Threads of a reduction block, and the most blocks one gradient gets.
+    const REDUCE_THREADS: usize = 256;
+    const MAX_BLOCKS_PER_GRAD: usize = 256;
+
+    fn reduce_config(blocks: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (REDUCE_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Σ g² over every element of the CUDA gradients `grads`, in double:
+    /// per device, every gradient writes its block partials into one shared
+    /// buffer, one block adds them in order, and one f64 is read back.
+    pub(super) fn sum_of_squares(grads: &[Tensor]) -> Result<f64> {
+        const OP: &str = "clip_grad_norm";
+        let mut by_device: BTreeMap<usize, Vec<&Tensor>> = BTreeMap::new();
+        for grad in grads {
+            if let Device::Cuda(ordinal) = grad.device() {
+                by_device.entry(ordinal).or_default().push(grad);
+            }
+        }
+        let mut total = 0.0;
+        for (ordinal, grads) in by_device {
+            let device = crate::cuda::device(ordinal)?;
+            let guards: Vec<_> = grads.iter().map(|g| g.storage()).collect();
+            let storages: Vec<&CudaStorage> = guards
+                .iter()
+                .map(|guard| match &**guard {
+                    Storage::Cuda(s) => s,
+                    Storage::Cpu(_) => unreachable!("grouped as a CUDA tensor"),
+                })
+                .collect();
+            require_f32(OP, &storages)?;
+            let blocks: Vec<usize> = storages
+                .iter()
+                .map(|s| {
+                    s.len()
+                        .div_ceil(REDUCE_THREADS)
+                        .clamp(1, MAX_BLOCKS_PER_GRAD)
+                })
+                .collect();
+            let count: usize = blocks.iter().sum();
+            let partials = CudaStorage::alloc(&device, DType::F64, count)?;
+            let mut offset = 0;
+            for (storage, &grad_blocks) in storages.iter().zip(&blocks) {
+                let params = SumOfSquaresParams {
+                    x: storage.ptr(),
+                    partials: partials.ptr() + (offset * std::mem::size_of::<f64>()) as u64,
+                    n: storage.len() as i64,
+                };
+                device.launch(
+                    FILE,
+                    "sum_of_squares_partials",
+                    reduce_config(grad_blocks),
+                    params,
+                )?;
+                offset += grad_blocks;
+            }
+            let sum = CudaStorage::alloc(&device, DType::F64, 1)?;
+            let params = FinishSumOfSquaresParams {
+                partials: partials.ptr(),
+                total: sum.ptr(),
+                count: count as i64,
+            };
+            device.launch(FILE, "finish_sum_of_squares", reduce_config(1), params)?;
+            match sum.to_cpu()? {
+                CpuStorage::F64(v) => total += v[0],
+                _ => unreachable!("the sum buffer is allocated as f64"),
+            }
+        }
+        Ok(total)
     }
 }

@@ -363,7 +363,16 @@ impl Tensor {
     }
 
     pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Self> {
-        Self::full(0.0, shape, dtype, device)
+        let shape = shape.into();
+        match device {
+            // Zeros are a memset on the device: no host buffer, no copy.
+            Device::Cuda(ordinal) if matches!(dtype, DType::F32 | DType::U32) => {
+                let cuda = crate::cuda::device(ordinal)?;
+                let storage = crate::cuda::CudaStorage::zeros(&cuda, dtype, shape.numel())?;
+                Ok(Self::from_result(Storage::Cuda(storage), shape))
+            }
+            _ => Self::full(0.0, shape, dtype, device),
+        }
     }
 
     pub fn ones(shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Self> {

@@ -5,4 +5,10 @@
 
 mod common;
 
+mod conv;
+mod data;
 mod elementwise;
+mod gemm;
+mod loss;
+mod models;
+mod norm;

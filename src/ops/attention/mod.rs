@@ -2,12 +2,18 @@
 //! `F.scaled_dot_product_attention(q, k, v, is_causal=True)`) as one fused op:
 //! O = softmax(mask(Q·Kᵀ/√D))·V per head, with its own backward kernel that
 //! reuses the saved attention probabilities P.
+//!
+//! On CUDA (kernels/attention.cu) the same steps run as plain kernels, one
+//! block per score row for the softmax and one thread per output element for
+//! each product; a fused flash-style kernel is the next rung of that ladder.
 
 pub mod cpu;
+pub(crate) mod cuda;
 
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
 use crate::float_slice;
+use crate::ops::layernorm::cuda::expect_cuda;
 use crate::storage::{CpuStorage, Float, Storage};
 use crate::tensor::{Shape, Tensor, check_operands};
 
@@ -58,22 +64,31 @@ impl Tensor {
             seq,
             head_dim,
         };
-        let (out, probs) = q.with_cpu(|qs| -> Result<_> {
-            Ok(float_slice!(OP, qs, |q| {
+        let (out, probs) = match &*q.storage() {
+            Storage::Cpu(qs) => float_slice!(OP, qs, |q| {
                 let f = forward(q, k, v, dims)?;
-                (CpuStorage::from(f.out), CpuStorage::from(f.probs))
-            }))
-        })?;
+                (
+                    Storage::Cpu(CpuStorage::from(f.out)),
+                    Storage::Cpu(CpuStorage::from(f.probs)),
+                )
+            }),
+            Storage::Cuda(qs) => {
+                let (out, probs) = cuda::attention_forward(
+                    qs,
+                    expect_cuda(&k.storage()),
+                    expect_cuda(&v.storage()),
+                    dims,
+                )?;
+                (Storage::Cuda(out), Storage::Cuda(probs))
+            }
+        };
         let probs_shape = Shape::new([batch, heads, seq, seq]);
-        Ok(Tensor::from_op(
-            Storage::Cpu(out),
-            q.shape().clone(),
-            &[q, k, v],
-            |_| CausalAttentionBackward {
+        Ok(Tensor::from_op(out, q.shape().clone(), &[q, k, v], |_| {
+            CausalAttentionBackward {
                 dims,
-                probs: Tensor::from_cpu(probs, probs_shape),
-            },
-        ))
+                probs: Tensor::from_result(probs, probs_shape),
+            }
+        }))
     }
 }
 
@@ -121,21 +136,33 @@ impl Backward for CausalAttentionBackward {
 
     // dV = Pᵀ·dO;  dP = dO·Vᵀ;  dS = P ⊙ (dP − rowsum(dP ⊙ P));  dQ = dS·K·scale;  dK = dSᵀ·Q·scale
     fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let (dq, dk, dv) = grad.with_cpu(|gs| -> Result<_> {
-            Ok(float_slice!(OP, gs, |d_out| {
+        check_operands(OP, &[&inputs[0], grad])?;
+        let (dq, dk, dv) = match &*grad.storage() {
+            Storage::Cpu(gs) => float_slice!(OP, gs, |d_out| {
                 let g = self.grads(d_out, inputs)?;
                 (
-                    CpuStorage::from(g.dq),
-                    CpuStorage::from(g.dk),
-                    CpuStorage::from(g.dv),
+                    Storage::Cpu(CpuStorage::from(g.dq)),
+                    Storage::Cpu(CpuStorage::from(g.dk)),
+                    Storage::Cpu(CpuStorage::from(g.dv)),
                 )
-            }))
-        })?;
+            }),
+            Storage::Cuda(gs) => {
+                let (dq, dk, dv) = cuda::attention_backward(
+                    expect_cuda(&inputs[0].storage()),
+                    expect_cuda(&inputs[1].storage()),
+                    expect_cuda(&inputs[2].storage()),
+                    expect_cuda(&self.probs.storage()),
+                    gs,
+                    self.dims,
+                )?;
+                (Storage::Cuda(dq), Storage::Cuda(dk), Storage::Cuda(dv))
+            }
+        };
         let shape = inputs[0].shape().clone();
         Ok(vec![
-            Some(Tensor::from_cpu(dq, shape.clone())),
-            Some(Tensor::from_cpu(dk, shape.clone())),
-            Some(Tensor::from_cpu(dv, shape)),
+            Some(Tensor::from_result(dq, shape.clone())),
+            Some(Tensor::from_result(dk, shape.clone())),
+            Some(Tensor::from_result(dv, shape)),
         ])
     }
 }

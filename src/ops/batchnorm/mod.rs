@@ -6,13 +6,19 @@
 //! (N, H, W) and, when running statistics are given, blends the batch mean and
 //! the *unbiased* variance into them in place. Eval normalises with the
 //! running statistics, which are then constants of the computation.
+//!
+//! On CUDA (kernels/batchnorm.cu) the statistics never leave the device: one
+//! block per channel reduces them and the running statistics are blended in
+//! place in their own device buffers.
 
 pub mod cpu;
+pub(crate) mod cuda;
 
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
+use crate::ops::layernorm::cuda::expect_cuda;
 use crate::storage::{CpuStorage, Storage};
-use crate::tensor::{Shape, Tensor, check_operands};
+use crate::tensor::{Device, Shape, Tensor, check_operands};
 use crate::{float_slice, float_slice2};
 
 use cpu::BatchNormDims;
@@ -100,54 +106,31 @@ impl Tensor {
             }
         };
 
-        let (mean, invstd) = if training {
-            let count = dims.per_channel();
-            if count <= 1 {
-                return Err(Error::invalid(
-                    OP,
-                    format!(
-                        "Expected more than 1 value per channel when training, got input of shape {}",
-                        self.shape()
-                    ),
-                ));
-            }
-            let stats = self.with_cpu(|s| -> Result<_> {
-                Ok(float_slice!(OP, s, |x| cpu::channel_stats(x, dims)))
-            })?;
-            if let Some((running_mean, running_var)) = running {
-                let bessel = count as f64 / (count - 1) as f64;
-                let unbiased_var: Vec<f64> = stats.var.iter().map(|v| v * bessel).collect();
-                update_running_stat(running_mean, &stats.mean, momentum)?;
-                update_running_stat(running_var, &unbiased_var, momentum)?;
-            }
-            (stats.mean, inverse_std(&stats.var, eps))
-        } else {
-            let Some((running_mean, running_var)) = running else {
-                return Err(Error::invalid(
-                    OP,
-                    format!(
-                        "eval mode (training = false) normalises with the running statistics, \
-                         but running_mean and running_var were not given (x {})",
-                        self.shape()
-                    ),
-                ));
-            };
-            (
-                running_mean.to_f64_vec(),
-                inverse_std(&running_var.to_f64_vec(), eps),
-            )
+        if training && dims.per_channel() <= 1 {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "Expected more than 1 value per channel when training, got input of shape {}",
+                    self.shape()
+                ),
+            ));
+        }
+        if !training && running.is_none() {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "eval mode (training = false) normalises with the running statistics, \
+                     but running_mean and running_var were not given (x {})",
+                    self.shape()
+                ),
+            ));
+        }
+        let (mean, invstd) = match self.device() {
+            Device::Cpu => cpu_statistics(self, dims, running, training, momentum, eps)?,
+            Device::Cuda(_) => cuda_statistics(self, dims, running, training, momentum, eps)?,
         };
-        // The statistics in x's dtype: the forward kernel and the backward's
-        // recomputation of x̂ then see exactly the same values.
-        let per_channel = |values: Vec<f64>| -> Result<Tensor> {
-            let storage = CpuStorage::from_f64_vec(values, self.dtype())
-                .ok_or_else(|| Error::unsupported_dtype(OP, self.dtype()))?;
-            Ok(Tensor::from_cpu(storage, Shape::new([channels])))
-        };
-        let (mean, invstd) = (per_channel(mean)?, per_channel(invstd)?);
-
-        let out = self.with_cpu(|s| -> Result<_> {
-            Ok(float_slice!(OP, s, |x| {
+        let out = match &*self.storage() {
+            Storage::Cpu(s) => Storage::Cpu(float_slice!(OP, s, |x| {
                 let weight = weight.map(Tensor::to_vec).transpose()?;
                 let bias = bias.map(Tensor::to_vec).transpose()?;
                 CpuStorage::from(cpu::normalize(
@@ -158,24 +141,118 @@ impl Tensor {
                     weight.as_deref(),
                     bias.as_deref(),
                 ))
-            }))
-        })?;
+            })),
+            Storage::Cuda(s) => {
+                let weight = weight.map(Tensor::storage);
+                let bias = bias.map(Tensor::storage);
+                Storage::Cuda(cuda::normalize(
+                    s,
+                    dims,
+                    expect_cuda(&mean.storage()),
+                    expect_cuda(&invstd.storage()),
+                    weight.as_deref().map(expect_cuda),
+                    bias.as_deref().map(expect_cuda),
+                )?)
+            }
+        };
         let mut inputs = vec![self];
         inputs.extend(weight);
         inputs.extend(bias);
-        Ok(Tensor::from_op(
-            Storage::Cpu(out),
-            self.shape().clone(),
-            &inputs,
-            |_| BatchNorm2dBackward {
+        Ok(Tensor::from_op(out, self.shape().clone(), &inputs, |_| {
+            BatchNorm2dBackward {
                 dims,
                 mean,
                 invstd,
                 training,
                 has_weight: weight.is_some(),
                 has_bias: bias.is_some(),
-            },
-        ))
+            }
+        }))
+    }
+}
+
+/// The running statistics, when given, as (mean, var).
+type RunningStats<'a> = Option<(&'a Tensor, &'a Tensor)>;
+
+/// Per-channel (mean, invstd) on the CPU, in x's dtype; updates the running
+/// statistics when training. The statistics are computed in f64 and stored
+/// in x's dtype: the forward kernel and the backward's recomputation of x̂
+/// then see exactly the same values.
+fn cpu_statistics(
+    x: &Tensor,
+    dims: BatchNormDims,
+    running: RunningStats<'_>,
+    training: bool,
+    momentum: f64,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let (mean, invstd) = if training {
+        let count = dims.per_channel();
+        let stats = x.with_cpu(|s| -> Result<_> {
+            Ok(float_slice!(OP, s, |x| cpu::channel_stats(x, dims)))
+        })?;
+        if let Some((running_mean, running_var)) = running {
+            let bessel = count as f64 / (count - 1) as f64;
+            let unbiased_var: Vec<f64> = stats.var.iter().map(|v| v * bessel).collect();
+            update_running_stat(running_mean, &stats.mean, momentum)?;
+            update_running_stat(running_var, &unbiased_var, momentum)?;
+        }
+        (stats.mean, inverse_std(&stats.var, eps))
+    } else {
+        let (running_mean, running_var) =
+            running.expect("batch_norm2d checked that eval mode has running statistics");
+        (
+            running_mean.to_f64_vec(),
+            inverse_std(&running_var.to_f64_vec(), eps),
+        )
+    };
+    let per_channel = |values: Vec<f64>| -> Result<Tensor> {
+        let storage = CpuStorage::from_f64_vec(values, x.dtype())
+            .ok_or_else(|| Error::unsupported_dtype(OP, x.dtype()))?;
+        Ok(Tensor::from_cpu(storage, Shape::new([dims.channels])))
+    };
+    Ok((per_channel(mean)?, per_channel(invstd)?))
+}
+
+/// Per-channel (mean, invstd) on the device, never leaving it; when training
+/// with running statistics, blends them in place on their device buffers.
+fn cuda_statistics(
+    x: &Tensor,
+    dims: BatchNormDims,
+    running: RunningStats<'_>,
+    training: bool,
+    momentum: f64,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let per_channel =
+        |storage| Tensor::from_result(Storage::Cuda(storage), Shape::new([dims.channels]));
+    if training {
+        // x's read lock is released before any running statistic is locked
+        // for writing (they could share storage through a reshape).
+        let stats = cuda::channel_stats(expect_cuda(&x.storage()), dims, eps)?;
+        if let Some((running_mean, running_var)) = running {
+            for (running, batch_stat) in [
+                (running_mean, &stats.mean),
+                (running_var, &stats.unbiased_var),
+            ] {
+                match &mut *running.storage_mut() {
+                    Storage::Cuda(s) => cuda::update_running_stat(s, batch_stat, momentum)?,
+                    Storage::Cpu(_) => {
+                        unreachable!("check_operands put every operand on one device")
+                    }
+                }
+            }
+        }
+        Ok((per_channel(stats.mean), per_channel(stats.invstd)))
+    } else {
+        let (running_mean, running_var) =
+            running.expect("batch_norm2d checked that eval mode has running statistics");
+        let (mean, invstd) = cuda::eval_stats(
+            expect_cuda(&running_mean.storage()),
+            expect_cuda(&running_var.storage()),
+            eps,
+        )?;
+        Ok((per_channel(mean), per_channel(invstd)))
     }
 }
 
@@ -217,34 +294,51 @@ impl Backward for BatchNorm2dBackward {
     fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let x = &inputs[0];
         let weight = self.has_weight.then(|| &inputs[1]);
-        let (dx, dweight, dbias) = x.with_cpu(|xs| {
-            grad.with_cpu(|gs| -> Result<_> {
-                Ok(float_slice2!(OP, xs, gs, |x, dy| {
-                    let weight = weight.map(Tensor::to_vec).transpose()?;
-                    let grads = cpu::batch_norm_backward(
-                        x,
-                        dy,
-                        self.dims,
-                        &self.mean.to_vec()?,
-                        &self.invstd.to_vec()?,
-                        weight.as_deref(),
-                        self.training,
-                    );
-                    (
-                        CpuStorage::from(grads.dx),
-                        CpuStorage::from(grads.dweight),
-                        CpuStorage::from(grads.dbias),
-                    )
-                }))
-            })
-        })?;
+        check_operands(OP, &[x, grad])?;
+        let (dx, dweight, dbias) = match (&*x.storage(), &*grad.storage()) {
+            (Storage::Cpu(xs), Storage::Cpu(gs)) => float_slice2!(OP, xs, gs, |x, dy| {
+                let weight = weight.map(Tensor::to_vec).transpose()?;
+                let grads = cpu::batch_norm_backward(
+                    x,
+                    dy,
+                    self.dims,
+                    &self.mean.to_vec()?,
+                    &self.invstd.to_vec()?,
+                    weight.as_deref(),
+                    self.training,
+                );
+                (
+                    Storage::Cpu(CpuStorage::from(grads.dx)),
+                    Storage::Cpu(CpuStorage::from(grads.dweight)),
+                    Storage::Cpu(CpuStorage::from(grads.dbias)),
+                )
+            }),
+            (Storage::Cuda(xs), Storage::Cuda(gs)) => {
+                let weight = weight.map(Tensor::storage);
+                let grads = cuda::backward(
+                    xs,
+                    gs,
+                    self.dims,
+                    expect_cuda(&self.mean.storage()),
+                    expect_cuda(&self.invstd.storage()),
+                    weight.as_deref().map(expect_cuda),
+                    self.training,
+                )?;
+                (
+                    Storage::Cuda(grads.dx),
+                    Storage::Cuda(grads.dweight),
+                    Storage::Cuda(grads.dbias),
+                )
+            }
+            _ => unreachable!("check_operands put both operands on one device"),
+        };
         let per_channel = Shape::new([self.dims.channels]);
-        let mut grads = vec![Some(Tensor::from_cpu(dx, x.shape().clone()))];
+        let mut grads = vec![Some(Tensor::from_result(dx, x.shape().clone()))];
         if self.has_weight {
-            grads.push(Some(Tensor::from_cpu(dweight, per_channel.clone())));
+            grads.push(Some(Tensor::from_result(dweight, per_channel.clone())));
         }
         if self.has_bias {
-            grads.push(Some(Tensor::from_cpu(dbias, per_channel)));
+            grads.push(Some(Tensor::from_result(dbias, per_channel)));
         }
         Ok(grads)
     }

@@ -284,6 +284,10 @@ fn im2col_row<T: Float>(g: &ConvGeometry, plane: &[T], tap: [usize; 2], out: &mu
         let dst = &mut out[oh * out_w..(oh + 1) * out_w];
         dst[..cols.start].fill(T::ZERO);
         dst[cols.end..].fill(T::ZERO);
+        // No valid column: the row is all padding (and first_iw would underflow).
+        if cols.is_empty() {
+            continue;
+        }
         let first_iw = cols.start * g.stride[1] + offset[1] - g.padding[1];
         if g.stride[1] == 1 {
             dst[cols.clone()].copy_from_slice(&src[first_iw..first_iw + cols.len()]);
@@ -306,6 +310,10 @@ fn col2im_add<T: Float>(g: &ConvGeometry, cols: &[T], image: &mut [T]) {
         let plane = &mut image[c * g.in_pixels()..][..g.in_pixels()];
         let offset = [i * g.dilation[0], j * g.dilation[1]];
         let cols_range = valid_outputs(out_w, g.stride[1], offset[1], g.padding[1], in_w);
+        // This tap never lands inside the image along a row (all padding).
+        if cols_range.is_empty() {
+            continue;
+        }
         for oh in valid_outputs(out_h, g.stride[0], offset[0], g.padding[0], in_h) {
             let ih = oh * g.stride[0] + offset[0] - g.padding[0];
             let dst = &mut plane[ih * in_w..(ih + 1) * in_w];

@@ -19,8 +19,10 @@
 //! for that reversed problem — so no weight needs to be transposed or copied.
 
 pub mod cpu;
+pub(crate) mod cuda;
 
 use crate::autograd::Backward;
+use crate::cuda::CudaStorage;
 use crate::error::{Error, Result};
 use crate::float_slice;
 use crate::float_slice2;
@@ -348,36 +350,77 @@ fn same_dtype_slice<'a, T: Float>(_like: &[T], storage: Option<&'a CpuStorage>) 
     storage.map(|s| T::slice(s).expect("check_operands gave every operand one dtype"))
 }
 
-/// Runs `f` on the CPU storages of two tensors and an optional third.
-fn with_cpu_storages<R>(
+/// The CPU half of an operand's storage (check_operands put all on one device).
+fn cpu_part(storage: &Storage) -> &CpuStorage {
+    match storage {
+        Storage::Cpu(s) => s,
+        Storage::Cuda(_) => unreachable!("check_operands put every operand on one device"),
+    }
+}
+
+/// The CUDA half of an operand's storage (check_operands put all on one device).
+fn cuda_part(storage: &Storage) -> &CudaStorage {
+    match storage {
+        Storage::Cuda(s) => s,
+        Storage::Cpu(_) => unreachable!("check_operands put every operand on one device"),
+    }
+}
+
+/// Runs `on_cpu` or `on_cuda` on the storages of two tensors and an optional
+/// third, all on one device; the result is that device's storage.
+fn dispatch(
     a: &Tensor,
     b: &Tensor,
     c: Option<&Tensor>,
-    f: impl FnOnce(&CpuStorage, &CpuStorage, Option<&CpuStorage>) -> R,
-) -> R {
-    a.with_cpu(|a| {
-        b.with_cpu(|b| match c {
-            Some(c) => c.with_cpu(|c| f(a, b, Some(c))),
-            None => f(a, b, None),
-        })
+    on_cpu: impl FnOnce(&CpuStorage, &CpuStorage, Option<&CpuStorage>) -> Result<CpuStorage>,
+    on_cuda: impl FnOnce(&CudaStorage, &CudaStorage, Option<&CudaStorage>) -> Result<CudaStorage>,
+) -> Result<Storage> {
+    let (a, b) = (a.storage(), b.storage());
+    let c = c.map(|c| c.storage());
+    Ok(match &*a {
+        Storage::Cpu(a) => Storage::Cpu(on_cpu(a, cpu_part(&b), c.as_deref().map(cpu_part))?),
+        Storage::Cuda(a) => Storage::Cuda(on_cuda(a, cuda_part(&b), c.as_deref().map(cuda_part))?),
     })
 }
 
-// ----- kernel dispatch: one function per kernel, the CUDA path joins here -----
+/// The CUDA kernels for conv2d's forward, the ladder v1, v2 in kernels/conv.cu:
+/// each is parity-tested against the CPU and can be timed on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Conv2dForwardKernel {
+    /// `conv2d_forward_direct`: one thread per output value (the definition).
+    Direct,
+    /// `conv2d_forward_implicit_gemm`: shared-memory GEMM tiles with the
+    /// im2col matrix gathered on the fly; the one the engine uses.
+    ImplicitGemm,
+}
+
+impl Conv2dForwardKernel {
+    /// The kernel behind `Tensor::conv2d` and conv_transpose2d's dL/dx.
+    pub const ENGINE: Conv2dForwardKernel = Conv2dForwardKernel::ImplicitGemm;
+}
+
+// ----- kernel dispatch: one function per kernel ------------------------------
 
 /// y = W · im2col(image) + b: the output grid [N, out_channels, out_size].
 fn run_conv2d_forward(
+    kernel: Conv2dForwardKernel,
     g: &ConvGeometry,
     image: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
-) -> Result<CpuStorage> {
+) -> Result<Storage> {
     let op = "conv2d";
-    with_cpu_storages(image, weight, bias, |xs, ws, bs| {
-        Ok(float_slice2!(op, xs, ws, |x, w| CpuStorage::from(
-            cpu::conv2d_forward(g, x, w, same_dtype_slice(x, bs))
-        )))
-    })
+    dispatch(
+        image,
+        weight,
+        bias,
+        |xs, ws, bs| {
+            Ok(float_slice2!(op, xs, ws, |x, w| CpuStorage::from(
+                cpu::conv2d_forward(g, x, w, same_dtype_slice(x, bs))
+            )))
+        },
+        |xs, ws, bs| cuda::conv2d_forward(kernel, g, xs, ws, bs),
+    )
 }
 
 /// col2im(Wᵀ · grid) + b: the input image [N, in_channels, in_size].
@@ -386,38 +429,65 @@ fn run_conv2d_backward_data(
     grid: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
-) -> Result<CpuStorage> {
+) -> Result<Storage> {
     let op = "conv2d_backward_data";
-    with_cpu_storages(grid, weight, bias, |gs, ws, bs| {
-        Ok(float_slice2!(op, gs, ws, |dy, w| CpuStorage::from(
-            cpu::conv2d_backward_data(g, dy, w, same_dtype_slice(dy, bs))
-        )))
-    })
+    dispatch(
+        grid,
+        weight,
+        bias,
+        |gs, ws, bs| {
+            Ok(float_slice2!(op, gs, ws, |dy, w| CpuStorage::from(
+                cpu::conv2d_backward_data(g, dy, w, same_dtype_slice(dy, bs))
+            )))
+        },
+        |gs, ws, bs| cuda::conv2d_backward_data(g, gs, ws, bs),
+    )
 }
 
 /// Σ_n grid_n · im2col(image_n)ᵀ: a weight [out_channels, in_channels, kh, kw].
-fn run_conv2d_backward_weight(
-    g: &ConvGeometry,
-    image: &Tensor,
-    grid: &Tensor,
-) -> Result<CpuStorage> {
+fn run_conv2d_backward_weight(g: &ConvGeometry, image: &Tensor, grid: &Tensor) -> Result<Storage> {
     let op = "conv2d_backward_weight";
-    with_cpu_storages(image, grid, None, |xs, gs, _| {
-        Ok(float_slice2!(op, xs, gs, |x, dy| CpuStorage::from(
-            cpu::conv2d_backward_weight(g, x, dy)
-        )))
-    })
+    dispatch(
+        image,
+        grid,
+        None,
+        |xs, gs, _| {
+            Ok(float_slice2!(op, xs, gs, |x, dy| CpuStorage::from(
+                cpu::conv2d_backward_weight(g, x, dy)
+            )))
+        },
+        |xs, gs, _| cuda::conv2d_backward_weight(g, xs, gs),
+    )
 }
 
 /// Σ over batch and pixels of an [N, C, H, W] gradient: [C].
-fn run_bias_grad(grad: &Tensor) -> Result<CpuStorage> {
+fn run_bias_grad(grad: &Tensor) -> Result<Storage> {
     let dims = grad.dims();
     let (batch, channels, pixels) = (dims[0], dims[1], dims[2] * dims[3]);
-    grad.with_cpu(|s| {
-        Ok(float_slice!("conv_bias_grad", s, |dy| CpuStorage::from(
-            cpu::bias_grad(dy, batch, channels, pixels)
-        )))
+    Ok(match &*grad.storage() {
+        Storage::Cpu(s) => Storage::Cpu(float_slice!("conv_bias_grad", s, |dy| {
+            CpuStorage::from(cpu::bias_grad(dy, batch, channels, pixels))
+        })),
+        Storage::Cuda(s) => Storage::Cuda(cuda::bias_grad(s, batch, channels, pixels)?),
     })
+}
+
+/// conv2d's forward value with a chosen CUDA kernel (no graph is recorded):
+/// how the parity tests and benchmarks reach each rung of the kernel ladder.
+/// On the CPU the choice is ignored and the usual kernel runs.
+pub fn conv2d_forward_with_kernel(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    params: Conv2dParams,
+    kernel: Conv2dForwardKernel,
+) -> Result<Tensor> {
+    let op = "conv2d";
+    check_operands(op, &operand_list(x, weight, bias))?;
+    let geometry = ConvGeometry::for_conv2d(x.shape(), weight.shape(), params)?;
+    check_bias(op, bias, geometry.out_channels, weight)?;
+    let out = run_conv2d_forward(kernel, &geometry, x, weight, bias)?;
+    Ok(Tensor::from_result(out, geometry.output_shape()))
 }
 
 impl Tensor {
@@ -435,9 +505,9 @@ impl Tensor {
         check_operands(op, &inputs)?;
         let geometry = ConvGeometry::for_conv2d(self.shape(), weight.shape(), params)?;
         check_bias(op, bias, geometry.out_channels, weight)?;
-        let out = run_conv2d_forward(&geometry, self, weight, bias)?;
+        let out = run_conv2d_forward(Conv2dForwardKernel::ENGINE, &geometry, self, weight, bias)?;
         Ok(Tensor::from_op(
-            Storage::Cpu(out),
+            out,
             geometry.output_shape(),
             &inputs,
             |_| Conv2dBackward { geometry },
@@ -461,7 +531,7 @@ impl Tensor {
         check_bias(op, bias, geometry.in_channels, weight)?;
         let out = run_conv2d_backward_data(&geometry, self, weight, bias)?;
         Ok(Tensor::from_op(
-            Storage::Cpu(out),
+            out,
             geometry.input_shape(),
             &inputs,
             |_| ConvTranspose2dBackward { geometry },
@@ -516,14 +586,14 @@ impl Backward for Conv2dBackward {
             inputs,
             || {
                 let dx = run_conv2d_backward_data(g, grad, weight, None)?;
-                Ok(Tensor::from_cpu(dx, g.input_shape()))
+                Ok(Tensor::from_result(dx, g.input_shape()))
             },
             || {
                 let dw = run_conv2d_backward_weight(g, x, grad)?;
-                Ok(Tensor::from_cpu(dw, g.weight_shape()))
+                Ok(Tensor::from_result(dw, g.weight_shape()))
             },
             || {
-                Ok(Tensor::from_cpu(
+                Ok(Tensor::from_result(
                     run_bias_grad(grad)?,
                     Shape::new([g.out_channels]),
                 ))
@@ -549,15 +619,15 @@ impl Backward for ConvTranspose2dBackward {
         input_grads(
             inputs,
             || {
-                let dx = run_conv2d_forward(g, grad, weight, None)?;
-                Ok(Tensor::from_cpu(dx, g.output_shape()))
+                let dx = run_conv2d_forward(Conv2dForwardKernel::ENGINE, g, grad, weight, None)?;
+                Ok(Tensor::from_result(dx, g.output_shape()))
             },
             || {
                 let dw = run_conv2d_backward_weight(g, grad, x)?;
-                Ok(Tensor::from_cpu(dw, g.weight_shape()))
+                Ok(Tensor::from_result(dw, g.weight_shape()))
             },
             || {
-                Ok(Tensor::from_cpu(
+                Ok(Tensor::from_result(
                     run_bias_grad(grad)?,
                     Shape::new([g.in_channels]),
                 ))

@@ -5,6 +5,7 @@
 //! the CUDA kernel can draw the very same mask.
 
 pub mod cpu;
+mod cuda;
 
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
@@ -12,12 +13,13 @@ use crate::float_slice;
 use crate::storage::{CpuStorage, Storage};
 use crate::tensor::{Tensor, check_operands};
 
-/// Applies the dropout map (seeded mask, 1/(1 − p) scale) to `x`.
-fn apply_mask(op: &'static str, x: &Tensor, p: f64, seed: u64) -> Result<CpuStorage> {
-    x.with_cpu(|s| -> Result<_> {
-        Ok(float_slice!(op, s, |v| CpuStorage::from(cpu::dropout(
+/// Applies the dropout map (seeded mask, 1/(1 − p) scale) to `x`, on its device.
+fn apply_mask(op: &'static str, x: &Tensor, p: f64, seed: u64) -> Result<Storage> {
+    Ok(match &*x.storage() {
+        Storage::Cpu(s) => Storage::Cpu(float_slice!(op, s, |v| CpuStorage::from(cpu::dropout(
             v, p, seed
-        ))))
+        )))),
+        Storage::Cuda(s) => Storage::Cuda(cuda::dropout(op, s, p, seed)?),
     })
 }
 
@@ -39,7 +41,7 @@ impl Tensor {
         }
         let storage = apply_mask("dropout", self, p, seed)?;
         Ok(Tensor::from_op(
-            Storage::Cpu(storage),
+            storage,
             self.shape().clone(),
             &[self],
             |_| DropoutBackward { p, seed },
@@ -60,6 +62,9 @@ impl Backward for DropoutBackward {
     // dL/dx = dL/dy · mask / (1 − p)   (the forward map itself, applied to dL/dy)
     fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let dx = apply_mask("dropout_backward", grad, self.p, self.seed)?;
-        Ok(vec![Some(Tensor::from_cpu(dx, inputs[0].shape().clone()))])
+        Ok(vec![Some(Tensor::from_result(
+            dx,
+            inputs[0].shape().clone(),
+        ))])
     }
 }

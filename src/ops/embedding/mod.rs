@@ -4,14 +4,16 @@
 //! scatter-adds: an entry read k times receives the sum of k gradients.
 
 pub mod cpu;
+mod cuda;
 
 use crate::any_slice;
 use crate::autograd::Backward;
+use crate::cuda::CudaStorage;
 use crate::error::{Error, Result};
 use crate::float_slice;
 use crate::ops::check_dim;
 use crate::storage::{CpuStorage, Storage};
-use crate::tensor::{Shape, Tensor, check_operands, same_device};
+use crate::tensor::{DType, Shape, Tensor, check_operands, same_device};
 
 /// Runs `f` on the values of an index tensor; any dtype but u32 is an error
 /// naming the op and the argument's `role` ("ids", "indices", "targets"...).
@@ -21,16 +23,50 @@ pub(crate) fn with_indices<R>(
     indices: &Tensor,
     f: impl FnOnce(&[u32]) -> Result<R>,
 ) -> Result<R> {
-    indices.with_cpu(|s| match s {
-        CpuStorage::U32(values) => f(values),
-        other => Err(Error::DType {
-            op,
-            msg: format!(
-                "{role} must have dtype u32, got {} (make them with Tensor::from_indices)",
-                other.dtype()
-            ),
-        }),
-    })
+    indices.with_cpu(|s| f(cpu_indices(op, role, s)?))
+}
+
+/// The error for an index tensor whose dtype is not u32.
+fn index_dtype_error(op: &'static str, role: &str, dtype: DType) -> Error {
+    Error::DType {
+        op,
+        msg: format!(
+            "{role} must have dtype u32, got {dtype} (make them with Tensor::from_indices)"
+        ),
+    }
+}
+
+/// `check_index_range` for u32 `indices` on a CUDA device (`dtype_role`
+/// names them in a dtype error, `role` one value in a range error). A kernel
+/// checks the values where they are and only a one-word flag comes back; the
+/// ids are copied to the host only once one is known to be bad, to word the
+/// same error as the CPU path.
+fn check_cuda_index_range(
+    op: &'static str,
+    (dtype_role, role): (&str, &str),
+    indices: &CudaStorage,
+    dims: &[usize],
+    bound: usize,
+    context: impl FnOnce() -> String,
+) -> Result<()> {
+    if indices.dtype() != DType::U32 {
+        return Err(index_dtype_error(op, dtype_role, indices.dtype()));
+    }
+    if !cuda::any_index_out_of_range(indices, bound)? {
+        return Ok(());
+    }
+    match indices.to_cpu()? {
+        CpuStorage::U32(values) => check_index_range(op, role, &values, dims, bound, context),
+        other => unreachable!("u32 device indices came back as {}", other.dtype()),
+    }
+}
+
+/// The u32 values of CPU index storage, or the dtype error naming `role`.
+fn cpu_indices<'a>(op: &'static str, role: &str, indices: &'a CpuStorage) -> Result<&'a [u32]> {
+    match indices {
+        CpuStorage::U32(values) => Ok(values),
+        other => Err(index_dtype_error(op, role, other.dtype())),
+    }
 }
 
 /// Checks that every index is below `bound`; the error names the first bad
@@ -78,20 +114,26 @@ fn select_along(op: &'static str, x: &Tensor, dim: usize, indices: &Tensor) -> R
         ));
     }
     let (outer, dim_size, inner) = x.shape().split_at_dim(dim);
-    let storage = with_indices(op, "indices", indices, |ids| {
-        check_index_range(op, "index", ids, indices.dims(), dim_size, || {
-            format!("dim {dim} of shape {} has size {dim_size}", x.shape())
-        })?;
-        Ok(x.with_cpu(|s| {
-            any_slice!(s, |v| CpuStorage::from(cpu::index_select(
+    let context = || format!("dim {dim} of shape {} has size {dim_size}", x.shape());
+    let storage = match (&*x.storage(), &*indices.storage()) {
+        (Storage::Cpu(s), Storage::Cpu(ids)) => {
+            let ids = cpu_indices(op, "indices", ids)?;
+            check_index_range(op, "index", ids, indices.dims(), dim_size, context)?;
+            Storage::Cpu(any_slice!(s, |v| CpuStorage::from(cpu::index_select(
                 v, outer, dim_size, inner, ids
-            )))
-        }))
-    })?;
+            ))))
+        }
+        (Storage::Cuda(s), Storage::Cuda(ids)) => {
+            let roles = ("indices", "index");
+            check_cuda_index_range(op, roles, ids, indices.dims(), dim_size, context)?;
+            Storage::Cuda(cuda::index_select(s, ids, outer, dim_size, inner)?)
+        }
+        _ => unreachable!("same_device put both operands on one device"),
+    };
     let mut out_dims = x.dims().to_vec();
     out_dims[dim] = indices.numel();
     Ok(Tensor::from_op(
-        Storage::Cpu(storage),
+        storage,
         Shape::new(out_dims),
         &[x, indices],
         |_| IndexSelectBackward { op, dim },
@@ -116,11 +158,16 @@ impl Tensor {
         }
         let vocab = weight.dims()[0];
         // Checked here (not by select_along) to name the position in the ids' own shape.
-        with_indices(OP, "ids", ids, |values| {
-            check_index_range(OP, "id", values, ids.dims(), vocab, || {
-                format!("weight {} has {vocab} rows", weight.shape())
-            })
-        })?;
+        let context = || format!("weight {} has {vocab} rows", weight.shape());
+        match &*ids.storage() {
+            Storage::Cpu(values) => {
+                let values = cpu_indices(OP, "ids", values)?;
+                check_index_range(OP, "id", values, ids.dims(), vocab, context)?;
+            }
+            Storage::Cuda(values) => {
+                check_cuda_index_range(OP, ("ids", "id"), values, ids.dims(), vocab, context)?;
+            }
+        }
         let flat_ids = ids.reshape([ids.numel()])?;
         let rows = select_along(OP, weight, 0, &flat_ids)?;
         let mut out_dims = ids.dims().to_vec();
@@ -154,21 +201,25 @@ impl Tensor {
             ));
         }
         let dim_size = self.dims()[dim];
-        let offsets = with_indices(OP, "index", index, |values| {
-            check_index_range(OP, "index", values, index.dims(), dim_size, || {
-                format!("dim {dim} of shape {} has size {dim_size}", self.shape())
-            })?;
-            Ok(cpu::gather_source_offsets(
-                self.dims(),
-                index.dims(),
-                values,
-                dim,
-            ))
-        })?;
-        let storage =
-            self.with_cpu(|s| any_slice!(s, |v| CpuStorage::from(cpu::gather(v, &offsets))));
+        let context = || format!("dim {dim} of shape {} has size {dim_size}", self.shape());
+        let storage = match (&*self.storage(), &*index.storage()) {
+            (Storage::Cpu(s), Storage::Cpu(values)) => {
+                let values = cpu_indices(OP, "index", values)?;
+                check_index_range(OP, "index", values, index.dims(), dim_size, context)?;
+                let offsets = cpu::gather_source_offsets(self.dims(), index.dims(), values, dim);
+                Storage::Cpu(any_slice!(s, |v| CpuStorage::from(cpu::gather(
+                    v, &offsets
+                ))))
+            }
+            (Storage::Cuda(s), Storage::Cuda(ids)) => {
+                let roles = ("index", "index");
+                check_cuda_index_range(OP, roles, ids, index.dims(), dim_size, context)?;
+                Storage::Cuda(cuda::gather(s, self.shape(), ids, index.shape(), dim)?)
+            }
+            _ => unreachable!("same_device put both operands on one device"),
+        };
         Ok(Tensor::from_op(
-            Storage::Cpu(storage),
+            storage,
             index.shape().clone(),
             &[self, index],
             |_| GatherBackward { dim },
@@ -191,14 +242,20 @@ impl Backward for IndexSelectBackward {
         let (x, indices) = (&inputs[0], &inputs[1]);
         check_operands(self.op, &[x, grad])?;
         let (outer, dim_size, inner) = x.shape().split_at_dim(self.dim);
-        let dx = with_indices(self.op, "indices", indices, |ids| {
-            grad.with_cpu(|g| -> Result<_> {
+        let dx = match &*grad.storage() {
+            Storage::Cpu(g) => Storage::Cpu(with_indices(self.op, "indices", indices, |ids| {
                 Ok(float_slice!(self.op, g, |gv| CpuStorage::from(
                     cpu::index_add(gv, outer, dim_size, inner, ids)
                 )))
-            })
-        })?;
-        Ok(vec![Some(Tensor::from_cpu(dx, x.shape().clone())), None])
+            })?),
+            Storage::Cuda(g) => match &*indices.storage() {
+                Storage::Cuda(ids) => {
+                    Storage::Cuda(cuda::index_add(self.op, g, ids, outer, dim_size, inner)?)
+                }
+                Storage::Cpu(_) => unreachable!("the forward put x and indices on one device"),
+            },
+        };
+        Ok(vec![Some(Tensor::from_result(dx, x.shape().clone())), None])
     }
 }
 
@@ -214,19 +271,23 @@ impl Backward for GatherBackward {
     fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let (x, index) = (&inputs[0], &inputs[1]);
         check_operands("gather", &[x, grad])?;
-        let offsets = with_indices("gather", "index", index, |values| {
-            Ok(cpu::gather_source_offsets(
-                x.dims(),
-                index.dims(),
-                values,
+        let dx = match (&*grad.storage(), &*index.storage()) {
+            (Storage::Cpu(g), Storage::Cpu(values)) => {
+                let values = cpu_indices("gather", "index", values)?;
+                let offsets = cpu::gather_source_offsets(x.dims(), index.dims(), values, self.dim);
+                Storage::Cpu(float_slice!("gather", g, |gv| CpuStorage::from(
+                    cpu::scatter_add(gv, &offsets, x.numel())
+                )))
+            }
+            (Storage::Cuda(g), Storage::Cuda(ids)) => Storage::Cuda(cuda::scatter_add(
+                g,
+                ids,
+                x.shape(),
+                index.shape(),
                 self.dim,
-            ))
-        })?;
-        let dx = grad.with_cpu(|g| -> Result<_> {
-            Ok(float_slice!("gather", g, |gv| CpuStorage::from(
-                cpu::scatter_add(gv, &offsets, x.numel())
-            )))
-        })?;
-        Ok(vec![Some(Tensor::from_cpu(dx, x.shape().clone())), None])
+            )?),
+            _ => unreachable!("the forward put x and index on one device"),
+        };
+        Ok(vec![Some(Tensor::from_result(dx, x.shape().clone())), None])
     }
 }

@@ -1,8 +1,14 @@
 //! Matrix products: `matmul` with PyTorch's batch broadcasting, and `gemm`,
 //! which multiplies transposed operands without copying them (the backward
 //! rules and `Linear` use it). Both operands need rank ≥ 2.
+//!
+//! On CUDA the product runs one rung of the kernel ladder in kernels/gemm.cu
+//! ([`GemmKernel`]): the best one by default, any one on request.
 
 pub mod cpu;
+pub(crate) mod cuda;
+
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
@@ -12,6 +18,53 @@ use crate::storage::{CpuStorage, Storage};
 use crate::tensor::{Shape, Tensor, check_operands};
 
 use cpu::GemmDims;
+
+/// The numbered CUDA GEMM kernels of kernels/gemm.cu, slowest to fastest.
+/// Every rung computes the same product; they differ only in how they use
+/// the memory hierarchy (see the header of kernels/gemm.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GemmKernel {
+    /// `gemm_v1_naive`: one thread per output element, operands from global memory.
+    V1Naive,
+    /// `gemm_v2_smem_tiled`: 32×32 tiles of both operands staged in shared memory.
+    V2SmemTiled,
+    /// `gemm_v3_register_blocked`: 128×128 block tiles, an 8×8 register tile per thread, float4 loads.
+    V3RegisterBlocked,
+}
+
+impl GemmKernel {
+    /// Every rung, in ladder order (for parity tests and benchmarks).
+    pub const ALL: [GemmKernel; 3] = [
+        GemmKernel::V1Naive,
+        GemmKernel::V2SmemTiled,
+        GemmKernel::V3RegisterBlocked,
+    ];
+
+    /// The rung the engine uses unless told otherwise.
+    pub const BEST: GemmKernel = GemmKernel::V3RegisterBlocked;
+
+    const fn index(self) -> u8 {
+        match self {
+            GemmKernel::V1Naive => 0,
+            GemmKernel::V2SmemTiled => 1,
+            GemmKernel::V3RegisterBlocked => 2,
+        }
+    }
+}
+
+/// The process-wide kernel choice (an index into `GemmKernel::ALL`).
+static CUDA_GEMM_KERNEL: AtomicU8 = AtomicU8::new(GemmKernel::BEST.index());
+
+/// Makes every later CUDA matmul (forward and backward, in any thread) run
+/// `kernel`, so a whole model can be timed on one rung of the ladder.
+pub fn set_cuda_gemm_kernel(kernel: GemmKernel) {
+    CUDA_GEMM_KERNEL.store(kernel.index(), Ordering::Relaxed);
+}
+
+/// The kernel CUDA matmuls currently use (`GemmKernel::BEST` unless set).
+pub fn cuda_gemm_kernel() -> GemmKernel {
+    GemmKernel::ALL[usize::from(CUDA_GEMM_KERNEL.load(Ordering::Relaxed))]
+}
 
 /// How the operands of one `gemm` call line up.
 struct Plan {
@@ -107,7 +160,20 @@ impl Tensor {
     }
 
     /// op(self) @ op(rhs), where op transposes the last two dims when asked.
+    /// On CUDA it runs the kernel chosen by [`set_cuda_gemm_kernel`].
     pub fn gemm(&self, rhs: &Tensor, trans_lhs: bool, trans_rhs: bool) -> Result<Tensor> {
+        self.gemm_with(rhs, trans_lhs, trans_rhs, cuda_gemm_kernel())
+    }
+
+    /// `gemm` on CUDA with an explicit rung of the kernel ladder, used for its
+    /// backward too (the CPU ignores `kernel`). For parity tests and benchmarks.
+    pub fn gemm_with(
+        &self,
+        rhs: &Tensor,
+        trans_lhs: bool,
+        trans_rhs: bool,
+        kernel: GemmKernel,
+    ) -> Result<Tensor> {
         check_operands("matmul", &[self, rhs])?;
         let plan = plan(self, rhs, trans_lhs, trans_rhs)?;
         let lhs_data = match &plan.lhs_broadcast {
@@ -118,28 +184,32 @@ impl Tensor {
             Some(shape) => crate::no_grad_scope(|| rhs.broadcast_to(shape.clone()))?,
             None => rhs.clone(),
         };
-        let out = lhs_data.with_cpu(|a| {
-            rhs_data.with_cpu(|b| -> Result<_> {
-                Ok(float_slice2!("matmul", a, b, |av, bv| CpuStorage::from(
+        let out = match (&*lhs_data.storage(), &*rhs_data.storage()) {
+            (Storage::Cpu(a), Storage::Cpu(b)) => {
+                Storage::Cpu(float_slice2!("matmul", a, b, |av, bv| CpuStorage::from(
                     cpu::gemm(plan.dims, av, bv)
                 )))
-            })
-        })?;
-        Ok(Tensor::from_op(
-            Storage::Cpu(out),
-            plan.out_shape,
-            &[self, rhs],
-            |_| GemmBackward {
+            }
+            (Storage::Cuda(a), Storage::Cuda(b)) => {
+                Storage::Cuda(cuda::gemm(kernel, plan.dims, a, b)?)
+            }
+            _ => unreachable!("check_operands put both operands on one device"),
+        };
+        Ok(Tensor::from_op(out, plan.out_shape, &[self, rhs], |_| {
+            GemmBackward {
                 trans_lhs,
                 trans_rhs,
-            },
-        ))
+                kernel,
+            }
+        }))
     }
 }
 
 struct GemmBackward {
     trans_lhs: bool,
     trans_rhs: bool,
+    /// The forward's CUDA kernel, so its gradients come from the same rung.
+    kernel: GemmKernel,
 }
 
 impl Backward for GemmBackward {
@@ -150,6 +220,7 @@ impl Backward for GemmBackward {
     // C = op(A)·op(B):  dA = dC·op(B)ᵀ (transposed back if op(A) = Aᵀ),  dB = op(A)ᵀ·dC (likewise)
     fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let (a, b) = (&inputs[0], &inputs[1]);
+        let kernel = self.kernel;
         // The folded case ([..., M, K] @ [K, N]) is differentiated as one 2-D product.
         let folded = b.rank() == 2 && a.rank() > 2 && !self.trans_lhs;
         let (a2, g2) = if folded {
@@ -163,16 +234,16 @@ impl Backward for GemmBackward {
             (a.clone(), grad.clone())
         };
         let da = match (self.trans_lhs, self.trans_rhs) {
-            (false, false) => g2.gemm(b, false, true)?, // dA = dC Bᵀ
-            (false, true) => g2.gemm(b, false, false)?, // dA = dC B
-            (true, false) => b.gemm(&g2, false, true)?, // dA = B dCᵀ
-            (true, true) => b.gemm(&g2, true, true)?,   // dA = Bᵀ dCᵀ
+            (false, false) => g2.gemm_with(b, false, true, kernel)?, // dA = dC Bᵀ
+            (false, true) => g2.gemm_with(b, false, false, kernel)?, // dA = dC B
+            (true, false) => b.gemm_with(&g2, false, true, kernel)?, // dA = B dCᵀ
+            (true, true) => b.gemm_with(&g2, true, true, kernel)?,   // dA = Bᵀ dCᵀ
         };
         let db = match (self.trans_lhs, self.trans_rhs) {
-            (false, false) => a2.gemm(&g2, true, false)?, // dB = Aᵀ dC
-            (false, true) => g2.gemm(&a2, true, false)?,  // dB = dCᵀ A
-            (true, false) => a2.gemm(&g2, false, false)?, // dB = A dC
-            (true, true) => g2.gemm(&a2, true, true)?,    // dB = dCᵀ Aᵀ
+            (false, false) => a2.gemm_with(&g2, true, false, kernel)?, // dB = Aᵀ dC
+            (false, true) => g2.gemm_with(&a2, true, false, kernel)?,  // dB = dCᵀ A
+            (true, false) => a2.gemm_with(&g2, false, false, kernel)?, // dB = A dC
+            (true, true) => g2.gemm_with(&a2, true, true, kernel)?,    // dB = dCᵀ Aᵀ
         };
         let da = if folded {
             da.reshape(a.shape().clone())?
@@ -181,5 +252,20 @@ impl Backward for GemmBackward {
         };
         let db = db.sum_to_shape(b.shape())?;
         Ok(vec![Some(da), Some(db)])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chosen_cuda_kernel_reads_back_for_every_rung_and_defaults_to_best() {
+        assert_eq!(cuda_gemm_kernel(), GemmKernel::BEST);
+        for kernel in GemmKernel::ALL {
+            set_cuda_gemm_kernel(kernel);
+            assert_eq!(cuda_gemm_kernel(), kernel);
+        }
+        set_cuda_gemm_kernel(GemmKernel::BEST);
     }
 }

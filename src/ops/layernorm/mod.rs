@@ -1,8 +1,11 @@
 //! Layer normalisation over the last dim (PyTorch's `F.layer_norm` with
 //! `normalized_shape = [last dim]`) as one fused op: one forward kernel and
-//! one backward kernel producing dx, dweight and dbias together.
+//! one backward kernel producing dx, dweight and dbias together. On CUDA
+//! (kernels/layernorm.cu) each row is one thread block, and dweight/dbias are
+//! summed over rows in a fixed order, so results do not vary between runs.
 
 pub mod cpu;
+pub(crate) mod cuda;
 
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
@@ -57,34 +60,47 @@ impl Tensor {
                 format!("eps must be finite and >= 0, got {eps}"),
             ));
         }
-        let (out, mean, invstd) = self.with_cpu(|s| -> Result<_> {
-            Ok(float_slice!(OP, s, |x| {
+        let (out, mean, invstd) = match &*self.storage() {
+            Storage::Cpu(s) => float_slice!(OP, s, |x| {
                 let weight = weight.map(Tensor::to_vec).transpose()?;
                 let bias = bias.map(Tensor::to_vec).transpose()?;
                 let f = cpu::layer_norm(x, width, weight.as_deref(), bias.as_deref(), eps);
                 (
-                    CpuStorage::from(f.out),
-                    CpuStorage::from(f.mean),
-                    CpuStorage::from(f.invstd),
+                    Storage::Cpu(CpuStorage::from(f.out)),
+                    Storage::Cpu(CpuStorage::from(f.mean)),
+                    Storage::Cpu(CpuStorage::from(f.invstd)),
                 )
-            }))
-        })?;
+            }),
+            Storage::Cuda(s) => {
+                let weight = weight.map(Tensor::storage);
+                let bias = bias.map(Tensor::storage);
+                let f = cuda::layer_norm_forward(
+                    s,
+                    width,
+                    weight.as_deref().map(cuda::expect_cuda),
+                    bias.as_deref().map(cuda::expect_cuda),
+                    eps,
+                )?;
+                (
+                    Storage::Cuda(f.out),
+                    Storage::Cuda(f.mean),
+                    Storage::Cuda(f.invstd),
+                )
+            }
+        };
         let row_shape = Shape::new(&self.dims()[..self.rank() - 1]);
         let mut inputs = vec![self];
         inputs.extend(weight);
         inputs.extend(bias);
-        Ok(Tensor::from_op(
-            Storage::Cpu(out),
-            self.shape().clone(),
-            &inputs,
-            |_| LayerNormBackward {
+        Ok(Tensor::from_op(out, self.shape().clone(), &inputs, |_| {
+            LayerNormBackward {
                 width,
-                mean: Tensor::from_cpu(mean, row_shape.clone()),
-                invstd: Tensor::from_cpu(invstd, row_shape),
+                mean: Tensor::from_result(mean, row_shape.clone()),
+                invstd: Tensor::from_result(invstd, row_shape),
                 has_weight: weight.is_some(),
                 has_bias: bias.is_some(),
-            },
-        ))
+            }
+        }))
     }
 }
 
@@ -108,33 +124,50 @@ impl Backward for LayerNormBackward {
     fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let x = &inputs[0];
         let weight = self.has_weight.then(|| &inputs[1]);
-        let (dx, dweight, dbias) = x.with_cpu(|xs| {
-            grad.with_cpu(|gs| -> Result<_> {
-                Ok(float_slice2!(OP, xs, gs, |x, dy| {
-                    let weight = weight.map(Tensor::to_vec).transpose()?;
-                    let grads = cpu::layer_norm_backward(
-                        x,
-                        dy,
-                        self.width,
-                        &self.mean.to_vec()?,
-                        &self.invstd.to_vec()?,
-                        weight.as_deref(),
-                    );
-                    (
-                        CpuStorage::from(grads.dx),
-                        CpuStorage::from(grads.dweight),
-                        CpuStorage::from(grads.dbias),
-                    )
-                }))
-            })
-        })?;
+        check_operands(OP, &[x, grad])?;
+        let (dx, dweight, dbias) = match (&*x.storage(), &*grad.storage()) {
+            (Storage::Cpu(xs), Storage::Cpu(gs)) => float_slice2!(OP, xs, gs, |x, dy| {
+                let weight = weight.map(Tensor::to_vec).transpose()?;
+                let grads = cpu::layer_norm_backward(
+                    x,
+                    dy,
+                    self.width,
+                    &self.mean.to_vec()?,
+                    &self.invstd.to_vec()?,
+                    weight.as_deref(),
+                );
+                (
+                    Storage::Cpu(CpuStorage::from(grads.dx)),
+                    Storage::Cpu(CpuStorage::from(grads.dweight)),
+                    Storage::Cpu(CpuStorage::from(grads.dbias)),
+                )
+            }),
+            (Storage::Cuda(xs), Storage::Cuda(gs)) => {
+                let weight = weight.map(Tensor::storage);
+                let (mean, invstd) = (self.mean.storage(), self.invstd.storage());
+                let grads = cuda::layer_norm_backward(
+                    xs,
+                    gs,
+                    self.width,
+                    cuda::expect_cuda(&mean),
+                    cuda::expect_cuda(&invstd),
+                    weight.as_deref().map(cuda::expect_cuda),
+                )?;
+                (
+                    Storage::Cuda(grads.dx),
+                    Storage::Cuda(grads.dweight),
+                    Storage::Cuda(grads.dbias),
+                )
+            }
+            _ => unreachable!("check_operands put both operands on one device"),
+        };
         let param_shape = Shape::new([self.width]);
-        let mut grads = vec![Some(Tensor::from_cpu(dx, x.shape().clone()))];
+        let mut grads = vec![Some(Tensor::from_result(dx, x.shape().clone()))];
         if self.has_weight {
-            grads.push(Some(Tensor::from_cpu(dweight, param_shape.clone())));
+            grads.push(Some(Tensor::from_result(dweight, param_shape.clone())));
         }
         if self.has_bias {
-            grads.push(Some(Tensor::from_cpu(dbias, param_shape)));
+            grads.push(Some(Tensor::from_result(dbias, param_shape)));
         }
         Ok(grads)
     }

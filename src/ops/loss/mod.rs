@@ -4,13 +4,16 @@
 //! reduces by [`Reduction::Mean`] or [`Reduction::Sum`].
 
 pub mod cpu;
+pub(crate) mod cuda;
 
 use crate::autograd::Backward;
+use crate::cuda::CudaStorage;
 use crate::error::{Error, Result};
-use crate::ops::embedding::{check_index_range, multi_index, with_indices};
+use crate::ops::embedding::{check_index_range, multi_index};
 use crate::storage::{CpuStorage, Float, Storage};
-use crate::tensor::{Shape, Tensor, check_operands, same_device};
+use crate::tensor::{DType, Device, Shape, Tensor, check_operands, same_device};
 use crate::{float_slice, float_slice2};
+use cuda::{ElementwiseLoss, LossGradient};
 
 /// How a loss combines its per-element (or per-row) terms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -56,9 +59,26 @@ fn upstream_scale(grad: &Tensor, scale: f64) -> Result<f64> {
     Ok(grad.item()? * scale)
 }
 
-/// A rank-0 loss value built from kernel output.
-fn scalar_storage(value: CpuStorage) -> (Storage, Shape) {
-    (Storage::Cpu(value), Shape::new(Vec::new()))
+/// The shape of every loss value: rank 0.
+fn scalar_shape() -> Shape {
+    Shape::new(Vec::new())
+}
+
+/// The upstream gradient of a loss on CUDA, as the device buffer the
+/// backward kernels read it from.
+fn upstream_on_device<'a>(
+    op: &'static str,
+    grad: &'a Storage,
+    device: Device,
+) -> Result<&'a CudaStorage> {
+    match grad {
+        Storage::Cuda(g) => Ok(g),
+        Storage::Cpu(_) => Err(Error::DeviceMismatch {
+            op,
+            lhs: device,
+            rhs: Device::Cpu,
+        }),
+    }
 }
 
 impl Tensor {
@@ -68,17 +88,24 @@ impl Tensor {
         check_operands(OP, &[self, target])?;
         check_same_shape(OP, self, target, "target")?;
         let scale = reduction.scale(OP, self.numel(), "elements", self.shape())?;
-        let value = self.with_cpu(|x| {
-            target.with_cpu(|y| -> Result<_> {
-                Ok(float_slice2!(OP, x, y, |xv, yv| CpuStorage::from(vec![
+        let value = match (&*self.storage(), &*target.storage()) {
+            (Storage::Cpu(x), Storage::Cpu(y)) => {
+                Storage::Cpu(float_slice2!(OP, x, y, |xv, yv| CpuStorage::from(vec![
                     cpu::mse(xv, yv, scale)
                 ])))
-            })
-        })?;
-        let (storage, shape) = scalar_storage(value);
-        Ok(Tensor::from_op(storage, shape, &[self, target], |_| {
-            MseBackward { scale }
-        }))
+            }
+            (Storage::Cuda(x), Storage::Cuda(y)) => Storage::Cuda(
+                cuda::elementwise_loss(ElementwiseLoss::Mse, x, y, scale)?
+                    .expect("mse checks no target values"),
+            ),
+            _ => unreachable!("check_operands put both operands on one device"),
+        };
+        Ok(Tensor::from_op(
+            value,
+            scalar_shape(),
+            &[self, target],
+            |_| MseBackward { scale },
+        ))
     }
 
     /// Binary cross entropy on logits, max(x, 0) − x·y + ln(1 + e^(−|x|)) per
@@ -88,19 +115,33 @@ impl Tensor {
         const OP: &str = "bce_with_logits";
         check_operands(OP, &[self, target])?;
         check_same_shape(OP, self, target, "target")?;
-        check_probabilities(OP, target)?;
         let scale = reduction.scale(OP, self.numel(), "elements", self.shape())?;
-        let value = self.with_cpu(|x| {
-            target.with_cpu(|y| -> Result<_> {
-                Ok(float_slice2!(OP, x, y, |xv, yv| CpuStorage::from(vec![
+        let value = match (&*self.storage(), &*target.storage()) {
+            (Storage::Cpu(x), Storage::Cpu(y)) => {
+                check_probabilities(OP, y, target.dims())?;
+                Storage::Cpu(float_slice2!(OP, x, y, |xv, yv| CpuStorage::from(vec![
                     cpu::bce_with_logits(xv, yv, scale)
                 ])))
-            })
-        })?;
-        let (storage, shape) = scalar_storage(value);
-        Ok(Tensor::from_op(storage, shape, &[self, target], |_| {
-            BceWithLogitsBackward { scale }
-        }))
+            }
+            // The kernel flags targets outside [0, 1]; only then are they copied
+            // to the host, to name the first one as the CPU path does.
+            (Storage::Cuda(x), Storage::Cuda(y)) => {
+                match cuda::elementwise_loss(ElementwiseLoss::BceWithLogits, x, y, scale)? {
+                    Some(loss) => Storage::Cuda(loss),
+                    None => {
+                        check_probabilities(OP, &y.to_cpu()?, target.dims())?;
+                        return Err(Error::invalid(OP, "a target value is not in [0, 1]"));
+                    }
+                }
+            }
+            _ => unreachable!("check_operands put both operands on one device"),
+        };
+        Ok(Tensor::from_op(
+            value,
+            scalar_shape(),
+            &[self, target],
+            |_| BceWithLogitsBackward { scale },
+        ))
     }
 
     /// Cross entropy of logits [N, C] against u32 class `targets` [N] in
@@ -126,24 +167,54 @@ impl Tensor {
             ));
         }
         let scale = reduction.scale(OP, rows, "rows", self.shape())?;
-        let (value, row_logsumexp) = with_indices(OP, "targets", targets, |t| {
-            check_index_range(OP, "target", t, targets.dims(), classes, || {
-                format!("logits {} have {classes} classes", self.shape())
-            })?;
-            self.with_cpu(|x| -> Result<_> {
-                Ok(float_slice!(OP, x, |xv| {
+        let classes_context = || format!("logits {} have {classes} classes", self.shape());
+        let (value, row_logsumexp) = match (&*self.storage(), &*targets.storage()) {
+            (Storage::Cpu(x), Storage::Cpu(t)) => {
+                let t = u32_targets(OP, t)?;
+                check_index_range(OP, "target", t, targets.dims(), classes, classes_context)?;
+                float_slice!(OP, x, |xv| {
                     let (loss, lse) = cpu::cross_entropy(xv, t, classes, scale);
-                    (CpuStorage::from(vec![loss]), CpuStorage::from(lse))
-                }))
-            })
-        })?;
-        let (storage, shape) = scalar_storage(value);
-        Ok(Tensor::from_op(storage, shape, &[self, targets], |_| {
-            CrossEntropyBackward {
-                scale,
-                row_logsumexp: Tensor::from_cpu(row_logsumexp, Shape::new(vec![rows])),
+                    (
+                        Storage::Cpu(CpuStorage::from(vec![loss])),
+                        Storage::Cpu(CpuStorage::from(lse)),
+                    )
+                })
             }
-        }))
+            // The kernel flags targets ≥ C; only then are they copied to the
+            // host, to name the first one as the CPU path does.
+            (Storage::Cuda(x), Storage::Cuda(t)) => {
+                require_u32_targets(OP, t.dtype())?;
+                match cuda::cross_entropy(x, t, rows, classes, scale)? {
+                    Some((loss, lse)) => (Storage::Cuda(loss), Storage::Cuda(lse)),
+                    None => {
+                        let host = t.to_cpu()?;
+                        let t = u32_targets(OP, &host)?;
+                        check_index_range(
+                            OP,
+                            "target",
+                            t,
+                            targets.dims(),
+                            classes,
+                            classes_context,
+                        )?;
+                        return Err(Error::invalid(
+                            OP,
+                            format!("a target is out of range: {}", classes_context()),
+                        ));
+                    }
+                }
+            }
+            _ => unreachable!("same_device put logits and targets on one device"),
+        };
+        Ok(Tensor::from_op(
+            value,
+            scalar_shape(),
+            &[self, targets],
+            |_| CrossEntropyBackward {
+                scale,
+                row_logsumexp: Tensor::from_result(row_logsumexp, Shape::new(vec![rows])),
+            },
+        ))
     }
 
     /// KL(N(mu, e^logvar) ‖ N(0, 1)), the VAE's latent penalty: per row
@@ -160,29 +231,35 @@ impl Tensor {
             ));
         };
         let scale = reduction.scale(OP, rows, "rows", mu.shape())?;
-        let value = mu.with_cpu(|m| {
-            logvar.with_cpu(|lv| -> Result<_> {
-                Ok(float_slice2!(OP, m, lv, |mv, lvv| CpuStorage::from(vec![
+        let value = match (&*mu.storage(), &*logvar.storage()) {
+            (Storage::Cpu(m), Storage::Cpu(lv)) => {
+                Storage::Cpu(float_slice2!(OP, m, lv, |mv, lvv| CpuStorage::from(vec![
                     cpu::gaussian_kl(mv, lvv, scale)
                 ])))
-            })
-        })?;
-        let (storage, shape) = scalar_storage(value);
-        Ok(Tensor::from_op(storage, shape, &[mu, logvar], |_| {
-            GaussianKlBackward { scale }
-        }))
+            }
+            (Storage::Cuda(m), Storage::Cuda(lv)) => Storage::Cuda(
+                cuda::elementwise_loss(ElementwiseLoss::GaussianKl, m, lv, scale)?
+                    .expect("gaussian_kl checks no input values"),
+            ),
+            _ => unreachable!("check_operands put both operands on one device"),
+        };
+        Ok(Tensor::from_op(
+            value,
+            scalar_shape(),
+            &[mu, logvar],
+            |_| GaussianKlBackward { scale },
+        ))
     }
 }
 
-/// Checks that every target of a binary loss is a probability in [0, 1]
-/// (this also catches logits passed as the target by mistake).
-fn check_probabilities(op: &'static str, target: &Tensor) -> Result<()> {
-    let outside = target.with_cpu(|s| -> Result<_> {
-        Ok(float_slice!(op, s, |v| v
-            .iter()
-            .position(|y| !(0.0..=1.0).contains(y))
-            .map(|flat| (flat, v[flat].to_f64()))))
-    })?;
+/// Checks that every target of a binary loss (host values of shape `dims`)
+/// is a probability in [0, 1] (this also catches logits passed as the
+/// target by mistake).
+fn check_probabilities(op: &'static str, target: &CpuStorage, dims: &[usize]) -> Result<()> {
+    let outside = float_slice!(op, target, |v| v
+        .iter()
+        .position(|y| !(0.0..=1.0).contains(y))
+        .map(|flat| (flat, v[flat].to_f64())));
     let Some((flat, value)) = outside else {
         return Ok(());
     };
@@ -190,9 +267,31 @@ fn check_probabilities(op: &'static str, target: &Tensor) -> Result<()> {
         op,
         format!(
             "target value {value} at position {:?} is not in [0, 1]",
-            multi_index(flat, target.dims())
+            multi_index(flat, dims)
         ),
     ))
+}
+
+/// The values of u32 class targets on the host.
+fn u32_targets<'a>(op: &'static str, targets: &'a CpuStorage) -> Result<&'a [u32]> {
+    require_u32_targets(op, targets.dtype())?;
+    match targets {
+        CpuStorage::U32(t) => Ok(t),
+        _ => unreachable!("the dtype was checked to be u32"),
+    }
+}
+
+/// Class targets must be u32 (the same message as the other index ops).
+fn require_u32_targets(op: &'static str, dtype: DType) -> Result<()> {
+    if dtype == DType::U32 {
+        return Ok(());
+    }
+    Err(Error::DType {
+        op,
+        msg: format!(
+            "targets must have dtype u32, got {dtype} (make them with Tensor::from_indices)"
+        ),
+    })
 }
 
 struct MseBackward {
@@ -206,19 +305,29 @@ impl Backward for MseBackward {
     }
     // dL/dx = 2(x − y) · g · scale,  dL/dy = −dL/dx
     fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        const OP: &str = "mse_loss";
         let (x, y) = (&inputs[0], &inputs[1]);
-        let scale = upstream_scale(grad, self.scale)?;
-        let dx = x.with_cpu(|xs| {
-            y.with_cpu(|ys| -> Result<_> {
-                Ok(float_slice2!(
-                    "mse_loss",
+        let dx = match (&*x.storage(), &*y.storage()) {
+            (Storage::Cpu(xs), Storage::Cpu(ys)) => {
+                let scale = upstream_scale(grad, self.scale)?;
+                Storage::Cpu(float_slice2!(OP, xs, ys, |xv, yv| CpuStorage::from(
+                    cpu::mse_backward(xv, yv, scale)
+                )))
+            }
+            (Storage::Cuda(xs), Storage::Cuda(ys)) => {
+                let grad_storage = grad.storage();
+                let g = upstream_on_device(OP, &grad_storage, x.device())?;
+                Storage::Cuda(cuda::elementwise_loss_backward(
+                    LossGradient::Mse,
                     xs,
-                    ys,
-                    |xv, yv| CpuStorage::from(cpu::mse_backward(xv, yv, scale))
-                ))
-            })
-        })?;
-        let dx = Tensor::from_cpu(dx, x.shape().clone());
+                    Some(ys),
+                    g,
+                    self.scale,
+                )?)
+            }
+            _ => unreachable!("the forward checked that both operands share one device"),
+        };
+        let dx = Tensor::from_result(dx, x.shape().clone());
         let dy = y.requires_grad().then(|| dx.neg()).transpose()?;
         Ok(vec![Some(dx), dy])
     }
@@ -237,25 +346,49 @@ impl Backward for BceWithLogitsBackward {
     fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         const OP: &str = "bce_with_logits";
         let (x, y) = (&inputs[0], &inputs[1]);
-        let scale = upstream_scale(grad, self.scale)?;
-        let dx = x.with_cpu(|xs| {
-            y.with_cpu(|ys| -> Result<_> {
-                Ok(float_slice2!(OP, xs, ys, |xv, yv| CpuStorage::from(
+        let (dx, dy) = match (&*x.storage(), &*y.storage()) {
+            (Storage::Cpu(xs), Storage::Cpu(ys)) => {
+                let scale = upstream_scale(grad, self.scale)?;
+                let dx = float_slice2!(OP, xs, ys, |xv, yv| CpuStorage::from(
                     cpu::bce_with_logits_backward_input(xv, yv, scale)
-                )))
-            })
-        })?;
-        let dy = if y.requires_grad() {
-            let dy = x.with_cpu(|xs| -> Result<_> {
-                Ok(float_slice!(OP, xs, |xv| CpuStorage::from(
-                    cpu::bce_with_logits_backward_target(xv, scale)
-                )))
-            })?;
-            Some(Tensor::from_cpu(dy, y.shape().clone()))
-        } else {
-            None
+                ));
+                let dy = if y.requires_grad() {
+                    Some(float_slice!(OP, xs, |xv| CpuStorage::from(
+                        cpu::bce_with_logits_backward_target(xv, scale)
+                    )))
+                } else {
+                    None
+                };
+                (Storage::Cpu(dx), dy.map(Storage::Cpu))
+            }
+            (Storage::Cuda(xs), Storage::Cuda(ys)) => {
+                let grad_storage = grad.storage();
+                let g = upstream_on_device(OP, &grad_storage, x.device())?;
+                let dx = cuda::elementwise_loss_backward(
+                    LossGradient::BceInput,
+                    xs,
+                    Some(ys),
+                    g,
+                    self.scale,
+                )?;
+                let dy = y
+                    .requires_grad()
+                    .then(|| {
+                        cuda::elementwise_loss_backward(
+                            LossGradient::BceTarget,
+                            xs,
+                            None,
+                            g,
+                            self.scale,
+                        )
+                    })
+                    .transpose()?;
+                (Storage::Cuda(dx), dy.map(Storage::Cuda))
+            }
+            _ => unreachable!("the forward checked that both operands share one device"),
         };
-        Ok(vec![Some(Tensor::from_cpu(dx, x.shape().clone())), dy])
+        let dy = dy.map(|d| Tensor::from_result(d, y.shape().clone()));
+        Ok(vec![Some(Tensor::from_result(dx, x.shape().clone())), dy])
     }
 }
 
@@ -275,17 +408,29 @@ impl Backward for CrossEntropyBackward {
         const OP: &str = "cross_entropy";
         let (x, targets) = (&inputs[0], &inputs[1]);
         let classes = x.dims()[1];
-        let scale = upstream_scale(grad, self.scale)?;
-        let dx = with_indices(OP, "targets", targets, |t| {
-            x.with_cpu(|xs| {
-                self.row_logsumexp.with_cpu(|ls| -> Result<_> {
-                    Ok(float_slice2!(OP, xs, ls, |xv, lv| CpuStorage::from(
-                        cpu::cross_entropy_backward(xv, t, lv, classes, scale)
-                    )))
-                })
-            })
-        })?;
-        Ok(vec![Some(Tensor::from_cpu(dx, x.shape().clone())), None])
+        let storages = (
+            &*x.storage(),
+            &*targets.storage(),
+            &*self.row_logsumexp.storage(),
+        );
+        let dx = match storages {
+            (Storage::Cpu(xs), Storage::Cpu(ts), Storage::Cpu(ls)) => {
+                let scale = upstream_scale(grad, self.scale)?;
+                let t = u32_targets(OP, ts)?;
+                Storage::Cpu(float_slice2!(OP, xs, ls, |xv, lv| CpuStorage::from(
+                    cpu::cross_entropy_backward(xv, t, lv, classes, scale)
+                )))
+            }
+            (Storage::Cuda(xs), Storage::Cuda(ts), Storage::Cuda(ls)) => {
+                let grad_storage = grad.storage();
+                let g = upstream_on_device(OP, &grad_storage, x.device())?;
+                Storage::Cuda(cuda::cross_entropy_backward(
+                    xs, ts, ls, g, classes, self.scale,
+                )?)
+            }
+            _ => unreachable!("the forward put logits, targets and logsumexp on one device"),
+        };
+        Ok(vec![Some(Tensor::from_result(dx, x.shape().clone())), None])
     }
 }
 
@@ -300,32 +445,41 @@ impl Backward for GaussianKlBackward {
     }
     // dL/dmu = mu · g · scale,  dL/dlogvar = ½(e^logvar − 1) · g · scale
     fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        const OP: &str = "gaussian_kl";
         let (mu, logvar) = (&inputs[0], &inputs[1]);
-        let scale = upstream_scale(grad, self.scale)?;
-        let dmu = mu
-            .requires_grad()
-            .then(|| {
-                mu.with_cpu(|s| -> Result<_> {
-                    Ok(float_slice!(OP, s, |v| CpuStorage::from(
-                        cpu::gaussian_kl_backward_mu(v, scale)
-                    )))
-                })
-                .map(|d| Tensor::from_cpu(d, mu.shape().clone()))
-            })
-            .transpose()?;
-        let dlogvar = logvar
-            .requires_grad()
-            .then(|| {
-                logvar
-                    .with_cpu(|s| -> Result<_> {
-                        Ok(float_slice!(OP, s, |v| CpuStorage::from(
-                            cpu::gaussian_kl_backward_logvar(v, scale)
-                        )))
-                    })
-                    .map(|d| Tensor::from_cpu(d, logvar.shape().clone()))
-            })
-            .transpose()?;
+        let dmu = gaussian_kl_gradient(mu, grad, self.scale, LossGradient::KlMu)?;
+        let dlogvar = gaussian_kl_gradient(logvar, grad, self.scale, LossGradient::KlLogvar)?;
         Ok(vec![dmu, dlogvar])
     }
+}
+
+/// dL/dmu (`KlMu`) or dL/dlogvar (`KlLogvar`) of the Gaussian KL, on the
+/// input's device; None if the input takes no gradient.
+fn gaussian_kl_gradient(
+    input: &Tensor,
+    grad: &Tensor,
+    scale: f64,
+    gradient: LossGradient,
+) -> Result<Option<Tensor>> {
+    const OP: &str = "gaussian_kl";
+    if !input.requires_grad() {
+        return Ok(None);
+    }
+    let d = match &*input.storage() {
+        Storage::Cpu(s) => {
+            let scale = upstream_scale(grad, scale)?;
+            Storage::Cpu(float_slice!(OP, s, |v| CpuStorage::from(match gradient {
+                LossGradient::KlMu => cpu::gaussian_kl_backward_mu(v, scale),
+                LossGradient::KlLogvar => cpu::gaussian_kl_backward_logvar(v, scale),
+                other => unreachable!("{other:?} is not a gaussian_kl gradient"),
+            })))
+        }
+        Storage::Cuda(s) => {
+            let grad_storage = grad.storage();
+            let g = upstream_on_device(OP, &grad_storage, input.device())?;
+            Storage::Cuda(cuda::elementwise_loss_backward(
+                gradient, s, None, g, scale,
+            )?)
+        }
+    };
+    Ok(Some(Tensor::from_result(d, input.shape().clone())))
 }

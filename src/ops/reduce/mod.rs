@@ -1,6 +1,7 @@
 //! Reductions: sum, mean and max over dims, with or without keepdim.
 
 mod cpu;
+mod cuda;
 
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
@@ -33,19 +34,43 @@ fn check_dims(op: &'static str, dims: &[usize], shape: &Shape) -> Result<Vec<usi
     Ok(dims)
 }
 
-/// Sums `dims` of `x` on the CPU, keeping them as size 1.
-fn sum_keepdim(x: &Tensor, dims: &[usize]) -> Result<CpuStorage> {
+/// Sums `dims` of `x`, keeping them as size 1, then multiplies by `scale`
+/// (1 for sum, 1/count for mean), on the device `x` lives on. One kernel per
+/// reduced dim; on CUDA the scale rides along with the last one (with no dim
+/// reduced the count is 1, so the scale is too).
+fn sum_keepdim(x: &Tensor, dims: &[usize], scale: f64) -> Result<Storage> {
     let mut current_dims = x.dims().to_vec();
-    let mut values = x.with_cpu(|s| s.clone());
-    for &d in dims {
+    let input = x.storage();
+    let mut reduced: Option<Storage> = None;
+    for (step, &d) in dims.iter().enumerate() {
         let shape = Shape::new(current_dims.clone());
         let (outer, n, inner) = shape.split_at_dim(d);
-        values = float_slice!("sum", &values, |v| CpuStorage::from(cpu::sum(
-            v, outer, n, inner
-        )));
+        let next = match reduced.as_ref().unwrap_or(&*input) {
+            Storage::Cpu(s) => Storage::Cpu(float_slice!("sum", s, |v| CpuStorage::from(
+                cpu::sum(v, outer, n, inner)
+            ))),
+            Storage::Cuda(s) => {
+                let last = step + 1 == dims.len();
+                let step_scale = if last { scale as f32 } else { 1.0 };
+                Storage::Cuda(cuda::sum(s, outer, n, inner, step_scale)?)
+            }
+        };
+        reduced = Some(next);
         current_dims[d] = 1;
     }
-    Ok(values)
+    let values = match reduced {
+        Some(values) => values,
+        None => input.try_clone()?,
+    };
+    drop(input);
+    Ok(match values {
+        Storage::Cpu(s) if scale != 1.0 => {
+            Storage::Cpu(float_slice!("mean", &s, |v| CpuStorage::from(cpu::scale(
+                v, scale
+            ))))
+        }
+        other => other,
+    })
 }
 
 impl Tensor {
@@ -53,20 +78,17 @@ impl Tensor {
     pub fn sum(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
         check_operands("sum", &[self])?;
         let dims = check_dims("sum", dims, self.shape())?;
-        let storage = sum_keepdim(self, &dims)?;
+        let storage = sum_keepdim(self, &dims, 1.0)?;
         let out_shape = reduced_shape(self.shape(), &dims, keepdim);
         let input_shape = self.shape().clone();
         let kept_shape = reduced_shape(self.shape(), &dims, true);
-        Ok(Tensor::from_op(
-            Storage::Cpu(storage),
-            out_shape,
-            &[self],
-            |_| SumBackward {
+        Ok(Tensor::from_op(storage, out_shape, &[self], |_| {
+            SumBackward {
                 input_shape,
                 kept_shape,
                 scale: 1.0,
-            },
-        ))
+            }
+        }))
     }
 
     /// Sum of every element, as a rank-0 tensor.
@@ -87,21 +109,17 @@ impl Tensor {
             ));
         }
         let scale = 1.0 / count as f64;
-        let summed = sum_keepdim(self, &dims)?;
-        let storage = float_slice!("mean", &summed, |v| CpuStorage::from(cpu::scale(v, scale)));
+        let storage = sum_keepdim(self, &dims, scale)?;
         let out_shape = reduced_shape(self.shape(), &dims, keepdim);
         let input_shape = self.shape().clone();
         let kept_shape = reduced_shape(self.shape(), &dims, true);
-        Ok(Tensor::from_op(
-            Storage::Cpu(storage),
-            out_shape,
-            &[self],
-            |_| SumBackward {
+        Ok(Tensor::from_op(storage, out_shape, &[self], |_| {
+            SumBackward {
                 input_shape,
                 kept_shape,
                 scale,
-            },
-        ))
+            }
+        }))
     }
 
     /// Mean of every element, as a rank-0 tensor.
@@ -126,16 +144,23 @@ impl Tensor {
                 format!("max over an empty dim of shape {}", self.shape()),
             ));
         }
-        let (values, indices) = self.with_cpu(|s| -> Result<_> {
-            Ok(float_slice!("max", s, |v| {
-                let (values, indices) = cpu::max(v, outer, n, inner);
-                (CpuStorage::from(values), indices)
-            }))
-        })?;
+        let (values, indices) = match &*self.storage() {
+            Storage::Cpu(s) => {
+                let (values, indices) = float_slice!("max", s, |v| {
+                    let (values, indices) = cpu::max(v, outer, n, inner);
+                    (CpuStorage::from(values), indices)
+                });
+                (Storage::Cpu(values), Storage::Cpu(CpuStorage::U32(indices)))
+            }
+            Storage::Cuda(s) => {
+                let (values, indices) = cuda::max(s, outer, n, inner)?;
+                (Storage::Cuda(values), Storage::Cuda(indices))
+            }
+        };
         let out_shape = reduced_shape(self.shape(), &[dim], keepdim);
-        let argmax = Tensor::from_cpu(CpuStorage::U32(indices), out_shape.clone());
+        let argmax = Tensor::from_result(indices, out_shape.clone());
         let saved = argmax.clone();
-        let out = Tensor::from_op(Storage::Cpu(values), out_shape, &[self], |_| MaxBackward {
+        let out = Tensor::from_op(values, out_shape, &[self], |_| MaxBackward {
             dim,
             argmax: saved,
         });
@@ -208,12 +233,17 @@ impl Backward for MaxBackward {
     fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let x = &inputs[0];
         let (outer, n, inner) = x.shape().split_at_dim(self.dim);
-        let argmax = self.argmax.to_indices()?;
-        let dx = grad.with_cpu(|g| -> Result<_> {
-            Ok(float_slice!("max_backward", g, |gv| CpuStorage::from(
-                cpu::max_backward(gv, &argmax, outer, n, inner)
-            )))
-        })?;
-        Ok(vec![Some(Tensor::from_cpu(dx, x.shape().clone()))])
+        let dx = match (&*grad.storage(), &*self.argmax.storage()) {
+            (Storage::Cpu(g), Storage::Cpu(CpuStorage::U32(argmax))) => {
+                Storage::Cpu(float_slice!("max_backward", g, |gv| CpuStorage::from(
+                    cpu::max_backward(gv, argmax, outer, n, inner)
+                )))
+            }
+            (Storage::Cuda(g), Storage::Cuda(argmax)) => {
+                Storage::Cuda(cuda::max_backward(g, argmax, outer, n, inner)?)
+            }
+            _ => unreachable!("max saved u32 indices on the device of its input"),
+        };
+        Ok(vec![Some(Tensor::from_result(dx, x.shape().clone()))])
     }
 }

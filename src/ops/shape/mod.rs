@@ -2,9 +2,11 @@
 //! permute/transpose, narrow, cat, stack, broadcast_to.
 
 mod cpu;
+pub(crate) mod cuda;
 
 use crate::any_slice;
 use crate::autograd::Backward;
+use crate::cuda::CudaStorage;
 use crate::error::{Error, Result};
 use crate::ops::{broadcast_shape, check_dim};
 use crate::storage::{CpuStorage, Element, Storage};
@@ -97,15 +99,18 @@ impl Tensor {
             ));
         }
         let out_shape = Shape::new(perm.iter().map(|&p| self.dims()[p]).collect::<Vec<_>>());
-        let storage = self
-            .with_cpu(|s| any_slice!(s, |v| CpuStorage::from(cpu::permute(v, self.dims(), perm))));
+        let storage = match &*self.storage() {
+            Storage::Cpu(s) => Storage::Cpu(any_slice!(s, |v| CpuStorage::from(cpu::permute(
+                v,
+                self.dims(),
+                perm
+            )))),
+            Storage::Cuda(s) => Storage::Cuda(cuda::permute(s, self.shape(), perm)?),
+        };
         let perm = perm.to_vec();
-        Ok(Tensor::from_op(
-            Storage::Cpu(storage),
-            out_shape,
-            &[self],
-            |_| PermuteBackward { perm },
-        ))
+        Ok(Tensor::from_op(storage, out_shape, &[self], |_| {
+            PermuteBackward { perm }
+        }))
     }
 
     /// Swaps two dims (a copy).
@@ -132,19 +137,17 @@ impl Tensor {
             ));
         }
         let (outer, dim_size, inner) = self.shape().split_at_dim(dim);
-        let storage = self.with_cpu(|s| {
-            any_slice!(s, |v| CpuStorage::from(cpu::narrow(
+        let storage = match &*self.storage() {
+            Storage::Cpu(s) => Storage::Cpu(any_slice!(s, |v| CpuStorage::from(cpu::narrow(
                 v, outer, dim_size, inner, start, len
-            )))
-        });
+            )))),
+            Storage::Cuda(s) => Storage::Cuda(cuda::narrow(s, outer, dim_size, inner, start, len)?),
+        };
         let mut dims = self.dims().to_vec();
         dims[dim] = len;
-        Ok(Tensor::from_op(
-            Storage::Cpu(storage),
-            Shape::new(dims),
-            &[self],
-            |_| NarrowBackward { dim, start, size },
-        ))
+        Ok(Tensor::from_op(storage, Shape::new(dims), &[self], |_| {
+            NarrowBackward { dim, start, size }
+        }))
     }
 
     /// Joins tensors along an existing dim; all other dims must match.
@@ -178,30 +181,38 @@ impl Tensor {
         let (outer, _, inner) = first.shape().split_at_dim(dim);
         let guards: Vec<_> = tensors.iter().map(|t| t.storage()).collect();
         let sizes: Vec<usize> = tensors.iter().map(|t| t.dims()[dim]).collect();
-        let parts: Vec<(&CpuStorage, usize)> = guards
-            .iter()
-            .zip(&sizes)
-            .map(|(g, &size)| match &**g {
-                Storage::Cpu(s) => (s, size),
-                Storage::Cuda(_) => panic!("internal error: CPU cat called on a CUDA tensor"),
+        let storage = if let Storage::Cuda(_) = &*guards[0] {
+            let parts: Vec<(&CudaStorage, usize)> = guards
+                .iter()
+                .zip(&sizes)
+                .map(|(g, &size)| match &**g {
+                    Storage::Cuda(s) => (s, size),
+                    Storage::Cpu(_) => unreachable!("same_device put every part on one device"),
+                })
+                .collect();
+            Storage::Cuda(cuda::cat(&parts, outer, inner)?)
+        } else {
+            let parts: Vec<(&CpuStorage, usize)> = guards
+                .iter()
+                .zip(&sizes)
+                .map(|(g, &size)| match &**g {
+                    Storage::Cpu(s) => (s, size),
+                    Storage::Cuda(_) => unreachable!("same_device put every part on one device"),
+                })
+                .collect();
+            Storage::Cpu(match first.dtype() {
+                DType::F32 => cat_typed::<f32>(&parts, outer, inner),
+                DType::F64 => cat_typed::<f64>(&parts, outer, inner),
+                DType::U32 => cat_typed::<u32>(&parts, outer, inner),
+                other => return Err(Error::unsupported_dtype("cat", other)),
             })
-            .collect();
-        let storage = match first.dtype() {
-            DType::F32 => cat_typed::<f32>(&parts, outer, inner),
-            DType::F64 => cat_typed::<f64>(&parts, outer, inner),
-            DType::U32 => cat_typed::<u32>(&parts, outer, inner),
-            other => return Err(Error::unsupported_dtype("cat", other)),
         };
-        drop(parts);
         drop(guards);
         let mut dims = first.dims().to_vec();
         dims[dim] = sizes.iter().sum();
-        Ok(Tensor::from_op(
-            Storage::Cpu(storage),
-            Shape::new(dims),
-            tensors,
-            |_| CatBackward { dim, sizes },
-        ))
+        Ok(Tensor::from_op(storage, Shape::new(dims), tensors, |_| {
+            CatBackward { dim, sizes }
+        }))
     }
 
     /// Joins equally-shaped tensors along a new dim.
@@ -227,20 +238,17 @@ impl Tensor {
         if &shape == self.shape() {
             return Ok(self.clone());
         }
-        let storage = self.with_cpu(|s| {
-            any_slice!(s, |v| CpuStorage::from(cpu::broadcast(
-                v,
-                self.dims(),
-                shape.dims()
-            )))
-        });
+        let storage =
+            match &*self.storage() {
+                Storage::Cpu(s) => Storage::Cpu(any_slice!(s, |v| CpuStorage::from(
+                    cpu::broadcast(v, self.dims(), shape.dims())
+                ))),
+                Storage::Cuda(s) => Storage::Cuda(cuda::broadcast(s, self.shape(), &shape)?),
+            };
         let input_shape = self.shape().clone();
-        Ok(Tensor::from_op(
-            Storage::Cpu(storage),
-            shape,
-            &[self],
-            |_| BroadcastBackward { input_shape },
-        ))
+        Ok(Tensor::from_op(storage, shape, &[self], |_| {
+            BroadcastBackward { input_shape }
+        }))
     }
 }
 

@@ -1,7 +1,9 @@
 //! Softmax and log-softmax over the last dim, each one fused op whose
 //! backward works from the saved output alone (no recomputation of exp).
+//! On CUDA (kernels/softmax.cu) each row is one thread block.
 
 pub mod cpu;
+pub(crate) mod cuda;
 
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
@@ -21,6 +23,10 @@ impl SoftmaxKind {
             SoftmaxKind::Softmax => "softmax",
             SoftmaxKind::LogSoftmax => "log_softmax",
         }
+    }
+
+    fn is_log(self) -> bool {
+        self == SoftmaxKind::LogSoftmax
     }
 }
 
@@ -50,21 +56,19 @@ fn softmax_op(x: &Tensor, kind: SoftmaxKind) -> Result<Tensor> {
             ),
         ));
     };
-    let out = x.with_cpu(|s| -> Result<_> {
-        Ok(float_slice!(op, s, |v| CpuStorage::from(match kind {
+    let out = match &*x.storage() {
+        Storage::Cpu(s) => Storage::Cpu(float_slice!(op, s, |v| CpuStorage::from(match kind {
             SoftmaxKind::Softmax => cpu::softmax(v, width),
             SoftmaxKind::LogSoftmax => cpu::log_softmax(v, width),
-        })))
-    })?;
-    Ok(Tensor::from_op(
-        Storage::Cpu(out),
-        x.shape().clone(),
-        &[x],
-        |output| SoftmaxBackward {
+        }))),
+        Storage::Cuda(s) => Storage::Cuda(cuda::softmax_forward(s, width, kind.is_log())?),
+    };
+    Ok(Tensor::from_op(out, x.shape().clone(), &[x], |output| {
+        SoftmaxBackward {
             kind,
             output: output.clone(),
-        },
-    ))
+        }
+    }))
 }
 
 struct SoftmaxBackward {
@@ -83,16 +87,24 @@ impl Backward for SoftmaxBackward {
     fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let op = self.kind.name();
         let width = inputs[0].dims()[inputs[0].rank() - 1];
-        let dx = self.output.with_cpu(|ys| {
-            grad.with_cpu(|gs| -> Result<_> {
-                Ok(float_slice2!(op, ys, gs, |y, dy| CpuStorage::from(
+        check_operands(op, &[&self.output, grad])?;
+        let dx = match (&*self.output.storage(), &*grad.storage()) {
+            (Storage::Cpu(ys), Storage::Cpu(gs)) => {
+                Storage::Cpu(float_slice2!(op, ys, gs, |y, dy| CpuStorage::from(
                     match self.kind {
                         SoftmaxKind::Softmax => cpu::softmax_backward(y, dy, width),
                         SoftmaxKind::LogSoftmax => cpu::log_softmax_backward(y, dy, width),
                     }
                 )))
-            })
-        })?;
-        Ok(vec![Some(Tensor::from_cpu(dx, inputs[0].shape().clone()))])
+            }
+            (Storage::Cuda(ys), Storage::Cuda(gs)) => {
+                Storage::Cuda(cuda::softmax_backward(ys, gs, width, self.kind.is_log())?)
+            }
+            _ => unreachable!("check_operands put both operands on one device"),
+        };
+        Ok(vec![Some(Tensor::from_result(
+            dx,
+            inputs[0].shape().clone(),
+        ))])
     }
 }

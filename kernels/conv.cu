@@ -1,0 +1,286 @@
+// Convolutions (conv2d and conv_transpose2d, f32, groups = 1). Every kernel
+// sees its problem in conv2d terms through one ConvGeometry (see
+// src/ops/conv/mod.rs): a kernel window slides over an input image
+// [N, C, H, W] and produces an output grid [N, O, Ho, Wo]; the weight is
+// [O, C, kh, kw]. Output position (oh, ow) with tap (i, j) reads input pixel
+// (oh·stride − pad + i·dilation, ow·stride − pad + j·dilation), zero outside.
+// conv_transpose2d runs the same kernels with the roles swapped, so its
+// output_padding is just a larger input image here.
+//
+// Forward: the convolution is a GEMM, y[N·Ho·Wo, O] = im2col(x)[N·Ho·Wo,
+// C·kh·kw] · Wᵀ, and its arithmetic (2·C·kh·kw flops per output value) is
+// what costs. conv2d_forward_direct (one thread per output value) states the
+// definition but rereads x and W from global memory for every product.
+// conv2d_forward_implicit_gemm tiles the product in shared memory like a GEMM
+// (64 positions × 64 channels per block, 4 × 4 values per thread), so each
+// value loaded is reused 64 times; its A tile is gathered straight from the
+// image (padding → 0) instead of from an im2col buffer, which would cost
+// kh·kw times the input in memory and traffic. The engine uses the tiled one.
+//
+// Backward-data gathers: one thread per input pixel sums the dy·W products
+// of the outputs that read it. Scattering instead (one thread per output,
+// atomicAdd into dx) would contend on the pixels windows share, and the
+// float atomics would make the sum order, hence the result, vary run to run.
+// Backward-weight and bias-grad are reductions over batch and positions: one
+// block per weight element / channel with block_sum, again no atomics, so
+// every gradient is deterministic.
+#include "common.cuh"
+
+// Mirrors ConvGeometry / ConvShape in src/ops/conv/cuda.rs.
+struct ConvShape {
+    i64 batch;
+    i64 in_channels;
+    i64 in_h, in_w;
+    i64 out_channels;
+    i64 out_h, out_w;
+    i64 kernel_h, kernel_w;
+    i64 stride_h, stride_w;
+    i64 pad_h, pad_w;
+    i64 dilation_h, dilation_w;
+};
+static_assert(sizeof(ConvShape) == 120, "ConvShape must match its Rust mirror");
+
+// Mirrors ConvParams in src/ops/conv/cuda.rs. Each kernel reads two of
+// image / weight / grid and writes `out`.
+struct ConvParams {
+    const float* image;   // [N, C, H, W]
+    const float* weight;  // [O, C, kh, kw]
+    const float* grid;    // [N, O, Ho, Wo]
+    const float* bias;    // forward: [O], backward_data: [C]; null for none
+    float* out;
+    ConvShape geometry;
+};
+static_assert(sizeof(ConvParams) == 160, "ConvParams must match its Rust mirror");
+
+// ---- forward v1: one thread per output value ------------------------------------
+// y[n, o, oh, ow] = b[o] + Σ_{c,i,j} x[n, c, oh·s − p + i·d, ow·s − p + j·d] · W[o, c, i, j]
+extern "C" __global__ void conv2d_forward_direct(const ConvParams p) {
+    const ConvShape g = p.geometry;
+    const i64 total = g.batch * g.out_channels * g.out_h * g.out_w;
+    GRID_STRIDE_LOOP(idx, total) {
+        const i64 ow = idx % g.out_w;
+        const i64 oh = (idx / g.out_w) % g.out_h;
+        const i64 o = (idx / (g.out_w * g.out_h)) % g.out_channels;
+        const i64 n = idx / (g.out_w * g.out_h * g.out_channels);
+        const float* image_n = p.image + n * g.in_channels * g.in_h * g.in_w;
+        const float* weight_o = p.weight + o * g.in_channels * g.kernel_h * g.kernel_w;
+        float acc = p.bias ? p.bias[o] : 0.0f;
+        for (i64 c = 0; c < g.in_channels; ++c) {
+            const float* plane = image_n + c * g.in_h * g.in_w;
+            const float* taps = weight_o + c * g.kernel_h * g.kernel_w;
+            for (i64 i = 0; i < g.kernel_h; ++i) {
+                const i64 ih = oh * g.stride_h - g.pad_h + i * g.dilation_h;
+                if (ih < 0 || ih >= g.in_h) continue;
+                for (i64 j = 0; j < g.kernel_w; ++j) {
+                    const i64 iw = ow * g.stride_w - g.pad_w + j * g.dilation_w;
+                    if (iw < 0 || iw >= g.in_w) continue;
+                    acc += plane[ih * g.in_w + iw] * taps[i * g.kernel_w + j];
+                }
+            }
+        }
+        p.out[idx] = acc;
+    }
+}
+
+// ---- forward v2: implicit GEMM with shared-memory tiles ---------------------------
+// C[m, o] = Σ_k A[m, k] · B[k, o] with m = (n, oh, ow), k = (c, i, j),
+// A = im2col(x) gathered on the fly and B = Wᵀ (W is row-major [O, K]).
+// Launch: grid (⌈N·Ho·Wo / 64⌉, ⌈O / 64⌉), 256 threads; K = C·kh·kw < 2^31.
+#define IG_TILE_M 64    // output positions per block
+#define IG_TILE_N 64    // output channels per block
+#define IG_TILE_K 16    // (channel, tap) pairs per shared-memory stage
+// The block is 256 threads, 16 × 16, each owning 4 × 4 outputs.
+
+extern "C" __global__ void conv2d_forward_implicit_gemm(const ConvParams p) {
+    const ConvShape g = p.geometry;
+    // a_tile[k][m]: consecutive threads gather consecutive positions (coalesced
+    // along ow) and read consecutive m. b_tile[k][o] is W transposed on the
+    // way in; the +1 column spreads that transposing store over the banks.
+    __shared__ float a_tile[IG_TILE_K][IG_TILE_M];
+    __shared__ float b_tile[IG_TILE_K][IG_TILE_N + 1];
+
+    const int t = threadIdx.x;
+    const i64 positions = g.out_h * g.out_w;
+    const i64 m_total = g.batch * positions;
+    const int taps = (int)(g.kernel_h * g.kernel_w);
+    const int k_total = (int)g.in_channels * taps;
+    const i64 m0 = (i64)blockIdx.x * IG_TILE_M;
+    const i64 o0 = (i64)blockIdx.y * IG_TILE_N;
+
+    // A loader: this thread gathers position a_m of the tile, rows a_k + 4r.
+    // Its output position, hence the window corner, is the same every stage.
+    const int a_m = t % IG_TILE_M;
+    const int a_k = t / IG_TILE_M;
+    const i64 gather_m = m0 + a_m;
+    const bool gather_valid = gather_m < m_total;
+    const i64 gather_n = gather_valid ? gather_m / positions : 0;
+    const i64 gather_pos = gather_valid ? gather_m % positions : 0;
+    const i64 corner_h = (gather_pos / g.out_w) * g.stride_h - g.pad_h;
+    const i64 corner_w = (gather_pos % g.out_w) * g.stride_w - g.pad_w;
+    const float* image_n = p.image + gather_n * g.in_channels * g.in_h * g.in_w;
+
+    // B loader: row b_k, channels b_o + 16r (16 consecutive k per channel: coalesced).
+    const int b_k = t % IG_TILE_K;
+    const int b_o = t / IG_TILE_K;
+
+    // Compute: positions tx + 16r, channels ty + 16c.
+    const int tx = t % 16;
+    const int ty = t / 16;
+    float acc[4][4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[r][c] = 0.0f;
+
+    for (int k0 = 0; k0 < k_total; k0 += IG_TILE_K) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int kl = a_k + 4 * r;
+            const int k = k0 + kl;
+            float v = 0.0f;
+            if (gather_valid && k < k_total) {
+                const int c = k / taps;
+                const int tap = k - c * taps;
+                const int i = tap / (int)g.kernel_w;
+                const int j = tap - i * (int)g.kernel_w;
+                const i64 ih = corner_h + i * g.dilation_h;
+                const i64 iw = corner_w + j * g.dilation_w;
+                if (ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w) {
+                    v = image_n[(c * g.in_h + ih) * g.in_w + iw];
+                }
+            }
+            a_tile[kl][a_m] = v;
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int ol = b_o + 16 * r;
+            const i64 o = o0 + ol;
+            const int k = k0 + b_k;
+            b_tile[b_k][ol] = (o < g.out_channels && k < k_total) ? p.weight[o * k_total + k] : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < IG_TILE_K; ++kk) {
+            float a[4], b[4];
+#pragma unroll
+            for (int r = 0; r < 4; ++r) a[r] = a_tile[kk][tx + 16 * r];
+#pragma unroll
+            for (int c = 0; c < 4; ++c) b[c] = b_tile[kk][ty + 16 * c];
+#pragma unroll
+            for (int r = 0; r < 4; ++r)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) acc[r][c] = fmaf(a[r], b[c], acc[r][c]);
+        }
+        __syncthreads();
+    }
+
+    // y[n, o, pos] = C[m, o] + b[o]; 16 consecutive positions per store (coalesced).
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const i64 m = m0 + tx + 16 * r;
+        if (m >= m_total) continue;
+        const i64 n = m / positions;
+        const i64 pos = m % positions;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const i64 o = o0 + ty + 16 * c;
+            if (o >= g.out_channels) continue;
+            const float bias = p.bias ? p.bias[o] : 0.0f;
+            p.out[(n * g.out_channels + o) * positions + pos] = acc[r][c] + bias;
+        }
+    }
+}
+
+// ---- backward-data (also conv_transpose2d's forward) ------------------------------
+// dx[n, c, h, w] = b[c] + Σ_{o,i,j} dy[n, o, oh, ow] · W[o, c, i, j] over the
+// taps with h + p − i·d = oh·s (and the same for w), i.e. the outputs whose
+// window read pixel (h, w). One thread per pixel; no atomics.
+extern "C" __global__ void conv2d_backward_data(const ConvParams p) {
+    const ConvShape g = p.geometry;
+    const i64 total = g.batch * g.in_channels * g.in_h * g.in_w;
+    const i64 grid_plane = g.out_h * g.out_w;
+    const i64 weight_per_out = g.in_channels * g.kernel_h * g.kernel_w;
+    GRID_STRIDE_LOOP(idx, total) {
+        const i64 w = idx % g.in_w;
+        const i64 h = (idx / g.in_w) % g.in_h;
+        const i64 c = (idx / (g.in_w * g.in_h)) % g.in_channels;
+        const i64 n = idx / (g.in_w * g.in_h * g.in_channels);
+        const float* grid_n = p.grid + n * g.out_channels * grid_plane;
+        const float* weight_c = p.weight + c * g.kernel_h * g.kernel_w;
+        float acc = p.bias ? p.bias[c] : 0.0f;
+        for (i64 i = 0; i < g.kernel_h; ++i) {
+            const i64 th = h + g.pad_h - i * g.dilation_h;
+            if (th < 0 || th % g.stride_h != 0) continue;
+            const i64 oh = th / g.stride_h;
+            if (oh >= g.out_h) continue;
+            for (i64 j = 0; j < g.kernel_w; ++j) {
+                const i64 tw = w + g.pad_w - j * g.dilation_w;
+                if (tw < 0 || tw % g.stride_w != 0) continue;
+                const i64 ow = tw / g.stride_w;
+                if (ow >= g.out_w) continue;
+                const float* dy_at = grid_n + oh * g.out_w + ow;
+                const float* weight_at = weight_c + i * g.kernel_w + j;
+                for (i64 o = 0; o < g.out_channels; ++o) {
+                    acc += dy_at[o * grid_plane] * weight_at[o * weight_per_out];
+                }
+            }
+        }
+        p.out[idx] = acc;
+    }
+}
+
+// ---- backward-weight (also conv_transpose2d's dL/dW) -------------------------------
+// dW[o, c, i, j] = Σ_{n,oh,ow} dy[n, o, oh, ow] · x[n, c, oh·s − p + i·d, ow·s − p + j·d].
+// One block per weight element (block-stride over elements), threads stride
+// over (n, oh, ow) and block_sum combines them. blockDim.x: a multiple of 32.
+extern "C" __global__ void conv2d_backward_weight(const ConvParams p) {
+    __shared__ float scratch[32];
+    const ConvShape g = p.geometry;
+    const i64 weights = g.out_channels * g.in_channels * g.kernel_h * g.kernel_w;
+    const i64 positions = g.out_h * g.out_w;
+    const i64 reduction = g.batch * positions;
+    for (i64 widx = blockIdx.x; widx < weights; widx += gridDim.x) {
+        const i64 j = widx % g.kernel_w;
+        const i64 i = (widx / g.kernel_w) % g.kernel_h;
+        const i64 c = (widx / (g.kernel_w * g.kernel_h)) % g.in_channels;
+        const i64 o = widx / (g.kernel_w * g.kernel_h * g.in_channels);
+        float partial = 0.0f;
+        for (i64 r = threadIdx.x; r < reduction; r += blockDim.x) {
+            const i64 n = r / positions;
+            const i64 pos = r % positions;
+            const i64 ih = (pos / g.out_w) * g.stride_h - g.pad_h + i * g.dilation_h;
+            const i64 iw = (pos % g.out_w) * g.stride_w - g.pad_w + j * g.dilation_w;
+            if (ih < 0 || ih >= g.in_h || iw < 0 || iw >= g.in_w) continue;
+            partial += p.grid[(n * g.out_channels + o) * positions + pos] *
+                       p.image[((n * g.in_channels + c) * g.in_h + ih) * g.in_w + iw];
+        }
+        const float total = block_sum(partial, scratch);
+        if (threadIdx.x == 0) p.out[widx] = total;
+    }
+}
+
+// ---- bias gradient -----------------------------------------------------------
+// Mirrors BiasGradParams in src/ops/conv/cuda.rs.
+struct BiasGradParams {
+    const float* grad;  // [batch, channels, pixels]
+    float* out;         // [channels]
+    i64 batch;
+    i64 channels;
+    i64 pixels;
+};
+static_assert(sizeof(BiasGradParams) == 40, "BiasGradParams must match its Rust mirror");
+
+// dL/db[c] = Σ_{n,p} dy[n, c, p]: one block per channel (block-stride), block_sum.
+extern "C" __global__ void bias_grad(const BiasGradParams p) {
+    __shared__ float scratch[32];
+    const i64 reduction = p.batch * p.pixels;
+    for (i64 c = blockIdx.x; c < p.channels; c += gridDim.x) {
+        float partial = 0.0f;
+        for (i64 r = threadIdx.x; r < reduction; r += blockDim.x) {
+            const i64 n = r / p.pixels;
+            partial += p.grad[(n * p.channels + c) * p.pixels + r % p.pixels];
+        }
+        const float total = block_sum(partial, scratch);
+        if (threadIdx.x == 0) p.out[c] = total;
+    }
+}

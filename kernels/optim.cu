@@ -1,0 +1,151 @@
+// Fused optimizer updates and the gradient norm for clipping.
+// `sgd_update` and `adam_update` mirror the CPU kernels of the same names in
+// src/optim.rs operation for operation: one thread per element reads the
+// parameter, its gradient and its state once and writes parameter and state
+// back in place (memory-bound, so one pass is the whole cost). Every scalar
+// that depends only on the step (bias corrections, lr·wd, 1 − β) is computed
+// on the host in f64 and arrives here rounded to f32, as the CPU kernel
+// rounds it. (NVRTC may contract a·b + c into one fused multiply-add, so
+// results can differ from the CPU in the last bit.)
+// `sum_of_squares_partials` + `finish_sum_of_squares` give Σ g² over many
+// gradients deterministically: each gradient gets a fixed number of blocks
+// that write double partial sums side by side in one buffer, then one block
+// adds them all in a fixed order; the host reads that one number back.
+#include "common.cuh"
+
+// ---- SGD --------------------------------------------------------------------------------
+// Mirrors SgdParams in src/optim.rs.
+struct SgdParams {
+    float* param;
+    const float* grad;
+    float* momentum_buffer;     // null without momentum
+    i64 n;
+    float lr;
+    float weight_decay;
+    float momentum;
+    float one_minus_dampening;
+    u32 apply_weight_decay;     // weight_decay != 0
+    u32 first_step;             // the buffer is set to d instead of updated
+    u32 nesterov;
+    u32 pad;
+};
+static_assert(sizeof(SgdParams) == 64, "SgdParams must match its Rust mirror");
+
+// d = g + wd·p; buf = d (first step) or μ·buf + (1 − dampening)·d;
+// d = d + μ·buf (Nesterov) or buf; p = p − lr·d.
+extern "C" __global__ void sgd_update(const SgdParams p) {
+    GRID_STRIDE_LOOP(i, p.n) {
+        float param = p.param[i];
+        float d = p.grad[i];
+        if (p.apply_weight_decay) d = d + p.weight_decay * param;
+        if (p.momentum_buffer) {
+            float buf = p.first_step ? d : p.momentum_buffer[i] * p.momentum + p.one_minus_dampening * d;
+            p.momentum_buffer[i] = buf;
+            d = p.nesterov ? d + p.momentum * buf : buf;
+        }
+        p.param[i] = param - p.lr * d;
+    }
+}
+
+// ---- Adam / AdamW -------------------------------------------------------------------------
+// Mirrors AdamParams in src/optim.rs.
+struct AdamParams {
+    float* param;
+    const float* grad;
+    float* exp_avg;
+    float* exp_avg_sq;
+    i64 n;
+    float weight_decay;
+    float decay_factor;            // 1 − lr·wd (AdamW)
+    float one_minus_beta1;
+    float beta2;
+    float one_minus_beta2;
+    float neg_step_size;           // −lr / (1 − β1ᵗ)
+    float bias_correction2_sqrt;   // √(1 − β2ᵗ)
+    float eps;
+    u32 apply_weight_decay;        // weight_decay != 0
+    u32 decoupled_weight_decay;    // AdamW: p·(1 − lr·wd) instead of g + wd·p
+};
+static_assert(sizeof(AdamParams) == 80, "AdamParams must match its Rust mirror");
+
+// (Adam) g = g + wd·p, or (AdamW) p = p·(1 − lr·wd);
+// m = lerp(m, g, 1 − β1); v = β2·v + (1 − β2)·g²;
+// p = p − step_size · m / (√v / √(1 − β2ᵗ) + eps).
+extern "C" __global__ void adam_update(const AdamParams p) {
+    GRID_STRIDE_LOOP(i, p.n) {
+        float param = p.param[i];
+        float g = p.grad[i];
+        if (p.apply_weight_decay) {
+            if (p.decoupled_weight_decay) {
+                param = param * p.decay_factor;
+            } else {
+                g = g + p.weight_decay * param;
+            }
+        }
+        float m = p.exp_avg[i];
+        // PyTorch's lerp, which picks the form that is exact at its nearer end.
+        m = p.one_minus_beta1 < 0.5f ? m + p.one_minus_beta1 * (g - m)
+                                     : g - (g - m) * (1.0f - p.one_minus_beta1);
+        float v = p.exp_avg_sq[i] * p.beta2 + p.one_minus_beta2 * g * g;
+        float denom = sqrtf(v) / p.bias_correction2_sqrt + p.eps;
+        p.exp_avg[i] = m;
+        p.exp_avg_sq[i] = v;
+        p.param[i] = param + p.neg_step_size * m / denom;
+    }
+}
+
+// ---- Σ g² for clip_grad_norm ---------------------------------------------------------------
+__device__ __forceinline__ double warp_sum_double(double v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+// Sum over the block in double (blockDim.x a multiple of 32); thread 0 gets the result.
+__device__ __forceinline__ double block_sum_double(double v, double* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum_double(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    int warps = blockDim.x >> 5;
+    v = (threadIdx.x < warps) ? scratch[threadIdx.x] : 0.0;
+    if (warp == 0) v = warp_sum_double(v);
+    return v;
+}
+
+// Mirrors SumOfSquaresParams in src/optim.rs.
+struct SumOfSquaresParams {
+    const float* x;
+    double* partials;   // this gradient's slice of the shared buffer, one per block
+    i64 n;
+};
+static_assert(sizeof(SumOfSquaresParams) == 24, "SumOfSquaresParams must match its Rust mirror");
+
+// partials[block] = Σ x² over the block's grid-stride elements, in double as on the CPU.
+extern "C" __global__ void sum_of_squares_partials(const SumOfSquaresParams p) {
+    __shared__ double scratch[32];
+    double total = 0.0;
+    GRID_STRIDE_LOOP(i, p.n) {
+        double x = (double)p.x[i];
+        total += x * x;
+    }
+    total = block_sum_double(total, scratch);
+    if (threadIdx.x == 0) p.partials[blockIdx.x] = total;
+}
+
+// Mirrors FinishSumOfSquaresParams in src/optim.rs.
+struct FinishSumOfSquaresParams {
+    const double* partials;
+    double* total;      // one value
+    i64 count;
+};
+static_assert(sizeof(FinishSumOfSquaresParams) == 24, "FinishSumOfSquaresParams must match its Rust mirror");
+
+// One block: total = Σ partials, each thread summing a fixed stride.
+extern "C" __global__ void finish_sum_of_squares(const FinishSumOfSquaresParams p) {
+    __shared__ double scratch[32];
+    double total = 0.0;
+    for (i64 i = threadIdx.x; i < p.count; i += blockDim.x) total += p.partials[i];
+    total = block_sum_double(total, scratch);
+    if (threadIdx.x == 0) p.total[0] = total;
+}

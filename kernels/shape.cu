@@ -1,0 +1,48 @@
+// Shape copies: permute and broadcast_to (one strided gather), narrow and cat.
+// These ops move values and never compute with them, so every kernel copies
+// 32-bit words: the same launch serves f32 tensors and u32 index tensors
+// (both are 4 bytes; f32 bits are copied unchanged). One thread per output
+// element, grid-stride; each writes one contiguous output element, so stores
+// always coalesce and only the gathers' loads may be scattered.
+#include "common.cuh"
+
+// Mirrors StridedGatherParams in src/ops/shape/cuda.rs.
+struct StridedGatherParams {
+    const u32* src;
+    u32* out;
+    i64 n;              // output elements
+    Strides6 index;     // output dims + the source stride of each output dim
+};
+static_assert(sizeof(StridedGatherParams) == 120, "StridedGatherParams must match its Rust mirror");
+
+// out[i] = src[Σ_d coord_d(i) · stride_d]. permute: stride_d is the source
+// stride of dim perm[d]; broadcast_to: 0 on repeated dims.
+extern "C" __global__ void strided_gather(const StridedGatherParams p) {
+    GRID_STRIDE_LOOP(i, p.n) p.out[i] = p.src[broadcast_offset(i, p.index)];
+}
+
+// Mirrors SliceCopyParams in src/ops/shape/cuda.rs.
+struct SliceCopyParams {
+    const u32* src;
+    u32* dst;
+    i64 outer;
+    i64 len;        // entries along the middle dim that are copied
+    i64 inner;
+    i64 src_dim;    // size of the middle dim in src
+    i64 src_start;  // first copied entry along src's middle dim
+    i64 dst_dim;    // size of the middle dim in dst
+    i64 dst_start;  // where the copied entries land along dst's middle dim
+};
+static_assert(sizeof(SliceCopyParams) == 72, "SliceCopyParams must match its Rust mirror");
+
+// dst[o, dst_start + j, i] = src[o, src_start + j, i] for j < len.
+// narrow: src is the input, dst the (whole) output (dst_start 0, dst_dim len).
+// cat: one launch per part, src the whole part (src_start 0, src_dim len),
+// dst the output at the part's offset.
+extern "C" __global__ void slice_copy(const SliceCopyParams p) {
+    i64 block = p.len * p.inner;  // contiguous run per outer index
+    GRID_STRIDE_LOOP(k, p.outer * block) {
+        i64 o = k / block, r = k % block;
+        p.dst[(o * p.dst_dim + p.dst_start) * p.inner + r] = p.src[(o * p.src_dim + p.src_start) * p.inner + r];
+    }
+}

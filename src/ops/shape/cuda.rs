@@ -1,0 +1,184 @@
+//! Launch glue for kernels/shape.cu. Shape kernels copy 32-bit words, so one
+//! launch serves f32 values and u32 indices alike; f64 is refused (CUDA
+//! computes in f32).
+
+use crate::cuda::{CudaStorage, launch_1d};
+use crate::error::{Error, Result};
+use crate::kernel_params;
+use crate::ops::elementwise::cuda::Strides6;
+use crate::tensor::{DType, Shape};
+
+pub(crate) const MAX_DIMS: usize = 6;
+
+kernel_params! {
+    pub struct StridedGatherParams {
+        src: u64,
+        out: u64,
+        n: i64,
+        index: Strides6,
+    }
+}
+
+kernel_params! {
+    pub struct SliceCopyParams {
+        src: u64,
+        dst: u64,
+        outer: i64,
+        len: i64,
+        inner: i64,
+        src_dim: i64,
+        src_start: i64,
+        dst_dim: i64,
+        dst_start: i64,
+    }
+}
+
+// The .cu file static_asserts the same sizes.
+const _: () = assert!(std::mem::size_of::<StridedGatherParams>() == 120);
+const _: () = assert!(std::mem::size_of::<SliceCopyParams>() == 72);
+
+/// Shape kernels move 4-byte words: f32 and u32 only.
+pub(crate) fn require_32bit(op: &'static str, storages: &[&CudaStorage]) -> Result<()> {
+    for s in storages {
+        if !matches!(s.dtype(), DType::F32 | DType::U32) {
+            return Err(Error::DType {
+                op,
+                msg: format!(
+                    "CUDA tensors hold f32 values or u32 indices, got {}; convert with .to_dtype(DType::F32)",
+                    s.dtype()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn require_rank(op: &'static str, shape: &Shape) -> Result<()> {
+    if shape.rank() > MAX_DIMS {
+        return Err(Error::shape(
+            op,
+            format!("CUDA {op} supports rank <= {MAX_DIMS}, got {shape}"),
+        ));
+    }
+    Ok(())
+}
+
+/// out[i] = src[Σ_d coord_d(i) · walk[d]] over an output of `out_dims`.
+fn strided_gather(src: &CudaStorage, out_dims: &[usize], walk: &[usize]) -> Result<CudaStorage> {
+    let mut index = Strides6 {
+        dims: [1; MAX_DIMS],
+        strides: [0; MAX_DIMS],
+    };
+    let pad = MAX_DIMS - out_dims.len();
+    for (d, (&size, &stride)) in out_dims.iter().zip(walk).enumerate() {
+        index.dims[pad + d] = size as i64;
+        index.strides[pad + d] = stride as i64;
+    }
+    let n: usize = out_dims.iter().product();
+    let out = CudaStorage::alloc(src.device(), src.dtype(), n)?;
+    let params = StridedGatherParams {
+        src: src.ptr(),
+        out: out.ptr(),
+        n: n as i64,
+        index,
+    };
+    src.device()
+        .launch("shape.cu", "strided_gather", launch_1d(n), params)?;
+    Ok(out)
+}
+
+/// Output dim d is source dim perm[d] (a copy).
+pub(crate) fn permute(src: &CudaStorage, src_shape: &Shape, perm: &[usize]) -> Result<CudaStorage> {
+    require_32bit("permute", &[src])?;
+    require_rank("permute", src_shape)?;
+    let src_strides = src_shape.strides();
+    let out_dims: Vec<usize> = perm.iter().map(|&p| src_shape.dims()[p]).collect();
+    // Stride in the source for a step along each output dim.
+    let walk: Vec<usize> = perm.iter().map(|&p| src_strides[p]).collect();
+    strided_gather(src, &out_dims, &walk)
+}
+
+/// Repeats size-1 (and missing leading) dims of `src_shape` to `out_shape`.
+pub(crate) fn broadcast(
+    src: &CudaStorage,
+    src_shape: &Shape,
+    out_shape: &Shape,
+) -> Result<CudaStorage> {
+    require_32bit("broadcast_to", &[src])?;
+    require_rank("broadcast_to", out_shape)?;
+    let pad = out_shape.rank() - src_shape.rank();
+    let src_strides = src_shape.strides();
+    // A broadcast dim is walked with stride 0.
+    let walk: Vec<usize> = (0..out_shape.rank())
+        .map(|d| {
+            if d < pad || src_shape.dims()[d - pad] == 1 {
+                0
+            } else {
+                src_strides[d - pad]
+            }
+        })
+        .collect();
+    strided_gather(src, out_shape.dims(), &walk)
+}
+
+/// Entries `start..start + len` of the middle dim of [outer, dim, inner].
+pub(crate) fn narrow(
+    src: &CudaStorage,
+    outer: usize,
+    dim: usize,
+    inner: usize,
+    start: usize,
+    len: usize,
+) -> Result<CudaStorage> {
+    require_32bit("narrow", &[src])?;
+    let n = outer * len * inner;
+    let out = CudaStorage::alloc(src.device(), src.dtype(), n)?;
+    let params = SliceCopyParams {
+        src: src.ptr(),
+        dst: out.ptr(),
+        outer: outer as i64,
+        len: len as i64,
+        inner: inner as i64,
+        src_dim: dim as i64,
+        src_start: start as i64,
+        dst_dim: len as i64,
+        dst_start: 0,
+    };
+    src.device()
+        .launch("shape.cu", "slice_copy", launch_1d(n), params)?;
+    Ok(out)
+}
+
+/// Concatenation along the middle dim of parts viewed as [outer, size_i, inner]:
+/// one launch per part, each writing its slab of the output.
+pub(crate) fn cat(
+    parts: &[(&CudaStorage, usize)],
+    outer: usize,
+    inner: usize,
+) -> Result<CudaStorage> {
+    let storages: Vec<&CudaStorage> = parts.iter().map(|(s, _)| *s).collect();
+    require_32bit("cat", &storages)?;
+    let first = storages[0];
+    let total: usize = parts.iter().map(|(_, size)| size).sum();
+    let out = CudaStorage::alloc(first.device(), first.dtype(), outer * total * inner)?;
+    let mut offset = 0;
+    for &(part, size) in parts {
+        let n = outer * size * inner;
+        let params = SliceCopyParams {
+            src: part.ptr(),
+            dst: out.ptr(),
+            outer: outer as i64,
+            len: size as i64,
+            inner: inner as i64,
+            src_dim: size as i64,
+            src_start: 0,
+            dst_dim: total as i64,
+            dst_start: offset as i64,
+        };
+        first
+            .device()
+            .launch("shape.cu", "slice_copy", launch_1d(n), params)?;
+        offset += size;
+    }
+    Ok(out)
+}

@@ -1,0 +1,270 @@
+//! conv2d and conv_transpose2d (forward and every input gradient) on CUDA
+//! against the CPU, for shapes that fill no tile evenly (the implicit GEMM
+//! tiles 64 positions × 64 channels × 16 reduction terms), strides 1/2/3,
+//! padding, dilation 2, output_padding, with and without bias, and the DCGAN
+//! layers. Weights are drawn like a layer's initialisation, U(±1/√fan_in),
+//! so values stay O(1). Tolerance atol 1e-4 + rtol 1e-4: every value is an
+//! f32 sum of up to a few thousand products, taken in different orders on
+//! the two devices (GEMM blocking on the CPU, tiles and tree reductions on
+//! the GPU).
+
+use kiln::ops::conv::{Conv2dForwardKernel, conv2d_forward_with_kernel};
+use kiln::{Conv2dParams, ConvTranspose2dParams, Device, Tensor};
+
+use crate::common::{assert_close, check_op, cuda_or_skip, randn, uniform};
+
+const ATOL: f64 = 1e-4;
+const RTOL: f64 = 1e-4;
+
+/// x [batch, channels, h, w] ~ N(0, 1), weight of `weight_dims` ~ U(±1/√fan_in)
+/// and, if asked, a bias of `bias_len` values from the same range.
+fn operands(
+    x_dims: &[usize],
+    weight_dims: &[usize],
+    fan_in: usize,
+    bias_len: Option<usize>,
+    seed: u64,
+) -> Vec<Tensor> {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    let mut inputs = vec![
+        randn(x_dims, seed),
+        uniform(-bound, bound, weight_dims, seed + 1),
+    ];
+    if let Some(len) = bias_len {
+        inputs.push(uniform(-bound, bound, &[len], seed + 2));
+    }
+    inputs
+}
+
+struct Conv2dCase {
+    what: &'static str,
+    /// batch, in_channels, height, width
+    x: [usize; 4],
+    out_channels: usize,
+    kernel: [usize; 2],
+    params: Conv2dParams,
+    bias: bool,
+}
+
+fn conv2d_cases() -> Vec<Conv2dCase> {
+    let params = |stride, padding, dilation| Conv2dParams {
+        stride,
+        padding,
+        dilation,
+    };
+    vec![
+        Conv2dCase {
+            what: "conv2d 3x3 stride 1 pad 1, bias",
+            x: [2, 3, 37, 29],
+            out_channels: 5,
+            kernel: [3, 3],
+            params: params([1, 1], [1, 1], [1, 1]),
+            bias: true,
+        },
+        Conv2dCase {
+            what: "conv2d 5x3 stride 2 pad 2x1, 70 channels, no bias",
+            x: [3, 7, 19, 23],
+            out_channels: 70,
+            kernel: [5, 3],
+            params: params([2, 2], [2, 1], [1, 1]),
+            bias: false,
+        },
+        Conv2dCase {
+            what: "conv2d 3x3 stride 3 dilation 2, bias",
+            x: [2, 4, 17, 20],
+            out_channels: 9,
+            kernel: [3, 3],
+            params: params([3, 3], [0, 0], [2, 2]),
+            bias: true,
+        },
+        Conv2dCase {
+            what: "conv2d 2x4 stride 2x3 pad 1x2 dilation 2x1, no bias",
+            x: [1, 5, 13, 31],
+            out_channels: 3,
+            kernel: [2, 4],
+            params: params([2, 3], [1, 2], [2, 1]),
+            bias: false,
+        },
+        Conv2dCase {
+            what: "conv2d DCGAN 1->64 32x32 k4 s2 p1, bias",
+            x: [5, 1, 32, 32],
+            out_channels: 64,
+            kernel: [4, 4],
+            params: params([2, 2], [1, 1], [1, 1]),
+            bias: true,
+        },
+        Conv2dCase {
+            what: "conv2d DCGAN 64->128 16x16 k4 s2 p1, no bias",
+            x: [5, 64, 16, 16],
+            out_channels: 128,
+            kernel: [4, 4],
+            params: params([2, 2], [1, 1], [1, 1]),
+            bias: false,
+        },
+    ]
+}
+
+fn conv2d_case_operands(case: &Conv2dCase, seed: u64) -> Vec<Tensor> {
+    let [_, channels, _, _] = case.x;
+    let [kh, kw] = case.kernel;
+    operands(
+        &case.x,
+        &[case.out_channels, channels, kh, kw],
+        channels * kh * kw,
+        case.bias.then_some(case.out_channels),
+        seed,
+    )
+}
+
+#[test]
+fn conv2d_forward_and_grads_match_cpu() {
+    let Some(dev) = cuda_or_skip("conv2d_forward_and_grads") else {
+        return;
+    };
+    for (k, case) in conv2d_cases().iter().enumerate() {
+        let inputs = conv2d_case_operands(case, 10 * k as u64);
+        let params = case.params;
+        check_op(
+            case.what,
+            dev,
+            &inputs,
+            |t| t[0].conv2d(&t[1], t.get(2), params),
+            ATOL,
+            RTOL,
+        );
+    }
+}
+
+/// Every rung of the forward kernel ladder, not only the one the engine uses.
+#[test]
+fn every_conv2d_forward_kernel_matches_cpu() {
+    let Some(dev) = cuda_or_skip("every_conv2d_forward_kernel") else {
+        return;
+    };
+    for (k, case) in conv2d_cases().iter().enumerate() {
+        let inputs = conv2d_case_operands(case, 100 + 10 * k as u64);
+        let expected = inputs[0]
+            .conv2d(&inputs[1], inputs.get(2), case.params)
+            .unwrap();
+        let on_device: Vec<Tensor> = inputs.iter().map(|t| t.to_device(dev).unwrap()).collect();
+        for kernel in [
+            Conv2dForwardKernel::Direct,
+            Conv2dForwardKernel::ImplicitGemm,
+        ] {
+            let actual = conv2d_forward_with_kernel(
+                &on_device[0],
+                &on_device[1],
+                on_device.get(2),
+                case.params,
+                kernel,
+            )
+            .unwrap();
+            assert_close(
+                &format!("{} with {kernel:?}", case.what),
+                &expected,
+                &actual,
+                ATOL,
+                RTOL,
+            );
+        }
+    }
+}
+
+#[test]
+fn conv2d_forward_kernel_choice_is_ignored_on_cpu() {
+    let inputs = operands(&[2, 3, 9, 8], &[4, 3, 3, 3], 27, Some(4), 7);
+    let params = Conv2dParams::default();
+    let expected = inputs[0].conv2d(&inputs[1], inputs.get(2), params).unwrap();
+    let direct = conv2d_forward_with_kernel(
+        &inputs[0],
+        &inputs[1],
+        inputs.get(2),
+        params,
+        Conv2dForwardKernel::Direct,
+    )
+    .unwrap();
+    assert_eq!(direct.device(), Device::Cpu);
+    assert_eq!(direct.to_f64_vec(), expected.to_f64_vec());
+}
+
+#[test]
+fn conv_transpose2d_forward_and_grads_match_cpu() {
+    let Some(dev) = cuda_or_skip("conv_transpose2d_forward_and_grads") else {
+        return;
+    };
+    let params = |stride, padding, output_padding, dilation| ConvTranspose2dParams {
+        stride,
+        padding,
+        output_padding,
+        dilation,
+    };
+    // (what, x [N, Cin, H, W], Cout, kernel, params, bias)
+    let cases = [
+        (
+            "conv_transpose2d 3x3 stride 1 pad 1, bias",
+            [2, 5, 11, 13],
+            3,
+            [3, 3],
+            params([1, 1], [1, 1], [0, 0], [1, 1]),
+            true,
+        ),
+        (
+            "conv_transpose2d 4x4 stride 2 pad 1 output_padding 1, 70 channels, no bias",
+            [3, 6, 9, 7],
+            70,
+            [4, 4],
+            params([2, 2], [1, 1], [1, 1], [1, 1]),
+            false,
+        ),
+        (
+            "conv_transpose2d 3x3 stride 3 pad 2 dilation 2 output_padding 2x1, bias",
+            [2, 4, 6, 5],
+            9,
+            [3, 3],
+            params([3, 3], [2, 2], [2, 1], [2, 2]),
+            true,
+        ),
+        (
+            "conv_transpose2d DCGAN 100->256 1x1 k4 s1 p0, no bias",
+            [5, 100, 1, 1],
+            256,
+            [4, 4],
+            params([1, 1], [0, 0], [0, 0], [1, 1]),
+            false,
+        ),
+        (
+            "conv_transpose2d DCGAN 128->64 8x8 k4 s2 p1, no bias",
+            [5, 128, 8, 8],
+            64,
+            [4, 4],
+            params([2, 2], [1, 1], [0, 0], [1, 1]),
+            false,
+        ),
+        (
+            "conv_transpose2d DCGAN 64->1 16x16 k4 s2 p1, bias",
+            [5, 64, 16, 16],
+            1,
+            [4, 4],
+            params([2, 2], [1, 1], [0, 0], [1, 1]),
+            true,
+        ),
+    ];
+    for (k, (what, x, out_channels, [kh, kw], params, bias)) in cases.into_iter().enumerate() {
+        let in_channels = x[1];
+        let inputs = operands(
+            &x,
+            &[in_channels, out_channels, kh, kw],
+            in_channels * kh * kw,
+            bias.then_some(out_channels),
+            200 + 10 * k as u64,
+        );
+        check_op(
+            what,
+            dev,
+            &inputs,
+            |t| t[0].conv_transpose2d(&t[1], t.get(2), params),
+            ATOL,
+            RTOL,
+        );
+    }
+}

@@ -1,0 +1,321 @@
+//! Losses and optimizer updates on CUDA against the CPU reference.
+//!
+//! Loss values are sums of thousands of terms accumulated in double on both
+//! devices, so they agree to f32 rounding: atol 1e-5 + rtol 1e-5. Gradients
+//! are one f32 expression per element (expf, the logistic): same tolerance.
+//! Optimizer parameters and state after 5 steps: atol 1e-6 + rtol 1e-5 (the
+//! device may fuse a·b + c into one rounding, so the last bit can differ).
+
+use std::collections::HashMap;
+
+use kiln::optim::{Adam, AdamConfig, AdamW, Optimizer, Sgd, SgdConfig, clip_grad_norm};
+use kiln::{Device, GradStore, Reduction, Tensor};
+
+use crate::common::{assert_close, check_op, cuda_or_skip, randn, uniform};
+
+const ATOL: f64 = 1e-5;
+const RTOL: f64 = 1e-5;
+const OPTIM_ATOL: f64 = 1e-6;
+const OPTIM_RTOL: f64 = 1e-5;
+
+const SHAPES: [[usize; 2]; 2] = [[37, 129], [1001, 84]];
+const REDUCTIONS: [Reduction; 2] = [Reduction::Mean, Reduction::Sum];
+
+#[test]
+fn mse_loss_and_grads_match_cpu() {
+    let Some(dev) = cuda_or_skip("mse_loss") else {
+        return;
+    };
+    for (k, shape) in SHAPES.iter().enumerate() {
+        for reduction in REDUCTIONS {
+            let x = randn(shape, 10 + k as u64);
+            let y = randn(shape, 20 + k as u64);
+            check_op(
+                &format!("mse_loss {shape:?} {reduction:?}"),
+                dev,
+                &[x, y],
+                |t| t[0].mse_loss(&t[1], reduction),
+                ATOL,
+                RTOL,
+            );
+        }
+    }
+}
+
+#[test]
+fn bce_with_logits_and_grads_match_cpu() {
+    let Some(dev) = cuda_or_skip("bce_with_logits") else {
+        return;
+    };
+    for (k, shape) in SHAPES.iter().enumerate() {
+        for reduction in REDUCTIONS {
+            let logits = randn(shape, 30 + k as u64).mul_scalar(3.0).unwrap();
+            let targets = uniform(0.0, 1.0, shape, 40 + k as u64);
+            check_op(
+                &format!("bce_with_logits {shape:?} {reduction:?}"),
+                dev,
+                &[logits, targets],
+                |t| t[0].bce_with_logits(&t[1], reduction),
+                ATOL,
+                RTOL,
+            );
+        }
+    }
+}
+
+#[test]
+fn bce_with_logits_rejects_a_target_outside_0_1_with_the_cpu_message() {
+    let Some(dev) = cuda_or_skip("bce_with_logits target check") else {
+        return;
+    };
+    let logits = randn(&[37, 129], 50);
+    let mut values = uniform(0.0, 1.0, &[37, 129], 51).to_vec::<f32>().unwrap();
+    values[5 * 129 + 7] = 1.5;
+    values[30 * 129] = -0.25;
+    let targets = Tensor::from_vec(values, [37, 129]).unwrap();
+    let cpu_error = logits
+        .bce_with_logits(&targets, Reduction::Mean)
+        .unwrap_err()
+        .to_string();
+    let cuda_error = logits
+        .to_device(dev)
+        .unwrap()
+        .bce_with_logits(&targets.to_device(dev).unwrap(), Reduction::Mean)
+        .unwrap_err()
+        .to_string();
+    assert!(cpu_error.contains("[5, 7]"), "{cpu_error}");
+    assert_eq!(cuda_error, cpu_error);
+}
+
+/// Class targets [rows] with values spread over [0, classes).
+fn class_targets(rows: usize, classes: usize, seed: u64) -> Tensor {
+    let values = uniform(0.0, classes as f64, &[rows], seed)
+        .to_vec::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(|v| (v as u32).min(classes as u32 - 1))
+        .collect();
+    Tensor::from_indices(values, [rows]).unwrap()
+}
+
+#[test]
+fn cross_entropy_and_grads_match_cpu() {
+    let Some(dev) = cuda_or_skip("cross_entropy") else {
+        return;
+    };
+    for (k, &[rows, classes]) in SHAPES.iter().enumerate() {
+        for reduction in REDUCTIONS {
+            let logits = randn(&[rows, classes], 60 + k as u64)
+                .mul_scalar(4.0)
+                .unwrap();
+            let targets = class_targets(rows, classes, 70 + k as u64);
+            let cuda_targets = targets.to_device(dev).unwrap();
+            // check_op moves every input to the device; the targets must stay
+            // u32, so each closure picks the copy on its logits' device.
+            check_op(
+                &format!("cross_entropy [{rows}, {classes}] {reduction:?}"),
+                dev,
+                &[logits],
+                |t| {
+                    let targets = match t[0].device() {
+                        Device::Cpu => &targets,
+                        Device::Cuda(_) => &cuda_targets,
+                    };
+                    t[0].cross_entropy(targets, reduction)
+                },
+                ATOL,
+                RTOL,
+            );
+        }
+    }
+}
+
+#[test]
+fn cross_entropy_rejects_a_target_out_of_range_with_the_cpu_message() {
+    let Some(dev) = cuda_or_skip("cross_entropy target check") else {
+        return;
+    };
+    let logits = randn(&[37, 129], 80);
+    let mut values = class_targets(37, 129, 81).to_indices().unwrap();
+    values[11] = 129;
+    values[20] = 500;
+    let targets = Tensor::from_indices(values, [37]).unwrap();
+    let cpu_error = logits
+        .cross_entropy(&targets, Reduction::Mean)
+        .unwrap_err()
+        .to_string();
+    let cuda_error = logits
+        .to_device(dev)
+        .unwrap()
+        .cross_entropy(&targets.to_device(dev).unwrap(), Reduction::Mean)
+        .unwrap_err()
+        .to_string();
+    assert!(cpu_error.contains("129"), "{cpu_error}");
+    assert_eq!(cuda_error, cpu_error);
+}
+
+#[test]
+fn gaussian_kl_and_grads_match_cpu() {
+    let Some(dev) = cuda_or_skip("gaussian_kl") else {
+        return;
+    };
+    for (k, shape) in SHAPES.iter().enumerate() {
+        for reduction in REDUCTIONS {
+            let mu = randn(shape, 90 + k as u64);
+            let logvar = uniform(-2.0, 2.0, shape, 100 + k as u64);
+            check_op(
+                &format!("gaussian_kl {shape:?} {reduction:?}"),
+                dev,
+                &[mu, logvar],
+                |t| Tensor::gaussian_kl(&t[0], &t[1], reduction),
+                ATOL,
+                RTOL,
+            );
+        }
+    }
+}
+
+// ----- optimizers ------------------------------------------------------------------
+
+const PARAM_SHAPES: [&[usize]; 3] = [&[37, 129], &[1001], &[3, 5, 7]];
+
+/// Named parameters on `device`: the same values for the same seed.
+fn params_on(device: Device, seed: u64) -> Vec<(String, Tensor)> {
+    PARAM_SHAPES
+        .iter()
+        .enumerate()
+        .map(|(k, shape)| {
+            let p = randn(shape, seed + k as u64).to_device(device).unwrap();
+            (format!("p{k}"), p.detach().requires_grad_())
+        })
+        .collect()
+}
+
+/// Fresh gradients of step `step` for `params` (the same values on every device).
+fn grads_for(params: &[(String, Tensor)], step: u64) -> GradStore {
+    let mut grads = GradStore::default();
+    for (k, (_, p)) in params.iter().enumerate() {
+        let g = randn(p.dims(), 1000 + 10 * step + k as u64)
+            .to_device(p.device())
+            .unwrap();
+        grads.insert(p, g);
+    }
+    grads
+}
+
+/// Runs 5 steps of the optimizer `make` builds on CPU and on CUDA copies of
+/// the same parameters and gradients, then compares parameters and state.
+fn five_steps_match(
+    what: &str,
+    device: Device,
+    make: impl Fn(Vec<(String, Tensor)>) -> Box<dyn Optimizer>,
+) {
+    let cpu_params = params_on(Device::Cpu, 7);
+    let cuda_params = params_on(device, 7);
+    let mut cpu_optimizer = make(cpu_params.clone());
+    let mut cuda_optimizer = make(cuda_params.clone());
+    for step in 0..5 {
+        cpu_optimizer.step(&grads_for(&cpu_params, step)).unwrap();
+        cuda_optimizer.step(&grads_for(&cuda_params, step)).unwrap();
+    }
+    for ((name, cpu), (_, cuda)) in cpu_params.iter().zip(&cuda_params) {
+        assert_close(&format!("{what} {name}"), cpu, cuda, OPTIM_ATOL, OPTIM_RTOL);
+    }
+    let cuda_state: HashMap<String, Tensor> = cuda_optimizer.state_dict().into_iter().collect();
+    let cpu_state = cpu_optimizer.state_dict();
+    assert!(!cpu_state.is_empty(), "{what}: the optimizer keeps state");
+    assert_eq!(cpu_state.len(), cuda_state.len(), "{what}: state entries");
+    for (key, cpu) in cpu_state {
+        let cuda = &cuda_state[&key];
+        if key.ends_with(".step") {
+            assert_eq!(cpu.item().unwrap(), cuda.item().unwrap(), "{what} {key}");
+        } else {
+            assert_close(&format!("{what} {key}"), &cpu, cuda, OPTIM_ATOL, OPTIM_RTOL);
+        }
+    }
+}
+
+#[test]
+fn adam_with_l2_weight_decay_five_steps_match_cpu() {
+    let Some(dev) = cuda_or_skip("adam") else {
+        return;
+    };
+    let config = AdamConfig {
+        lr: 1e-2,
+        weight_decay: 0.1,
+        ..AdamConfig::adam()
+    };
+    five_steps_match("adam", dev, |params| {
+        Box::new(Adam::new(params, config).unwrap())
+    });
+}
+
+#[test]
+fn adamw_with_decoupled_weight_decay_five_steps_match_cpu() {
+    let Some(dev) = cuda_or_skip("adamw") else {
+        return;
+    };
+    let config = AdamConfig {
+        lr: 1e-2,
+        ..AdamConfig::adamw()
+    };
+    five_steps_match("adamw", dev, |params| {
+        Box::new(AdamW::new(params, config).unwrap())
+    });
+}
+
+#[test]
+fn sgd_with_momentum_five_steps_match_cpu() {
+    let Some(dev) = cuda_or_skip("sgd momentum") else {
+        return;
+    };
+    let config = SgdConfig {
+        momentum: 0.9,
+        dampening: 0.1,
+        weight_decay: 1e-2,
+        ..SgdConfig::new(0.05)
+    };
+    five_steps_match("sgd momentum", dev, |params| {
+        Box::new(Sgd::new(params, config).unwrap())
+    });
+    let nesterov = SgdConfig {
+        momentum: 0.9,
+        nesterov: true,
+        ..SgdConfig::new(0.05)
+    };
+    five_steps_match("sgd nesterov", dev, |params| {
+        Box::new(Sgd::new(params, nesterov).unwrap())
+    });
+}
+
+#[test]
+fn clip_grad_norm_matches_cpu_norm_and_scaled_grads() {
+    let Some(dev) = cuda_or_skip("clip_grad_norm") else {
+        return;
+    };
+    let cpu_params = params_on(Device::Cpu, 11);
+    let cuda_params = params_on(dev, 11);
+    let cpu_tensors: Vec<Tensor> = cpu_params.iter().map(|(_, p)| p.clone()).collect();
+    let cuda_tensors: Vec<Tensor> = cuda_params.iter().map(|(_, p)| p.clone()).collect();
+    // max_norm 1 clips (the norm of ~6000 N(0, 1) values is ~78); 1e6 does not.
+    for max_norm in [1.0, 1e6] {
+        let mut cpu_grads = grads_for(&cpu_params, 0);
+        let mut cuda_grads = grads_for(&cuda_params, 0);
+        let cpu_norm = clip_grad_norm(&mut cpu_grads, &cpu_tensors, max_norm).unwrap();
+        let cuda_norm = clip_grad_norm(&mut cuda_grads, &cuda_tensors, max_norm).unwrap();
+        // Both sum the squares in f64: only the order of the additions differs.
+        assert!(
+            (cpu_norm - cuda_norm).abs() <= 1e-9 * cpu_norm,
+            "norm: cuda {cuda_norm} vs cpu {cpu_norm}"
+        );
+        for (cpu, cuda) in cpu_tensors.iter().zip(&cuda_tensors) {
+            assert_close(
+                &format!("clipped grad, max_norm {max_norm}"),
+                cpu_grads.get(cpu).unwrap(),
+                cuda_grads.get(cuda).unwrap(),
+                OPTIM_ATOL,
+                OPTIM_RTOL,
+            );
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! Batch norm, layer norm, softmax / log-softmax and causal attention on CUDA
+//! against the CPU reference: forward, every input gradient, and the running
+//! statistics a training step of batch norm leaves behind.
+//!
+//! Tolerance atol 1e-5 + rtol 1e-4: every op here is a reduction (over up to
+//! ~1000 values) in f32 on the GPU, summed in a different order (tree
+//! reductions) than the CPU reference (sequential, in f64 for the norms and
+//! softmax), and the backward rules subtract nearly equal row or channel
+//! means (dy − mean(dy) − x̂·mean(dy·x̂)), which turns a few f32 ulps of the
+//! sums into ~1e-5 relative error of the result.
+
+use kiln::{Device, Tensor};
+
+use crate::common::{assert_close, check_op, cuda_or_skip, randn, uniform};
+
+const ATOL: f64 = 1e-5;
+const RTOL: f64 = 1e-4;
+const EPS: f64 = 1e-5;
+
+/// x [5, 7, 9, 11] (m = 495 values per channel, far from any block size),
+/// offset so that |mean| > std, as after a ReLU.
+fn batch_norm_input() -> Tensor {
+    randn(&[5, 7, 9, 11], 11)
+        .mul_scalar(2.0)
+        .unwrap()
+        .add_scalar(3.0)
+        .unwrap()
+}
+
+#[test]
+fn batch_norm2d_training_matches_cpu_including_running_stats() {
+    let Some(dev) = cuda_or_skip("batch_norm2d_training") else {
+        return;
+    };
+    let (running_mean, running_var) = (randn(&[7], 12), uniform(0.5, 2.0, &[7], 13));
+    let initial_mean = running_mean.to_f64_vec();
+    let cpu_running = (running_mean.clone(), running_var.clone());
+    let cuda_running = (
+        running_mean.to_device(dev).unwrap(),
+        running_var.to_device(dev).unwrap(),
+    );
+    check_op(
+        "batch_norm2d training",
+        dev,
+        &[batch_norm_input(), randn(&[7], 14), randn(&[7], 15)],
+        |t| {
+            let (mean, var) = match t[0].device() {
+                Device::Cpu => &cpu_running,
+                Device::Cuda(_) => &cuda_running,
+            };
+            t[0].batch_norm2d(
+                Some(mean),
+                Some(var),
+                Some(&t[1]),
+                Some(&t[2]),
+                true,
+                0.1,
+                EPS,
+            )
+        },
+        ATOL,
+        RTOL,
+    );
+    // One training step blended the batch mean and unbiased variance in.
+    assert_close(
+        "running_mean after a step",
+        &cpu_running.0,
+        &cuda_running.0,
+        ATOL,
+        RTOL,
+    );
+    assert_close(
+        "running_var after a step",
+        &cpu_running.1,
+        &cuda_running.1,
+        ATOL,
+        RTOL,
+    );
+    assert!(
+        (cpu_running.0.to_f64_vec()[0] - initial_mean[0]).abs() > 1e-3,
+        "the running mean did not move, so the comparison above proves nothing"
+    );
+}
+
+#[test]
+fn batch_norm2d_training_without_affine_or_running_stats_matches_cpu() {
+    let Some(dev) = cuda_or_skip("batch_norm2d_plain") else {
+        return;
+    };
+    check_op(
+        "batch_norm2d training, no affine",
+        dev,
+        &[batch_norm_input()],
+        |t| t[0].batch_norm2d(None, None, None, None, true, 0.1, EPS),
+        ATOL,
+        RTOL,
+    );
+}
+
+#[test]
+fn batch_norm2d_eval_matches_cpu() {
+    let Some(dev) = cuda_or_skip("batch_norm2d_eval") else {
+        return;
+    };
+    let (running_mean, running_var) = (randn(&[7], 16), uniform(0.5, 2.0, &[7], 17));
+    let cuda_running = (
+        running_mean.to_device(dev).unwrap(),
+        running_var.to_device(dev).unwrap(),
+    );
+    check_op(
+        "batch_norm2d eval",
+        dev,
+        &[batch_norm_input(), randn(&[7], 18), randn(&[7], 19)],
+        |t| {
+            let (mean, var) = match t[0].device() {
+                Device::Cpu => (&running_mean, &running_var),
+                Device::Cuda(_) => (&cuda_running.0, &cuda_running.1),
+            };
+            t[0].batch_norm2d(
+                Some(mean),
+                Some(var),
+                Some(&t[1]),
+                Some(&t[2]),
+                false,
+                0.1,
+                EPS,
+            )
+        },
+        ATOL,
+        RTOL,
+    );
+    // Eval leaves the running statistics alone.
+    assert_close(
+        "running_mean after eval",
+        &running_mean,
+        &cuda_running.0,
+        0.0,
+        0.0,
+    );
+}
+
+#[test]
+fn layer_norm_matches_cpu() {
+    let Some(dev) = cuda_or_skip("layer_norm") else {
+        return;
+    };
+    // [37, 129]: one chunk of rows for dweight/dbias; [3, 70, 33]: 210 rows,
+    // four chunks of 64, so the two-stage parameter sums are exercised.
+    for (shape, seed) in [(vec![37, 129], 21), (vec![3, 70, 33], 22)] {
+        let width = *shape.last().unwrap();
+        let x = randn(&shape, seed).add_scalar(0.5).unwrap();
+        check_op(
+            &format!("layer_norm {shape:?}"),
+            dev,
+            &[
+                x.clone(),
+                randn(&[width], seed + 1),
+                randn(&[width], seed + 2),
+            ],
+            |t| t[0].layer_norm(Some(&t[1]), Some(&t[2]), EPS),
+            ATOL,
+            RTOL,
+        );
+        check_op(
+            &format!("layer_norm {shape:?} without affine"),
+            dev,
+            &[x],
+            |t| t[0].layer_norm(None, None, EPS),
+            ATOL,
+            RTOL,
+        );
+    }
+}
+
+#[test]
+fn softmax_and_log_softmax_match_cpu() {
+    let Some(dev) = cuda_or_skip("softmax") else {
+        return;
+    };
+    // Rows of 1 (softmax is exactly 1), 31 (under one warp), 1001 (several
+    // passes of a 256-thread block); logits scaled up to stress the max shift.
+    for (shape, seed) in [(vec![7, 1], 31), (vec![5, 31], 32), (vec![3, 1001], 33)] {
+        let x = randn(&shape, seed).mul_scalar(4.0).unwrap();
+        let one = std::slice::from_ref(&x);
+        check_op(
+            &format!("softmax {shape:?}"),
+            dev,
+            one,
+            |t| t[0].softmax(),
+            ATOL,
+            RTOL,
+        );
+        check_op(
+            &format!("log_softmax {shape:?}"),
+            dev,
+            one,
+            |t| t[0].log_softmax(),
+            ATOL,
+            RTOL,
+        );
+    }
+}
+
+#[test]
+fn causal_attention_matches_cpu() {
+    let Some(dev) = cuda_or_skip("causal_attention") else {
+        return;
+    };
+    // An odd shape, the GPT's own shape, and a single position.
+    for (shape, seed) in [
+        (vec![2, 3, 37, 16], 41),
+        (vec![4, 4, 64, 32], 44),
+        (vec![1, 2, 1, 8], 47),
+    ] {
+        check_op(
+            &format!("causal_attention {shape:?}"),
+            dev,
+            &[
+                randn(&shape, seed),
+                randn(&shape, seed + 1),
+                randn(&shape, seed + 2),
+            ],
+            |t| Tensor::causal_attention(&t[0], &t[1], &t[2]),
+            ATOL,
+            RTOL,
+        );
+    }
+}
