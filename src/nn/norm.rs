@@ -18,7 +18,9 @@ pub struct BatchNorm2d {
     pub running_mean: Tensor,
     pub running_var: Tensor,
     /// How many training batches updated the running statistics (rank-0
-    /// u32; PyTorch's state dicts hold it as int64).
+    /// u32; PyTorch's state dicts hold it as int64). A host-side counter: it
+    /// stays on the CPU whatever the module's device, so counting costs no
+    /// device synchronisation.
     pub num_batches_tracked: Tensor,
     momentum: f64,
     eps: f64,
@@ -37,7 +39,7 @@ impl BatchNorm2d {
             bias: constant(init, [channels], 0.0)?,
             running_mean: buffer(init, [channels], 0.0)?,
             running_var: buffer(init, [channels], 1.0)?,
-            num_batches_tracked: Tensor::from_indices(vec![0], ())?.to_device(init.device)?,
+            num_batches_tracked: Tensor::from_indices(vec![0], ())?,
             momentum: 0.1,
             eps: 1e-5,
             training: AtomicBool::new(true),
@@ -78,8 +80,7 @@ impl Module for BatchNorm2d {
         )?;
         if training {
             let tracked = self.num_batches_tracked.item()? as u32;
-            let next = Tensor::from_indices(vec![tracked.saturating_add(1)], ())?
-                .to_device(self.num_batches_tracked.device())?;
+            let next = Tensor::from_indices(vec![tracked.saturating_add(1)], ())?;
             self.num_batches_tracked.assign(&next)?;
         }
         Ok(y)
