@@ -22,12 +22,6 @@ enum { ACT_RELU = 0, ACT_LEAKY_RELU, ACT_TANH, ACT_SIGMOID, ACT_GELU, ACT_GELU_T
 #define INV_SQRT_2 0.7071067811865476f
 #define INV_SQRT_2PI 0.3989422804014327f
 
-__device__ __forceinline__ float sigmoid(float x) {
-    if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
-    float e = expf(x);
-    return e / (1.0f + e);
-}
-
 __device__ __forceinline__ float activation_value(u32 op, float x, float slope) {
     switch (op) {
         case ACT_RELU: return fmaxf(x, 0.0f);

@@ -53,6 +53,34 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return scratch[0];
 }
 
+__device__ __forceinline__ double warp_sum_double(double v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+// block_sum in double, for sums that must stay accurate over millions of
+// f32 terms (losses, gradient norms); `scratch` holds 32 doubles.
+__device__ __forceinline__ double block_sum_double(double v, double* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum_double(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    int warps = blockDim.x >> 5;
+    v = (threadIdx.x < warps) ? scratch[threadIdx.x] : 0.0;
+    if (warp == 0) v = warp_sum_double(v);
+    if (threadIdx.x == 0) scratch[0] = v;
+    __syncthreads();
+    return scratch[0];
+}
+
+// σ(x), the same formula as the CPU's: never exp of a large positive number.
+__device__ __forceinline__ float sigmoid(float x) {
+    if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
+    float e = expf(x);
+    return e / (1.0f + e);
+}
+
 // Broadcast indexing: up to 6 dims, row-major; a stride of 0 repeats a dim.
 #define KILN_MAX_DIMS 6
 struct Strides6 {

@@ -18,34 +18,6 @@
 // bad value to report it exactly as the CPU path does.
 #include "common.cuh"
 
-// Double-precision block sum for the partial sums (blockDim.x a multiple of
-// 32, `scratch` 32 doubles of shared memory); every thread gets the result.
-__device__ __forceinline__ double warp_sum_double(double v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    return v;
-}
-
-__device__ __forceinline__ double block_sum_double(double v, double* scratch) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_sum_double(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    int warps = blockDim.x >> 5;
-    v = (threadIdx.x < warps) ? scratch[threadIdx.x] : 0.0;
-    if (warp == 0) v = warp_sum_double(v);
-    if (threadIdx.x == 0) scratch[0] = v;
-    __syncthreads();
-    return scratch[0];
-}
-
-// Same formula as the CPU `sigmoid`: no exponential of a large positive number.
-__device__ __forceinline__ float sigmoid(float x) {
-    if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
-    float e = expf(x);
-    return e / (1.0f + e);
-}
-
 // dL/d(loss) · scale in double; each kernel rounds its own factor of it to
 // f32 once, exactly as the CPU backward rounds its f64 scale.
 __device__ __forceinline__ double upstream_scale(const float* upstream, double scale) {

@@ -95,24 +95,6 @@ extern "C" __global__ void adam_update(const AdamParams p) {
 }
 
 // ---- Σ g² for clip_grad_norm ---------------------------------------------------------------
-__device__ __forceinline__ double warp_sum_double(double v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    return v;
-}
-
-// Sum over the block in double (blockDim.x a multiple of 32); thread 0 gets the result.
-__device__ __forceinline__ double block_sum_double(double v, double* scratch) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_sum_double(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    int warps = blockDim.x >> 5;
-    v = (threadIdx.x < warps) ? scratch[threadIdx.x] : 0.0;
-    if (warp == 0) v = warp_sum_double(v);
-    return v;
-}
-
 // Mirrors SumOfSquaresParams in src/optim.rs.
 struct SumOfSquaresParams {
     const float* x;
