@@ -56,10 +56,13 @@
 
 pub mod autograd;
 pub mod checkpoint;
+pub mod cli;
 pub mod cuda;
+pub mod data;
 pub mod error;
 pub mod gradcheck;
 pub mod kernels;
+pub mod models;
 pub mod nn;
 pub mod ops;
 pub mod optim;

@@ -1,0 +1,294 @@
+//! The command line, declared with clap's derive API. Hyper-parameters are
+//! `Option`s so that a resumed run can tell a flag the user typed (which must
+//! agree with the checkpoint) from one left at its per-model default.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Train and sample a DCGAN, a VAE and a character-level GPT with kiln.
+#[derive(Parser, Debug)]
+#[command(name = "kiln", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train a model; writes checkpoint.safetensors, checkpoint.json,
+    /// metrics.csv, loss.png (and samples.png for gan/vae) into --out.
+    Train(Box<TrainArgs>),
+    /// Draw images from a trained GAN or VAE into a PNG grid.
+    Sample(SampleArgs),
+    /// Continue a text prompt with a trained GPT and print the result.
+    Generate(GenerateArgs),
+    /// Evaluate a checkpoint on held-out data (VAE: test negative ELBO; GPT: validation loss).
+    Eval(EvalArgs),
+}
+
+/// The three models kiln trains.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelKind {
+    /// DCGAN on Fashion-MNIST padded to 32x32.
+    Gan,
+    /// Fully connected VAE on Fashion-MNIST 28x28.
+    Vae,
+    /// Character-level GPT on Shakespeare.
+    Gpt,
+}
+
+impl ModelKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelKind::Gan => "gan",
+            ModelKind::Vae => "vae",
+            ModelKind::Gpt => "gpt",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<ModelKind> {
+        match name {
+            "gan" => Some(ModelKind::Gan),
+            "vae" => Some(ModelKind::Vae),
+            "gpt" => Some(ModelKind::Gpt),
+            _ => None,
+        }
+    }
+}
+
+/// The image models, the ones `kiln sample` can draw from.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageModelKind {
+    /// DCGAN: images from the generator.
+    Gan,
+    /// VAE: images decoded from latents drawn from the prior N(0, I).
+    Vae,
+}
+
+impl From<ImageModelKind> for ModelKind {
+    fn from(kind: ImageModelKind) -> ModelKind {
+        match kind {
+            ImageModelKind::Gan => ModelKind::Gan,
+            ImageModelKind::Vae => ModelKind::Vae,
+        }
+    }
+}
+
+/// The models `kiln eval` can score.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvalModelKind {
+    /// VAE: mean negative ELBO per test image (nats).
+    Vae,
+    /// GPT: mean cross-entropy on validation batches (nats per character).
+    Gpt,
+}
+
+impl From<EvalModelKind> for ModelKind {
+    fn from(kind: EvalModelKind) -> ModelKind {
+        match kind {
+            EvalModelKind::Vae => ModelKind::Vae,
+            EvalModelKind::Gpt => ModelKind::Gpt,
+        }
+    }
+}
+
+/// Where tensors live.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeviceArg {
+    #[default]
+    Cpu,
+    /// The first CUDA device (fails with a clear error when there is none).
+    Cuda,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// Which model to train.
+    #[arg(value_enum)]
+    pub model: ModelKind,
+
+    /// Device to train on.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+
+    /// Passes over the training set (gan: 5, vae: 10; gpt counts --steps only).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+
+    /// Total optimisation steps (gpt: 2000 by default; gan/vae: a cap on top of --epochs).
+    #[arg(long)]
+    pub steps: Option<usize>,
+
+    /// Examples per step (gan: 64, vae: 128, gpt: 12).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+
+    /// Peak learning rate (gan: 2e-4, vae: 1e-3, gpt: 1e-3).
+    #[arg(long)]
+    pub lr: Option<f64>,
+
+    /// Seed of every random draw: initialisation, batch order, noise, dropout.
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    /// Data directory, as filled by scripts/fetch-data.sh (holds fashion-mnist/ and shakespeare.txt).
+    #[arg(long, default_value = "data")]
+    pub data: PathBuf,
+
+    /// Run directory for checkpoints, metrics and pictures [default: runs/<model>].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+
+    /// Continue the run saved in --out from its last checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+
+    /// Save a checkpoint (and refresh loss.png / samples.png) every N steps.
+    #[arg(long, default_value_t = 500)]
+    pub checkpoint_every: usize,
+
+    /// Use only the first N training examples: images, or for gpt characters
+    /// of the training text (quick runs and tests).
+    #[arg(long)]
+    pub limit: Option<usize>,
+
+    #[command(flatten)]
+    pub gan: GanArgs,
+
+    #[command(flatten)]
+    pub vae: VaeArgs,
+
+    #[command(flatten)]
+    pub gpt: GptArgs,
+}
+
+/// DCGAN size (`kiln train gan`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct GanArgs {
+    /// GAN: length of the noise vector z [default: 100].
+    #[arg(long)]
+    pub nz: Option<usize>,
+    /// GAN: generator feature maps [default: 64].
+    #[arg(long)]
+    pub ngf: Option<usize>,
+    /// GAN: discriminator feature maps [default: 64].
+    #[arg(long)]
+    pub ndf: Option<usize>,
+}
+
+/// VAE size (`kiln train vae`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct VaeArgs {
+    /// VAE: latent dimensions [default: 20].
+    #[arg(long)]
+    pub latent: Option<usize>,
+    /// VAE: hidden units of the encoder and decoder [default: 400].
+    #[arg(long)]
+    pub hidden: Option<usize>,
+}
+
+/// GPT size and optimisation (`kiln train gpt`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct GptArgs {
+    /// GPT: transformer blocks [default: 4].
+    #[arg(long)]
+    pub n_layer: Option<usize>,
+    /// GPT: attention heads [default: 4].
+    #[arg(long)]
+    pub n_head: Option<usize>,
+    /// GPT: embedding width [default: 128].
+    #[arg(long)]
+    pub n_embd: Option<usize>,
+    /// GPT: context length in characters [default: 64].
+    #[arg(long)]
+    pub block_size: Option<usize>,
+    /// GPT: dropout probability [default: 0.0].
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// GPT: linear warm-up steps of the learning rate [default: 100].
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// GPT: steps over which the rate decays (cosine) to lr/10 [default: --steps].
+    #[arg(long)]
+    pub lr_decay_steps: Option<usize>,
+    /// GPT: clip the global gradient norm to this value (0 disables) [default: 1.0].
+    #[arg(long)]
+    pub grad_clip: Option<f64>,
+    /// GPT: AdamW decoupled weight decay of the matrices [default: 0.1].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SampleArgs {
+    /// Which kind of model the checkpoint holds.
+    #[arg(value_enum)]
+    pub model: ImageModelKind,
+    /// A run directory, its checkpoint.json or its checkpoint.safetensors.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Number of images.
+    #[arg(long, default_value_t = 64)]
+    pub n: usize,
+    /// PNG grid to write (ceil(sqrt(n)) images per row).
+    #[arg(long, default_value = "samples.png")]
+    pub out: PathBuf,
+    /// Also write the images as a safetensors tensor `samples` [n, C, H, W].
+    #[arg(long)]
+    pub raw: Option<PathBuf>,
+    /// Seed of the noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GenerateArgs {
+    /// A GPT run directory, its checkpoint.json or its checkpoint.safetensors.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Text to continue; every character must be in the training vocabulary
+    /// [default: a newline].
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Characters to generate after the prompt.
+    #[arg(long, default_value_t = 500)]
+    pub max_new_tokens: usize,
+    /// Softmax temperature (> 0): below 1 is more conservative, above 1 more random.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    /// Sample only among the K most likely characters (0: all).
+    #[arg(long, default_value_t = 200)]
+    pub top_k: usize,
+    /// Seed of the sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// Which kind of model the checkpoint holds.
+    #[arg(value_enum)]
+    pub model: EvalModelKind,
+    /// A run directory, its checkpoint.json or its checkpoint.safetensors.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Data directory, as filled by scripts/fetch-data.sh.
+    #[arg(long, default_value = "data")]
+    pub data: PathBuf,
+    /// Seed of the evaluation's randomness (VAE: the eps of the ELBO; GPT: the batch offsets).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// GPT: number of random validation batches averaged.
+    #[arg(long, default_value_t = 200)]
+    pub batches: usize,
+    /// Score only the first N held-out examples (VAE: images; GPT: characters).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+}

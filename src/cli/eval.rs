@@ -1,0 +1,98 @@
+//! `kiln eval vae|gpt`: held-out scores of a trained model.
+//!
+//! - VAE: the negative ELBO per image (nats), averaged over the test set
+//!   (10,000 Fashion-MNIST images, or the first --limit), with one eps per
+//!   image drawn from a generator seeded by --seed: an upper bound on
+//!   −log p(x).
+//! - GPT: the mean cross-entropy (nats per character) of --batches random
+//!   windows batches of the validation text (the last 10%), each of the
+//!   training batch size and block size, their offsets drawn from a
+//!   generator seeded by --seed, as nanoGPT's `estimate_loss`.
+
+use anyhow::{Context, Result, bail};
+
+use super::args::{EvalArgs, EvalModelKind};
+use super::run_dir::load_checkpoint;
+use super::seeds::{Stream, stream_rng};
+use super::specs::{VAE_IMAGE_SIZE, images_dir, load_gpt, load_vae, text_path};
+use crate::data::idx::{Split, load_split};
+use crate::data::text::{load_text, random_batch};
+use crate::no_grad;
+
+/// Test images scored per forward pass.
+const VAE_EVAL_BATCH: usize = 500;
+
+pub fn run(args: &EvalArgs) -> Result<()> {
+    if args.limit == Some(0) {
+        bail!("--limit must be at least 1");
+    }
+    let device = super::device(args.device)?;
+    let checkpoint = load_checkpoint(&args.checkpoint)?;
+    let mut rng = stream_rng(args.seed, Stream::Eval, 0);
+    let _no_grad = no_grad();
+    match args.model {
+        EvalModelKind::Vae => {
+            let vae = load_vae(&checkpoint, device)?;
+            let dir = images_dir(&args.data);
+            let test = load_split(&dir, Split::Test)
+                .with_context(|| format!("loading Fashion-MNIST from {}", dir.display()))?;
+            let count = args.limit.map_or(test.count, |l| l.min(test.count));
+            let pixels = VAE_IMAGE_SIZE * VAE_IMAGE_SIZE;
+            let mut total = 0.0;
+            for start in (0..count).step_by(VAE_EVAL_BATCH) {
+                let indices: Vec<usize> = (start..(start + VAE_EVAL_BATCH).min(count)).collect();
+                let x = test
+                    .batch(&indices, VAE_IMAGE_SIZE, 0.0, 1.0)?
+                    .reshape([indices.len(), pixels])?
+                    .to_device(device)?;
+                // The loss is a mean over the batch; weight it by the batch's size.
+                total += vae.loss(&x, &mut rng)?.total.item()? * indices.len() as f64;
+            }
+            println!(
+                "test negative ELBO: {:.4} nats per image (mean over {count} test images)",
+                total / count as f64
+            );
+        }
+        EvalModelKind::Gpt => {
+            if args.batches == 0 {
+                bail!("--batches must be at least 1");
+            }
+            let (gpt, _) = load_gpt(&checkpoint, device)?;
+            let path = text_path(&args.data);
+            let text =
+                load_text(&path).with_context(|| format!("loading the text {}", path.display()))?;
+            let saved_vocab = checkpoint.state.vocab.as_deref().unwrap_or_default();
+            if text.vocab.to_string_repr() != saved_vocab {
+                bail!(
+                    "{} has another vocabulary than the checkpoint's; evaluate on the text it was trained on",
+                    path.display()
+                );
+            }
+            let mut val = text.val;
+            if let Some(limit) = args.limit {
+                val.truncate(limit);
+            }
+            let block = gpt.config().block_size;
+            let batch = checkpoint.state.training.batch_size;
+            if val.len() <= block {
+                bail!(
+                    "{} validation characters are too few for the model's block size {block}",
+                    val.len()
+                );
+            }
+            let mut total = 0.0;
+            for _ in 0..args.batches {
+                let (x, y) = random_batch(&val, batch, block, &mut rng)?;
+                total += gpt
+                    .loss(&x.to_device(device)?, &y.to_device(device)?)?
+                    .item()?;
+            }
+            println!(
+                "validation loss: {:.4} nats per character (mean over {} random batches of {batch}x{block})",
+                total / args.batches as f64,
+                args.batches
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,70 @@
+//! The `kiln` command line: `train`, `sample`, `generate` and `eval` for the
+//! DCGAN, the VAE and the character-level GPT. It lives in the library so
+//! that tests can call it; `src/main.rs` only forwards to [`main`].
+//!
+//! Every user error (missing data, a checkpoint of another model, an
+//! unknown prompt character, no GPU...) ends the process with one line
+//! `error: ...` and exit code 1, and never touches existing checkpoints.
+
+pub mod args;
+pub mod eval;
+pub mod generate;
+pub mod progress;
+pub mod run_dir;
+pub mod sample;
+pub mod seeds;
+pub mod specs;
+pub mod train;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Parser;
+
+use crate::Device;
+use args::{Cli, Command, DeviceArg};
+
+/// Parses `args` (the first is the program name) and runs the command.
+pub fn run<I, T>(args: I) -> Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    execute(Cli::try_parse_from(args)?)
+}
+
+/// The binary's entry point: runs the command line of this process and
+/// turns an error into `error: ...` on stderr and exit code 1 (clap's own
+/// usage errors and --help keep clap's output and codes).
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    match execute(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Train(args) => train::run(args),
+        Command::Sample(args) => sample::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Eval(args) => eval::run(args),
+    }
+}
+
+/// The device a `--device` flag names; CUDA is probed and fails clearly
+/// when there is no driver or no device.
+pub fn device(arg: DeviceArg) -> Result<Device> {
+    match arg {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Cuda => Ok(Device::cuda(0).map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?),
+    }
+}

@@ -1,0 +1,172 @@
+//! The models' architectures as they are written into a checkpoint's run
+//! state, and the code that rebuilds a model from one.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::run_dir::{LoadedCheckpoint, RunState};
+use super::seeds::{Stream, stream_rng};
+use crate::data::text::Vocab;
+use crate::models::dcgan::{DcganConfig, Discriminator, Generator};
+use crate::models::gpt::{Gpt, GptConfig};
+use crate::models::vae::{Vae, VaeConfig};
+use crate::nn::{Init, Module};
+use crate::{DType, Device};
+
+/// Image side the DCGAN works at (28×28 images are centred in 32×32).
+pub const GAN_IMAGE_SIZE: usize = 32;
+/// Image side of the VAE (the IDX images as they are).
+pub const VAE_IMAGE_SIZE: usize = 28;
+
+/// The Fashion-MNIST directory inside a data directory.
+pub fn images_dir(data: &Path) -> PathBuf {
+    data.join("fashion-mnist")
+}
+
+/// The Shakespeare text inside a data directory.
+pub fn text_path(data: &Path) -> PathBuf {
+    data.join("shakespeare.txt")
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct GanSpec {
+    pub nz: usize,
+    pub ngf: usize,
+    pub ndf: usize,
+    pub channels: usize,
+}
+
+impl From<&GanSpec> for DcganConfig {
+    fn from(s: &GanSpec) -> DcganConfig {
+        DcganConfig {
+            nz: s.nz,
+            ngf: s.ngf,
+            ndf: s.ndf,
+            channels: s.channels,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct VaeSpec {
+    pub input: usize,
+    pub hidden: usize,
+    pub latent: usize,
+}
+
+impl From<&VaeSpec> for VaeConfig {
+    fn from(s: &VaeSpec) -> VaeConfig {
+        VaeConfig {
+            input: s.input,
+            hidden: s.hidden,
+            latent: s.latent,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct GptSpec {
+    pub vocab_size: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    pub block_size: usize,
+    pub dropout: f64,
+}
+
+impl From<&GptSpec> for GptConfig {
+    fn from(s: &GptSpec) -> GptConfig {
+        GptConfig {
+            vocab_size: s.vocab_size,
+            n_layer: s.n_layer,
+            n_head: s.n_head,
+            n_embd: s.n_embd,
+            block_size: s.block_size,
+            dropout: s.dropout,
+        }
+    }
+}
+
+/// The architecture recorded in `state`, read as a `T`.
+pub fn spec<T: for<'de> Deserialize<'de>>(state: &RunState) -> Result<T> {
+    serde_json::from_value(state.config.clone()).with_context(|| {
+        format!(
+            "the checkpoint's {} configuration cannot be read",
+            state.model
+        )
+    })
+}
+
+/// Generator and discriminator, freshly initialised from the run's seed.
+pub fn build_gan(spec: &GanSpec, seed: u64, device: Device) -> Result<(Generator, Discriminator)> {
+    let config = DcganConfig::from(spec);
+    let mut rng = stream_rng(seed, Stream::Init, 0);
+    let mut init = Init::new(&mut rng, device, DType::F32);
+    let generator = Generator::new(&config, &mut init)?;
+    let discriminator = Discriminator::new(&config, &mut init)?;
+    Ok((generator, discriminator))
+}
+
+pub fn build_vae(spec: &VaeSpec, seed: u64, device: Device) -> Result<Vae> {
+    let mut rng = stream_rng(seed, Stream::Init, 0);
+    let mut init = Init::new(&mut rng, device, DType::F32);
+    Ok(Vae::new(&VaeConfig::from(spec), &mut init)?)
+}
+
+pub fn build_gpt(spec: &GptSpec, seed: u64, device: Device) -> Result<Gpt> {
+    let mut rng = stream_rng(seed, Stream::Init, 0);
+    let mut init = Init::new(&mut rng, device, DType::F32);
+    let dropout_seed = stream_rng(seed, Stream::Dropout, 0).next_u64();
+    Ok(Gpt::new(&GptConfig::from(spec), dropout_seed, &mut init)?)
+}
+
+/// Loads the tensors "`prefix`.x" of `checkpoint` into `module`.
+pub fn load_into(module: &dyn Module, checkpoint: &LoadedCheckpoint, prefix: &str) -> Result<()> {
+    module
+        .load_state_dict(&checkpoint.group(prefix))
+        .with_context(|| {
+            format!(
+                "{}: cannot load the {prefix} weights",
+                checkpoint.weights_path.display()
+            )
+        })
+}
+
+/// The trained generator of a GAN checkpoint, in eval mode.
+pub fn load_generator(checkpoint: &LoadedCheckpoint, device: Device) -> Result<Generator> {
+    checkpoint.expect_model("gan")?;
+    let spec: GanSpec = spec(&checkpoint.state)?;
+    let (generator, _) = build_gan(&spec, checkpoint.state.seed, device)?;
+    load_into(&generator, checkpoint, "generator")?;
+    generator.eval();
+    Ok(generator)
+}
+
+/// The trained VAE of a checkpoint, in eval mode.
+pub fn load_vae(checkpoint: &LoadedCheckpoint, device: Device) -> Result<Vae> {
+    checkpoint.expect_model("vae")?;
+    let spec: VaeSpec = spec(&checkpoint.state)?;
+    let vae = build_vae(&spec, checkpoint.state.seed, device)?;
+    load_into(&vae, checkpoint, "model")?;
+    vae.eval();
+    Ok(vae)
+}
+
+/// The trained GPT of a checkpoint, in eval mode, with its vocabulary.
+pub fn load_gpt(checkpoint: &LoadedCheckpoint, device: Device) -> Result<(Gpt, Vocab)> {
+    checkpoint.expect_model("gpt")?;
+    let spec: GptSpec = spec(&checkpoint.state)?;
+    let repr = checkpoint.state.vocab.as_deref().with_context(|| {
+        format!(
+            "{}: the GPT checkpoint has no vocabulary",
+            checkpoint.weights_path.display()
+        )
+    })?;
+    let vocab = Vocab::from_string_repr(repr)?;
+    let gpt = build_gpt(&spec, checkpoint.state.seed, device)?;
+    load_into(&gpt, checkpoint, "model")?;
+    gpt.eval();
+    Ok((gpt, vocab))
+}

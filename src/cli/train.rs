@@ -1,0 +1,946 @@
+//! `kiln train gan|vae|gpt`: the three training loops and the machinery
+//! they share (settings, resuming, checkpoints, metrics, progress).
+//!
+//! Reproducibility: every random draw of step k comes from a generator
+//! seeded with (seed, k) (see `seeds`), the order of the images in epoch e
+//! is a permutation seeded with (seed, e), and a checkpoint holds the models,
+//! their BatchNorm statistics and the optimizers' moments. A run resumed
+//! from step k on the CPU therefore continues bit-identically to one that
+//! never stopped. (GPT dropout masks are the exception: they are counted per
+//! process, so with --dropout > 0 a resumed run draws different masks.)
+
+use std::fmt::Display;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use super::args::{ModelKind, TrainArgs};
+use super::progress::Progress;
+use super::run_dir::{
+    self, LOSS_CHART_FILE, LoadedCheckpoint, METRICS_FILE, MetricsLog, RunState, SAMPLES_FILE,
+    STATE_FORMAT, TrainingConfig, WEIGHTS_FILE, prefixed,
+};
+use super::seeds::{Stream, permutation, stream_rng};
+use super::specs::{
+    self, GAN_IMAGE_SIZE, GanSpec, GptSpec, VAE_IMAGE_SIZE, VaeSpec, build_gan, build_gpt,
+    build_vae, images_dir, text_path,
+};
+use crate::data::idx::{ImageSet, Split, load_split};
+use crate::data::image::{save_grid_png, save_line_chart_png};
+use crate::data::text::{load_text, random_batch};
+use crate::models::dcgan::{Discriminator, Generator};
+use crate::models::gpt::Gpt;
+use crate::models::vae::Vae;
+use crate::nn::Module;
+use crate::optim::{Adam, AdamConfig, AdamW, Optimizer, clip_grad_norm};
+use crate::{DType, Device, Reduction, Rng, Tensor, no_grad};
+
+/// Images in samples.png (an 8×8 grid).
+const SAMPLE_GRID: usize = 8;
+
+/// Steps of a GPT run without --steps.
+const DEFAULT_GPT_STEPS: usize = 2000;
+
+/// One model's training: what the shared loop needs to know about it.
+trait Trainee {
+    /// Names of the values `train_step` returns (metrics.csv columns).
+    fn metric_names(&self) -> &'static [&'static str];
+    /// One optimisation step (global step `step`, 0-based) drawing its
+    /// randomness from `rng`; returns the metrics, the first being the loss
+    /// that must stay finite.
+    fn train_step(&mut self, step: usize, rng: &mut Rng) -> Result<Vec<f64>>;
+    /// Examples (images or text windows) in step `step`.
+    fn examples_in_step(&self, step: usize) -> usize;
+    /// Training examples used (images, or characters of text).
+    fn examples(&self) -> usize;
+    /// Steps the whole run takes.
+    fn total_steps(&self, settings: &Settings) -> usize;
+    /// Completed epochs after `steps` steps.
+    fn epochs_after(&self, steps: usize) -> usize;
+    /// Models and optimizer state, by checkpoint name.
+    fn checkpoint_tensors(&self) -> Vec<(String, Tensor)>;
+    /// Restores what `checkpoint_tensors` saved.
+    fn restore(&mut self, checkpoint: &LoadedCheckpoint) -> Result<()>;
+    /// Writes the pictures refreshed at each checkpoint (besides loss.png).
+    fn save_pictures(&self, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The settings of a run, from the flags, the model's defaults, or (when
+/// resuming) the checkpoint.
+struct Settings {
+    seed: u64,
+    batch_size: usize,
+    lr: f64,
+    limit: Option<usize>,
+    epochs: Option<usize>,
+    max_steps: Option<usize>,
+    warmup: usize,
+    lr_decay_steps: Option<usize>,
+    grad_clip: f64,
+    weight_decay: f64,
+}
+
+/// A flag's value: the one typed (which must match the resumed run's), the
+/// resumed run's, or the default.
+fn setting<T: PartialEq + Display + Copy>(
+    flag: &str,
+    given: Option<T>,
+    saved: Option<T>,
+    default: T,
+) -> Result<T> {
+    match (given, saved) {
+        (Some(given), Some(saved)) if given != saved => bail!(
+            "--{flag} {given} differs from the resumed run's {saved}; a resumed run keeps its settings (drop --{flag}, or train into a new --out)"
+        ),
+        (Some(given), _) => Ok(given),
+        (None, Some(saved)) => Ok(saved),
+        (None, None) => Ok(default),
+    }
+}
+
+/// Like `setting` for a value that may be absent (no default).
+fn optional_setting<T: PartialEq + Display + Copy>(
+    flag: &str,
+    given: Option<T>,
+    saved: Option<Option<T>>,
+) -> Result<Option<T>> {
+    match (given, saved) {
+        (Some(given), Some(Some(saved))) if given != saved => bail!(
+            "--{flag} {given} differs from the resumed run's {saved}; a resumed run keeps its settings (drop --{flag}, or train into a new --out)"
+        ),
+        (Some(given), Some(None)) => bail!(
+            "--{flag} {given} was not set in the resumed run; a resumed run keeps its settings (drop --{flag}, or train into a new --out)"
+        ),
+        (Some(given), _) => Ok(Some(given)),
+        (None, Some(saved)) => Ok(saved),
+        (None, None) => Ok(None),
+    }
+}
+
+impl Settings {
+    fn resolve(args: &TrainArgs, resumed: Option<&RunState>) -> Result<Settings> {
+        let kind = args.model;
+        let saved = resumed.map(|s| &s.training);
+        let (batch_size, lr) = match kind {
+            ModelKind::Gan => (64, 2e-4),
+            ModelKind::Vae => (128, 1e-3),
+            ModelKind::Gpt => (12, 1e-3),
+        };
+        let settings = Settings {
+            seed: setting("seed", args.seed, resumed.map(|s| s.seed), 0)?,
+            batch_size: setting(
+                "batch-size",
+                args.batch_size,
+                saved.map(|t| t.batch_size),
+                batch_size,
+            )?,
+            lr: setting("lr", args.lr, saved.map(|t| t.lr), lr)?,
+            limit: optional_setting("limit", args.limit, saved.map(|t| t.limit))?,
+            // The length of a run may change when it is resumed.
+            epochs: args.epochs.or(saved.and_then(|t| t.epochs)).or(match kind {
+                ModelKind::Gan => Some(5),
+                ModelKind::Vae => Some(10),
+                ModelKind::Gpt => None,
+            }),
+            max_steps: args.steps.or(saved.and_then(|t| t.max_steps)),
+            warmup: setting("warmup", args.gpt.warmup, saved.and_then(|t| t.warmup), 100)?,
+            lr_decay_steps: optional_setting(
+                "lr-decay-steps",
+                args.gpt.lr_decay_steps,
+                saved.map(|t| t.lr_decay_steps),
+            )?,
+            grad_clip: setting(
+                "grad-clip",
+                args.gpt.grad_clip,
+                saved.and_then(|t| t.grad_clip),
+                1.0,
+            )?,
+            weight_decay: setting(
+                "weight-decay",
+                args.gpt.weight_decay,
+                saved.and_then(|t| t.weight_decay),
+                0.1,
+            )?,
+        };
+        if settings.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        if !(settings.lr.is_finite() && settings.lr > 0.0) {
+            bail!("--lr must be a positive number, got {}", settings.lr);
+        }
+        if settings.limit == Some(0) {
+            bail!("--limit must be at least 1");
+        }
+        if settings.epochs == Some(0) || settings.max_steps == Some(0) {
+            bail!("--epochs and --steps must be at least 1");
+        }
+        if kind == ModelKind::Gpt && args.epochs.is_some() {
+            bail!("kiln train gpt counts --steps (random windows of the text), not --epochs");
+        }
+        Ok(settings)
+    }
+}
+
+/// `kiln train MODEL ...`
+pub fn run(args: &TrainArgs) -> Result<()> {
+    let kind = args.model;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(kind.name()));
+    if args.checkpoint_every == 0 {
+        bail!("--checkpoint-every must be at least 1");
+    }
+    let resumed = if args.resume {
+        if !out.join(WEIGHTS_FILE).exists() {
+            bail!(
+                "--resume: {} holds no checkpoint ({WEIGHTS_FILE} is missing); start the run without --resume",
+                out.display()
+            );
+        }
+        let checkpoint = run_dir::load_checkpoint(&out)?;
+        checkpoint.expect_model(kind.name())?;
+        Some(checkpoint)
+    } else {
+        if run_dir::has_checkpoint(&out) {
+            bail!(
+                "{} already holds a checkpoint; pass --resume to continue it, or choose another --out (nothing was changed)",
+                out.display()
+            );
+        }
+        None
+    };
+    let state = resumed.as_ref().map(|c| &c.state);
+    let settings = Settings::resolve(args, state)?;
+    let device = super::device(args.device)?;
+
+    let (mut trainee, config, vocab): (Box<dyn Trainee>, serde_json::Value, Option<String>) =
+        match kind {
+            ModelKind::Gan => {
+                let (trainee, spec) = GanTrainee::new(args, &settings, state, device)?;
+                (Box::new(trainee), serde_json::to_value(spec)?, None)
+            }
+            ModelKind::Vae => {
+                let (trainee, spec) = VaeTrainee::new(args, &settings, state, device)?;
+                (Box::new(trainee), serde_json::to_value(spec)?, None)
+            }
+            ModelKind::Gpt => {
+                let (trainee, spec, vocab) = GptTrainee::new(args, &settings, state, device)?;
+                (Box::new(trainee), serde_json::to_value(spec)?, Some(vocab))
+            }
+        };
+    let examples = trainee.examples();
+    if let Some(state) = state
+        && state.training.examples != examples
+    {
+        bail!(
+            "the data gives {examples} training examples but the resumed run used {}; resume with the same data and --limit",
+            state.training.examples
+        );
+    }
+    let total_steps = trainee.total_steps(&settings);
+    let start_step = state.map_or(0, |s| s.step);
+    if let Some(checkpoint) = &resumed {
+        trainee.restore(checkpoint)?;
+    }
+    if start_step >= total_steps {
+        println!(
+            "{}: already trained for {start_step} steps (the run asks for {total_steps}); raise --steps or --epochs to train further",
+            out.display()
+        );
+        return Ok(());
+    }
+
+    fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    run_dir::remove_stale_temporaries(&out);
+    let mut columns = vec!["step", "epoch"];
+    columns.extend_from_slice(trainee.metric_names());
+    columns.push("samples_per_s");
+    let mut metrics = MetricsLog::open(
+        &out.join(METRICS_FILE),
+        &columns,
+        resumed.as_ref().map(|_| start_step),
+    )?;
+
+    let training = TrainingConfig {
+        batch_size: settings.batch_size,
+        lr: settings.lr,
+        examples,
+        limit: settings.limit,
+        total_steps,
+        epochs: settings.epochs,
+        max_steps: settings.max_steps,
+        warmup: (kind == ModelKind::Gpt).then_some(settings.warmup),
+        lr_decay_steps: settings.lr_decay_steps,
+        grad_clip: (kind == ModelKind::Gpt).then_some(settings.grad_clip),
+        weight_decay: (kind == ModelKind::Gpt).then_some(settings.weight_decay),
+    };
+    let run_state = |step: usize, epoch: usize| RunState {
+        format: STATE_FORMAT,
+        model: kind.name().to_string(),
+        config: config.clone(),
+        training: training.clone(),
+        step,
+        epoch,
+        seed: settings.seed,
+        vocab: vocab.clone(),
+        weights: WEIGHTS_FILE.to_string(),
+    };
+
+    println!(
+        "training {} on {device}: steps {start_step}..{total_steps}, {examples} examples, batch {}, lr {}, into {}",
+        kind.name(),
+        settings.batch_size,
+        settings.lr,
+        out.display()
+    );
+    let progress = Progress::new(total_steps, start_step);
+    let epochs_total = trainee.epochs_after(total_steps.saturating_sub(1)) + 1;
+    let mut last_checkpoint = start_step;
+    for step in start_step..total_steps {
+        let epoch = trainee.epochs_after(step);
+        let started = Instant::now();
+        let mut rng = stream_rng(settings.seed, Stream::Step, step as u64);
+        let values = trainee.train_step(step, &mut rng)?;
+        let samples_per_s = trainee.examples_in_step(step) as f64 / started.elapsed().as_secs_f64();
+        if !values[0].is_finite() {
+            bail!(
+                "the {} became {} at step {}; the checkpoint in {} (step {last_checkpoint}) is unchanged; try a lower --lr",
+                trainee.metric_names()[0],
+                values[0],
+                step + 1,
+                out.display()
+            );
+        }
+        let mut row = vec![(step + 1) as f64, epoch as f64];
+        row.extend_from_slice(&values);
+        row.push(samples_per_s);
+        metrics.append(row)?;
+
+        let shown: Vec<String> = trainee
+            .metric_names()
+            .iter()
+            .zip(&values)
+            .map(|(name, value)| format!("{name} {value:.4}"))
+            .collect();
+        progress.update(
+            step + 1,
+            format!(
+                "epoch {}/{epochs_total} {} {samples_per_s:.0} samples/s",
+                epoch + 1,
+                shown.join(" ")
+            ),
+        );
+
+        let done = step + 1;
+        if done % args.checkpoint_every == 0 || done == total_steps {
+            let state = run_state(done, trainee.epochs_after(done));
+            run_dir::save_checkpoint(&out, &state, &trainee.checkpoint_tensors())?;
+            last_checkpoint = done;
+            save_loss_chart(&out, kind, trainee.metric_names(), &metrics)?;
+            trainee.save_pictures(&out)?;
+            progress.println(&format!(
+                "step {done}/{total_steps} epoch {} {}: saved {}",
+                epoch + 1,
+                shown.join(" "),
+                out.join(WEIGHTS_FILE).display()
+            ));
+        }
+    }
+    progress.finish();
+    Ok(())
+}
+
+/// loss.png: the loss columns of metrics.csv against the step.
+fn save_loss_chart(
+    out: &Path,
+    kind: ModelKind,
+    names: &[&str],
+    metrics: &MetricsLog,
+) -> Result<()> {
+    let losses: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| n.starts_with("loss"))
+        .collect();
+    let series: Vec<(&str, Vec<(f64, f64)>)> =
+        losses.iter().map(|&n| (n, metrics.series(n))).collect();
+    let borrowed: Vec<(&str, &[(f64, f64)])> =
+        series.iter().map(|(n, s)| (*n, s.as_slice())).collect();
+    save_line_chart_png(
+        &out.join(LOSS_CHART_FILE),
+        &format!("{} training loss", kind.name()),
+        &borrowed,
+    )?;
+    Ok(())
+}
+
+/// Loads a Fashion-MNIST split from a data directory, with context.
+fn load_images(data: &Path, split: Split) -> Result<ImageSet> {
+    let dir = images_dir(data);
+    load_split(&dir, split).with_context(|| format!("loading Fashion-MNIST from {}", dir.display()))
+}
+
+/// Global step → (epoch, batch in epoch) for a shuffled pass over `examples`
+/// images in batches of `batch_size` (the last batch of an epoch may be
+/// smaller, as PyTorch's DataLoader without drop_last).
+struct EpochSchedule {
+    seed: u64,
+    examples: usize,
+    batch_size: usize,
+    /// The permutation of the epoch last asked for.
+    order: Option<(usize, Vec<usize>)>,
+}
+
+impl EpochSchedule {
+    fn steps_per_epoch(&self) -> usize {
+        self.examples.div_ceil(self.batch_size)
+    }
+
+    /// Images in global step `step`.
+    fn batch_len(&self, step: usize) -> usize {
+        let start = (step % self.steps_per_epoch()) * self.batch_size;
+        self.batch_size.min(self.examples - start)
+    }
+
+    /// The image indices of global step `step`.
+    fn batch(&mut self, step: usize) -> &[usize] {
+        let per_epoch = self.steps_per_epoch();
+        let (epoch, index) = (step / per_epoch, step % per_epoch);
+        if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let mut rng = stream_rng(self.seed, Stream::EpochOrder, epoch as u64);
+            self.order = Some((epoch, permutation(self.examples, &mut rng)));
+        }
+        let order = &self.order.as_ref().expect("just filled").1;
+        let start = index * self.batch_size;
+        &order[start..(start + self.batch_size).min(self.examples)]
+    }
+}
+
+/// How long an image run is: --epochs passes, capped by --steps.
+fn image_total_steps(settings: &Settings, schedule: &EpochSchedule) -> usize {
+    let by_epochs = settings.epochs.unwrap_or(1) * schedule.steps_per_epoch();
+    settings
+        .max_steps
+        .map_or(by_epochs, |cap| cap.min(by_epochs))
+}
+
+/// The sizes of a model: a flag (checked against a resumed run) or the default.
+fn size(flag: &str, given: Option<usize>, saved: Option<usize>, default: usize) -> Result<usize> {
+    setting(flag, given, saved, default)
+}
+
+/// The value of a rank-0 tensor (a loss), for the metrics.
+fn scalar(tensor: &Tensor) -> Result<f64> {
+    Ok(tensor.item()?)
+}
+
+// ----- DCGAN -----------------------------------------------------------------
+
+struct GanTrainee {
+    generator: Generator,
+    discriminator: Discriminator,
+    optim_g: Adam,
+    optim_d: Adam,
+    images: ImageSet,
+    schedule: EpochSchedule,
+    nz: usize,
+    device: Device,
+    /// The noise behind samples.png, the same at every checkpoint.
+    fixed_noise: Tensor,
+}
+
+impl GanTrainee {
+    fn new(
+        args: &TrainArgs,
+        settings: &Settings,
+        resumed: Option<&RunState>,
+        device: Device,
+    ) -> Result<(Self, GanSpec)> {
+        let saved: Option<GanSpec> = resumed.map(specs::spec).transpose()?;
+        let spec = GanSpec {
+            nz: size("nz", args.gan.nz, saved.as_ref().map(|s| s.nz), 100)?,
+            ngf: size("ngf", args.gan.ngf, saved.as_ref().map(|s| s.ngf), 64)?,
+            ndf: size("ndf", args.gan.ndf, saved.as_ref().map(|s| s.ndf), 64)?,
+            channels: 1,
+        };
+        let images = load_images(&args.data, Split::Train)?;
+        let examples = settings.limit.map_or(images.count, |l| l.min(images.count));
+        let (generator, discriminator) = build_gan(&spec, settings.seed, device)?;
+        // The DCGAN paper's Adam: lr 2e-4, β1 = 0.5.
+        let config = AdamConfig {
+            lr: settings.lr,
+            betas: (0.5, 0.999),
+            ..AdamConfig::adam()
+        };
+        let optim_g = Adam::new(generator.named_parameters(), config)?;
+        let optim_d = Adam::new(discriminator.named_parameters(), config)?;
+        let mut noise_rng = stream_rng(settings.seed, Stream::FixedNoise, 0);
+        let fixed_noise = Tensor::randn(
+            [SAMPLE_GRID * SAMPLE_GRID, spec.nz, 1, 1],
+            DType::F32,
+            device,
+            &mut noise_rng,
+        )?;
+        let trainee = GanTrainee {
+            generator,
+            discriminator,
+            optim_g,
+            optim_d,
+            images,
+            schedule: EpochSchedule {
+                seed: settings.seed,
+                examples,
+                batch_size: settings.batch_size,
+                order: None,
+            },
+            nz: spec.nz,
+            device,
+            fixed_noise,
+        };
+        Ok((trainee, spec))
+    }
+}
+
+impl Trainee for GanTrainee {
+    fn metric_names(&self) -> &'static [&'static str] {
+        // D(x), D(G(z)): the discriminator's mean probability of "real" on
+        // the real and on the generated batch, as in the PyTorch tutorial.
+        &["loss_d", "loss_g", "d_x", "d_g_z"]
+    }
+
+    fn train_step(&mut self, step: usize, rng: &mut Rng) -> Result<Vec<f64>> {
+        let indices = self.schedule.batch(step).to_vec();
+        let n = indices.len();
+        let real = self
+            .images
+            .batch(&indices, GAN_IMAGE_SIZE, -1.0, 1.0)?
+            .to_device(self.device)?;
+        let z = Tensor::randn([n, self.nz, 1, 1], DType::F32, self.device, rng)?;
+        let real_label = Tensor::ones([n], DType::F32, self.device)?;
+        let fake_label = Tensor::zeros([n], DType::F32, self.device)?;
+
+        // Discriminator: maximise log D(x) + log(1 − D(G(z))).
+        let fake = self.generator.forward(&z)?;
+        let logits_real = self.discriminator.forward(&real)?;
+        let loss_real = logits_real.bce_with_logits(&real_label, Reduction::Mean)?;
+        let logits_fake = self.discriminator.forward(&fake.detach())?;
+        let loss_fake = logits_fake.bce_with_logits(&fake_label, Reduction::Mean)?;
+        let loss_d = loss_real.add(&loss_fake)?;
+        let grads = loss_d.backward()?;
+        self.optim_d.step(&grads)?;
+
+        // Generator: maximise log D(G(z)) (the non-saturating loss).
+        let logits = self.discriminator.forward(&fake)?;
+        let loss_g = logits.bce_with_logits(&real_label, Reduction::Mean)?;
+        let grads = loss_g.backward()?;
+        self.optim_g.step(&grads)?;
+
+        let _no_grad = no_grad();
+        Ok(vec![
+            scalar(&loss_d)?,
+            scalar(&loss_g)?,
+            scalar(&logits_real.sigmoid()?.mean_all()?)?,
+            scalar(&logits_fake.sigmoid()?.mean_all()?)?,
+        ])
+    }
+
+    fn examples_in_step(&self, step: usize) -> usize {
+        self.schedule.batch_len(step)
+    }
+
+    fn examples(&self) -> usize {
+        self.schedule.examples
+    }
+
+    fn total_steps(&self, settings: &Settings) -> usize {
+        image_total_steps(settings, &self.schedule)
+    }
+
+    fn epochs_after(&self, steps: usize) -> usize {
+        steps / self.schedule.steps_per_epoch()
+    }
+
+    fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut tensors = prefixed("generator", self.generator.state_dict());
+        tensors.extend(prefixed("discriminator", self.discriminator.state_dict()));
+        tensors.extend(prefixed("optim_g", self.optim_g.state_dict()));
+        tensors.extend(prefixed("optim_d", self.optim_d.state_dict()));
+        tensors
+    }
+
+    fn restore(&mut self, checkpoint: &LoadedCheckpoint) -> Result<()> {
+        specs::load_into(&self.generator, checkpoint, "generator")?;
+        specs::load_into(&self.discriminator, checkpoint, "discriminator")?;
+        restore_optimizer(&mut self.optim_g, checkpoint, "optim_g")?;
+        restore_optimizer(&mut self.optim_d, checkpoint, "optim_d")
+    }
+
+    fn save_pictures(&self, dir: &Path) -> Result<()> {
+        let images = {
+            let _no_grad = no_grad();
+            self.generator.eval();
+            let images = self.generator.forward(&self.fixed_noise);
+            self.generator.train();
+            images?
+        };
+        save_grid_png(&dir.join(SAMPLES_FILE), &images, SAMPLE_GRID, -1.0, 1.0)?;
+        Ok(())
+    }
+}
+
+fn restore_optimizer(
+    optimizer: &mut dyn Optimizer,
+    checkpoint: &LoadedCheckpoint,
+    prefix: &str,
+) -> Result<()> {
+    optimizer
+        .load_state_dict(&checkpoint.group(prefix))
+        .with_context(|| {
+            format!(
+                "{}: cannot restore the {prefix} optimizer state",
+                checkpoint.weights_path.display()
+            )
+        })
+}
+
+// ----- VAE ---------------------------------------------------------------------
+
+struct VaeTrainee {
+    vae: Vae,
+    optimizer: Adam,
+    images: ImageSet,
+    schedule: EpochSchedule,
+    device: Device,
+    /// Latents behind samples.png, the same at every checkpoint.
+    fixed_latents: Tensor,
+}
+
+/// Images as the VAE sees them: [N, 784] in [0, 1].
+fn vae_batch(images: &ImageSet, indices: &[usize], device: Device) -> Result<Tensor> {
+    let pixels = VAE_IMAGE_SIZE * VAE_IMAGE_SIZE;
+    Ok(images
+        .batch(indices, VAE_IMAGE_SIZE, 0.0, 1.0)?
+        .reshape([indices.len(), pixels])?
+        .to_device(device)?)
+}
+
+/// Decoded images [N, 1, 28, 28] in [0, 1] from latents [N, latent].
+pub fn vae_images(vae: &Vae, latents: &Tensor) -> Result<Tensor> {
+    let _no_grad = no_grad();
+    let n = latents.dims()[0];
+    Ok(vae
+        .decode(latents)?
+        .sigmoid()?
+        .reshape([n, 1, VAE_IMAGE_SIZE, VAE_IMAGE_SIZE])?)
+}
+
+impl VaeTrainee {
+    fn new(
+        args: &TrainArgs,
+        settings: &Settings,
+        resumed: Option<&RunState>,
+        device: Device,
+    ) -> Result<(Self, VaeSpec)> {
+        let saved: Option<VaeSpec> = resumed.map(specs::spec).transpose()?;
+        let spec = VaeSpec {
+            input: VAE_IMAGE_SIZE * VAE_IMAGE_SIZE,
+            hidden: size(
+                "hidden",
+                args.vae.hidden,
+                saved.as_ref().map(|s| s.hidden),
+                400,
+            )?,
+            latent: size(
+                "latent",
+                args.vae.latent,
+                saved.as_ref().map(|s| s.latent),
+                20,
+            )?,
+        };
+        let images = load_images(&args.data, Split::Train)?;
+        let examples = settings.limit.map_or(images.count, |l| l.min(images.count));
+        let vae = build_vae(&spec, settings.seed, device)?;
+        let optimizer = Adam::new(
+            vae.named_parameters(),
+            AdamConfig {
+                lr: settings.lr,
+                ..AdamConfig::adam()
+            },
+        )?;
+        let mut noise_rng = stream_rng(settings.seed, Stream::FixedNoise, 0);
+        let fixed_latents = Tensor::randn(
+            [SAMPLE_GRID * SAMPLE_GRID, spec.latent],
+            DType::F32,
+            device,
+            &mut noise_rng,
+        )?;
+        let trainee = VaeTrainee {
+            vae,
+            optimizer,
+            images,
+            schedule: EpochSchedule {
+                seed: settings.seed,
+                examples,
+                batch_size: settings.batch_size,
+                order: None,
+            },
+            device,
+            fixed_latents,
+        };
+        Ok((trainee, spec))
+    }
+}
+
+impl Trainee for VaeTrainee {
+    fn metric_names(&self) -> &'static [&'static str] {
+        &["loss", "reconstruction", "kl"]
+    }
+
+    fn train_step(&mut self, step: usize, rng: &mut Rng) -> Result<Vec<f64>> {
+        let indices = self.schedule.batch(step).to_vec();
+        let x = vae_batch(&self.images, &indices, self.device)?;
+        let loss = self.vae.loss(&x, rng)?;
+        let grads = loss.total.backward()?;
+        self.optimizer.step(&grads)?;
+        Ok(vec![
+            scalar(&loss.total)?,
+            scalar(&loss.reconstruction)?,
+            scalar(&loss.kl)?,
+        ])
+    }
+
+    fn examples_in_step(&self, step: usize) -> usize {
+        self.schedule.batch_len(step)
+    }
+
+    fn examples(&self) -> usize {
+        self.schedule.examples
+    }
+
+    fn total_steps(&self, settings: &Settings) -> usize {
+        image_total_steps(settings, &self.schedule)
+    }
+
+    fn epochs_after(&self, steps: usize) -> usize {
+        steps / self.schedule.steps_per_epoch()
+    }
+
+    fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut tensors = prefixed("model", self.vae.state_dict());
+        tensors.extend(prefixed("optim", self.optimizer.state_dict()));
+        tensors
+    }
+
+    fn restore(&mut self, checkpoint: &LoadedCheckpoint) -> Result<()> {
+        specs::load_into(&self.vae, checkpoint, "model")?;
+        restore_optimizer(&mut self.optimizer, checkpoint, "optim")
+    }
+
+    fn save_pictures(&self, dir: &Path) -> Result<()> {
+        let images = vae_images(&self.vae, &self.fixed_latents)?;
+        save_grid_png(&dir.join(SAMPLES_FILE), &images, SAMPLE_GRID, 0.0, 1.0)?;
+        Ok(())
+    }
+}
+
+// ----- GPT ---------------------------------------------------------------------
+
+struct GptTrainee {
+    gpt: Gpt,
+    /// AdamW over the matrices (embeddings and linear weights), with weight decay.
+    optim_decay: AdamW,
+    /// AdamW over biases and LayerNorm parameters, without (as nanoGPT).
+    optim_no_decay: AdamW,
+    params: Vec<Tensor>,
+    train: Vec<u32>,
+    batch_size: usize,
+    block_size: usize,
+    device: Device,
+    lr: f64,
+    warmup: usize,
+    lr_decay_steps: usize,
+    grad_clip: f64,
+}
+
+/// nanoGPT's schedule: linear warm-up over `warmup` steps, then a cosine
+/// from `lr` down to lr/10 at step `decay_steps`, then lr/10.
+pub fn gpt_learning_rate(step: usize, lr: f64, warmup: usize, decay_steps: usize) -> f64 {
+    let min_lr = lr / 10.0;
+    if step < warmup {
+        return lr * (step + 1) as f64 / (warmup + 1) as f64;
+    }
+    if step >= decay_steps {
+        return min_lr;
+    }
+    let progress = (step - warmup) as f64 / (decay_steps - warmup).max(1) as f64;
+    let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+    min_lr + cosine * (lr - min_lr)
+}
+
+impl GptTrainee {
+    fn new(
+        args: &TrainArgs,
+        settings: &Settings,
+        resumed: Option<&RunState>,
+        device: Device,
+    ) -> Result<(Self, GptSpec, String)> {
+        let path = text_path(&args.data);
+        let text =
+            load_text(&path).with_context(|| format!("loading the text {}", path.display()))?;
+        let vocab = text.vocab.to_string_repr();
+        if let Some(state) = resumed
+            && state.vocab.as_deref() != Some(vocab.as_str())
+        {
+            bail!(
+                "{} has another vocabulary than the resumed run's; resume with the same text",
+                path.display()
+            );
+        }
+        let saved: Option<GptSpec> = resumed.map(specs::spec).transpose()?;
+        let saved = saved.as_ref();
+        let spec = GptSpec {
+            vocab_size: text.vocab.len(),
+            n_layer: size("n-layer", args.gpt.n_layer, saved.map(|s| s.n_layer), 4)?,
+            n_head: size("n-head", args.gpt.n_head, saved.map(|s| s.n_head), 4)?,
+            n_embd: size("n-embd", args.gpt.n_embd, saved.map(|s| s.n_embd), 128)?,
+            block_size: size(
+                "block-size",
+                args.gpt.block_size,
+                saved.map(|s| s.block_size),
+                64,
+            )?,
+            dropout: setting("dropout", args.gpt.dropout, saved.map(|s| s.dropout), 0.0)?,
+        };
+        let mut train = text.train;
+        if let Some(limit) = settings.limit {
+            train.truncate(limit);
+        }
+        if train.len() <= spec.block_size {
+            bail!(
+                "{} training characters are too few for --block-size {} (one more is needed for the target)",
+                train.len(),
+                spec.block_size
+            );
+        }
+        let gpt = build_gpt(&spec, settings.seed, device)?;
+        let (matrices, vectors): (Vec<_>, Vec<_>) = gpt
+            .named_parameters()
+            .into_iter()
+            .partition(|(_, p)| p.rank() >= 2);
+        // nanoGPT's AdamW for small character models: β2 = 0.99.
+        let config = AdamConfig {
+            lr: settings.lr,
+            betas: (0.9, 0.99),
+            eps: 1e-8,
+            weight_decay: settings.weight_decay,
+        };
+        let optim_decay = AdamW::new(matrices, config)?;
+        let optim_no_decay = AdamW::new(
+            vectors,
+            AdamConfig {
+                weight_decay: 0.0,
+                ..config
+            },
+        )?;
+        let params = gpt.parameters();
+        let steps = settings.max_steps.unwrap_or(DEFAULT_GPT_STEPS);
+        let trainee = GptTrainee {
+            gpt,
+            optim_decay,
+            optim_no_decay,
+            params,
+            train,
+            batch_size: settings.batch_size,
+            block_size: spec.block_size,
+            device,
+            lr: settings.lr,
+            warmup: settings.warmup,
+            lr_decay_steps: settings.lr_decay_steps.unwrap_or(steps),
+            grad_clip: settings.grad_clip,
+        };
+        Ok((trainee, spec, vocab))
+    }
+}
+
+impl Trainee for GptTrainee {
+    fn metric_names(&self) -> &'static [&'static str] {
+        &["loss", "lr", "grad_norm"]
+    }
+
+    fn train_step(&mut self, step: usize, rng: &mut Rng) -> Result<Vec<f64>> {
+        let lr = gpt_learning_rate(step, self.lr, self.warmup, self.lr_decay_steps);
+        self.optim_decay.set_learning_rate(lr);
+        self.optim_no_decay.set_learning_rate(lr);
+        let (x, y) = random_batch(&self.train, self.batch_size, self.block_size, rng)?;
+        let loss = self
+            .gpt
+            .loss(&x.to_device(self.device)?, &y.to_device(self.device)?)?;
+        let mut grads = loss.backward()?;
+        let grad_norm = if self.grad_clip > 0.0 {
+            clip_grad_norm(&mut grads, &self.params, self.grad_clip)?
+        } else {
+            f64::NAN
+        };
+        self.optim_decay.step(&grads)?;
+        self.optim_no_decay.step(&grads)?;
+        Ok(vec![scalar(&loss)?, lr, grad_norm])
+    }
+
+    fn examples_in_step(&self, _step: usize) -> usize {
+        self.batch_size
+    }
+
+    fn examples(&self) -> usize {
+        self.train.len()
+    }
+
+    fn total_steps(&self, settings: &Settings) -> usize {
+        settings.max_steps.unwrap_or(DEFAULT_GPT_STEPS)
+    }
+
+    fn epochs_after(&self, steps: usize) -> usize {
+        steps * self.batch_size * self.block_size / self.train.len()
+    }
+
+    fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut tensors = prefixed("model", self.gpt.state_dict());
+        tensors.extend(prefixed("optim_decay", self.optim_decay.state_dict()));
+        tensors.extend(prefixed("optim_no_decay", self.optim_no_decay.state_dict()));
+        tensors
+    }
+
+    fn restore(&mut self, checkpoint: &LoadedCheckpoint) -> Result<()> {
+        specs::load_into(&self.gpt, checkpoint, "model")?;
+        restore_optimizer(&mut self.optim_decay, checkpoint, "optim_decay")?;
+        restore_optimizer(&mut self.optim_no_decay, checkpoint, "optim_no_decay")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gpt_learning_rate;
+
+    #[test]
+    fn gpt_rate_warms_up_linearly_then_decays_by_cosine_to_a_tenth() {
+        let (lr, warmup, decay) = (1e-3, 10, 110);
+        assert!((gpt_learning_rate(0, lr, warmup, decay) - lr / 11.0).abs() < 1e-15);
+        assert!((gpt_learning_rate(9, lr, warmup, decay) - lr * 10.0 / 11.0).abs() < 1e-15);
+        assert!((gpt_learning_rate(10, lr, warmup, decay) - lr).abs() < 1e-15);
+        // Half way through the decay the cosine is at its midpoint.
+        assert!((gpt_learning_rate(60, lr, warmup, decay) - 0.55 * lr).abs() < 1e-12);
+        assert_eq!(gpt_learning_rate(110, lr, warmup, decay), lr / 10.0);
+        assert_eq!(gpt_learning_rate(5000, lr, warmup, decay), lr / 10.0);
+        let rates: Vec<f64> = (10..110)
+            .map(|s| gpt_learning_rate(s, lr, warmup, decay))
+            .collect();
+        assert!(
+            rates.windows(2).all(|w| w[1] <= w[0]),
+            "the decay is monotone"
+        );
+    }
+}

@@ -1,0 +1,250 @@
+//! DCGAN (Radford, Metz & Chintala, "Unsupervised Representation Learning
+//! with Deep Convolutional Generative Adversarial Networks", 2016) for 32×32
+//! images, laid out as the PyTorch DCGAN tutorial: each network is one
+//! `main` [`Sequential`], so state-dict names read `main.0.weight`,
+//! `main.1.running_mean`, ... Convolutions have no bias (BatchNorm's shift
+//! plays that role), weights start from N(0, 0.02) and BatchNorm scales
+//! from N(1, 0.02), as the paper prescribes.
+//!
+//! The tutorial targets 64×64 with five layers; one stride-2 layer fewer
+//! gives 32×32, which fits 28×28 (Fashion-)MNIST padded by two pixels.
+
+use crate::error::{Error, Result};
+use crate::nn::init::{Init, normal};
+use crate::nn::{
+    BatchNorm2d, Conv2d, ConvTranspose2d, LeakyRelu, Module, Relu, Sequential, Tanh, TensorRole,
+    visit_child,
+};
+use crate::ops::conv::{Conv2dParams, ConvTranspose2dParams};
+use crate::tensor::{Device, Tensor};
+
+/// Side of the images both networks work on.
+pub const IMAGE_SIZE: usize = 32;
+
+/// Std of the N(0, σ²) conv weights and N(1, σ²) BatchNorm scales.
+const INIT_STD: f64 = 0.02;
+
+/// The discriminator's leaky-ReLU slope (the paper's 0.2).
+const LEAKY_SLOPE: f64 = 0.2;
+
+/// Sizes of both networks.
+#[derive(Clone, Debug)]
+pub struct DcganConfig {
+    /// Length of the latent vector z.
+    pub nz: usize,
+    /// Generator feature maps in its last hidden layer (4·ngf in its first).
+    pub ngf: usize,
+    /// Discriminator feature maps in its first layer (4·ndf in its last hidden one).
+    pub ndf: usize,
+    /// Image channels: 1 (grey) or 3 (RGB).
+    pub channels: usize,
+}
+
+impl Default for DcganConfig {
+    /// The tutorial's sizes (nz 100, 64 feature maps) for grey images.
+    fn default() -> Self {
+        DcganConfig {
+            nz: 100,
+            ngf: 64,
+            ndf: 64,
+            channels: 1,
+        }
+    }
+}
+
+impl DcganConfig {
+    fn validate(&self, model: &'static str) -> Result<()> {
+        super::check_positive(
+            model,
+            &[
+                ("nz", self.nz),
+                ("ngf", self.ngf),
+                ("ndf", self.ndf),
+                ("channels", self.channels),
+            ],
+        )
+    }
+}
+
+/// A 4×4 transposed convolution without bias, weight from N(0, 0.02).
+fn up_conv(
+    in_c: usize,
+    out_c: usize,
+    stride: usize,
+    padding: usize,
+    init: &mut Init,
+) -> Result<ConvTranspose2d> {
+    Ok(ConvTranspose2d {
+        weight: normal(init, [in_c, out_c, 4, 4], 0.0, INIT_STD)?,
+        bias: None,
+        params: ConvTranspose2dParams {
+            stride: [stride; 2],
+            padding: [padding; 2],
+            ..ConvTranspose2dParams::default()
+        },
+    })
+}
+
+/// A 4×4 convolution without bias, weight from N(0, 0.02).
+fn down_conv(
+    in_c: usize,
+    out_c: usize,
+    stride: usize,
+    padding: usize,
+    init: &mut Init,
+) -> Result<Conv2d> {
+    Ok(Conv2d {
+        weight: normal(init, [out_c, in_c, 4, 4], 0.0, INIT_STD)?,
+        bias: None,
+        params: Conv2dParams {
+            stride: [stride; 2],
+            padding: [padding; 2],
+            ..Conv2dParams::default()
+        },
+    })
+}
+
+/// BatchNorm with its scale drawn from N(1, 0.02) and shift 0.
+fn batch_norm(channels: usize, init: &mut Init) -> Result<BatchNorm2d> {
+    let mut bn = BatchNorm2d::new(channels, init)?;
+    bn.weight = normal(init, [channels], 1.0, INIT_STD)?;
+    Ok(bn)
+}
+
+/// Maps a latent z [N, nz, 1, 1] to images [N, C, 32, 32] in [−1, 1]:
+/// ConvT(nz→4ngf, 4, 1, 0) 4×4 → ConvT(→2ngf, 4, 2, 1) 8×8 →
+/// ConvT(→ngf) 16×16, each with BatchNorm + ReLU, then ConvT(→C) 32×32 + tanh.
+pub struct Generator {
+    pub main: Sequential,
+    nz: usize,
+    device: Device,
+}
+
+impl Generator {
+    pub fn new(cfg: &DcganConfig, init: &mut Init) -> Result<Self> {
+        cfg.validate("Generator")?;
+        let (nz, ngf, c) = (cfg.nz, cfg.ngf, cfg.channels);
+        let main = Sequential::new()
+            .with(up_conv(nz, 4 * ngf, 1, 0, init)?)
+            .with(batch_norm(4 * ngf, init)?)
+            .with(Relu)
+            .with(up_conv(4 * ngf, 2 * ngf, 2, 1, init)?)
+            .with(batch_norm(2 * ngf, init)?)
+            .with(Relu)
+            .with(up_conv(2 * ngf, ngf, 2, 1, init)?)
+            .with(batch_norm(ngf, init)?)
+            .with(Relu)
+            .with(up_conv(ngf, c, 2, 1, init)?)
+            .with(Tanh);
+        Ok(Generator {
+            main,
+            nz,
+            device: init.device,
+        })
+    }
+
+    pub fn nz(&self) -> usize {
+        self.nz
+    }
+
+    /// Where the parameters live (`init.device` at construction).
+    pub fn device(&self) -> Device {
+        self.device
+    }
+}
+
+impl Module for Generator {
+    /// z [N, nz, 1, 1] (or [N, nz]) → images [N, C, 32, 32] in [−1, 1]; z is
+    /// moved to the model's device if it is elsewhere.
+    fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        let nz = self.nz;
+        let z = match z.dims() {
+            [n, k, 1, 1] if *k == nz && *n > 0 => z.clone(),
+            [n, k] if *k == nz && *n > 0 => z.reshape([*n, nz, 1, 1])?,
+            _ => {
+                return Err(Error::shape(
+                    "Generator",
+                    format!("expected z of shape [N, {nz}, 1, 1], got {}", z.shape()),
+                ));
+            }
+        };
+        self.main.forward(&z.to_device(self.device())?)
+    }
+
+    fn visit(&self, prefix: &str, visitor: &mut dyn FnMut(&str, &Tensor, TensorRole)) {
+        visit_child(prefix, "main", &self.main, visitor);
+    }
+
+    fn set_training(&self, training: bool) {
+        self.main.set_training(training);
+    }
+}
+
+/// Scores images [N, C, 32, 32] with one logit each (real > 0 > fake):
+/// Conv(C→ndf, 4, 2, 1) 16×16 + LeakyReLU(0.2) → Conv(→2ndf) 8×8 →
+/// Conv(→4ndf) 4×4, each with BatchNorm + LeakyReLU, then Conv(→1, 4, 1, 0).
+/// The tutorial's final sigmoid is left to the loss (`bce_with_logits`),
+/// which is stable where sigmoid-then-log is not.
+pub struct Discriminator {
+    pub main: Sequential,
+    channels: usize,
+    device: Device,
+}
+
+impl Discriminator {
+    pub fn new(cfg: &DcganConfig, init: &mut Init) -> Result<Self> {
+        cfg.validate("Discriminator")?;
+        let (ndf, c) = (cfg.ndf, cfg.channels);
+        let main = Sequential::new()
+            .with(down_conv(c, ndf, 2, 1, init)?)
+            .with(LeakyRelu(LEAKY_SLOPE))
+            .with(down_conv(ndf, 2 * ndf, 2, 1, init)?)
+            .with(batch_norm(2 * ndf, init)?)
+            .with(LeakyRelu(LEAKY_SLOPE))
+            .with(down_conv(2 * ndf, 4 * ndf, 2, 1, init)?)
+            .with(batch_norm(4 * ndf, init)?)
+            .with(LeakyRelu(LEAKY_SLOPE))
+            .with(down_conv(4 * ndf, 1, 1, 0, init)?);
+        Ok(Discriminator {
+            main,
+            channels: c,
+            device: init.device,
+        })
+    }
+
+    /// Where the parameters live (`init.device` at construction).
+    pub fn device(&self) -> Device {
+        self.device
+    }
+}
+
+impl Module for Discriminator {
+    /// images `[N, C, 32, 32]` → logits `[N]`; images are moved to the model's
+    /// device if they are elsewhere (a data loader's batches live on the CPU).
+    fn forward(&self, images: &Tensor) -> Result<Tensor> {
+        let (c, s) = (self.channels, IMAGE_SIZE);
+        let n = match images.dims() {
+            [n, ch, h, w] if *ch == c && *h == s && *w == s && *n > 0 => *n,
+            _ => {
+                return Err(Error::shape(
+                    "Discriminator",
+                    format!(
+                        "expected images of shape [N, {c}, {s}, {s}], got {}",
+                        images.shape()
+                    ),
+                ));
+            }
+        };
+        // [N, 1, 1, 1] → [N]
+        let images = images.to_device(self.device())?;
+        self.main.forward(&images)?.reshape([n])
+    }
+
+    fn visit(&self, prefix: &str, visitor: &mut dyn FnMut(&str, &Tensor, TensorRole)) {
+        visit_child(prefix, "main", &self.main, visitor);
+    }
+
+    fn set_training(&self, training: bool) {
+        self.main.set_training(training);
+    }
+}

@@ -1,0 +1,386 @@
+//! A character-level GPT: GPT-2-style decoder blocks (Radford et al.,
+//! "Language Models are Unsupervised Multitask Learners", 2019) in the
+//! layout of GPT-2's state dict (`wte`, `wpe`, `h.{i}.ln_1`, `h.{i}.attn.c_attn`,
+//! `h.{i}.mlp.c_fc`, `ln_f`, `lm_head`):
+//!
+//! ```text
+//! x = drop(wte[ids] + wpe[positions])           learned position embeddings
+//! x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))   per block, pre-LayerNorm
+//! logits = lm_head(ln_f(x))                     final LayerNorm, linear head
+//! ```
+//!
+//! where attn is causal multi-head self-attention and mlp is
+//! Linear(E→4E) → GELU(tanh) → Linear(4E→E) → dropout. The head has no bias
+//! and is not tied to `wte` (each is a parameter of its own).
+
+use crate::autograd::no_grad;
+use crate::error::{Error, Result};
+use crate::nn::init::{Init, constant, normal};
+use crate::nn::{
+    CausalSelfAttention, Dropout, Embedding, Gelu, LayerNorm, Linear, Module, TensorRole,
+    visit_child,
+};
+use crate::ops::activation::GeluApproximation;
+use crate::ops::loss::Reduction;
+use crate::tensor::{DType, Rng, Tensor};
+
+/// Std of GPT-2's N(0, σ²) weight initialisation.
+const INIT_STD: f64 = 0.02;
+
+/// Sizes and regularisation of a [`Gpt`].
+#[derive(Clone, Debug)]
+pub struct GptConfig {
+    pub vocab_size: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    /// Embedding width E; must be a multiple of `n_head`.
+    pub n_embd: usize,
+    /// Longest context the model sees (the number of position embeddings).
+    pub block_size: usize,
+    /// Dropout probability after the embeddings, attention and MLP.
+    pub dropout: f64,
+}
+
+impl GptConfig {
+    fn validate(&self) -> Result<()> {
+        super::check_positive(
+            "Gpt",
+            &[
+                ("vocab_size", self.vocab_size),
+                ("n_layer", self.n_layer),
+                ("n_head", self.n_head),
+                ("n_embd", self.n_embd),
+                ("block_size", self.block_size),
+            ],
+        )?;
+        if !self.n_embd.is_multiple_of(self.n_head) {
+            return Err(Error::invalid(
+                "Gpt",
+                format!(
+                    "n_embd = {} is not divisible by n_head = {}",
+                    self.n_embd, self.n_head
+                ),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::invalid(
+                "Gpt",
+                format!("dropout must lie in [0, 1), got {}", self.dropout),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Overwrites a linear layer's initialisation with GPT-2's: weight from
+/// N(0, std²), bias 0.
+fn gpt2_init(layer: &mut Linear, std: f64, init: &mut Init) -> Result<()> {
+    layer.weight = normal(init, layer.weight.shape().clone(), 0.0, std)?;
+    if let Some(bias) = &mut layer.bias {
+        *bias = constant(init, bias.shape().clone(), 0.0)?;
+    }
+    Ok(())
+}
+
+/// The feed-forward half of a block: E → 4E → GELU(tanh) → E, then dropout.
+pub struct Mlp {
+    pub c_fc: Linear,
+    pub c_proj: Linear,
+    dropout: Dropout,
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = Gelu(GeluApproximation::Tanh).forward(&self.c_fc.forward(x)?)?;
+        self.dropout.forward(&self.c_proj.forward(&h)?)
+    }
+
+    fn visit(&self, prefix: &str, visitor: &mut dyn FnMut(&str, &Tensor, TensorRole)) {
+        visit_child(prefix, "c_fc", &self.c_fc, visitor);
+        visit_child(prefix, "c_proj", &self.c_proj, visitor);
+    }
+
+    fn set_training(&self, training: bool) {
+        self.dropout.set_training(training);
+    }
+}
+
+/// One pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
+pub struct Block {
+    pub ln_1: LayerNorm,
+    pub attn: CausalSelfAttention,
+    pub ln_2: LayerNorm,
+    pub mlp: Mlp,
+}
+
+impl Block {
+    /// `residual_std` initialises the two projections that write into the
+    /// residual stream (attn.c_proj, mlp.c_proj).
+    fn new(cfg: &GptConfig, residual_std: f64, seed: u64, init: &mut Init) -> Result<Self> {
+        let e = cfg.n_embd;
+        let ln_1 = LayerNorm::new(e, init)?;
+        let mut attn = CausalSelfAttention::new(e, cfg.n_head, cfg.dropout, seed, init)?;
+        gpt2_init(&mut attn.c_attn, INIT_STD, init)?;
+        gpt2_init(&mut attn.c_proj, residual_std, init)?;
+        let ln_2 = LayerNorm::new(e, init)?;
+        let mut c_fc = Linear::new(e, 4 * e, true, init)?;
+        gpt2_init(&mut c_fc, INIT_STD, init)?;
+        let mut c_proj = Linear::new(4 * e, e, true, init)?;
+        gpt2_init(&mut c_proj, residual_std, init)?;
+        let mlp = Mlp {
+            c_fc,
+            c_proj,
+            dropout: Dropout::new(cfg.dropout, seed.wrapping_add(1))?,
+        };
+        Ok(Block {
+            ln_1,
+            attn,
+            ln_2,
+            mlp,
+        })
+    }
+}
+
+impl Module for Block {
+    /// x [B, T, E] → [B, T, E].
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.add(&self.attn.forward(&self.ln_1.forward(x)?)?)?;
+        x.add(&self.mlp.forward(&self.ln_2.forward(&x)?)?)
+    }
+
+    fn visit(&self, prefix: &str, visitor: &mut dyn FnMut(&str, &Tensor, TensorRole)) {
+        visit_child(prefix, "ln_1", &self.ln_1, visitor);
+        visit_child(prefix, "attn", &self.attn, visitor);
+        visit_child(prefix, "ln_2", &self.ln_2, visitor);
+        visit_child(prefix, "mlp", &self.mlp, visitor);
+    }
+
+    fn set_training(&self, training: bool) {
+        self.attn.set_training(training);
+        self.mlp.set_training(training);
+    }
+}
+
+/// The whole model; `forward` maps token ids u32 [B, T] to logits [B, T, V].
+pub struct Gpt {
+    pub wte: Embedding,
+    pub wpe: Embedding,
+    pub h: Vec<Block>,
+    pub ln_f: LayerNorm,
+    pub lm_head: Linear,
+    drop: Dropout,
+    config: GptConfig,
+}
+
+impl Gpt {
+    /// GPT-2's initialisation: every weight from N(0, 0.02²), biases 0,
+    /// LayerNorms 1 and 0, and the residual projections from
+    /// N(0, (0.02/√(2·n_layer))²) so that the residual stream's variance does
+    /// not grow with depth. `seed` is the base of the dropout masks.
+    pub fn new(cfg: &GptConfig, seed: u64, init: &mut Init) -> Result<Self> {
+        cfg.validate()?;
+        let e = cfg.n_embd;
+        let wte = Embedding {
+            weight: normal(init, [cfg.vocab_size, e], 0.0, INIT_STD)?,
+        };
+        let wpe = Embedding {
+            weight: normal(init, [cfg.block_size, e], 0.0, INIT_STD)?,
+        };
+        let residual_std = INIT_STD / (2.0 * cfg.n_layer as f64).sqrt();
+        // Each dropout gets its own base seed: 0 for the embeddings, then two per block.
+        let h = (0..cfg.n_layer)
+            .map(|i| {
+                let block_seed = seed.wrapping_add(1 + 2 * i as u64);
+                Block::new(cfg, residual_std, block_seed, init)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = LayerNorm::new(e, init)?;
+        let mut lm_head = Linear::new(e, cfg.vocab_size, false, init)?;
+        gpt2_init(&mut lm_head, INIT_STD, init)?;
+        Ok(Gpt {
+            wte,
+            wpe,
+            h,
+            ln_f,
+            lm_head,
+            drop: Dropout::new(cfg.dropout, seed)?,
+            config: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &GptConfig {
+        &self.config
+    }
+
+    /// Mean cross entropy of the next-token predictions over all B·T
+    /// positions: x, y are u32 [B, T], y[b, t] the token that follows x[b, t].
+    pub fn loss(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        if y.dims() != x.dims() {
+            return Err(Error::shape(
+                "Gpt::loss",
+                format!(
+                    "targets {} must have the shape of the inputs {}",
+                    y.shape(),
+                    x.shape()
+                ),
+            ));
+        }
+        let logits = self.forward(x)?;
+        let rows = x.numel();
+        let targets = y.reshape([rows])?.to_device(logits.device())?;
+        logits
+            .reshape([rows, self.config.vocab_size])?
+            .cross_entropy(&targets, Reduction::Mean)
+    }
+
+    /// Samples `max_new_tokens` tokens after `prompt` and returns them (the
+    /// prompt is not repeated). Each step feeds the last `block_size` tokens,
+    /// divides the last position's logits by `temperature` (below 1 sharpens
+    /// the distribution, above 1 flattens it), keeps only the `top_k` largest
+    /// if given (`Some(1)` is greedy decoding), and draws from their softmax
+    /// with `rng`. Runs without a graph and in eval mode (no dropout); the
+    /// model's train/eval mode is restored afterwards.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        temperature: f64,
+        top_k: Option<usize>,
+        rng: &mut Rng,
+    ) -> Result<Vec<u32>> {
+        const OP: &str = "Gpt::generate";
+        let vocab = self.config.vocab_size;
+        if prompt.is_empty() {
+            return Err(Error::invalid(OP, "the prompt needs at least one token"));
+        }
+        if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::invalid(
+                OP,
+                format!("prompt token {bad} is outside the vocabulary of {vocab}"),
+            ));
+        }
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return Err(Error::invalid(
+                OP,
+                format!("temperature must be positive and finite, got {temperature}"),
+            ));
+        }
+        if top_k == Some(0) {
+            return Err(Error::invalid(OP, "top_k must be at least 1"));
+        }
+        let was_training = self.drop.is_training();
+        self.eval();
+        let _no_grad = no_grad();
+        let sampled = self.sample_tokens(prompt, max_new_tokens, temperature, top_k, rng);
+        self.set_training(was_training);
+        sampled
+    }
+
+    fn sample_tokens(
+        &self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        temperature: f64,
+        top_k: Option<usize>,
+        rng: &mut Rng,
+    ) -> Result<Vec<u32>> {
+        let mut tokens = prompt.to_vec();
+        for _ in 0..max_new_tokens {
+            let context = &tokens[tokens.len().saturating_sub(self.config.block_size)..];
+            let t = context.len();
+            let ids = Tensor::from_indices(context.to_vec(), [1, t])?;
+            // The last position's logits [V], on the host: one small row.
+            let last_row = self.forward(&ids)?.narrow(1, t - 1, 1)?.to_f64_vec();
+            let scaled: Vec<f64> = last_row.iter().map(|l| l / temperature).collect();
+            let next = sample_from_logits(&keep_top_k(scaled, top_k), rng);
+            tokens.push(next);
+        }
+        Ok(tokens.split_off(prompt.len()))
+    }
+}
+
+/// Sets every logit below the k-th largest to −∞ (ties with it are kept, as
+/// in PyTorch's `logits[logits < topk.values[-1]] = -inf`).
+fn keep_top_k(mut logits: Vec<f64>, top_k: Option<usize>) -> Vec<f64> {
+    let Some(k) = top_k.filter(|&k| k < logits.len()) else {
+        return logits;
+    };
+    let mut sorted = logits.clone();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let kth_largest = sorted[k - 1];
+    for l in &mut logits {
+        if *l < kth_largest {
+            *l = f64::NEG_INFINITY;
+        }
+    }
+    logits
+}
+
+/// Draws an index with probability softmax(logits)ᵢ by inverting the
+/// cumulative distribution at one uniform number from `rng`.
+fn sample_from_logits(logits: &[f64], rng: &mut Rng) -> u32 {
+    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let weights: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    // 53 random bits → uniform in [0, 1)
+    let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    let mut threshold = u * total;
+    for (i, &w) in weights.iter().enumerate() {
+        if w > 0.0 && threshold < w {
+            return i as u32;
+        }
+        threshold -= w;
+    }
+    // Rounding left the threshold past the end: take the last token with any weight.
+    weights.iter().rposition(|&w| w > 0.0).unwrap_or(0) as u32
+}
+
+impl Module for Gpt {
+    /// ids u32 [B, T] with 1 ≤ T ≤ block_size → logits [B, T, vocab_size].
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let block = self.config.block_size;
+        let (t, valid) = match ids.dims() {
+            [b, t] => (*t, *b > 0 && (1..=block).contains(t)),
+            _ => (0, false),
+        };
+        if !valid || ids.dtype() != DType::U32 {
+            return Err(Error::shape(
+                "Gpt",
+                format!(
+                    "expected u32 token ids [B, T] with B > 0 and 1 <= T <= block_size = {block}, got {} {}",
+                    ids.dtype(),
+                    ids.shape()
+                ),
+            ));
+        }
+        let device = self.wte.weight.device();
+        let ids = ids.to_device(device)?;
+        let positions = Tensor::arange(0.0, t as f64, 1.0, DType::U32, device)?;
+        // [B, T, E] + [T, E] broadcast over the batch
+        let tokens = self.wte.forward(&ids)?;
+        let mut x = self
+            .drop
+            .forward(&tokens.add(&self.wpe.forward(&positions)?)?)?;
+        for block in &self.h {
+            x = block.forward(&x)?;
+        }
+        self.lm_head.forward(&self.ln_f.forward(&x)?)
+    }
+
+    fn visit(&self, prefix: &str, visitor: &mut dyn FnMut(&str, &Tensor, TensorRole)) {
+        visit_child(prefix, "wte", &self.wte, visitor);
+        visit_child(prefix, "wpe", &self.wpe, visitor);
+        for (i, block) in self.h.iter().enumerate() {
+            visit_child(prefix, &format!("h.{i}"), block, visitor);
+        }
+        visit_child(prefix, "ln_f", &self.ln_f, visitor);
+        visit_child(prefix, "lm_head", &self.lm_head, visitor);
+    }
+
+    fn set_training(&self, training: bool) {
+        self.drop.set_training(training);
+        for block in &self.h {
+            block.set_training(training);
+        }
+    }
+}

@@ -1,0 +1,664 @@
+//! The `kiln` command line end to end on tiny synthetic data (IDX files and
+//! a short text written here): training writes a checkpoint that reloads,
+//! a resumed run continues bit-identically, sampling / generation /
+//! evaluation work, and every bad input fails with exit code 1, one
+//! `error: ...` line, and untouched checkpoint files.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use kiln::checkpoint;
+
+/// A fresh scratch directory holding `data/fashion-mnist/` (40 train and
+/// 12 test images) and `data/shakespeare.txt`; removed on drop.
+struct Scratch {
+    root: PathBuf,
+}
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let root = std::env::temp_dir().join(format!(
+            "kiln-cli-{name}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&root);
+        let images = root.join("data/fashion-mnist");
+        fs::create_dir_all(&images).unwrap();
+        write_images(&images.join("train-images-idx3-ubyte"), 40, 1);
+        write_labels(&images.join("train-labels-idx1-ubyte"), 40);
+        write_images(&images.join("t10k-images-idx3-ubyte"), 12, 2);
+        write_labels(&images.join("t10k-labels-idx1-ubyte"), 12);
+        let line = "To be, or not to be, that is the question: whether 'tis nobler in the mind.\n";
+        fs::write(root.join("data/shakespeare.txt"), line.repeat(20)).unwrap();
+        Scratch { root }
+    }
+
+    fn data(&self) -> PathBuf {
+        self.root.join("data")
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    fn arg(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
+/// An unsigned-byte IDX file: magic 0 0 8 rank, big-endian dims, data.
+fn write_idx(path: &Path, dims: &[u32], data: &[u8]) {
+    let mut bytes = vec![0, 0, 8, dims.len() as u8];
+    for d in dims {
+        bytes.extend_from_slice(&d.to_be_bytes());
+    }
+    bytes.extend_from_slice(data);
+    fs::write(path, bytes).unwrap();
+}
+
+/// `count` 28×28 images of a bright square at a varying place.
+fn write_images(path: &Path, count: usize, salt: usize) {
+    let mut data = vec![0u8; count * 28 * 28];
+    for (i, image) in data.chunks_mut(28 * 28).enumerate() {
+        let offset = (i * 7 + salt) % 14;
+        for r in offset..offset + 10 {
+            for c in offset..offset + 12 {
+                image[r * 28 + c] = (40 + (i * 13 + r * 5 + c) % 200) as u8;
+            }
+        }
+    }
+    write_idx(path, &[count as u32, 28, 28], &data);
+}
+
+fn write_labels(path: &Path, count: usize) {
+    let labels: Vec<u8> = (0..count).map(|i| (i % 10) as u8).collect();
+    write_idx(path, &[count as u32], &labels);
+}
+
+/// Runs the kiln binary with `args`.
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .expect("the kiln binary runs")
+}
+
+/// Runs kiln and requires success; returns stdout.
+fn kiln_ok(args: &[&str]) -> String {
+    let output = kiln(args);
+    assert!(
+        output.status.success(),
+        "kiln {args:?} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Runs kiln and requires exit code 1 with one `error: ...` line that
+/// contains every one of `expected`; returns that line.
+fn kiln_fails(args: &[&str], expected: &[&str]) -> String {
+    let output = kiln(args);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "kiln {args:?} should fail with code 1; stderr:\n{stderr}"
+    );
+    let line = stderr.trim_end();
+    assert!(
+        line.starts_with("error: ") && !line.contains('\n'),
+        "expected one `error: ...` line, got:\n{stderr}"
+    );
+    for text in expected {
+        assert!(line.contains(text), "`{text}` missing from: {line}");
+    }
+    line.to_string()
+}
+
+/// Tiny model and run sizes per model, to keep every run under a second.
+fn tiny(model: &str) -> Vec<&'static str> {
+    match model {
+        "gan" => vec![
+            "--nz",
+            "8",
+            "--ngf",
+            "4",
+            "--ndf",
+            "4",
+            "--batch-size",
+            "2",
+            "--limit",
+            "12",
+        ],
+        "vae" => vec![
+            "--hidden",
+            "16",
+            "--latent",
+            "4",
+            "--batch-size",
+            "5",
+            "--limit",
+            "12",
+        ],
+        "gpt" => vec![
+            "--n-layer",
+            "1",
+            "--n-head",
+            "2",
+            "--n-embd",
+            "16",
+            "--block-size",
+            "8",
+            "--batch-size",
+            "4",
+            "--warmup",
+            "2",
+        ],
+        _ => unreachable!(),
+    }
+}
+
+/// `kiln train MODEL` into `out` with tiny sizes plus `extra` flags.
+fn train(scratch: &Scratch, model: &str, out: &str, extra: &[&str]) -> String {
+    let data = scratch.data().display().to_string();
+    let out = scratch.arg(out);
+    let mut args = vec!["train", model, "--data", &data, "--out", &out];
+    args.extend(tiny(model));
+    args.extend_from_slice(extra);
+    kiln_ok(&args)
+}
+
+/// Every file of a directory with its bytes.
+fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The checkpoint's tensors as raw values (f32 bits or u32), by name.
+fn checkpoint_values(dir: &Path) -> BTreeMap<String, (Vec<usize>, Vec<u64>)> {
+    let loaded = checkpoint::load(dir.join("checkpoint.safetensors")).unwrap();
+    loaded
+        .tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let values = match t.dtype() {
+                kiln::DType::U32 => t.to_indices().unwrap().into_iter().map(u64::from).collect(),
+                _ => t
+                    .to_vec::<f32>()
+                    .unwrap()
+                    .into_iter()
+                    .map(|v| u64::from(v.to_bits()))
+                    .collect(),
+            };
+            (name, (t.dims().to_vec(), values))
+        })
+        .collect()
+}
+
+/// metrics.csv without its timing column (the only one that may differ).
+fn metrics_without_timing(dir: &Path) -> Vec<String> {
+    fs::read_to_string(dir.join("metrics.csv"))
+        .unwrap()
+        .lines()
+        .map(|line| line.rsplit_once(',').unwrap().0.to_string())
+        .collect()
+}
+
+fn state(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&fs::read_to_string(dir.join("checkpoint.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn vae_training_writes_every_output_and_its_checkpoint_samples_and_evaluates() {
+    let s = Scratch::new("vae");
+    train(
+        &s,
+        "vae",
+        "run",
+        &["--steps", "5", "--checkpoint-every", "2"],
+    );
+    let run = s.path("run");
+    for file in [
+        "checkpoint.safetensors",
+        "checkpoint.json",
+        "metrics.csv",
+        "loss.png",
+        "samples.png",
+    ] {
+        assert!(run.join(file).is_file(), "{file} missing");
+    }
+    let json = state(&run);
+    assert_eq!(json["model"], "vae");
+    assert_eq!(json["step"], 5);
+    assert_eq!(json["config"]["latent"], 4);
+    let metrics = fs::read_to_string(run.join("metrics.csv")).unwrap();
+    assert!(metrics.starts_with("step,epoch,loss,reconstruction,kl,samples_per_s\n"));
+    assert_eq!(metrics.lines().count(), 6);
+    // 12 images in batches of 5: 3 steps per epoch, so step 4 is in epoch 1.
+    assert!(metrics.lines().nth(4).unwrap().starts_with("4,1,"));
+    assert_eq!(json["epoch"], 1);
+
+    let grid = s.arg("grid.png");
+    let raw = s.arg("raw.safetensors");
+    let run_arg = s.arg("run");
+    kiln_ok(&[
+        "sample",
+        "vae",
+        "--checkpoint",
+        &run_arg,
+        "--n",
+        "7",
+        "--out",
+        &grid,
+        "--raw",
+        &raw,
+    ]);
+    assert!(s.path("grid.png").is_file());
+    let samples = &checkpoint::load(&raw).unwrap().tensors["samples"];
+    assert_eq!(samples.dims(), &[7, 1, 28, 28]);
+    assert!(
+        samples
+            .to_vec::<f32>()
+            .unwrap()
+            .iter()
+            .all(|v| (0.0..=1.0).contains(v))
+    );
+
+    let data = s.data().display().to_string();
+    let json_arg = s.arg("run/checkpoint.json");
+    let printed = kiln_ok(&["eval", "vae", "--checkpoint", &json_arg, "--data", &data]);
+    assert!(printed.contains("test negative ELBO"), "{printed}");
+    assert!(printed.contains("over 12 test images"), "{printed}");
+    let value: f64 = printed.split_whitespace().nth(3).unwrap().parse().unwrap();
+    assert!(value.is_finite() && value > 0.0, "{printed}");
+    let again = kiln_ok(&["eval", "vae", "--checkpoint", &json_arg, "--data", &data]);
+    assert_eq!(
+        printed, again,
+        "the evaluation's eps comes from a fixed seed"
+    );
+}
+
+#[test]
+fn gan_training_writes_a_checkpoint_whose_generator_samples_in_range() {
+    let s = Scratch::new("gan");
+    train(&s, "gan", "run", &["--steps", "3"]);
+    let run = s.path("run");
+    for file in [
+        "checkpoint.safetensors",
+        "checkpoint.json",
+        "metrics.csv",
+        "loss.png",
+        "samples.png",
+    ] {
+        assert!(run.join(file).is_file(), "{file} missing");
+    }
+    let names = checkpoint_values(&run);
+    assert!(names.keys().any(|n| n.starts_with("generator.")));
+    assert!(names.keys().any(|n| n.starts_with("discriminator.")));
+    assert!(names.keys().any(|n| n.starts_with("optim_d.")));
+    assert!(names.keys().any(|n| n.starts_with("optim_g.")));
+    let raw = s.arg("raw.safetensors");
+    let grid = s.arg("grid.png");
+    let weights = s.arg("run/checkpoint.safetensors");
+    kiln_ok(&[
+        "sample",
+        "gan",
+        "--checkpoint",
+        &weights,
+        "--n",
+        "5",
+        "--out",
+        &grid,
+        "--raw",
+        &raw,
+    ]);
+    let samples = &checkpoint::load(&raw).unwrap().tensors["samples"];
+    assert_eq!(samples.dims(), &[5, 1, 32, 32]);
+    assert!(
+        samples
+            .to_vec::<f32>()
+            .unwrap()
+            .iter()
+            .all(|v| (-1.0..=1.0).contains(v))
+    );
+}
+
+#[test]
+fn gpt_training_then_generate_continues_the_prompt_and_eval_prints_a_loss() {
+    let s = Scratch::new("gpt");
+    train(&s, "gpt", "run", &["--steps", "4"]);
+    let run = s.path("run");
+    let json = state(&run);
+    assert_eq!(json["model"], "gpt");
+    assert_eq!(json["config"]["vocab_size"], 23);
+    assert!(json["vocab"].is_string());
+    assert!(run.join("loss.png").is_file());
+
+    let run_arg = s.arg("run");
+    let printed = kiln_ok(&[
+        "generate",
+        "--checkpoint",
+        &run_arg,
+        "--prompt",
+        "To be",
+        "--max-new-tokens",
+        "20",
+        "--temperature",
+        "1.0",
+        "--top-k",
+        "5",
+        "--seed",
+        "3",
+    ]);
+    assert!(printed.starts_with("To be"), "{printed}");
+    assert_eq!(
+        printed.trim_end_matches('\n').chars().count(),
+        25,
+        "{printed:?}"
+    );
+
+    let data = s.data().display().to_string();
+    let printed = kiln_ok(&[
+        "eval",
+        "gpt",
+        "--checkpoint",
+        &run_arg,
+        "--data",
+        &data,
+        "--batches",
+        "3",
+    ]);
+    let loss: f64 = printed.split_whitespace().nth(2).unwrap().parse().unwrap();
+    // Near ln(23) ≈ 3.1 after four steps from a small random init.
+    assert!(loss > 1.0 && loss < 5.0, "{printed}");
+}
+
+/// Trains `model` six steps straight, and three then three more with
+/// --resume, and requires identical checkpoints and metrics.
+fn resume_is_bit_identical(model: &str, extra: &[&str]) {
+    let s = Scratch::new(&format!("resume-{model}"));
+    let mut straight = vec!["--steps", "6"];
+    straight.extend_from_slice(extra);
+    train(&s, model, "straight", &straight);
+    let mut first = vec!["--steps", "3"];
+    first.extend_from_slice(extra);
+    if model == "gpt" {
+        // The rate schedule spans the whole run, not the first half of it.
+        first.extend(["--lr-decay-steps", "6"]);
+    }
+    train(&s, model, "resumed", &first);
+    assert_eq!(state(&s.path("resumed"))["step"], 3);
+    train(&s, model, "resumed", &["--steps", "6", "--resume"]);
+
+    let straight = s.path("straight");
+    let resumed = s.path("resumed");
+    assert_eq!(state(&resumed)["step"], 6);
+    let a = checkpoint_values(&straight);
+    let b = checkpoint_values(&resumed);
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (name, value) in &a {
+        assert!(
+            value == &b[name],
+            "{model}: tensor {name} differs after resuming"
+        );
+    }
+    assert_eq!(
+        metrics_without_timing(&straight),
+        metrics_without_timing(&resumed)
+    );
+}
+
+#[test]
+fn vae_resumed_after_three_steps_matches_six_straight_steps_bit_for_bit() {
+    // Batches of 5 over 12 images: the resume point falls at an epoch boundary.
+    resume_is_bit_identical("vae", &[]);
+}
+
+#[test]
+fn gan_resumed_after_three_steps_matches_six_straight_steps_bit_for_bit() {
+    // Batches of 2 over 12 images: the resume point falls mid-epoch.
+    resume_is_bit_identical("gan", &[]);
+}
+
+#[test]
+fn gpt_resumed_after_three_steps_matches_six_straight_steps_bit_for_bit() {
+    resume_is_bit_identical("gpt", &[]);
+}
+
+#[test]
+fn missing_data_directory_error_names_the_fetch_script() {
+    let s = Scratch::new("no-data");
+    let missing = s.arg("nowhere");
+    let out = s.arg("run");
+    for model in ["vae", "gan", "gpt"] {
+        kiln_fails(
+            &["train", model, "--data", &missing, "--out", &out],
+            &["scripts/fetch-data.sh"],
+        );
+    }
+    assert!(!s.path("run").join("checkpoint.json").exists());
+}
+
+#[test]
+fn truncated_idx_file_is_an_error_naming_the_file() {
+    let s = Scratch::new("truncated");
+    let images = s.path("data/fashion-mnist/train-images-idx3-ubyte");
+    let bytes = fs::read(&images).unwrap();
+    fs::write(&images, &bytes[..bytes.len() - 100]).unwrap();
+    let data = s.data().display().to_string();
+    let out = s.arg("run");
+    kiln_fails(
+        &["train", "vae", "--data", &data, "--out", &out],
+        &["train-images-idx3-ubyte"],
+    );
+}
+
+#[test]
+fn bad_inputs_fail_clearly_and_leave_the_checkpoint_files_byte_identical() {
+    let s = Scratch::new("bad-inputs");
+    train(&s, "vae", "vae", &["--steps", "2"]);
+    train(&s, "gpt", "gpt", &["--steps", "2"]);
+    let vae_before = snapshot(&s.path("vae"));
+    let gpt_before = snapshot(&s.path("gpt"));
+    let (vae, gpt, data) = (s.arg("vae"), s.arg("gpt"), s.data().display().to_string());
+    let grid = s.arg("grid.png");
+
+    // A checkpoint of another model says what it holds.
+    kiln_fails(
+        &["sample", "gan", "--checkpoint", &vae, "--out", &grid],
+        &["is a vae checkpoint, not a gan one"],
+    );
+    kiln_fails(
+        &["eval", "gpt", "--checkpoint", &vae, "--data", &data],
+        &["is a vae checkpoint"],
+    );
+    kiln_fails(
+        &["generate", "--checkpoint", &vae],
+        &["is a vae checkpoint, not a gpt one"],
+    );
+    kiln_fails(
+        &["train", "gpt", "--data", &data, "--out", &vae, "--resume"],
+        &["is a vae checkpoint, not a gpt one"],
+    );
+    // A prompt with characters the model never saw names them.
+    kiln_fails(
+        &["generate", "--checkpoint", &gpt, "--prompt", "To be Z"],
+        &["--prompt", "\"Z\""],
+    );
+    // Training over an existing checkpoint without --resume.
+    kiln_fails(
+        &["train", "vae", "--data", &data, "--out", &vae],
+        &["already holds a checkpoint", "--resume"],
+    );
+    // Resuming with a setting that would change the run.
+    kiln_fails(
+        &[
+            "train", "vae", "--data", &data, "--out", &vae, "--resume", "--lr", "0.5",
+        ],
+        &["--lr 0.5 differs"],
+    );
+    // Resuming from missing data.
+    let missing = s.arg("nowhere");
+    kiln_fails(
+        &[
+            "train", "vae", "--data", &missing, "--out", &vae, "--resume", "--steps", "4",
+        ],
+        &["scripts/fetch-data.sh"],
+    );
+    // A checkpoint path that does not exist, and a file that is not one.
+    kiln_fails(
+        &[
+            "sample",
+            "vae",
+            "--checkpoint",
+            &s.arg("missing"),
+            "--out",
+            &grid,
+        ],
+        &["does not exist"],
+    );
+    kiln_fails(
+        &[
+            "sample",
+            "vae",
+            "--checkpoint",
+            &s.arg("vae/metrics.csv"),
+            "--out",
+            &grid,
+        ],
+        &["metrics.csv"],
+    );
+
+    assert_eq!(
+        snapshot(&s.path("vae")),
+        vae_before,
+        "the vae run directory changed"
+    );
+    assert_eq!(
+        snapshot(&s.path("gpt")),
+        gpt_before,
+        "the gpt run directory changed"
+    );
+    assert!(!s.path("grid.png").exists());
+}
+
+#[test]
+fn resume_without_a_checkpoint_is_an_error_that_creates_nothing() {
+    let s = Scratch::new("resume-nothing");
+    let data = s.data().display().to_string();
+    let out = s.arg("run");
+    kiln_fails(
+        &["train", "gan", "--data", &data, "--out", &out, "--resume"],
+        &["--resume", "holds no checkpoint"],
+    );
+    assert!(!s.path("run").exists());
+}
+
+#[test]
+fn cuda_without_a_gpu_is_a_clear_error() {
+    if kiln::Device::cuda(0).is_ok() {
+        println!("skipped: a CUDA device is present, so --device cuda succeeds here");
+        return;
+    }
+    let s = Scratch::new("cuda");
+    let data = s.data().display().to_string();
+    let out = s.arg("run");
+    kiln_fails(
+        &[
+            "train", "vae", "--data", &data, "--out", &out, "--device", "cuda", "--steps", "1",
+        ],
+        &["--device cuda"],
+    );
+    assert!(!s.path("run").exists());
+}
+
+#[test]
+fn resuming_a_finished_run_changes_nothing_and_a_longer_one_continues() {
+    let s = Scratch::new("finished");
+    train(&s, "vae", "run", &["--steps", "2"]);
+    let before = snapshot(&s.path("run"));
+    let printed = train(&s, "vae", "run", &["--resume"]);
+    assert!(printed.contains("already trained for 2 steps"), "{printed}");
+    assert_eq!(snapshot(&s.path("run")), before);
+    train(&s, "vae", "run", &["--resume", "--steps", "3"]);
+    assert_eq!(state(&s.path("run"))["step"], 3);
+    assert_eq!(metrics_without_timing(&s.path("run")).len(), 4);
+}
+
+#[test]
+fn the_library_entry_point_runs_a_command_and_reports_usage_errors() {
+    let s = Scratch::new("library");
+    let data = s.data().display().to_string();
+    let out = s.arg("run");
+    let mut args = vec![
+        "kiln", "train", "vae", "--data", &data, "--out", &out, "--steps", "1",
+    ];
+    args.extend(tiny("vae"));
+    kiln::cli::run(args).unwrap();
+    assert!(s.path("run/checkpoint.safetensors").is_file());
+    let error = kiln::cli::run(["kiln", "train", "mlp"])
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("mlp"), "{error}");
+}
+
+#[test]
+fn tiny_runs_train_sample_and_generate_on_cuda_when_a_gpu_is_present() {
+    if kiln::Device::cuda(0).is_err() {
+        println!("skipped: no CUDA device");
+        return;
+    }
+    let s = Scratch::new("cuda-runs");
+    for model in ["vae", "gan", "gpt"] {
+        train(&s, model, model, &["--steps", "2", "--device", "cuda"]);
+        assert_eq!(state(&s.path(model))["step"], 2);
+    }
+    let grid = s.arg("grid.png");
+    for model in ["vae", "gan"] {
+        let run = s.arg(model);
+        kiln_ok(&[
+            "sample",
+            model,
+            "--checkpoint",
+            &run,
+            "--n",
+            "4",
+            "--out",
+            &grid,
+            "--device",
+            "cuda",
+        ]);
+    }
+    let run = s.arg("gpt");
+    let printed = kiln_ok(&[
+        "generate",
+        "--checkpoint",
+        &run,
+        "--prompt",
+        "To",
+        "--max-new-tokens",
+        "5",
+        "--device",
+        "cuda",
+    ]);
+    assert!(printed.starts_with("To"), "{printed}");
+}
