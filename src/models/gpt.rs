@@ -11,10 +11,7 @@
 //!
 //! where attn is causal multi-head self-attention and mlp is
 //! Linear(E→4E) → GELU(tanh) → Linear(4E→E) → dropout. The head has no bias
-//! and shares its weight with `wte` (weight tying, as GPT-2 and nanoGPT do:
-//! a character's input embedding is also its output direction, which halves
-//! the vocabulary parameters and trains the embedding from both ends). The
-//! state dict lists the shared tensor under both names, as PyTorch does.
+//! and is not tied to `wte` (each is a parameter of its own).
 
 use crate::autograd::no_grad;
 use crate::error::{Error, Result};
@@ -199,8 +196,7 @@ impl Gpt {
             .collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::new(e, init)?;
         let mut lm_head = Linear::new(e, cfg.vocab_size, false, init)?;
-        // Weight tying: the head multiplies by wte's own [V, E] tensor.
-        lm_head.weight = wte.weight.clone();
+        gpt2_init(&mut lm_head, INIT_STD, init)?;
         Ok(Gpt {
             wte,
             wpe,
