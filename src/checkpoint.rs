@@ -111,6 +111,21 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
             ),
         ));
     }
+    write_file_atomically(path, bytes).map_err(|e| {
+        checkpoint_error(
+            path,
+            format!("cannot write the checkpoint ({e}); the previous file, if any, is unchanged"),
+        )
+    })
+}
+
+/// Replaces `path` with `bytes` so that a reader (or a crash) never sees a
+/// half-written file: a uniquely named temporary file in the same directory,
+/// fsync, rename over `path`, then fsync of the directory where the platform
+/// allows. On failure the temporary file is removed and `path` is unchanged.
+/// Every file kiln writes for a user (checkpoints, run state, pictures, the
+/// PTX cache) goes through here.
+pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let temporary = temporary_path(path);
     let written = (|| -> std::io::Result<()> {
         let mut file = fs::OpenOptions::new()
@@ -124,13 +139,11 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     })();
     if let Err(e) = written {
         let _ = fs::remove_file(&temporary);
-        return Err(checkpoint_error(
-            path,
-            format!("cannot write the checkpoint ({e}); the previous file, if any, is unchanged"),
-        ));
+        return Err(e);
     }
-    // Make the rename itself durable; not every platform can sync a directory.
-    if let Ok(dir) = fs::File::open(&directory) {
+    if let Some(directory) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && let Ok(dir) = fs::File::open(directory)
+    {
         let _ = dir.sync_all();
     }
     Ok(())

@@ -15,7 +15,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
@@ -125,49 +124,14 @@ pub fn prefixed(prefix: &str, tensors: Vec<(String, Tensor)>) -> Vec<(String, Te
         .collect()
 }
 
-/// A temporary name beside `path`, unique across threads and processes.
-fn temporary_path(path: &Path) -> PathBuf {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(
-        ".{file_name}.tmp-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ))
-}
-
-/// Replaces `path` with `bytes` atomically: temporary file in the same
-/// directory, fsync, rename. On failure `path` is unchanged and the
-/// temporary file is removed.
+/// Replaces `path` with `bytes` atomically (see `kiln::checkpoint::write_file_atomically`).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let temporary = temporary_path(path);
-    let written = (|| -> std::io::Result<()> {
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&temporary)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&temporary, path)
-    })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&temporary);
-        return Err(anyhow!(
+    crate::checkpoint::write_file_atomically(path, bytes).map_err(|e| {
+        anyhow!(
             "cannot write {} ({e}); the previous file, if any, is unchanged",
             path.display()
-        ));
-    }
-    // Make the rename durable where the platform can sync a directory.
-    if let Some(directory) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && let Ok(dir) = fs::File::open(directory)
-    {
-        let _ = dir.sync_all();
-    }
-    Ok(())
+        )
+    })
 }
 
 /// Removes the temporary files of writes that a killed run left behind

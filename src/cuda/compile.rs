@@ -143,7 +143,10 @@ pub fn ptx_for(file: &str, arch: &str) -> Result<Ptx> {
             let ptx = compile_source(file, &source, arch)?;
             if let Some(path) = &cached_path {
                 // A cache that cannot be written only costs a recompile next run.
-                let _ = write_atomically(path, &ptx);
+                if let Some(dir) = path.parent() {
+                    let _ = std::fs::create_dir_all(dir);
+                }
+                let _ = crate::checkpoint::write_file_atomically(path, ptx.as_bytes());
             }
             ptx
         }
@@ -163,14 +166,6 @@ fn cache_dir() -> Option<PathBuf> {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
     Some(base.join("kiln").join("ptx"))
-}
-
-fn write_atomically(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
-    let dir = path.parent().expect("cache files live in a directory");
-    std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, contents)?;
-    std::fs::rename(&tmp, path)
 }
 
 /// FNV-1a: a tiny, stable hash (the standard library's hasher may change

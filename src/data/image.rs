@@ -3,9 +3,7 @@
 //! built-in 5×7 bitmap font, so the charts are readable without any fonts
 //! installed on the machine.
 
-use std::fs::File;
-use std::io::BufWriter;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
@@ -444,29 +442,18 @@ impl Canvas {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| io_error("create the folder of", &e))?;
         }
-        let mut temporary = PathBuf::from(path);
-        let mut name = path.file_name().unwrap_or_default().to_os_string();
-        name.push(".tmp");
-        temporary.set_file_name(name);
-
-        let written = (|| -> std::result::Result<(), Box<dyn std::error::Error>> {
-            let file = BufWriter::new(File::create(&temporary)?);
-            let mut encoder = png::Encoder::new(file, self.width as u32, self.height as u32);
+        let mut encoded = Vec::new();
+        let encoding = (|| -> std::result::Result<(), png::EncodingError> {
+            let mut encoder =
+                png::Encoder::new(&mut encoded, self.width as u32, self.height as u32);
             encoder.set_color(png::ColorType::Rgb);
             encoder.set_depth(png::BitDepth::Eight);
             let mut writer = encoder.write_header()?;
             writer.write_image_data(&self.rgb)?;
-            writer.finish()?;
-            Ok(())
+            writer.finish()
         })();
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&temporary);
-            return Err(io_error("write", &e));
-        }
-        std::fs::rename(&temporary, path).map_err(|e| {
-            let _ = std::fs::remove_file(&temporary);
-            io_error("rename the temporary file onto", &e)
-        })
+        encoding.map_err(|e| io_error("encode", &e))?;
+        crate::checkpoint::write_file_atomically(path, &encoded).map_err(|e| io_error("write", &e))
     }
 }
 
