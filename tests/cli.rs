@@ -390,6 +390,20 @@ fn gpt_training_then_generate_continues_the_prompt_and_eval_prints_a_loss() {
     let loss: f64 = printed.split_whitespace().nth(2).unwrap().parse().unwrap();
     // Near ln(23) ≈ 3.1 after four steps from a small random init.
     assert!(loss > 1.0 && loss < 5.0, "{printed}");
+
+    // --full scores every window of the split: close to the sampled estimate.
+    let full = kiln_ok(&[
+        "eval",
+        "gpt",
+        "--checkpoint",
+        &run_arg,
+        "--data",
+        &data,
+        "--full",
+    ]);
+    assert!(full.contains("consecutive windows"), "{full}");
+    let full_loss: f64 = full.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!((full_loss - loss).abs() < 0.5, "{full} vs {printed}");
 }
 
 /// Trains `model` six steps straight, and three then three more with

@@ -286,6 +286,10 @@ pub struct EvalArgs {
     /// GPT: number of random validation batches averaged.
     #[arg(long, default_value_t = 200)]
     pub batches: usize,
+    /// GPT: score the whole validation split (every consecutive window of the
+    /// block size) instead of random batches; slower, but free of sampling noise.
+    #[arg(long)]
+    pub full: bool,
     /// Score only the first N held-out examples (VAE: images; GPT: characters).
     #[arg(long)]
     pub limit: Option<usize>,

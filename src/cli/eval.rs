@@ -7,7 +7,8 @@
 //! - GPT: the mean cross-entropy (nats per character) of --batches random
 //!   windows batches of the validation text (the last 10%), each of the
 //!   training batch size and block size, their offsets drawn from a
-//!   generator seeded by --seed, as nanoGPT's `estimate_loss`.
+//!   generator seeded by --seed, as nanoGPT's `estimate_loss`; with --full,
+//!   the mean over every consecutive window of the whole split instead.
 
 use anyhow::{Context, Result, bail};
 
@@ -80,6 +81,13 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                     val.len()
                 );
             }
+            if args.full {
+                let (loss, windows) = full_split_loss(&gpt, &val, block, device)?;
+                println!(
+                    "validation loss: {loss:.4} nats per character (all {windows} consecutive windows of {block} in the split)"
+                );
+                return Ok(());
+            }
             let mut total = 0.0;
             for _ in 0..args.batches {
                 let (x, y) = random_batch(&val, batch, block, &mut rng)?;
@@ -95,4 +103,35 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Windows scored per forward pass by `--full`.
+const FULL_EVAL_BATCH: usize = 64;
+
+/// Mean cross-entropy over every consecutive, non-overlapping window of
+/// `block` characters of `tokens` (each predicting its next characters), and
+/// the number of windows: the whole split, with no sampling noise.
+fn full_split_loss(
+    gpt: &crate::models::gpt::Gpt,
+    tokens: &[u32],
+    block: usize,
+    device: crate::Device,
+) -> Result<(f64, usize)> {
+    let windows = (tokens.len() - 1) / block;
+    let mut total = 0.0;
+    for first in (0..windows).step_by(FULL_EVAL_BATCH) {
+        let count = FULL_EVAL_BATCH.min(windows - first);
+        let mut x = Vec::with_capacity(count * block);
+        let mut y = Vec::with_capacity(count * block);
+        for w in first..first + count {
+            let start = w * block;
+            x.extend_from_slice(&tokens[start..start + block]);
+            y.extend_from_slice(&tokens[start + 1..start + block + 1]);
+        }
+        let x = crate::Tensor::from_indices(x, [count, block])?.to_device(device)?;
+        let y = crate::Tensor::from_indices(y, [count, block])?.to_device(device)?;
+        // Gpt::loss is a mean over the batch: weight it by its window count.
+        total += gpt.loss(&x, &y)?.item()? * count as f64;
+    }
+    Ok((total / windows as f64, windows))
 }
