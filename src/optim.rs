@@ -858,41 +858,32 @@ impl AdamW {
     }
 }
 
-impl Optimizer for Adam {
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
-        self.0.step(grads)
-    }
-    fn learning_rate(&self) -> f64 {
-        self.0.config.lr
-    }
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.0.config.lr = lr;
-    }
-    fn state_dict(&self) -> Vec<(String, Tensor)> {
-        self.0.state_dict()
-    }
-    fn load_state_dict(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        self.0.load_state_dict("Adam", tensors)
-    }
+/// Adam and AdamW differ only in how AdamCore applies weight decay; both
+/// expose it through the same Optimizer implementation.
+macro_rules! adam_optimizer {
+    ($name:ident) => {
+        impl Optimizer for $name {
+            fn step(&mut self, grads: &GradStore) -> Result<()> {
+                self.0.step(grads)
+            }
+            fn learning_rate(&self) -> f64 {
+                self.0.config.lr
+            }
+            fn set_learning_rate(&mut self, lr: f64) {
+                self.0.config.lr = lr;
+            }
+            fn state_dict(&self) -> Vec<(String, Tensor)> {
+                self.0.state_dict()
+            }
+            fn load_state_dict(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+                self.0.load_state_dict(stringify!($name), tensors)
+            }
+        }
+    };
 }
 
-impl Optimizer for AdamW {
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
-        self.0.step(grads)
-    }
-    fn learning_rate(&self) -> f64 {
-        self.0.config.lr
-    }
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.0.config.lr = lr;
-    }
-    fn state_dict(&self) -> Vec<(String, Tensor)> {
-        self.0.state_dict()
-    }
-    fn load_state_dict(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        self.0.load_state_dict("AdamW", tensors)
-    }
-}
+adam_optimizer!(Adam);
+adam_optimizer!(AdamW);
 
 // ----- gradient clipping ---------------------------------------------------
 

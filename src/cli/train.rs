@@ -51,14 +51,8 @@ trait Trainee {
     /// randomness from `rng`; returns the metrics, the first being the loss
     /// that must stay finite.
     fn train_step(&mut self, step: usize, rng: &mut Rng) -> Result<Vec<f64>>;
-    /// Examples (images or text windows) in step `step`.
-    fn examples_in_step(&self, step: usize) -> usize;
-    /// Training examples used (images, or characters of text).
-    fn examples(&self) -> usize;
-    /// Steps the whole run takes.
-    fn total_steps(&self, settings: &Settings) -> usize;
-    /// Completed epochs after `steps` steps.
-    fn epochs_after(&self, steps: usize) -> usize;
+    /// How the run's steps relate to its examples and epochs.
+    fn length(&self) -> &dyn RunLength;
     /// Models and optimizer state, by checkpoint name.
     fn checkpoint_tensors(&self) -> Vec<(String, Tensor)>;
     /// Restores what `checkpoint_tensors` saved.
@@ -67,6 +61,18 @@ trait Trainee {
     fn save_pictures(&self, _dir: &Path) -> Result<()> {
         Ok(())
     }
+}
+
+/// How long a run is, in steps, examples and epochs.
+trait RunLength {
+    /// Examples (images or text windows) in step `step`.
+    fn examples_in_step(&self, step: usize) -> usize;
+    /// Training examples used (images, or characters of text).
+    fn examples(&self) -> usize;
+    /// Steps the whole run takes.
+    fn total_steps(&self, settings: &Settings) -> usize;
+    /// Completed epochs after `steps` steps.
+    fn epochs_after(&self, steps: usize) -> usize;
 }
 
 /// The settings of a run, from the flags, the model's defaults, or (when
@@ -233,7 +239,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
                 (Box::new(trainee), serde_json::to_value(spec)?, Some(vocab))
             }
         };
-    let examples = trainee.examples();
+    let examples = trainee.length().examples();
     if let Some(state) = state
         && state.training.examples != examples
     {
@@ -242,7 +248,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             state.training.examples
         );
     }
-    let total_steps = trainee.total_steps(&settings);
+    let total_steps = trainee.length().total_steps(&settings);
     let start_step = state.map_or(0, |s| s.step);
     if let Some(checkpoint) = &resumed {
         trainee.restore(checkpoint)?;
@@ -299,14 +305,15 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         out.display()
     );
     let progress = Progress::new(total_steps, start_step);
-    let epochs_total = trainee.epochs_after(total_steps.saturating_sub(1)) + 1;
+    let epochs_total = trainee.length().epochs_after(total_steps.saturating_sub(1)) + 1;
     let mut last_checkpoint = start_step;
     for step in start_step..total_steps {
-        let epoch = trainee.epochs_after(step);
+        let epoch = trainee.length().epochs_after(step);
         let started = Instant::now();
         let mut rng = stream_rng(settings.seed, Stream::Step, step as u64);
         let values = trainee.train_step(step, &mut rng)?;
-        let samples_per_s = trainee.examples_in_step(step) as f64 / started.elapsed().as_secs_f64();
+        let samples_per_s =
+            trainee.length().examples_in_step(step) as f64 / started.elapsed().as_secs_f64();
         if !values[0].is_finite() {
             bail!(
                 "the {} became {} at step {}; the checkpoint in {} (step {last_checkpoint}) is unchanged; try a lower --lr",
@@ -338,7 +345,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
 
         let done = step + 1;
         if done % args.checkpoint_every == 0 || done == total_steps {
-            let state = run_state(done, trainee.epochs_after(done));
+            let state = run_state(done, trainee.length().epochs_after(done));
             run_dir::save_checkpoint(&out, &state, &trainee.checkpoint_tensors())?;
             last_checkpoint = done;
             save_loss_chart(&out, kind, trainee.metric_names(), &metrics)?;
@@ -421,12 +428,26 @@ impl EpochSchedule {
     }
 }
 
-/// How long an image run is: --epochs passes, capped by --steps.
-fn image_total_steps(settings: &Settings, schedule: &EpochSchedule) -> usize {
-    let by_epochs = settings.epochs.unwrap_or(1) * schedule.steps_per_epoch();
-    settings
-        .max_steps
-        .map_or(by_epochs, |cap| cap.min(by_epochs))
+/// Image runs: --epochs passes over the images, capped by --steps.
+impl RunLength for EpochSchedule {
+    fn examples_in_step(&self, step: usize) -> usize {
+        self.batch_len(step)
+    }
+
+    fn examples(&self) -> usize {
+        self.examples
+    }
+
+    fn total_steps(&self, settings: &Settings) -> usize {
+        let by_epochs = settings.epochs.unwrap_or(1) * self.steps_per_epoch();
+        settings
+            .max_steps
+            .map_or(by_epochs, |cap| cap.min(by_epochs))
+    }
+
+    fn epochs_after(&self, steps: usize) -> usize {
+        steps / self.steps_per_epoch()
+    }
 }
 
 /// The sizes of a model: a flag (checked against a resumed run) or the default.
@@ -549,20 +570,8 @@ impl Trainee for GanTrainee {
         ])
     }
 
-    fn examples_in_step(&self, step: usize) -> usize {
-        self.schedule.batch_len(step)
-    }
-
-    fn examples(&self) -> usize {
-        self.schedule.examples
-    }
-
-    fn total_steps(&self, settings: &Settings) -> usize {
-        image_total_steps(settings, &self.schedule)
-    }
-
-    fn epochs_after(&self, steps: usize) -> usize {
-        steps / self.schedule.steps_per_epoch()
+    fn length(&self) -> &dyn RunLength {
+        &self.schedule
     }
 
     fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
@@ -714,20 +723,8 @@ impl Trainee for VaeTrainee {
         ])
     }
 
-    fn examples_in_step(&self, step: usize) -> usize {
-        self.schedule.batch_len(step)
-    }
-
-    fn examples(&self) -> usize {
-        self.schedule.examples
-    }
-
-    fn total_steps(&self, settings: &Settings) -> usize {
-        image_total_steps(settings, &self.schedule)
-    }
-
-    fn epochs_after(&self, steps: usize) -> usize {
-        steps / self.schedule.steps_per_epoch()
+    fn length(&self) -> &dyn RunLength {
+        &self.schedule
     }
 
     fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
@@ -867,6 +864,25 @@ impl GptTrainee {
     }
 }
 
+/// Text runs count steps (--steps); an epoch is one pass of characters.
+impl RunLength for GptTrainee {
+    fn examples_in_step(&self, _step: usize) -> usize {
+        self.batch_size
+    }
+
+    fn examples(&self) -> usize {
+        self.train.len()
+    }
+
+    fn total_steps(&self, settings: &Settings) -> usize {
+        settings.max_steps.unwrap_or(DEFAULT_GPT_STEPS)
+    }
+
+    fn epochs_after(&self, steps: usize) -> usize {
+        steps * self.batch_size * self.block_size / self.train.len()
+    }
+}
+
 impl Trainee for GptTrainee {
     fn metric_names(&self) -> &'static [&'static str] {
         &["loss", "lr", "grad_norm"]
@@ -891,20 +907,8 @@ impl Trainee for GptTrainee {
         Ok(vec![scalar(&loss)?, lr, grad_norm])
     }
 
-    fn examples_in_step(&self, _step: usize) -> usize {
-        self.batch_size
-    }
-
-    fn examples(&self) -> usize {
-        self.train.len()
-    }
-
-    fn total_steps(&self, settings: &Settings) -> usize {
-        settings.max_steps.unwrap_or(DEFAULT_GPT_STEPS)
-    }
-
-    fn epochs_after(&self, steps: usize) -> usize {
-        steps * self.batch_size * self.block_size / self.train.len()
+    fn length(&self) -> &dyn RunLength {
+        self
     }
 
     fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {

@@ -18,7 +18,8 @@ pub mod shape;
 pub mod softmax;
 
 use crate::error::{Error, Result};
-use crate::tensor::Shape;
+use crate::storage::Storage;
+use crate::tensor::{Shape, Tensor};
 
 /// NumPy/PyTorch broadcasting: align trailing dims; each pair must be equal or contain a 1.
 pub(crate) fn broadcast_shape(op: &'static str, lhs: &Shape, rhs: &Shape) -> Result<Shape> {
@@ -64,4 +65,24 @@ pub(crate) fn check_dim(op: &'static str, dim: usize, shape: &Shape) -> Result<(
         ));
     }
     Ok(())
+}
+
+/// The gradients of a normalisation op's recorded inputs (x, then the
+/// optional affine weight and bias, in that order): dx always, dweight and
+/// dbias only for the parameters the op was given.
+pub(crate) fn normalization_grads(
+    (dx, dweight, dbias): (Storage, Storage, Storage),
+    x_shape: &Shape,
+    param_shape: Shape,
+    has_weight: bool,
+    has_bias: bool,
+) -> Vec<Option<Tensor>> {
+    let mut grads = vec![Some(Tensor::from_result(dx, x_shape.clone()))];
+    if has_weight {
+        grads.push(Some(Tensor::from_result(dweight, param_shape.clone())));
+    }
+    if has_bias {
+        grads.push(Some(Tensor::from_result(dbias, param_shape)));
+    }
+    grads
 }

@@ -17,6 +17,7 @@ pub(crate) mod cuda;
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
 use crate::ops::layernorm::cuda::expect_cuda;
+use crate::ops::normalization_grads;
 use crate::storage::{CpuStorage, Storage};
 use crate::tensor::{Device, Shape, Tensor, check_operands};
 use crate::{float_slice, float_slice2};
@@ -332,14 +333,12 @@ impl Backward for BatchNorm2dBackward {
             }
             _ => unreachable!("check_operands put both operands on one device"),
         };
-        let per_channel = Shape::new([self.dims.channels]);
-        let mut grads = vec![Some(Tensor::from_result(dx, x.shape().clone()))];
-        if self.has_weight {
-            grads.push(Some(Tensor::from_result(dweight, per_channel.clone())));
-        }
-        if self.has_bias {
-            grads.push(Some(Tensor::from_result(dbias, per_channel)));
-        }
-        Ok(grads)
+        Ok(normalization_grads(
+            (dx, dweight, dbias),
+            x.shape(),
+            Shape::new([self.dims.channels]),
+            self.has_weight,
+            self.has_bias,
+        ))
     }
 }

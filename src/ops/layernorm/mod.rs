@@ -9,6 +9,7 @@ pub(crate) mod cuda;
 
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
+use crate::ops::normalization_grads;
 use crate::storage::{CpuStorage, Storage};
 use crate::tensor::{Shape, Tensor, check_operands};
 use crate::{float_slice, float_slice2};
@@ -161,14 +162,12 @@ impl Backward for LayerNormBackward {
             }
             _ => unreachable!("check_operands put both operands on one device"),
         };
-        let param_shape = Shape::new([self.width]);
-        let mut grads = vec![Some(Tensor::from_result(dx, x.shape().clone()))];
-        if self.has_weight {
-            grads.push(Some(Tensor::from_result(dweight, param_shape.clone())));
-        }
-        if self.has_bias {
-            grads.push(Some(Tensor::from_result(dbias, param_shape)));
-        }
-        Ok(grads)
+        Ok(normalization_grads(
+            (dx, dweight, dbias),
+            x.shape(),
+            Shape::new([self.width]),
+            self.has_weight,
+            self.has_bias,
+        ))
     }
 }
