@@ -1,264 +1,1232 @@
-//! Kernel benchmarks on the CPU: convolutions (forward, and forward +
-//! backward) at the size of a DCGAN layer, a 1024³ matrix product, and the
-//! plain reference conv beside the im2col + GEMM path.
+//! Kernel benchmarks: every op family at the shapes the three models use,
+//! on the CPU and (when one opens) the first CUDA device, with the vendor
+//! libraries timed beside kiln on the GPU and kiln's plain reference beside
+//! its fast path on the CPU.
 //!
-//! Units: every case sets `Throughput::Elements(flop_count)`, so the rate
-//! criterion prints as "elem/s" is FLOP/s. A FLOP count is 2·M·N·K for each
-//! GEMM the case runs, counted GEMM by GEMM; im2col/col2im copies and bias
-//! adds are data movement and are left out. Each case also prints one line
-//! to stderr with its median time per call in ms and its GFLOP/s.
+//! Shapes: DCGAN at batch 64 on 32×32 images (every conv and convT layer,
+//! its batch norms and leaky ReLUs), the VAE's linear layers at batch 128,
+//! GPT 4 layers / 128 wide / block 64 at batch 32, and a larger GPT (6
+//! layers / 384 wide / block 256, batch 64), square GEMMs (1024³, and 4096³
+//! on CUDA) and fused Adam over whole models' parameters.
 //!
-//! Run with `cargo bench --bench kernels` (about a minute and a half on 2 cores).
+//! FLOP counts (exact for the math each op does; other work is memory):
+//! - GEMM 2·M·N·K; conv forward, backward-data and backward-weight each
+//!   2·N·O·C·kh·kw·Ho·Wo (the same products, differently arranged); conv
+//!   transpose likewise on its mirror conv.
+//! - causal attention forward 2·B·H·D·T(T+1) (Q·Kᵀ and P·V over the
+//!   T(T+1)/2 allowed pairs), backward twice that (dV, dP, dQ, dK).
+//! - element-wise and normalisation ops count their arithmetic per element
+//!   as written beside each case; they are memory-bound, so their "% of
+//!   peak" is against copy bandwidth.
+//!
+//! Bytes: each input read once, each output written once.
+//!
+//! Run: `cargo bench --bench kernels` (the summary is printed at the end and
+//! written to target/kiln-bench/summary.md); `KILN_BENCH_QUICK=1` keeps the
+//! model shapes that matter most and shortens every measurement.
 
-use std::hint::black_box;
-use std::time::{Duration, Instant};
+mod common;
 
-use criterion::measurement::WallTime;
-use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main};
-use kiln::ops::conv::cpu::{conv2d_forward, conv2d_reference};
-use kiln::ops::conv::{Conv2dParams, ConvGeometry, ConvTranspose2dParams};
-use kiln::{DType, Device, Rng, Tensor};
+use common::vendor::{Cublas, CudnnBatchNorm, CudnnConv};
+use common::{Bench, Bound, Case, Target, compare, quick, random};
+use kiln::nn::Module;
+use kiln::nn::init::Init;
+use kiln::ops::conv::{Conv2dForwardKernel, ConvGeometry, conv2d_forward_with_kernel};
+use kiln::ops::gemm::GemmKernel;
+use kiln::optim::{AdamConfig, AdamW, Optimizer};
+use kiln::{Conv2dParams, ConvTranspose2dParams, DType, Device, Shape, Tensor};
 
-/// Random f32 values (never zeros: a kernel can be faster on them).
-fn random(shape: &[usize], seed: u64) -> Tensor {
-    Tensor::randn(shape, DType::F32, Device::Cpu, &mut Rng::seed(seed)).unwrap()
+/// Relative tolerance of the after-timing checks (f32, sums of up to ~10⁴ terms).
+const RTOL: f32 = 1e-3;
+
+/// The most input sets a memory-bound case rotates through.
+const MAX_ROTATION: usize = 32;
+
+fn main() {
+    let mut bench = Bench::new("kernels");
+    let targets = common::targets();
+    bench.add_peak(common::cpu_peak());
+    for target in targets.iter().filter(|t| t.is_cuda()) {
+        bench.add_peak(common::cuda_peak(target));
+    }
+    for target in &targets {
+        let vendor = Vendor::open(&mut bench, target);
+        gemm_benches(&mut bench, target, &vendor);
+        conv_benches(&mut bench, target, &vendor);
+        batch_norm_benches(&mut bench, target, &vendor);
+        activation_benches(&mut bench, target);
+        softmax_and_layer_norm_benches(&mut bench, target);
+        attention_benches(&mut bench, target);
+        embedding_benches(&mut bench, target);
+        adam_benches(&mut bench, target);
+    }
+    bench.finish();
 }
 
-/// FLOPs of one product of an [m, k] and a [k, n] matrix.
-fn gemm_flops(m: usize, n: usize, k: usize) -> u64 {
-    2 * (m * n * k) as u64
+/// The vendor baselines usable on a target: on CUDA, those whose library
+/// loads and whose smoke test (small odd shapes against an f64 loop) passes;
+/// none on the CPU. The smoke-test lines go into the summary.
+struct Vendor {
+    cublas: Option<Cublas>,
+    cudnn_conv: bool,
+    cudnn_batch_norm: bool,
 }
 
-/// Times `run` under criterion with `flops` per call as its throughput, then
-/// prints the median ms per call and GFLOP/s over criterion's samples.
-fn bench_case<R>(
-    group: &mut BenchmarkGroup<WallTime>,
-    name: &str,
-    flops: u64,
-    mut run: impl FnMut() -> R,
-) {
-    group.throughput(Throughput::Elements(flops));
-    let mut seconds_per_call: Vec<f64> = Vec::new();
-    group.bench_function(name, |b| {
-        b.iter_custom(|iters| {
-            let start = Instant::now();
-            for _ in 0..iters {
-                black_box(run());
+impl Vendor {
+    fn open(bench: &mut Bench, target: &Target) -> Vendor {
+        let mut vendor = Vendor {
+            cublas: None,
+            cudnn_conv: false,
+            cudnn_batch_norm: false,
+        };
+        let Some(cuda) = target.cuda_device() else {
+            return vendor;
+        };
+        let mut lines = String::new();
+        for (name, outcome) in common::vendor::smoke_test(cuda) {
+            let passed = outcome.is_ok();
+            let line = match outcome {
+                Ok(detail) => format!("- {name}: ok ({detail})\n"),
+                Err(e) => format!("- {name}: not used ({e})\n"),
+            };
+            eprint!("{line}");
+            lines.push_str(&line);
+            match name {
+                "cuBLAS sgemm" if passed => vendor.cublas = Cublas::new(cuda).ok(),
+                "cuDNN conv" => vendor.cudnn_conv = passed,
+                "cuDNN batch norm" => vendor.cudnn_batch_norm = passed,
+                _ => {}
             }
-            let elapsed = start.elapsed();
-            seconds_per_call.push(elapsed.as_secs_f64() / iters as f64);
-            elapsed
-        })
-    });
-    // Empty when a filter skipped the case.
-    if seconds_per_call.is_empty() {
+        }
+        bench.section("Vendor baselines (smoke test on the GPU)", lines);
+        vendor
+    }
+}
+
+// ----- the case runner ---------------------------------------------------------
+
+/// How many input sets a case rotates through so that, together, they do
+/// not fit in the last-level cache (L3 on the CPU, L2 on the GPU):
+/// otherwise a memory-bound kernel is timed on cache, not memory.
+fn rotation(target: &Target, case: &Case) -> usize {
+    if case.bound == Bound::Compute || case.bytes == 0 {
+        return 1;
+    }
+    let cache = last_level_cache_bytes(target);
+    (2 * cache)
+        .div_ceil(case.bytes)
+        .clamp(1, MAX_ROTATION as u64) as usize
+}
+
+fn last_level_cache_bytes(target: &Target) -> u64 {
+    if target.is_cuda() {
+        use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE;
+        let l2 = cudarc::driver::CudaContext::new(0)
+            .and_then(|ctx| ctx.attribute(CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE));
+        return l2.map_or(64 << 20, |bytes| bytes as u64);
+    }
+    let size = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index3/size")
+        .unwrap_or_default();
+    let size = size.trim();
+    let (digits, unit) = size.split_at(
+        size.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(size.len()),
+    );
+    let value: u64 = digits.parse().unwrap_or(32 << 10);
+    match unit {
+        "M" => value << 20,
+        "G" => value << 30,
+        _ => value << 10,
+    }
+}
+
+/// Times one case: `prepare(device, seed)` builds an input set (for a
+/// backward case: the forward graph and an upstream gradient), `run`
+/// performs the op on it. Memory-bound cases rotate through several input
+/// sets (see [`rotation`]). Returns the first input set, or None if a
+/// command-line filter skipped the case.
+fn time_op<I>(
+    bench: &mut Bench,
+    target: &Target,
+    case: &Case,
+    prepare: impl Fn(Device, u64) -> I,
+    run: impl Fn(&I) -> Tensor,
+) -> Option<I> {
+    let sets: Vec<I> = (0..rotation(target, case))
+        .map(|i| prepare(target.device, 100 + i as u64))
+        .collect();
+    let mut next = 0;
+    bench.time(target, case, || {
+        std::hint::black_box(run(&sets[next]));
+        next = (next + 1) % sets.len();
+    })?;
+    sets.into_iter().next()
+}
+
+/// [`time_op`], then the result on the first input set is checked: on CUDA
+/// against the CPU running the same op on the same values, on the CPU
+/// against `reference` when there is one.
+fn bench_op<I>(
+    bench: &mut Bench,
+    target: &Target,
+    case: &Case,
+    prepare: impl Fn(Device, u64) -> I,
+    run: impl Fn(&I) -> Tensor,
+    reference: Option<&dyn Fn(&I) -> Tensor>,
+) -> Option<I> {
+    let first = time_op(bench, target, case, &prepare, &run)?;
+    let actual = run(&first);
+    let expected = if target.is_cuda() {
+        Some(run(&prepare(Device::Cpu, 100)))
+    } else {
+        reference.map(|reference| reference(&first))
+    };
+    if let Some(expected) = expected {
+        bench.check(target, case, compare(&actual, &expected, RTOL));
+    }
+    Some(first)
+}
+
+/// Times a baseline on the same inputs and attaches it to the case. The
+/// baseline's output is checked against kiln's, so that a misconfigured
+/// baseline is reported instead of posting a ratio.
+fn bench_baseline(
+    bench: &mut Bench,
+    target: &Target,
+    case: &Case,
+    name: &str,
+    kiln_output: &Tensor,
+    mut run: impl FnMut() -> Result<Tensor, String>,
+) {
+    let checked = run().and_then(|out| compare(&out, kiln_output, RTOL));
+    if let Err(e) = checked {
+        eprintln!(
+            "  {name} baseline for {} {} dropped: {e}",
+            case.kernel, case.shape
+        );
         return;
     }
-    seconds_per_call.sort_by(f64::total_cmp);
-    let median = seconds_per_call[seconds_per_call.len() / 2];
-    eprintln!(
-        "{name}: {:.2} ms, {:.1} GFLOP/s",
-        median * 1e3,
-        flops as f64 / median / 1e9
-    );
+    let seconds = bench.time_baseline(target, case, name, || {
+        std::hint::black_box(run().expect("baseline ran before"));
+    });
+    if let Some(seconds) = seconds {
+        bench.set_baseline(target, case, name, seconds);
+    }
 }
 
-/// Asserts |a − b| ≤ rtol·(|b| + max|b|) element by element.
-fn assert_close(what: &str, actual: &[f32], expected: &[f32], rtol: f32) {
-    assert_eq!(actual.len(), expected.len(), "{what}: length");
-    let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
-    for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
-        assert!(
-            (a - e).abs() <= rtol * (e.abs() + scale),
-            "{what}[{i}]: {a} vs {e}"
+fn shape_str(dims: &[usize]) -> String {
+    let dims: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
+    format!("[{}]", dims.join(","))
+}
+
+fn zeros(shape: impl Into<Shape>, device: Device) -> Tensor {
+    Tensor::zeros(shape, DType::F32, device).expect("an output buffer")
+}
+
+fn leaf(shape: &[usize], seed: u64, device: Device) -> Tensor {
+    random(shape, seed, device).requires_grad_()
+}
+
+/// dL/d`wrt` after back-propagating `grad` from `y`.
+fn grad_of(y: &Tensor, grad: &Tensor, wrt: &Tensor) -> Tensor {
+    let grads = y.backward_with(grad).expect("backward");
+    grads.get(wrt).expect("a gradient").clone()
+}
+
+// ----- GEMM --------------------------------------------------------------------
+
+/// One GEMM shape: op(A) [M, K] · op(B) [K, N].
+struct GemmShape {
+    name: &'static str,
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+}
+
+impl GemmShape {
+    const fn new(name: &'static str, m: usize, n: usize, k: usize, ta: bool, tb: bool) -> Self {
+        GemmShape {
+            name,
+            m,
+            n,
+            k,
+            trans_a: ta,
+            trans_b: tb,
+        }
+    }
+
+    fn a_dims(&self) -> [usize; 2] {
+        if self.trans_a {
+            [self.k, self.m]
+        } else {
+            [self.m, self.k]
+        }
+    }
+
+    fn b_dims(&self) -> [usize; 2] {
+        if self.trans_b {
+            [self.n, self.k]
+        } else {
+            [self.k, self.n]
+        }
+    }
+
+    fn label(&self) -> String {
+        let op = |t: bool| if t { "ᵀ" } else { "" };
+        format!(
+            "{} {}×{}×{} (A{}B{})",
+            self.name,
+            self.m,
+            self.n,
+            self.k,
+            op(self.trans_a),
+            op(self.trans_b)
+        )
+    }
+}
+
+/// Linear layers as GEMMs: forward y = x·Wᵀ (A·Bᵀ), and the weight gradient
+/// dW = dyᵀ·x (Aᵀ·B), at the token counts of each model.
+fn gemm_shapes(target: &Target) -> Vec<GemmShape> {
+    let mut shapes = vec![
+        GemmShape::new("square", 1024, 1024, 1024, false, false),
+        GemmShape::new("vae fc1", 128, 400, 784, false, true),
+        GemmShape::new("gpt c_attn", 2048, 384, 128, false, true),
+    ];
+    if !quick() {
+        shapes.extend([
+            GemmShape::new("vae fc1 dW", 400, 784, 128, true, false),
+            GemmShape::new("vae out", 128, 784, 400, false, true),
+            GemmShape::new("gpt c_fc", 2048, 512, 128, false, true),
+            GemmShape::new("gpt mlp c_proj", 2048, 128, 512, false, true),
+            GemmShape::new("gpt c_fc dW", 512, 128, 2048, true, false),
+        ]);
+    }
+    if target.is_cuda() || !quick() {
+        shapes.push(GemmShape::new(
+            "gpt-l c_attn",
+            16384,
+            1152,
+            384,
+            false,
+            true,
+        ));
+    }
+    if target.is_cuda() {
+        shapes.extend([
+            GemmShape::new("square", 4096, 4096, 4096, false, false),
+            GemmShape::new("gpt-l c_fc", 16384, 1536, 384, false, true),
+            GemmShape::new("gpt-l mlp c_proj", 16384, 384, 1536, false, true),
+            GemmShape::new("gpt-l c_fc dW", 1536, 384, 16384, true, false),
+        ]);
+    }
+    shapes
+}
+
+fn gemm_benches(bench: &mut Bench, target: &Target, vendor: &Vendor) {
+    for shape in gemm_shapes(target) {
+        let flops = 2 * (shape.m * shape.n * shape.k) as u64;
+        let floats = shape.m * shape.k + shape.k * shape.n + shape.m * shape.n;
+        let prepare = |device: Device, seed: u64| {
+            (
+                random(&shape.a_dims(), seed, device),
+                random(&shape.b_dims(), seed + 1, device),
+            )
+        };
+        let rungs: Vec<(String, GemmKernel)> = if target.is_cuda() {
+            GemmKernel::ALL
+                .iter()
+                .map(|&k| (format!("gemm {}", gemm_rung_name(k)), k))
+                .collect()
+        } else {
+            vec![("gemm".to_string(), GemmKernel::BEST)]
+        };
+        let mut vendor_seconds = None;
+        for (kernel, rung) in rungs {
+            let case = Case::new(kernel, shape.label(), Bound::Compute)
+                .flops(flops)
+                .floats(floats);
+            let run = |(a, b): &(Tensor, Tensor)| {
+                a.gemm_with(b, shape.trans_a, shape.trans_b, rung)
+                    .expect("gemm")
+            };
+            let Some(inputs) = bench_op(bench, target, &case, prepare, run, None) else {
+                continue;
+            };
+            if let Some(cublas) = &vendor.cublas {
+                let out = run(&inputs);
+                match vendor_seconds {
+                    Some(seconds) => bench.set_baseline(target, &case, "cuBLAS", seconds),
+                    None => {
+                        let c = zeros([shape.m, shape.n], target.device);
+                        bench_baseline(bench, target, &case, "cuBLAS", &out, || {
+                            cublas.sgemm(&inputs.0, &inputs.1, &c, shape.trans_a, shape.trans_b)?;
+                            Ok(c.clone())
+                        });
+                        vendor_seconds = last_baseline(bench);
+                    }
+                }
+            }
+        }
+    }
+    // The definition beside the fast path, on a size the triple loop can do.
+    if !target.is_cuda() {
+        let n = 256;
+        let case = Case::new("gemm", format!("square {n}×{n}×{n}"), Bound::Compute)
+            .flops(2 * (n * n * n) as u64)
+            .floats(3 * n * n);
+        let dims = kiln::ops::gemm::cpu::GemmDims {
+            batch: 1,
+            m: n,
+            n,
+            k: n,
+            trans_a: false,
+            trans_b: false,
+        };
+        let reference =
+            |(a, b): &(Vec<f32>, Vec<f32>)| kiln::ops::gemm::cpu::gemm_reference(dims, a, b);
+        let prepare = |device: Device, seed: u64| {
+            (
+                random(&[n, n], seed, device),
+                random(&[n, n], seed + 1, device),
+            )
+        };
+        let as_vecs =
+            |(a, b): &(Tensor, Tensor)| (a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
+        let reference_tensor = |inputs: &(Tensor, Tensor)| {
+            Tensor::from_vec(reference(&as_vecs(inputs)), [n, n]).unwrap()
+        };
+        if let Some(inputs) = bench_op(
+            bench,
+            target,
+            &case,
+            prepare,
+            |(a, b)| a.matmul(b).unwrap(),
+            Some(&reference_tensor),
+        ) {
+            let slices = as_vecs(&inputs);
+            if let Some(seconds) = bench.time_baseline(target, &case, "reference", || {
+                std::hint::black_box(reference(&slices));
+            }) {
+                bench.set_baseline(target, &case, "reference", seconds);
+            }
+        }
+    }
+}
+
+fn gemm_rung_name(kernel: GemmKernel) -> &'static str {
+    match kernel {
+        GemmKernel::V1Naive => "v1_naive",
+        GemmKernel::V2SmemTiled => "v2_smem_tiled",
+        GemmKernel::V3RegisterBlocked => "v3_register_blocked",
+    }
+}
+
+/// The baseline seconds of the record timed last (to reuse one cuBLAS
+/// timing for every rung of the ladder on a shape).
+fn last_baseline(bench: &Bench) -> Option<f64> {
+    bench.last_record()?.baseline.as_ref().map(|(_, s)| *s)
+}
+
+// ----- convolutions ------------------------------------------------------------
+
+/// A conv layer: the input x [N, C, H, W] and weight [O, C, k, k] of the
+/// conv2d, or of the conv whose data-gradient a conv_transpose2d is.
+struct ConvLayer {
+    name: &'static str,
+    x: [usize; 4],
+    w: [usize; 4],
+    stride: usize,
+    padding: usize,
+}
+
+const fn conv_layer(
+    name: &'static str,
+    x: [usize; 4],
+    w: [usize; 4],
+    stride: usize,
+    padding: usize,
+) -> ConvLayer {
+    ConvLayer {
+        name,
+        x,
+        w,
+        stride,
+        padding,
+    }
+}
+
+/// The DCGAN discriminator's convs (batch 64, 32×32 input, ndf 64).
+fn dcgan_convs() -> Vec<ConvLayer> {
+    let all = vec![
+        conv_layer("D1", [64, 1, 32, 32], [64, 1, 4, 4], 2, 1),
+        conv_layer("D2", [64, 64, 16, 16], [128, 64, 4, 4], 2, 1),
+        conv_layer("D3", [64, 128, 8, 8], [256, 128, 4, 4], 2, 1),
+        conv_layer("D4", [64, 256, 4, 4], [1, 256, 4, 4], 1, 0),
+    ];
+    keep_in_quick(all, &["D1", "D2"])
+}
+
+/// The DCGAN generator's transposed convs (batch 64, nz 100, ngf 64): x is
+/// the convT's input [N, Cin, H, W], w its weight [Cin, Cout, k, k].
+fn dcgan_conv_transposes() -> Vec<ConvLayer> {
+    let all = vec![
+        conv_layer("G1", [64, 100, 1, 1], [100, 256, 4, 4], 1, 0),
+        conv_layer("G2", [64, 256, 4, 4], [256, 128, 4, 4], 2, 1),
+        conv_layer("G3", [64, 128, 8, 8], [128, 64, 4, 4], 2, 1),
+        conv_layer("G4", [64, 64, 16, 16], [64, 1, 4, 4], 2, 1),
+    ];
+    keep_in_quick(all, &["G3"])
+}
+
+fn keep_in_quick(layers: Vec<ConvLayer>, keep: &[&str]) -> Vec<ConvLayer> {
+    if quick() {
+        layers
+            .into_iter()
+            .filter(|l| keep.contains(&l.name))
+            .collect()
+    } else {
+        layers
+    }
+}
+
+impl ConvLayer {
+    fn conv_params(&self) -> Conv2dParams {
+        Conv2dParams {
+            stride: [self.stride; 2],
+            padding: [self.padding; 2],
+            dilation: [1, 1],
+        }
+    }
+
+    fn transpose_params(&self) -> ConvTranspose2dParams {
+        ConvTranspose2dParams {
+            stride: [self.stride; 2],
+            padding: [self.padding; 2],
+            output_padding: [0, 0],
+            dilation: [1, 1],
+        }
+    }
+
+    fn label(&self) -> String {
+        format!(
+            "{} x{} w{} s{} p{}",
+            self.name,
+            shape_str(&self.x),
+            shape_str(&self.w),
+            self.stride,
+            self.padding
+        )
+    }
+}
+
+/// cuDNN's plan for one conv shape, when cuDNN convolutions passed their
+/// smoke test on this target.
+fn cudnn_conv(
+    vendor: &Vendor,
+    target: &Target,
+    x: [usize; 4],
+    w: [usize; 4],
+    stride: [usize; 2],
+    padding: [usize; 2],
+    dilation: [usize; 2],
+) -> Option<CudnnConv> {
+    let cuda = target.cuda_device().filter(|_| vendor.cudnn_conv)?;
+    CudnnConv::new(cuda, x, w, stride, padding, dilation)
+        .map_err(|e| eprintln!("cuDNN conv for x{x:?} w{w:?} unavailable: {e}"))
+        .ok()
+}
+
+fn dims4(shape: &Shape) -> [usize; 4] {
+    shape.dims().try_into().expect("a rank-4 shape")
+}
+
+fn conv_benches(bench: &mut Bench, target: &Target, vendor: &Vendor) {
+    for layer in dcgan_convs() {
+        conv2d_layer(bench, target, vendor, &layer);
+    }
+    for layer in dcgan_conv_transposes() {
+        conv_transpose2d_layer(bench, target, vendor, &layer);
+    }
+}
+
+/// conv2d forward (each ladder rung on CUDA), backward-data, backward-weight
+/// and the whole forward+backward, on one layer.
+fn conv2d_layer(bench: &mut Bench, target: &Target, vendor: &Vendor, layer: &ConvLayer) {
+    let params = layer.conv_params();
+    let g = ConvGeometry::for_conv2d(&layer.x.into(), &layer.w.into(), params).unwrap();
+    let y = dims4(&g.output_shape());
+    let flops = 2 * (g.batch * g.out_channels * g.col_rows() * g.out_positions()) as u64;
+    let (nx, nw, ny) = (numel(&layer.x), numel(&layer.w), numel(&y));
+    let cudnn = cudnn_conv(
+        vendor,
+        target,
+        layer.x,
+        layer.w,
+        params.stride,
+        params.padding,
+        params.dilation,
+    );
+    let cpu_reference = |x: &Tensor, w: &Tensor| {
+        let expected = kiln::ops::conv::cpu::conv2d_reference(
+            &g,
+            &x.to_vec::<f32>().unwrap(),
+            &w.to_vec::<f32>().unwrap(),
+            None,
+        );
+        Tensor::from_vec(expected, y).unwrap()
+    };
+
+    // Forward.
+    let prepare = |device: Device, seed: u64| {
+        (
+            random(&layer.x, seed, device),
+            random(&layer.w, seed + 1, device).mul_scalar(0.05).unwrap(),
+        )
+    };
+    let kernels: &[(&str, Conv2dForwardKernel)] = if target.is_cuda() {
+        &[
+            ("conv2d forward direct", Conv2dForwardKernel::Direct),
+            (
+                "conv2d forward implicit_gemm",
+                Conv2dForwardKernel::ImplicitGemm,
+            ),
+        ]
+    } else {
+        &[("conv2d forward", Conv2dForwardKernel::ENGINE)]
+    };
+    for &(kernel, choice) in kernels {
+        let case = Case::new(kernel, layer.label(), Bound::Compute)
+            .flops(flops)
+            .floats(nx + nw + ny);
+        let run = |(x, w): &(Tensor, Tensor)| {
+            conv2d_forward_with_kernel(x, w, None, params, choice).unwrap()
+        };
+        let reference = |(x, w): &(Tensor, Tensor)| cpu_reference(x, w);
+        let Some((x, w)) = bench_op(bench, target, &case, prepare, run, Some(&reference)) else {
+            continue;
+        };
+        if let Some(cudnn) = &cudnn {
+            let out = run(&(x.clone(), w.clone()));
+            let yt = zeros(y, target.device);
+            bench_baseline(bench, target, &case, "cuDNN", &out, || {
+                cudnn.forward(&x, &w, &yt)?;
+                Ok(yt.clone())
+            });
+        } else if layer.name == "D1" && !target.is_cuda() {
+            // The definition (direct loops) beside im2col + GEMM.
+            if let Some(seconds) = bench.time_baseline(target, &case, "reference", || {
+                std::hint::black_box(cpu_reference(&x, &w));
+            }) {
+                bench.set_baseline(target, &case, "reference", seconds);
+            }
+        }
+    }
+
+    // Backward-data: dL/dx = col2im(Wᵀ · dy).
+    let case = Case::new("conv2d backward-data", layer.label(), Bound::Compute)
+        .flops(flops)
+        .floats(ny + nw + nx);
+    let prepare_dx = |device: Device, seed: u64| {
+        let x = leaf(&layer.x, seed, device);
+        let w = random(&layer.w, seed + 1, device).mul_scalar(0.05).unwrap();
+        let y = x.conv2d(&w, None, params).unwrap();
+        let dy = random(&dims4(y.shape()), seed + 2, device);
+        (x, w, y, dy)
+    };
+    let run_dx = |(x, _, y, dy): &(Tensor, Tensor, Tensor, Tensor)| grad_of(y, dy, x);
+    if let Some((x, w, yg, dy)) = bench_op(bench, target, &case, prepare_dx, run_dx, None)
+        && let Some(cudnn) = &cudnn
+    {
+        let out = run_dx(&(x.clone(), w.clone(), yg, dy.clone()));
+        let dx = zeros(layer.x, target.device);
+        bench_baseline(bench, target, &case, "cuDNN", &out, || {
+            cudnn.backward_data(&w, &dy, &dx)?;
+            Ok(dx.clone())
+        });
+    }
+
+    // Backward-weight: dL/dW = Σ_n dy_n · im2col(x_n)ᵀ.
+    let case = Case::new("conv2d backward-weight", layer.label(), Bound::Compute)
+        .flops(flops)
+        .floats(nx + ny + nw);
+    let prepare_dw = |device: Device, seed: u64| {
+        let x = random(&layer.x, seed, device);
+        let w = leaf(&layer.w, seed + 1, device);
+        let y = x.conv2d(&w, None, params).unwrap();
+        let dy = random(&dims4(y.shape()), seed + 2, device);
+        (x, w, y, dy)
+    };
+    let run_dw = |(_, w, y, dy): &(Tensor, Tensor, Tensor, Tensor)| grad_of(y, dy, w);
+    if let Some((x, w, yg, dy)) = bench_op(bench, target, &case, prepare_dw, run_dw, None)
+        && let Some(cudnn) = &cudnn
+    {
+        let out = run_dw(&(x.clone(), w, yg, dy.clone()));
+        let dw = zeros(layer.w, target.device);
+        bench_baseline(bench, target, &case, "cuDNN", &out, || {
+            cudnn.backward_filter(&x, &dy, &dw)?;
+            Ok(dw.clone())
+        });
+    }
+
+    // The whole layer as training runs it: forward with bias, then dx, dW, db.
+    if layer.name == "D2" {
+        let case = Case::new("conv2d forward+backward", layer.label(), Bound::Compute)
+            .flops(3 * flops)
+            .floats(2 * (nx + nw + ny) + nx + nw);
+        let prepare = |device: Device, seed: u64| {
+            (
+                leaf(&layer.x, seed, device),
+                random(&layer.w, seed + 1, device)
+                    .mul_scalar(0.05)
+                    .unwrap()
+                    .requires_grad_(),
+                leaf(&[layer.w[0]], seed + 2, device),
+                random(&y, seed + 3, device),
+            )
+        };
+        let run = |(x, w, b, dy): &(Tensor, Tensor, Tensor, Tensor)| {
+            let out = x.conv2d(w, Some(b), params).unwrap();
+            grad_of(&out, dy, w)
+        };
+        bench_op(bench, target, &case, prepare, run, None);
+    }
+}
+
+/// conv_transpose2d forward, backward-data, backward-weight and the whole
+/// forward+backward. cuDNN has no transposed conv of its own: its forward is
+/// the mirror conv's backward-data, and so on (as in every framework).
+fn conv_transpose2d_layer(bench: &mut Bench, target: &Target, vendor: &Vendor, layer: &ConvLayer) {
+    let params = layer.transpose_params();
+    let g = ConvGeometry::for_conv_transpose2d(&layer.x.into(), &layer.w.into(), params).unwrap();
+    // g describes the mirror conv2d: its input is this op's output.
+    let y = dims4(&g.input_shape());
+    let flops = 2 * (g.batch * g.out_channels * g.col_rows() * g.out_positions()) as u64;
+    let (nx, nw, ny) = (numel(&layer.x), numel(&layer.w), numel(&y));
+    let cudnn = cudnn_conv(
+        vendor,
+        target,
+        y,
+        layer.w,
+        [layer.stride; 2],
+        [layer.padding; 2],
+        [1, 1],
+    );
+
+    let prepare = |device: Device, seed: u64| {
+        (
+            random(&layer.x, seed, device),
+            random(&layer.w, seed + 1, device).mul_scalar(0.05).unwrap(),
+        )
+    };
+    let case = Case::new("conv_transpose2d forward", layer.label(), Bound::Compute)
+        .flops(flops)
+        .floats(nx + nw + ny);
+    let run = |(x, w): &(Tensor, Tensor)| x.conv_transpose2d(w, None, params).unwrap();
+    let reference = |(x, w): &(Tensor, Tensor)| {
+        let expected = kiln::ops::conv::cpu::conv_transpose2d_reference(
+            &g,
+            &x.to_vec::<f32>().unwrap(),
+            &w.to_vec::<f32>().unwrap(),
+            None,
+        );
+        Tensor::from_vec(expected, y).unwrap()
+    };
+    if let Some((x, w)) = bench_op(bench, target, &case, prepare, run, Some(&reference))
+        && let Some(cudnn) = &cudnn
+    {
+        let out = run(&(x.clone(), w.clone()));
+        let yt = zeros(y, target.device);
+        bench_baseline(bench, target, &case, "cuDNN", &out, || {
+            cudnn.backward_data(&w, &x, &yt)?;
+            Ok(yt.clone())
+        });
+    }
+
+    // Backward-data: dL/dx = conv2d(dy, W), the mirror conv's forward.
+    let case = Case::new(
+        "conv_transpose2d backward-data",
+        layer.label(),
+        Bound::Compute,
+    )
+    .flops(flops)
+    .floats(ny + nw + nx);
+    let prepare_dx = |device: Device, seed: u64| {
+        let x = leaf(&layer.x, seed, device);
+        let w = random(&layer.w, seed + 1, device).mul_scalar(0.05).unwrap();
+        let out = x.conv_transpose2d(&w, None, params).unwrap();
+        let dy = random(&y, seed + 2, device);
+        (x, w, out, dy)
+    };
+    let run_dx = |(x, _, out, dy): &(Tensor, Tensor, Tensor, Tensor)| grad_of(out, dy, x);
+    if let Some((x, w, out, dy)) = bench_op(bench, target, &case, prepare_dx, run_dx, None)
+        && let Some(cudnn) = &cudnn
+    {
+        let expected = run_dx(&(x, w.clone(), out, dy.clone()));
+        let dx = zeros(layer.x, target.device);
+        bench_baseline(bench, target, &case, "cuDNN", &expected, || {
+            cudnn.forward(&dy, &w, &dx)?;
+            Ok(dx.clone())
+        });
+    }
+
+    // Backward-weight: dL/dW = Σ_n x_n · im2col(dy_n)ᵀ, the mirror conv's
+    // weight gradient with dy as its input and x as its output gradient.
+    let case = Case::new(
+        "conv_transpose2d backward-weight",
+        layer.label(),
+        Bound::Compute,
+    )
+    .flops(flops)
+    .floats(nx + ny + nw);
+    let prepare_dw = |device: Device, seed: u64| {
+        let x = random(&layer.x, seed, device);
+        let w = leaf(&layer.w, seed + 1, device);
+        let out = x.conv_transpose2d(&w, None, params).unwrap();
+        let dy = random(&y, seed + 2, device);
+        (x, w, out, dy)
+    };
+    let run_dw = |(_, w, out, dy): &(Tensor, Tensor, Tensor, Tensor)| grad_of(out, dy, w);
+    if let Some((x, w, out, dy)) = bench_op(bench, target, &case, prepare_dw, run_dw, None)
+        && let Some(cudnn) = &cudnn
+    {
+        let expected = run_dw(&(x.clone(), w, out, dy.clone()));
+        let dw = zeros(layer.w, target.device);
+        bench_baseline(bench, target, &case, "cuDNN", &expected, || {
+            cudnn.backward_filter(&dy, &x, &dw)?;
+            Ok(dw.clone())
+        });
+    }
+
+    if layer.name == "G3" {
+        let case = Case::new(
+            "conv_transpose2d forward+backward",
+            layer.label(),
+            Bound::Compute,
+        )
+        .flops(3 * flops)
+        .floats(2 * (nx + nw + ny) + nx + nw);
+        let prepare = |device: Device, seed: u64| {
+            (
+                leaf(&layer.x, seed, device),
+                random(&layer.w, seed + 1, device)
+                    .mul_scalar(0.05)
+                    .unwrap()
+                    .requires_grad_(),
+                leaf(&[layer.w[1]], seed + 2, device),
+                random(&y, seed + 3, device),
+            )
+        };
+        let run = |(x, w, b, dy): &(Tensor, Tensor, Tensor, Tensor)| {
+            let out = x.conv_transpose2d(w, Some(b), params).unwrap();
+            grad_of(&out, dy, w)
+        };
+        bench_op(bench, target, &case, prepare, run, None);
+    }
+}
+
+fn numel(dims: &[usize]) -> usize {
+    dims.iter().product()
+}
+
+// ----- batch norm, activations -------------------------------------------------
+
+/// The DCGAN activations that pass through BatchNorm2d and LeakyReLU.
+fn dcgan_activations() -> Vec<(&'static str, [usize; 4])> {
+    let all = vec![
+        ("D2 out", [64, 128, 8, 8]),
+        ("D3 out", [64, 256, 4, 4]),
+        ("G3 out", [64, 64, 16, 16]),
+    ];
+    if quick() { all[..1].to_vec() } else { all }
+}
+
+/// Train-mode BatchNorm2d, forward (batch statistics, running statistics
+/// updated) and backward (dx, dγ, dβ).
+/// Arithmetic per element: forward 8 (mean and variance sums 3, normalise
+/// and scale 5), backward 10.
+fn batch_norm_benches(bench: &mut Bench, target: &Target, vendor: &Vendor) {
+    for (name, dims) in dcgan_activations() {
+        let n = numel(&dims);
+        let c = dims[1];
+        let label = format!("{name} {}", shape_str(&dims));
+        let cudnn = vendor
+            .cudnn_batch_norm
+            .then(|| target.cuda_device())
+            .flatten()
+            .and_then(|cuda| CudnnBatchNorm::new(cuda, dims).ok());
+
+        let case = Case::new("batch_norm2d forward (train)", label.clone(), Bound::Memory)
+            .flops(8 * n as u64)
+            .floats(2 * n + 4 * c);
+        let prepare = |device: Device, seed: u64| {
+            (
+                random(&dims, seed, device),
+                random(&[c], seed + 1, device),
+                random(&[c], seed + 2, device),
+            )
+        };
+        let run = |(x, gamma, beta): &(Tensor, Tensor, Tensor)| {
+            x.batch_norm2d(None, None, Some(gamma), Some(beta), true, 0.1, 1e-5)
+                .unwrap()
+        };
+        if let Some((x, gamma, beta)) = bench_op(bench, target, &case, prepare, run, None)
+            && let Some(cudnn) = &cudnn
+        {
+            let out = run(&(x.clone(), gamma.clone(), beta.clone()));
+            let yt = zeros(dims, target.device);
+            bench_baseline(bench, target, &case, "cuDNN", &out, || {
+                cudnn.forward_training(&x, &gamma, &beta, &yt)?;
+                Ok(yt.clone())
+            });
+        }
+
+        let case = Case::new("batch_norm2d backward", label, Bound::Memory)
+            .flops(10 * n as u64)
+            .floats(3 * n + 4 * c);
+        let prepare = |device: Device, seed: u64| {
+            let x = leaf(&dims, seed, device);
+            let gamma = leaf(&[c], seed + 1, device);
+            let beta = leaf(&[c], seed + 2, device);
+            let y = x
+                .batch_norm2d(None, None, Some(&gamma), Some(&beta), true, 0.1, 1e-5)
+                .unwrap();
+            let dy = random(&dims, seed + 3, device);
+            (x, gamma, beta, y, dy)
+        };
+        let run = |(x, _, _, y, dy): &(Tensor, Tensor, Tensor, Tensor, Tensor)| grad_of(y, dy, x);
+        if let Some((x, gamma, beta, y, dy)) = bench_op(bench, target, &case, prepare, run, None)
+            && let Some(cudnn) = &cudnn
+        {
+            let out = grad_of(&y, &dy, &x);
+            let (dx, dgamma, dbeta) = (
+                zeros(dims, target.device),
+                zeros([c], target.device),
+                zeros([c], target.device),
+            );
+            let (xd, gd) = (x.detach(), gamma.detach());
+            let yt = zeros(dims, target.device);
+            // Backward needs the saved statistics of a forward on the same x.
+            let ready = cudnn.forward_training(&xd, &gd, &beta.detach(), &yt);
+            if ready.is_ok() {
+                bench_baseline(bench, target, &case, "cuDNN", &out, || {
+                    cudnn.backward(&xd, &dy, &gd, &dx, &dgamma, &dbeta)?;
+                    Ok(dx.clone())
+                });
+            }
+        }
+    }
+}
+
+/// LeakyReLU(0.2) forward (1 op per element: y = x > 0 ? x : 0.2·x) and
+/// backward (1: dx = dy · (x > 0 ? 1 : 0.2)).
+fn activation_benches(bench: &mut Bench, target: &Target) {
+    for (name, dims) in dcgan_activations() {
+        let n = numel(&dims);
+        let label = format!("{name} {}", shape_str(&dims));
+        let case = Case::new("leaky_relu forward", label.clone(), Bound::Memory)
+            .flops(n as u64)
+            .floats(2 * n);
+        bench_op(
+            bench,
+            target,
+            &case,
+            |device, seed| random(&dims, seed, device),
+            |x| x.leaky_relu(0.2).unwrap(),
+            None,
+        );
+        let case = Case::new("leaky_relu backward", label, Bound::Memory)
+            .flops(n as u64)
+            .floats(3 * n);
+        bench_op(
+            bench,
+            target,
+            &case,
+            |device, seed| {
+                let x = leaf(&dims, seed, device);
+                let y = x.leaky_relu(0.2).unwrap();
+                (x, y, random(&dims, seed + 1, device))
+            },
+            |(x, y, dy)| grad_of(y, dy, x),
+            None,
         );
     }
 }
 
-/// The first image of a batch (or row of a matrix), keeping the leading dim.
-fn first_image(t: &Tensor) -> Tensor {
-    t.narrow(0, 0, 1).unwrap()
+// ----- GPT: softmax, layer norm, attention, embedding ---------------------------
+
+/// A GPT configuration's activation sizes: batch B, context T, width E, heads H.
+struct GptShape {
+    name: &'static str,
+    batch: usize,
+    block: usize,
+    embd: usize,
+    heads: usize,
 }
 
-fn conv_benches(c: &mut Criterion) {
-    let mut group = c.benchmark_group("conv_cpu");
+const VOCAB: usize = 84;
 
-    // conv2d: x [64, 64, 16, 16], weight [128, 64, 4, 4], stride 2, padding 1 → y [64, 128, 8, 8].
-    let (n, cin, cout, size, k) = (64, 64, 128, 16, 4);
-    let params = Conv2dParams {
-        stride: [2, 2],
-        padding: [1, 1],
-        dilation: [1, 1],
-    };
-    let out_size = (size + 2 - k) / 2 + 1;
-    let positions = out_size * out_size;
-    let col_rows = cin * k * k;
-    let x = random(&[n, cin, size, size], 1);
-    let weight = random(&[cout, cin, k, k], 2).mul_scalar(0.05).unwrap();
-    let bias = random(&[cout], 3);
-    let grad_out = random(&[n, cout, out_size, out_size], 4);
-    // y_n = W [O, C·k²] · cols_n [C·k², P], once per image.
-    let forward = n as u64 * gemm_flops(cout, positions, col_rows);
-    // dcols_n = Wᵀ [C·k², O] · dy_n [O, P] per image; dW = dy [O, N·P] · colsᵀ [N·P, C·k²].
-    let backward_data = n as u64 * gemm_flops(col_rows, positions, cout);
-    let backward_weight = gemm_flops(cout, col_rows, n * positions);
-    bench_case(&mut group, "conv2d_forward", forward, || {
-        x.conv2d(&weight, Some(&bias), params).unwrap()
-    });
-    let (xg, wg, bg) = (
-        x.detach().requires_grad_(),
-        weight.detach().requires_grad_(),
-        bias.detach().requires_grad_(),
-    );
-    bench_case(
-        &mut group,
-        "conv2d_forward_backward",
-        forward + backward_data + backward_weight,
-        || {
-            let y = xg.conv2d(&wg, Some(&bg), params).unwrap();
-            y.backward_with(&grad_out).unwrap()
-        },
-    );
-    // Validate after timing, on the first image (the reference is slow).
-    let (x1, y1) = (
-        first_image(&x),
-        first_image(&x.conv2d(&weight, Some(&bias), params).unwrap()),
-    );
-    let g1 = ConvGeometry::for_conv2d(x1.shape(), weight.shape(), params).unwrap();
-    let expected = conv2d_reference(
-        &g1,
-        &x1.to_vec::<f32>().unwrap(),
-        &weight.to_vec::<f32>().unwrap(),
-        Some(&bias.to_vec::<f32>().unwrap()),
-    );
-    assert_close(
-        "conv2d_forward",
-        &y1.to_vec::<f32>().unwrap(),
-        &expected,
-        1e-4,
-    );
-
-    // conv_transpose2d, the mirror: x [64, 128, 8, 8], weight [128, 64, 4, 4] → y [64, 64, 16, 16].
-    let tparams = ConvTranspose2dParams {
-        stride: [2, 2],
-        padding: [1, 1],
-        output_padding: [0, 0],
-        dilation: [1, 1],
-    };
-    let (tin, tout, tsize) = (128, 64, 8);
-    let tpositions = tsize * tsize;
-    let tcol_rows = tout * k * k;
-    let tx = random(&[n, tin, tsize, tsize], 5);
-    let tweight = random(&[tin, tout, k, k], 6).mul_scalar(0.05).unwrap();
-    let tbias = random(&[tout], 7);
-    let tgrad_out = random(&[n, tout, 2 * tsize, 2 * tsize], 8);
-    // cols_n = Wᵀ [Cout·k², Cin] · x_n [Cin, H·W] per image, then col2im.
-    let tforward = n as u64 * gemm_flops(tcol_rows, tpositions, tin);
-    // dx_n = W [Cin, Cout·k²] · im2col(dy_n) [Cout·k², H·W]; dW = x [Cin, N·H·W] · im2col(dy)ᵀ.
-    let tbackward_data = n as u64 * gemm_flops(tin, tpositions, tcol_rows);
-    let tbackward_weight = gemm_flops(tin, tcol_rows, n * tpositions);
-    bench_case(&mut group, "conv_transpose2d_forward", tforward, || {
-        tx.conv_transpose2d(&tweight, Some(&tbias), tparams)
-            .unwrap()
-    });
-    let (txg, twg, tbg) = (
-        tx.detach().requires_grad_(),
-        tweight.detach().requires_grad_(),
-        tbias.detach().requires_grad_(),
-    );
-    bench_case(
-        &mut group,
-        "conv_transpose2d_forward_backward",
-        tforward + tbackward_data + tbackward_weight,
-        || {
-            let y = txg.conv_transpose2d(&twg, Some(&tbg), tparams).unwrap();
-            y.backward_with(&tgrad_out).unwrap()
-        },
-    );
-    let tx1 = first_image(&tx);
-    let ty1 = first_image(
-        &tx.conv_transpose2d(&tweight, Some(&tbias), tparams)
-            .unwrap(),
-    );
-    let tg1 = ConvGeometry::for_conv_transpose2d(tx1.shape(), tweight.shape(), tparams).unwrap();
-    let texpected = kiln::ops::conv::cpu::conv_transpose2d_reference(
-        &tg1,
-        &tx1.to_vec::<f32>().unwrap(),
-        &tweight.to_vec::<f32>().unwrap(),
-        Some(&tbias.to_vec::<f32>().unwrap()),
-    );
-    assert_close(
-        "conv_transpose2d_forward",
-        &ty1.to_vec::<f32>().unwrap(),
-        &texpected,
-        1e-4,
-    );
-
-    // The gap between the definition and the fast path, on a small conv:
-    // x [4, 16, 16, 16], weight [32, 16, 3, 3], padding 1 → y [4, 32, 16, 16].
-    let small_x = random(&[4, 16, 16, 16], 9).to_vec::<f32>().unwrap();
-    let small_w = random(&[32, 16, 3, 3], 10).to_vec::<f32>().unwrap();
-    let small_params = Conv2dParams {
-        padding: [1, 1],
-        ..Conv2dParams::default()
-    };
-    let g = ConvGeometry::for_conv2d(
-        &[4, 16, 16, 16].into(),
-        &[32, 16, 3, 3].into(),
-        small_params,
-    )
-    .unwrap();
-    let small_flops = g.batch as u64 * gemm_flops(g.out_channels, g.out_positions(), g.col_rows());
-    bench_case(
-        &mut group,
-        "conv2d_small_reference_loops",
-        small_flops,
-        || conv2d_reference(&g, &small_x, &small_w, None),
-    );
-    bench_case(&mut group, "conv2d_small_im2col_gemm", small_flops, || {
-        conv2d_forward(&g, &small_x, &small_w, None)
-    });
-    assert_close(
-        "conv2d_small",
-        &conv2d_forward(&g, &small_x, &small_w, None),
-        &conv2d_reference(&g, &small_x, &small_w, None),
-        1e-5,
-    );
-    group.finish();
+fn gpt_shapes(target: &Target) -> Vec<GptShape> {
+    let mut shapes = vec![GptShape {
+        name: "gpt",
+        batch: 32,
+        block: 64,
+        embd: 128,
+        heads: 4,
+    }];
+    if target.is_cuda() || !quick() {
+        shapes.push(GptShape {
+            name: "gpt-l",
+            batch: 64,
+            block: 256,
+            embd: 384,
+            heads: 6,
+        });
+    }
+    shapes
 }
 
-fn matmul_benches(c: &mut Criterion) {
-    let mut group = c.benchmark_group("matmul_cpu");
-    let size = 1024;
-    let a = random(&[size, size], 11);
-    let b = random(&[size, size], 12);
-    bench_case(
-        &mut group,
-        "matmul_1024",
-        gemm_flops(size, size, size),
-        || a.matmul(&b).unwrap(),
-    );
-    // Validate the first row after timing.
-    let product = a.matmul(&b).unwrap();
-    let row = first_image(&product).to_vec::<f32>().unwrap();
-    let (av, bv) = (a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
-    let expected: Vec<f32> = (0..size)
-        .map(|j| (0..size).map(|p| av[p] * bv[p * size + j]).sum())
-        .collect();
-    assert_close("matmul_1024 row 0", &row, &expected, 1e-4);
-    group.finish();
+impl GptShape {
+    fn tokens(&self) -> usize {
+        self.batch * self.block
+    }
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
+/// Softmax over the vocabulary logits (forward 4 per element: max, exp,
+/// sum, divide; backward 4: dx = y·(dy − Σ y·dy)) and LayerNorm over the
+/// residual stream (forward 8 per element, backward 10, as batch norm).
+fn softmax_and_layer_norm_benches(bench: &mut Bench, target: &Target) {
+    for gpt in gpt_shapes(target) {
+        let rows = gpt.tokens();
+        let logits = [rows, VOCAB];
+        let n = rows * VOCAB;
+        let label = format!("{} logits {}", gpt.name, shape_str(&logits));
+        let case = Case::new("softmax forward", label.clone(), Bound::Memory)
+            .flops(4 * n as u64)
+            .floats(2 * n);
+        bench_op(
+            bench,
+            target,
+            &case,
+            |device, seed| random(&logits, seed, device),
+            |x| x.softmax().unwrap(),
+            None,
+        );
+        let case = Case::new("softmax backward", label, Bound::Memory)
+            .flops(4 * n as u64)
+            .floats(3 * n);
+        bench_op(
+            bench,
+            target,
+            &case,
+            |device, seed| {
+                let x = leaf(&logits, seed, device);
+                let y = x.softmax().unwrap();
+                (x, y, random(&logits, seed + 1, device))
+            },
+            |(x, y, dy)| grad_of(y, dy, x),
+            None,
+        );
+
+        let stream = [rows, gpt.embd];
+        let n = rows * gpt.embd;
+        let e = gpt.embd;
+        let label = format!("{} {}", gpt.name, shape_str(&stream));
+        let case = Case::new("layer_norm forward", label.clone(), Bound::Memory)
+            .flops(8 * n as u64)
+            .floats(2 * n + 2 * e);
+        bench_op(
+            bench,
+            target,
+            &case,
+            |device, seed| {
+                (
+                    random(&stream, seed, device),
+                    random(&[e], seed + 1, device),
+                    random(&[e], seed + 2, device),
+                )
+            },
+            |(x, w, b)| x.layer_norm(Some(w), Some(b), 1e-5).unwrap(),
+            None,
+        );
+        let case = Case::new("layer_norm backward", label, Bound::Memory)
+            .flops(10 * n as u64)
+            .floats(3 * n + 3 * e);
+        bench_op(
+            bench,
+            target,
+            &case,
+            |device, seed| {
+                let x = leaf(&stream, seed, device);
+                let w = leaf(&[e], seed + 1, device);
+                let b = leaf(&[e], seed + 2, device);
+                let y = x.layer_norm(Some(&w), Some(&b), 1e-5).unwrap();
+                (x, y, random(&stream, seed + 3, device))
+            },
+            |(x, y, dy)| grad_of(y, dy, x),
+            None,
+        );
+    }
 }
 
-criterion_group! {
-    name = benches;
-    config = config();
-    targets = conv_benches, matmul_benches
+/// Causal self-attention on q, k, v [B, H, T, D].
+fn attention_benches(bench: &mut Bench, target: &Target) {
+    for gpt in gpt_shapes(target) {
+        let d = gpt.embd / gpt.heads;
+        let qkv = [gpt.batch, gpt.heads, gpt.block, d];
+        let n = numel(&qkv);
+        let pairs = gpt.batch * gpt.heads * gpt.block * (gpt.block + 1) / 2;
+        let forward_flops = 2 * 2 * (pairs * d) as u64;
+        let label = format!("{} q,k,v{}", gpt.name, shape_str(&qkv));
+        let scale = 1.0 / (d as f64).sqrt();
+        let case = Case::new("causal_attention forward", label.clone(), Bound::Compute)
+            .flops(forward_flops)
+            .floats(4 * n);
+        let prepare = |device: Device, seed: u64| {
+            (
+                random(&qkv, seed, device).mul_scalar(scale).unwrap(),
+                random(&qkv, seed + 1, device),
+                random(&qkv, seed + 2, device),
+            )
+        };
+        bench_op(
+            bench,
+            target,
+            &case,
+            prepare,
+            |(q, k, v)| Tensor::causal_attention(q, k, v).unwrap(),
+            None,
+        );
+        let case = Case::new("causal_attention backward", label, Bound::Compute)
+            .flops(2 * forward_flops)
+            .floats(8 * n);
+        bench_op(
+            bench,
+            target,
+            &case,
+            |device, seed| {
+                let (q, k, v) = prepare(device, seed);
+                let (q, k, v) = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_());
+                let y = Tensor::causal_attention(&q, &k, &v).unwrap();
+                (q, y, random(&qkv, seed + 3, device))
+            },
+            |(q, y, dy)| grad_of(y, dy, q),
+            None,
+        );
+    }
 }
-criterion_main!(benches);
+
+/// Token embedding lookup (forward: one row gathered per id) and its
+/// gradient (rows scattered and summed into dW).
+fn embedding_benches(bench: &mut Bench, target: &Target) {
+    for gpt in gpt_shapes(target) {
+        let (tokens, e) = (gpt.tokens(), gpt.embd);
+        let label = format!(
+            "{} ids[{},{}] wte[{VOCAB},{e}]",
+            gpt.name, gpt.batch, gpt.block
+        );
+        let ids = |device: Device, seed: u64| {
+            let values: Vec<u32> = (0..tokens as u64)
+                .map(|i| ((i * 2_654_435_761 + seed * 97) % VOCAB as u64) as u32)
+                .collect();
+            Tensor::from_indices(values, [gpt.batch, gpt.block])
+                .unwrap()
+                .to_device(device)
+                .unwrap()
+        };
+        let case = Case::new("embedding forward", label.clone(), Bound::Memory)
+            .bytes(4 * tokens as u64 + 4 * (2 * tokens * e) as u64);
+        bench_op(
+            bench,
+            target,
+            &case,
+            |device, seed| (ids(device, seed), random(&[VOCAB, e], seed, device)),
+            |(ids, w)| Tensor::embedding(ids, w).unwrap(),
+            None,
+        );
+        let case = Case::new("embedding backward", label, Bound::Memory)
+            .flops((tokens * e) as u64)
+            .bytes(4 * tokens as u64 + 4 * (tokens * e + VOCAB * e) as u64);
+        bench_op(
+            bench,
+            target,
+            &case,
+            |device, seed| {
+                let w = leaf(&[VOCAB, e], seed, device);
+                let y = Tensor::embedding(&ids(device, seed), &w).unwrap();
+                (w, y, random(&[gpt.batch, gpt.block, e], seed + 1, device))
+            },
+            |(w, y, dy)| grad_of(y, dy, w),
+            None,
+        );
+    }
+}
+
+// ----- optimizer ---------------------------------------------------------------
+
+/// One fused AdamW step over all of a GPT's parameters (one kernel per
+/// parameter tensor). Per parameter it reads p, g, m, v and writes p, m, v,
+/// and does 12 ops (two moment updates, bias corrections, √, divide, decay).
+fn adam_benches(bench: &mut Bench, target: &Target) {
+    for gpt in gpt_shapes(target) {
+        let cfg = kiln::models::gpt::GptConfig {
+            vocab_size: VOCAB,
+            n_layer: if gpt.name == "gpt" { 4 } else { 6 },
+            n_head: gpt.heads,
+            n_embd: gpt.embd,
+            block_size: gpt.block,
+            dropout: 0.0,
+        };
+        let prepare = |device: Device, seed: u64| {
+            let mut rng = kiln::Rng::seed(seed);
+            let mut init = Init::new(&mut rng, device, DType::F32);
+            let model = kiln::models::gpt::Gpt::new(&cfg, seed, &mut init).unwrap();
+            let params = model.named_parameters();
+            // A gradient for every parameter: d/dp Σ p·r = r.
+            let mut loss: Option<Tensor> = None;
+            for (i, (_, p)) in params.iter().enumerate() {
+                let r = random(p.dims(), seed + i as u64, device);
+                let term = p.mul(&r).unwrap().sum_all().unwrap();
+                loss = Some(match loss {
+                    Some(l) => l.add(&term).unwrap(),
+                    None => term,
+                });
+            }
+            let grads = loss.unwrap().backward().unwrap();
+            let optimizer = AdamW::new(params.clone(), AdamConfig::adam()).unwrap();
+            (params, grads, std::cell::RefCell::new(optimizer))
+        };
+        let count: usize = prepare(Device::Cpu, 0)
+            .0
+            .iter()
+            .map(|(_, p)| p.numel())
+            .sum();
+        let case = Case::new(
+            "adamw step",
+            format!("{} {count} params", gpt.name),
+            Bound::Memory,
+        )
+        .flops(12 * count as u64)
+        .floats(7 * count);
+        let run = |(params, grads, optimizer): &(
+            Vec<(String, Tensor)>,
+            kiln::GradStore,
+            std::cell::RefCell<AdamW>,
+        )| {
+            optimizer.borrow_mut().step(grads).unwrap();
+            params[0].1.clone()
+        };
+        // The timed sets have taken many steps: the check runs one step
+        // from the same fresh start on both devices.
+        if time_op(bench, target, &case, prepare, run).is_none() {
+            continue;
+        }
+        if target.is_cuda() {
+            let (fresh, cpu) = (prepare(target.device, 7), prepare(Device::Cpu, 7));
+            let outcome = compare(&run(&fresh), &run(&cpu), RTOL);
+            bench.check(target, &case, outcome);
+        }
+    }
+}

@@ -3,18 +3,21 @@
 //! [`Tensor::backward`] walks those nodes from the loss in reverse topological
 //! order — iteratively, so a 48-layer GPT cannot overflow the stack — sums
 //! the gradients of tensors used more than once, and returns them in a
-//! [`GradStore`].
+//! [`GradStore`]. With [`crate::profile`] on, each rule's call is timed as
+//! "{op} backward".
 
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 
 use crate::error::{Error, Result};
+use crate::profile;
 use crate::tensor::{Tensor, TensorId};
 
 /// One op's derivative rule. Each op family defines its own structs, with
 /// the math in a one-line comment beside `backward`.
 pub trait Backward: Send + Sync {
-    /// The op's name, shown in `Debug` output as `grad_fn`.
+    /// The op's name, shown in `Debug` output as `grad_fn` and in profiles
+    /// as "{name} backward".
     fn name(&self) -> &'static str;
 
     /// Given the op's `inputs` (as recorded) and dL/d(output), returns
@@ -140,7 +143,10 @@ impl Tensor {
                 store.insert(tensor, grad_out);
                 continue;
             };
-            let input_grads = node.backward.backward(&node.inputs, &grad_out)?;
+            let input_grads = {
+                let _profile = profile::backward(node.backward.name(), grad_out.device());
+                node.backward.backward(&node.inputs, &grad_out)?
+            };
             debug_assert_eq!(
                 input_grads.len(),
                 node.inputs.len(),
@@ -162,7 +168,10 @@ impl Tensor {
                 }
                 // A tensor used more than once gets the sum of its gradients.
                 let total = match pending.remove(&input.id()) {
-                    Some(previous) => previous.add(&grad)?,
+                    Some(previous) => {
+                        let _profile = profile::op("gradient accumulation", grad.device());
+                        previous.add(&grad)?
+                    }
                     None => grad,
                 };
                 pending.insert(input.id(), total);

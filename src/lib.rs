@@ -66,6 +66,7 @@ pub mod models;
 pub mod nn;
 pub mod ops;
 pub mod optim;
+pub mod profile;
 pub mod storage;
 pub mod tensor;
 

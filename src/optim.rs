@@ -8,7 +8,8 @@
 //! mirrors it in `kernels/optim.cu`. State (momentum buffers, Adam moments)
 //! is created on a parameter's first step and can be saved and restored
 //! through `state_dict` / `load_state_dict`, so a resumed run continues
-//! bit-identically.
+//! bit-identically. Under [`crate::profile`], a whole update is one scope
+//! ("sgd step", "adam step", "adamw step"), as is `clip_grad_norm`.
 
 use std::collections::{HashMap, HashSet};
 
@@ -17,6 +18,7 @@ use rayon::prelude::*;
 use crate::autograd::GradStore;
 use crate::cuda::CudaStorage;
 use crate::error::{Error, Result};
+use crate::profile;
 use crate::storage::{CpuStorage, Float, Storage};
 use crate::tensor::{DType, Device, Tensor};
 
@@ -381,6 +383,12 @@ fn state_device_error(name: &str) -> Error {
 
 // ----- shared bookkeeping --------------------------------------------------
 
+/// The device a profiling scope of an update synchronises: the first
+/// parameter's (parameters share one device in kiln's models).
+fn params_device<'a>(mut params: impl Iterator<Item = &'a Tensor>) -> Device {
+    params.next().map_or(Device::Cpu, Tensor::device)
+}
+
 /// Checks the parameter list: unique names, each tensor once (it would
 /// otherwise be updated twice per step), float tensors.
 fn check_params(optimizer: &'static str, params: &[(String, Tensor)]) -> Result<()> {
@@ -562,6 +570,10 @@ impl Sgd {
 
 impl Optimizer for Sgd {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let _profile = profile::op(
+            "sgd step",
+            params_device(self.slots.iter().map(|s| &s.param)),
+        );
         let c = self.config;
         let scalars = SgdScalars {
             lr: c.lr,
@@ -730,6 +742,12 @@ impl AdamCore {
     }
 
     fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let name = if self.decoupled_weight_decay {
+            "adamw step"
+        } else {
+            "adam step"
+        };
+        let _profile = profile::op(name, params_device(self.slots.iter().map(|s| &s.param)));
         for slot in &mut self.slots {
             let Some(grad) = grads.get(&slot.param) else {
                 continue;
@@ -895,6 +913,7 @@ adam_optimizer!(AdamW);
 /// gradients are reduced on their device; only the total (one f64 per
 /// device) comes back to the host, and the scaling runs on the device.
 pub fn clip_grad_norm(grads: &mut GradStore, params: &[Tensor], max_norm: f64) -> Result<f64> {
+    let _profile = profile::op("clip_grad_norm", params_device(params.iter()));
     if max_norm.is_nan() || max_norm < 0.0 {
         return Err(Error::invalid(
             "clip_grad_norm",

@@ -474,6 +474,18 @@ impl Tensor {
         self.0.device
     }
 
+    /// The device address of a CUDA tensor's data (None on the CPU), for
+    /// handing kiln's memory to another library such as cuBLAS in the
+    /// benchmarks. Valid while the tensor lives; work on it must be queued on
+    /// the device's stream (`kiln::cuda::device(i)?.stream()`) to stay ordered
+    /// with kiln's kernels.
+    pub fn cuda_ptr(&self) -> Option<u64> {
+        match &*self.storage() {
+            Storage::Cuda(storage) => Some(storage.ptr()),
+            Storage::Cpu(_) => None,
+        }
+    }
+
     /// True for leaves marked with `requires_grad()` and for op outputs that depend on one.
     pub fn requires_grad(&self) -> bool {
         self.0.requires_grad

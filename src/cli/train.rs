@@ -30,12 +30,12 @@ use super::specs::{
 use crate::data::idx::{ImageSet, Split, load_split};
 use crate::data::image::{save_grid_png, save_line_chart_png};
 use crate::data::text::{load_text, random_batch};
-use crate::models::dcgan::{Discriminator, Generator};
-use crate::models::gpt::Gpt;
-use crate::models::vae::Vae;
+use crate::models::dcgan::{self, Discriminator, Generator};
+use crate::models::gpt::{self, Gpt, GptOptimizers};
+use crate::models::vae::{self, Vae};
 use crate::nn::Module;
-use crate::optim::{Adam, AdamConfig, AdamW, Optimizer, clip_grad_norm};
-use crate::{DType, Device, Reduction, Rng, Tensor, no_grad};
+use crate::optim::{Adam, Optimizer};
+use crate::{DType, Device, Rng, Tensor, no_grad};
 
 /// Images in samples.png (an 8×8 grid).
 const SAMPLE_GRID: usize = 8;
@@ -492,14 +492,8 @@ impl GanTrainee {
         let images = load_images(&args.data, Split::Train)?;
         let examples = settings.limit.map_or(images.count, |l| l.min(images.count));
         let (generator, discriminator) = build_gan(&spec, settings.seed, device)?;
-        // The DCGAN paper's Adam: lr 2e-4, β1 = 0.5.
-        let config = AdamConfig {
-            lr: settings.lr,
-            betas: (0.5, 0.999),
-            ..AdamConfig::adam()
-        };
-        let optim_g = Adam::new(generator.named_parameters(), config)?;
-        let optim_d = Adam::new(discriminator.named_parameters(), config)?;
+        let optim_g = dcgan::optimizer(&generator, settings.lr)?;
+        let optim_d = dcgan::optimizer(&discriminator, settings.lr)?;
         let mut noise_rng = stream_rng(settings.seed, Stream::FixedNoise, 0);
         let fixed_noise = Tensor::randn(
             [SAMPLE_GRID * SAMPLE_GRID, spec.nz, 1, 1],
@@ -542,31 +536,20 @@ impl Trainee for GanTrainee {
             .batch(&indices, GAN_IMAGE_SIZE, -1.0, 1.0)?
             .to_device(self.device)?;
         let z = Tensor::randn([n, self.nz, 1, 1], DType::F32, self.device, rng)?;
-        let real_label = Tensor::ones([n], DType::F32, self.device)?;
-        let fake_label = Tensor::zeros([n], DType::F32, self.device)?;
-
-        // Discriminator: maximise log D(x) + log(1 − D(G(z))).
-        let fake = self.generator.forward(&z)?;
-        let logits_real = self.discriminator.forward(&real)?;
-        let loss_real = logits_real.bce_with_logits(&real_label, Reduction::Mean)?;
-        let logits_fake = self.discriminator.forward(&fake.detach())?;
-        let loss_fake = logits_fake.bce_with_logits(&fake_label, Reduction::Mean)?;
-        let loss_d = loss_real.add(&loss_fake)?;
-        let grads = loss_d.backward()?;
-        self.optim_d.step(&grads)?;
-
-        // Generator: maximise log D(G(z)) (the non-saturating loss).
-        let logits = self.discriminator.forward(&fake)?;
-        let loss_g = logits.bce_with_logits(&real_label, Reduction::Mean)?;
-        let grads = loss_g.backward()?;
-        self.optim_g.step(&grads)?;
-
+        let result = dcgan::train_step(
+            &self.generator,
+            &self.discriminator,
+            &mut self.optim_g,
+            &mut self.optim_d,
+            &real,
+            &z,
+        )?;
         let _no_grad = no_grad();
         Ok(vec![
-            scalar(&loss_d)?,
-            scalar(&loss_g)?,
-            scalar(&logits_real.sigmoid()?.mean_all()?)?,
-            scalar(&logits_fake.sigmoid()?.mean_all()?)?,
+            scalar(&result.loss_d)?,
+            scalar(&result.loss_g)?,
+            scalar(&result.logits_real.sigmoid()?.mean_all()?)?,
+            scalar(&result.logits_fake.sigmoid()?.mean_all()?)?,
         ])
     }
 
@@ -674,13 +657,7 @@ impl VaeTrainee {
         let images = load_images(&args.data, Split::Train)?;
         let examples = settings.limit.map_or(images.count, |l| l.min(images.count));
         let vae = build_vae(&spec, settings.seed, device)?;
-        let optimizer = Adam::new(
-            vae.named_parameters(),
-            AdamConfig {
-                lr: settings.lr,
-                ..AdamConfig::adam()
-            },
-        )?;
+        let optimizer = vae::optimizer(&vae, settings.lr)?;
         let mut noise_rng = stream_rng(settings.seed, Stream::FixedNoise, 0);
         let fixed_latents = Tensor::randn(
             [SAMPLE_GRID * SAMPLE_GRID, spec.latent],
@@ -713,9 +690,7 @@ impl Trainee for VaeTrainee {
     fn train_step(&mut self, step: usize, rng: &mut Rng) -> Result<Vec<f64>> {
         let indices = self.schedule.batch(step).to_vec();
         let x = vae_batch(&self.images, &indices, self.device)?;
-        let loss = self.vae.loss(&x, rng)?;
-        let grads = loss.total.backward()?;
-        self.optimizer.step(&grads)?;
+        let loss = vae::train_step(&self.vae, &mut self.optimizer, &x, rng)?;
         Ok(vec![
             scalar(&loss.total)?,
             scalar(&loss.reconstruction)?,
@@ -749,11 +724,7 @@ impl Trainee for VaeTrainee {
 
 struct GptTrainee {
     gpt: Gpt,
-    /// AdamW over the matrices (embeddings and linear weights), with weight decay.
-    optim_decay: AdamW,
-    /// AdamW over biases and LayerNorm parameters, without (as nanoGPT).
-    optim_no_decay: AdamW,
-    params: Vec<Tensor>,
+    optimizers: GptOptimizers,
     train: Vec<u32>,
     batch_size: usize,
     block_size: usize,
@@ -825,32 +796,11 @@ impl GptTrainee {
             );
         }
         let gpt = build_gpt(&spec, settings.seed, device)?;
-        let (matrices, vectors): (Vec<_>, Vec<_>) = gpt
-            .named_parameters()
-            .into_iter()
-            .partition(|(_, p)| p.rank() >= 2);
-        // nanoGPT's AdamW for small character models: β2 = 0.99.
-        let config = AdamConfig {
-            lr: settings.lr,
-            betas: (0.9, 0.99),
-            eps: 1e-8,
-            weight_decay: settings.weight_decay,
-        };
-        let optim_decay = AdamW::new(matrices, config)?;
-        let optim_no_decay = AdamW::new(
-            vectors,
-            AdamConfig {
-                weight_decay: 0.0,
-                ..config
-            },
-        )?;
-        let params = gpt.parameters();
+        let optimizers = GptOptimizers::new(&gpt, settings.lr, settings.weight_decay)?;
         let steps = settings.max_steps.unwrap_or(DEFAULT_GPT_STEPS);
         let trainee = GptTrainee {
             gpt,
-            optim_decay,
-            optim_no_decay,
-            params,
+            optimizers,
             train,
             batch_size: settings.batch_size,
             block_size: spec.block_size,
@@ -890,21 +840,18 @@ impl Trainee for GptTrainee {
 
     fn train_step(&mut self, step: usize, rng: &mut Rng) -> Result<Vec<f64>> {
         let lr = gpt_learning_rate(step, self.lr, self.warmup, self.lr_decay_steps);
-        self.optim_decay.set_learning_rate(lr);
-        self.optim_no_decay.set_learning_rate(lr);
+        self.optimizers.set_learning_rate(lr);
         let (x, y) = random_batch(&self.train, self.batch_size, self.block_size, rng)?;
-        let loss = self
-            .gpt
-            .loss(&x.to_device(self.device)?, &y.to_device(self.device)?)?;
-        let mut grads = loss.backward()?;
-        let grad_norm = if self.grad_clip > 0.0 {
-            clip_grad_norm(&mut grads, &self.params, self.grad_clip)?
-        } else {
-            f64::NAN
-        };
-        self.optim_decay.step(&grads)?;
-        self.optim_no_decay.step(&grads)?;
-        Ok(vec![scalar(&loss)?, lr, grad_norm])
+        let result = gpt::train_step(
+            &self.gpt,
+            &mut self.optimizers,
+            &x.to_device(self.device)?,
+            &y.to_device(self.device)?,
+            self.grad_clip,
+        )?;
+        // metrics.csv keeps a NaN column when gradients are not clipped.
+        let grad_norm = result.grad_norm.unwrap_or(f64::NAN);
+        Ok(vec![scalar(&result.loss)?, lr, grad_norm])
     }
 
     fn length(&self) -> &dyn RunLength {
@@ -913,15 +860,18 @@ impl Trainee for GptTrainee {
 
     fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
         let mut tensors = prefixed("model", self.gpt.state_dict());
-        tensors.extend(prefixed("optim_decay", self.optim_decay.state_dict()));
-        tensors.extend(prefixed("optim_no_decay", self.optim_no_decay.state_dict()));
+        tensors.extend(prefixed("optim_decay", self.optimizers.decay.state_dict()));
+        tensors.extend(prefixed(
+            "optim_no_decay",
+            self.optimizers.no_decay.state_dict(),
+        ));
         tensors
     }
 
     fn restore(&mut self, checkpoint: &LoadedCheckpoint) -> Result<()> {
         specs::load_into(&self.gpt, checkpoint, "model")?;
-        restore_optimizer(&mut self.optim_decay, checkpoint, "optim_decay")?;
-        restore_optimizer(&mut self.optim_no_decay, checkpoint, "optim_no_decay")
+        restore_optimizer(&mut self.optimizers.decay, checkpoint, "optim_decay")?;
+        restore_optimizer(&mut self.optimizers.no_decay, checkpoint, "optim_no_decay")
     }
 }
 

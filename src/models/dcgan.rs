@@ -16,7 +16,9 @@ use crate::nn::{
     visit_child,
 };
 use crate::ops::conv::{Conv2dParams, ConvTranspose2dParams};
-use crate::tensor::{Device, Tensor};
+use crate::ops::loss::Reduction;
+use crate::optim::{Adam, AdamConfig, Optimizer};
+use crate::tensor::{DType, Device, Tensor};
 
 /// Side of the images both networks work on.
 pub const IMAGE_SIZE: usize = 32;
@@ -247,4 +249,74 @@ impl Module for Discriminator {
     fn set_training(&self, training: bool) {
         self.main.set_training(training);
     }
+}
+
+/// The DCGAN paper's optimizer for either network: Adam with β1 = 0.5
+/// (β2 = 0.999, eps 1e-8), which the paper found steadier than β1 = 0.9.
+pub fn optimizer(network: &dyn Module, lr: f64) -> Result<Adam> {
+    Adam::new(
+        network.named_parameters(),
+        AdamConfig {
+            lr,
+            betas: (0.5, 0.999),
+            ..AdamConfig::adam()
+        },
+    )
+}
+
+/// What one GAN training step leaves behind, each tensor detached (the
+/// step's graphs are freed when it returns).
+pub struct GanStep {
+    /// The discriminator's loss on the real and the generated batch (rank 0).
+    pub loss_d: Tensor,
+    /// The generator's non-saturating loss (rank 0).
+    pub loss_g: Tensor,
+    /// D's logits on the real batch [N], before its update.
+    pub logits_real: Tensor,
+    /// D's logits on the generated batch [N], before its update.
+    pub logits_fake: Tensor,
+}
+
+/// One training step of both networks, as the PyTorch DCGAN tutorial: a
+/// discriminator step on `real` images [N, C, 32, 32] in [−1, 1] and on
+/// G(`z`), then a generator step through the updated discriminator. `z` is
+/// the latent batch [N, nz, 1, 1]. The same call serves `kiln train gan`
+/// and the benchmarks.
+pub fn train_step(
+    generator: &Generator,
+    discriminator: &Discriminator,
+    optim_g: &mut dyn Optimizer,
+    optim_d: &mut dyn Optimizer,
+    real: &Tensor,
+    z: &Tensor,
+) -> Result<GanStep> {
+    let n = real.dims().first().copied().unwrap_or(0);
+    let device = discriminator.device();
+    let real_label = Tensor::ones([n], DType::F32, device)?;
+    let fake_label = Tensor::zeros([n], DType::F32, device)?;
+
+    // Discriminator: maximise log D(x) + log(1 − D(G(z))). G gets no update
+    // from this loss: D sees the generated batch detached.
+    let fake = generator.forward(z)?;
+    let logits_real = discriminator.forward(real)?;
+    let loss_real = logits_real.bce_with_logits(&real_label, Reduction::Mean)?;
+    let logits_fake = discriminator.forward(&fake.detach())?;
+    let loss_fake = logits_fake.bce_with_logits(&fake_label, Reduction::Mean)?;
+    let loss_d = loss_real.add(&loss_fake)?;
+    let grads = loss_d.backward()?;
+    optim_d.step(&grads)?;
+
+    // Generator: maximise log D(G(z)) (the non-saturating loss), through
+    // the discriminator just updated.
+    let logits = discriminator.forward(&fake)?;
+    let loss_g = logits.bce_with_logits(&real_label, Reduction::Mean)?;
+    let grads = loss_g.backward()?;
+    optim_g.step(&grads)?;
+
+    Ok(GanStep {
+        loss_d: loss_d.detach(),
+        loss_g: loss_g.detach(),
+        logits_real: logits_real.detach(),
+        logits_fake: logits_fake.detach(),
+    })
 }

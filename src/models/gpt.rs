@@ -22,6 +22,7 @@ use crate::nn::{
 };
 use crate::ops::activation::GeluApproximation;
 use crate::ops::loss::Reduction;
+use crate::optim::{AdamConfig, AdamW, Optimizer, clip_grad_norm};
 use crate::tensor::{DType, Rng, Tensor};
 
 /// Std of GPT-2's N(0, σ²) weight initialisation.
@@ -383,4 +384,81 @@ impl Module for Gpt {
             block.set_training(training);
         }
     }
+}
+
+/// nanoGPT's optimizer: AdamW (β 0.9/0.99 for small character models, eps
+/// 1e-8) in two parameter groups, so that weight decay shrinks the matrices
+/// (embeddings and linear weights) but not the biases and LayerNorm
+/// parameters.
+pub struct GptOptimizers {
+    /// The matrices, with weight decay.
+    pub decay: AdamW,
+    /// Biases and LayerNorm scales and shifts, without.
+    pub no_decay: AdamW,
+}
+
+impl GptOptimizers {
+    pub fn new(gpt: &Gpt, lr: f64, weight_decay: f64) -> Result<Self> {
+        let (matrices, vectors): (Vec<_>, Vec<_>) = gpt
+            .named_parameters()
+            .into_iter()
+            .partition(|(_, p)| p.rank() >= 2);
+        let config = AdamConfig {
+            lr,
+            betas: (0.9, 0.99),
+            eps: 1e-8,
+            weight_decay,
+        };
+        Ok(GptOptimizers {
+            decay: AdamW::new(matrices, config)?,
+            no_decay: AdamW::new(
+                vectors,
+                AdamConfig {
+                    weight_decay: 0.0,
+                    ..config
+                },
+            )?,
+        })
+    }
+
+    /// Sets both groups' learning rate (the schedule is the caller's).
+    pub fn set_learning_rate(&mut self, lr: f64) {
+        self.decay.set_learning_rate(lr);
+        self.no_decay.set_learning_rate(lr);
+    }
+}
+
+/// What one GPT training step leaves behind.
+pub struct GptStep {
+    /// The batch's mean cross entropy (rank 0, detached).
+    pub loss: Tensor,
+    /// The gradients' joint L2 norm before clipping; None when not clipped.
+    pub grad_norm: Option<f64>,
+}
+
+/// One training step on token ids `x` and next-token targets `y` (u32
+/// [B, T]): the loss, its gradients, clipping of their joint norm to
+/// `grad_clip` (none if `grad_clip` is 0), and one update of both AdamW
+/// groups at their current learning rate. The same call serves
+/// `kiln train gpt` and the benchmarks.
+pub fn train_step(
+    gpt: &Gpt,
+    optimizers: &mut GptOptimizers,
+    x: &Tensor,
+    y: &Tensor,
+    grad_clip: f64,
+) -> Result<GptStep> {
+    let loss = gpt.loss(x, y)?;
+    let mut grads = loss.backward()?;
+    let grad_norm = if grad_clip > 0.0 {
+        Some(clip_grad_norm(&mut grads, &gpt.parameters(), grad_clip)?)
+    } else {
+        None
+    };
+    optimizers.decay.step(&grads)?;
+    optimizers.no_decay.step(&grads)?;
+    Ok(GptStep {
+        loss: loss.detach(),
+        grad_norm,
+    })
 }

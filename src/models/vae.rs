@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::nn::init::Init;
 use crate::nn::{Linear, Module, TensorRole, visit_child};
 use crate::ops::loss::Reduction;
+use crate::optim::{Adam, AdamConfig, Optimizer};
 use crate::tensor::{Rng, Tensor};
 
 /// Layer sizes.
@@ -157,4 +158,36 @@ impl Module for Vae {
         visit_child(prefix, "fc3", &self.fc3, visitor);
         visit_child(prefix, "fc4", &self.fc4, visitor);
     }
+}
+
+/// The optimizer of PyTorch's VAE example: Adam with its defaults
+/// (β 0.9/0.999, eps 1e-8) at learning rate `lr`.
+pub fn optimizer(vae: &Vae, lr: f64) -> Result<Adam> {
+    Adam::new(
+        vae.named_parameters(),
+        AdamConfig {
+            lr,
+            ..AdamConfig::adam()
+        },
+    )
+}
+
+/// One training step: the negative ELBO of the batch `x` [N, input] in
+/// [0, 1] (z drawn from `rng`), its gradients, one optimizer update.
+/// Returns the loss and its parts, detached. The same call serves
+/// `kiln train vae` and the benchmarks.
+pub fn train_step(
+    vae: &Vae,
+    optimizer: &mut dyn Optimizer,
+    x: &Tensor,
+    rng: &mut Rng,
+) -> Result<VaeLoss> {
+    let loss = vae.loss(x, rng)?;
+    let grads = loss.total.backward()?;
+    optimizer.step(&grads)?;
+    Ok(VaeLoss {
+        total: loss.total.detach(),
+        reconstruction: loss.reconstruction.detach(),
+        kl: loss.kl.detach(),
+    })
 }

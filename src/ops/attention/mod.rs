@@ -14,6 +14,7 @@ use crate::autograd::Backward;
 use crate::error::{Error, Result};
 use crate::float_slice;
 use crate::ops::layernorm::cuda::expect_cuda;
+use crate::profile;
 use crate::storage::{CpuStorage, Float, Storage};
 use crate::tensor::{Shape, Tensor, check_operands};
 
@@ -32,6 +33,7 @@ impl Tensor {
     /// softmax_j(qᵢ·kⱼ/√D), as PyTorch's
     /// `F.scaled_dot_product_attention(q, k, v, is_causal=True)`.
     pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let _profile = profile::op(OP, q.device());
         check_operands(OP, &[q, k, v])?;
         let &[batch, heads, seq, head_dim] = q.dims() else {
             return Err(Error::shape(

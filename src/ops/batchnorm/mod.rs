@@ -18,6 +18,7 @@ use crate::autograd::Backward;
 use crate::error::{Error, Result};
 use crate::ops::layernorm::cuda::expect_cuda;
 use crate::ops::normalization_grads;
+use crate::profile;
 use crate::storage::{CpuStorage, Storage};
 use crate::tensor::{Device, Shape, Tensor, check_operands};
 use crate::{float_slice, float_slice2};
@@ -47,6 +48,7 @@ impl Tensor {
         momentum: f64,
         eps: f64,
     ) -> Result<Tensor> {
+        let _profile = profile::op(OP, self.device());
         let mut operands = vec![self];
         operands.extend(
             [running_mean, running_var, weight, bias]

@@ -26,6 +26,7 @@ use crate::cuda::CudaStorage;
 use crate::error::{Error, Result};
 use crate::float_slice;
 use crate::float_slice2;
+use crate::profile;
 use crate::storage::{CpuStorage, Float, Storage};
 use crate::tensor::{Shape, Tensor, check_operands};
 
@@ -482,6 +483,7 @@ pub fn conv2d_forward_with_kernel(
     params: Conv2dParams,
     kernel: Conv2dForwardKernel,
 ) -> Result<Tensor> {
+    let _profile = profile::op("conv2d", x.device());
     let op = "conv2d";
     check_operands(op, &operand_list(x, weight, bias))?;
     let geometry = ConvGeometry::for_conv2d(x.shape(), weight.shape(), params)?;
@@ -500,6 +502,7 @@ impl Tensor {
         bias: Option<&Tensor>,
         params: Conv2dParams,
     ) -> Result<Tensor> {
+        let _profile = profile::op("conv2d", self.device());
         let op = "conv2d";
         let inputs = operand_list(self, weight, bias);
         check_operands(op, &inputs)?;
@@ -524,6 +527,7 @@ impl Tensor {
         bias: Option<&Tensor>,
         params: ConvTranspose2dParams,
     ) -> Result<Tensor> {
+        let _profile = profile::op("conv_transpose2d", self.device());
         let op = "conv_transpose2d";
         let inputs = operand_list(self, weight, bias);
         check_operands(op, &inputs)?;

@@ -10,6 +10,7 @@ mod cuda;
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
 use crate::float_slice;
+use crate::profile;
 use crate::storage::{CpuStorage, Storage};
 use crate::tensor::{Tensor, check_operands};
 
@@ -29,6 +30,7 @@ impl Tensor {
     /// index), so the same seed gives the same mask. `p = 0` returns the input
     /// unchanged; `p` must be in [0, 1).
     pub fn dropout(&self, p: f64, seed: u64) -> Result<Tensor> {
+        let _profile = profile::op("dropout", self.device());
         check_operands("dropout", &[self])?;
         if !(0.0..1.0).contains(&p) {
             return Err(Error::invalid(

@@ -13,6 +13,7 @@ use crate::error::Result;
 use crate::float_slice;
 use crate::float_slice2;
 use crate::ops::broadcast_shape;
+use crate::profile;
 use crate::storage::{CpuStorage, Float, Storage};
 use crate::tensor::{Tensor, check_operands};
 
@@ -147,6 +148,7 @@ impl Pointwise for UnaryOp {
 /// Applies a pointwise function, recording its backward.
 pub(crate) fn pointwise<F: Pointwise>(x: &Tensor, f: F) -> Result<Tensor> {
     let op = f.name();
+    let _profile = profile::op(op, x.device());
     check_operands(op, &[x])?;
     let out = match &*x.storage() {
         Storage::Cpu(s) => Storage::Cpu(float_slice!(op, s, |v| CpuStorage::from(cpu::map(
@@ -194,6 +196,7 @@ impl<F: Pointwise> Backward for PointwiseBackward<F> {
 
 fn binary(lhs: &Tensor, rhs: &Tensor, op: BinaryOp) -> Result<Tensor> {
     let name = op.name();
+    let _profile = profile::op(name, lhs.device());
     check_operands(name, &[lhs, rhs])?;
     let out_shape = broadcast_shape(name, lhs.shape(), rhs.shape())?;
     let out = match (&*lhs.storage(), &*rhs.storage()) {

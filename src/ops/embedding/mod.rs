@@ -12,6 +12,7 @@ use crate::cuda::CudaStorage;
 use crate::error::{Error, Result};
 use crate::float_slice;
 use crate::ops::check_dim;
+use crate::profile;
 use crate::storage::{CpuStorage, Storage};
 use crate::tensor::{DType, Shape, Tensor, check_operands, same_device};
 
@@ -145,6 +146,7 @@ impl Tensor {
     /// Backward scatter-adds into dweight (repeated ids accumulate); ids get no gradient.
     pub fn embedding(ids: &Tensor, weight: &Tensor) -> Result<Tensor> {
         const OP: &str = "embedding";
+        let _profile = profile::op(OP, weight.device());
         check_operands(OP, &[weight])?;
         same_device(OP, &[weight, ids])?;
         if weight.rank() != 2 {
@@ -178,6 +180,7 @@ impl Tensor {
     /// Entries along `dim` at the u32 positions of the 1-D `indices` (PyTorch's
     /// `index_select`): the output has `indices.len()` entries along `dim`.
     pub fn index_select(&self, dim: usize, indices: &Tensor) -> Result<Tensor> {
+        let _profile = profile::op("index_select", self.device());
         select_along("index_select", self, dim, indices)
     }
 
@@ -186,6 +189,7 @@ impl Tensor {
     /// no larger than `self` outside `dim`; the output has the shape of `index`.
     pub fn gather(&self, dim: usize, index: &Tensor) -> Result<Tensor> {
         const OP: &str = "gather";
+        let _profile = profile::op(OP, self.device());
         same_device(OP, &[self, index])?;
         check_dim(OP, dim, self.shape())?;
         let fits = index.rank() == self.rank()

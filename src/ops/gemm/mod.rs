@@ -14,6 +14,7 @@ use crate::autograd::Backward;
 use crate::error::{Error, Result};
 use crate::float_slice2;
 use crate::ops::broadcast_shape;
+use crate::profile;
 use crate::storage::{CpuStorage, Storage};
 use crate::tensor::{Shape, Tensor, check_operands};
 
@@ -174,6 +175,7 @@ impl Tensor {
         trans_rhs: bool,
         kernel: GemmKernel,
     ) -> Result<Tensor> {
+        let _profile = profile::op("matmul", self.device());
         check_operands("matmul", &[self, rhs])?;
         let plan = plan(self, rhs, trans_lhs, trans_rhs)?;
         let lhs_data = match &plan.lhs_broadcast {

@@ -10,6 +10,7 @@ pub(crate) mod cuda;
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
 use crate::ops::normalization_grads;
+use crate::profile;
 use crate::storage::{CpuStorage, Storage};
 use crate::tensor::{Shape, Tensor, check_operands};
 use crate::{float_slice, float_slice2};
@@ -26,6 +27,7 @@ impl Tensor {
         bias: Option<&Tensor>,
         eps: f64,
     ) -> Result<Tensor> {
+        let _profile = profile::op(OP, self.device());
         let mut operands = vec![self];
         operands.extend([weight, bias].into_iter().flatten());
         check_operands(OP, &operands)?;

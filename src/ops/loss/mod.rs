@@ -10,6 +10,7 @@ use crate::autograd::Backward;
 use crate::cuda::CudaStorage;
 use crate::error::{Error, Result};
 use crate::ops::embedding::{check_index_range, multi_index};
+use crate::profile;
 use crate::storage::{CpuStorage, Float, Storage};
 use crate::tensor::{DType, Device, Shape, Tensor, check_operands, same_device};
 use crate::{float_slice, float_slice2};
@@ -85,6 +86,7 @@ impl Tensor {
     /// Mean (or sum) of (self − target)² over every element; target has the same shape.
     pub fn mse_loss(&self, target: &Tensor, reduction: Reduction) -> Result<Tensor> {
         const OP: &str = "mse_loss";
+        let _profile = profile::op(OP, self.device());
         check_operands(OP, &[self, target])?;
         check_same_shape(OP, self, target, "target")?;
         let scale = reduction.scale(OP, self.numel(), "elements", self.shape())?;
@@ -113,6 +115,7 @@ impl Tensor {
     /// `target` has the same shape, with values in [0, 1].
     pub fn bce_with_logits(&self, target: &Tensor, reduction: Reduction) -> Result<Tensor> {
         const OP: &str = "bce_with_logits";
+        let _profile = profile::op(OP, self.device());
         check_operands(OP, &[self, target])?;
         check_same_shape(OP, self, target, "target")?;
         let scale = reduction.scale(OP, self.numel(), "elements", self.shape())?;
@@ -148,6 +151,7 @@ impl Tensor {
     /// [0, C): −log softmax(x_n)[t_n] per row; Mean divides by N.
     pub fn cross_entropy(&self, targets: &Tensor, reduction: Reduction) -> Result<Tensor> {
         const OP: &str = "cross_entropy";
+        let _profile = profile::op(OP, self.device());
         check_operands(OP, &[self])?;
         same_device(OP, &[self, targets])?;
         let [rows, classes] = *self.dims() else {
@@ -222,6 +226,7 @@ impl Tensor {
     /// averages the rows (dim 0), Sum adds them. mu and logvar share a shape.
     pub fn gaussian_kl(mu: &Tensor, logvar: &Tensor, reduction: Reduction) -> Result<Tensor> {
         const OP: &str = "gaussian_kl";
+        let _profile = profile::op(OP, mu.device());
         check_operands(OP, &[mu, logvar])?;
         check_same_shape(OP, mu, logvar, "logvar")?;
         let Some(&rows) = mu.dims().first() else {

@@ -7,6 +7,7 @@ use crate::autograd::Backward;
 use crate::error::{Error, Result};
 use crate::float_slice;
 use crate::ops::check_dim;
+use crate::profile;
 use crate::storage::{CpuStorage, Storage};
 use crate::tensor::{Shape, Tensor, check_operands};
 
@@ -76,6 +77,7 @@ fn sum_keepdim(x: &Tensor, dims: &[usize], scale: f64) -> Result<Storage> {
 impl Tensor {
     /// Σ over `dims` (an empty list reduces nothing; `sum_all` reduces every dim).
     pub fn sum(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
+        let _profile = profile::op("sum", self.device());
         check_operands("sum", &[self])?;
         let dims = check_dims("sum", dims, self.shape())?;
         let storage = sum_keepdim(self, &dims, 1.0)?;
@@ -99,6 +101,7 @@ impl Tensor {
 
     /// Mean over `dims`.
     pub fn mean(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
+        let _profile = profile::op("mean", self.device());
         check_operands("mean", &[self])?;
         let dims = check_dims("mean", dims, self.shape())?;
         let count: usize = dims.iter().map(|&d| self.dims()[d]).product();
@@ -135,6 +138,7 @@ impl Tensor {
 
     /// Maximum over `dim` and the (u32) index of the first maximal element.
     pub fn max_with_indices(&self, dim: usize, keepdim: bool) -> Result<(Tensor, Tensor)> {
+        let _profile = profile::op("max", self.device());
         check_operands("max", &[self])?;
         check_dim("max", dim, self.shape())?;
         let (outer, n, inner) = self.shape().split_at_dim(dim);
@@ -170,6 +174,7 @@ impl Tensor {
     /// Sums a broadcast gradient back to `shape` (the inverse of broadcasting:
     /// leading extra dims and dims where `shape` has 1 are summed).
     pub fn sum_to_shape(&self, shape: &Shape) -> Result<Tensor> {
+        let _profile = profile::op("sum_to_shape", self.device());
         if self.shape() == shape {
             return Ok(self.clone());
         }

@@ -9,8 +9,9 @@ use crate::autograd::Backward;
 use crate::cuda::CudaStorage;
 use crate::error::{Error, Result};
 use crate::ops::{broadcast_shape, check_dim};
+use crate::profile;
 use crate::storage::{CpuStorage, Element, Storage};
-use crate::tensor::{DType, Shape, Tensor, same_device};
+use crate::tensor::{DType, Device, Shape, Tensor, same_device};
 
 pub(crate) use cpu::contiguous_strides;
 
@@ -18,6 +19,7 @@ impl Tensor {
     /// The same values with a new shape of equal element count (no copy:
     /// storage is contiguous, so only the shape changes).
     pub fn reshape(&self, shape: impl Into<Shape>) -> Result<Tensor> {
+        let _profile = profile::op("reshape", self.device());
         let shape = shape.into();
         if shape.numel() != self.numel() {
             return Err(Error::shape(
@@ -41,6 +43,7 @@ impl Tensor {
 
     /// Merges dims `start..=end` into one.
     pub fn flatten(&self, start: usize, end: usize) -> Result<Tensor> {
+        let _profile = profile::op("flatten", self.device());
         if start > end || end >= self.rank() {
             return Err(Error::invalid(
                 "flatten",
@@ -56,6 +59,7 @@ impl Tensor {
 
     /// Inserts a size-1 dim at `dim` (0..=rank).
     pub fn unsqueeze(&self, dim: usize) -> Result<Tensor> {
+        let _profile = profile::op("unsqueeze", self.device());
         if dim > self.rank() {
             return Err(Error::invalid(
                 "unsqueeze",
@@ -69,6 +73,7 @@ impl Tensor {
 
     /// Removes the size-1 dim `dim`.
     pub fn squeeze(&self, dim: usize) -> Result<Tensor> {
+        let _profile = profile::op("squeeze", self.device());
         check_dim("squeeze", dim, self.shape())?;
         if self.dims()[dim] != 1 {
             return Err(Error::shape(
@@ -83,6 +88,7 @@ impl Tensor {
 
     /// Reorders dims: output dim `d` is input dim `perm[d]` (a copy).
     pub fn permute(&self, perm: &[usize]) -> Result<Tensor> {
+        let _profile = profile::op("permute", self.device());
         let rank = self.rank();
         let mut seen = vec![false; rank];
         let valid = perm.len() == rank
@@ -115,6 +121,7 @@ impl Tensor {
 
     /// Swaps two dims (a copy).
     pub fn transpose(&self, dim0: usize, dim1: usize) -> Result<Tensor> {
+        let _profile = profile::op("transpose", self.device());
         check_dim("transpose", dim0, self.shape())?;
         check_dim("transpose", dim1, self.shape())?;
         let mut perm: Vec<usize> = (0..self.rank()).collect();
@@ -124,6 +131,7 @@ impl Tensor {
 
     /// The slice `start..start + len` along `dim` (a copy).
     pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Tensor> {
+        let _profile = profile::op("narrow", self.device());
         check_dim("narrow", dim, self.shape())?;
         let size = self.dims()[dim];
         if start + len > size {
@@ -152,6 +160,7 @@ impl Tensor {
 
     /// Joins tensors along an existing dim; all other dims must match.
     pub fn cat(tensors: &[&Tensor], dim: usize) -> Result<Tensor> {
+        let _profile = profile::op("cat", tensors.first().map_or(Device::Cpu, |t| t.device()));
         let first = tensors
             .first()
             .ok_or_else(|| Error::invalid("cat", "needs at least one tensor"))?;
@@ -217,6 +226,7 @@ impl Tensor {
 
     /// Joins equally-shaped tensors along a new dim.
     pub fn stack(tensors: &[&Tensor], dim: usize) -> Result<Tensor> {
+        let _profile = profile::op("stack", tensors.first().map_or(Device::Cpu, |t| t.device()));
         let unsqueezed = tensors
             .iter()
             .map(|t| t.unsqueeze(dim))
@@ -227,6 +237,7 @@ impl Tensor {
 
     /// Repeats size-1 (and missing leading) dims to reach `shape` (a copy).
     pub fn broadcast_to(&self, shape: impl Into<Shape>) -> Result<Tensor> {
+        let _profile = profile::op("broadcast_to", self.device());
         let shape = shape.into();
         let joint = broadcast_shape("broadcast_to", self.shape(), &shape)?;
         if joint != shape {

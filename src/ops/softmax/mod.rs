@@ -7,6 +7,7 @@ pub(crate) mod cuda;
 
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
+use crate::profile;
 use crate::storage::{CpuStorage, Storage};
 use crate::tensor::{Tensor, check_operands};
 use crate::{float_slice, float_slice2};
@@ -46,6 +47,7 @@ impl Tensor {
 
 fn softmax_op(x: &Tensor, kind: SoftmaxKind) -> Result<Tensor> {
     let op = kind.name();
+    let _profile = profile::op(op, x.device());
     check_operands(op, &[x])?;
     let Some(&width) = x.dims().last() else {
         return Err(Error::shape(
