@@ -8,8 +8,8 @@
 //!   ngf = ndf = 64; one discriminator and one generator update (Adam).
 //! - `train_step vae`: VAE 784-400-20-400-784, batch 128 of images in [0, 1] (Adam).
 //! - `train_step gpt`: character GPT, vocabulary 84, 4 layers / 4 heads /
-//!   128 wide, context 64, batch 32; AdamW in two groups, gradients clipped
-//!   to norm 1.0. On CUDA also nanoGPT's Shakespeare size: 6 layers / 6
+//!   128 wide, context 64, batch 32; AdamW in two groups and gradient
+//!   clipping with the CLI's defaults. On CUDA also nanoGPT's Shakespeare size: 6 layers / 6
 //!   heads / 384 wide, context 256, batch 64 (too slow for the CPU suite).
 //!
 //! Inputs are synthetic (random pixels, random token ids): a step costs the
@@ -189,19 +189,26 @@ fn bench_vae(bench: &mut Bench, target: &Target) {
 
 fn bench_gpt(bench: &mut Bench, target: &Target, spec: &GptSpec, batch: usize) {
     let model = build_gpt(spec, SEED, target.device).expect("GPT");
-    let mut optimizers = GptOptimizers::new(&model, 1e-3, 0.1).expect("AdamW");
+    let mut optimizers =
+        GptOptimizers::new(&model, 1e-3, gpt::DEFAULT_WEIGHT_DECAY).expect("AdamW");
     let (x, y) = random_windows(batch, spec.block_size, target);
     let initial = snapshot(&model);
 
-    let mut step = || gpt::train_step(&model, &mut optimizers, &x, &y, 1.0).expect("GPT step");
+    let mut step = || {
+        gpt::train_step(&model, &mut optimizers, &x, &y, gpt::DEFAULT_GRAD_CLIP).expect("GPT step")
+    };
     for _ in 0..warm_up_steps() {
         step();
     }
     let case = Case::new(
         "train_step gpt",
         format!(
-            "{}L/{}H/{} embd, block {}, batch {batch}, vocab {VOCAB}, AdamW, clip 1.0",
-            spec.n_layer, spec.n_head, spec.n_embd, spec.block_size
+            "{}L/{}H/{} embd, block {}, batch {batch}, vocab {VOCAB}, AdamW, clip {}",
+            spec.n_layer,
+            spec.n_head,
+            spec.n_embd,
+            spec.block_size,
+            gpt::DEFAULT_GRAD_CLIP
         ),
         Bound::Compute,
     )

@@ -196,7 +196,7 @@ def gpt_step(torch, device, n_layer, n_head, n_embd, block, batch, vocab=84):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
         lr=1e-3,
         betas=(0.9, 0.99),
     )
@@ -208,7 +208,7 @@ def gpt_step(torch, device, n_layer, n_head, n_embd, block, batch, vocab=84):
         loss = F.cross_entropy(logits.view(-1, vocab), y.view(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
 
     return step, batch

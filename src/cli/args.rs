@@ -212,10 +212,10 @@ pub struct GptArgs {
     /// GPT: steps over which the rate decays (cosine) to lr/10 [default: --steps].
     #[arg(long)]
     pub lr_decay_steps: Option<usize>,
-    /// GPT: clip the global gradient norm to this value (0 disables) [default: 1.0].
+    /// GPT: clip the global gradient norm to this value (0 disables) [default: 5.0].
     #[arg(long)]
     pub grad_clip: Option<f64>,
-    /// GPT: AdamW decoupled weight decay of the matrices [default: 0.1].
+    /// GPT: AdamW decoupled weight decay of the matrices [default: 0.01].
     #[arg(long)]
     pub weight_decay: Option<f64>,
 }

@@ -163,13 +163,13 @@ impl Settings {
                 "grad-clip",
                 args.gpt.grad_clip,
                 saved.and_then(|t| t.grad_clip),
-                1.0,
+                gpt::DEFAULT_GRAD_CLIP,
             )?,
             weight_decay: setting(
                 "weight-decay",
                 args.gpt.weight_decay,
                 saved.and_then(|t| t.weight_decay),
-                0.1,
+                gpt::DEFAULT_WEIGHT_DECAY,
             )?,
         };
         if settings.batch_size == 0 {

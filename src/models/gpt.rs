@@ -25,6 +25,14 @@ use crate::ops::loss::Reduction;
 use crate::optim::{AdamConfig, AdamW, Optimizer, clip_grad_norm};
 use crate::tensor::{DType, Rng, Tensor};
 
+/// The training defaults of `kiln train gpt`. The gradient-norm clip is a
+/// guard against rare spikes, not a constant brake: at batch 12 the norm
+/// sits near 1.3–1.6 for the whole run, so nanoGPT's 1.0 shrank almost every
+/// step, and the 2000-step Shakespeare run reached validation loss 1.8535
+/// with (1.0, 0.1) against 1.8404 with (5.0, 0.01), PyTorch's AdamW decay.
+pub const DEFAULT_GRAD_CLIP: f64 = 5.0;
+pub const DEFAULT_WEIGHT_DECAY: f64 = 0.01;
+
 /// Std of GPT-2's N(0, σ²) weight initialisation.
 const INIT_STD: f64 = 0.02;
 

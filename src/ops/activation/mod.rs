@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::ops::elementwise::cuda::CudaPointwise;
-use crate::ops::elementwise::{Pointwise, pointwise};
+use crate::ops::elementwise::{Pointwise, cpu, pointwise};
 use crate::storage::Float;
 use crate::tensor::Tensor;
 
@@ -94,6 +94,22 @@ impl Pointwise for Activation {
                 let u = T::from_f64(SQRT_2_OVER_PI) * (x + T::from_f64(GELU_CUBIC) * x * x * x);
                 T::from_f64(0.5) * x * (T::ONE + u.tanh())
             }
+        }
+    }
+
+    // Each arm has its own closure with its variant spelled as a constant,
+    // so every `zip_map` is compiled for one variant and `derivative`
+    // inlines to straight-line code (leaky_relu backward on [64, 128, 8, 8]:
+    // 2.46 ms with the match per element).
+    fn backward_slices<T: Float>(self, x: &[T], grad: &[T]) -> Vec<T> {
+        use Activation::*;
+        match self {
+            Relu => cpu::zip_map(x, grad, |e, g| g * Relu.derivative(e)),
+            LeakyRelu(s) => cpu::zip_map(x, grad, move |e, g| g * LeakyRelu(s).derivative(e)),
+            Tanh => cpu::zip_map(x, grad, |e, g| g * Tanh.derivative(e)),
+            Sigmoid => cpu::zip_map(x, grad, |e, g| g * Sigmoid.derivative(e)),
+            Gelu => cpu::zip_map(x, grad, |e, g| g * Gelu.derivative(e)),
+            GeluTanh => cpu::zip_map(x, grad, |e, g| g * GeluTanh.derivative(e)),
         }
     }
 

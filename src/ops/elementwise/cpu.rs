@@ -52,7 +52,25 @@ pub fn binary<T: Float>(
     b_dims: &[usize],
     out_dims: &[usize],
 ) -> Vec<T> {
-    let f = move |x: T, y: T| op.apply(x, y);
+    // One arm per op, each with its own closure: the element loops are then
+    // compiled per op with no `match` inside them (and vectorise).
+    match op {
+        BinaryOp::Add => broadcast_zip(|x, y| x + y, a, a_dims, b, b_dims, out_dims),
+        BinaryOp::Sub => broadcast_zip(|x, y| x - y, a, a_dims, b, b_dims, out_dims),
+        BinaryOp::Mul => broadcast_zip(|x, y| x * y, a, a_dims, b, b_dims, out_dims),
+        BinaryOp::Div => broadcast_zip(|x, y| x / y, a, a_dims, b, b_dims, out_dims),
+    }
+}
+
+/// out = f(a, b) with broadcasting; see [`binary`].
+fn broadcast_zip<T: Float>(
+    f: impl Fn(T, T) -> T + Sync + Send + Copy,
+    a: &[T],
+    a_dims: &[usize],
+    b: &[T],
+    b_dims: &[usize],
+    out_dims: &[usize],
+) -> Vec<T> {
     if a_dims == b_dims {
         return zip_map(a, b, f);
     }
@@ -63,6 +81,14 @@ pub fn binary<T: Float>(
     if a.len() == 1 {
         let x = a[0];
         return map(b, move |y| f(x, y));
+    }
+    // The common bias shape: one operand is the output's trailing dims,
+    // repeated over the leading ones (x [B, T, E] + b [E]).
+    if a_dims == out_dims && repeats_as_suffix(b_dims, out_dims) {
+        return zip_repeating(a, b, f);
+    }
+    if b_dims == out_dims && repeats_as_suffix(a_dims, out_dims) {
+        return zip_repeating(b, a, move |y, x| f(x, y));
     }
     let rank = out_dims.len();
     let a_walk = broadcast_strides(a_dims, rank);
@@ -93,6 +119,39 @@ pub fn binary<T: Float>(
     out
 }
 
+/// True if `dims`, rank-aligned to `out_dims`, is all 1s followed by the
+/// output's own trailing dims: its values repeat every `numel(dims)` outputs.
+fn repeats_as_suffix(dims: &[usize], out_dims: &[usize]) -> bool {
+    let pad = out_dims.len() - dims.len();
+    let first_real = dims.iter().position(|&d| d != 1).unwrap_or(dims.len());
+    dims[first_real..] == out_dims[pad + first_real..]
+}
+
+/// out[i] = f(full[i], repeating[i mod len]), across threads when large.
+fn zip_repeating<T: Float>(
+    full: &[T],
+    repeating: &[T],
+    f: impl Fn(T, T) -> T + Sync + Send,
+) -> Vec<T> {
+    let width = repeating.len();
+    let mut out = vec![T::ZERO; full.len()];
+    let rows_per_task = (CHUNK / width).max(1);
+    let row = |(o, x): (&mut [T], &[T])| {
+        for ((o, &x), &y) in o.iter_mut().zip(x).zip(repeating) {
+            *o = f(x, y);
+        }
+    };
+    if full.len() < PARALLEL_THRESHOLD {
+        out.chunks_mut(width).zip(full.chunks(width)).for_each(row);
+    } else {
+        out.par_chunks_mut(width)
+            .zip(full.par_chunks(width))
+            .with_min_len(rows_per_task)
+            .for_each(row);
+    }
+    out
+}
+
 /// Strides of `dims` aligned to `rank` output dims, 0 where the dim is broadcast.
 fn broadcast_strides(dims: &[usize], rank: usize) -> Vec<usize> {
     let pad = rank - dims.len();
@@ -106,4 +165,67 @@ fn broadcast_strides(dims: &[usize], rank: usize) -> Vec<usize> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// out[idx] = a[idx mod a_dims] ∘ b[idx mod b_dims], one multi-index at a time.
+    fn naive(
+        op: BinaryOp,
+        a: &[f64],
+        a_dims: &[usize],
+        b: &[f64],
+        b_dims: &[usize],
+        out: &[usize],
+    ) -> Vec<f64> {
+        let at = |values: &[f64], dims: &[usize], index: &[usize]| {
+            let pad = index.len() - dims.len();
+            let flat = dims.iter().enumerate().fold(0, |flat, (d, &size)| {
+                flat * size + if size == 1 { 0 } else { index[pad + d] }
+            });
+            values[flat]
+        };
+        let numel: usize = out.iter().product();
+        (0..numel)
+            .map(|mut flat| {
+                let mut index = vec![0; out.len()];
+                for d in (0..out.len()).rev() {
+                    index[d] = flat % out[d];
+                    flat /= out[d];
+                }
+                op.apply(at(a, a_dims, &index), at(b, b_dims, &index))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_broadcast_path_matches_the_definition() {
+        // Same shape, scalar, trailing-suffix bias (both sides, big enough for
+        // threads), and a middle broadcast that takes the general path.
+        let cases: [(&[usize], &[usize], &[usize]); 6] = [
+            (&[3, 4], &[3, 4], &[3, 4]),
+            (&[3, 4], &[1], &[3, 4]),
+            (&[64, 33, 40], &[40], &[64, 33, 40]),
+            (&[1, 33, 40], &[64, 33, 40], &[64, 33, 40]),
+            (&[5, 7, 6], &[5, 1, 6], &[5, 7, 6]),
+            (&[2, 1, 3], &[4, 1], &[2, 4, 3]),
+        ];
+        for (a_dims, b_dims, out) in cases {
+            let a: Vec<f64> = (0..a_dims.iter().product::<usize>())
+                .map(|i| (i as f64 * 0.37).sin() + 2.0)
+                .collect();
+            let b: Vec<f64> = (0..b_dims.iter().product::<usize>())
+                .map(|i| (i as f64 * 0.71).cos() + 2.0)
+                .collect();
+            for op in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div] {
+                assert_eq!(
+                    binary(op, &a, a_dims, &b, b_dims, out),
+                    naive(op, &a, a_dims, &b, b_dims, out),
+                    "{op:?} {a_dims:?} with {b_dims:?}"
+                );
+            }
+        }
+    }
 }

@@ -55,6 +55,15 @@ pub(crate) trait Pointwise: Copy + Send + Sync + 'static {
     fn derivative<T: Float>(self, x: T) -> T;
     /// The same function as a CUDA kernel and op code.
     fn cuda(self) -> cuda::CudaPointwise;
+
+    /// dL/dx = dL/dy · f'(x) over whole slices on the CPU. An enum with a
+    /// large `derivative` keeps its per-element `match` inside the loop (the
+    /// compiler does not unswitch it), which costs a branch per element;
+    /// implementors with many variants override this with one loop per
+    /// variant (see the activations).
+    fn backward_slices<T: Float>(self, x: &[T], grad: &[T]) -> Vec<T> {
+        cpu::zip_map(x, grad, |e, g| g * self.derivative(e))
+    }
 }
 
 /// The pointwise maps of this family.
@@ -169,7 +178,7 @@ pub(crate) fn pointwise_backward<F: Pointwise>(x: &Tensor, grad: &Tensor, f: F) 
     let dx = match (&*x.storage(), &*grad.storage()) {
         (Storage::Cpu(xs), Storage::Cpu(gs)) => {
             Storage::Cpu(float_slice2!(op, xs, gs, |xv, gv| {
-                CpuStorage::from(cpu::zip_map(xv, gv, |e, g| g * f.derivative(e)))
+                CpuStorage::from(f.backward_slices(xv, gv))
             }))
         }
         (Storage::Cuda(xs), Storage::Cuda(gs)) => {

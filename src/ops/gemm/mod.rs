@@ -235,25 +235,31 @@ impl Backward for GemmBackward {
         } else {
             (a.clone(), grad.clone())
         };
-        let da = match (self.trans_lhs, self.trans_rhs) {
-            (false, false) => g2.gemm_with(b, false, true, kernel)?, // dA = dC Bᵀ
-            (false, true) => g2.gemm_with(b, false, false, kernel)?, // dA = dC B
-            (true, false) => b.gemm_with(&g2, false, true, kernel)?, // dA = B dCᵀ
-            (true, true) => b.gemm_with(&g2, true, true, kernel)?,   // dA = Bᵀ dCᵀ
-        };
-        let db = match (self.trans_lhs, self.trans_rhs) {
-            (false, false) => a2.gemm_with(&g2, true, false, kernel)?, // dB = Aᵀ dC
-            (false, true) => g2.gemm_with(&a2, true, false, kernel)?,  // dB = dCᵀ A
-            (true, false) => a2.gemm_with(&g2, false, false, kernel)?, // dB = A dC
-            (true, true) => g2.gemm_with(&a2, true, true, kernel)?,    // dB = dCᵀ Aᵀ
-        };
-        let da = if folded {
-            da.reshape(a.shape().clone())?
-        } else {
-            da.sum_to_shape(a.shape())?
-        };
-        let db = db.sum_to_shape(b.shape())?;
-        Ok(vec![Some(da), Some(db)])
+        // Only the operands that need a gradient get one (a model's input
+        // batch does not: skipping its dA saves a third of that layer's backward).
+        let da = a.requires_grad().then(|| -> Result<Tensor> {
+            let da = match (self.trans_lhs, self.trans_rhs) {
+                (false, false) => g2.gemm_with(b, false, true, kernel)?, // dA = dC Bᵀ
+                (false, true) => g2.gemm_with(b, false, false, kernel)?, // dA = dC B
+                (true, false) => b.gemm_with(&g2, false, true, kernel)?, // dA = B dCᵀ
+                (true, true) => b.gemm_with(&g2, true, true, kernel)?,   // dA = Bᵀ dCᵀ
+            };
+            if folded {
+                da.reshape(a.shape().clone())
+            } else {
+                da.sum_to_shape(a.shape())
+            }
+        });
+        let db = b.requires_grad().then(|| -> Result<Tensor> {
+            let db = match (self.trans_lhs, self.trans_rhs) {
+                (false, false) => a2.gemm_with(&g2, true, false, kernel)?, // dB = Aᵀ dC
+                (false, true) => g2.gemm_with(&a2, true, false, kernel)?,  // dB = dCᵀ A
+                (true, false) => a2.gemm_with(&g2, false, false, kernel)?, // dB = A dC
+                (true, true) => g2.gemm_with(&a2, true, true, kernel)?,    // dB = dCᵀ Aᵀ
+            };
+            db.sum_to_shape(b.shape())
+        });
+        Ok(vec![da.transpose()?, db.transpose()?])
     }
 }
 

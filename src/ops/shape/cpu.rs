@@ -1,30 +1,51 @@
 //! CPU copies behind the shape ops. Generic over the element type: shape ops
 //! move values and never compute with them, so they serve every dtype.
 
+use rayon::prelude::*;
+
 /// out[i_perm] = src[i]: the element at multi-index (i0..in) of the output is
 /// the element at (i_perm[0]..) of the source, where output dim d is source dim perm[d].
-pub fn permute<T: Copy>(src: &[T], src_dims: &[usize], perm: &[usize]) -> Vec<T> {
+pub fn permute<T: Copy + Send + Sync>(src: &[T], src_dims: &[usize], perm: &[usize]) -> Vec<T> {
+    if src.is_empty() {
+        return Vec::new();
+    }
     let rank = src_dims.len();
     let src_strides = contiguous_strides(src_dims);
     let out_dims: Vec<usize> = perm.iter().map(|&p| src_dims[p]).collect();
-    // Stride in the source for a step along each output dim.
-    let walk: Vec<usize> = perm.iter().map(|&p| src_strides[p]).collect();
-    let mut out = Vec::with_capacity(src.len());
-    let mut index = vec![0usize; rank];
-    let mut offset = 0usize;
-    for _ in 0..src.len() {
-        out.push(src[offset]);
-        // Odometer increment of the output index, tracking the source offset.
-        for d in (0..rank).rev() {
-            index[d] += 1;
-            offset += walk[d];
-            if index[d] < out_dims[d] {
-                break;
-            }
-            offset -= walk[d] * out_dims[d];
-            index[d] = 0;
-        }
+    // Trailing dims the permutation leaves in place are contiguous in both
+    // tensors: they move as whole blocks (a head split [B, T, H, D] →
+    // [B, H, T, D] copies runs of D values).
+    let kept = (0..rank).rev().take_while(|&d| perm[d] == d).count();
+    let moved = rank - kept;
+    let block: usize = src_dims[moved..].iter().product();
+    if moved == 0 || block == 0 {
+        return src.to_vec();
     }
+    // Stride in the source for a step along each moved output dim.
+    let walk: Vec<usize> = perm[..moved].iter().map(|&p| src_strides[p]).collect();
+    let mut out = vec![src[0]; src.len()];
+    // One task per index of the first output dim, an odometer within it.
+    let slab = out.len() / out_dims[0];
+    out.par_chunks_mut(slab)
+        .enumerate()
+        .with_min_len((1 << 15) / slab.max(1) + 1)
+        .for_each(|(first, slab)| {
+            let mut index = vec![0usize; moved];
+            let mut offset = first * walk[0];
+            for dst in slab.chunks_mut(block) {
+                dst.copy_from_slice(&src[offset..offset + block]);
+                // Odometer increment over output dims 1..moved.
+                for d in (1..moved).rev() {
+                    index[d] += 1;
+                    offset += walk[d];
+                    if index[d] < out_dims[d] {
+                        break;
+                    }
+                    offset -= walk[d] * out_dims[d];
+                    index[d] = 0;
+                }
+            }
+        });
     out
 }
 
@@ -99,4 +120,45 @@ pub fn contiguous_strides(dims: &[usize]) -> Vec<usize> {
         strides[i] = strides[i + 1] * dims[i + 1];
     }
     strides
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// out[i] = src[j] where j is i's multi-index read through `perm`, one element at a time.
+    fn naive_permute(src: &[u32], dims: &[usize], perm: &[usize]) -> Vec<u32> {
+        let out_dims: Vec<usize> = perm.iter().map(|&p| dims[p]).collect();
+        let strides = contiguous_strides(dims);
+        (0..src.len())
+            .map(|mut flat| {
+                let mut offset = 0;
+                for d in (0..out_dims.len()).rev() {
+                    offset += (flat % out_dims[d]) * strides[perm[d]];
+                    flat /= out_dims[d];
+                }
+                src[offset]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn block_permute_matches_the_definition() {
+        let cases: [(&[usize], &[usize]); 6] = [
+            (&[2, 3, 4, 5], &[0, 2, 1, 3]),
+            (&[32, 16, 4, 8], &[0, 2, 1, 3]),
+            (&[3, 4, 5], &[2, 0, 1]),
+            (&[3, 4, 5], &[0, 1, 2]),
+            (&[6, 1, 7], &[1, 0, 2]),
+            (&[0, 3], &[1, 0]),
+        ];
+        for (dims, perm) in cases {
+            let src: Vec<u32> = (0..dims.iter().product::<usize>() as u32).collect();
+            assert_eq!(
+                permute(&src, dims, perm),
+                naive_permute(&src, dims, perm),
+                "{dims:?} by {perm:?}"
+            );
+        }
+    }
 }
