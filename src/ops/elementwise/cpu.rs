@@ -52,13 +52,15 @@ pub fn binary<T: Float>(
     b_dims: &[usize],
     out_dims: &[usize],
 ) -> Vec<T> {
-    // One arm per op, each with its own closure: the element loops are then
-    // compiled per op with no `match` inside them (and vectorise).
+    // One arm per op, each with its own closure naming its variant as a
+    // constant: the element loops are then compiled per op with no `match`
+    // inside them (and vectorise).
+    use BinaryOp::*;
     match op {
-        BinaryOp::Add => broadcast_zip(|x, y| x + y, a, a_dims, b, b_dims, out_dims),
-        BinaryOp::Sub => broadcast_zip(|x, y| x - y, a, a_dims, b, b_dims, out_dims),
-        BinaryOp::Mul => broadcast_zip(|x, y| x * y, a, a_dims, b, b_dims, out_dims),
-        BinaryOp::Div => broadcast_zip(|x, y| x / y, a, a_dims, b, b_dims, out_dims),
+        Add => broadcast_zip(|x, y| Add.apply(x, y), a, a_dims, b, b_dims, out_dims),
+        Sub => broadcast_zip(|x, y| Sub.apply(x, y), a, a_dims, b, b_dims, out_dims),
+        Mul => broadcast_zip(|x, y| Mul.apply(x, y), a, a_dims, b, b_dims, out_dims),
+        Div => broadcast_zip(|x, y| Div.apply(x, y), a, a_dims, b, b_dims, out_dims),
     }
 }
 
