@@ -186,7 +186,7 @@ impl_element!(f64, F64);
 impl_element!(u32, U32);
 
 macro_rules! impl_float {
-    ($t:ty, $variant:ident, $tanh:path, $exp:path) => {
+    ($t:ty, $variant:ident, $tanh:path) => {
         impl Float for $t {
             const DTYPE: DType = DType::$variant;
             const ZERO: Self = 0.0;
@@ -198,7 +198,7 @@ macro_rules! impl_float {
                 self as f64
             }
             fn exp(self) -> Self {
-                $exp(self)
+                <$t>::exp(self)
             }
             fn ln(self) -> Self {
                 <$t>::ln(self)
@@ -231,8 +231,8 @@ macro_rules! impl_float {
     };
 }
 
-impl_float!(f32, F32, tanh_f32, exp_f32);
-impl_float!(f64, F64, f64::tanh, f64::exp);
+impl_float!(f32, F32, tanh_f32);
+impl_float!(f64, F64, f64::tanh);
 
 /// tanh in f32 with no libm call, so that loops over it (GELU's tanh form,
 /// the tanh activation) vectorise: libm's `tanhf` made GELU a third of a
@@ -252,27 +252,6 @@ fn expm1_f32(y: f32) -> f32 {
     let (k, expm1_r) = reduce_exp(y);
     let two_k = f32::from_bits(((k + 127) as u32) << 23);
     two_k * expm1_r + (two_k - 1.0)
-}
-
-/// eʸ in f32 with no libm call (softmax, attention, sigmoid, the BCE and
-/// cross-entropy losses loop over it), within a few ulp: eʸ = 2ᵏ·eʳ, with
-/// 2ᵏ applied in two halves so that subnormal results come out right too.
-#[inline]
-pub fn exp_f32(y: f32) -> f32 {
-    /// Above this eʸ overflows f32; below the lower bound it rounds to 0.
-    const MAX: f32 = 88.722_84;
-    const MIN: f32 = -103.972_08;
-    let (k, expm1_r) = reduce_exp(y.clamp(MIN, MAX));
-    let (k1, k2) = (k >> 1, k - (k >> 1));
-    let scale = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
-    let value = (1.0 + expm1_r) * scale(k1) * scale(k2);
-    if y > MAX {
-        f32::INFINITY
-    } else if y < MIN {
-        0.0
-    } else {
-        value
-    }
 }
 
 /// y = k·ln2 + r with |r| ≤ ln2/2 (Cody–Waite: ln 2 split in two so that
@@ -371,7 +350,7 @@ macro_rules! any_slice {
 
 #[cfg(test)]
 mod tests {
-    use super::{erf_f64, exp_f32, tanh_f32};
+    use super::{erf_f64, tanh_f32};
 
     #[test]
     fn tanh_f32_is_within_a_few_ulp_of_the_exact_value() {
@@ -392,30 +371,6 @@ mod tests {
         }
         assert!(worst <= 4.0, "worst error {worst} ulp");
         assert!(tanh_f32(f32::NAN).is_nan());
-    }
-
-    #[test]
-    fn exp_f32_is_within_a_few_ulp_of_the_exact_value() {
-        let mut worst = 0f64;
-        for i in -1_040_000..=887_000 {
-            let y = i as f32 * 1e-4; // [-104, 88.7]
-            let exact = (y as f64).exp();
-            if exact < f32::MIN_POSITIVE as f64 {
-                // Subnormal results: absolute error within one subnormal step.
-                assert!(((exp_f32(y) as f64) - exact).abs() <= 1.5e-45, "exp({y})");
-                continue;
-            }
-            let e = exact as f32;
-            let ulp = (f32::from_bits(e.to_bits() + 1) - e) as f64;
-            worst = worst.max(((exp_f32(y) as f64) - exact).abs() / ulp);
-        }
-        assert!(worst <= 4.0, "worst error {worst} ulp");
-        assert_eq!(exp_f32(0.0), 1.0);
-        assert_eq!(exp_f32(89.0), f32::INFINITY);
-        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
-        assert_eq!(exp_f32(-105.0), 0.0);
-        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
-        assert!(exp_f32(f32::NAN).is_nan());
     }
 
     #[test]

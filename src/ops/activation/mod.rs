@@ -29,15 +29,12 @@ pub(crate) enum Activation {
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 const GELU_CUBIC: f64 = 0.044_715;
 
-/// σ(x) = 1/(1+e⁻ˣ), evaluated without overflow for large |x|.
+/// σ(x) = 1/(1+e⁻ˣ). Branch-free, so loops over it vectorise: for very
+/// negative x, e⁻ˣ overflows to +∞ and 1/∞ = 0, which is σ's limit, and the
+/// quotient keeps full relative precision for tiny results.
 #[inline]
 pub(crate) fn sigmoid<T: Float>(x: T) -> T {
-    if x >= T::ZERO {
-        T::ONE / (T::ONE + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (T::ONE + e)
-    }
+    T::ONE / (T::ONE + (-x).exp())
 }
 
 impl Pointwise for Activation {
