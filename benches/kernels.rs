@@ -625,74 +625,147 @@ fn conv2d_layer(bench: &mut Bench, target: &Target, vendor: &Vendor, layer: &Con
         }
     }
 
+    let conv = |x: &Tensor, w: &Tensor, b: Option<&Tensor>| x.conv2d(w, b, params).unwrap();
+    let shapes = LayerShapes { layer, y, flops };
     // Backward-data: dL/dx = col2im(Wᵀ · dy).
-    let case = Case::new("conv2d backward-data", layer.label(), Bound::Compute)
-        .flops(flops)
-        .floats(ny + nw + nx);
-    let prepare_dx = |device: Device, seed: u64| {
-        let x = leaf(&layer.x, seed, device);
-        let w = random(&layer.w, seed + 1, device).mul_scalar(0.05).unwrap();
-        let y = x.conv2d(&w, None, params).unwrap();
-        let dy = random(&dims4(y.shape()), seed + 2, device);
-        (x, w, y, dy)
-    };
-    let run_dx = |(x, _, y, dy): &(Tensor, Tensor, Tensor, Tensor)| grad_of(y, dy, x);
-    if let Some((x, w, yg, dy)) = bench_op(bench, target, &case, prepare_dx, run_dx, None)
-        && let Some(cudnn) = &cudnn
-    {
-        let out = run_dx(&(x.clone(), w.clone(), yg, dy.clone()));
-        let dx = zeros(layer.x, target.device);
-        bench_baseline(bench, target, &case, "cuDNN", &out, || {
-            cudnn.backward_data(&w, &dy, &dx)?;
-            Ok(dx.clone())
-        });
-    }
-
+    let baseline = cudnn.as_ref().map(|c| {
+        move |_: &Tensor, w: &Tensor, dy: &Tensor, dx: &Tensor| c.backward_data(w, dy, dx)
+    });
+    conv_backward_case(
+        bench,
+        target,
+        "conv2d backward-data",
+        &shapes,
+        &conv,
+        Wrt::Input,
+        baseline.as_ref().map(|f| f as _),
+    );
     // Backward-weight: dL/dW = Σ_n dy_n · im2col(x_n)ᵀ.
-    let case = Case::new("conv2d backward-weight", layer.label(), Bound::Compute)
-        .flops(flops)
-        .floats(nx + ny + nw);
-    let prepare_dw = |device: Device, seed: u64| {
+    let baseline = cudnn.as_ref().map(|c| {
+        move |x: &Tensor, _: &Tensor, dy: &Tensor, dw: &Tensor| c.backward_filter(x, dy, dw)
+    });
+    conv_backward_case(
+        bench,
+        target,
+        "conv2d backward-weight",
+        &shapes,
+        &conv,
+        Wrt::Weight,
+        baseline.as_ref().map(|f| f as _),
+    );
+    if layer.name == "D2" {
+        conv_forward_backward_case(
+            bench,
+            target,
+            "conv2d forward+backward",
+            &shapes,
+            &conv,
+            layer.w[0],
+        );
+    }
+}
+
+/// A conv layer's sizes as the backward cases need them.
+struct LayerShapes<'a> {
+    layer: &'a ConvLayer,
+    /// The op's output shape.
+    y: [usize; 4],
+    /// FLOPs of one pass (forward, backward-data and backward-weight each).
+    flops: u64,
+}
+
+/// Which operand a backward case differentiates.
+#[derive(Clone, Copy, PartialEq)]
+enum Wrt {
+    Input,
+    Weight,
+}
+
+/// A conv op as a case runs it: y = op(x, w, bias).
+type ConvOp<'a> = &'a dyn Fn(&Tensor, &Tensor, Option<&Tensor>) -> Tensor;
+
+/// A vendor call writing the gradient into the last tensor, given (x, w, dy).
+type ConvBaseline<'a> = &'a dyn Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<(), String>;
+
+/// One backward kernel of a conv op: the forward graph is built once per
+/// input set, and backward runs with only x (backward-data) or only w
+/// (backward-weight) requiring a gradient, so only that kernel runs.
+fn conv_backward_case(
+    bench: &mut Bench,
+    target: &Target,
+    kernel: &str,
+    shapes: &LayerShapes,
+    op: ConvOp,
+    wrt: Wrt,
+    baseline: Option<ConvBaseline>,
+) {
+    let layer = shapes.layer;
+    let (nx, nw, ny) = (numel(&layer.x), numel(&layer.w), numel(&shapes.y));
+    let case = Case::new(kernel, layer.label(), Bound::Compute)
+        .flops(shapes.flops)
+        .floats(nx + nw + ny);
+    let prepare = |device: Device, seed: u64| {
         let x = random(&layer.x, seed, device);
-        let w = leaf(&layer.w, seed + 1, device);
-        let y = x.conv2d(&w, None, params).unwrap();
-        let dy = random(&dims4(y.shape()), seed + 2, device);
+        let w = random(&layer.w, seed + 1, device).mul_scalar(0.05).unwrap();
+        let (x, w) = match wrt {
+            Wrt::Input => (x.requires_grad_(), w),
+            Wrt::Weight => (x, w.requires_grad_()),
+        };
+        let y = op(&x, &w, None);
+        let dy = random(&shapes.y, seed + 2, device);
         (x, w, y, dy)
     };
-    let run_dw = |(_, w, y, dy): &(Tensor, Tensor, Tensor, Tensor)| grad_of(y, dy, w);
-    if let Some((x, w, yg, dy)) = bench_op(bench, target, &case, prepare_dw, run_dw, None)
-        && let Some(cudnn) = &cudnn
+    let run = |(x, w, y, dy): &(Tensor, Tensor, Tensor, Tensor)| match wrt {
+        Wrt::Input => grad_of(y, dy, x),
+        Wrt::Weight => grad_of(y, dy, w),
+    };
+    if let Some(inputs) = bench_op(bench, target, &case, prepare, run, None)
+        && let Some(baseline) = baseline
     {
-        let out = run_dw(&(x.clone(), w, yg, dy.clone()));
-        let dw = zeros(layer.w, target.device);
-        bench_baseline(bench, target, &case, "cuDNN", &out, || {
-            cudnn.backward_filter(&x, &dy, &dw)?;
-            Ok(dw.clone())
+        let expected = run(&inputs);
+        let (x, w, _, dy) = &inputs;
+        let grad = zeros(
+            if wrt == Wrt::Input { layer.x } else { layer.w },
+            target.device,
+        );
+        bench_baseline(bench, target, &case, "cuDNN", &expected, || {
+            baseline(&x.detach(), &w.detach(), dy, &grad)?;
+            Ok(grad.clone())
         });
     }
+}
 
-    // The whole layer as training runs it: forward with bias, then dx, dW, db.
-    if layer.name == "D2" {
-        let case = Case::new("conv2d forward+backward", layer.label(), Bound::Compute)
-            .flops(3 * flops)
-            .floats(2 * (nx + nw + ny) + nx + nw);
-        let prepare = |device: Device, seed: u64| {
-            (
-                leaf(&layer.x, seed, device),
-                random(&layer.w, seed + 1, device)
-                    .mul_scalar(0.05)
-                    .unwrap()
-                    .requires_grad_(),
-                leaf(&[layer.w[0]], seed + 2, device),
-                random(&y, seed + 3, device),
-            )
-        };
-        let run = |(x, w, b, dy): &(Tensor, Tensor, Tensor, Tensor)| {
-            let out = x.conv2d(w, Some(b), params).unwrap();
-            grad_of(&out, dy, w)
-        };
-        bench_op(bench, target, &case, prepare, run, None);
-    }
+/// The whole layer as training runs it: forward with a bias of `bias_len`,
+/// then dx, dW and db.
+fn conv_forward_backward_case(
+    bench: &mut Bench,
+    target: &Target,
+    kernel: &str,
+    shapes: &LayerShapes,
+    op: ConvOp,
+    bias_len: usize,
+) {
+    let layer = shapes.layer;
+    let (nx, nw, ny) = (numel(&layer.x), numel(&layer.w), numel(&shapes.y));
+    let case = Case::new(kernel, layer.label(), Bound::Compute)
+        .flops(3 * shapes.flops)
+        .floats(2 * (nx + nw + ny) + nx + nw);
+    let prepare = |device: Device, seed: u64| {
+        (
+            leaf(&layer.x, seed, device),
+            random(&layer.w, seed + 1, device)
+                .mul_scalar(0.05)
+                .unwrap()
+                .requires_grad_(),
+            leaf(&[bias_len], seed + 2, device),
+            random(&shapes.y, seed + 3, device),
+        )
+    };
+    let run = |(x, w, b, dy): &(Tensor, Tensor, Tensor, Tensor)| {
+        let out = op(x, w, Some(b));
+        grad_of(&out, dy, w)
+    };
+    bench_op(bench, target, &case, prepare, run, None);
 }
 
 /// conv_transpose2d forward, backward-data, backward-weight and the whole
@@ -745,85 +818,45 @@ fn conv_transpose2d_layer(bench: &mut Bench, target: &Target, vendor: &Vendor, l
         });
     }
 
+    let conv_t =
+        |x: &Tensor, w: &Tensor, b: Option<&Tensor>| x.conv_transpose2d(w, b, params).unwrap();
+    let shapes = LayerShapes { layer, y, flops };
     // Backward-data: dL/dx = conv2d(dy, W), the mirror conv's forward.
-    let case = Case::new(
+    let baseline = cudnn
+        .as_ref()
+        .map(|c| move |_: &Tensor, w: &Tensor, dy: &Tensor, dx: &Tensor| c.forward(dy, w, dx));
+    conv_backward_case(
+        bench,
+        target,
         "conv_transpose2d backward-data",
-        layer.label(),
-        Bound::Compute,
-    )
-    .flops(flops)
-    .floats(ny + nw + nx);
-    let prepare_dx = |device: Device, seed: u64| {
-        let x = leaf(&layer.x, seed, device);
-        let w = random(&layer.w, seed + 1, device).mul_scalar(0.05).unwrap();
-        let out = x.conv_transpose2d(&w, None, params).unwrap();
-        let dy = random(&y, seed + 2, device);
-        (x, w, out, dy)
-    };
-    let run_dx = |(x, _, out, dy): &(Tensor, Tensor, Tensor, Tensor)| grad_of(out, dy, x);
-    if let Some((x, w, out, dy)) = bench_op(bench, target, &case, prepare_dx, run_dx, None)
-        && let Some(cudnn) = &cudnn
-    {
-        let expected = run_dx(&(x, w.clone(), out, dy.clone()));
-        let dx = zeros(layer.x, target.device);
-        bench_baseline(bench, target, &case, "cuDNN", &expected, || {
-            cudnn.forward(&dy, &w, &dx)?;
-            Ok(dx.clone())
-        });
-    }
-
+        &shapes,
+        &conv_t,
+        Wrt::Input,
+        baseline.as_ref().map(|f| f as _),
+    );
     // Backward-weight: dL/dW = Σ_n x_n · im2col(dy_n)ᵀ, the mirror conv's
     // weight gradient with dy as its input and x as its output gradient.
-    let case = Case::new(
+    let baseline = cudnn.as_ref().map(|c| {
+        move |x: &Tensor, _: &Tensor, dy: &Tensor, dw: &Tensor| c.backward_filter(dy, x, dw)
+    });
+    conv_backward_case(
+        bench,
+        target,
         "conv_transpose2d backward-weight",
-        layer.label(),
-        Bound::Compute,
-    )
-    .flops(flops)
-    .floats(nx + ny + nw);
-    let prepare_dw = |device: Device, seed: u64| {
-        let x = random(&layer.x, seed, device);
-        let w = leaf(&layer.w, seed + 1, device);
-        let out = x.conv_transpose2d(&w, None, params).unwrap();
-        let dy = random(&y, seed + 2, device);
-        (x, w, out, dy)
-    };
-    let run_dw = |(_, w, out, dy): &(Tensor, Tensor, Tensor, Tensor)| grad_of(out, dy, w);
-    if let Some((x, w, out, dy)) = bench_op(bench, target, &case, prepare_dw, run_dw, None)
-        && let Some(cudnn) = &cudnn
-    {
-        let expected = run_dw(&(x.clone(), w, out, dy.clone()));
-        let dw = zeros(layer.w, target.device);
-        bench_baseline(bench, target, &case, "cuDNN", &expected, || {
-            cudnn.backward_filter(&dy, &x, &dw)?;
-            Ok(dw.clone())
-        });
-    }
-
+        &shapes,
+        &conv_t,
+        Wrt::Weight,
+        baseline.as_ref().map(|f| f as _),
+    );
     if layer.name == "G3" {
-        let case = Case::new(
+        conv_forward_backward_case(
+            bench,
+            target,
             "conv_transpose2d forward+backward",
-            layer.label(),
-            Bound::Compute,
-        )
-        .flops(3 * flops)
-        .floats(2 * (nx + nw + ny) + nx + nw);
-        let prepare = |device: Device, seed: u64| {
-            (
-                leaf(&layer.x, seed, device),
-                random(&layer.w, seed + 1, device)
-                    .mul_scalar(0.05)
-                    .unwrap()
-                    .requires_grad_(),
-                leaf(&[layer.w[1]], seed + 2, device),
-                random(&y, seed + 3, device),
-            )
-        };
-        let run = |(x, w, b, dy): &(Tensor, Tensor, Tensor, Tensor)| {
-            let out = x.conv_transpose2d(w, Some(b), params).unwrap();
-            grad_of(&out, dy, w)
-        };
-        bench_op(bench, target, &case, prepare, run, None);
+            &shapes,
+            &conv_t,
+            layer.w[1],
+        );
     }
 }
 

@@ -34,16 +34,12 @@ pub fn permute<T: Copy + Send + Sync>(src: &[T], src_dims: &[usize], perm: &[usi
             let mut offset = first * walk[0];
             for dst in slab.chunks_mut(block) {
                 dst.copy_from_slice(&src[offset..offset + block]);
-                // Odometer increment over output dims 1..moved.
-                for d in (1..moved).rev() {
-                    index[d] += 1;
-                    offset += walk[d];
-                    if index[d] < out_dims[d] {
-                        break;
-                    }
-                    offset -= walk[d] * out_dims[d];
-                    index[d] = 0;
-                }
+                odometer_step(
+                    &mut index[1..],
+                    &out_dims[1..moved],
+                    &walk[1..],
+                    &mut offset,
+                );
             }
         });
     out
@@ -101,17 +97,23 @@ pub fn broadcast<T: Copy>(src: &[T], src_dims: &[usize], out_dims: &[usize]) -> 
     let mut offset = 0usize;
     for _ in 0..numel {
         out.push(src[offset]);
-        for d in (0..rank).rev() {
-            index[d] += 1;
-            offset += walk[d];
-            if index[d] < out_dims[d] {
-                break;
-            }
-            offset -= walk[d] * out_dims[d];
-            index[d] = 0;
-        }
+        odometer_step(&mut index, out_dims, &walk, &mut offset);
     }
     out
+}
+
+/// Advances a multi-index over `dims` (last dim fastest) by one, keeping
+/// `offset` = Σ index[d]·walk[d] up to date without recomputing it.
+fn odometer_step(index: &mut [usize], dims: &[usize], walk: &[usize], offset: &mut usize) {
+    for d in (0..dims.len()).rev() {
+        index[d] += 1;
+        *offset += walk[d];
+        if index[d] < dims[d] {
+            return;
+        }
+        *offset -= walk[d] * dims[d];
+        index[d] = 0;
+    }
 }
 
 pub fn contiguous_strides(dims: &[usize]) -> Vec<usize> {
