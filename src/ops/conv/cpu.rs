@@ -120,33 +120,71 @@ pub fn conv2d_backward_data<T: Float>(
         );
         return dx;
     }
-    let macs = g.out_channels * rows * positions;
-    for_each_image(
-        &mut dx,
-        g.in_channels * pixels,
-        rows * positions,
-        macs,
-        |n, dx_n, cols, parallelism| {
-            gemm_into(
-                cols,
-                Mat::row_major(weight, g.out_channels, rows).transposed(),
-                Mat::row_major(
-                    &dy[n * grid_len..(n + 1) * grid_len],
-                    g.out_channels,
-                    positions,
-                ),
-                false,
-                parallelism,
-            );
-            if let Some(bias) = bias {
-                for (plane, &b) in dx_n.chunks_mut(pixels).zip(bias) {
-                    plane.fill(b);
+    // Whole chunks of images at once: cols [C·kh·kw, n·Ho·Wo] = Wᵀ · dy as
+    // one GEMM (per image it would be a thin product far below the GEMM's
+    // peak), then col2im of each image's segment of the columns.
+    let image_len = g.in_channels * pixels;
+    let images_per_chunk = (WEIGHT_GRAD_MAX_COLS / (rows * positions)).max(1);
+    for (chunk, dx_chunk) in dx.chunks_mut(images_per_chunk * image_len).enumerate() {
+        let (first, images) = (chunk * images_per_chunk, dx_chunk.len() / image_len);
+        let width = images * positions;
+        let dy_rows = grid_as_rows(g, &dy[first * grid_len..(first + images) * grid_len]);
+        let mut cols = vec![T::ZERO; rows * width];
+        gemm_into(
+            &mut cols,
+            Mat::row_major(weight, g.out_channels, rows).transposed(),
+            Mat::row_major(&dy_rows, g.out_channels, width),
+            false,
+            gemm_parallelism(g.out_channels * rows * width),
+        );
+        dx_chunk
+            .par_chunks_mut(image_len)
+            .enumerate()
+            .for_each(|(n, dx_n)| {
+                if let Some(bias) = bias {
+                    for (plane, &b) in dx_n.chunks_mut(pixels).zip(bias) {
+                        plane.fill(b);
+                    }
                 }
-            }
-            col2im_add(g, cols, dx_n);
-        },
-    );
+                col2im_add(g, &cols[n * positions..], width, dx_n);
+            });
+    }
     dx
+}
+
+/// The im2col columns of images [n, C, H, W] side by side: [C·kh·kw, n·Ho·Wo],
+/// row (c, i, j) holding tap (i, j) of channel c, image after image.
+fn im2col_batch<T: Float>(g: &ConvGeometry, images: &[T]) -> Vec<T> {
+    let (rows, positions) = (g.col_rows(), g.out_positions());
+    let image_len = g.in_channels * g.in_pixels();
+    let width = images.len() / image_len * positions;
+    let mut cols = vec![T::ZERO; rows * width];
+    cols.par_chunks_mut(width.max(1))
+        .enumerate()
+        .for_each(|(row, cols_row)| {
+            let (c, i, j) = tap_of_row(g, row);
+            for (n, segment) in cols_row.chunks_mut(positions).enumerate() {
+                let plane = &images[n * image_len + c * g.in_pixels()..][..g.in_pixels()];
+                im2col_row(g, plane, [i, j], segment);
+            }
+        });
+    cols
+}
+
+/// An output grid dy [n, O, Ho·Wo] as rows [O, n·Ho·Wo], image after image
+/// along each row: the layout of a batch's im2col columns.
+fn grid_as_rows<T: Float>(g: &ConvGeometry, grid: &[T]) -> Vec<T> {
+    let positions = g.out_positions();
+    let width = grid.len() / g.out_channels;
+    let mut rows = vec![T::ZERO; grid.len()];
+    rows.par_chunks_mut(width.max(1))
+        .enumerate()
+        .for_each(|(o, row)| {
+            for (n, segment) in row.chunks_mut(positions).enumerate() {
+                segment.copy_from_slice(&grid[(n * g.out_channels + o) * positions..][..positions]);
+            }
+        });
+    rows
 }
 
 /// Backward-weight: dW = Σ_n dy_n · im2col(x_n)ᵀ, for x [N, C, H, W] and
@@ -208,29 +246,9 @@ fn backward_weight_in_chunks<T: Float>(
         let x_chunk = &x[first * image_len..(first + images) * image_len];
         let dy_chunk = &dy[first * grid_len..(first + images) * grid_len];
         // cols row (c, i, j) = tap (i, j) of channel c, image after image.
-        let mut cols = vec![T::ZERO; rows * width];
-        cols.par_chunks_mut(width)
-            .enumerate()
-            .for_each(|(row, cols_row)| {
-                let (c, i, j) = tap_of_row(g, row);
-                for (n, segment) in cols_row.chunks_mut(positions).enumerate() {
-                    let plane =
-                        &x_chunk[(n * g.in_channels + c) * g.in_pixels()..][..g.in_pixels()];
-                    im2col_row(g, plane, [i, j], segment);
-                }
-            });
+        let cols = im2col_batch(g, x_chunk);
         // dy [N, O, P] → [O, N·P], matching the columns.
-        let mut dy_rows = vec![T::ZERO; g.out_channels * width];
-        dy_rows
-            .par_chunks_mut(width)
-            .enumerate()
-            .for_each(|(o, dy_row)| {
-                for (n, segment) in dy_row.chunks_mut(positions).enumerate() {
-                    segment.copy_from_slice(
-                        &dy_chunk[(n * g.out_channels + o) * positions..][..positions],
-                    );
-                }
-            });
+        let dy_rows = grid_as_rows(g, dy_chunk);
         gemm_into(
             &mut dw,
             Mat::row_major(&dy_rows, g.out_channels, width),
@@ -355,11 +373,16 @@ fn im2col_row<T: Float>(g: &ConvGeometry, plane: &[T], tap: [usize; 2], out: &mu
 
 /// The adjoint of `im2col`: image[c, ih, iw] += cols[(c, i, j), (oh, ow)]
 /// for every tap and position that reads that pixel.
-fn col2im_add<T: Float>(g: &ConvGeometry, cols: &[T], image: &mut [T]) {
+///
+/// Row r of the columns is cols[r·row_stride..][..Ho·Wo]: `row_stride` is
+/// Ho·Wo for one image's own matrix, or N·Ho·Wo for image n's segment of a
+/// batch's columns laid side by side (cols starting at n·Ho·Wo).
+fn col2im_add<T: Float>(g: &ConvGeometry, cols: &[T], row_stride: usize, image: &mut [T]) {
     let [out_h, out_w] = g.out_size;
     let [in_h, in_w] = g.in_size;
     let positions = g.out_positions();
-    for (row, cols_row) in cols.chunks(positions).enumerate() {
+    for row in 0..g.col_rows() {
+        let cols_row = &cols[row * row_stride..][..positions];
         let (c, i, j) = tap_of_row(g, row);
         let plane = &mut image[c * g.in_pixels()..][..g.in_pixels()];
         let offset = [i * g.dilation[0], j * g.dilation[1]];
