@@ -237,7 +237,11 @@ fn backward_weight_in_chunks<T: Float>(
     check_lengths(g, Some(x), None, Some(dy));
     let (rows, positions) = (g.col_rows(), g.out_positions());
     let (image_len, grid_len) = (g.in_channels * g.in_pixels(), g.out_channels * positions);
-    let mut dw = vec![T::ZERO; g.out_channels * rows];
+    // Computed as dWᵀ [C·kh·kw, O] = cols · dyᵀ: the GEMM then streams the
+    // long im2col matrix along its rows and only transposes the narrow dy
+    // (as dW = dy · colsᵀ it packed all of cols through a transposed view,
+    // half of this kernel's time).
+    let mut dw_t = vec![T::ZERO; rows * g.out_channels];
     let images_per_chunk = (max_cols / (rows * positions)).max(1);
     let mut first = 0;
     while first < g.batch {
@@ -250,13 +254,19 @@ fn backward_weight_in_chunks<T: Float>(
         // dy [N, O, P] → [O, N·P], matching the columns.
         let dy_rows = grid_as_rows(g, dy_chunk);
         gemm_into(
-            &mut dw,
-            Mat::row_major(&dy_rows, g.out_channels, width),
-            Mat::row_major(&cols, rows, width).transposed(),
+            &mut dw_t,
+            Mat::row_major(&cols, rows, width),
+            Mat::row_major(&dy_rows, g.out_channels, width).transposed(),
             first > 0,
             gemm_parallelism(g.out_channels * rows * width),
         );
         first += images;
+    }
+    let mut dw = vec![T::ZERO; g.out_channels * rows];
+    for (o, dw_row) in dw.chunks_mut(rows).enumerate() {
+        for (r, v) in dw_row.iter_mut().enumerate() {
+            *v = dw_t[r * g.out_channels + o];
+        }
     }
     dw
 }
