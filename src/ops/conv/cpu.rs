@@ -237,11 +237,14 @@ fn backward_weight_in_chunks<T: Float>(
     check_lengths(g, Some(x), None, Some(dy));
     let (rows, positions) = (g.col_rows(), g.out_positions());
     let (image_len, grid_len) = (g.in_channels * g.in_pixels(), g.out_channels * positions);
-    // Computed as dWᵀ [C·kh·kw, O] = cols · dyᵀ: the GEMM then streams the
-    // long im2col matrix along its rows and only transposes the narrow dy
-    // (as dW = dy · colsᵀ it packed all of cols through a transposed view,
-    // half of this kernel's time).
-    let mut dw_t = vec![T::ZERO; rows * g.out_channels];
+    // The GEMM packs a transposed operand through strided reads, which is
+    // slow for a long one: transpose whichever of cols [C·kh·kw, N·P] and
+    // dy [O, N·P] is smaller. With more taps than output channels (DCGAN's
+    // D2: 1024 vs 128) that is dy, so dWᵀ = cols · dyᵀ is computed (as
+    // dW = dy · colsᵀ it spent half its time packing cols); otherwise
+    // (D1: 16 taps, 64 channels) dW = dy · colsᵀ directly.
+    let transposed_out = rows > g.out_channels;
+    let mut dw = vec![T::ZERO; g.out_channels * rows];
     let images_per_chunk = (max_cols / (rows * positions)).max(1);
     let mut first = 0;
     while first < g.batch {
@@ -253,22 +256,28 @@ fn backward_weight_in_chunks<T: Float>(
         let cols = im2col_batch(g, x_chunk);
         // dy [N, O, P] → [O, N·P], matching the columns.
         let dy_rows = grid_as_rows(g, dy_chunk);
-        gemm_into(
-            &mut dw_t,
-            Mat::row_major(&cols, rows, width),
-            Mat::row_major(&dy_rows, g.out_channels, width).transposed(),
-            first > 0,
-            gemm_parallelism(g.out_channels * rows * width),
-        );
+        let cols = Mat::row_major(&cols, rows, width);
+        let dy_rows = Mat::row_major(&dy_rows, g.out_channels, width);
+        let (a, b) = if transposed_out {
+            (cols, dy_rows.transposed())
+        } else {
+            (dy_rows, cols.transposed())
+        };
+        let macs = g.out_channels * rows * width;
+        gemm_into(&mut dw, a, b, first > 0, gemm_parallelism(macs));
         first += images;
     }
-    let mut dw = vec![T::ZERO; g.out_channels * rows];
-    for (o, dw_row) in dw.chunks_mut(rows).enumerate() {
-        for (r, v) in dw_row.iter_mut().enumerate() {
-            *v = dw_t[r * g.out_channels + o];
+    if !transposed_out {
+        return dw;
+    }
+    // dw holds dWᵀ [C·kh·kw, O]: lay it out as dW [O, C·kh·kw].
+    let mut out = vec![T::ZERO; g.out_channels * rows];
+    for (o, out_row) in out.chunks_mut(rows).enumerate() {
+        for (r, v) in out_row.iter_mut().enumerate() {
+            *v = dw[r * g.out_channels + o];
         }
     }
-    dw
+    out
 }
 
 /// dL/db[c] = Σ_{n,p} dy[n, c, p] for dy [batch, channels, pixels], summed in f64.
