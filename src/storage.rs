@@ -245,20 +245,13 @@ pub fn tanh_f32(x: f32) -> f32 {
     m / (m + 2.0)
 }
 
-/// eʸ − 1 for |y| ≤ 18, branch-free: eʸ − 1 = 2ᵏ·(eʳ − 1) + (2ᵏ − 1) with
-/// the reduction of [`reduce_exp`], which has no cancellation when k = 0.
+/// eʸ − 1 for |y| ≤ 18, branch-free: y = k·ln2 + r with |r| ≤ ln2/2, then
+/// eʸ − 1 = 2ᵏ·(eʳ − 1) + (2ᵏ − 1), which has no cancellation when k = 0.
+/// ln 2 is split in two (Cody–Waite) so that k·LN2_HI is exact, and eʳ − 1
+/// comes from its Taylor series to r⁹ (the next term is below f32's
+/// resolution at |r| ≤ 0.35). NaN gives k = 0 and a NaN result.
 #[inline]
 fn expm1_f32(y: f32) -> f32 {
-    let (k, expm1_r) = reduce_exp(y);
-    let two_k = f32::from_bits(((k + 127) as u32) << 23);
-    two_k * expm1_r + (two_k - 1.0)
-}
-
-/// y = k·ln2 + r with |r| ≤ ln2/2 (Cody–Waite: ln 2 split in two so that
-/// k·LN2_HI is exact), and eʳ − 1 from its Taylor series to r⁹ (the next term
-/// is below f32's resolution at |r| ≤ 0.35). NaN gives k = 0 and a NaN series.
-#[inline]
-fn reduce_exp(y: f32) -> (i32, f32) {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     let k = (y * std::f32::consts::LOG2_E + 0.5f32.copysign(y)) as i32;
@@ -269,7 +262,8 @@ fn reduce_exp(y: f32) -> (i32, f32) {
     for factorial in [40_320.0, 5_040.0, 720.0, 120.0, 24.0, 6.0, 2.0, 1.0] {
         p = p * r + 1.0 / factorial;
     }
-    (k, p * r)
+    let two_k = f32::from_bits(((k + 127) as u32) << 23);
+    two_k * (p * r) + (two_k - 1.0)
 }
 
 /// The error function, accurate to about 1e-15, for the exact GELU (the

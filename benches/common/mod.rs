@@ -327,33 +327,31 @@ impl Bench {
 
     /// Attaches a baseline time to the record of `case` on `target`.
     pub fn set_baseline(&mut self, target: &Target, case: &Case, name: &str, seconds: f64) {
+        let Some(record) = self.record_mut(target, case) else {
+            return;
+        };
+        record.baseline = Some((name.to_string(), seconds));
+        let record = record.clone();
+        eprintln!("  {}", render_row(&record, &self.report.peaks));
+    }
+
+    /// The latest record of `case` on `target`.
+    fn record_mut(&mut self, target: &Target, case: &Case) -> Option<&mut Record> {
         let device = target.label();
-        if let Some(record) = self
-            .report
+        self.report
             .records
             .iter_mut()
             .rev()
             .find(|r| r.kernel == case.kernel && r.shape == case.shape && r.device == device)
-        {
-            record.baseline = Some((name.to_string(), seconds));
-            let row = render_row(record, &self.report.peaks);
-            eprintln!("  {row}");
-        }
     }
 
     /// Records the check of the case just timed on `target` (see [`compare`]).
     pub fn check(&mut self, target: &Target, case: &Case, outcome: Result<(), String>) {
-        let device = target.label();
-        let Some(record) = self
-            .report
-            .records
-            .iter_mut()
-            .rev()
-            .find(|r| r.kernel == case.kernel && r.shape == case.shape && r.device == device)
-        else {
+        let Some(record) = self.record_mut(target, case) else {
             return;
         };
         if let Err(e) = &outcome {
+            let device = target.label();
             eprintln!("  WRONG: {} {} [{device}]: {e}", case.kernel, case.shape);
         }
         record.check = Some(outcome.err().unwrap_or_else(|| "ok".into()));

@@ -556,18 +556,24 @@ fn operand_list<'a>(
 
 /// Gradients of the inputs that need one (`inputs` is [x, weight] or [x, weight, bias]).
 /// Each closure runs only if its input requires grad: the first layer of a
-/// network, for example, needs no dL/dx.
+/// network, for example, needs no dL/dx. The bias gradient is the same rule
+/// for conv2d and conv_transpose2d, dL/db = Σ_{n,h,w} dL/dy, one value per
+/// channel of `grad` [N, C, H, W].
 fn input_grads(
     inputs: &[Tensor],
+    grad: &Tensor,
     dx: impl FnOnce() -> Result<Tensor>,
     dweight: impl FnOnce() -> Result<Tensor>,
-    dbias: impl FnOnce() -> Result<Tensor>,
 ) -> Result<Vec<Option<Tensor>>> {
     let mut grads = vec![
         inputs[0].requires_grad().then(dx).transpose()?,
         inputs[1].requires_grad().then(dweight).transpose()?,
     ];
     if let Some(bias) = inputs.get(2) {
+        let dbias = || -> Result<Tensor> {
+            let channels = Shape::new([grad.dims()[1]]);
+            Ok(Tensor::from_result(run_bias_grad(grad)?, channels))
+        };
         grads.push(bias.requires_grad().then(dbias).transpose()?);
     }
     Ok(grads)
@@ -588,6 +594,7 @@ impl Backward for Conv2dBackward {
         let (x, weight) = (&inputs[0], &inputs[1]);
         input_grads(
             inputs,
+            grad,
             || {
                 let dx = run_conv2d_backward_data(g, grad, weight, None)?;
                 Ok(Tensor::from_result(dx, g.input_shape()))
@@ -595,12 +602,6 @@ impl Backward for Conv2dBackward {
             || {
                 let dw = run_conv2d_backward_weight(g, x, grad)?;
                 Ok(Tensor::from_result(dw, g.weight_shape()))
-            },
-            || {
-                Ok(Tensor::from_result(
-                    run_bias_grad(grad)?,
-                    Shape::new([g.out_channels]),
-                ))
             },
         )
     }
@@ -622,6 +623,7 @@ impl Backward for ConvTranspose2dBackward {
         let (x, weight) = (&inputs[0], &inputs[1]);
         input_grads(
             inputs,
+            grad,
             || {
                 let dx = run_conv2d_forward(Conv2dForwardKernel::ENGINE, g, grad, weight, None)?;
                 Ok(Tensor::from_result(dx, g.output_shape()))
@@ -629,12 +631,6 @@ impl Backward for ConvTranspose2dBackward {
             || {
                 let dw = run_conv2d_backward_weight(g, grad, x)?;
                 Ok(Tensor::from_result(dw, g.weight_shape()))
-            },
-            || {
-                Ok(Tensor::from_result(
-                    run_bias_grad(grad)?,
-                    Shape::new([g.in_channels]),
-                ))
             },
         )
     }
