@@ -65,6 +65,25 @@ fn scalar_shape() -> Shape {
     Shape::new(Vec::new())
 }
 
+/// The rank-0 value scale · Σ term(a, b) of an element-wise loss of two
+/// operands on one device: `on_cpu` sums on the host; on CUDA the `kind`
+/// partials kernel does, and reports None when it flagged a bad target.
+fn elementwise_loss_value(
+    a: &Tensor,
+    b: &Tensor,
+    kind: ElementwiseLoss,
+    scale: f64,
+    on_cpu: impl FnOnce(&CpuStorage, &CpuStorage) -> Result<CpuStorage>,
+) -> Result<Option<Storage>> {
+    Ok(match (&*a.storage(), &*b.storage()) {
+        (Storage::Cpu(x), Storage::Cpu(y)) => Some(Storage::Cpu(on_cpu(x, y)?)),
+        (Storage::Cuda(x), Storage::Cuda(y)) => {
+            cuda::elementwise_loss(kind, x, y, scale)?.map(Storage::Cuda)
+        }
+        _ => unreachable!("check_operands put both operands on one device"),
+    })
+}
+
 /// The upstream gradient of a loss on CUDA, as the device buffer the
 /// backward kernels read it from.
 fn upstream_on_device<'a>(
@@ -90,18 +109,12 @@ impl Tensor {
         check_operands(OP, &[self, target])?;
         check_same_shape(OP, self, target, "target")?;
         let scale = reduction.scale(OP, self.numel(), "elements", self.shape())?;
-        let value = match (&*self.storage(), &*target.storage()) {
-            (Storage::Cpu(x), Storage::Cpu(y)) => {
-                Storage::Cpu(float_slice2!(OP, x, y, |xv, yv| CpuStorage::from(vec![
-                    cpu::mse(xv, yv, scale)
-                ])))
-            }
-            (Storage::Cuda(x), Storage::Cuda(y)) => Storage::Cuda(
-                cuda::elementwise_loss(ElementwiseLoss::Mse, x, y, scale)?
-                    .expect("mse checks no target values"),
-            ),
-            _ => unreachable!("check_operands put both operands on one device"),
-        };
+        let value = elementwise_loss_value(self, target, ElementwiseLoss::Mse, scale, |x, y| {
+            Ok(float_slice2!(OP, x, y, |xv, yv| CpuStorage::from(vec![
+                cpu::mse(xv, yv, scale)
+            ])))
+        })?
+        .expect("mse checks no target values");
         Ok(Tensor::from_op(
             value,
             scalar_shape(),
@@ -119,25 +132,18 @@ impl Tensor {
         check_operands(OP, &[self, target])?;
         check_same_shape(OP, self, target, "target")?;
         let scale = reduction.scale(OP, self.numel(), "elements", self.shape())?;
-        let value = match (&*self.storage(), &*target.storage()) {
-            (Storage::Cpu(x), Storage::Cpu(y)) => {
-                check_probabilities(OP, y, target.dims())?;
-                Storage::Cpu(float_slice2!(OP, x, y, |xv, yv| CpuStorage::from(vec![
-                    cpu::bce_with_logits(xv, yv, scale)
-                ])))
-            }
-            // The kernel flags targets outside [0, 1]; only then are they copied
-            // to the host, to name the first one as the CPU path does.
-            (Storage::Cuda(x), Storage::Cuda(y)) => {
-                match cuda::elementwise_loss(ElementwiseLoss::BceWithLogits, x, y, scale)? {
-                    Some(loss) => Storage::Cuda(loss),
-                    None => {
-                        check_probabilities(OP, &y.to_cpu()?, target.dims())?;
-                        return Err(Error::invalid(OP, "a target value is not in [0, 1]"));
-                    }
-                }
-            }
-            _ => unreachable!("check_operands put both operands on one device"),
+        let kind = ElementwiseLoss::BceWithLogits;
+        let value = elementwise_loss_value(self, target, kind, scale, |x, y| {
+            check_probabilities(OP, y, target.dims())?;
+            Ok(float_slice2!(OP, x, y, |xv, yv| CpuStorage::from(vec![
+                cpu::bce_with_logits(xv, yv, scale)
+            ])))
+        })?;
+        // The CUDA kernel flags targets outside [0, 1]; only then are they
+        // copied to the host, to name the first one as the CPU path does.
+        let Some(value) = value else {
+            check_probabilities(OP, &target.host_storage()?, target.dims())?;
+            return Err(Error::invalid(OP, "a target value is not in [0, 1]"));
         };
         Ok(Tensor::from_op(
             value,
@@ -236,18 +242,13 @@ impl Tensor {
             ));
         };
         let scale = reduction.scale(OP, rows, "rows", mu.shape())?;
-        let value = match (&*mu.storage(), &*logvar.storage()) {
-            (Storage::Cpu(m), Storage::Cpu(lv)) => {
-                Storage::Cpu(float_slice2!(OP, m, lv, |mv, lvv| CpuStorage::from(vec![
-                    cpu::gaussian_kl(mv, lvv, scale)
-                ])))
-            }
-            (Storage::Cuda(m), Storage::Cuda(lv)) => Storage::Cuda(
-                cuda::elementwise_loss(ElementwiseLoss::GaussianKl, m, lv, scale)?
-                    .expect("gaussian_kl checks no input values"),
-            ),
-            _ => unreachable!("check_operands put both operands on one device"),
-        };
+        let kind = ElementwiseLoss::GaussianKl;
+        let value = elementwise_loss_value(mu, logvar, kind, scale, |m, lv| {
+            Ok(float_slice2!(OP, m, lv, |mv, lvv| CpuStorage::from(vec![
+                cpu::gaussian_kl(mv, lvv, scale)
+            ])))
+        })?
+        .expect("gaussian_kl checks no input values");
         Ok(Tensor::from_op(
             value,
             scalar_shape(),
