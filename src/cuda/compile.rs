@@ -158,7 +158,7 @@ pub fn ptx_for(file: &str, arch: &str) -> Result<Ptx> {
     Ok(Ptx::from_src(ptx))
 }
 
-fn cache_dir() -> Option<PathBuf> {
+pub(crate) fn cache_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("KILN_CACHE_DIR") {
         return Some(PathBuf::from(dir));
     }
@@ -170,7 +170,7 @@ fn cache_dir() -> Option<PathBuf> {
 
 /// FNV-1a: a tiny, stable hash (the standard library's hasher may change
 /// between Rust versions, which would silently invalidate the cache).
-fn fnv1a64(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {
         hash ^= b as u64;

@@ -2,21 +2,29 @@
 //! a caching allocator, and kernel launches with `#[repr(C)]` parameter
 //! structs. The driver library is loaded at run time, so kiln builds and
 //! runs on machines without CUDA; asking for a device there is an error.
+//!
+//! With `KILN_CUDA=emulate`, `cuda:0` is instead an emulated device whose
+//! driver calls run on the CPU (see [`emulator`]); everything in this module
+//! above [`driver::Driver`] is the same code for both.
 
 mod alloc;
 pub mod compile;
+mod driver;
+pub mod emulator;
+mod hardware;
+pub mod source;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaStream, DeviceRepr, LaunchConfig};
 
 use alloc::Allocator;
 pub use alloc::MemoryStats;
+use driver::Driver;
+use hardware::HardwareDriver;
 
 use crate::error::{Error, Result};
 use crate::storage::CpuStorage;
@@ -37,31 +45,56 @@ pub fn set_poison_allocations(enabled: bool) {
     POISON.store(enabled, Ordering::Relaxed);
 }
 
+/// Which device `cuda:N` means: the GPU (the default) or the emulator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Hardware,
+    Emulated,
+}
+
+/// The backend `KILN_CUDA` selects: unset, empty or `hardware` for the GPU,
+/// `emulate` for the CPU emulator; anything else is an error.
+pub fn backend() -> Result<Backend> {
+    match std::env::var("KILN_CUDA").ok().as_deref().map(str::trim) {
+        None | Some("") | Some("hardware") => Ok(Backend::Hardware),
+        Some("emulate") => Ok(Backend::Emulated),
+        Some(other) => Err(Error::Cuda {
+            op: "cuda",
+            msg: format!(
+                "KILN_CUDA={other} is not a backend: unset it for the GPU, or set KILN_CUDA=emulate to run \
+                 kernels on the CPU emulator"
+            ),
+        }),
+    }
+}
+
 /// True if the CUDA driver library can be loaded (says nothing about devices).
 pub fn driver_available() -> bool {
     // SAFETY: only tries to dlopen the library; no symbol is called.
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
-/// Number of CUDA devices; 0 where there is no driver.
+/// Number of CUDA devices: 1 under the emulator, else 0 where there is no driver.
 pub fn device_count() -> usize {
-    if !driver_available() {
-        return 0;
+    match backend() {
+        Ok(Backend::Emulated) => 1,
+        Err(_) => 0,
+        Ok(Backend::Hardware) => {
+            if !driver_available() {
+                return 0;
+            }
+            cudarc::driver::CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+        }
     }
-    CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
 }
 
-/// One GPU: its context, the stream every kernel runs on, compiled modules
-/// and the allocator.
+/// One CUDA device, real or emulated: its driver, compiled kernels and allocator.
 pub struct CudaDevice {
     ordinal: usize,
     name: String,
     /// e.g. "sm_90", the architecture kernels are compiled for.
     arch: String,
-    context: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
+    driver: Driver,
     allocator: Allocator,
 }
 
@@ -74,12 +107,40 @@ pub fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
     if let Some(device) = devices.get(&ordinal) {
         return Ok(device.clone());
     }
+    let device = Arc::new(match backend()? {
+        Backend::Emulated => open_emulated(ordinal)?,
+        Backend::Hardware => open_hardware(ordinal)?,
+    });
+    devices.insert(ordinal, device.clone());
+    Ok(device)
+}
+
+fn open_emulated(ordinal: usize) -> Result<CudaDevice> {
+    let fail = |msg: String| Error::Cuda { op: "cuda", msg };
+    if ordinal != 0 {
+        return Err(fail(format!(
+            "cuda:{ordinal} requested but the emulator (KILN_CUDA=emulate) provides cuda:0 only"
+        )));
+    }
+    let arch = emulator::emulated_arch().map_err(fail)?;
+    let driver = emulator::Emulator::new().map_err(fail)?;
+    Ok(CudaDevice {
+        ordinal,
+        name: format!("kiln CUDA emulator ({arch}, kernels compiled for the host CPU)"),
+        arch,
+        driver: Driver::Emulated(driver),
+        allocator: Allocator::default(),
+    })
+}
+
+fn open_hardware(ordinal: usize) -> Result<CudaDevice> {
     if !driver_available() {
         return Err(Error::Cuda {
             op: "cuda",
             msg: format!(
                 "no CUDA driver found (libcuda.so could not be loaded), so cuda:{ordinal} is unavailable; \
-                 run on a machine with an NVIDIA GPU and driver, or use Device::Cpu"
+                 run on a machine with an NVIDIA GPU and driver, set KILN_CUDA=emulate to run kernels on \
+                 the CPU emulator, or use Device::Cpu"
             ),
         });
     }
@@ -92,27 +153,14 @@ pub fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
             ),
         });
     }
-    let context =
-        CudaContext::new(ordinal).map_err(|e| cuda_error("cuda", "creating the context", e))?;
-    let name = context
-        .name()
-        .map_err(|e| cuda_error("cuda", "reading the device name", e))?;
-    let (major, minor) = context
-        .compute_capability()
-        .map_err(|e| cuda_error("cuda", "reading the compute capability", e))?;
-    let stream = context.default_stream();
-    let device = Arc::new(CudaDevice {
+    let (driver, name, arch) = HardwareDriver::open(ordinal)?;
+    Ok(CudaDevice {
         ordinal,
         name,
-        arch: format!("sm_{major}{minor}"),
-        context,
-        stream,
-        modules: Mutex::default(),
-        functions: Mutex::default(),
+        arch,
+        driver: Driver::Hardware(driver),
         allocator: Allocator::default(),
-    });
-    devices.insert(ordinal, device.clone());
-    Ok(device)
+    })
 }
 
 impl CudaDevice {
@@ -129,67 +177,27 @@ impl CudaDevice {
         &self.arch
     }
 
+    /// Whether this device is the CPU emulator.
+    pub fn is_emulated(&self) -> bool {
+        matches!(self.driver, Driver::Emulated(_))
+    }
+
     pub fn memory_stats(&self) -> MemoryStats {
         self.allocator.stats()
     }
 
     /// Waits for every queued kernel and copy.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(|e| cuda_error("synchronize", "stream synchronize", e))
+        self.driver.synchronize()
     }
 
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
-    }
-
-    fn bind(&self, op: &'static str) -> Result<()> {
-        self.context
-            .bind_to_thread()
-            .map_err(|e| cuda_error(op, "binding the CUDA context", e))
-    }
-
-    /// `kernel` from `kernels/<file>`, compiling the file on first use.
-    fn function(&self, file: &'static str, kernel: &'static str) -> Result<CudaFunction> {
-        if let Some(f) = self
-            .functions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&(file, kernel))
-        {
-            return Ok(f.clone());
+    /// The CUDA stream every kernel runs on, for code that calls other CUDA
+    /// libraries in order with kiln's kernels; None on the emulator.
+    pub fn stream(&self) -> Option<&Arc<CudaStream>> {
+        match &self.driver {
+            Driver::Hardware(h) => Some(h.stream()),
+            Driver::Emulated(_) => None,
         }
-        let module = {
-            let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
-            match modules.get(file) {
-                Some(m) => m.clone(),
-                None => {
-                    let ptx = compile::ptx_for(file, &self.arch)?;
-                    let module = self.context.load_module(ptx).map_err(|e| {
-                        cuda_error(
-                            "cuda",
-                            &format!("loading kernels/{file} (PTX newer than the driver?)"),
-                            e,
-                        )
-                    })?;
-                    modules.insert(file, module.clone());
-                    module
-                }
-            }
-        };
-        let function = module.load_function(kernel).map_err(|e| {
-            cuda_error(
-                "cuda",
-                &format!("kernel {kernel} not found in kernels/{file}"),
-                e,
-            )
-        })?;
-        self.functions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert((file, kernel), function.clone());
-        Ok(function)
     }
 
     /// Launches `kernel` of `kernels/<file>` with one by-value parameter
@@ -204,15 +212,7 @@ impl CudaDevice {
         if config.grid_dim.0 == 0 || config.block_dim.0 == 0 {
             return Ok(());
         }
-        self.bind(kernel)?;
-        let function = self.function(file, kernel)?;
-        let mut builder = self.stream.launch_builder(&function);
-        builder.arg(&params);
-        // SAFETY: `P` mirrors the kernel's parameter struct (KernelParams'
-        // contract); every pointer in it refers to live device buffers that
-        // outlive the launch on this stream.
-        unsafe { builder.launch(config) }.map_err(|e| cuda_error(kernel, "kernel launch", e))?;
-        Ok(())
+        self.driver.launch(file, kernel, config, params)
     }
 }
 
@@ -276,25 +276,18 @@ impl Drop for CudaStorage {
 
 impl CudaStorage {
     /// `len` elements of `dtype`, uninitialised (kernels write every element;
-    /// with [`set_poison_allocations`] every new buffer starts as NaN bytes).
+    /// with [`set_poison_allocations`], and always on the emulator, every new
+    /// buffer starts as NaN bytes).
     pub fn alloc(device: &Arc<CudaDevice>, dtype: DType, len: usize) -> Result<Self> {
-        device.bind("alloc")?;
         let bytes = len * dtype.size_in_bytes();
+        let driver = &device.driver;
         let (ptr, class) = device
             .allocator
-            .allocate(
-                bytes,
-                // SAFETY: a plain allocation in the bound context.
-                |b| unsafe { cudarc::driver::result::malloc_sync(b) },
-                // SAFETY: blocks on the free list are referenced by no tensor.
-                |p| unsafe {
-                    let _ = cudarc::driver::result::free_sync(p);
-                },
-            )
+            .allocate(bytes, |b| driver.malloc(b), |p| driver.free(p))
             .map_err(|e| Error::Cuda {
                 op: "alloc",
                 msg: format!(
-                    "out of device memory allocating {bytes} bytes on cuda:{} ({:?}): {e:?}",
+                    "out of device memory allocating {bytes} bytes on cuda:{} ({:?}): {e}",
                     device.ordinal,
                     device.memory_stats()
                 ),
@@ -306,13 +299,10 @@ impl CudaStorage {
             len,
             device: device.clone(),
         };
-        if POISON.load(Ordering::Relaxed) && class > 0 {
-            // SAFETY: the block holds `class` bytes; ordered on the stream.
-            unsafe {
-                cudarc::driver::result::memset_d8_async(ptr, 0xFF, class, device.stream.cu_stream())
-            }
-            .map_err(|e| cuda_error("alloc", "poisoning memset", e))?;
+        if (POISON.load(Ordering::Relaxed) || device.is_emulated()) && class > 0 {
+            driver.memset(ptr, 0xFF, class)?;
         }
+        driver.hand_out(ptr, bytes);
         Ok(storage)
     }
 
@@ -321,16 +311,7 @@ impl CudaStorage {
         let storage = Self::alloc(device, dtype, len)?;
         let bytes = len * dtype.size_in_bytes();
         if bytes > 0 {
-            // SAFETY: the block holds at least `bytes`; queued on the stream like every kernel.
-            unsafe {
-                cudarc::driver::result::memset_d8_async(
-                    storage.ptr,
-                    0,
-                    bytes,
-                    device.stream.cu_stream(),
-                )
-            }
-            .map_err(|e| cuda_error("zeros", "memset", e))?;
+            device.driver.memset(storage.ptr, 0, bytes)?;
         }
         Ok(storage)
     }
@@ -339,49 +320,31 @@ impl CudaStorage {
     pub fn from_cpu(device: &Arc<CudaDevice>, cpu: &CpuStorage) -> Result<Self> {
         let storage = Self::alloc(device, cpu.dtype(), cpu.len())?;
         if !cpu.is_empty() {
-            let stream = device.stream.cu_stream();
-            // SAFETY: sizes match; the synchronize below keeps the host slice
-            // alive until the copy has finished.
-            let copied = unsafe {
-                match cpu {
-                    CpuStorage::F32(v) => {
-                        cudarc::driver::result::memcpy_htod_async(storage.ptr, v, stream)
-                    }
-                    CpuStorage::F64(v) => {
-                        cudarc::driver::result::memcpy_htod_async(storage.ptr, v, stream)
-                    }
-                    CpuStorage::U32(v) => {
-                        cudarc::driver::result::memcpy_htod_async(storage.ptr, v, stream)
-                    }
-                }
+            let bytes: &[u8] = match cpu {
+                CpuStorage::F32(v) => bytemuck::cast_slice(v),
+                CpuStorage::F64(v) => bytemuck::cast_slice(v),
+                CpuStorage::U32(v) => bytemuck::cast_slice(v),
             };
-            copied.map_err(|e| cuda_error("to_device", "host to device copy", e))?;
-            device.synchronize()?;
+            device.driver.copy_to_device(storage.ptr, bytes)?;
         }
         Ok(storage)
     }
 
     /// Copies the values back to the host (waits for queued kernels).
     pub fn to_cpu(&self) -> Result<CpuStorage> {
-        self.device.bind("to_cpu")?;
-        let stream = self.device.stream.cu_stream();
-        fn read<T: Default + Clone>(
-            s: &CudaStorage,
-            stream: cudarc::driver::sys::CUstream,
-        ) -> Result<Vec<T>> {
+        fn read<T: bytemuck::Pod + Default>(s: &CudaStorage) -> Result<Vec<T>> {
             let mut host = vec![T::default(); s.len];
             if s.len > 0 {
-                // SAFETY: the block holds `len` values of T; synchronised below before `host` is read.
-                unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut host, s.ptr, stream) }
-                    .map_err(|e| cuda_error("to_cpu", "device to host copy", e))?;
-                s.device.synchronize()?;
+                s.device
+                    .driver
+                    .copy_to_host(bytemuck::cast_slice_mut(&mut host), s.ptr)?;
             }
             Ok(host)
         }
         Ok(match self.dtype {
-            DType::F32 => CpuStorage::F32(read(self, stream)?),
-            DType::F64 => CpuStorage::F64(read(self, stream)?),
-            DType::U32 => CpuStorage::U32(read(self, stream)?),
+            DType::F32 => CpuStorage::F32(read(self)?),
+            DType::F64 => CpuStorage::F64(read(self)?),
+            DType::U32 => CpuStorage::U32(read(self)?),
             other => return Err(Error::unsupported_dtype("to_cpu", other)),
         })
     }
@@ -391,16 +354,9 @@ impl CudaStorage {
         let copy = Self::alloc(&self.device, self.dtype, self.len)?;
         let bytes = self.len * self.dtype.size_in_bytes();
         if bytes > 0 {
-            // SAFETY: both blocks hold `bytes`; ordered on the stream.
-            unsafe {
-                cudarc::driver::result::memcpy_dtod_async(
-                    copy.ptr,
-                    self.ptr,
-                    bytes,
-                    self.device.stream.cu_stream(),
-                )
-            }
-            .map_err(|e| cuda_error("clone", "device to device copy", e))?;
+            self.device
+                .driver
+                .copy_on_device(copy.ptr, self.ptr, bytes)?;
         }
         Ok(copy)
     }

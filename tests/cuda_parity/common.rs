@@ -2,28 +2,21 @@
 
 use kiln::{DType, Device, Rng, Tensor};
 
-/// The first CUDA device, or None after printing a visible skip message.
-///
-/// With `KILN_PARITY_CPU_STANDIN=1` the CPU stands in for the device: every
-/// parity test then runs CPU against CPU, which proves nothing about kernels
-/// but checks the tests themselves (shapes, expectations, tolerances) on a
-/// machine without a GPU. CI runs them that way too.
+/// The first CUDA device — a GPU, or the emulator under `KILN_CUDA=emulate`
+/// — or None after printing a visible skip message. Each test's log names
+/// the device it ran on.
 pub fn cuda_or_skip(test: &str) -> Option<Device> {
-    if cpu_stands_in() {
-        eprintln!("CPU standing in for CUDA ({test})");
-        return Some(Device::Cpu);
-    }
     if kiln::cuda::device_count() == 0 {
-        eprintln!("skipped: no CUDA device ({test})");
+        eprintln!(
+            "skipped: no CUDA device ({test}); set KILN_CUDA=emulate to run it on the CPU emulator"
+        );
         return None;
     }
     // New device buffers start as NaN so an unwritten element cannot pass.
     kiln::cuda::set_poison_allocations(true);
+    let device = kiln::cuda::device(0).expect("a CUDA device was counted");
+    eprintln!("{test}: running on {}", device.name());
     Some(Device::cuda(0).expect("a CUDA device was counted"))
-}
-
-fn cpu_stands_in() -> bool {
-    std::env::var_os("KILN_PARITY_CPU_STANDIN").is_some_and(|v| v == "1")
 }
 
 /// Fresh N(0, 1) values (never zeros) of `shape` on the CPU, f32.
@@ -46,13 +39,11 @@ pub fn uniform(low: f64, high: f64, shape: &[usize], seed: u64) -> Tensor {
 /// |cuda − cpu| ≤ atol + rtol·|cpu| for every element, and the maximum error.
 pub fn assert_close(what: &str, cpu: &Tensor, cuda: &Tensor, atol: f64, rtol: f64) -> f64 {
     assert_eq!(cpu.dims(), cuda.dims(), "{what}: shape");
-    if !cpu_stands_in() {
-        assert_eq!(
-            cuda.device(),
-            Device::Cuda(0),
-            "{what}: result left the device"
-        );
-    }
+    assert_eq!(
+        cuda.device(),
+        Device::Cuda(0),
+        "{what}: result left the device"
+    );
     let expected = cpu.to_f64_vec();
     let actual = cuda.to_f64_vec();
     let mut worst = 0f64;

@@ -1,0 +1,302 @@
+//! Compiling a kernel file for the host: the unmodified CUDA C of kernels/
+//! (or a registered file), the prelude that maps CUDA C onto C++, and a
+//! generated table of the file's kernels, built into a shared library by
+//! the host C++ compiler and loaded with dlopen.
+//!
+//! Why at run time rather than in build.rs: it mirrors NVRTC (a kernel file
+//! is compiled the first time something launches from it, then cached on
+//! disk by a hash of everything that went in), so a crate build never needs
+//! a C++ compiler, files registered at run time — the emulator's own fault
+//! tests — go through exactly the same path, and an edited kernel is picked
+//! up without rebuilding kiln.
+
+use std::collections::HashMap;
+use std::ffi::{CStr, c_char, c_void};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use crate::cuda::compile::{cache_dir, fnv1a64};
+use crate::cuda::source::kernel_decls;
+use crate::kernels;
+
+use super::scheduler::{ThreadState, runtime_fault, runtime_syncthreads, runtime_warp_op};
+
+/// The header every host-compiled kernel file is built with.
+pub const PRELUDE: &str = include_str!("prelude.h");
+
+/// The host compiler's flags. -O2 because the parity suite runs every
+/// kernel; -g1 so a faulting instruction maps to its source line; no fast
+/// math and no FMA contraction, to stay close to the CPU reference;
+/// alignment and array-bounds sanitizers (the prelude supplies their hooks).
+const FLAGS: &[&str] = &[
+    "-std=c++17",
+    "-O2",
+    "-g1",
+    "-fPIC",
+    "-fvisibility=hidden",
+    "-fno-strict-aliasing",
+    "-fno-fast-math",
+    "-ffp-contract=off",
+    "-fsanitize=alignment,bounds",
+    "-Wno-unknown-pragmas",
+];
+
+/// One kernel's entry in the generated table (mirrors kiln_emu::KernelInfo).
+#[repr(C)]
+struct RawKernelInfo {
+    name: *const c_char,
+    param_size: usize,
+    max_threads_per_block: u32,
+    static_shared_bytes: usize,
+    invoke: unsafe extern "C" fn(*const c_void),
+}
+
+/// What `kiln_emu_module_info` returns (mirrors kiln_emu_module).
+#[repr(C)]
+struct RawModuleInfo {
+    kernels: *const RawKernelInfo,
+    kernel_count: usize,
+    state: *mut ThreadState,
+    runtime: *mut RawRuntime,
+    shared_begin: *mut u8,
+    shared_end: *mut u8,
+}
+
+/// The callbacks the prelude calls (mirrors kiln_emu_runtime).
+#[repr(C)]
+struct RawRuntime {
+    syncthreads: extern "C" fn(*const c_char, i32),
+    warp_op: extern "C" fn(i32, u32, u64, i32, i32, *const c_char, i32) -> u64,
+    fault: extern "C" fn(*const c_char),
+}
+
+/// A kernel of a loaded module.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct HostKernel {
+    pub param_size: usize,
+    pub max_threads_per_block: u32,
+    pub static_shared_bytes: usize,
+    pub invoke: unsafe extern "C" fn(*const c_void),
+}
+
+/// A kernel file compiled for the host and loaded.
+pub(crate) struct HostModule {
+    pub kernels: HashMap<String, HostKernel>,
+    pub state: *mut ThreadState,
+    /// The module's static shared memory (all its kernels' `__shared__`).
+    pub shared: (*mut u8, usize),
+    pub library_path: PathBuf,
+    _library: libloading::Library,
+}
+
+// SAFETY: the raw pointers refer into the loaded library, which lives as
+// long as the module; launches that use them are serialised.
+unsafe impl Send for HostModule {}
+unsafe impl Sync for HostModule {}
+
+/// The C++ compiler: $KILN_CXX, else $CXX, else the first of c++, g++,
+/// clang++ on the PATH.
+fn compiler() -> Result<String, String> {
+    for var in ["KILN_CXX", "CXX"] {
+        if let Some(cxx) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+            return Ok(cxx.to_string_lossy().into_owned());
+        }
+    }
+    for candidate in ["c++", "g++", "clang++"] {
+        if Command::new(candidate).arg("--version").output().is_ok() {
+            return Ok(candidate.to_string());
+        }
+    }
+    Err("the CUDA emulator compiles kernels/ with the host C++ compiler, but none was found: \
+         install one (for example `apt-get install g++`) or set KILN_CXX"
+        .into())
+}
+
+/// The compiler and its `--version` line, found once.
+fn compiler_identity() -> Result<&'static (String, String), String> {
+    static IDENTITY: OnceLock<Result<(String, String), String>> = OnceLock::new();
+    IDENTITY
+        .get_or_init(|| {
+            let cxx = compiler()?;
+            let output = Command::new(&cxx)
+                .arg("--version")
+                .output()
+                .map_err(|e| format!("running the C++ compiler `{cxx} --version`: {e}"))?;
+            let version = String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            Ok((cxx, version))
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// The generated C++ file: prelude, the kernel file, and its kernel table.
+pub fn generated_source(file: &str) -> Result<String, String> {
+    let source = kernels::source(file).ok_or_else(|| format!("no kernel file kernels/{file} in this build"))?;
+    let mut table = String::new();
+    for kernel in kernel_decls(source) {
+        if kernel.dynamic_shared {
+            return Err(format!(
+                "kernels/{file}: kernel {} uses extern __shared__ (dynamic shared memory), which the emulator \
+                 does not support yet",
+                kernel.name
+            ));
+        }
+        let bounds = kernel.launch_bounds.unwrap_or_else(|| "1024".into());
+        let shared: String = kernel
+            .shared_types
+            .iter()
+            .map(|t| format!(" + sizeof({t})"))
+            .collect();
+        table.push_str(&format!(
+            "    KILN_EMU_KERNEL({}, ({bounds}), 0{shared})\n",
+            kernel.name
+        ));
+    }
+    Ok(format!(
+        "// Generated by kiln's CUDA emulator from kernels/{file}.\n\
+         #include \"prelude.h\"\n\
+         #include \"kernels/{file}\"\n\
+         KILN_EMU_DEFINE_MODULE(\n{table})\n"
+    ))
+}
+
+/// Compiles (or finds in the cache) and loads `file`.
+pub(crate) fn load(file: &str) -> Result<HostModule, String> {
+    let generated = generated_source(file)?;
+    let (cxx, version) = compiler_identity()?;
+    let headers: Vec<(&str, &str)> = kernels::KERNEL_SOURCES
+        .iter()
+        .filter(|(name, _)| name.ends_with(".cuh"))
+        .copied()
+        .collect();
+    let source = kernels::source(file).unwrap_or_default();
+    let mut key = format!("{PRELUDE}\0{generated}\0{source}\0{FLAGS:?}\0{cxx}\0{version}");
+    for (name, text) in &headers {
+        key.push_str(&format!("\0{name}\0{text}"));
+    }
+    let digest = fnv1a64(key.as_bytes());
+    let root = cache_dir()
+        .ok_or("no cache directory: set KILN_CACHE_DIR (or HOME) for the emulator's compiled kernels")?
+        .join("emulator");
+    let stem = file.trim_end_matches(".cu");
+    let dir = root.join(format!("{stem}-{digest:016x}"));
+    let library_path = dir.join(format!("{stem}.so"));
+    if !library_path.exists() {
+        build(&root, &dir, file, source, &generated, &headers, cxx)?;
+    }
+    open(&library_path, file)
+}
+
+/// Writes the sources into a fresh folder, compiles, and moves the folder
+/// into place in one rename (so a half-built library is never seen).
+fn build(
+    root: &Path,
+    dir: &Path,
+    file: &str,
+    source: &str,
+    generated: &str,
+    headers: &[(&str, &str)],
+    cxx: &str,
+) -> Result<(), String> {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let work = root.join(format!("tmp-{}-{n}", std::process::id()));
+    let io = |what: &str, e: std::io::Error| format!("emulator cache {}: {what}: {e}", work.display());
+    std::fs::create_dir_all(work.join("kernels")).map_err(|e| io("create", e))?;
+    std::fs::write(work.join("prelude.h"), PRELUDE).map_err(|e| io("write prelude.h", e))?;
+    for (name, text) in headers {
+        std::fs::write(work.join("kernels").join(name), text).map_err(|e| io("write header", e))?;
+    }
+    std::fs::write(work.join("kernels").join(file), source).map_err(|e| io("write source", e))?;
+    std::fs::write(work.join("module.cpp"), generated).map_err(|e| io("write module.cpp", e))?;
+    let stem = file.trim_end_matches(".cu");
+    // Two steps: compiling with -fsanitize would otherwise link the UBSan
+    // runtime, whose hooks the prelude replaces.
+    let compile = Command::new(cxx)
+        .args(FLAGS)
+        .args(["-c", "module.cpp", "-o", "module.o"])
+        .current_dir(&work)
+        .output()
+        .map_err(|e| format!("running the C++ compiler {cxx}: {e}"))?;
+    if !compile.status.success() {
+        let _ = std::fs::remove_dir_all(&work);
+        return Err(format!(
+            "kernels/{file} failed to compile for the emulator ({cxx}):\n{}",
+            String::from_utf8_lossy(&compile.stderr)
+        ));
+    }
+    let link = Command::new(cxx)
+        .args(["-shared", "module.o", "-o", &format!("{stem}.so")])
+        .current_dir(&work)
+        .output()
+        .map_err(|e| format!("running the C++ compiler {cxx} to link: {e}"))?;
+    if !link.status.success() {
+        let _ = std::fs::remove_dir_all(&work);
+        return Err(format!(
+            "kernels/{file}: linking the emulator module failed ({cxx}):\n{}",
+            String::from_utf8_lossy(&link.stderr)
+        ));
+    }
+    if std::fs::rename(&work, dir).is_err() {
+        // Another process finished the same build first; theirs is identical.
+        let _ = std::fs::remove_dir_all(&work);
+        if !dir.join(format!("{stem}.so")).exists() {
+            return Err(format!("emulator cache: could not move the build into {}", dir.display()));
+        }
+    }
+    Ok(())
+}
+
+fn open(library_path: &Path, file: &str) -> Result<HostModule, String> {
+    // SAFETY: the library is kiln's own generated module; its initialisers
+    // are the C++ runtime's and do nothing else.
+    let library = unsafe { libloading::Library::new(library_path) }
+        .map_err(|e| format!("loading the emulator module {}: {e}", library_path.display()))?;
+    // SAFETY: the symbol is defined by KILN_EMU_DEFINE_MODULE with this signature.
+    let info = unsafe {
+        let module_info = library
+            .get::<unsafe extern "C" fn() -> RawModuleInfo>(b"kiln_emu_module_info\0")
+            .map_err(|e| format!("kernels/{file}: the emulator module has no kernel table: {e}"))?;
+        module_info()
+    };
+    // SAFETY: the runtime table is a plain struct of function pointers in the module.
+    unsafe {
+        info.runtime.write(RawRuntime {
+            syncthreads: runtime_syncthreads,
+            warp_op: runtime_warp_op,
+            fault: runtime_fault,
+        });
+    }
+    let mut kernels = HashMap::new();
+    for i in 0..info.kernel_count {
+        // SAFETY: `kernels` points at `kernel_count` entries with C-string names.
+        let raw = unsafe { &*info.kernels.add(i) };
+        let name = unsafe { CStr::from_ptr(raw.name) }.to_string_lossy().into_owned();
+        kernels.insert(
+            name,
+            HostKernel {
+                param_size: raw.param_size,
+                max_threads_per_block: raw.max_threads_per_block,
+                static_shared_bytes: raw.static_shared_bytes,
+                invoke: raw.invoke,
+            },
+        );
+    }
+    let shared_len = if info.shared_begin.is_null() {
+        0
+    } else {
+        info.shared_end as usize - info.shared_begin as usize
+    };
+    Ok(HostModule {
+        kernels,
+        state: info.state,
+        shared: (info.shared_begin, shared_len),
+        library_path: library_path.to_path_buf(),
+        _library: library,
+    })
+}
