@@ -60,6 +60,11 @@ fn compare(
         "{what}: loss"
     );
     for ((name, c), (_, g)) in cpu_state.iter().zip(&cuda_state) {
+        if name.ends_with("num_batches_tracked") {
+            // A host-side counter by design (counting costs no device sync).
+            assert_eq!(c.to_f64_vec(), g.to_f64_vec(), "{what} {name}");
+            continue;
+        }
         // One Adam step moves each weight by about lr; 1e-4 absolute keeps that visible.
         assert_close(
             &format!("{what} {name}"),

@@ -42,6 +42,20 @@ const FLAGS: &[&str] = &[
     "-Wno-unknown-pragmas",
 ];
 
+/// GCC puts a static local of an inline function (a `__shared__` array in a
+/// `__device__` helper) in a COMDAT group, which cannot share the prelude's
+/// shared-memory section with other statics; one module is one translation
+/// unit, so weak definitions are not needed. Clang has no such conflict.
+const GCC_FLAGS: &[&str] = &["-fno-weak"];
+
+fn compile_flags(version: &str) -> Vec<&'static str> {
+    let mut flags = FLAGS.to_vec();
+    if !version.contains("clang") {
+        flags.extend_from_slice(GCC_FLAGS);
+    }
+    flags
+}
+
 /// One kernel's entry in the generated table (mirrors kiln_emu::KernelInfo).
 #[repr(C)]
 struct RawKernelInfo {
@@ -165,6 +179,15 @@ pub fn generated_source(file: &str) -> Result<String, String> {
     ))
 }
 
+/// `$KILN_CACHE_DIR/emulator`, else `emulator` beside the PTX cache
+/// (`~/.cache/kiln/emulator`).
+fn emulator_cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("KILN_CACHE_DIR") {
+        return Some(PathBuf::from(dir).join("emulator"));
+    }
+    Some(cache_dir()?.parent()?.join("emulator"))
+}
+
 /// Compiles (or finds in the cache) and loads `file`.
 pub(crate) fn load(file: &str) -> Result<HostModule, String> {
     let generated = generated_source(file)?;
@@ -175,19 +198,19 @@ pub(crate) fn load(file: &str) -> Result<HostModule, String> {
         .copied()
         .collect();
     let source = kernels::source(file).unwrap_or_default();
-    let mut key = format!("{PRELUDE}\0{generated}\0{source}\0{FLAGS:?}\0{cxx}\0{version}");
+    let flags = compile_flags(version);
+    let mut key = format!("{PRELUDE}\0{generated}\0{source}\0{flags:?}\0{cxx}\0{version}");
     for (name, text) in &headers {
         key.push_str(&format!("\0{name}\0{text}"));
     }
     let digest = fnv1a64(key.as_bytes());
-    let root = cache_dir()
-        .ok_or("no cache directory: set KILN_CACHE_DIR (or HOME) for the emulator's compiled kernels")?
-        .join("emulator");
+    let root = emulator_cache_dir()
+        .ok_or("no cache directory: set KILN_CACHE_DIR (or HOME) for the emulator's compiled kernels")?;
     let stem = file.trim_end_matches(".cu");
     let dir = root.join(format!("{stem}-{digest:016x}"));
     let library_path = dir.join(format!("{stem}.so"));
     if !library_path.exists() {
-        build(&root, &dir, file, source, &generated, &headers, cxx)?;
+        build(&root, &dir, file, source, &generated, &headers, cxx, &flags)?;
     }
     open(&library_path, file)
 }
@@ -202,6 +225,7 @@ fn build(
     generated: &str,
     headers: &[(&str, &str)],
     cxx: &str,
+    flags: &[&str],
 ) -> Result<(), String> {
     static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -218,7 +242,7 @@ fn build(
     // Two steps: compiling with -fsanitize would otherwise link the UBSan
     // runtime, whose hooks the prelude replaces.
     let compile = Command::new(cxx)
-        .args(FLAGS)
+        .args(flags)
         .args(["-c", "module.cpp", "-o", "module.o"])
         .current_dir(&work)
         .output()

@@ -354,15 +354,17 @@ fn source_line(module: &HostModule, instruction: usize) -> String {
         && output.status.success()
     {
         let text = String::from_utf8_lossy(&output.stdout);
-        let lines: Vec<&str> = text.lines().collect();
-        // Pairs of (function, file:line), innermost inline frame first.
-        let frames: Vec<String> = lines
-            .chunks(2)
-            .filter(|pair| pair.len() == 2 && !pair[1].starts_with("??"))
-            .map(|pair| format!("{} (in {})", pair[1].split(" (").next().unwrap_or(pair[1]), pair[0]))
+        // Pairs of lines (function, path:line), innermost inlined frame
+        // first; keep the frames in kernel sources, as kernels/<file>:<line>.
+        let frames: Vec<&str> = text
+            .lines()
+            .skip(1)
+            .step_by(2)
+            .filter_map(|location| location.find("kernels/").map(|at| &location[at..]))
+            .map(|location| location.split(' ').next().unwrap_or(location))
             .collect();
         if !frames.is_empty() {
-            return frames.join(", inlined into ");
+            return frames.join(", inlined from ");
         }
     }
     format!("{}+0x{offset:x}", module.library_path.display())
