@@ -80,6 +80,10 @@ fn construction_errors() {
 
 #[test]
 fn moving_to_a_missing_cuda_backend_is_an_error() {
+    if kiln::cuda::device_count() > 0 {
+        eprintln!("skipped: a CUDA device (or the emulator) is present, so the move succeeds here");
+        return;
+    }
     let msg = t(&[2]).to_device(Device::Cuda(0)).unwrap_err().to_string();
     assert!(msg.contains("cuda:0"), "{msg}");
 }

@@ -146,6 +146,10 @@ fn cpu_model() -> Option<String> {
 pub fn targets() -> Vec<Target> {
     let mut targets = vec![Target::cpu()];
     match kiln::cuda::device(0) {
+        // Timing the emulator would measure the host CPU running CUDA C.
+        Ok(cuda) if cuda.is_emulated() => {
+            eprintln!("CUDA skipped: {} measures the CPU, not a GPU", cuda.name())
+        }
         Ok(cuda) => targets.push(Target {
             device: Device::Cuda(0),
             cuda: Some(cuda),

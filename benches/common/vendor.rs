@@ -58,10 +58,17 @@ fn cudnn_check(call: &str, status: cudnn::cudnnStatus_t) -> VendorResult<()> {
     }
 }
 
+/// The stream of a real GPU (the vendor libraries do not run on the emulator).
+fn stream(device: &CudaDevice) -> VendorResult<&std::sync::Arc<cudarc::driver::CudaStream>> {
+    device
+        .stream()
+        .ok_or_else(|| format!("{} has no CUDA stream for vendor libraries", device.name()))
+}
+
 /// Makes `device`'s context current on this thread: the libraries run on
 /// whatever context is current.
 fn bind(device: &CudaDevice) -> VendorResult<()> {
-    device.stream().context().bind_to_thread().map_err(|e| {
+    stream(device)?.context().bind_to_thread().map_err(|e| {
         format!(
             "binding the CUDA context of cuda:{}: {e:?}",
             device.ordinal()
@@ -108,7 +115,7 @@ impl Cublas {
             device: device.clone(),
             handle,
         };
-        let stream = device.stream().cu_stream() as cublas::cudaStream_t;
+        let stream = stream(device)?.cu_stream() as cublas::cudaStream_t;
         // SAFETY: a live handle and a stream of the current context, which
         // `blas.device` keeps alive as long as the handle.
         cublas_check("cublasSetStream", unsafe {
@@ -270,7 +277,7 @@ impl CudnnHandle {
             device: device.clone(),
             raw,
         };
-        let stream = device.stream().cu_stream() as cudnn::cudaStream_t;
+        let stream = stream(device)?.cu_stream() as cudnn::cudaStream_t;
         // SAFETY: a live handle and a stream of the current context, which
         // `handle.device` keeps alive as long as the handle.
         cudnn_check("cudnnSetStream", unsafe {

@@ -77,7 +77,12 @@ impl Driver {
         }
     }
 
-    pub(crate) fn copy_on_device(&self, dst: CUdeviceptr, src: CUdeviceptr, bytes: usize) -> Result<()> {
+    pub(crate) fn copy_on_device(
+        &self,
+        dst: CUdeviceptr,
+        src: CUdeviceptr,
+        bytes: usize,
+    ) -> Result<()> {
         match self {
             Driver::Hardware(h) => h.copy_on_device(dst, src, bytes),
             // SAFETY: callers pass two blocks of at least `bytes`.

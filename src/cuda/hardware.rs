@@ -93,7 +93,12 @@ impl HardwareDriver {
         self.synchronize()
     }
 
-    pub(crate) fn copy_on_device(&self, dst: CUdeviceptr, src: CUdeviceptr, bytes: usize) -> Result<()> {
+    pub(crate) fn copy_on_device(
+        &self,
+        dst: CUdeviceptr,
+        src: CUdeviceptr,
+        bytes: usize,
+    ) -> Result<()> {
         // SAFETY: both blocks hold `bytes`; ordered on the stream.
         unsafe {
             cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream())

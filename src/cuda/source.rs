@@ -109,7 +109,10 @@ pub fn kernel_decls(source: &str) -> Vec<KernelDecl> {
         let Some(close_paren) = matching_close(bytes, open_paren, (b'(', b')')) else {
             continue;
         };
-        let Some(open_brace) = text[close_paren..].find(['{', ';']).map(|i| close_paren + i) else {
+        let Some(open_brace) = text[close_paren..]
+            .find(['{', ';'])
+            .map(|i| close_paren + i)
+        else {
             continue;
         };
         if bytes[open_brace] == b';' {

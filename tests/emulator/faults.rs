@@ -38,18 +38,28 @@ fn a_missing_barrier_is_exposed_by_comparing_two_thread_orders() {
             out.to_vec::<f32>().unwrap()[0]
         })
     };
-    let correct = [ThreadOrder::Forward, ThreadOrder::Reverse, ThreadOrder::Random(7)]
-        .map(|order| sum("tree_sum_with_barrier", order));
+    let correct = [
+        ThreadOrder::Forward,
+        ThreadOrder::Reverse,
+        ThreadOrder::Random(7),
+    ]
+    .map(|order| sum("tree_sum_with_barrier", order));
     eprintln!("with the barrier: {correct:?} (expected {expected})");
     for total in correct {
-        assert!((total - expected).abs() <= 1e-3 * expected, "{total} vs {expected}");
+        assert!(
+            (total - expected).abs() <= 1e-3 * expected,
+            "{total} vs {expected}"
+        );
     }
     let forward = sum("tree_sum_missing_barrier", ThreadOrder::Forward);
     let reverse = sum("tree_sum_missing_barrier", ThreadOrder::Reverse);
     eprintln!("without it: forward {forward}, reverse {reverse}");
     // Forward, thread 0 adds slots that later threads have not written yet:
     // shared memory is poisoned with NaN before every block, so it shows.
-    assert!(forward.is_nan(), "forward order read unwritten shared memory: {forward}");
+    assert!(
+        forward.is_nan(),
+        "forward order read unwritten shared memory: {forward}"
+    );
     assert!(
         forward.to_bits() != reverse.to_bits(),
         "the result must depend on the order: {forward} vs {reverse}"
@@ -68,7 +78,14 @@ fn an_access_past_a_buffer_hits_its_guard_page_on_either_side() {
     let out = zeros(128);
     let error = expect_error(
         "overrun",
-        launch(&device, "read_one_past_the_end", one_block(128), &x, &out, 128),
+        launch(
+            &device,
+            "read_one_past_the_end",
+            one_block(128),
+            &x,
+            &out,
+            128,
+        ),
         &[
             "read_one_past_the_end",
             "invalid read",
@@ -85,7 +102,14 @@ fn an_access_past_a_buffer_hits_its_guard_page_on_either_side() {
     set_guard_placement(placement);
     expect_error(
         "underrun",
-        launch(&device, "read_one_before_the_start", one_block(64), &x, &out, 1000),
+        launch(
+            &device,
+            "read_one_before_the_start",
+            one_block(64),
+            &x,
+            &out,
+            1000,
+        ),
         &[
             "read_one_before_the_start",
             "invalid read",
@@ -104,7 +128,14 @@ fn a_write_one_past_the_end_inside_the_rounded_block_is_caught_by_the_canary() {
     let out = zeros(100);
     expect_error(
         "write past the end",
-        launch(&device, "write_one_past_the_end", one_block(128), &x, &out, 100),
+        launch(
+            &device,
+            "write_one_past_the_end",
+            one_block(128),
+            &x,
+            &out,
+            100,
+        ),
         &[
             "write_one_past_the_end",
             "wrote past the end of a 400-byte device buffer",
@@ -121,11 +152,22 @@ fn a_read_one_past_the_end_inside_the_rounded_block_reads_nan() {
     let values = ramp(100);
     let x = on_device(&values);
     let out = zeros(100);
-    let (error, _) = launch(&device, "read_one_past_the_end", one_block(128), &x, &out, 100);
+    let (error, _) = launch(
+        &device,
+        "read_one_past_the_end",
+        one_block(128),
+        &x,
+        &out,
+        100,
+    );
     assert_eq!(error, None);
     let got = out.to_vec::<f32>().unwrap();
     assert_eq!(&got[..99], &values[1..]);
-    assert!(got[99].is_nan(), "the element past the end reads as NaN: {}", got[99]);
+    assert!(
+        got[99].is_nan(),
+        "the element past the end reads as NaN: {}",
+        got[99]
+    );
 }
 
 #[test]
@@ -137,7 +179,12 @@ fn a_barrier_inside_a_branch_is_a_divergence_error() {
     expect_error(
         "barrier in a branch",
         launch(&device, "barrier_in_a_branch", one_block(64), &x, &out, 64),
-        &["barrier_in_a_branch", "divergent __syncthreads", "faults.cu:", "has exited"],
+        &[
+            "barrier_in_a_branch",
+            "divergent __syncthreads",
+            "faults.cu:",
+            "has exited",
+        ],
     );
 }
 
@@ -150,10 +197,28 @@ fn threads_may_return_after_the_last_barrier_but_not_before_one() {
     let (x, out) = (on_device(&values), zeros(64));
     expect_error(
         "return before a barrier",
-        launch(&device, "return_before_a_barrier", one_block(64), &x, &out, 40),
-        &["return_before_a_barrier", "divergent __syncthreads", "thread (40,0,0) has exited"],
+        launch(
+            &device,
+            "return_before_a_barrier",
+            one_block(64),
+            &x,
+            &out,
+            40,
+        ),
+        &[
+            "return_before_a_barrier",
+            "divergent __syncthreads",
+            "thread (40,0,0) has exited",
+        ],
     );
-    let (error, _) = launch(&device, "return_after_the_last_barrier", one_block(64), &x, &out, 40);
+    let (error, _) = launch(
+        &device,
+        "return_after_the_last_barrier",
+        one_block(64),
+        &x,
+        &out,
+        40,
+    );
     assert_eq!(error, None);
     let got = out.to_vec::<f32>().unwrap();
     for i in 0..40 {
@@ -170,8 +235,20 @@ fn a_shuffle_with_a_missing_lane_is_a_mask_error() {
     let (x, out) = (on_device(&values), zeros(32));
     expect_error(
         "missing lane",
-        launch(&device, "shuffle_missing_a_lane", one_block(32), &x, &out, 32),
-        &["__shfl_xor_sync", "mask 0xffffffff", "lane 7 has exited", "faults.cu:"],
+        launch(
+            &device,
+            "shuffle_missing_a_lane",
+            one_block(32),
+            &x,
+            &out,
+            32,
+        ),
+        &[
+            "__shfl_xor_sync",
+            "mask 0xffffffff",
+            "lane 7 has exited",
+            "faults.cu:",
+        ],
     );
     let (error, _) = launch(&device, "shuffle_every_lane", one_block(32), &x, &out, 32);
     assert_eq!(error, None);
@@ -189,12 +266,26 @@ fn launches_beyond_the_device_or_kernel_limits_are_refused() {
     let (x, out) = (on_device(&ramp(64)), zeros(64));
     expect_error(
         "2048 threads",
-        launch(&device, "bounded_to_128_threads", one_block(2048), &x, &out, 64),
+        launch(
+            &device,
+            "bounded_to_128_threads",
+            one_block(2048),
+            &x,
+            &out,
+            64,
+        ),
         &["2048 threads a block", "device limit of 1024"],
     );
     expect_error(
         "launch bounds",
-        launch(&device, "bounded_to_128_threads", one_block(256), &x, &out, 64),
+        launch(
+            &device,
+            "bounded_to_128_threads",
+            one_block(256),
+            &x,
+            &out,
+            64,
+        ),
         &["256 threads a block exceeds bounded_to_128_threads's __launch_bounds__ of 128"],
     );
     let tall = LaunchConfig {
@@ -209,10 +300,24 @@ fn launches_beyond_the_device_or_kernel_limits_are_refused() {
     );
     expect_error(
         "shared memory",
-        launch(&device, "too_much_shared_memory", one_block(32), &x, &out, 64),
+        launch(
+            &device,
+            "too_much_shared_memory",
+            one_block(32),
+            &x,
+            &out,
+            64,
+        ),
         &["too much shared memory: 52000 bytes static", "49152"],
     );
-    let (error, _) = launch(&device, "bounded_to_128_threads", one_block(128), &x, &out, 64);
+    let (error, _) = launch(
+        &device,
+        "bounded_to_128_threads",
+        one_block(128),
+        &x,
+        &out,
+        64,
+    );
     assert_eq!(error, None, "a launch inside every limit runs");
 }
 
@@ -241,10 +346,18 @@ fn a_parameter_struct_of_the_wrong_size_is_refused() {
         "{error}"
     );
     let unknown = device
-        .launch("faults.cu", "no_such_kernel", one_block(32), FaultParams { x: 0, out: 0, n: 0 })
+        .launch(
+            "faults.cu",
+            "no_such_kernel",
+            one_block(32),
+            FaultParams { x: 0, out: 0, n: 0 },
+        )
         .unwrap_err()
         .to_string();
-    assert!(unknown.contains("kernel no_such_kernel not found in kernels/faults.cu"), "{unknown}");
+    assert!(
+        unknown.contains("kernel no_such_kernel not found in kernels/faults.cu"),
+        "{unknown}"
+    );
 }
 
 #[test]
@@ -256,7 +369,12 @@ fn a_misaligned_float4_access_is_reported() {
     expect_error(
         "misaligned float4",
         launch(&device, "misaligned_float4", one_block(32), &x, &out, 8),
-        &["misaligned_float4", "misaligned access", "multiple of 16 bytes", "faults.cu:"],
+        &[
+            "misaligned_float4",
+            "misaligned access",
+            "multiple of 16 bytes",
+            "faults.cu:",
+        ],
     );
 }
 
@@ -268,7 +386,18 @@ fn a_shared_array_index_out_of_bounds_is_reported() {
     let (x, out) = (on_device(&ramp(8)), zeros(1));
     expect_error(
         "shared index",
-        launch(&device, "shared_index_out_of_bounds", one_block(64), &x, &out, 8),
-        &["array index 32 out of bounds", "thread (32,0,0)", "faults.cu:"],
+        launch(
+            &device,
+            "shared_index_out_of_bounds",
+            one_block(64),
+            &x,
+            &out,
+            8,
+        ),
+        &[
+            "array index 32 out of bounds",
+            "thread (32,0,0)",
+            "faults.cu:",
+        ],
     );
 }

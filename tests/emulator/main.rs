@@ -85,9 +85,15 @@ pub fn expect_error(
 ) -> String {
     let error = error.unwrap_or_else(|| panic!("{what}: the launch succeeded"));
     eprintln!("{what}: caught in {:.3} s: {error}", elapsed.as_secs_f64());
-    assert!(elapsed < Duration::from_secs(10), "{what}: took {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "{what}: took {elapsed:?}"
+    );
     for part in expected {
-        assert!(error.contains(part), "{what}: {error:?} does not mention {part:?}");
+        assert!(
+            error.contains(part),
+            "{what}: {error:?} does not mention {part:?}"
+        );
     }
     error
 }

@@ -122,9 +122,11 @@ fn compiler() -> Result<String, String> {
             return Ok(candidate.to_string());
         }
     }
-    Err("the CUDA emulator compiles kernels/ with the host C++ compiler, but none was found: \
+    Err(
+        "the CUDA emulator compiles kernels/ with the host C++ compiler, but none was found: \
          install one (for example `apt-get install g++`) or set KILN_CXX"
-        .into())
+            .into(),
+    )
 }
 
 /// The compiler and its `--version` line, found once.
@@ -150,7 +152,8 @@ fn compiler_identity() -> Result<&'static (String, String), String> {
 
 /// The generated C++ file: prelude, the kernel file, and its kernel table.
 pub fn generated_source(file: &str) -> Result<String, String> {
-    let source = kernels::source(file).ok_or_else(|| format!("no kernel file kernels/{file} in this build"))?;
+    let source = kernels::source(file)
+        .ok_or_else(|| format!("no kernel file kernels/{file} in this build"))?;
     let mut table = String::new();
     for kernel in kernel_decls(source) {
         if kernel.dynamic_shared {
@@ -204,36 +207,55 @@ pub(crate) fn load(file: &str) -> Result<HostModule, String> {
         key.push_str(&format!("\0{name}\0{text}"));
     }
     let digest = fnv1a64(key.as_bytes());
-    let root = emulator_cache_dir()
-        .ok_or("no cache directory: set KILN_CACHE_DIR (or HOME) for the emulator's compiled kernels")?;
+    let root = emulator_cache_dir().ok_or(
+        "no cache directory: set KILN_CACHE_DIR (or HOME) for the emulator's compiled kernels",
+    )?;
     let stem = file.trim_end_matches(".cu");
     let dir = root.join(format!("{stem}-{digest:016x}"));
     let library_path = dir.join(format!("{stem}.so"));
     if !library_path.exists() {
-        build(&root, &dir, file, source, &generated, &headers, cxx, &flags)?;
+        let inputs = BuildInputs {
+            file,
+            source,
+            generated: &generated,
+            headers: &headers,
+            cxx,
+            flags: &flags,
+        };
+        build(&root, &dir, &inputs)?;
     }
     open(&library_path, file)
 }
 
 /// Writes the sources into a fresh folder, compiles, and moves the folder
 /// into place in one rename (so a half-built library is never seen).
-fn build(
-    root: &Path,
-    dir: &Path,
-    file: &str,
-    source: &str,
-    generated: &str,
-    headers: &[(&str, &str)],
-    cxx: &str,
-    flags: &[&str],
-) -> Result<(), String> {
+/// Everything one module is built from.
+struct BuildInputs<'a> {
+    file: &'a str,
+    source: &'a str,
+    generated: &'a str,
+    headers: &'a [(&'a str, &'a str)],
+    cxx: &'a str,
+    flags: &'a [&'static str],
+}
+
+fn build(root: &Path, dir: &Path, inputs: &BuildInputs) -> Result<(), String> {
+    let BuildInputs {
+        file,
+        source,
+        generated,
+        headers,
+        cxx,
+        flags,
+    } = *inputs;
     static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let work = root.join(format!("tmp-{}-{n}", std::process::id()));
-    let io = |what: &str, e: std::io::Error| format!("emulator cache {}: {what}: {e}", work.display());
+    let io =
+        |what: &str, e: std::io::Error| format!("emulator cache {}: {what}: {e}", work.display());
     std::fs::create_dir_all(work.join("kernels")).map_err(|e| io("create", e))?;
     std::fs::write(work.join("prelude.h"), PRELUDE).map_err(|e| io("write prelude.h", e))?;
-    for (name, text) in headers {
+    for &(name, text) in headers {
         std::fs::write(work.join("kernels").join(name), text).map_err(|e| io("write header", e))?;
     }
     std::fs::write(work.join("kernels").join(file), source).map_err(|e| io("write source", e))?;
@@ -270,7 +292,10 @@ fn build(
         // Another process finished the same build first; theirs is identical.
         let _ = std::fs::remove_dir_all(&work);
         if !dir.join(format!("{stem}.so")).exists() {
-            return Err(format!("emulator cache: could not move the build into {}", dir.display()));
+            return Err(format!(
+                "emulator cache: could not move the build into {}",
+                dir.display()
+            ));
         }
     }
     Ok(())
@@ -279,8 +304,12 @@ fn build(
 fn open(library_path: &Path, file: &str) -> Result<HostModule, String> {
     // SAFETY: the library is kiln's own generated module; its initialisers
     // are the C++ runtime's and do nothing else.
-    let library = unsafe { libloading::Library::new(library_path) }
-        .map_err(|e| format!("loading the emulator module {}: {e}", library_path.display()))?;
+    let library = unsafe { libloading::Library::new(library_path) }.map_err(|e| {
+        format!(
+            "loading the emulator module {}: {e}",
+            library_path.display()
+        )
+    })?;
     // SAFETY: the symbol is defined by KILN_EMU_DEFINE_MODULE with this signature.
     let info = unsafe {
         let module_info = library
@@ -300,7 +329,9 @@ fn open(library_path: &Path, file: &str) -> Result<HostModule, String> {
     for i in 0..info.kernel_count {
         // SAFETY: `kernels` points at `kernel_count` entries with C-string names.
         let raw = unsafe { &*info.kernels.add(i) };
-        let name = unsafe { CStr::from_ptr(raw.name) }.to_string_lossy().into_owned();
+        let name = unsafe { CStr::from_ptr(raw.name) }
+            .to_string_lossy()
+            .into_owned();
         kernels.insert(
             name,
             HostKernel {

@@ -110,7 +110,9 @@ impl DeviceMemory {
             let error = std::io::Error::last_os_error();
             // SAFETY: unmapping what was mapped above.
             unsafe { libc::munmap(map, map_len) };
-            return Err(format!("emulated device: mprotect of a guard page failed ({error})"));
+            return Err(format!(
+                "emulated device: mprotect of a guard page failed ({error})"
+            ));
         }
         fill_canary(usable_start, usable_start + usable_len);
         let block = Block {
@@ -258,7 +260,10 @@ mod tests {
         assert_eq!(memory.blocks_named_by([ptr + 8, 7].into_iter()), vec![ptr]);
         let guard = ptr as usize + 512;
         let hit = memory.describe_guard_hit(guard).unwrap();
-        assert!(hit.contains("112 bytes past the end of a 400-byte"), "{hit}");
+        assert!(
+            hit.contains("112 bytes past the end of a 400-byte"),
+            "{hit}"
+        );
         memory.release(ptr);
     }
 

@@ -53,7 +53,10 @@ static ORDER: Mutex<Option<ThreadOrder>> = Mutex::new(None);
 static GUARD: AtomicU8 = AtomicU8::new(0);
 
 fn env_setting(name: &str) -> Option<String> {
-    std::env::var(name).ok().map(|v| v.trim().to_ascii_lowercase()).filter(|v| !v.is_empty())
+    std::env::var(name)
+        .ok()
+        .map(|v| v.trim().to_ascii_lowercase())
+        .filter(|v| !v.is_empty())
 }
 
 /// Parses a `KILN_CUDA_EMULATE_ORDER` value.
@@ -129,14 +132,20 @@ fn launches() -> &'static Mutex<BTreeMap<(String, String), u64>> {
 
 fn record_launch(file: &str, kernel: &str) {
     let mut counts = launches().lock().unwrap_or_else(|e| e.into_inner());
-    let count = counts.entry((file.to_string(), kernel.to_string())).or_insert(0);
+    let count = counts
+        .entry((file.to_string(), kernel.to_string()))
+        .or_insert(0);
     *count += 1;
     if *count == 1
         && let Some(path) = std::env::var_os("KILN_CUDA_EMULATE_LAUNCH_LOG")
     {
         // One short append per kernel: concurrent test processes interleave
         // whole lines. A log that cannot be written fails the coverage check.
-        if let Ok(mut log) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        if let Ok(mut log) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
             let _ = log.write_all(format!("{file} {kernel}\n").as_bytes());
         }
     }
@@ -157,10 +166,13 @@ pub fn emulated_arch() -> Result<String, String> {
 /// modules' built-in variables and static shared memory.
 static LAUNCH: Mutex<()> = Mutex::new(());
 
+/// A kernel file's module, compiled on first use.
+type ModuleSlot = Arc<Mutex<Option<Arc<HostModule>>>>;
+
 /// The emulated device's driver.
 pub(crate) struct Emulator {
     memory: DeviceMemory,
-    modules: Mutex<HashMap<&'static str, Arc<Mutex<Option<Arc<HostModule>>>>>>,
+    modules: Mutex<HashMap<&'static str, ModuleSlot>>,
     stacks: Mutex<StackPool>,
 }
 
@@ -286,8 +298,14 @@ impl Emulator {
                 let what = self
                     .memory
                     .describe_guard_hit(raw.address)
-                    .unwrap_or_else(|| format!("address 0x{:x} is not in any device buffer", raw.address));
-                let signal = if raw.signal == libc::SIGBUS { "SIGBUS" } else { "SIGSEGV" };
+                    .unwrap_or_else(|| {
+                        format!("address 0x{:x} is not in any device buffer", raw.address)
+                    });
+                let signal = if raw.signal == libc::SIGBUS {
+                    "SIGBUS"
+                } else {
+                    "SIGSEGV"
+                };
                 format!(
                     "invalid {access} ({signal}): {what}; at {}",
                     source_line(module, raw.instruction)
@@ -322,13 +340,19 @@ fn check_launch_shape(kernel: &str, config: &LaunchConfig, bound: u32) -> Result
     {
         let axis = ["x", "y", "z"][axis];
         if b == 0 || g == 0 {
-            return Err(format!("invalid launch: a zero dimension (grid {grid:?}, block {block:?})"));
+            return Err(format!(
+                "invalid launch: a zero dimension (grid {grid:?}, block {block:?})"
+            ));
         }
         if b > max_b {
-            return Err(format!("invalid launch: blockDim.{axis} = {b} exceeds {max_b}"));
+            return Err(format!(
+                "invalid launch: blockDim.{axis} = {b} exceeds {max_b}"
+            ));
         }
         if g > max_g {
-            return Err(format!("invalid launch: gridDim.{axis} = {g} exceeds {max_g}"));
+            return Err(format!(
+                "invalid launch: gridDim.{axis} = {g} exceeds {max_g}"
+            ));
         }
     }
     Ok(())

@@ -153,7 +153,10 @@ thread_local! {
 /// scheduler resumes it with.
 fn suspend(event: Event) -> u64 {
     let yielder = YIELDER.with(|y| y.get());
-    assert!(!yielder.is_null(), "a kernel rendezvous outside an emulated thread");
+    assert!(
+        !yielder.is_null(),
+        "a kernel rendezvous outside an emulated thread"
+    );
     // SAFETY: set by the running coroutine from its own live Yielder.
     let resumed = unsafe { (*yielder).suspend(event) };
     // Other threads ran meanwhile and published their own yielder.
@@ -287,12 +290,14 @@ pub(crate) fn run_grid(grid: &Grid, pool: &mut StackPool) -> Result<(), LaunchFa
     let mut block = BlockRun::new(grid, rng);
     for linear in block_order {
         let index = coords(linear, grid.grid);
-        block.run(index, pool).map_err(|(thread, message, raw)| LaunchFault {
-            block: index,
-            thread,
-            message,
-            raw,
-        })?;
+        block
+            .run(index, pool)
+            .map_err(|(thread, message, raw)| LaunchFault {
+                block: index,
+                thread,
+                message,
+                raw,
+            })?;
     }
     Ok(())
 }
@@ -399,8 +404,12 @@ impl<'g> BlockRun<'g> {
         trap::set_active(None);
         let here = Some(self.thread_coords(t));
         match result {
-            CoroutineResult::Yield(Event::Barrier(site)) => self.status[t] = Status::AtBarrier(site),
-            CoroutineResult::Yield(Event::Warp(request)) => self.status[t] = Status::AtWarp(request),
+            CoroutineResult::Yield(Event::Barrier(site)) => {
+                self.status[t] = Status::AtBarrier(site)
+            }
+            CoroutineResult::Yield(Event::Warp(request)) => {
+                self.status[t] = Status::AtWarp(request)
+            }
             CoroutineResult::Yield(Event::Fault(message)) => return Err((here, message, None)),
             CoroutineResult::Return(ThreadOutcome::Finished) => {
                 self.status[t] = Status::Done;
@@ -426,7 +435,12 @@ impl<'g> BlockRun<'g> {
             Status::Runnable => "is runnable".into(),
             Status::Done => "has exited".into(),
             Status::AtBarrier(site) => format!("waits at __syncthreads at {site}"),
-            Status::AtWarp(r) => format!("waits at {} at {} (mask 0x{:08x})", r.op.cuda_name(), r.site, r.mask),
+            Status::AtWarp(r) => format!(
+                "waits at {} at {} (mask 0x{:08x})",
+                r.op.cuda_name(),
+                r.site,
+                r.mask
+            ),
         }
     }
 
@@ -470,7 +484,12 @@ impl<'g> BlockRun<'g> {
                         ));
                     }
                     match self.status[warp_start + member] {
-                        Status::AtWarp(other) if other == WarpRequest { value: other.value, ..request } => {}
+                        Status::AtWarp(other)
+                            if other
+                                == WarpRequest {
+                                    value: other.value,
+                                    ..request
+                                } => {}
                         Status::AtWarp(_) => complete = false,
                         Status::Runnable => complete = false,
                         Status::Done | Status::AtBarrier(_) => {
@@ -497,7 +516,11 @@ impl<'g> BlockRun<'g> {
         Ok(progress)
     }
 
-    fn complete_warp_op(&mut self, warp_start: usize, request: WarpRequest) -> Result<(), BlockError> {
+    fn complete_warp_op(
+        &mut self,
+        warp_start: usize,
+        request: WarpRequest,
+    ) -> Result<(), BlockError> {
         let members: Vec<usize> = (0..32).filter(|m| request.mask & (1 << m) != 0).collect();
         let value_of = |status: &[Status], lane: usize| match status[warp_start + lane] {
             Status::AtWarp(r) => r.value,
@@ -516,7 +539,10 @@ impl<'g> BlockRun<'g> {
             ));
         }
         let width = width as usize;
-        let votes: Vec<bool> = members.iter().map(|&m| value_of(&self.status, m) != 0).collect();
+        let votes: Vec<bool> = members
+            .iter()
+            .map(|&m| value_of(&self.status, m) != 0)
+            .collect();
         let ballot: u64 = members
             .iter()
             .zip(&votes)
@@ -540,7 +566,9 @@ impl<'g> BlockRun<'g> {
                 }
                 WarpOp::ShuffleXor => {
                     let s = (lane as i64) ^ arg;
-                    (0..(segment + width) as i64).contains(&s).then_some(s as usize)
+                    (0..(segment + width) as i64)
+                        .contains(&s)
+                        .then_some(s as usize)
                 }
                 WarpOp::Ballot | WarpOp::Any | WarpOp::All | WarpOp::SyncWarp => None,
             };
@@ -582,7 +610,8 @@ impl<'g> BlockRun<'g> {
         let waiting: Vec<usize> = (0..self.status.len())
             .filter(|&t| matches!(self.status[t], Status::AtBarrier(_)))
             .collect();
-        let other = (0..self.status.len()).find(|&t| !matches!(self.status[t], Status::AtBarrier(_)));
+        let other =
+            (0..self.status.len()).find(|&t| !matches!(self.status[t], Status::AtBarrier(_)));
         if let (Some(&first), None) = (waiting.first(), other) {
             let Status::AtBarrier(site) = self.status[first] else {
                 unreachable!()
