@@ -676,3 +676,46 @@ fn tiny_runs_train_sample_and_generate_on_cuda_when_a_gpu_is_present() {
     ]);
     assert!(printed.starts_with("To"), "{printed}");
 }
+
+/// The numbers of metrics.csv by row, without the header and timing column.
+fn metric_values(dir: &Path) -> Vec<Vec<f64>> {
+    metrics_without_timing(dir)
+        .iter()
+        .skip(1)
+        .map(|row| row.split(',').map(|v| v.parse().unwrap()).collect())
+        .collect()
+}
+
+/// End to end on the CUDA path (a GPU, or the emulator under
+/// KILN_CUDA=emulate): `kiln train vae --steps 20` and `kiln train gpt
+/// --steps 5` at tiny sizes log the same losses as the same runs on the CPU,
+/// step for step, within the parity suite's tolerance for a training step.
+#[test]
+fn training_on_cuda_logs_the_same_losses_as_on_the_cpu() {
+    if kiln::Device::cuda(0).is_err() {
+        println!("skipped: no CUDA device (set KILN_CUDA=emulate to use the emulator)");
+        return;
+    }
+    let s = Scratch::new("cuda-parity");
+    for (model, steps) in [("vae", "20"), ("gpt", "5")] {
+        let cpu_dir = format!("{model}-cpu");
+        let cuda_dir = format!("{model}-cuda");
+        train(&s, model, &cpu_dir, &["--steps", steps]);
+        train(&s, model, &cuda_dir, &["--steps", steps, "--device", "cuda"]);
+        let (cpu, cuda) = (metric_values(&s.path(&cpu_dir)), metric_values(&s.path(&cuda_dir)));
+        assert_eq!(cpu.len(), steps.parse::<usize>().unwrap(), "{model}: one row a step");
+        assert_eq!(cpu.len(), cuda.len(), "{model}: rows");
+        let mut worst = 0f64;
+        for (step, (c, g)) in cpu.iter().zip(&cuda).enumerate() {
+            for (column, (a, b)) in c.iter().zip(g).enumerate() {
+                let error = (a - b).abs() / (1.0 + a.abs());
+                assert!(
+                    error <= 1e-4,
+                    "{model} step {step} column {column}: cpu {a} vs cuda {b}"
+                );
+                worst = worst.max(error);
+            }
+        }
+        println!("{model}: {} steps, worst relative loss difference {worst:.2e}", cpu.len());
+    }
+}
