@@ -50,7 +50,9 @@ fn bench(c: &mut Criterion) {
                     out: out_ptr,
                     rounds: ROUNDS,
                 };
-                device.launch("emulator.cu", kernel, block(THREADS, 1), params).unwrap();
+                device
+                    .launch("emulator.cu", kernel, block(THREADS, 1), params)
+                    .unwrap();
             })
         });
     }
@@ -63,13 +65,21 @@ fn bench(c: &mut Criterion) {
             };
             let blocks = (PLAIN_THREADS as u32).div_ceil(THREADS);
             device
-                .launch("emulator.cu", "one_store_per_thread", block(THREADS, blocks), params)
+                .launch(
+                    "emulator.cu",
+                    "one_store_per_thread",
+                    block(THREADS, blocks),
+                    params,
+                )
                 .unwrap();
         })
     });
     group.finish();
     let values = out.to_vec::<f32>().unwrap();
-    assert!(values.iter().all(|&v| v == 1.0), "every thread stored its element");
+    assert!(
+        values.iter().all(|&v| v == 1.0),
+        "every thread stored its element"
+    );
 }
 
 criterion_group!(benches, bench);

@@ -701,9 +701,21 @@ fn training_on_cuda_logs_the_same_losses_as_on_the_cpu() {
         let cpu_dir = format!("{model}-cpu");
         let cuda_dir = format!("{model}-cuda");
         train(&s, model, &cpu_dir, &["--steps", steps]);
-        train(&s, model, &cuda_dir, &["--steps", steps, "--device", "cuda"]);
-        let (cpu, cuda) = (metric_values(&s.path(&cpu_dir)), metric_values(&s.path(&cuda_dir)));
-        assert_eq!(cpu.len(), steps.parse::<usize>().unwrap(), "{model}: one row a step");
+        train(
+            &s,
+            model,
+            &cuda_dir,
+            &["--steps", steps, "--device", "cuda"],
+        );
+        let (cpu, cuda) = (
+            metric_values(&s.path(&cpu_dir)),
+            metric_values(&s.path(&cuda_dir)),
+        );
+        assert_eq!(
+            cpu.len(),
+            steps.parse::<usize>().unwrap(),
+            "{model}: one row a step"
+        );
         assert_eq!(cpu.len(), cuda.len(), "{model}: rows");
         let mut worst = 0f64;
         for (step, (c, g)) in cpu.iter().zip(&cuda).enumerate() {
@@ -716,6 +728,9 @@ fn training_on_cuda_logs_the_same_losses_as_on_the_cpu() {
                 worst = worst.max(error);
             }
         }
-        println!("{model}: {} steps, worst relative loss difference {worst:.2e}", cpu.len());
+        println!(
+            "{model}: {} steps, worst relative loss difference {worst:.2e}",
+            cpu.len()
+        );
     }
 }

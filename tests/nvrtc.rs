@@ -3,6 +3,7 @@
 //! so there this test cannot be skipped).
 
 use kiln::cuda::compile::{compile_source, expanded_source, nvrtc_available, nvrtc_version};
+use kiln::cuda::source::kernel_names;
 use kiln::kernels::KERNEL_SOURCES;
 
 /// False (with a visible message) when NVRTC is absent and not required.
@@ -21,19 +22,6 @@ fn nvrtc_or_skip() -> bool {
     false
 }
 
-/// Names of the `extern "C" __global__` functions declared in a source.
-fn kernel_names(source: &str) -> Vec<String> {
-    let mut names = Vec::new();
-    for (i, _) in source.match_indices("__global__") {
-        let rest = &source[i..];
-        let Some(open) = rest.find('(') else { continue };
-        if let Some(name) = rest[..open].split_whitespace().last() {
-            names.push(name.to_string());
-        }
-    }
-    names
-}
-
 #[test]
 fn every_kernel_file_compiles_for_sm80_and_sm90() {
     if !nvrtc_or_skip() {
@@ -47,7 +35,10 @@ fn every_kernel_file_compiles_for_sm80_and_sm90() {
         .filter(|name| name.ends_with(".cu"))
         .collect();
     assert!(!files.is_empty(), "no kernel files embedded");
-    for file in files {
+    // The emulator's test and bench kernels are CUDA too: they must stay valid.
+    kiln::kernels::register_source("faults.cu", include_str!("emulator/faults.cu")).unwrap();
+    kiln::kernels::register_source("emulator.cu", include_str!("../benches/emulator.cu")).unwrap();
+    for file in files.into_iter().chain(["faults.cu", "emulator.cu"]) {
         let source = expanded_source(file).unwrap();
         let kernels = kernel_names(&source);
         assert!(

@@ -102,14 +102,6 @@ extern "C" __global__ void shared_index_out_of_bounds(const FaultParams p) {
     if (threadIdx.x == 0) p.out[0] = slots[0] + (float)p.n;
 }
 
-// 52 000 bytes of static shared memory: over the 48 KiB a block may use.
-extern "C" __global__ void too_much_shared_memory(const FaultParams p) {
-    __shared__ float big[13000];
-    big[threadIdx.x] = 1.0f;
-    __syncthreads();
-    if (threadIdx.x == 0) p.out[0] = big[0] + (float)p.n;
-}
-
 // Declares at most 128 threads a block.
 extern "C" __launch_bounds__(128) __global__ void bounded_to_128_threads(const FaultParams p) {
     GRID_STRIDE_LOOP(i, p.n) p.out[i] = p.x[i];

@@ -298,17 +298,22 @@ fn launches_beyond_the_device_or_kernel_limits_are_refused() {
         launch(&device, "bounded_to_128_threads", tall, &x, &out, 64),
         &["gridDim.y = 70000 exceeds 65535"],
     );
+    // Its 64-float staging array plus 49 000 dynamic bytes pass 48 KiB.
+    let greedy = LaunchConfig {
+        shared_mem_bytes: 49_000,
+        ..one_block(64)
+    };
     expect_error(
         "shared memory",
         launch(
             &device,
-            "too_much_shared_memory",
-            one_block(32),
+            "return_after_the_last_barrier",
+            greedy,
             &x,
             &out,
             64,
         ),
-        &["too much shared memory: 52000 bytes static", "49152"],
+        &["too much shared memory: 256 bytes static + 49000 dynamic > 49152"],
     );
     let (error, _) = launch(
         &device,
