@@ -88,8 +88,14 @@ fn write_labels(path: &Path, count: usize) {
 
 /// Runs the kiln binary with `args`.
 fn kiln(args: &[&str]) -> Output {
+    kiln_with_env(args, &[])
+}
+
+/// Runs the kiln binary with `args` and extra environment variables.
+fn kiln_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("the kiln binary runs")
 }
@@ -686,31 +692,37 @@ fn metric_values(dir: &Path) -> Vec<Vec<f64>> {
         .collect()
 }
 
-/// End to end on the CUDA path (a GPU, or the emulator under
-/// KILN_CUDA=emulate): `kiln train vae --steps 20` and `kiln train gpt
-/// --steps 5` at tiny sizes log the same losses as the same runs on the CPU,
-/// step for step, within the parity suite's tolerance for a training step.
+/// End to end on the CUDA path — the GPU where there is one, else the
+/// emulator (KILN_CUDA=emulate for the runs): `kiln train vae --steps 20` and
+/// `kiln train gpt --steps 5` at tiny sizes log the same losses as the same
+/// runs on the CPU, step for step, within the parity suite's tolerance for a
+/// training step.
 #[test]
 fn training_on_cuda_logs_the_same_losses_as_on_the_cpu() {
-    if kiln::Device::cuda(0).is_err() {
-        println!("skipped: no CUDA device (set KILN_CUDA=emulate to use the emulator)");
-        return;
-    }
+    let env: &[(&str, &str)] = if kiln::Device::cuda(0).is_ok() {
+        &[]
+    } else {
+        &[("KILN_CUDA", "emulate")]
+    };
     let s = Scratch::new("cuda-parity");
+    let data = s.data().display().to_string();
     for (model, steps) in [("vae", "20"), ("gpt", "5")] {
-        let cpu_dir = format!("{model}-cpu");
-        let cuda_dir = format!("{model}-cuda");
-        train(&s, model, &cpu_dir, &["--steps", steps]);
-        train(
-            &s,
-            model,
-            &cuda_dir,
-            &["--steps", steps, "--device", "cuda"],
-        );
-        let (cpu, cuda) = (
-            metric_values(&s.path(&cpu_dir)),
-            metric_values(&s.path(&cuda_dir)),
-        );
+        let run = |device: &str| {
+            let out = s.arg(&format!("{model}-{device}"));
+            let mut args = vec!["train", model, "--data", &data, "--out", &out];
+            args.extend(tiny(model));
+            args.extend(["--steps", steps, "--device", device]);
+            let output = kiln_with_env(&args, env);
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            assert!(
+                output.status.success(),
+                "kiln {args:?} failed:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            println!("{}", stdout.lines().next().unwrap_or_default());
+            metric_values(&s.path(&format!("{model}-{device}")))
+        };
+        let (cpu, cuda) = (run("cpu"), run("cuda"));
         assert_eq!(
             cpu.len(),
             steps.parse::<usize>().unwrap(),
@@ -732,5 +744,78 @@ fn training_on_cuda_logs_the_same_losses_as_on_the_cpu() {
             "{model}: {} steps, worst relative loss difference {worst:.2e}",
             cpu.len()
         );
+    }
+}
+
+#[test]
+fn the_emulator_without_a_cxx_compiler_is_a_clear_error() {
+    let s = Scratch::new("no-compiler");
+    let data = s.data().display().to_string();
+    let out = s.arg("run");
+    let cache = s.arg("cache");
+    let mut args = vec!["train", "vae", "--data", &data, "--out", &out];
+    args.extend(tiny("vae"));
+    args.extend(["--steps", "1", "--device", "cuda"]);
+    let output = kiln_with_env(
+        &args,
+        &[
+            ("KILN_CUDA", "emulate"),
+            ("KILN_CXX", "/nonexistent/c++"),
+            ("KILN_CACHE_DIR", &cache),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains("KILN_CXX"),
+        "{stderr}"
+    );
+    assert!(!s.path("run/checkpoint.safetensors").exists());
+}
+
+#[test]
+fn an_unknown_cuda_backend_or_emulator_setting_is_a_clear_error() {
+    let s = Scratch::new("backend");
+    let data = s.data().display().to_string();
+    let out = s.arg("run");
+    let mut args = vec!["train", "vae", "--data", &data, "--out", &out];
+    args.extend(tiny("vae"));
+    args.extend(["--steps", "1", "--device", "cuda"]);
+    let cases: [(&[(&str, &str)], &str); 4] = [
+        (
+            &[("KILN_CUDA", "emulated")],
+            "KILN_CUDA=emulated is not a backend",
+        ),
+        (
+            &[
+                ("KILN_CUDA", "emulate"),
+                ("KILN_CUDA_EMULATE_ORDER", "sideways"),
+            ],
+            "KILN_CUDA_EMULATE_ORDER=sideways is not an order",
+        ),
+        (
+            &[
+                ("KILN_CUDA", "emulate"),
+                ("KILN_CUDA_EMULATE_GUARD", "middle"),
+            ],
+            "KILN_CUDA_EMULATE_GUARD=middle is not a placement",
+        ),
+        (
+            &[
+                ("KILN_CUDA", "emulate"),
+                ("KILN_CUDA_EMULATE_ARCH", "sm_70"),
+            ],
+            "KILN_CUDA_EMULATE_ARCH=sm_70 is not emulated",
+        ),
+    ];
+    for (env, expected) in cases {
+        let output = kiln_with_env(&args, env);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{env:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: ") && stderr.contains(expected),
+            "{env:?}: {stderr}"
+        );
+        assert!(!s.path("run").exists(), "{env:?}");
     }
 }

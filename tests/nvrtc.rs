@@ -37,8 +37,12 @@ fn every_kernel_file_compiles_for_sm80_and_sm90() {
     assert!(!files.is_empty(), "no kernel files embedded");
     // The emulator's test and bench kernels are CUDA too: they must stay valid.
     kiln::kernels::register_source("faults.cu", include_str!("emulator/faults.cu")).unwrap();
+    kiln::kernels::register_source("warp.cu", include_str!("emulator/warp.cu")).unwrap();
     kiln::kernels::register_source("emulator.cu", include_str!("../benches/emulator.cu")).unwrap();
-    for file in files.into_iter().chain(["faults.cu", "emulator.cu"]) {
+    for file in files
+        .into_iter()
+        .chain(["faults.cu", "warp.cu", "emulator.cu"])
+    {
         let source = expanded_source(file).unwrap();
         let kernels = kernel_names(&source);
         assert!(

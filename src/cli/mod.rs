@@ -62,6 +62,17 @@ fn execute(cli: Cli) -> Result<()> {
 
 /// The device a `--device` flag names; CUDA is probed and fails clearly
 /// when there is no driver or no device.
+/// `cpu`, or `cuda:N (its name)`: which GPU, or that it is the emulator.
+pub fn device_label(device: Device) -> String {
+    match device {
+        Device::Cuda(ordinal) => match crate::cuda::device(ordinal) {
+            Ok(cuda) => format!("{device} ({})", cuda.name()),
+            Err(_) => device.to_string(),
+        },
+        Device::Cpu => device.to_string(),
+    }
+}
+
 pub fn device(arg: DeviceArg) -> Result<Device> {
     match arg {
         DeviceArg::Cpu => Ok(Device::Cpu),

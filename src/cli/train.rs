@@ -298,8 +298,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     };
 
     println!(
-        "training {} on {device}: steps {start_step}..{total_steps}, {examples} examples, batch {}, lr {}, into {}",
+        "training {} on {}: steps {start_step}..{total_steps}, {examples} examples, batch {}, lr {}, into {}",
         kind.name(),
+        super::device_label(device),
         settings.batch_size,
         settings.lr,
         out.display()

@@ -126,7 +126,7 @@ fn open_emulated(ordinal: usize) -> Result<CudaDevice> {
     let driver = emulator::Emulator::new().map_err(fail)?;
     Ok(CudaDevice {
         ordinal,
-        name: format!("kiln CUDA emulator ({arch}, kernels compiled for the host CPU)"),
+        name: format!("kiln CUDA emulator, {arch}, kernels compiled for the host CPU"),
         arch,
         driver: Driver::Emulated(driver),
         allocator: Allocator::default(),

@@ -7,6 +7,7 @@
 
 mod coverage;
 mod faults;
+mod warp;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

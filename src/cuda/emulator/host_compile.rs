@@ -138,7 +138,12 @@ fn compiler_identity() -> Result<&'static (String, String), String> {
             let output = Command::new(&cxx)
                 .arg("--version")
                 .output()
-                .map_err(|e| format!("running the C++ compiler `{cxx} --version`: {e}"))?;
+                .map_err(|e| {
+                    format!(
+                        "the CUDA emulator compiles kernels/ with the host C++ compiler, but `{cxx} --version` \
+                         could not run ({e}): install g++ or point KILN_CXX at a C++17 compiler"
+                    )
+                })?;
             let version = String::from_utf8_lossy(&output.stdout)
                 .lines()
                 .next()

@@ -120,9 +120,13 @@ inline T shuffle(int op, const char* file, int line, unsigned mask, T v, int arg
     return from_bits<T>(warp_op(op, mask, to_bits(v), arg, width, file, line));
 }
 
-inline void syncwarp(const char* file, int line, unsigned mask = 0xffffffffu) {
-    warp_op(KILN_EMU_SYNCWARP, mask, 0, 0, 32, file, line);
-}
+// __syncwarp() and __syncwarp(mask) from one macro: the call site is
+// captured first, the optional mask is the call's argument.
+struct SyncWarpAt {
+    const char* file;
+    int line;
+    void operator()(unsigned mask = 0xffffffffu) const { warp_op(KILN_EMU_SYNCWARP, mask, 0, 0, 32, file, line); }
+};
 
 }  // namespace kiln_emu
 
@@ -136,7 +140,7 @@ inline void syncwarp(const char* file, int line, unsigned mask = 0xffffffffu) {
     ((int)::kiln_emu::warp_op(KILN_EMU_VOTE_ANY, (mask), (predicate) ? 1 : 0, 0, 32, __FILE__, __LINE__))
 #define __all_sync(mask, predicate) \
     ((int)::kiln_emu::warp_op(KILN_EMU_VOTE_ALL, (mask), (predicate) ? 1 : 0, 0, 32, __FILE__, __LINE__))
-#define __syncwarp(...) ::kiln_emu::syncwarp(__FILE__, __LINE__, ##__VA_ARGS__)
+#define __syncwarp(...) (::kiln_emu::SyncWarpAt{__FILE__, __LINE__}(__VA_ARGS__))
 
 // ---- atomics ----------------------------------------------------------------
 // Threads switch only at rendezvous calls, so a read-modify-write is atomic.
