@@ -106,3 +106,15 @@ extern "C" __global__ void shared_index_out_of_bounds(const FaultParams p) {
 extern "C" __launch_bounds__(128) __global__ void bounded_to_128_threads(const FaultParams p) {
     GRID_STRIDE_LOOP(i, p.n) p.out[i] = p.x[i];
 }
+
+// Recursion far deeper than an emulated thread's 64 KiB stack allows.
+__device__ float deep_recursion(int depth, float x) {
+    volatile float frame[256];
+    frame[depth & 255] = x;
+    if (depth == 0) return frame[0];
+    return deep_recursion(depth - 1, x + 1.0f) + frame[depth & 255];
+}
+
+extern "C" __global__ void stack_overflow(const FaultParams p) {
+    if (threadIdx.x == 0) p.out[0] = deep_recursion((int)p.n, p.x[0]);
+}

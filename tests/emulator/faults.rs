@@ -406,3 +406,23 @@ fn a_shared_array_index_out_of_bounds_is_reported() {
         ],
     );
 }
+
+#[test]
+fn a_stack_overflow_in_a_thread_is_an_error_not_a_crash() {
+    let Some(device) = emulator_or_skip("stack overflow") else {
+        return;
+    };
+    let (x, out) = (on_device(&ramp(8)), zeros(1));
+    expect_error(
+        "stack overflow",
+        launch(&device, "stack_overflow", one_block(32), &x, &out, 100_000),
+        &[
+            "stack_overflow",
+            "stack overflow: the thread used up its 64 KiB stack",
+            "thread (0,0,0)",
+        ],
+    );
+    // The device still works afterwards.
+    let (error, _) = launch(&device, "shuffle_every_lane", one_block(32), &x, &out, 1);
+    assert_eq!(error, None);
+}

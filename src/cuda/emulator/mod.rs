@@ -277,6 +277,7 @@ impl Emulator {
             .chunks_exact(8)
             .map(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")));
         let buffers = self.memory.blocks_named_by(words);
+        trap::ensure_alternate_stack();
         let _serial = LAUNCH.lock().unwrap_or_else(|e| e.into_inner());
         let mut stacks = self.stacks.lock().unwrap_or_else(|e| e.into_inner());
         scheduler::run_grid(&grid, &mut stacks).map_err(|fault| self.describe(fault, &module))?;
@@ -295,12 +296,16 @@ impl Emulator {
             None => fault.message,
             Some(raw) => {
                 let access = if raw.write { "write" } else { "read" };
-                let what = self
-                    .memory
-                    .describe_guard_hit(raw.address)
-                    .unwrap_or_else(|| {
-                        format!("address 0x{:x} is not in any device buffer", raw.address)
-                    });
+                let what = match self.memory.describe_guard_hit(raw.address) {
+                    Some(what) => what,
+                    // A fault right at the stack pointer is the stack's guard page.
+                    None if raw.address.abs_diff(raw.stack_pointer) <= 2 * 4096 => format!(
+                        "stack overflow: the thread used up its {} KiB stack (deep recursion or \
+                         large local arrays)",
+                        scheduler::THREAD_STACK_BYTES / 1024
+                    ),
+                    None => format!("address 0x{:x} is not in any device buffer", raw.address),
+                };
                 let signal = if raw.signal == libc::SIGBUS {
                     "SIGBUS"
                 } else {

@@ -20,6 +20,7 @@ pub(crate) struct RawFault {
     pub instruction: usize,
     pub write: bool,
     pub signal: i32,
+    pub stack_pointer: usize,
 }
 
 thread_local! {
@@ -47,6 +48,46 @@ unsafe impl Sync for Previous {}
 unsafe impl Send for Previous {}
 
 static PREVIOUS: OnceLock<Previous> = OnceLock::new();
+
+/// Gives the calling OS thread an alternate signal stack if it has none, so
+/// the handler can run when an emulated thread has overflowed its own stack
+/// (threads started by Rust's std already have one).
+pub(crate) fn ensure_alternate_stack() {
+    thread_local! {
+        static CHECKED: Cell<bool> = const { Cell::new(false) };
+    }
+    if CHECKED.with(|c| c.replace(true)) {
+        return;
+    }
+    const SIZE: usize = 64 * 1024;
+    // SAFETY: queries, then installs a fresh mapping as this thread's
+    // alternate stack; it is never unmapped (a thread's lifetime at most).
+    unsafe {
+        let mut current: libc::stack_t = std::mem::zeroed();
+        if libc::sigaltstack(std::ptr::null(), &mut current) != 0
+            || current.ss_flags & libc::SS_DISABLE == 0
+        {
+            return;
+        }
+        let memory = libc::mmap(
+            std::ptr::null_mut(),
+            SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if memory == libc::MAP_FAILED {
+            return;
+        }
+        let stack = libc::stack_t {
+            ss_sp: memory,
+            ss_flags: 0,
+            ss_size: SIZE,
+        };
+        libc::sigaltstack(&stack, std::ptr::null_mut());
+    }
+}
 
 /// Installs the handlers once per process. Returns false where faults cannot
 /// be caught (targets other than x86-64 Linux): there a guard-page hit still
@@ -91,6 +132,7 @@ unsafe extern "C" fn on_fault(signal: i32, info: *mut libc::siginfo_t, context: 
                     // Bit 1 of the page-fault error code: the access was a write.
                     write: gregs[libc::REG_ERR as usize] & 2 != 0,
                     signal,
+                    stack_pointer,
                 }))
             });
             let regs = handler.setup_trap_handler(|| ThreadOutcome::Trapped);
