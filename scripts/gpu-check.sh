@@ -215,6 +215,8 @@ fi
 # Without a GPU the NVRTC test may skip visibly; on a GPU machine it must run.
 [ "$has_gpu" = 1 ] && export KILN_REQUIRE_NVRTC=1
 export KILN_CACHE_DIR="$here/ptx-cache"
+# The real GPU, never the emulator, whatever the caller's environment says.
+unset KILN_CUDA
 export NVIDIA_TF32_OVERRIDE=0
 kiln=$here/bin/kiln
 
