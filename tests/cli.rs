@@ -177,12 +177,30 @@ fn tiny(model: &str) -> Vec<&'static str> {
 
 /// `kiln train MODEL` into `out` with tiny sizes plus `extra` flags.
 fn train(scratch: &Scratch, model: &str, out: &str, extra: &[&str]) -> String {
+    let output = train_with_env(scratch, model, out, extra, &[]);
+    assert!(
+        output.status.success(),
+        "kiln train {model} {extra:?} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// `kiln train MODEL` as `train`, with extra environment variables; the
+/// output whatever the exit code.
+fn train_with_env(
+    scratch: &Scratch,
+    model: &str,
+    out: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
     let data = scratch.data().display().to_string();
     let out = scratch.arg(out);
     let mut args = vec!["train", model, "--data", &data, "--out", &out];
     args.extend(tiny(model));
     args.extend_from_slice(extra);
-    kiln_ok(&args)
+    kiln_with_env(&args, env)
 }
 
 /// Every file of a directory with its bytes.
@@ -705,22 +723,19 @@ fn training_on_cuda_logs_the_same_losses_as_on_the_cpu() {
         &[("KILN_CUDA", "emulate")]
     };
     let s = Scratch::new("cuda-parity");
-    let data = s.data().display().to_string();
     for (model, steps) in [("vae", "20"), ("gpt", "5")] {
         let run = |device: &str| {
-            let out = s.arg(&format!("{model}-{device}"));
-            let mut args = vec!["train", model, "--data", &data, "--out", &out];
-            args.extend(tiny(model));
-            args.extend(["--steps", steps, "--device", device]);
-            let output = kiln_with_env(&args, env);
-            let stdout = String::from_utf8_lossy(&output.stdout);
+            let out = format!("{model}-{device}");
+            let extra = ["--steps", steps, "--device", device];
+            let output = train_with_env(&s, model, &out, &extra, env);
             assert!(
                 output.status.success(),
-                "kiln {args:?} failed:\n{}",
+                "kiln train {model} {extra:?} failed:\n{}",
                 String::from_utf8_lossy(&output.stderr)
             );
+            let stdout = String::from_utf8_lossy(&output.stdout);
             println!("{}", stdout.lines().next().unwrap_or_default());
-            metric_values(&s.path(&format!("{model}-{device}")))
+            metric_values(&s.path(&out))
         };
         let (cpu, cuda) = (run("cpu"), run("cuda"));
         assert_eq!(
@@ -750,19 +765,18 @@ fn training_on_cuda_logs_the_same_losses_as_on_the_cpu() {
 #[test]
 fn the_emulator_without_a_cxx_compiler_is_a_clear_error() {
     let s = Scratch::new("no-compiler");
-    let data = s.data().display().to_string();
-    let out = s.arg("run");
     let cache = s.arg("cache");
-    let mut args = vec!["train", "vae", "--data", &data, "--out", &out];
-    args.extend(tiny("vae"));
-    args.extend(["--steps", "1", "--device", "cuda"]);
-    let output = kiln_with_env(
-        &args,
-        &[
-            ("KILN_CUDA", "emulate"),
-            ("KILN_CXX", "/nonexistent/c++"),
-            ("KILN_CACHE_DIR", &cache),
-        ],
+    let env = [
+        ("KILN_CUDA", "emulate"),
+        ("KILN_CXX", "/nonexistent/c++"),
+        ("KILN_CACHE_DIR", cache.as_str()),
+    ];
+    let output = train_with_env(
+        &s,
+        "vae",
+        "run",
+        &["--steps", "1", "--device", "cuda"],
+        &env,
     );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
@@ -776,11 +790,6 @@ fn the_emulator_without_a_cxx_compiler_is_a_clear_error() {
 #[test]
 fn an_unknown_cuda_backend_or_emulator_setting_is_a_clear_error() {
     let s = Scratch::new("backend");
-    let data = s.data().display().to_string();
-    let out = s.arg("run");
-    let mut args = vec!["train", "vae", "--data", &data, "--out", &out];
-    args.extend(tiny("vae"));
-    args.extend(["--steps", "1", "--device", "cuda"]);
     let cases: [(&[(&str, &str)], &str); 4] = [
         (
             &[("KILN_CUDA", "emulated")],
@@ -809,7 +818,7 @@ fn an_unknown_cuda_backend_or_emulator_setting_is_a_clear_error() {
         ),
     ];
     for (env, expected) in cases {
-        let output = kiln_with_env(&args, env);
+        let output = train_with_env(&s, "vae", "run", &["--steps", "1", "--device", "cuda"], env);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(1), "{env:?}: {stderr}");
         assert!(

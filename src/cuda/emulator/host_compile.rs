@@ -268,30 +268,27 @@ fn build(root: &Path, dir: &Path, inputs: &BuildInputs) -> Result<(), String> {
     let stem = file.trim_end_matches(".cu");
     // Two steps: compiling with -fsanitize would otherwise link the UBSan
     // runtime, whose hooks the prelude replaces.
-    let compile = Command::new(cxx)
-        .args(flags)
-        .args(["-c", "module.cpp", "-o", "module.o"])
-        .current_dir(&work)
-        .output()
-        .map_err(|e| format!("running the C++ compiler {cxx}: {e}"))?;
-    if !compile.status.success() {
-        let _ = std::fs::remove_dir_all(&work);
-        return Err(format!(
-            "kernels/{file} failed to compile for the emulator ({cxx}):\n{}",
-            String::from_utf8_lossy(&compile.stderr)
-        ));
-    }
-    let link = Command::new(cxx)
-        .args(["-shared", "module.o", "-o", &format!("{stem}.so")])
-        .current_dir(&work)
-        .output()
-        .map_err(|e| format!("running the C++ compiler {cxx} to link: {e}"))?;
-    if !link.status.success() {
-        let _ = std::fs::remove_dir_all(&work);
-        return Err(format!(
-            "kernels/{file}: linking the emulator module failed ({cxx}):\n{}",
-            String::from_utf8_lossy(&link.stderr)
-        ));
+    let library = format!("{stem}.so");
+    let steps: [(&str, Vec<&str>); 2] = [
+        (
+            "compile",
+            [flags, &["-c", "module.cpp", "-o", "module.o"]].concat(),
+        ),
+        ("link", vec!["-shared", "module.o", "-o", &library]),
+    ];
+    for (step, args) in steps {
+        let output = Command::new(cxx)
+            .args(&args)
+            .current_dir(&work)
+            .output()
+            .map_err(|e| format!("running the C++ compiler {cxx} to {step}: {e}"))?;
+        if !output.status.success() {
+            let _ = std::fs::remove_dir_all(&work);
+            return Err(format!(
+                "kernels/{file} failed to {step} for the emulator ({cxx}):\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
     }
     if std::fs::rename(&work, dir).is_err() {
         // Another process finished the same build first; theirs is identical.

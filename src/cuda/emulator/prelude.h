@@ -144,48 +144,20 @@ struct SyncWarpAt {
 
 // ---- atomics ----------------------------------------------------------------
 // Threads switch only at rendezvous calls, so a read-modify-write is atomic.
-template <typename T>
-__device__ inline T atomicAdd(T* address, T value) {
-    T old = *address;
-    *address = old + value;
-    return old;
-}
-template <typename T>
-__device__ inline T atomicSub(T* address, T value) {
-    T old = *address;
-    *address = old - value;
-    return old;
-}
-template <typename T>
-__device__ inline T atomicMax(T* address, T value) {
-    T old = *address;
-    *address = old > value ? old : value;
-    return old;
-}
-template <typename T>
-__device__ inline T atomicMin(T* address, T value) {
-    T old = *address;
-    *address = old < value ? old : value;
-    return old;
-}
-template <typename T>
-__device__ inline T atomicOr(T* address, T value) {
-    T old = *address;
-    *address = old | value;
-    return old;
-}
-template <typename T>
-__device__ inline T atomicAnd(T* address, T value) {
-    T old = *address;
-    *address = old & value;
-    return old;
-}
-template <typename T>
-__device__ inline T atomicExch(T* address, T value) {
-    T old = *address;
-    *address = value;
-    return old;
-}
+#define KILN_EMU_ATOMIC(name, updated)             \
+    template <typename T>                          \
+    __device__ inline T name(T* address, T value) { \
+        T old = *address;                          \
+        *address = (updated);                      \
+        return old;                                \
+    }
+KILN_EMU_ATOMIC(atomicAdd, old + value)
+KILN_EMU_ATOMIC(atomicSub, old - value)
+KILN_EMU_ATOMIC(atomicMax, old > value ? old : value)
+KILN_EMU_ATOMIC(atomicMin, old < value ? old : value)
+KILN_EMU_ATOMIC(atomicOr, old | value)
+KILN_EMU_ATOMIC(atomicAnd, old & value)
+KILN_EMU_ATOMIC(atomicExch, value)
 template <typename T>
 __device__ inline T atomicCAS(T* address, T compare, T value) {
     T old = *address;
