@@ -3,8 +3,8 @@
 
 use cudarc::driver::LaunchConfig;
 use kiln::cuda::emulator::{
-    GuardPlacement, ThreadOrder, guard_placement, set_guard_placement, set_thread_order,
-    thread_order,
+    GuardPlacement, ThreadOrder, guard_placement, racecheck, set_guard_placement, set_racecheck,
+    set_thread_order, thread_order,
 };
 
 use crate::{FaultParams, emulator_or_skip, expect_error, launch, on_device, one_block, zeros};
@@ -22,8 +22,18 @@ fn with_order<T>(order: ThreadOrder, f: impl FnOnce() -> T) -> T {
     result
 }
 
+/// Runs `f` with racecheck set to `enabled`, then restores it.
+fn with_racecheck<T>(enabled: bool, f: impl FnOnce() -> T) -> T {
+    let before = racecheck().unwrap();
+    set_racecheck(enabled);
+    let result = f();
+    set_racecheck(before);
+    result
+}
+
+// One test for both detectors: each turns the other off for a moment.
 #[test]
-fn a_missing_barrier_is_exposed_by_comparing_two_thread_orders() {
+fn a_missing_barrier_is_caught_by_racecheck_and_by_comparing_two_thread_orders() {
     let Some(device) = emulator_or_skip("missing barrier") else {
         return;
     };
@@ -34,36 +44,55 @@ fn a_missing_barrier_is_exposed_by_comparing_two_thread_orders() {
         with_order(order, || {
             let out = zeros(1);
             let (error, _) = launch(&device, kernel, one_block(256), &x, &out, values.len());
-            assert_eq!(error, None, "{kernel} under {order}");
-            out.to_vec::<f32>().unwrap()[0]
+            (error, out.to_vec::<f32>().unwrap()[0])
         })
     };
-    let correct = [
-        ThreadOrder::Forward,
-        ThreadOrder::Reverse,
-        ThreadOrder::Random(7),
-    ]
-    .map(|order| sum("tree_sum_with_barrier", order));
-    eprintln!("with the barrier: {correct:?} (expected {expected})");
-    for total in correct {
-        assert!(
-            (total - expected).abs() <= 1e-3 * expected,
-            "{total} vs {expected}"
+    // With racecheck (the default): the missing barrier stops the kernel,
+    // naming the two unordered accesses.
+    with_racecheck(true, || {
+        for order in [
+            ThreadOrder::Forward,
+            ThreadOrder::Reverse,
+            ThreadOrder::Random(7),
+        ] {
+            let (error, total) = sum("tree_sum_with_barrier", order);
+            assert_eq!(error, None, "tree_sum_with_barrier under {order}");
+            assert!(
+                (total - expected).abs() <= 1e-3 * expected,
+                "{total} vs {expected}"
+            );
+        }
+        let start = std::time::Instant::now();
+        let (error, _) = sum("tree_sum_missing_barrier", ThreadOrder::Forward);
+        expect_error(
+            "racecheck",
+            (error, start.elapsed()),
+            &[
+                "tree_sum_missing_barrier",
+                "shared-memory race (racecheck)",
+                "with no __syncthreads between",
+                "kernels/faults.cu:",
+            ],
         );
-    }
-    let forward = sum("tree_sum_missing_barrier", ThreadOrder::Forward);
-    let reverse = sum("tree_sum_missing_barrier", ThreadOrder::Reverse);
-    eprintln!("without it: forward {forward}, reverse {reverse}");
-    // Forward, thread 0 adds slots that later threads have not written yet:
-    // shared memory is poisoned with NaN before every block, so it shows.
-    assert!(
-        forward.is_nan(),
-        "forward order read unwritten shared memory: {forward}"
-    );
-    assert!(
-        forward.to_bits() != reverse.to_bits(),
-        "the result must depend on the order: {forward} vs {reverse}"
-    );
+    });
+    // Without it, the two thread orders disagree.
+    with_racecheck(false, || {
+        let (error, forward) = sum("tree_sum_missing_barrier", ThreadOrder::Forward);
+        assert_eq!(error, None);
+        let (error, reverse) = sum("tree_sum_missing_barrier", ThreadOrder::Reverse);
+        assert_eq!(error, None);
+        eprintln!("without racecheck: forward {forward}, reverse {reverse} (expected {expected})");
+        // Forward, thread 0 adds slots later threads have not written yet:
+        // shared memory is NaN-poisoned before every block, so it shows.
+        assert!(
+            forward.is_nan(),
+            "forward order read unwritten shared memory: {forward}"
+        );
+        assert!(
+            forward.to_bits() != reverse.to_bits(),
+            "the result must depend on the order: {forward} vs {reverse}"
+        );
+    });
 }
 
 #[test]

@@ -4,7 +4,7 @@
 
 struct WarpParams {
     const float* x;
-    float* out;  // 8 rows of blockDim.x values
+    float* out;  // 9 rows of blockDim.x values
     i64 n;
 };
 static_assert(sizeof(WarpParams) == 24, "WarpParams must match its Rust mirror");
@@ -24,4 +24,6 @@ extern "C" __global__ void warp_operations(const WarpParams p) {
     __syncwarp();
     // The lower half-warp exchanges neighbours under its own mask.
     out[7 * n] = lane < 16 ? __shfl_xor_sync(0x0000ffffu, v, 1) : v;
+    // Each lane names its own source: a rotation of the warp by one.
+    out[8 * n] = __shfl_sync(0xffffffffu, v, (lane + 1) & 31);
 }

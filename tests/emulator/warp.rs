@@ -19,7 +19,7 @@ fn every_warp_operation_matches_its_cuda_definition() {
             }
         })
         .collect();
-    let (input, out) = (on_device(&x), zeros(8 * N));
+    let (input, out) = (on_device(&x), zeros(9 * N));
     let params = FaultParams {
         x: input.cuda_ptr().unwrap(),
         out: out.cuda_ptr().unwrap(),
@@ -54,6 +54,7 @@ fn every_warp_operation_matches_its_cuda_definition() {
             } else {
                 warp[lane]
             },
+            warp[(lane + 1) % 32],
         ];
         for (row, e) in expected.iter().enumerate() {
             assert_eq!(got[row * N + t], *e, "operation {row}, thread {t}");

@@ -28,7 +28,9 @@ pub const PRELUDE: &str = include_str!("prelude.h");
 /// The host compiler's flags. -O2 because the parity suite runs every
 /// kernel; -g1 so a faulting instruction maps to its source line; no fast
 /// math and no FMA contraction, to stay close to the CPU reference;
-/// alignment and array-bounds sanitizers (the prelude supplies their hooks).
+/// alignment and array-bounds sanitizers, and thread-sanitizer
+/// instrumentation of every load and store for racecheck (the prelude
+/// supplies all their hooks).
 const FLAGS: &[&str] = &[
     "-std=c++17",
     "-O2",
@@ -38,7 +40,7 @@ const FLAGS: &[&str] = &[
     "-fno-strict-aliasing",
     "-fno-fast-math",
     "-ffp-contract=off",
-    "-fsanitize=alignment,bounds",
+    "-fsanitize=alignment,bounds,thread",
     "-Wno-unknown-pragmas",
 ];
 
@@ -46,7 +48,8 @@ const FLAGS: &[&str] = &[
 /// `__device__` helper) in a COMDAT group, which cannot share the prelude's
 /// shared-memory section with other statics; one module is one translation
 /// unit, so weak definitions are not needed. Clang has no such conflict.
-const GCC_FLAGS: &[&str] = &["-fno-weak"];
+/// Function entry/exit hooks only serve TSan's own stack traces.
+const GCC_FLAGS: &[&str] = &["-fno-weak", "--param=tsan-instrument-func-entry-exit=0"];
 
 fn compile_flags(version: &str) -> Vec<&'static str> {
     let mut flags = FLAGS.to_vec();

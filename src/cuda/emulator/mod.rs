@@ -120,6 +120,31 @@ pub fn set_guard_placement(placement: GuardPlacement) {
     GUARD.store(code, Ordering::Relaxed);
 }
 
+static RACECHECK: AtomicU8 = AtomicU8::new(0);
+
+/// Whether shared-memory accesses are checked for races: set by
+/// [`set_racecheck`], else `KILN_CUDA_EMULATE_RACECHECK` (`1`, the default,
+/// or `0`).
+pub fn racecheck() -> Result<bool, String> {
+    match RACECHECK.load(Ordering::Relaxed) {
+        1 => return Ok(true),
+        2 => return Ok(false),
+        _ => {}
+    }
+    match env_setting("KILN_CUDA_EMULATE_RACECHECK").as_deref() {
+        None | Some("1") => Ok(true),
+        Some("0") => Ok(false),
+        Some(other) => Err(format!(
+            "KILN_CUDA_EMULATE_RACECHECK={other} is not a switch: use 1 or 0"
+        )),
+    }
+}
+
+/// Turns racecheck on or off for later launches.
+pub fn set_racecheck(enabled: bool) {
+    RACECHECK.store(if enabled { 1 } else { 2 }, Ordering::Relaxed);
+}
+
 /// Launches per (file, kernel) in this process, on the emulated device.
 pub fn launch_counts() -> BTreeMap<(String, String), u64> {
     launches().lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -180,6 +205,7 @@ impl Emulator {
     pub(crate) fn new() -> Result<Emulator, String> {
         thread_order()?;
         guard_placement()?;
+        racecheck()?;
         trap::install();
         Ok(Emulator {
             memory: DeviceMemory::default(),
@@ -272,6 +298,7 @@ impl Emulator {
             grid: [config.grid_dim.0, config.grid_dim.1, config.grid_dim.2],
             block: [config.block_dim.0, config.block_dim.1, config.block_dim.2],
             order: thread_order()?,
+            racecheck: racecheck()?,
         };
         let words = params
             .chunks_exact(8)
@@ -293,7 +320,7 @@ impl Emulator {
             .map(|[x, y, z]| format!(", thread ({x},{y},{z})"))
             .unwrap_or_default();
         let message = match fault.raw {
-            None => fault.message,
+            None => with_source_lines(&fault.message, module),
             Some(raw) => {
                 let access = if raw.write { "write" } else { "read" };
                 let what = match self.memory.describe_guard_hit(raw.address) {
@@ -361,6 +388,28 @@ fn check_launch_shape(kernel: &str, config: &LaunchConfig, bound: u32) -> Result
         }
     }
     Ok(())
+}
+
+/// A message from the prelude with each `@pc:0x…@` (a return address in
+/// kernel code) replaced by the source line of its call.
+fn with_source_lines(message: &str, module: &HostModule) -> String {
+    let mut out = String::new();
+    let mut rest = message;
+    while let Some(start) = rest.find("@pc:0x") {
+        let Some(len) = rest[start + 1..].find('@') else {
+            break;
+        };
+        let hex = &rest[start + "@pc:0x".len()..start + 1 + len];
+        out.push_str(&rest[..start]);
+        match usize::from_str_radix(hex, 16) {
+            // A return address points after the call; the call is one byte before.
+            Ok(pc) => out.push_str(&source_line(module, pc.saturating_sub(1))),
+            Err(_) => out.push_str(&rest[start..start + len + 2]),
+        }
+        rest = &rest[start + len + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `file:line (function)` of an instruction in a module, via addr2line;

@@ -46,6 +46,12 @@ struct kiln_emu_thread_state {
     uint3 block_idx;
     dim3 block_dim;
     dim3 grid_dim;
+    // Racecheck: a new epoch starts with every block and every released
+    // __syncthreads; a warp's epoch moves on with every warp operation it
+    // completes. Accesses in different epochs are ordered.
+    unsigned epoch;
+    unsigned warp_epoch[32];
+    int racecheck;
 };
 
 // Written by the scheduler before it resumes a thread.
@@ -144,9 +150,11 @@ struct SyncWarpAt {
 
 // ---- atomics ----------------------------------------------------------------
 // Threads switch only at rendezvous calls, so a read-modify-write is atomic.
+// Not instrumented for racecheck: concurrent atomics are not a race.
+#define KILN_EMU_NO_RACECHECK __attribute__((no_sanitize_thread))
 #define KILN_EMU_ATOMIC(name, updated)             \
     template <typename T>                          \
-    __device__ inline T name(T* address, T value) { \
+    KILN_EMU_NO_RACECHECK __device__ inline T name(T* address, T value) { \
         T old = *address;                          \
         *address = (updated);                      \
         return old;                                \
@@ -159,7 +167,7 @@ KILN_EMU_ATOMIC(atomicOr, old | value)
 KILN_EMU_ATOMIC(atomicAnd, old & value)
 KILN_EMU_ATOMIC(atomicExch, value)
 template <typename T>
-__device__ inline T atomicCAS(T* address, T compare, T value) {
+KILN_EMU_NO_RACECHECK __device__ inline T atomicCAS(T* address, T compare, T value) {
     T old = *address;
     if (old == compare) *address = value;
     return old;
@@ -309,6 +317,114 @@ constexpr size_t param_size() {
 extern "C" char __start_kiln_shared[] __attribute__((weak));
 extern "C" char __stop_kiln_shared[] __attribute__((weak));
 
+// ---- racecheck: shared-memory hazards between barriers ------------------------------
+// Kernels are compiled with -fsanitize=thread, which calls the __tsan_*
+// hooks below around every load and store; these keep, for each 4-byte word
+// of the module's shared memory, its last writer and two of its readers in
+// the current epoch. Another thread's write after a read or write, or read
+// after a write, in the same epoch (no barrier between, and for lanes of
+// one warp no warp operation between) is a race: the kernel stops with both
+// call sites.
+namespace kiln_emu {
+struct SharedAccess {
+    unsigned epoch;
+    unsigned warp_epoch;
+    unsigned thread;  // linear id + 1; 0 = nobody
+    uintptr_t pc;
+};
+struct ShadowWord {
+    SharedAccess write, first_read, other_read;
+};
+
+extern ShadowWord* shadow;
+
+KILN_EMU_NO_RACECHECK inline bool unordered(const SharedAccess& before, const SharedAccess& now) {
+    if (before.thread == 0 || before.thread == now.thread || before.epoch != now.epoch) return false;
+    const bool same_warp = (before.thread - 1) / 32 == (now.thread - 1) / 32;
+    return !(same_warp && before.warp_epoch != now.warp_epoch);
+}
+
+KILN_EMU_NO_RACECHECK inline void describe_thread(char* out, size_t size, unsigned linear) {
+    const dim3 b = kiln_emu_state.block_dim;
+    snprintf(out, size, "(%u,%u,%u)", linear % b.x, linear / b.x % b.y, linear / (b.x * b.y));
+}
+
+[[noreturn]] KILN_EMU_NO_RACECHECK inline void report_race(const SharedAccess& before, const char* before_kind,
+                                                          const SharedAccess& now, const char* now_kind,
+                                                          uintptr_t offset) {
+    char first[48], second[48], message[512];
+    describe_thread(first, sizeof first, before.thread - 1);
+    describe_thread(second, sizeof second, now.thread - 1);
+    snprintf(message, sizeof message,
+             "shared-memory race (racecheck): thread %s %s byte %lu of shared memory at @pc:0x%lx@ after "
+             "thread %s %s it at @pc:0x%lx@, with no __syncthreads between",
+             second, now_kind, (unsigned long)offset, (unsigned long)now.pc, first, before_kind,
+             (unsigned long)before.pc);
+    fault(message);
+}
+
+KILN_EMU_NO_RACECHECK inline void shared_access(uintptr_t offset, unsigned size, bool write, void* pc) {
+    const kiln_emu_thread_state& s = kiln_emu_state;
+    const dim3 b = s.block_dim;
+    const unsigned linear = s.thread_idx.x + b.x * (s.thread_idx.y + b.y * s.thread_idx.z);
+    const SharedAccess now{s.epoch, s.warp_epoch[linear / 32], linear + 1, (uintptr_t)pc};
+    for (uintptr_t word = offset / 4; word <= (offset + size - 1) / 4; ++word) {
+        ShadowWord& w = shadow[word];
+        if (unordered(w.write, now)) report_race(w.write, "wrote", now, write ? "writes" : "reads", offset);
+        if (write) {
+            if (unordered(w.first_read, now)) report_race(w.first_read, "read", now, "writes", offset);
+            if (unordered(w.other_read, now)) report_race(w.other_read, "read", now, "writes", offset);
+            w.write = now;
+        } else if (w.first_read.epoch != now.epoch || w.first_read.thread == 0) {
+            w.first_read = now;
+            w.other_read = SharedAccess{};
+        } else if (w.first_read.thread != now.thread) {
+            w.other_read = now;
+        }
+    }
+}
+
+KILN_EMU_NO_RACECHECK inline void check(const void* address, unsigned size, bool write, void* pc) {
+    const uintptr_t offset = (uintptr_t)address - (uintptr_t)__start_kiln_shared;
+    if (offset >= (uintptr_t)(__stop_kiln_shared - __start_kiln_shared) || !kiln_emu_state.racecheck) return;
+    shared_access(offset, size, write, pc);
+}
+}  // namespace kiln_emu
+
+#define KILN_EMU_TSAN_HOOKS(n)                                                                                       \
+    extern "C" KILN_EMU_NO_RACECHECK __attribute__((visibility("default"))) void __tsan_read##n(void* p) {          \
+        ::kiln_emu::check(p, n, false, __builtin_return_address(0));                                                 \
+    }                                                                                                                \
+    extern "C" KILN_EMU_NO_RACECHECK __attribute__((visibility("default"))) void __tsan_write##n(void* p) {         \
+        ::kiln_emu::check(p, n, true, __builtin_return_address(0));                                                  \
+    }                                                                                                                \
+    extern "C" KILN_EMU_NO_RACECHECK __attribute__((visibility("default"))) void __tsan_unaligned_read##n(void* p) { \
+        ::kiln_emu::check(p, n, false, __builtin_return_address(0));                                                 \
+    }                                                                                                                \
+    extern "C" KILN_EMU_NO_RACECHECK __attribute__((visibility("default"))) void __tsan_unaligned_write##n(void* p) { \
+        ::kiln_emu::check(p, n, true, __builtin_return_address(0));                                                  \
+    }                                                                                                                \
+    extern "C" KILN_EMU_NO_RACECHECK __attribute__((visibility("default"))) void __tsan_volatile_read##n(void* p) { \
+        ::kiln_emu::check(p, n, false, __builtin_return_address(0));                                                 \
+    }                                                                                                                \
+    extern "C" KILN_EMU_NO_RACECHECK __attribute__((visibility("default"))) void __tsan_volatile_write##n(void* p) { \
+        ::kiln_emu::check(p, n, true, __builtin_return_address(0));                                                  \
+    }
+KILN_EMU_TSAN_HOOKS(1)
+KILN_EMU_TSAN_HOOKS(2)
+KILN_EMU_TSAN_HOOKS(4)
+KILN_EMU_TSAN_HOOKS(8)
+KILN_EMU_TSAN_HOOKS(16)
+extern "C" KILN_EMU_NO_RACECHECK __attribute__((visibility("default"))) void __tsan_read_range(void* p, unsigned long n) {
+    ::kiln_emu::check(p, (unsigned)n, false, __builtin_return_address(0));
+}
+extern "C" KILN_EMU_NO_RACECHECK __attribute__((visibility("default"))) void __tsan_write_range(void* p, unsigned long n) {
+    ::kiln_emu::check(p, (unsigned)n, true, __builtin_return_address(0));
+}
+extern "C" __attribute__((visibility("default"))) void __tsan_init() {}
+extern "C" __attribute__((visibility("default"))) void __tsan_func_entry(void*) {}
+extern "C" __attribute__((visibility("default"))) void __tsan_func_exit() {}
+
 // Everything the emulator looks up in a compiled module. The generated file
 // defines the table with KILN_EMU_DEFINE_MODULE.
 struct kiln_emu_module {
@@ -323,6 +439,8 @@ struct kiln_emu_module {
 #define KILN_EMU_DEFINE_MODULE(...)                                                                        \
     kiln_emu_thread_state kiln_emu_state;                                                                  \
     kiln_emu_runtime kiln_emu_runtime_table;                                                               \
+    kiln_emu::ShadowWord* kiln_emu::shadow = (kiln_emu::ShadowWord*)calloc(                                \
+        (size_t)(__stop_kiln_shared - __start_kiln_shared) / 4 + 1, sizeof(kiln_emu::ShadowWord));         \
     static const kiln_emu::KernelInfo kiln_emu_kernel_table[] = {__VA_ARGS__};                             \
     extern "C" __attribute__((visibility("default"))) kiln_emu_module kiln_emu_module_info() {             \
         return kiln_emu_module{kiln_emu_kernel_table, sizeof kiln_emu_kernel_table / sizeof(kiln_emu::KernelInfo), \

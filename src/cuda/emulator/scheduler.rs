@@ -127,6 +127,18 @@ pub(crate) struct WarpRequest {
     site: Site,
 }
 
+impl WarpRequest {
+    /// Whether two lanes wait at the same operation: the same call site,
+    /// mask and width. Values and arguments (a shuffle's source lane or
+    /// delta) are each lane's own.
+    fn same_operation(&self, other: &WarpRequest) -> bool {
+        self.op == other.op
+            && self.mask == other.mask
+            && self.width == other.width
+            && self.site == other.site
+    }
+}
+
 /// What a suspended thread is waiting for.
 pub(crate) enum Event {
     Barrier(Site),
@@ -207,12 +219,17 @@ fn runtime_fault_message(message: String) -> ! {
 
 /// The built-in variables of the running thread, as laid out in the prelude.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct ThreadState {
     pub thread_idx: [u32; 3],
     pub block_idx: [u32; 3],
     pub block_dim: [u32; 3],
     pub grid_dim: [u32; 3],
+    /// Racecheck's clocks: moved on at every block start and released
+    /// barrier, and per warp at every completed warp operation.
+    pub epoch: u32,
+    pub warp_epoch: [u32; 32],
+    pub racecheck: i32,
 }
 
 /// Why a launch stopped: what went wrong, in which block and thread.
@@ -233,6 +250,8 @@ pub(crate) struct Grid {
     pub grid: [u32; 3],
     pub block: [u32; 3],
     pub order: ThreadOrder,
+    /// Check shared-memory accesses for races between barriers.
+    pub racecheck: bool,
 }
 
 /// Reusable coroutine stacks (an emulated block holds up to 1024 at once).
@@ -286,6 +305,7 @@ pub(crate) fn run_grid(grid: &Grid, pool: &mut StackPool) -> Result<(), LaunchFa
     unsafe {
         (*grid.state).block_dim = grid.block;
         (*grid.state).grid_dim = grid.grid;
+        (*grid.state).racecheck = grid.racecheck as i32;
     }
     let mut block = BlockRun::new(grid, rng);
     for linear in block_order {
@@ -324,6 +344,13 @@ impl<'g> BlockRun<'g> {
         }
     }
 
+    /// Orders every shared-memory access before this point before every one
+    /// after it (a block start, a released barrier).
+    fn new_epoch(&mut self) {
+        // SAFETY: see run_grid.
+        unsafe { (*self.grid.state).epoch = (*self.grid.state).epoch.wrapping_add(1) };
+    }
+
     fn thread_coords(&self, t: usize) -> [u32; 3] {
         coords(t, self.grid.block)
     }
@@ -333,6 +360,7 @@ impl<'g> BlockRun<'g> {
         // and no thread of another block is alive.
         unsafe {
             (*self.grid.state).block_idx = block_index;
+            self.new_epoch();
             if self.grid.shared.1 > 0 {
                 std::ptr::write_bytes(self.grid.shared.0, 0xFF, self.grid.shared.1);
             }
@@ -484,12 +512,7 @@ impl<'g> BlockRun<'g> {
                         ));
                     }
                     match self.status[warp_start + member] {
-                        Status::AtWarp(other)
-                            if other
-                                == WarpRequest {
-                                    value: other.value,
-                                    ..request
-                                } => {}
+                        Status::AtWarp(other) if other.same_operation(&request) => {}
                         Status::AtWarp(_) => complete = false,
                         Status::Runnable => complete = false,
                         Status::Done | Status::AtBarrier(_) => {
@@ -522,10 +545,11 @@ impl<'g> BlockRun<'g> {
         request: WarpRequest,
     ) -> Result<(), BlockError> {
         let members: Vec<usize> = (0..32).filter(|m| request.mask & (1 << m) != 0).collect();
-        let value_of = |status: &[Status], lane: usize| match status[warp_start + lane] {
-            Status::AtWarp(r) => r.value,
+        let request_of = |status: &[Status], lane: usize| match status[warp_start + lane] {
+            Status::AtWarp(r) => r,
             _ => unreachable!("every member waits at this operation"),
         };
+        let value_of = |status: &[Status], lane: usize| request_of(status, lane).value;
         let width = request.width;
         if !(1..=32).contains(&width) || (width & (width - 1)) != 0 {
             return Err((
@@ -553,7 +577,7 @@ impl<'g> BlockRun<'g> {
         for &lane in &members {
             let own = value_of(&self.status, lane);
             let segment = lane / width * width;
-            let arg = request.arg as i64;
+            let arg = request_of(&self.status, lane).arg as i64;
             let source = match request.op {
                 WarpOp::ShuffleIdx => Some(segment + (arg.rem_euclid(width as i64)) as usize),
                 WarpOp::ShuffleUp => {
@@ -601,6 +625,11 @@ impl<'g> BlockRun<'g> {
             self.resume_with[warp_start + lane] = result;
             self.status[warp_start + lane] = Status::Runnable;
         }
+        // SAFETY: see run_grid; a block has at most 32 warps.
+        unsafe {
+            let epoch = &mut (*self.grid.state).warp_epoch[warp_start / 32];
+            *epoch = epoch.wrapping_add(1);
+        }
         Ok(())
     }
 
@@ -634,6 +663,7 @@ impl<'g> BlockRun<'g> {
             for t in waiting {
                 self.status[t] = Status::Runnable;
             }
+            self.new_epoch();
             return Ok(());
         }
         let stuck = other.expect("some thread is not at a barrier");
