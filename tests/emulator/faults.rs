@@ -70,6 +70,7 @@ fn a_missing_barrier_is_caught_by_racecheck_and_by_comparing_two_thread_orders()
             &[
                 "tree_sum_missing_barrier",
                 "shared-memory race (racecheck)",
+                "of `partial` (in tree_sum",
                 "with no __syncthreads between",
                 "kernels/faults.cu:",
             ],

@@ -9,8 +9,10 @@
 //! launch limits (threads per block, `__launch_bounds__`, grid size, shared
 //! memory, parameter struct size), divergent or unreachable barriers,
 //! incomplete shuffles, accesses past a buffer (guard pages and canaries),
-//! misaligned vector accesses and array-bound overruns (sanitizers), and —
-//! run under two thread orders — races a missing barrier leaves.
+//! misaligned vector accesses and array-bound overruns (sanitizers),
+//! shared-memory hazards between barriers (racecheck, on the prelude's
+//! thread-sanitizer hooks) and — run under two thread orders — other races
+//! a missing barrier leaves.
 //!
 //! Settings (read when the device is created; the setters override them):
 //! - `KILN_CUDA_EMULATE_ORDER` = `forward` (default) | `reverse` | `random`
@@ -19,6 +21,8 @@
 //!   each new buffer its guard page is on;
 //! - `KILN_CUDA_EMULATE_ARCH` = `sm_90` (default) | `sm_80`: the reported
 //!   compute capability;
+//! - `KILN_CUDA_EMULATE_RACECHECK` = `1` (default) | `0`: check shared-memory
+//!   accesses for races;
 //! - `KILN_CUDA_EMULATE_LAUNCH_LOG` = a file that gets one `file kernel` line
 //!   the first time each kernel is launched (the coverage check reads it).
 
@@ -390,26 +394,79 @@ fn check_launch_shape(kernel: &str, config: &LaunchConfig, bound: u32) -> Result
     Ok(())
 }
 
-/// A message from the prelude with each `@pc:0x…@` (a return address in
-/// kernel code) replaced by the source line of its call.
+/// A message from the prelude with its `@pc:0x…@` tokens (a return address
+/// in kernel code) replaced by the source line of the call, and its
+/// `@shared:0x…@` tokens (an offset into the module's shared memory) by the
+/// `__shared__` variable there.
 fn with_source_lines(message: &str, module: &HostModule) -> String {
     let mut out = String::new();
     let mut rest = message;
-    while let Some(start) = rest.find("@pc:0x") {
+    while let Some(start) = rest.find('@') {
         let Some(len) = rest[start + 1..].find('@') else {
             break;
         };
-        let hex = &rest[start + "@pc:0x".len()..start + 1 + len];
+        let token = &rest[start + 1..start + 1 + len];
         out.push_str(&rest[..start]);
-        match usize::from_str_radix(hex, 16) {
+        let value = |prefix: &str| {
+            token
+                .strip_prefix(prefix)
+                .and_then(|hex| usize::from_str_radix(hex, 16).ok())
+        };
+        match (value("pc:0x"), value("shared:0x")) {
             // A return address points after the call; the call is one byte before.
-            Ok(pc) => out.push_str(&source_line(module, pc.saturating_sub(1))),
-            Err(_) => out.push_str(&rest[start..start + len + 2]),
+            (Some(pc), _) => out.push_str(&source_line(module, pc.saturating_sub(1))),
+            (_, Some(offset)) => out.push_str(&shared_variable(module, offset)),
+            _ => out.push_str(&rest[start..start + len + 2]),
         }
         rest = &rest[start + len + 2..];
     }
     out.push_str(rest);
     out
+}
+
+/// "byte 512 of `partial` (in tree_sum(...))": the `__shared__` variable at
+/// `offset` in the module's shared memory, read from its symbol table with
+/// `nm`; the bare offset where that tool is missing.
+fn shared_variable(module: &HostModule, offset: usize) -> String {
+    let fallback = format!("byte {offset} of the module's shared memory");
+    let address = module.shared.0 as usize + offset;
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: dladdr only reads the loader's tables.
+    if unsafe { libc::dladdr(module.shared.0 as *const libc::c_void, &mut info) } == 0 {
+        return fallback;
+    }
+    let relative = address - info.dli_fbase as usize;
+    let Ok(output) = std::process::Command::new("nm")
+        .args(["-C", "-S", "--defined-only"])
+        .arg(&module.library_path)
+        .output()
+    else {
+        return fallback;
+    };
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let mut fields = line.splitn(4, ' ');
+        let (Some(start), Some(size), Some(_kind), Some(name)) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let (Ok(start), Ok(size)) = (
+            usize::from_str_radix(start, 16),
+            usize::from_str_radix(size, 16),
+        ) else {
+            continue;
+        };
+        if (start..start + size).contains(&relative) {
+            let (function, variable) = name.rsplit_once("::").unwrap_or(("", name));
+            let within = if function.is_empty() {
+                String::new()
+            } else {
+                format!(" (in {function})")
+            };
+            return format!("byte {} of `{variable}`{within}", relative - start);
+        }
+    }
+    fallback
 }
 
 /// `file:line (function)` of an instruction in a module, via addr2line;

@@ -356,7 +356,7 @@ KILN_EMU_NO_RACECHECK inline void describe_thread(char* out, size_t size, unsign
     describe_thread(first, sizeof first, before.thread - 1);
     describe_thread(second, sizeof second, now.thread - 1);
     snprintf(message, sizeof message,
-             "shared-memory race (racecheck): thread %s %s byte %lu of shared memory at @pc:0x%lx@ after "
+             "shared-memory race (racecheck): thread %s %s @shared:0x%lx@ at @pc:0x%lx@ after "
              "thread %s %s it at @pc:0x%lx@, with no __syncthreads between",
              second, now_kind, (unsigned long)offset, (unsigned long)now.pc, first, before_kind,
              (unsigned long)before.pc);
