@@ -1,6 +1,8 @@
 //! Shuffles, votes and __syncwarp on the emulator give what CUDA specifies,
 //! lane by lane (tests/emulator/warp.cu).
 
+use kiln::cuda::emulator::launch_counts;
+
 use crate::{FaultParams, emulator_or_skip, on_device, one_block, zeros};
 
 #[test]
@@ -25,9 +27,13 @@ fn every_warp_operation_matches_its_cuda_definition() {
         out: out.cuda_ptr().unwrap(),
         n: N as i64,
     };
+    let key = ("warp.cu".to_string(), "warp_operations".to_string());
+    let launched = || launch_counts().get(&key).copied().unwrap_or(0);
+    let before = launched();
     device
         .launch("warp.cu", "warp_operations", one_block(N as u32), params)
         .unwrap();
+    assert_eq!(launched(), before + 1, "the emulator counts each launch");
     let got = out.to_vec::<f32>().unwrap();
     for t in 0..N {
         let (base, lane) = (t / 32 * 32, t % 32);

@@ -23,7 +23,7 @@ use crate::kernels;
 use super::scheduler::{ThreadState, runtime_fault, runtime_syncthreads, runtime_warp_op};
 
 /// The header every host-compiled kernel file is built with.
-pub const PRELUDE: &str = include_str!("prelude.h");
+const PRELUDE: &str = include_str!("prelude.h");
 
 /// The host compiler's flags. -O2 because the parity suite runs every
 /// kernel; -g1 so a faulting instruction maps to its source line; no fast
@@ -159,7 +159,7 @@ fn compiler_identity() -> Result<&'static (String, String), String> {
 }
 
 /// The generated C++ file: prelude, the kernel file, and its kernel table.
-pub fn generated_source(file: &str) -> Result<String, String> {
+fn generated_source(file: &str) -> Result<String, String> {
     let source = kernels::source(file)
         .ok_or_else(|| format!("no kernel file kernels/{file} in this build"))?;
     let mut table = String::new();

@@ -38,7 +38,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::LaunchConfig;
 
-pub use host_compile::{PRELUDE, generated_source};
 pub use memory::GuardPlacement;
 pub use scheduler::ThreadOrder;
 
