@@ -790,7 +790,7 @@ fn the_emulator_without_a_cxx_compiler_is_a_clear_error() {
 #[test]
 fn an_unknown_cuda_backend_or_emulator_setting_is_a_clear_error() {
     let s = Scratch::new("backend");
-    let cases: [(&[(&str, &str)], &str); 4] = [
+    let cases: [(&[(&str, &str)], &str); 6] = [
         (
             &[("KILN_CUDA", "emulated")],
             "KILN_CUDA=emulated is not a backend",
@@ -815,6 +815,20 @@ fn an_unknown_cuda_backend_or_emulator_setting_is_a_clear_error() {
                 ("KILN_CUDA_EMULATE_ARCH", "sm_70"),
             ],
             "KILN_CUDA_EMULATE_ARCH=sm_70 is not emulated",
+        ),
+        (
+            &[
+                ("KILN_CUDA", "emulate"),
+                ("KILN_CUDA_EMULATE_RACECHECK", "yes"),
+            ],
+            "KILN_CUDA_EMULATE_RACECHECK=yes is not a switch",
+        ),
+        (
+            &[
+                ("KILN_CUDA", "emulate"),
+                ("KILN_CUDA_EMULATE_TIMEOUT", "-3"),
+            ],
+            "KILN_CUDA_EMULATE_TIMEOUT=-3 is not a time limit",
         ),
     ];
     for (env, expected) in cases {

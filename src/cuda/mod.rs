@@ -5,7 +5,7 @@
 //!
 //! With `KILN_CUDA=emulate`, `cuda:0` is instead an emulated device whose
 //! driver calls run on the CPU (see [`emulator`]); everything in this module
-//! above [`driver::Driver`] is the same code for both.
+//! above the driver boundary (`driver.rs`) is the same code for both.
 
 mod alloc;
 pub mod compile;

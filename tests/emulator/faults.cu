@@ -118,3 +118,11 @@ __device__ float deep_recursion(int depth, float x) {
 extern "C" __global__ void stack_overflow(const FaultParams p) {
     if (threadIdx.x == 0) p.out[0] = deep_recursion((int)p.n, p.x[0]);
 }
+
+// Never ends: the loop's bound is never reached (the volatile counter keeps
+// the compiler from assuming the loop terminates).
+extern "C" __global__ void endless_loop(const FaultParams p) {
+    volatile i64 spins = 0;
+    while (spins >= 0 && p.n > 0) spins = spins + 0;
+    p.out[0] = (float)spins;
+}

@@ -2,9 +2,11 @@
 //! correct twin runs and computes the right values.
 
 use cudarc::driver::LaunchConfig;
+use std::time::Duration;
+
 use kiln::cuda::emulator::{
-    GuardPlacement, ThreadOrder, guard_placement, racecheck, set_guard_placement, set_racecheck,
-    set_thread_order, thread_order,
+    GuardPlacement, ThreadOrder, guard_placement, launch_timeout, racecheck, set_guard_placement,
+    set_launch_timeout, set_racecheck, set_thread_order, thread_order,
 };
 
 use crate::{FaultParams, emulator_or_skip, expect_error, launch, on_device, one_block, zeros};
@@ -455,4 +457,33 @@ fn a_stack_overflow_in_a_thread_is_an_error_not_a_crash() {
     // The device still works afterwards.
     let (error, _) = launch(&device, "shuffle_every_lane", one_block(32), &x, &out, 1);
     assert_eq!(error, None);
+}
+
+#[test]
+fn an_endless_loop_runs_into_the_launch_time_limit() {
+    let Some(device) = emulator_or_skip("time limit") else {
+        return;
+    };
+    let limit = launch_timeout().unwrap();
+    set_launch_timeout(Duration::from_secs(1));
+    let (x, out) = (on_device(&ramp(8)), zeros(1));
+    let result = launch(&device, "endless_loop", one_block(32), &x, &out, 1);
+    set_launch_timeout(limit);
+    assert!(
+        result.1 >= Duration::from_secs(1),
+        "stopped after {:?}",
+        result.1
+    );
+    expect_error(
+        "endless loop",
+        result,
+        &[
+            "endless_loop",
+            "ran longer than its limit of 1.0 s",
+            "thread (0,0,0)",
+            "kernels/faults.cu:",
+        ],
+    );
+    let (error, _) = launch(&device, "shuffle_every_lane", one_block(32), &x, &out, 1);
+    assert_eq!(error, None, "the device still works afterwards");
 }

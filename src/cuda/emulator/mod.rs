@@ -7,7 +7,8 @@
 //! It checks what a GPU and compute-sanitizer would, and reports each as an
 //! error naming the kernel, block, thread and, where known, source line:
 //! launch limits (threads per block, `__launch_bounds__`, grid size, shared
-//! memory, parameter struct size), divergent or unreachable barriers,
+//! memory, parameter struct size), launches that run past a time limit,
+//! divergent or unreachable barriers,
 //! incomplete shuffles, accesses past a buffer (guard pages and canaries),
 //! misaligned vector accesses and array-bound overruns (sanitizers),
 //! shared-memory hazards between barriers (racecheck, on the prelude's
@@ -23,6 +24,8 @@
 //!   compute capability;
 //! - `KILN_CUDA_EMULATE_RACECHECK` = `1` (default) | `0`: check shared-memory
 //!   accesses for races;
+//! - `KILN_CUDA_EMULATE_TIMEOUT` = seconds (default 600): the longest a
+//!   launch may run before it stops with an error;
 //! - `KILN_CUDA_EMULATE_LAUNCH_LOG` = a file that gets one `file kernel` line
 //!   the first time each kernel is launched (the coverage check reads it).
 
@@ -30,11 +33,13 @@ mod host_compile;
 mod memory;
 mod scheduler;
 mod trap;
+mod watchdog;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use cudarc::driver::LaunchConfig;
 
@@ -123,6 +128,34 @@ pub fn set_guard_placement(placement: GuardPlacement) {
     GUARD.store(code, Ordering::Relaxed);
 }
 
+static TIMEOUT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The longest a launch may run: set by [`set_launch_timeout`], else
+/// `KILN_CUDA_EMULATE_TIMEOUT` (seconds), else 600 s. Past it the launch
+/// stops with an error naming where its threads were (an endless loop?).
+pub fn launch_timeout() -> Result<Duration, String> {
+    match TIMEOUT_MS.load(Ordering::Relaxed) {
+        0 => {}
+        ms => return Ok(Duration::from_millis(ms)),
+    }
+    match env_setting("KILN_CUDA_EMULATE_TIMEOUT") {
+        None => Ok(Duration::from_secs(600)),
+        Some(text) => match text.parse::<f64>() {
+            Ok(seconds) if seconds > 0.0 && seconds.is_finite() => {
+                Ok(Duration::from_secs_f64(seconds))
+            }
+            _ => Err(format!(
+                "KILN_CUDA_EMULATE_TIMEOUT={text} is not a time limit: give seconds, e.g. 600"
+            )),
+        },
+    }
+}
+
+/// Limits later launches to `limit` (at least a millisecond).
+pub fn set_launch_timeout(limit: Duration) {
+    TIMEOUT_MS.store(limit.as_millis().max(1) as u64, Ordering::Relaxed);
+}
+
 static RACECHECK: AtomicU8 = AtomicU8::new(0);
 
 /// Whether shared-memory accesses are checked for races: set by
@@ -209,6 +242,7 @@ impl Emulator {
         thread_order()?;
         guard_placement()?;
         racecheck()?;
+        launch_timeout()?;
         trap::install();
         Ok(Emulator {
             memory: DeviceMemory::default(),
@@ -307,23 +341,36 @@ impl Emulator {
             .chunks_exact(8)
             .map(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")));
         let buffers = self.memory.blocks_named_by(words);
+        let limit = launch_timeout()?;
         trap::ensure_alternate_stack();
         let _serial = LAUNCH.lock().unwrap_or_else(|e| e.into_inner());
         let mut stacks = self.stacks.lock().unwrap_or_else(|e| e.into_inner());
-        scheduler::run_grid(&grid, &mut stacks).map_err(|fault| self.describe(fault, &module))?;
+        let timer = watchdog::arm(limit);
+        let ran = scheduler::run_grid(&grid, &mut stacks);
+        drop(timer);
+        ran.map_err(|fault| self.describe(fault, &module, limit))?;
         self.memory.check_canaries(&buffers)?;
         record_launch(file, kernel);
         Ok(())
     }
 
-    fn describe(&self, fault: LaunchFault, module: &HostModule) -> String {
+    fn describe(&self, fault: LaunchFault, module: &HostModule, limit: Duration) -> String {
         let [bx, by, bz] = fault.block;
         let thread = fault
             .thread
             .map(|[x, y, z]| format!(", thread ({x},{y},{z})"))
             .unwrap_or_default();
+        let over_time = format!(
+            "the launch ran longer than its limit of {:.1} s (KILN_CUDA_EMULATE_TIMEOUT): an endless loop?",
+            limit.as_secs_f64()
+        );
         let message = match fault.raw {
+            None if fault.message == scheduler::TIMED_OUT => over_time,
             None => with_source_lines(&fault.message, module),
+            Some(raw) if raw.signal == watchdog::signal() => format!(
+                "{over_time} This thread was at {}",
+                source_line(module, raw.instruction)
+            ),
             Some(raw) => {
                 let access = if raw.write { "write" } else { "read" };
                 let what = match self.memory.describe_guard_hit(raw.address) {

@@ -29,7 +29,10 @@ use corosensei::{Coroutine, CoroutineResult, Yielder};
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 
-use super::trap;
+use super::{trap, watchdog};
+
+/// What a launch stopped by the watchdog between two threads reports.
+pub(crate) const TIMED_OUT: &str = "the launch ran past its time limit";
 
 /// Bytes of stack each emulated thread gets (plus a guard page).
 pub(crate) const THREAD_STACK_BYTES: usize = 64 * 1024;
@@ -409,6 +412,9 @@ impl<'g> BlockRun<'g> {
     }
 
     fn resume(&mut self, t: usize, pool: &mut StackPool) -> Result<(), BlockError> {
+        if watchdog::expired() {
+            return Err((None, TIMED_OUT.into(), None));
+        }
         if self.threads[t].is_none() {
             let stack = pool.take().map_err(|e| (None, e, None))?;
             let invoke = self.grid.invoke;

@@ -1,5 +1,6 @@
 //! Turning a segmentation fault inside an emulated CUDA thread into a kernel
-//! error instead of a dead process. While a thread runs, its coroutine's
+//! error instead of a dead process, and the watchdog's signal into a time
+//! limit error instead of a hang. While a thread runs, its coroutine's
 //! trap handler is published in a thread-local; the SIGSEGV/SIGBUS handler
 //! checks that the faulting stack is that coroutine's, records what was hit,
 //! and makes the coroutine return `ThreadOutcome::Trapped` to the scheduler
@@ -12,6 +13,7 @@ use std::sync::OnceLock;
 use corosensei::trap::CoroutineTrapHandler;
 
 use super::scheduler::ThreadOutcome;
+use super::watchdog;
 
 /// What the signal handler saw.
 #[derive(Clone, Copy, Debug)]
@@ -108,6 +110,7 @@ pub(crate) fn install() -> bool {
             let mut bus: libc::sigaction = std::mem::zeroed();
             libc::sigaction(libc::SIGSEGV, &action, &mut segv);
             libc::sigaction(libc::SIGBUS, &action, &mut bus);
+            libc::sigaction(watchdog::signal(), &action, std::ptr::null_mut());
             Previous { segv, bus }
         }
     });
@@ -121,8 +124,10 @@ unsafe extern "C" fn on_fault(signal: i32, info: *mut libc::siginfo_t, context: 
         let context = &mut *(context as *mut libc::ucontext_t);
         let gregs = &mut context.uc_mcontext.gregs;
         let stack_pointer = gregs[libc::REG_RSP as usize] as usize;
+        let from_watchdog = signal == watchdog::signal();
         if let Some(handler) = ACTIVE.with(|a| a.get())
             && handler.stack_ptr_in_bounds(stack_pointer)
+            && (!from_watchdog || watchdog::expired())
         {
             ACTIVE.with(|a| a.set(None));
             LAST_FAULT.with(|f| {
@@ -141,6 +146,10 @@ unsafe extern "C" fn on_fault(signal: i32, info: *mut libc::siginfo_t, context: 
             gregs[libc::REG_RBP as usize] = regs.rbp as i64;
             gregs[libc::REG_RDI as usize] = regs.rdi as i64;
             gregs[libc::REG_RSI as usize] = regs.rsi as i64;
+            return;
+        }
+        // Outside kernel code the scheduler notices an expired launch itself.
+        if from_watchdog {
             return;
         }
         // Not an emulated thread: restore the previous handler; returning
