@@ -27,3 +27,14 @@ extern "C" __global__ void warp_operations(const WarpParams p) {
     // Each lane names its own source: a rotation of the warp by one.
     out[8 * n] = __shfl_sync(0xffffffffu, v, (lane + 1) & 31);
 }
+
+// Every thread adds to one __shared__ counter with atomicAdd: concurrent
+// atomics are not a race, and the total is exact.
+extern "C" __global__ void shared_atomic_count(const WarpParams p) {
+    __shared__ unsigned count;
+    if (threadIdx.x == 0) count = 0;
+    __syncthreads();
+    atomicAdd(&count, 1u);
+    __syncthreads();
+    if (threadIdx.x == 0) p.out[blockIdx.x] = (float)count;
+}

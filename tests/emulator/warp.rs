@@ -67,3 +67,26 @@ fn every_warp_operation_matches_its_cuda_definition() {
         }
     }
 }
+
+#[test]
+fn atomics_on_shared_memory_are_exact_and_not_races() {
+    let Some(device) = emulator_or_skip("shared atomics") else {
+        return;
+    };
+    kiln::kernels::register_source("warp.cu", include_str!("warp.cu")).unwrap();
+    let (input, out) = (on_device(&[0.0]), zeros(3));
+    let params = FaultParams {
+        x: input.cuda_ptr().unwrap(),
+        out: out.cuda_ptr().unwrap(),
+        n: 0,
+    };
+    let config = cudarc::driver::LaunchConfig {
+        grid_dim: (3, 1, 1),
+        block_dim: (96, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    device
+        .launch("warp.cu", "shared_atomic_count", config, params)
+        .unwrap();
+    assert_eq!(out.to_vec::<f32>().unwrap(), vec![96.0; 3]);
+}
