@@ -333,6 +333,9 @@ struct BlockRun<'g> {
     status: Vec<Status>,
     resume_with: Vec<u64>,
     rng: Option<rand::rngs::StdRng>,
+    /// Threads that have returned, and threads waiting at a warp operation.
+    done: usize,
+    at_warp: usize,
 }
 
 impl<'g> BlockRun<'g> {
@@ -344,6 +347,8 @@ impl<'g> BlockRun<'g> {
             status: vec![Status::Runnable; n],
             resume_with: vec![0; n],
             rng,
+            done: 0,
+            at_warp: 0,
         }
     }
 
@@ -370,6 +375,7 @@ impl<'g> BlockRun<'g> {
         }
         self.status.fill(Status::Runnable);
         self.resume_with.fill(0);
+        (self.done, self.at_warp) = (0, 0);
         let result = self.run_threads(pool);
         // Threads still suspended (after a fault) are abandoned: kernel code
         // holds nothing that needs dropping.
@@ -401,10 +407,10 @@ impl<'g> BlockRun<'g> {
                     self.resume(t, pool)?;
                 }
             }
-            if self.status.iter().all(|s| *s == Status::Done) {
+            if self.done == n {
                 return Ok(());
             }
-            if self.settle_warps()? {
+            if self.at_warp > 0 && self.settle_warps()? {
                 continue;
             }
             self.settle_barrier()?;
@@ -442,11 +448,13 @@ impl<'g> BlockRun<'g> {
                 self.status[t] = Status::AtBarrier(site)
             }
             CoroutineResult::Yield(Event::Warp(request)) => {
-                self.status[t] = Status::AtWarp(request)
+                self.status[t] = Status::AtWarp(request);
+                self.at_warp += 1;
             }
             CoroutineResult::Yield(Event::Fault(message)) => return Err((here, message, None)),
             CoroutineResult::Return(ThreadOutcome::Finished) => {
                 self.status[t] = Status::Done;
+                self.done += 1;
                 if let Some(done) = self.threads[t].take() {
                     pool.put(done.into_stack());
                 }
@@ -550,7 +558,7 @@ impl<'g> BlockRun<'g> {
         warp_start: usize,
         request: WarpRequest,
     ) -> Result<(), BlockError> {
-        let members: Vec<usize> = (0..32).filter(|m| request.mask & (1 << m) != 0).collect();
+        let members = || (0..32).filter(move |m| request.mask & (1 << m) != 0);
         let request_of = |status: &[Status], lane: usize| match status[warp_start + lane] {
             Status::AtWarp(r) => r,
             _ => unreachable!("every member waits at this operation"),
@@ -569,18 +577,14 @@ impl<'g> BlockRun<'g> {
             ));
         }
         let width = width as usize;
-        let votes: Vec<bool> = members
-            .iter()
-            .map(|&m| value_of(&self.status, m) != 0)
-            .collect();
-        let ballot: u64 = members
-            .iter()
-            .zip(&votes)
-            .filter(|(_, v)| **v)
-            .map(|(&m, _)| 1u64 << m)
+        // The lanes whose predicate holds, and how many lanes vote.
+        let ballot: u64 = members()
+            .filter(|&m| value_of(&self.status, m) != 0)
+            .map(|m| 1u64 << m)
             .sum();
-        let mut results = Vec::with_capacity(members.len());
-        for &lane in &members {
+        let voters = request.mask.count_ones();
+        let mut results = [0u64; 32];
+        for lane in members() {
             let own = value_of(&self.status, lane);
             let segment = lane / width * width;
             let arg = request_of(&self.status, lane).arg as i64;
@@ -604,8 +608,8 @@ impl<'g> BlockRun<'g> {
             };
             let result = match request.op {
                 WarpOp::Ballot => ballot,
-                WarpOp::Any => votes.iter().any(|v| *v) as u64,
-                WarpOp::All => votes.iter().all(|v| *v) as u64,
+                WarpOp::Any => (ballot != 0) as u64,
+                WarpOp::All => (ballot.count_ones() == voters) as u64,
                 WarpOp::SyncWarp => 0,
                 _ => match source {
                     None => own,
@@ -625,11 +629,12 @@ impl<'g> BlockRun<'g> {
                     Some(s) => value_of(&self.status, s),
                 },
             };
-            results.push(result);
+            results[lane] = result;
         }
-        for (&lane, result) in members.iter().zip(results) {
-            self.resume_with[warp_start + lane] = result;
+        for lane in members() {
+            self.resume_with[warp_start + lane] = results[lane];
             self.status[warp_start + lane] = Status::Runnable;
+            self.at_warp -= 1;
         }
         // SAFETY: see run_grid; a block has at most 32 warps.
         unsafe {
@@ -642,18 +647,17 @@ impl<'g> BlockRun<'g> {
     /// Releases a barrier every thread of the block waits at, or explains
     /// why the block can never go on.
     fn settle_barrier(&mut self) -> Result<(), BlockError> {
-        let waiting: Vec<usize> = (0..self.status.len())
-            .filter(|&t| matches!(self.status[t], Status::AtBarrier(_)))
-            .collect();
-        let other =
-            (0..self.status.len()).find(|&t| !matches!(self.status[t], Status::AtBarrier(_)));
-        if let (Some(&first), None) = (waiting.first(), other) {
+        let at_barrier = |s: &Status| matches!(s, Status::AtBarrier(_));
+        let waiting = self.status.iter().position(at_barrier);
+        let other = self.status.iter().position(|s| !at_barrier(s));
+        if let (Some(first), None) = (waiting, other) {
             let Status::AtBarrier(site) = self.status[first] else {
                 unreachable!()
             };
-            if let Some(&diverged) = waiting
+            if let Some(diverged) = self
+                .status
                 .iter()
-                .find(|&&t| self.status[t] != Status::AtBarrier(site))
+                .position(|s| *s != Status::AtBarrier(site))
             {
                 return Err((
                     Some(self.thread_coords(diverged)),
@@ -666,15 +670,13 @@ impl<'g> BlockRun<'g> {
                     None,
                 ));
             }
-            for t in waiting {
-                self.status[t] = Status::Runnable;
-            }
+            self.status.fill(Status::Runnable);
             self.new_epoch();
             return Ok(());
         }
         let stuck = other.expect("some thread is not at a barrier");
-        let message = match waiting.first() {
-            Some(&first) => format!(
+        let message = match waiting {
+            Some(first) => format!(
                 "divergent __syncthreads: {} {} but {} {} (every thread of the block must reach the same barrier)",
                 self.describe_thread(first),
                 self.describe_status(first),
