@@ -461,7 +461,7 @@ impl<'g> BlockRun<'g> {
             }
             CoroutineResult::Return(ThreadOutcome::Trapped) => {
                 let raw = trap::take_fault();
-                return Err((here, "memory fault".into(), raw));
+                return Err((here, "stopped by a fault signal".into(), raw));
             }
         }
         Ok(())
