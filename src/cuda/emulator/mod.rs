@@ -6,16 +6,19 @@
 //!
 //! It checks what a GPU and compute-sanitizer would, and reports each as an
 //! error naming the kernel, block, thread and, where known, source line:
-//! launch limits (threads per block, `__launch_bounds__`, grid size, shared
-//! memory, parameter struct size), launches that run past a time limit,
-//! divergent or unreachable barriers,
-//! incomplete shuffles, accesses past a buffer (guard pages and canaries),
-//! misaligned vector accesses and array-bound overruns (sanitizers),
-//! shared-memory hazards between barriers (racecheck, on the prelude's
-//! thread-sanitizer hooks) and — run under two thread orders — other races
-//! a missing barrier leaves.
+//! - launch limits: threads per block, `__launch_bounds__`, grid size, shared
+//!   memory, parameter struct size (here);
+//! - divergent or unreachable barriers and incomplete shuffles (`scheduler`);
+//! - accesses past a buffer: guard pages and canaries (`memory`, `trap`);
+//! - misaligned vector accesses, array-bound overruns and shared-memory
+//!   races between barriers: the sanitizers the kernels are compiled with,
+//!   whose hooks the prelude supplies (`host_compile`, `prelude.h`);
+//! - launches that run past a time limit (`watchdog`);
+//! - other races a missing barrier leaves, by running under two thread
+//!   orders and comparing.
 //!
-//! Settings (read when the device is created; the setters override them):
+//! Settings (`settings`; read when the device is created, and the setters
+//! override them):
 //! - `KILN_CUDA_EMULATE_ORDER` = `forward` (default) | `reverse` | `random`
 //!   | `random:<seed>`: the order runnable threads and blocks go in;
 //! - `KILN_CUDA_EMULATE_GUARD` = `after` (default) | `before`: which side of
@@ -32,12 +35,13 @@
 mod host_compile;
 mod memory;
 mod scheduler;
+mod settings;
+mod symbols;
 mod trap;
 mod watchdog;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -45,10 +49,15 @@ use cudarc::driver::LaunchConfig;
 
 pub use memory::GuardPlacement;
 pub use scheduler::ThreadOrder;
+pub use settings::{
+    emulated_arch, guard_placement, launch_timeout, parse_thread_order, racecheck,
+    set_guard_placement, set_launch_timeout, set_racecheck, set_thread_order, thread_order,
+};
 
 use host_compile::HostModule;
 use memory::DeviceMemory;
 use scheduler::{Grid, LaunchFault, StackPool};
+use symbols::{source_line, with_source_lines};
 
 /// Shared memory a block may use without the opt-in attribute kiln never sets.
 pub const MAX_SHARED_BYTES_PER_BLOCK: usize = 48 * 1024;
@@ -56,130 +65,6 @@ pub const MAX_SHARED_BYTES_PER_BLOCK: usize = 48 * 1024;
 pub const MAX_THREADS_PER_BLOCK: u32 = 1024;
 pub const MAX_BLOCK_DIM: [u32; 3] = [1024, 1024, 64];
 pub const MAX_GRID_DIM: [u32; 3] = [i32::MAX as u32, 65_535, 65_535];
-
-static ORDER: Mutex<Option<ThreadOrder>> = Mutex::new(None);
-static GUARD: AtomicU8 = AtomicU8::new(0);
-
-fn env_setting(name: &str) -> Option<String> {
-    std::env::var(name)
-        .ok()
-        .map(|v| v.trim().to_ascii_lowercase())
-        .filter(|v| !v.is_empty())
-}
-
-/// Parses a `KILN_CUDA_EMULATE_ORDER` value.
-pub fn parse_thread_order(text: &str) -> Result<ThreadOrder, String> {
-    match text {
-        "forward" => Ok(ThreadOrder::Forward),
-        "reverse" => Ok(ThreadOrder::Reverse),
-        "random" => Ok(ThreadOrder::Random(scheduler::random_seed())),
-        other => match other.strip_prefix("random:").map(str::parse::<u64>) {
-            Some(Ok(seed)) => Ok(ThreadOrder::Random(seed)),
-            _ => Err(format!(
-                "KILN_CUDA_EMULATE_ORDER={other} is not an order: use forward, reverse, random or random:<seed>"
-            )),
-        },
-    }
-}
-
-/// The order emulated threads run in: set by [`set_thread_order`], else
-/// from `KILN_CUDA_EMULATE_ORDER`, else forward.
-pub fn thread_order() -> Result<ThreadOrder, String> {
-    let mut order = ORDER.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(order) = *order {
-        return Ok(order);
-    }
-    let parsed = match env_setting("KILN_CUDA_EMULATE_ORDER") {
-        Some(text) => parse_thread_order(&text)?,
-        None => ThreadOrder::Forward,
-    };
-    *order = Some(parsed);
-    Ok(parsed)
-}
-
-/// Runs later launches in `order`.
-pub fn set_thread_order(order: ThreadOrder) {
-    *ORDER.lock().unwrap_or_else(|e| e.into_inner()) = Some(order);
-}
-
-/// Where new buffers' guard pages go: set by [`set_guard_placement`], else
-/// from `KILN_CUDA_EMULATE_GUARD`, else after.
-pub fn guard_placement() -> Result<GuardPlacement, String> {
-    match GUARD.load(Ordering::Relaxed) {
-        1 => return Ok(GuardPlacement::After),
-        2 => return Ok(GuardPlacement::Before),
-        _ => {}
-    }
-    match env_setting("KILN_CUDA_EMULATE_GUARD").as_deref() {
-        None | Some("after") => Ok(GuardPlacement::After),
-        Some("before") => Ok(GuardPlacement::Before),
-        Some(other) => Err(format!(
-            "KILN_CUDA_EMULATE_GUARD={other} is not a placement: use after or before"
-        )),
-    }
-}
-
-/// Places the guard page of buffers the driver allocates from now on.
-pub fn set_guard_placement(placement: GuardPlacement) {
-    let code = match placement {
-        GuardPlacement::After => 1,
-        GuardPlacement::Before => 2,
-    };
-    GUARD.store(code, Ordering::Relaxed);
-}
-
-static TIMEOUT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// The longest a launch may run: set by [`set_launch_timeout`], else
-/// `KILN_CUDA_EMULATE_TIMEOUT` (seconds), else 600 s. Past it the launch
-/// stops with an error naming where its threads were (an endless loop?).
-pub fn launch_timeout() -> Result<Duration, String> {
-    match TIMEOUT_MS.load(Ordering::Relaxed) {
-        0 => {}
-        ms => return Ok(Duration::from_millis(ms)),
-    }
-    match env_setting("KILN_CUDA_EMULATE_TIMEOUT") {
-        None => Ok(Duration::from_secs(600)),
-        Some(text) => match text.parse::<f64>() {
-            Ok(seconds) if seconds > 0.0 && seconds.is_finite() => {
-                Ok(Duration::from_secs_f64(seconds))
-            }
-            _ => Err(format!(
-                "KILN_CUDA_EMULATE_TIMEOUT={text} is not a time limit: give seconds, e.g. 600"
-            )),
-        },
-    }
-}
-
-/// Limits later launches to `limit` (at least a millisecond).
-pub fn set_launch_timeout(limit: Duration) {
-    TIMEOUT_MS.store(limit.as_millis().max(1) as u64, Ordering::Relaxed);
-}
-
-static RACECHECK: AtomicU8 = AtomicU8::new(0);
-
-/// Whether shared-memory accesses are checked for races: set by
-/// [`set_racecheck`], else `KILN_CUDA_EMULATE_RACECHECK` (`1`, the default,
-/// or `0`).
-pub fn racecheck() -> Result<bool, String> {
-    match RACECHECK.load(Ordering::Relaxed) {
-        1 => return Ok(true),
-        2 => return Ok(false),
-        _ => {}
-    }
-    match env_setting("KILN_CUDA_EMULATE_RACECHECK").as_deref() {
-        None | Some("1") => Ok(true),
-        Some("0") => Ok(false),
-        Some(other) => Err(format!(
-            "KILN_CUDA_EMULATE_RACECHECK={other} is not a switch: use 1 or 0"
-        )),
-    }
-}
-
-/// Turns racecheck on or off for later launches.
-pub fn set_racecheck(enabled: bool) {
-    RACECHECK.store(if enabled { 1 } else { 2 }, Ordering::Relaxed);
-}
 
 /// Launches per (file, kernel) in this process, on the emulated device.
 pub fn launch_counts() -> BTreeMap<(String, String), u64> {
@@ -209,17 +94,6 @@ fn record_launch(file: &str, kernel: &str) {
         {
             let _ = log.write_all(format!("{file} {kernel}\n").as_bytes());
         }
-    }
-}
-
-/// The arch the emulated device reports: `KILN_CUDA_EMULATE_ARCH`, else sm_90.
-pub fn emulated_arch() -> Result<String, String> {
-    match env_setting("KILN_CUDA_EMULATE_ARCH").as_deref() {
-        None | Some("sm_90") => Ok("sm_90".into()),
-        Some("sm_80") => Ok("sm_80".into()),
-        Some(other) => Err(format!(
-            "KILN_CUDA_EMULATE_ARCH={other} is not emulated: use sm_90 or sm_80"
-        )),
     }
 }
 
@@ -438,115 +312,4 @@ fn check_launch_shape(kernel: &str, config: &LaunchConfig, bound: u32) -> Result
         }
     }
     Ok(())
-}
-
-/// A message from the prelude with its `@pc:0x…@` tokens (a return address
-/// in kernel code) replaced by the source line of the call, and its
-/// `@shared:0x…@` tokens (an offset into the module's shared memory) by the
-/// `__shared__` variable there.
-fn with_source_lines(message: &str, module: &HostModule) -> String {
-    let mut out = String::new();
-    let mut rest = message;
-    while let Some(start) = rest.find('@') {
-        let Some(len) = rest[start + 1..].find('@') else {
-            break;
-        };
-        let token = &rest[start + 1..start + 1 + len];
-        out.push_str(&rest[..start]);
-        let value = |prefix: &str| {
-            token
-                .strip_prefix(prefix)
-                .and_then(|hex| usize::from_str_radix(hex, 16).ok())
-        };
-        match (value("pc:0x"), value("shared:0x")) {
-            // A return address points after the call; the call is one byte before.
-            (Some(pc), _) => out.push_str(&source_line(module, pc.saturating_sub(1))),
-            (_, Some(offset)) => out.push_str(&shared_variable(module, offset)),
-            _ => out.push_str(&rest[start..start + len + 2]),
-        }
-        rest = &rest[start + len + 2..];
-    }
-    out.push_str(rest);
-    out
-}
-
-/// "byte 512 of `partial` (in tree_sum(...))": the `__shared__` variable at
-/// `offset` in the module's shared memory, read from its symbol table with
-/// `nm`; the bare offset where that tool is missing.
-fn shared_variable(module: &HostModule, offset: usize) -> String {
-    let fallback = format!("byte {offset} of the module's shared memory");
-    let address = module.shared.0 as usize + offset;
-    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
-    // SAFETY: dladdr only reads the loader's tables.
-    if unsafe { libc::dladdr(module.shared.0 as *const libc::c_void, &mut info) } == 0 {
-        return fallback;
-    }
-    let relative = address - info.dli_fbase as usize;
-    let Ok(output) = std::process::Command::new("nm")
-        .args(["-C", "-S", "--defined-only"])
-        .arg(&module.library_path)
-        .output()
-    else {
-        return fallback;
-    };
-    for line in String::from_utf8_lossy(&output.stdout).lines() {
-        let mut fields = line.splitn(4, ' ');
-        let (Some(start), Some(size), Some(_kind), Some(name)) =
-            (fields.next(), fields.next(), fields.next(), fields.next())
-        else {
-            continue;
-        };
-        let (Ok(start), Ok(size)) = (
-            usize::from_str_radix(start, 16),
-            usize::from_str_radix(size, 16),
-        ) else {
-            continue;
-        };
-        if (start..start + size).contains(&relative) {
-            let (function, variable) = name.rsplit_once("::").unwrap_or(("", name));
-            let within = if function.is_empty() {
-                String::new()
-            } else {
-                format!(" (in {function})")
-            };
-            return format!("byte {} of `{variable}`{within}", relative - start);
-        }
-    }
-    fallback
-}
-
-/// `file:line (function)` of an instruction in a module, via addr2line;
-/// the library offset where that tool is missing.
-fn source_line(module: &HostModule, instruction: usize) -> String {
-    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
-    // SAFETY: dladdr only reads the loader's tables.
-    let found = unsafe { libc::dladdr(instruction as *const libc::c_void, &mut info) } != 0;
-    if !found || info.dli_fbase.is_null() {
-        return format!("instruction 0x{instruction:x} (outside the kernel module)");
-    }
-    let offset = instruction - info.dli_fbase as usize;
-    let lookup = std::process::Command::new("addr2line")
-        .arg("-e")
-        .arg(&module.library_path)
-        .args(["-f", "-C", "-i"])
-        .arg(format!("0x{offset:x}"))
-        .output();
-    if let Ok(output) = lookup
-        && output.status.success()
-    {
-        let text = String::from_utf8_lossy(&output.stdout);
-        // Pairs of lines (function, path:line), innermost inlined frame
-        // first; keep the frames in kernel sources, as kernels/<file>:<line>.
-        let frames: Vec<&str> = text
-            .lines()
-            .skip(1)
-            .step_by(2)
-            .filter_map(|location| location.find("kernels/").map(|at| &location[at..]))
-            .map(|location| location.split(' ').next().unwrap_or(location))
-            .collect();
-        if !frames.is_empty() {
-            return frames.join(", inlined from ");
-        }
-    }
-    format!("{}+0x{offset:x}", module.library_path.display())
 }
