@@ -61,6 +61,7 @@ pub mod cuda;
 pub mod data;
 pub mod error;
 pub mod gradcheck;
+pub mod host_memory;
 pub mod kernels;
 pub mod models;
 pub mod nn;

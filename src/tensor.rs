@@ -271,6 +271,7 @@ impl Tensor {
         requires_grad: bool,
         node: Option<Node>,
     ) -> Self {
+        crate::host_memory::keep_freed_memory();
         Tensor(Arc::new(TensorInner {
             id: TensorId::next(),
             shape,

@@ -842,3 +842,24 @@ fn an_unknown_cuda_backend_or_emulator_setting_is_a_clear_error() {
         assert!(!s.path("run").exists(), "{env:?}");
     }
 }
+
+/// Keeping freed memory for reuse (kiln::host_memory) changes where tensors
+/// live, never what they hold: the checkpoints of runs with and without it
+/// are identical.
+#[test]
+fn training_results_do_not_depend_on_host_memory_reuse() {
+    let s = Scratch::new("memory-reuse");
+    for (out, setting) in [("kept", "1"), ("returned", "0")] {
+        let env = [("KILN_KEEP_FREED_MEMORY", setting)];
+        let output = train_with_env(&s, "gpt", out, &["--steps", "3"], &env);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    assert_eq!(
+        checkpoint_values(&s.path("kept")),
+        checkpoint_values(&s.path("returned"))
+    );
+}
