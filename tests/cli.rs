@@ -863,3 +863,32 @@ fn training_results_do_not_depend_on_host_memory_reuse() {
         checkpoint_values(&s.path("returned"))
     );
 }
+
+#[test]
+fn threads_flag_sets_the_cpu_thread_count_and_zero_is_an_error() {
+    let s = Scratch::new("threads");
+    let printed = train(&s, "vae", "one", &["--steps", "1", "--threads", "1"]);
+    assert!(printed.contains("on cpu (1 thread)"), "{printed}");
+    let printed = train(&s, "vae", "two", &["--steps", "1", "--threads", "2"]);
+    assert!(printed.contains("on cpu (2 threads)"), "{printed}");
+    assert_eq!(
+        checkpoint_values(&s.path("one")),
+        checkpoint_values(&s.path("two")),
+        "the thread count changes no result"
+    );
+    let data = s.data().display().to_string();
+    let out = s.arg("zero");
+    kiln_fails(
+        &[
+            "train",
+            "vae",
+            "--data",
+            &data,
+            "--out",
+            &out,
+            "--threads",
+            "0",
+        ],
+        &["--threads 0", "at least 1"],
+    );
+}

@@ -127,8 +127,14 @@ impl Target {
         match &self.cuda {
             Some(cuda) => format!("{} ({})", cuda.name(), cuda.arch()),
             None => format!(
-                "{} ({} threads)",
+                "{} ({}, {}, {} threads)",
                 cpu_model().unwrap_or_else(|| "unknown CPU".into()),
+                cpu_field("vendor_id").unwrap_or_else(|| "unknown vendor".into()),
+                if cpu_has("avx512f") {
+                    "AVX-512"
+                } else {
+                    "no AVX-512"
+                },
                 rayon::current_num_threads()
             ),
         }
@@ -136,9 +142,19 @@ impl Target {
 }
 
 fn cpu_model() -> Option<String> {
+    cpu_field("model name")
+}
+
+/// A field of the first CPU in /proc/cpuinfo, e.g. "vendor_id".
+fn cpu_field(name: &str) -> Option<String> {
     let info = fs::read_to_string("/proc/cpuinfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("model name"))?;
+    let line = info.lines().find(|l| l.starts_with(name))?;
     Some(line.split_once(':')?.1.trim().to_string())
+}
+
+/// Whether the CPU lists `flag` (e.g. "avx512f") among its features.
+fn cpu_has(flag: &str) -> bool {
+    cpu_field("flags").is_some_and(|flags| flags.split_whitespace().any(|f| f == flag))
 }
 
 /// The CPU, then the first CUDA device when one opens; otherwise prints why

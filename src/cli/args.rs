@@ -12,6 +12,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// CPU threads for kiln's kernels [default: RAYON_NUM_THREADS, else one per core].
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -19,7 +19,7 @@ pub mod train;
 use std::ffi::OsString;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use clap::Parser;
 
 use crate::Device;
@@ -52,6 +52,9 @@ pub fn main() -> ExitCode {
 }
 
 fn execute(cli: Cli) -> Result<()> {
+    if let Some(threads) = cli.threads {
+        use_threads(threads)?;
+    }
     match &cli.command {
         Command::Train(args) => train::run(args),
         Command::Sample(args) => sample::run(args),
@@ -60,19 +63,44 @@ fn execute(cli: Cli) -> Result<()> {
     }
 }
 
-/// The device a `--device` flag names; CUDA is probed and fails clearly
-/// when there is no driver or no device.
-/// `cpu`, or `cuda:N (its name)`: which GPU, or that it is the emulator.
+/// Runs kiln's CPU kernels on `threads` threads (rayon's global pool; without
+/// --threads, `RAYON_NUM_THREADS` or one thread per core). The pool starts
+/// once per process, so a second, different request is an error.
+fn use_threads(threads: usize) -> Result<()> {
+    if threads == 0 {
+        bail!("--threads 0: give at least 1 (or leave it out for one thread per core)");
+    }
+    if rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .is_err()
+        && rayon::current_num_threads() != threads
+    {
+        bail!(
+            "--threads {threads}: the CPU thread pool already runs {} threads in this process",
+            rayon::current_num_threads()
+        );
+    }
+    Ok(())
+}
+
+/// `cpu (N threads)`, or `cuda:N (its name)`: which GPU, or that it is the
+/// emulator.
 pub fn device_label(device: Device) -> String {
     match device {
         Device::Cuda(ordinal) => match crate::cuda::device(ordinal) {
             Ok(cuda) => format!("{device} ({})", cuda.name()),
             Err(_) => device.to_string(),
         },
-        Device::Cpu => device.to_string(),
+        Device::Cpu => match rayon::current_num_threads() {
+            1 => "cpu (1 thread)".into(),
+            n => format!("cpu ({n} threads)"),
+        },
     }
 }
 
+/// The device a `--device` flag names; CUDA is probed and fails clearly
+/// when there is no driver or no device.
 pub fn device(arg: DeviceArg) -> Result<Device> {
     match arg {
         DeviceArg::Cpu => Ok(Device::Cpu),
