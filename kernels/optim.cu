@@ -1,6 +1,6 @@
 // Fused optimizer updates and the gradient norm for clipping.
 // `sgd_update` and `adam_update` mirror the CPU kernels of the same names in
-// src/optim.rs operation for operation: one thread per element reads the
+// src/optim/cpu.rs operation for operation: one thread per element reads the
 // parameter, its gradient and its state once and writes parameter and state
 // back in place (memory-bound, so one pass is the whole cost). Every scalar
 // that depends only on the step (bias corrections, lr·wd, 1 − β) is computed
@@ -14,7 +14,7 @@
 #include "common.cuh"
 
 // ---- SGD --------------------------------------------------------------------------------
-// Mirrors SgdParams in src/optim.rs.
+// Mirrors SgdParams in src/optim/cuda.rs.
 struct SgdParams {
     float* param;
     const float* grad;
@@ -48,7 +48,7 @@ extern "C" __global__ void sgd_update(const SgdParams p) {
 }
 
 // ---- Adam / AdamW -------------------------------------------------------------------------
-// Mirrors AdamParams in src/optim.rs.
+// Mirrors AdamParams in src/optim/cuda.rs.
 struct AdamParams {
     float* param;
     const float* grad;
@@ -95,7 +95,7 @@ extern "C" __global__ void adam_update(const AdamParams p) {
 }
 
 // ---- Σ g² for clip_grad_norm ---------------------------------------------------------------
-// Mirrors SumOfSquaresParams in src/optim.rs.
+// Mirrors SumOfSquaresParams in src/optim/cuda.rs.
 struct SumOfSquaresParams {
     const float* x;
     double* partials;   // this gradient's slice of the shared buffer, one per block
@@ -115,7 +115,7 @@ extern "C" __global__ void sum_of_squares_partials(const SumOfSquaresParams p) {
     if (threadIdx.x == 0) p.partials[blockIdx.x] = total;
 }
 
-// Mirrors FinishSumOfSquaresParams in src/optim.rs.
+// Mirrors FinishSumOfSquaresParams in src/optim/cuda.rs.
 struct FinishSumOfSquaresParams {
     const double* partials;
     double* total;      // one value

@@ -1,0 +1,270 @@
+//! Adam (L2 weight decay added to the gradient) and AdamW (decoupled weight
+//! decay), as `torch.optim.Adam` / `torch.optim.AdamW`.
+
+use std::collections::HashMap;
+
+use super::Optimizer;
+use super::bookkeeping::{
+    check_hyper, check_params, params_device, state_copy, state_load_error, step_count,
+    unexpected_names,
+};
+use super::cpu::AdamScalars;
+use super::dispatch::{checked_grad, run_adam};
+use crate::autograd::GradStore;
+use crate::error::{Error, Result};
+use crate::profile;
+use crate::tensor::Tensor;
+
+/// Hyper-parameters of [`Adam`] and [`AdamW`].
+#[derive(Clone, Copy, Debug)]
+pub struct AdamConfig {
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl AdamConfig {
+    /// PyTorch's `Adam` defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-8, no weight decay.
+    pub fn adam() -> Self {
+        AdamConfig {
+            lr: 1e-3,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+
+    /// PyTorch's `AdamW` defaults: as Adam with weight decay 0.01.
+    pub fn adamw() -> Self {
+        AdamConfig {
+            weight_decay: 0.01,
+            ..Self::adam()
+        }
+    }
+}
+
+impl Default for AdamConfig {
+    fn default() -> Self {
+        Self::adam()
+    }
+}
+
+/// A parameter's Adam state: created on its first step.
+struct AdamMoments {
+    /// Steps taken by this parameter (t in the bias corrections).
+    step: u32,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+}
+
+struct AdamSlot {
+    name: String,
+    param: Tensor,
+    moments: Option<AdamMoments>,
+}
+
+/// What Adam and AdamW share; they differ only in how weight decay applies.
+struct AdamCore {
+    config: AdamConfig,
+    decoupled_weight_decay: bool,
+    slots: Vec<AdamSlot>,
+}
+
+pub(super) const ADAM_STATE: [&str; 3] = ["step", "exp_avg", "exp_avg_sq"];
+
+impl AdamCore {
+    fn new(
+        op: &'static str,
+        params: Vec<(String, Tensor)>,
+        config: AdamConfig,
+        decoupled_weight_decay: bool,
+    ) -> Result<Self> {
+        check_params(op, &params)?;
+        let (beta1, beta2) = config.betas;
+        check_hyper(op, "learning rate", config.lr, config.lr >= 0.0)?;
+        check_hyper(op, "eps", config.eps, config.eps >= 0.0)?;
+        check_hyper(op, "beta1", beta1, (0.0..1.0).contains(&beta1))?;
+        check_hyper(op, "beta2", beta2, (0.0..1.0).contains(&beta2))?;
+        check_hyper(
+            op,
+            "weight_decay",
+            config.weight_decay,
+            config.weight_decay >= 0.0,
+        )?;
+        let slots = params
+            .into_iter()
+            .map(|(name, param)| AdamSlot {
+                name,
+                param,
+                moments: None,
+            })
+            .collect();
+        Ok(AdamCore {
+            config,
+            decoupled_weight_decay,
+            slots,
+        })
+    }
+
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let name = if self.decoupled_weight_decay {
+            "adamw step"
+        } else {
+            "adam step"
+        };
+        let _profile = profile::op(name, params_device(self.slots.iter().map(|s| &s.param)));
+        for slot in &mut self.slots {
+            let Some(grad) = grads.get(&slot.param) else {
+                continue;
+            };
+            let grad = checked_grad(&slot.name, &slot.param, grad)?;
+            if slot.moments.is_none() {
+                slot.moments = Some(AdamMoments {
+                    step: 0,
+                    exp_avg: slot.param.zeros_like()?,
+                    exp_avg_sq: slot.param.zeros_like()?,
+                });
+            }
+            let moments = slot.moments.as_mut().expect("created above");
+            moments.step = moments.step.checked_add(1).ok_or_else(|| {
+                Error::invalid("Adam", format!("{}: step count overflow", slot.name))
+            })?;
+            let scalars =
+                AdamScalars::at_step(&self.config, self.decoupled_weight_decay, moments.step);
+            run_adam(
+                &slot.name,
+                &slot.param,
+                &grad,
+                &moments.exp_avg,
+                &moments.exp_avg_sq,
+                &scalars,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn state_dict(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for slot in &self.slots {
+            let Some(m) = &slot.moments else { continue };
+            let step = Tensor::from_indices(vec![m.step], ()).expect("one value fills a scalar");
+            out.push((format!("{}.step", slot.name), step));
+            out.push((format!("{}.exp_avg", slot.name), m.exp_avg.clone()));
+            out.push((format!("{}.exp_avg_sq", slot.name), m.exp_avg_sq.clone()));
+        }
+        out
+    }
+
+    fn load_state_dict(
+        &mut self,
+        op: &'static str,
+        tensors: &HashMap<String, Tensor>,
+    ) -> Result<()> {
+        let mut problems = Vec::new();
+        let unexpected = unexpected_names(
+            tensors,
+            self.slots.iter().map(|s| s.name.clone()),
+            &ADAM_STATE,
+        );
+        if !unexpected.is_empty() {
+            problems.push(format!("unexpected tensors: {}", unexpected.join(", ")));
+        }
+        let mut loaded = Vec::new();
+        for slot in &self.slots {
+            let keys = ADAM_STATE.map(|s| format!("{}.{s}", slot.name));
+            let present: Vec<&String> = keys.iter().filter(|k| tensors.contains_key(*k)).collect();
+            if present.is_empty() {
+                loaded.push(None);
+                continue;
+            }
+            if present.len() != keys.len() {
+                let missing: Vec<&str> = keys
+                    .iter()
+                    .filter(|k| !tensors.contains_key(*k))
+                    .map(|k| k.as_str())
+                    .collect();
+                problems.push(format!("incomplete state, missing {}", missing.join(", ")));
+                continue;
+            }
+            let step = step_count(tensors, &keys[0]);
+            let exp_avg = state_copy(tensors, &keys[1], &slot.param);
+            let exp_avg_sq = state_copy(tensors, &keys[2], &slot.param);
+            match (step, exp_avg, exp_avg_sq) {
+                (Ok(step), Ok(Some(exp_avg)), Ok(Some(exp_avg_sq))) => {
+                    loaded.push(Some(AdamMoments {
+                        step,
+                        exp_avg,
+                        exp_avg_sq,
+                    }))
+                }
+                (step, exp_avg, exp_avg_sq) => {
+                    problems.extend(step.err());
+                    problems.extend(exp_avg.err());
+                    problems.extend(exp_avg_sq.err());
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(state_load_error(op, problems));
+        }
+        for (slot, moments) in self.slots.iter_mut().zip(loaded) {
+            slot.moments = moments;
+        }
+        Ok(())
+    }
+}
+
+/// Adam with L2 weight decay (g ← g + wd·p), as `torch.optim.Adam`.
+pub struct Adam(AdamCore);
+
+impl Adam {
+    pub fn new(params: Vec<(String, Tensor)>, config: AdamConfig) -> Result<Self> {
+        Ok(Adam(AdamCore::new("Adam", params, config, false)?))
+    }
+
+    pub fn config(&self) -> &AdamConfig {
+        &self.0.config
+    }
+}
+
+/// Adam with decoupled weight decay (p ← p·(1 − lr·wd) before the Adam
+/// step), as `torch.optim.AdamW`.
+pub struct AdamW(AdamCore);
+
+impl AdamW {
+    pub fn new(params: Vec<(String, Tensor)>, config: AdamConfig) -> Result<Self> {
+        Ok(AdamW(AdamCore::new("AdamW", params, config, true)?))
+    }
+
+    pub fn config(&self) -> &AdamConfig {
+        &self.0.config
+    }
+}
+
+/// Adam and AdamW differ only in how AdamCore applies weight decay; both
+/// expose it through the same Optimizer implementation.
+macro_rules! adam_optimizer {
+    ($name:ident) => {
+        impl Optimizer for $name {
+            fn step(&mut self, grads: &GradStore) -> Result<()> {
+                self.0.step(grads)
+            }
+            fn learning_rate(&self) -> f64 {
+                self.0.config.lr
+            }
+            fn set_learning_rate(&mut self, lr: f64) {
+                self.0.config.lr = lr;
+            }
+            fn state_dict(&self) -> Vec<(String, Tensor)> {
+                self.0.state_dict()
+            }
+            fn load_state_dict(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+                self.0.load_state_dict(stringify!($name), tensors)
+            }
+        }
+    };
+}
+
+adam_optimizer!(Adam);
+adam_optimizer!(AdamW);

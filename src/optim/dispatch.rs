@@ -1,0 +1,205 @@
+//! One update of one parameter on its own device: the CPU kernel over
+//! rayon chunks, or the CUDA kernel, with the gradient and state checked.
+
+use rayon::prelude::*;
+
+use super::cpu::{AdamScalars, SgdScalars, UPDATE_CHUNK, adam_update, sgd_update};
+use super::cuda;
+use crate::cuda::CudaStorage;
+use crate::error::{Error, Result};
+use crate::storage::{CpuStorage, Float, Storage};
+use crate::tensor::{DType, Tensor};
+
+/// The typed slice of a float storage, or an error naming the parameter.
+pub(super) fn typed_mut<'a, T: Float>(
+    storage: &'a mut CpuStorage,
+    name: &str,
+) -> Result<&'a mut [T]> {
+    let dtype = storage.dtype();
+    T::slice_mut(storage).ok_or_else(|| dtype_error(name, dtype, T::DTYPE))
+}
+
+pub(super) fn typed<'a, T: Float>(storage: &'a CpuStorage, name: &str) -> Result<&'a [T]> {
+    T::slice(storage).ok_or_else(|| dtype_error(name, storage.dtype(), T::DTYPE))
+}
+
+pub(super) fn dtype_error(name: &str, found: DType, expected: DType) -> Error {
+    Error::DType {
+        op: "optimizer step",
+        msg: format!(
+            "{name}: state or gradient of dtype {found} for a parameter of dtype {expected}"
+        ),
+    }
+}
+
+/// Checks that `grad` fits `param` and returns a handle that does not share
+/// the parameter's storage (so the parameter can be written while the
+/// gradient is read).
+pub(super) fn checked_grad(name: &str, param: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    if grad.shape() != param.shape() || grad.dtype() != param.dtype() {
+        return Err(Error::shape(
+            "optimizer step",
+            format!(
+                "{name}: gradient of shape {} ({}) for a parameter of shape {} ({})",
+                grad.shape(),
+                grad.dtype(),
+                param.shape(),
+                param.dtype()
+            ),
+        ));
+    }
+    if grad.device() != param.device() {
+        return Err(Error::DeviceMismatch {
+            op: "optimizer step",
+            lhs: param.device(),
+            rhs: grad.device(),
+        });
+    }
+    if std::sync::Arc::ptr_eq(&grad.shared_storage(), &param.shared_storage()) {
+        return deep_copy(grad);
+    }
+    Ok(grad.clone())
+}
+
+/// A tensor with its own storage holding `src`'s values.
+pub(super) fn deep_copy(src: &Tensor) -> Result<Tensor> {
+    let copy = src.zeros_like()?;
+    copy.assign(src)?;
+    Ok(copy)
+}
+
+pub(super) fn run_sgd(
+    name: &str,
+    param: &Tensor,
+    grad: &Tensor,
+    momentum_buffer: Option<(&Tensor, bool)>,
+    s: &SgdScalars,
+) -> Result<()> {
+    fn typed_update<T: Float>(
+        name: &str,
+        param: &mut CpuStorage,
+        grad: &CpuStorage,
+        buffer: Option<(&mut CpuStorage, bool)>,
+        s: &SgdScalars,
+    ) -> Result<()> {
+        let param = typed_mut::<T>(param, name)?;
+        let grad = typed::<T>(grad, name)?;
+        match buffer {
+            None => param
+                .par_chunks_mut(UPDATE_CHUNK)
+                .zip(grad.par_chunks(UPDATE_CHUNK))
+                .for_each(|(p, g)| sgd_update(p, g, None, false, s)),
+            Some((buffer, first_step)) => {
+                let buffer = typed_mut::<T>(buffer, name)?;
+                param
+                    .par_chunks_mut(UPDATE_CHUNK)
+                    .zip(grad.par_chunks(UPDATE_CHUNK))
+                    .zip(buffer.par_chunks_mut(UPDATE_CHUNK))
+                    .for_each(|((p, g), b)| sgd_update(p, g, Some(b), first_step, s));
+            }
+        }
+        Ok(())
+    }
+
+    let mut param_guard = param.storage_mut();
+    let grad_guard = grad.storage();
+    let mut buffer_guard = momentum_buffer.map(|(b, first)| (b.storage_mut(), first));
+    match (&mut *param_guard, &*grad_guard) {
+        (Storage::Cpu(p), Storage::Cpu(g)) => {
+            let buffer = match &mut buffer_guard {
+                Some((guard, first)) => Some((cpu_state(name, guard)?, *first)),
+                None => None,
+            };
+            match p.dtype() {
+                DType::F32 => typed_update::<f32>(name, p, g, buffer, s),
+                DType::F64 => typed_update::<f64>(name, p, g, buffer, s),
+                other => Err(Error::unsupported_dtype("Sgd", other)),
+            }
+        }
+        (Storage::Cuda(p), Storage::Cuda(g)) => {
+            let buffer = match &mut buffer_guard {
+                Some((guard, first)) => Some((&*cuda_state(name, guard)?, *first)),
+                None => None,
+            };
+            cuda::sgd_update(p, g, buffer, s)
+        }
+        _ => unreachable!("checked_grad put the gradient on its parameter's device"),
+    }
+}
+
+pub(super) fn run_adam(
+    name: &str,
+    param: &Tensor,
+    grad: &Tensor,
+    exp_avg: &Tensor,
+    exp_avg_sq: &Tensor,
+    s: &AdamScalars,
+) -> Result<()> {
+    fn typed_update<T: Float>(
+        name: &str,
+        param: &mut CpuStorage,
+        grad: &CpuStorage,
+        exp_avg: &mut CpuStorage,
+        exp_avg_sq: &mut CpuStorage,
+        s: &AdamScalars,
+    ) -> Result<()> {
+        let param = typed_mut::<T>(param, name)?;
+        let grad = typed::<T>(grad, name)?;
+        let exp_avg = typed_mut::<T>(exp_avg, name)?;
+        let exp_avg_sq = typed_mut::<T>(exp_avg_sq, name)?;
+        param
+            .par_chunks_mut(UPDATE_CHUNK)
+            .zip(grad.par_chunks(UPDATE_CHUNK))
+            .zip(exp_avg.par_chunks_mut(UPDATE_CHUNK))
+            .zip(exp_avg_sq.par_chunks_mut(UPDATE_CHUNK))
+            .for_each(|(((p, g), m), v)| adam_update(p, g, m, v, s));
+        Ok(())
+    }
+
+    let mut param_guard = param.storage_mut();
+    let grad_guard = grad.storage();
+    let mut exp_avg_guard = exp_avg.storage_mut();
+    let mut exp_avg_sq_guard = exp_avg_sq.storage_mut();
+    match (&mut *param_guard, &*grad_guard) {
+        (Storage::Cpu(p), Storage::Cpu(g)) => {
+            let m = cpu_state(name, &mut exp_avg_guard)?;
+            let v = cpu_state(name, &mut exp_avg_sq_guard)?;
+            match p.dtype() {
+                DType::F32 => typed_update::<f32>(name, p, g, m, v, s),
+                DType::F64 => typed_update::<f64>(name, p, g, m, v, s),
+                other => Err(Error::unsupported_dtype("Adam", other)),
+            }
+        }
+        (Storage::Cuda(p), Storage::Cuda(g)) => {
+            let m = cuda_state(name, &mut exp_avg_guard)?;
+            let v = cuda_state(name, &mut exp_avg_sq_guard)?;
+            cuda::adam_update(p, g, m, v, s)
+        }
+        _ => unreachable!("checked_grad put the gradient on its parameter's device"),
+    }
+}
+
+/// The host buffer of a state tensor of a CPU parameter.
+pub(super) fn cpu_state<'a>(name: &str, state: &'a mut Storage) -> Result<&'a mut CpuStorage> {
+    match state {
+        Storage::Cpu(s) => Ok(s),
+        Storage::Cuda(_) => Err(state_device_error(name)),
+    }
+}
+
+/// The device buffer of a state tensor of a CUDA parameter.
+pub(super) fn cuda_state<'a>(name: &str, state: &'a mut Storage) -> Result<&'a mut CudaStorage> {
+    match state {
+        Storage::Cuda(s) => Ok(s),
+        Storage::Cpu(_) => Err(state_device_error(name)),
+    }
+}
+
+/// State is created and loaded on its parameter's device, so this only
+/// fires if a parameter's storage was moved under the optimizer.
+pub(super) fn state_device_error(name: &str) -> Error {
+    Error::invalid(
+        "optimizer step",
+        format!("{name}: optimizer state lives on another device than its parameter"),
+    )
+}

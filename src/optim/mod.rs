@@ -1,0 +1,58 @@
+//! Optimizers with exactly PyTorch's update rules: [`Sgd`] (momentum,
+//! dampening, Nesterov, L2 weight decay), [`Adam`] (L2 weight decay added to
+//! the gradient) and [`AdamW`] (decoupled weight decay).
+//!
+//! Each optimizer has one fused CPU kernel (`sgd_update`, `adam_update`): a
+//! plain generic function over `T: Float` that updates a parameter and its
+//! state in place, element by element, with no allocation; the CUDA backend
+//! mirrors it in `kernels/optim.cu`. State (momentum buffers, Adam moments)
+//! is created on a parameter's first step and can be saved and restored
+//! through `state_dict` / `load_state_dict`, so a resumed run continues
+//! bit-identically. Under [`crate::profile`], a whole update is one scope
+//! ("sgd step", "adam step", "adamw step"), as is `clip_grad_norm`.
+
+//!
+//! Split like `src/ops/`: the fused CPU kernels (`cpu`), their CUDA launch
+//! glue (`cuda`), the per-parameter dispatch between the two (`dispatch`),
+//! the checks and state (de)serialisation every optimizer shares
+//! (`bookkeeping`), one file per optimizer (`sgd`, `adam`), and gradient
+//! clipping (`clip`).
+
+mod adam;
+mod bookkeeping;
+mod clip;
+mod cpu;
+mod cuda;
+mod dispatch;
+mod sgd;
+
+use std::collections::HashMap;
+
+use crate::autograd::GradStore;
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+pub use adam::{Adam, AdamConfig, AdamW};
+pub use clip::clip_grad_norm;
+pub use cpu::{AdamScalars, SgdScalars, adam_update, sgd_update};
+pub use sgd::{Sgd, SgdConfig};
+
+/// Updates parameters from their gradients.
+pub trait Optimizer {
+    /// One update of every parameter that has a gradient in `grads`;
+    /// parameters without one are skipped and their state is untouched.
+    fn step(&mut self, grads: &GradStore) -> Result<()>;
+
+    fn learning_rate(&self) -> f64;
+
+    /// Changes the learning rate for the following steps (schedules, warm-up).
+    fn set_learning_rate(&mut self, lr: f64);
+
+    /// The per-parameter state, named "{param}.{buffer}". The handles are
+    /// live: save or copy them before the next step.
+    fn state_dict(&self) -> Vec<(String, Tensor)>;
+
+    /// Restores state saved by `state_dict` (values are copied). Fails,
+    /// loading nothing, if a tensor is unexpected, mis-shaped or incomplete.
+    fn load_state_dict(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()>;
+}
