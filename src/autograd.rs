@@ -170,7 +170,12 @@ impl Tensor {
                 let total = match pending.remove(&input.id()) {
                     Some(previous) => {
                         let _profile = profile::op("gradient accumulation", grad.device());
-                        previous.add(&grad)?
+                        // In place when nothing else holds the running sum.
+                        if previous.try_add_in_place(&grad) {
+                            previous
+                        } else {
+                            previous.add(&grad)?
+                        }
                     }
                     None => grad,
                 };

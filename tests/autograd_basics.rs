@@ -72,3 +72,31 @@ fn a_very_deep_graph_does_not_overflow_the_stack() {
         vec![1.0; 4]
     );
 }
+
+/// Gradient accumulation adds in place only into a sum nothing else holds:
+/// `a + b` hands the same gradient tensor to both inputs, so adding a's
+/// other gradient into it in place would also change b's.
+#[test]
+fn accumulating_a_shared_gradient_leaves_the_other_inputs_gradient_alone() {
+    let a = vec_tensor(&[1.0, 2.0, 3.0], &[3]).requires_grad_();
+    let b = vec_tensor(&[4.0, 5.0, 6.0], &[3]).requires_grad_();
+    let loss = a
+        .add(&b)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .add(&a.mul_scalar(2.0).unwrap().sum_all().unwrap())
+        .unwrap()
+        .add(&a.mul(&a).unwrap().sum_all().unwrap())
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    // dL/da = 1 + 2 + 2a, dL/db = 1
+    assert_eq!(
+        grads.get(&a).unwrap().to_vec::<f64>().unwrap(),
+        vec![5.0, 7.0, 9.0]
+    );
+    assert_eq!(
+        grads.get(&b).unwrap().to_vec::<f64>().unwrap(),
+        vec![1.0, 1.0, 1.0]
+    );
+}
