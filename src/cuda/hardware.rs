@@ -62,6 +62,9 @@ impl HardwareDriver {
     }
 
     pub(crate) fn free(&self, ptr: CUdeviceptr) {
+        if self.bind("free").is_err() {
+            return;
+        }
         // SAFETY: blocks on the free list are referenced by no tensor.
         unsafe {
             let _ = cudarc::driver::result::free_sync(ptr);
@@ -69,6 +72,7 @@ impl HardwareDriver {
     }
 
     pub(crate) fn memset(&self, ptr: CUdeviceptr, value: u8, bytes: usize) -> Result<()> {
+        self.bind("memset")?;
         // SAFETY: the caller's block holds `bytes`; ordered on the stream.
         unsafe {
             cudarc::driver::result::memset_d8_async(ptr, value, bytes, self.stream.cu_stream())
@@ -99,6 +103,7 @@ impl HardwareDriver {
         src: CUdeviceptr,
         bytes: usize,
     ) -> Result<()> {
+        self.bind("clone")?;
         // SAFETY: both blocks hold `bytes`; ordered on the stream.
         unsafe {
             cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream())
