@@ -35,10 +35,23 @@ impl Driver {
         }
     }
 
-    /// A pooled block of the allocator now backs a tensor of `live` bytes.
-    pub(crate) fn hand_out(&self, ptr: CUdeviceptr, live: usize) {
-        if let Driver::Emulated(e) = self {
-            e.hand_out(ptr, live);
+    /// A pooled block of `class` bytes now backs a tensor of `live` bytes.
+    /// The emulator always NaN-poisons the tensor's bytes and puts a canary
+    /// around them; on the GPU the whole block is NaN-poisoned if `poison`.
+    pub(crate) fn hand_out(
+        &self,
+        ptr: CUdeviceptr,
+        class: usize,
+        live: usize,
+        poison: bool,
+    ) -> Result<()> {
+        match self {
+            Driver::Hardware(h) if poison && class > 0 => h.memset(ptr, 0xFF, class),
+            Driver::Hardware(_) => Ok(()),
+            Driver::Emulated(e) => {
+                e.hand_out(ptr, live);
+                Ok(())
+            }
         }
     }
 

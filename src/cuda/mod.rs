@@ -299,10 +299,7 @@ impl CudaStorage {
             len,
             device: device.clone(),
         };
-        if (POISON.load(Ordering::Relaxed) || device.is_emulated()) && class > 0 {
-            driver.memset(ptr, 0xFF, class)?;
-        }
-        driver.hand_out(ptr, bytes);
+        driver.hand_out(ptr, class, bytes, POISON.load(Ordering::Relaxed))?;
         Ok(storage)
     }
 

@@ -140,14 +140,17 @@ impl DeviceMemory {
         }
     }
 
-    /// A block is handed to a tensor that uses its first `live` bytes: the
-    /// rest of the mapping becomes canary again.
+    /// A block is handed to a tensor that uses its first `live` bytes: those
+    /// are NaN-poisoned (every byte 0xFF), so an element no kernel writes
+    /// shows up, and the rest of the mapping becomes canary again.
     pub(crate) fn hand_out(&self, ptr: u64, live: usize) {
         let mut blocks = self.lock();
         if let Some(block) = blocks.get_mut(&(ptr as usize)) {
             let ptr = ptr as usize;
             block.live = live.min(block.class);
             fill_canary(block.usable_start, ptr);
+            // SAFETY: the live bytes lie inside the block.
+            unsafe { std::ptr::write_bytes(ptr as *mut u8, 0xFF, block.live) };
             fill_canary(ptr + block.live, block.usable_start + block.usable_len);
         }
     }

@@ -133,7 +133,8 @@ impl Emulator {
         self.memory.release(ptr);
     }
 
-    /// A pooled block now holds a tensor of `live` bytes.
+    /// A pooled block now holds a tensor of `live` bytes (poisoned, and
+    /// surrounded by canary).
     pub(crate) fn hand_out(&self, ptr: u64, live: usize) {
         self.memory.hand_out(ptr, live);
     }
