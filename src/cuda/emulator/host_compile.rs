@@ -112,56 +112,52 @@ pub(crate) struct HostModule {
 unsafe impl Send for HostModule {}
 unsafe impl Sync for HostModule {}
 
-/// The C++ compiler: $KILN_CXX, else $CXX, else the first of c++, g++,
-/// clang++ on the PATH.
-fn compiler() -> Result<String, String> {
-    for var in ["KILN_CXX", "CXX"] {
-        if let Some(cxx) = std::env::var_os(var).filter(|v| !v.is_empty()) {
-            return Ok(cxx.to_string_lossy().into_owned());
-        }
-    }
-    for candidate in ["c++", "g++", "clang++"] {
-        if Command::new(candidate).arg("--version").output().is_ok() {
-            return Ok(candidate.to_string());
-        }
-    }
-    Err(
-        "the CUDA emulator compiles kernels/ with the host C++ compiler, but none was found: \
-         install one (for example `apt-get install g++`) or set KILN_CXX"
-            .into(),
-    )
+/// The first line `cxx --version` prints, or None if it does not run.
+fn version_of(cxx: &str) -> Option<String> {
+    let output = Command::new(cxx).arg("--version").output().ok()?;
+    output.status.success().then(|| {
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    })
 }
 
-/// The compiler and its `--version` line, found once.
+/// The C++ compiler and its `--version` line, found once: $KILN_CXX, else
+/// $CXX, else the first of c++, g++, clang++ on the PATH that runs.
 fn compiler_identity() -> Result<&'static (String, String), String> {
     static IDENTITY: OnceLock<Result<(String, String), String>> = OnceLock::new();
     IDENTITY
         .get_or_init(|| {
-            let cxx = compiler()?;
-            let output = Command::new(&cxx)
-                .arg("--version")
-                .output()
-                .map_err(|e| {
-                    format!(
+            let chosen = ["KILN_CXX", "CXX"]
+                .iter()
+                .find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()));
+            if let Some(cxx) = chosen {
+                return match version_of(&cxx) {
+                    Some(version) => Ok((cxx, version)),
+                    None => Err(format!(
                         "the CUDA emulator compiles kernels/ with the host C++ compiler, but `{cxx} --version` \
-                         could not run ({e}): install g++ or point KILN_CXX at a C++17 compiler"
-                    )
-                })?;
-            let version = String::from_utf8_lossy(&output.stdout)
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .to_string();
-            Ok((cxx, version))
+                         did not run: install g++ or point KILN_CXX at a C++17 compiler"
+                    )),
+                };
+            }
+            ["c++", "g++", "clang++"]
+                .iter()
+                .find_map(|cxx| Some((cxx.to_string(), version_of(cxx)?)))
+                .ok_or_else(|| {
+                    "the CUDA emulator compiles kernels/ with the host C++ compiler, but none was found: \
+                     install one (for example `apt-get install g++`) or set KILN_CXX"
+                        .into()
+                })
         })
         .as_ref()
         .map_err(Clone::clone)
 }
 
-/// The generated C++ file: prelude, the kernel file, and its kernel table.
-fn generated_source(file: &str) -> Result<String, String> {
-    let source = kernels::source(file)
-        .ok_or_else(|| format!("no kernel file kernels/{file} in this build"))?;
+/// The generated C++ file for kernel file `file` of text `source`: the
+/// prelude, the kernel file, and its kernel table.
+fn generated_source(file: &str, source: &str) -> Result<String, String> {
     let mut table = String::new();
     for kernel in kernel_decls(source) {
         if kernel.dynamic_shared {
@@ -201,14 +197,15 @@ fn emulator_cache_dir() -> Option<PathBuf> {
 
 /// Compiles (or finds in the cache) and loads `file`.
 pub(crate) fn load(file: &str) -> Result<HostModule, String> {
-    let generated = generated_source(file)?;
+    let source = kernels::source(file)
+        .ok_or_else(|| format!("no kernel file kernels/{file} in this build"))?;
+    let generated = generated_source(file, source)?;
     let (cxx, version) = compiler_identity()?;
     let headers: Vec<(&str, &str)> = kernels::KERNEL_SOURCES
         .iter()
         .filter(|(name, _)| name.ends_with(".cuh"))
         .copied()
         .collect();
-    let source = kernels::source(file).unwrap_or_default();
     let flags = compile_flags(version);
     let mut key = format!("{PRELUDE}\0{generated}\0{source}\0{flags:?}\0{cxx}\0{version}");
     for (name, text) in &headers {

@@ -98,8 +98,9 @@ fn record_launch(file: &str, kernel: &str) {
 }
 
 /// Launches run one at a time, as on one stream; the lock also guards the
-/// modules' built-in variables and static shared memory.
-static LAUNCH: Mutex<()> = Mutex::new(());
+/// modules' built-in variables and static shared memory, and holds the
+/// coroutine stacks the launches reuse.
+static LAUNCH: Mutex<StackPool> = Mutex::new(StackPool::new());
 
 /// A kernel file's module, compiled on first use.
 type ModuleSlot = Arc<Mutex<Option<Arc<HostModule>>>>;
@@ -108,25 +109,20 @@ type ModuleSlot = Arc<Mutex<Option<Arc<HostModule>>>>;
 pub(crate) struct Emulator {
     memory: DeviceMemory,
     modules: Mutex<HashMap<&'static str, ModuleSlot>>,
-    stacks: Mutex<StackPool>,
 }
 
 impl Emulator {
     pub(crate) fn new() -> Result<Emulator, String> {
-        thread_order()?;
-        guard_placement()?;
-        racecheck()?;
-        launch_timeout()?;
+        settings::current()?;
         trap::install();
         Ok(Emulator {
             memory: DeviceMemory::default(),
             modules: Mutex::default(),
-            stacks: Mutex::default(),
         })
     }
 
     pub(crate) fn malloc(&self, bytes: usize) -> Result<u64, String> {
-        self.memory.allocate(bytes, guard_placement()?)
+        self.memory.allocate(bytes, settings::current()?.guard)
     }
 
     pub(crate) fn free(&self, ptr: u64) {
@@ -202,6 +198,7 @@ impl Emulator {
                 entry.static_shared_bytes, config.shared_mem_bytes
             ));
         }
+        let settings = settings::current()?;
         let grid = Grid {
             invoke: entry.invoke,
             params: params.to_vec(),
@@ -209,17 +206,16 @@ impl Emulator {
             shared: module.shared,
             grid: [config.grid_dim.0, config.grid_dim.1, config.grid_dim.2],
             block: [config.block_dim.0, config.block_dim.1, config.block_dim.2],
-            order: thread_order()?,
-            racecheck: racecheck()?,
+            order: settings.order,
+            racecheck: settings.racecheck,
         };
         let words = params
             .chunks_exact(8)
             .map(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")));
         let buffers = self.memory.blocks_named_by(words);
-        let limit = launch_timeout()?;
+        let limit = settings.timeout;
         trap::ensure_alternate_stack();
-        let _serial = LAUNCH.lock().unwrap_or_else(|e| e.into_inner());
-        let mut stacks = self.stacks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stacks = LAUNCH.lock().unwrap_or_else(|e| e.into_inner());
         let timer = watchdog::arm(limit);
         let ran = scheduler::run_grid(&grid, &mut stacks);
         drop(timer);

@@ -258,12 +258,15 @@ pub(crate) struct Grid {
 }
 
 /// Reusable coroutine stacks (an emulated block holds up to 1024 at once).
-#[derive(Default)]
 pub(crate) struct StackPool {
     stacks: Vec<DefaultStack>,
 }
 
 impl StackPool {
+    pub(crate) const fn new() -> StackPool {
+        StackPool { stacks: Vec::new() }
+    }
+
     fn take(&mut self) -> Result<DefaultStack, String> {
         match self.stacks.pop() {
             Some(stack) => Ok(stack),
@@ -333,6 +336,9 @@ struct BlockRun<'g> {
     status: Vec<Status>,
     resume_with: Vec<u64>,
     rng: Option<rand::rngs::StdRng>,
+    /// The threads in the order a pass over the block runs them (reshuffled
+    /// every pass in random order).
+    order: Vec<usize>,
     /// Threads that have returned, and threads waiting at a warp operation.
     done: usize,
     at_warp: usize,
@@ -347,6 +353,10 @@ impl<'g> BlockRun<'g> {
             status: vec![Status::Runnable; n],
             resume_with: vec![0; n],
             rng,
+            order: match grid.order {
+                ThreadOrder::Reverse => (0..n).rev().collect(),
+                _ => (0..n).collect(),
+            },
             done: 0,
             at_warp: 0,
         }
@@ -394,15 +404,12 @@ impl<'g> BlockRun<'g> {
 
     fn run_threads(&mut self, pool: &mut StackPool) -> Result<(), BlockError> {
         let n = self.status.len();
-        let mut order: Vec<usize> = match self.grid.order {
-            ThreadOrder::Reverse => (0..n).rev().collect(),
-            _ => (0..n).collect(),
-        };
         loop {
             if let Some(rng) = self.rng.as_mut() {
-                order.shuffle(rng);
+                self.order.shuffle(rng);
             }
-            for &t in &order {
+            for i in 0..n {
+                let t = self.order[i];
                 if self.status[t] == Status::Runnable {
                     self.resume(t, pool)?;
                 }
