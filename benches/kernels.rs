@@ -34,7 +34,7 @@ use kiln::nn::init::Init;
 use kiln::ops::conv::{Conv2dForwardKernel, ConvGeometry, conv2d_forward_with_kernel};
 use kiln::ops::gemm::GemmKernel;
 use kiln::optim::{AdamConfig, AdamW, Optimizer};
-use kiln::{Conv2dParams, ConvTranspose2dParams, DType, Device, Shape, Tensor};
+use kiln::{Conv2dParams, ConvTranspose2dParams, DType, Device, GeluApproximation, Shape, Tensor};
 
 /// Relative tolerance of the after-timing checks (f32, sums of up to ~10⁴ terms).
 const RTOL: f32 = 1e-3;
@@ -56,6 +56,7 @@ fn main() {
         batch_norm_benches(&mut bench, target, &vendor);
         activation_benches(&mut bench, target);
         softmax_and_layer_norm_benches(&mut bench, target);
+        gpt_elementwise_benches(&mut bench, target);
         attention_benches(&mut bench, target);
         embedding_benches(&mut bench, target);
         adam_benches(&mut bench, target);
@@ -1099,6 +1100,84 @@ fn softmax_and_layer_norm_benches(bench: &mut Bench, target: &Target) {
                 (x, y, random(&stream, seed + 3, device))
             },
             |(x, y, dy)| grad_of(y, dy, x),
+            None,
+        );
+    }
+}
+
+/// The GPT's elementwise ops, all memory-bound at these sizes (their % is
+/// of the copy bandwidth): GELU (tanh form) on the MLP's hidden activations
+/// [B·T, 4E] (forward ~20 flops per element, backward ~25), the residual
+/// add on [B·T, E] (1), and a Linear's bias broadcast over the hidden
+/// rows, [B·T, 4E] + [4E] (1).
+fn gpt_elementwise_benches(bench: &mut Bench, target: &Target) {
+    for gpt in gpt_shapes(target) {
+        let hidden = [gpt.tokens(), 4 * gpt.embd];
+        let n = numel(&hidden);
+        let label = format!("{} mlp {}", gpt.name, shape_str(&hidden));
+        let case = Case::new("gelu_tanh forward", label.clone(), Bound::Memory)
+            .flops(20 * n as u64)
+            .floats(2 * n);
+        bench_op(
+            bench,
+            target,
+            &case,
+            |device, seed| random(&hidden, seed, device),
+            |x| x.gelu(GeluApproximation::Tanh).unwrap(),
+            None,
+        );
+        let case = Case::new("gelu_tanh backward", label.clone(), Bound::Memory)
+            .flops(25 * n as u64)
+            .floats(3 * n);
+        bench_op(
+            bench,
+            target,
+            &case,
+            |device, seed| {
+                let x = leaf(&hidden, seed, device);
+                let y = x.gelu(GeluApproximation::Tanh).unwrap();
+                (x, y, random(&hidden, seed + 1, device))
+            },
+            |(x, y, dy)| grad_of(y, dy, x),
+            None,
+        );
+        let case = Case::new("add bias", label, Bound::Memory)
+            .flops(n as u64)
+            .floats(2 * n + hidden[1]);
+        bench_op(
+            bench,
+            target,
+            &case,
+            |device, seed| {
+                (
+                    random(&hidden, seed, device),
+                    random(&hidden[1..], seed + 1, device),
+                )
+            },
+            |(x, b)| x.add(b).unwrap(),
+            None,
+        );
+
+        let stream = [gpt.tokens(), gpt.embd];
+        let n = numel(&stream);
+        let case = Case::new(
+            "add",
+            format!("{} residual {}", gpt.name, shape_str(&stream)),
+            Bound::Memory,
+        )
+        .flops(n as u64)
+        .floats(3 * n);
+        bench_op(
+            bench,
+            target,
+            &case,
+            |device, seed| {
+                (
+                    random(&stream, seed, device),
+                    random(&stream, seed + 1, device),
+                )
+            },
+            |(x, y)| x.add(y).unwrap(),
             None,
         );
     }

@@ -17,7 +17,7 @@
 //! are not reported: a step mixes many ops whose exact counts differ with
 //! the autograd path taken, so the table gives time and samples/s only.
 //!
-//! After timing, one profiled GAN step per device is broken down by op
+//! After timing, the GAN and GPT steps on each device are broken down by op
 //! (see `kiln::profile`), and each model is validated: its losses are
 //! finite and every parameter has moved.
 //!
@@ -135,7 +135,8 @@ fn bench_gan(bench: &mut Bench, target: &Target) {
     }
 
     let title = format!("GAN step breakdown ({})", target.label());
-    let breakdown = profile_steps(target, batch, &mut step);
+    let what = format!("One DCGAN step (batch {batch}, one D and one G update)");
+    let breakdown = profile_steps(target, &what, &mut step);
     println!("\n## {title}\n\n{breakdown}");
     bench.section(&title, breakdown);
 
@@ -217,6 +218,20 @@ fn bench_gpt(bench: &mut Bench, target: &Target, spec: &GptSpec, batch: usize) {
         return;
     }
 
+    let title = format!(
+        "GPT {}L/{} step breakdown ({})",
+        spec.n_layer,
+        spec.n_embd,
+        target.label()
+    );
+    let what = format!(
+        "One GPT step ({}L/{}H/{} embd, block {}, batch {batch}, AdamW, clip)",
+        spec.n_layer, spec.n_head, spec.n_embd, spec.block_size
+    );
+    let breakdown = profile_steps(target, &what, &mut step);
+    println!("\n## {title}\n\n{breakdown}");
+    bench.section(&title, breakdown);
+
     let last = step();
     assert_finite("gpt loss", &last.loss);
     let norm = last.grad_norm.expect("clipping on");
@@ -245,7 +260,7 @@ fn random_windows(batch: usize, block: usize, target: &Target) -> (Tensor, Tenso
 
 /// Runs `step` a few times with the profiler on and renders the time per
 /// step of each op, as a share of the measured wall time of the steps.
-fn profile_steps<R>(target: &Target, batch: usize, step: &mut impl FnMut() -> R) -> String {
+fn profile_steps<R>(target: &Target, what: &str, step: &mut impl FnMut() -> R) -> String {
     let steps = profiled_steps();
     profile::take();
     target.sync();
@@ -267,7 +282,7 @@ fn profile_steps<R>(target: &Target, batch: usize, step: &mut impl FnMut() -> R)
         })
         .collect();
     let mut text = format!(
-        "One DCGAN step (batch {batch}, one D and one G update) on {}: calls and ms per step, \
+        "{what} on {}: calls and ms per step, \
          averaged over {steps} profiled steps after warm-up. Each op is timed once at its \
          outermost call (nested ops are inside it); \"backward\" rows are the op's gradient rule.",
         target.describe()

@@ -23,6 +23,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -67,10 +68,11 @@ def load_kiln_records(bench_dir):
 
 
 def kiln_threads(peaks):
-    """The thread count in kiln's CPU machine line, e.g. '... (2 threads)'."""
+    """The thread count in kiln's CPU machine line, e.g. '... (GenuineIntel, AVX-512, 2 threads)'."""
     for peak in peaks:
-        if peak["device"] == "cpu" and "threads)" in peak["machine"]:
-            return int(peak["machine"].rsplit("(", 1)[1].split()[0])
+        found = re.search(r"(\d+) threads?\)", peak["machine"]) if peak["device"] == "cpu" else None
+        if found:
+            return int(found.group(1))
     return os.cpu_count()
 
 

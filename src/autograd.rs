@@ -24,6 +24,18 @@ pub trait Backward: Send + Sync {
     /// dL/d(input) for each input, `None` where an input needs no gradient
     /// (indices, constants).
     fn backward(&self, inputs: &[Tensor], grad_output: &Tensor) -> Result<Vec<Option<Tensor>>>;
+
+    /// For an op whose output is a slice of its one input (`narrow`), so
+    /// that dL/dx is dL/dy placed at that slice and zero elsewhere: the
+    /// slice's (dim, start). The walk then adds dL/dy straight into that
+    /// slice of the input's running gradient sum when it has one, instead
+    /// of building the zero-padded tensor and adding it whole (GPT's q/k/v
+    /// split of one [B, T, 3E] projection: three padded [B, T, 3E] tensors
+    /// and two full sums per layer, before). `backward` must still give the
+    /// full gradient: it is used when there is no running sum yet.
+    fn slice_of_input(&self) -> Option<(usize, usize)> {
+        None
+    }
 }
 
 /// The graph edge stored in an op's output.
@@ -143,6 +155,15 @@ impl Tensor {
                 store.insert(tensor, grad_out);
                 continue;
             };
+            if let Some((dim, start)) = node.backward.slice_of_input()
+                && let Some(sum) = pending.get(&node.inputs[0].id())
+            {
+                let _profile = profile::backward(node.backward.name(), grad_out.device());
+                // In place when nothing else holds the running sum.
+                if sum.try_add_slice_in_place(&grad_out, dim, start) {
+                    continue;
+                }
+            }
             let input_grads = {
                 let _profile = profile::backward(node.backward.name(), grad_out.device());
                 node.backward.backward(&node.inputs, &grad_out)?

@@ -68,6 +68,7 @@ pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod profile;
+pub mod simd;
 pub mod storage;
 pub mod tensor;
 

@@ -249,20 +249,28 @@ pub fn tanh_f32(x: f32) -> f32 {
 /// eʸ − 1 = 2ᵏ·(eʳ − 1) + (2ᵏ − 1), which has no cancellation when k = 0.
 /// ln 2 is split in two (Cody–Waite) so that k·LN2_HI is exact, and eʳ − 1
 /// comes from its Taylor series to r⁹ (the next term is below f32's
-/// resolution at |r| ≤ 0.35). NaN gives k = 0 and a NaN result.
+/// resolution at |r| ≤ 0.35). NaN gives a NaN result.
+///
+/// k = round(y·log₂e) is found without a float-to-int conversion: adding
+/// 1.5·2²³ rounds to an integer whose value sits in the low mantissa bits.
+/// Rust's `as i32` saturates, and LLVM turns that into sixteen scalar
+/// conversions per AVX-512 vector (GELU at 10 cycles an element).
 #[inline]
 fn expm1_f32(y: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    let k = (y * std::f32::consts::LOG2_E + 0.5f32.copysign(y)) as i32;
-    let kf = k as f32;
+    const ROUNDER: f32 = 12_582_912.0; // 1.5·2²³
+    let shifted = y * std::f32::consts::LOG2_E + ROUNDER;
+    let kf = shifted - ROUNDER;
+    // The bits of `shifted` are ROUNDER's plus k (two's complement for k < 0).
+    let k = shifted.to_bits().wrapping_sub(ROUNDER.to_bits());
     let r = (y - kf * LN2_HI) - kf * LN2_LO;
     // eʳ − 1 = r + r²/2! + … + r⁹/9!, in Horner form.
     let mut p = 1.0 / 362_880.0;
     for factorial in [40_320.0, 5_040.0, 720.0, 120.0, 24.0, 6.0, 2.0, 1.0] {
         p = p * r + 1.0 / factorial;
     }
-    let two_k = f32::from_bits(((k + 127) as u32) << 23);
+    let two_k = f32::from_bits(k.wrapping_add(127) << 23);
     two_k * (p * r) + (two_k - 1.0)
 }
 

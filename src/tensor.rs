@@ -547,6 +547,58 @@ impl Tensor {
         true
     }
 
+    /// Adds `slice` into the region of this tensor's own buffer that
+    /// `self.narrow(dim, start, len)` would read (len = slice's size along
+    /// dim), under the same conditions as [`Tensor::try_add_in_place`] and
+    /// with every other dim equal. Returns false, changing nothing, otherwise.
+    /// Elements outside the region keep their values, as adding the zeros of
+    /// a padded gradient would (up to the sign of a zero).
+    pub(crate) fn try_add_slice_in_place(&self, slice: &Tensor, dim: usize, start: usize) -> bool {
+        let unshared = Arc::strong_count(&self.0) == 1
+            && Arc::strong_count(&self.0.storage) == 1
+            && self.0.node.is_none()
+            && !self.0.requires_grad;
+        let (dims, part) = (self.dims(), slice.dims());
+        let fits = dims.len() == part.len()
+            && dim < dims.len()
+            && start + part[dim] <= dims[dim]
+            && (0..dims.len()).all(|d| d == dim || dims[d] == part[d]);
+        if !unshared || !fits || self.dtype() != slice.dtype() {
+            return false;
+        }
+        // Row-major: `outer` blocks, each a run of dims[dim]·inner elements
+        // of which part[dim]·inner (from start·inner on) belong to the slice.
+        let inner: usize = dims[dim + 1..].iter().product();
+        let (row, run) = (dims[dim] * inner, part[dim] * inner);
+        fn add_into<T: Float>(sum: &mut [T], addend: &[T], row: usize, run: usize, offset: usize) {
+            if run == 0 {
+                return;
+            }
+            sum.par_chunks_mut(row)
+                .zip(addend.par_chunks(run))
+                .with_min_len((1 << 15) / run + 1)
+                .for_each(|(s, a)| {
+                    s[offset..offset + run]
+                        .iter_mut()
+                        .zip(a)
+                        .for_each(|(s, a)| *s = std::ops::Add::add(*s, *a))
+                });
+        }
+        let mut sum = self.storage_mut();
+        let addend = slice.storage();
+        let offset = start * inner;
+        match (&mut *sum, &*addend) {
+            (Storage::Cpu(CpuStorage::F32(s)), Storage::Cpu(CpuStorage::F32(a))) => {
+                add_into(s, a, row, run, offset)
+            }
+            (Storage::Cpu(CpuStorage::F64(s)), Storage::Cpu(CpuStorage::F64(a))) => {
+                add_into(s, a, row, run, offset)
+            }
+            _ => return false,
+        }
+        true
+    }
+
     pub(crate) fn storage(&self) -> RwLockReadGuard<'_, Storage> {
         self.0.storage.read().unwrap_or_else(|e| e.into_inner())
     }

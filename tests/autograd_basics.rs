@@ -100,3 +100,68 @@ fn accumulating_a_shared_gradient_leaves_the_other_inputs_gradient_alone() {
         vec![1.0, 1.0, 1.0]
     );
 }
+
+/// The q/k/v pattern: several `narrow`s of one tensor (overlapping, along a
+/// middle dim, and beside a direct use of it) whose gradients the walk adds
+/// into slices of one running sum. Checked element by element against the
+/// gradient written out by hand.
+#[test]
+fn gradients_of_several_slices_of_one_tensor_add_into_their_slices() {
+    // x [2, 5, 3]: x[:, 0:2, :]·2 + x[:, 1:4, :]·3 + x[:, 4:5, :]·5, plus Σ x·x.
+    let values: Vec<f64> = (0..30).map(|i| i as f64 * 0.5 - 3.0).collect();
+    let x = vec_tensor(&values, &[2, 5, 3]).requires_grad_();
+    let part = |start: usize, len: usize, weight: f64| {
+        x.narrow(1, start, len)
+            .unwrap()
+            .mul_scalar(weight)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    let loss = part(0, 2, 2.0)
+        .add(&part(1, 3, 3.0))
+        .unwrap()
+        .add(&part(4, 1, 5.0))
+        .unwrap()
+        .add(&x.mul(&x).unwrap().sum_all().unwrap())
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let expected: Vec<f64> = values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let row = i / 3 % 5;
+            let slices = [(0..2, 2.0), (1..4, 3.0), (4..5, 5.0)];
+            let from_slices: f64 = slices
+                .iter()
+                .filter(|(rows, _)| rows.contains(&row))
+                .map(|(_, w)| w)
+                .sum();
+            from_slices + 2.0 * v
+        })
+        .collect();
+    assert_eq!(grads.get(&x).unwrap().to_vec::<f64>().unwrap(), expected);
+
+    // Only slices, the first along the last dim: the running sum starts
+    // as the first slice's zero-padded gradient.
+    let y = vec_tensor(&values, &[2, 5, 3]).requires_grad_();
+    let loss = y
+        .narrow(2, 0, 1)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .add(
+            &y.narrow(2, 1, 2)
+                .unwrap()
+                .mul_scalar(4.0)
+                .unwrap()
+                .sum_all()
+                .unwrap(),
+        )
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let expected: Vec<f64> = (0..30)
+        .map(|i| if i % 3 == 0 { 1.0 } else { 4.0 })
+        .collect();
+    assert_eq!(grads.get(&y).unwrap().to_vec::<f64>().unwrap(), expected);
+}

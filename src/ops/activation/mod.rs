@@ -95,8 +95,22 @@ impl Pointwise for Activation {
     }
 
     // Each arm has its own closure with its variant spelled as a constant,
-    // so every `zip_map` is compiled for one variant and `derivative`
-    // inlines to straight-line code (leaky_relu backward on [64, 128, 8, 8]:
+    // so every `map` is compiled for one variant and `value` inlines to
+    // straight-line code that vectorises (gelu_tanh forward on [2048, 512]
+    // took 3.4 ms with the match per element).
+    fn forward_slices<T: Float>(self, x: &[T]) -> Vec<T> {
+        use Activation::*;
+        match self {
+            Relu => cpu::map(x, |e| Relu.value(e)),
+            LeakyRelu(s) => cpu::map(x, move |e| LeakyRelu(s).value(e)),
+            Tanh => cpu::map(x, |e| Tanh.value(e)),
+            Sigmoid => cpu::map(x, |e| Sigmoid.value(e)),
+            Gelu => cpu::map(x, |e| Gelu.value(e)),
+            GeluTanh => cpu::map(x, |e| GeluTanh.value(e)),
+        }
+    }
+
+    // As above, for `derivative` (leaky_relu backward on [64, 128, 8, 8]:
     // 2.46 ms with the match per element).
     fn backward_slices<T: Float>(self, x: &[T], grad: &[T]) -> Vec<T> {
         use Activation::*;

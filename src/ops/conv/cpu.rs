@@ -16,10 +16,10 @@
 
 use std::ops::Range;
 
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::ConvGeometry;
+use crate::ops::gemm::cpu::{Mat, gemm_into};
 use crate::storage::Float;
 
 /// Products of at least this many multiply-adds use every thread inside one GEMM.
@@ -62,26 +62,34 @@ pub fn conv2d_forward<T: Float>(
         );
         return y;
     }
-    let macs = g.out_channels * rows * positions;
-    for_each_image(
+    // Chunks of images: cols [C·kh·kw, n·Ho·Wo] of a few images side by
+    // side (about L2-sized), one GEMM y_rows [O, n·Ho·Wo] = W · cols, then
+    // each image's [O, Ho·Wo] block copied out. One image at a time made
+    // the GEMM thin (N = Ho·Wo = 64 on DCGAN's D2) and re-packed W per image.
+    let images_per_chunk = images_per_chunk(g);
+    let grid_len = g.out_channels * positions;
+    let scratch_len = (rows + g.out_channels) * images_per_chunk * positions;
+    let macs = g.out_channels * rows * images_per_chunk * positions;
+    for_each_chunk(
         &mut y,
-        g.out_channels * positions,
-        rows * positions,
+        images_per_chunk * grid_len,
+        scratch_len,
         macs,
-        |n, y_n, cols, parallelism| {
-            im2col(g, &x[n * image_len..(n + 1) * image_len], cols);
-            if let Some(bias) = bias {
-                for (plane, &b) in y_n.chunks_mut(positions).zip(bias) {
-                    plane.fill(b);
-                }
-            }
+        |chunk, y_chunk, scratch, parallel| {
+            let first = chunk * images_per_chunk;
+            let images = y_chunk.len() / grid_len;
+            let width = images * positions;
+            let (cols, y_rows) = scratch.split_at_mut(rows * width);
+            let y_rows = &mut y_rows[..g.out_channels * width];
+            im2col_batch_into(g, &x[first * image_len..(first + images) * image_len], cols);
             gemm_into(
-                y_n,
+                y_rows,
                 Mat::row_major(weight, g.out_channels, rows),
-                Mat::row_major(cols, rows, positions),
-                bias.is_some(),
-                parallelism,
+                Mat::row_major(cols, rows, width),
+                false,
+                parallel,
             );
+            rows_as_grid(g, y_rows, bias, y_chunk);
         },
     );
     y
@@ -120,36 +128,96 @@ pub fn conv2d_backward_data<T: Float>(
         );
         return dx;
     }
-    // Whole chunks of images at once: cols [C·kh·kw, n·Ho·Wo] = Wᵀ · dy as
-    // one GEMM (per image it would be a thin product far below the GEMM's
-    // peak), then col2im of each image's segment of the columns.
+    // Chunks of images: cols [C·kh·kw, n·Ho·Wo] = Wᵀ · dy of a few images
+    // as one GEMM (per image it would be a thin product far below the GEMM's
+    // peak), then col2im of each image's segment while the columns are still
+    // in cache (one GEMM over the whole batch wrote 16 MiB of columns on
+    // DCGAN's D2 that col2im then read back from memory).
     let image_len = g.in_channels * pixels;
-    let images_per_chunk = (WEIGHT_GRAD_MAX_COLS / (rows * positions)).max(1);
-    for (chunk, dx_chunk) in dx.chunks_mut(images_per_chunk * image_len).enumerate() {
-        let (first, images) = (chunk * images_per_chunk, dx_chunk.len() / image_len);
-        let width = images * positions;
-        let dy_rows = grid_as_rows(g, &dy[first * grid_len..(first + images) * grid_len]);
-        let mut cols = vec![T::ZERO; rows * width];
-        gemm_into(
-            &mut cols,
-            Mat::row_major(weight, g.out_channels, rows).transposed(),
-            Mat::row_major(&dy_rows, g.out_channels, width),
-            false,
-            gemm_parallelism(g.out_channels * rows * width),
-        );
-        dx_chunk
-            .par_chunks_mut(image_len)
-            .enumerate()
-            .for_each(|(n, dx_n)| {
+    let images_per_chunk = images_per_chunk(g);
+    let scratch_len = (rows + g.out_channels) * images_per_chunk * positions;
+    let macs = g.out_channels * rows * images_per_chunk * positions;
+    for_each_chunk(
+        &mut dx,
+        images_per_chunk * image_len,
+        scratch_len,
+        macs,
+        |chunk, dx_chunk, scratch, parallel| {
+            let first = chunk * images_per_chunk;
+            let images = dx_chunk.len() / image_len;
+            let width = images * positions;
+            let (cols, dy_rows) = scratch.split_at_mut(rows * width);
+            let dy_rows = &mut dy_rows[..g.out_channels * width];
+            grid_as_rows_into(
+                g,
+                &dy[first * grid_len..(first + images) * grid_len],
+                dy_rows,
+            );
+            gemm_into(
+                cols,
+                Mat::row_major(weight, g.out_channels, rows).transposed(),
+                Mat::row_major(dy_rows, g.out_channels, width),
+                false,
+                parallel,
+            );
+            for (n, dx_n) in dx_chunk.chunks_mut(image_len).enumerate() {
                 if let Some(bias) = bias {
                     for (plane, &b) in dx_n.chunks_mut(pixels).zip(bias) {
                         plane.fill(b);
                     }
                 }
                 col2im_add(g, &cols[n * positions..], width, dx_n);
-            });
-    }
+            }
+        },
+    );
     dx
+}
+
+/// Images per chunk of the forward and backward-data passes: enough that
+/// a chunk's columns, C·kh·kw × n·Ho·Wo, fill about 1 MiB of f32 (an L2's
+/// worth on current x86-64 cores; the GEMM gets n·Ho·Wo ≥ 256 columns on
+/// every DCGAN layer), at least one.
+fn images_per_chunk(g: &ConvGeometry) -> usize {
+    (chunk_cols() / (g.col_rows() * g.out_positions()).max(1)).clamp(1, g.batch.max(1))
+}
+
+/// Column elements per chunk (1 MiB of f32).
+const CHUNK_COLS: usize = 1 << 18;
+
+#[cfg(not(test))]
+fn chunk_cols() -> usize {
+    CHUNK_COLS
+}
+
+// Unit tests shrink the chunks to run the multi-chunk paths on small shapes.
+#[cfg(test)]
+thread_local! {
+    static TEST_CHUNK_COLS: std::cell::Cell<usize> = const { std::cell::Cell::new(CHUNK_COLS) };
+}
+
+#[cfg(test)]
+fn chunk_cols() -> usize {
+    TEST_CHUNK_COLS.with(|c| c.get())
+}
+
+/// y_rows [O, n·Ho·Wo] (image after image along each row) laid out as the
+/// output grid [n, O, Ho·Wo], plus the bias of each channel: the inverse
+/// of [`grid_as_rows_into`].
+fn rows_as_grid<T: Float>(g: &ConvGeometry, rows: &[T], bias: Option<&[T]>, grid: &mut [T]) {
+    let positions = g.out_positions();
+    let width = rows.len() / g.out_channels;
+    for (n, image) in grid.chunks_mut(g.out_channels * positions).enumerate() {
+        for (o, plane) in image.chunks_mut(positions).enumerate() {
+            let src = &rows[o * width + n * positions..][..positions];
+            match bias {
+                Some(bias) => {
+                    let b = bias[o];
+                    plane.iter_mut().zip(src).for_each(|(d, &v)| *d = v + b);
+                }
+                None => plane.copy_from_slice(src),
+            }
+        }
+    }
 }
 
 /// The im2col columns of images [n, C, H, W] side by side: [C·kh·kw, n·Ho·Wo],
@@ -161,30 +229,53 @@ fn im2col_batch<T: Float>(g: &ConvGeometry, images: &[T]) -> Vec<T> {
     let mut cols = vec![T::ZERO; rows * width];
     cols.par_chunks_mut(width.max(1))
         .enumerate()
-        .for_each(|(row, cols_row)| {
-            let (c, i, j) = tap_of_row(g, row);
-            for (n, segment) in cols_row.chunks_mut(positions).enumerate() {
-                let plane = &images[n * image_len + c * g.in_pixels()..][..g.in_pixels()];
-                im2col_row(g, plane, [i, j], segment);
-            }
-        });
+        .for_each(|(row, cols_row)| im2col_batch_row(g, images, row, cols_row));
     cols
+}
+
+/// [`im2col_batch`] on one thread, into `cols` (exactly C·kh·kw × n·Ho·Wo long).
+fn im2col_batch_into<T: Float>(g: &ConvGeometry, images: &[T], cols: &mut [T]) {
+    let width = cols.len() / g.col_rows();
+    for (row, cols_row) in cols.chunks_mut(width.max(1)).enumerate() {
+        im2col_batch_row(g, images, row, cols_row);
+    }
+}
+
+/// Row `row` of a batch's columns: tap (i, j) of channel c for each image in turn.
+fn im2col_batch_row<T: Float>(g: &ConvGeometry, images: &[T], row: usize, cols_row: &mut [T]) {
+    let image_len = g.in_channels * g.in_pixels();
+    let (c, i, j) = tap_of_row(g, row);
+    for (n, segment) in cols_row.chunks_mut(g.out_positions()).enumerate() {
+        let plane = &images[n * image_len + c * g.in_pixels()..][..g.in_pixels()];
+        im2col_row(g, plane, [i, j], segment);
+    }
 }
 
 /// An output grid dy [n, O, Ho·Wo] as rows [O, n·Ho·Wo], image after image
 /// along each row: the layout of a batch's im2col columns.
 fn grid_as_rows<T: Float>(g: &ConvGeometry, grid: &[T]) -> Vec<T> {
-    let positions = g.out_positions();
     let width = grid.len() / g.out_channels;
     let mut rows = vec![T::ZERO; grid.len()];
     rows.par_chunks_mut(width.max(1))
         .enumerate()
-        .for_each(|(o, row)| {
-            for (n, segment) in row.chunks_mut(positions).enumerate() {
-                segment.copy_from_slice(&grid[(n * g.out_channels + o) * positions..][..positions]);
-            }
-        });
+        .for_each(|(o, row)| grid_row(g, grid, o, row));
     rows
+}
+
+/// [`grid_as_rows`] on one thread, into `rows` (as long as `grid`).
+fn grid_as_rows_into<T: Float>(g: &ConvGeometry, grid: &[T], rows: &mut [T]) {
+    let width = grid.len() / g.out_channels;
+    for (o, row) in rows.chunks_mut(width.max(1)).enumerate() {
+        grid_row(g, grid, o, row);
+    }
+}
+
+/// Row o of [`grid_as_rows`]: channel o of each image in turn.
+fn grid_row<T: Float>(g: &ConvGeometry, grid: &[T], o: usize, row: &mut [T]) {
+    let positions = g.out_positions();
+    for (n, segment) in row.chunks_mut(positions).enumerate() {
+        segment.copy_from_slice(&grid[(n * g.out_channels + o) * positions..][..positions]);
+    }
 }
 
 /// Backward-weight: dW = Σ_n dy_n · im2col(x_n)ᵀ, for x [N, C, H, W] and
@@ -345,20 +436,6 @@ fn valid_outputs(
     first.min(end)..end
 }
 
-/// cols [C·kh·kw, Ho·Wo] of one image [C, H, W].
-fn im2col<T: Float>(g: &ConvGeometry, image: &[T], cols: &mut [T]) {
-    let positions = g.out_positions();
-    for (row, cols_row) in cols.chunks_mut(positions).enumerate() {
-        let (c, i, j) = tap_of_row(g, row);
-        im2col_row(
-            g,
-            &image[c * g.in_pixels()..][..g.in_pixels()],
-            [i, j],
-            cols_row,
-        );
-    }
-}
-
 /// One im2col row: out[oh, ow] = plane[oh·s − p + i·d, ow·s − p + j·d], zero
 /// where that falls outside the plane.
 fn im2col_row<T: Float>(g: &ConvGeometry, plane: &[T], tap: [usize; 2], out: &mut [T]) {
@@ -383,9 +460,12 @@ fn im2col_row<T: Float>(g: &ConvGeometry, plane: &[T], tap: [usize; 2], out: &mu
         if g.stride[1] == 1 {
             dst[cols.clone()].copy_from_slice(&src[first_iw..first_iw + cols.len()]);
         } else {
-            for (k, d) in dst[cols.clone()].iter_mut().enumerate() {
-                *d = src[first_iw + k * g.stride[1]];
-            }
+            // Iterators, not indices: no bounds check per element.
+            let taps = src[first_iw..].iter().step_by(g.stride[1]);
+            dst[cols.clone()]
+                .iter_mut()
+                .zip(taps)
+                .for_each(|(d, &v)| *d = v);
         }
     }
 }
@@ -415,135 +495,48 @@ fn col2im_add<T: Float>(g: &ConvGeometry, cols: &[T], row_stride: usize, image: 
             let dst = &mut plane[ih * in_w..(ih + 1) * in_w];
             let src = &cols_row[oh * out_w..(oh + 1) * out_w];
             let first_iw = cols_range.start * g.stride[1] + offset[1] - g.padding[1];
-            for (k, &v) in src[cols_range.clone()].iter().enumerate() {
-                dst[first_iw + k * g.stride[1]] += v;
-            }
+            let pixels = dst[first_iw..].iter_mut().step_by(g.stride[1]);
+            pixels
+                .zip(&src[cols_range.clone()])
+                .for_each(|(d, &v)| *d += v);
         }
     }
 }
 
 // ----- GEMM and batch parallelism -------------------------------------------
 
-/// A read-only matrix view: element (r, c) is data[r·row_stride + c·col_stride].
-#[derive(Clone, Copy)]
-struct Mat<'a, T> {
-    data: &'a [T],
-    rows: usize,
-    cols: usize,
-    row_stride: usize,
-    col_stride: usize,
+/// Whether a product of `macs` multiply-adds is worth every thread.
+fn gemm_parallelism(macs: usize) -> bool {
+    macs >= PARALLEL_GEMM_MIN_MACS
 }
 
-impl<'a, T> Mat<'a, T> {
-    fn row_major(data: &'a [T], rows: usize, cols: usize) -> Self {
-        assert!(data.len() >= rows * cols, "matrix view out of bounds");
-        Mat {
-            data,
-            rows,
-            cols,
-            row_stride: cols,
-            col_stride: 1,
-        }
-    }
-
-    /// The transpose, as a view (no copy).
-    fn transposed(self) -> Self {
-        Mat {
-            rows: self.cols,
-            cols: self.rows,
-            row_stride: self.col_stride,
-            col_stride: self.row_stride,
-            ..self
-        }
-    }
-}
-
-/// dst [m, n] (row-major) = a [m, k] · b [k, n], or dst += a · b with `accumulate`.
-fn gemm_into<T: Float>(
-    dst: &mut [T],
-    a: Mat<T>,
-    b: Mat<T>,
-    accumulate: bool,
-    parallelism: Parallelism,
-) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert!(
-        b.rows == k && dst.len() >= m * n,
-        "GEMM shapes do not line up"
-    );
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(T::ZERO);
-        }
-        return;
-    }
-    // SAFETY: `Mat::row_major` checked that each view's largest index,
-    // (rows − 1)·row_stride + (cols − 1)·col_stride, lies inside its slice
-    // (transposing swaps rows/cols with their strides, keeping that bound),
-    // and dst holds m·n elements with row stride n.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            T::ONE,
-            T::ONE,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-}
-
-fn gemm_parallelism(macs: usize) -> Parallelism {
-    if macs >= PARALLEL_GEMM_MIN_MACS {
-        Parallelism::Rayon(0)
-    } else {
-        Parallelism::None
-    }
-}
-
-/// Runs `per_image(n, out_n, scratch, parallelism)` on each image's slice of
-/// `out` (`image_len` elements each) with a scratch buffer of `scratch_len`.
-/// With at least as many images as threads, images run in parallel and each
-/// GEMM is single-threaded; otherwise images run in turn and each GEMM
-/// (of `macs_per_image` multiply-adds) uses the threads.
-fn for_each_image<T: Float>(
+/// Runs `per_chunk(i, out_i, scratch, parallel)` on each chunk of `out`
+/// (`chunk_len` elements each, the last possibly shorter) with a scratch
+/// buffer of `scratch_len`. With at least as many chunks as threads, chunks
+/// run in parallel and each GEMM is single-threaded; otherwise chunks run
+/// in turn and each GEMM (of `macs_per_chunk` multiply-adds) uses the threads.
+fn for_each_chunk<T: Float>(
     out: &mut [T],
-    image_len: usize,
+    chunk_len: usize,
     scratch_len: usize,
-    macs_per_image: usize,
-    per_image: impl Fn(usize, &mut [T], &mut [T], Parallelism) + Send + Sync,
+    macs_per_chunk: usize,
+    per_chunk: impl Fn(usize, &mut [T], &mut [T], bool) + Send + Sync,
 ) {
-    if image_len == 0 {
+    if chunk_len == 0 {
         return;
     }
-    let batch = out.len() / image_len;
+    let chunks = out.len().div_ceil(chunk_len);
     let threads = rayon::current_num_threads();
-    if threads > 1 && batch >= threads {
-        out.par_chunks_mut(image_len).enumerate().for_each_init(
+    if threads > 1 && chunks >= threads {
+        out.par_chunks_mut(chunk_len).enumerate().for_each_init(
             || vec![T::ZERO; scratch_len],
-            |scratch, (n, out_n)| per_image(n, out_n, scratch, Parallelism::None),
+            |scratch, (i, out_i)| per_chunk(i, out_i, scratch, false),
         );
     } else {
-        let parallelism = gemm_parallelism(macs_per_image);
+        let parallel = gemm_parallelism(macs_per_chunk);
         let mut scratch = vec![T::ZERO; scratch_len];
-        for (n, out_n) in out.chunks_mut(image_len).enumerate() {
-            per_image(n, out_n, &mut scratch, parallelism);
+        for (i, out_i) in out.chunks_mut(chunk_len).enumerate() {
+            per_chunk(i, out_i, &mut scratch, parallel);
         }
     }
 }
@@ -919,6 +912,42 @@ mod tests {
                 "{lhs} vs {rhs} for {g:?}"
             );
         }
+    }
+
+    #[test]
+    fn forward_and_data_grad_in_image_chunks_match_the_references() {
+        // 5 images, 2 per chunk: chunks of 2, 2 and 1, with and without bias,
+        // strided and padded so that col2im overlaps taps.
+        let x = Shape::new([5, 2, 5, 5]);
+        let weight = Shape::new([3, 2, 3, 3]);
+        let params = Conv2dParams {
+            stride: [2, 2],
+            padding: [1, 1],
+            dilation: [1, 1],
+        };
+        let g = ConvGeometry::for_conv2d(&x, &weight, params).unwrap();
+        let mut rng = StdRng::seed_from_u64(9);
+        let xv = random_values(x.numel(), &mut rng);
+        let w = random_values(weight.numel(), &mut rng);
+        let dy = random_values(g.output_shape().numel(), &mut rng);
+        let out_bias = random_values(g.out_channels, &mut rng);
+        let in_bias = random_values(g.in_channels, &mut rng);
+        TEST_CHUNK_COLS.with(|c| c.set(2 * g.col_rows() * g.out_positions()));
+        assert_eq!(images_per_chunk(&g), 2);
+        for bias in [false, true] {
+            let forward = conv2d_forward(&g, &xv, &w, bias.then_some(&out_bias[..]));
+            let expected = conv2d_reference(&g, &xv, &w, bias.then_some(&out_bias[..]));
+            assert_close("forward in chunks", &forward, &expected, &g);
+            let data = conv2d_backward_data(&g, &dy, &w, bias.then_some(&in_bias[..]));
+            let mut expected = conv2d_backward_data_reference(&g, &dy, &w);
+            if bias {
+                for (v, i) in expected.iter_mut().zip(0..) {
+                    *v += in_bias[i / g.in_pixels() % g.in_channels];
+                }
+            }
+            assert_close("backward-data in chunks", &data, &expected, &g);
+        }
+        TEST_CHUNK_COLS.with(|c| c.set(CHUNK_COLS));
     }
 
     #[test]

@@ -56,6 +56,12 @@ pub(crate) trait Pointwise: Copy + Send + Sync + 'static {
     /// The same function as a CUDA kernel and op code.
     fn cuda(self) -> cuda::CudaPointwise;
 
+    /// y = f(x) over a whole slice on the CPU; see `backward_slices` for why
+    /// an enum with many variants overrides it.
+    fn forward_slices<T: Float>(self, x: &[T]) -> Vec<T> {
+        cpu::map(x, |e| self.value(e))
+    }
+
     /// dL/dx = dL/dy · f'(x) over whole slices on the CPU. An enum with a
     /// large `derivative` keeps its per-element `match` inside the loop (the
     /// compiler does not unswitch it), which costs a branch per element;
@@ -160,10 +166,9 @@ pub(crate) fn pointwise<F: Pointwise>(x: &Tensor, f: F) -> Result<Tensor> {
     let _profile = profile::op(op, x.device());
     check_operands(op, &[x])?;
     let out = match &*x.storage() {
-        Storage::Cpu(s) => Storage::Cpu(float_slice!(op, s, |v| CpuStorage::from(cpu::map(
-            v,
-            |e| f.value(e)
-        )))),
+        Storage::Cpu(s) => Storage::Cpu(float_slice!(op, s, |v| CpuStorage::from(
+            f.forward_slices(v)
+        ))),
         Storage::Cuda(s) => Storage::Cuda(cuda::pointwise_forward(f.cuda(), s)?),
     };
     Ok(Tensor::from_op(out, x.shape().clone(), &[x], |_| {

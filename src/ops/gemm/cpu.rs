@@ -1,6 +1,9 @@
 //! CPU matrix multiply. `gemm_reference` is the plain triple loop anyone can
 //! check by eye; `gemm` is the fast path through the `gemm` crate (packed,
-//! SIMD micro-kernels), split across the batch or inside one product with rayon.
+//! SIMD micro-kernels for SSE, AVX2 and AVX-512, picked by the crate at run
+//! time from what the CPU reports), split across the batch or inside one
+//! product with rayon. Every CPU product of the engine, matmul and the
+//! convolutions, goes through [`gemm_into`].
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -66,50 +69,133 @@ pub fn gemm<T: Float>(d: GemmDims, a: &[T], b: &[T]) -> Vec<T> {
         return c;
     }
     let (a_len, b_len, c_len) = (d.m * d.k, d.k * d.n, d.m * d.n);
+    let (a_rs, a_cs) = d.a_strides();
+    let (b_rs, b_cs) = d.b_strides();
+    let product = |a: &[T], b: &[T], c: &mut [T], parallel: bool| {
+        let a = Mat {
+            data: a,
+            rows: d.m,
+            cols: d.k,
+            row_stride: a_rs,
+            col_stride: a_cs,
+        };
+        let b = Mat {
+            data: b,
+            rows: d.k,
+            cols: d.n,
+            row_stride: b_rs,
+            col_stride: b_cs,
+        };
+        gemm_into(c, a, b, false, parallel);
+    };
     // Many products: one per thread. One product: threads inside it.
     if d.batch > 1 {
         c.par_chunks_mut(c_len).enumerate().for_each(|(i, c)| {
-            gemm_one(
-                d,
+            product(
                 &a[i * a_len..(i + 1) * a_len],
                 &b[i * b_len..(i + 1) * b_len],
                 c,
-                Parallelism::None,
+                false,
             )
         });
     } else {
-        let threads = if d.m * d.n * d.k >= 1 << 18 {
-            Parallelism::Rayon(0)
-        } else {
-            Parallelism::None
-        };
-        gemm_one(d, a, b, &mut c, threads);
+        product(a, b, &mut c, d.m * d.n * d.k >= PARALLEL_MIN_MACS);
     }
     c
 }
 
-fn gemm_one<T: Float>(d: GemmDims, a: &[T], b: &[T], c: &mut [T], parallelism: Parallelism) {
-    let (a_rs, a_cs) = d.a_strides();
-    let (b_rs, b_cs) = d.b_strides();
-    assert!(a.len() >= d.m * d.k && b.len() >= d.k * d.n && c.len() >= d.m * d.n);
-    // SAFETY: the asserts above bound every index the strides can reach:
-    // op(A) is m×k, op(B) is k×n, C is m×n row-major, all inside their slices.
+/// Products of at least this many multiply-adds use every thread.
+const PARALLEL_MIN_MACS: usize = 1 << 18;
+
+/// A read-only matrix view: element (r, c) is data[r·row_stride + c·col_stride].
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a, T> {
+    pub data: &'a [T],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<'a, T> Mat<'a, T> {
+    pub fn row_major(data: &'a [T], rows: usize, cols: usize) -> Self {
+        assert!(data.len() >= rows * cols, "matrix view out of bounds");
+        Mat {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose, as a view (no copy).
+    pub fn transposed(self) -> Self {
+        Mat {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    /// True if every element (r, c) lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
+                < self.data.len()
+    }
+}
+
+/// dst [m, n] (row-major) = a [m, k] · b [k, n], or dst += a · b with
+/// `accumulate`; across every thread when `parallel`.
+pub(crate) fn gemm_into<T: Float>(
+    dst: &mut [T],
+    a: Mat<T>,
+    b: Mat<T>,
+    accumulate: bool,
+    parallel: bool,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(
+        b.rows == k && dst.len() >= m * n && a.in_bounds() && b.in_bounds(),
+        "GEMM shapes do not line up"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(T::ZERO);
+        }
+        return;
+    }
+    let parallelism = if parallel {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: `in_bounds` checked that each view's largest index,
+    // (rows − 1)·row_stride + (cols − 1)·col_stride, lies inside its slice,
+    // and dst holds m·n elements with row stride n.
     unsafe {
         gemm::gemm(
-            d.m,
-            d.n,
-            d.k,
-            c.as_mut_ptr(),
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
             1,
-            d.n as isize,
-            false,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            T::ZERO,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            T::ONE,
             T::ONE,
             false,
             false,

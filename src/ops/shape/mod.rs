@@ -326,6 +326,9 @@ impl Backward for NarrowBackward {
         let after = zeros_of(self.size - self.start - len)?;
         Ok(vec![Some(Tensor::cat(&[&before, grad, &after], self.dim)?)])
     }
+    fn slice_of_input(&self) -> Option<(usize, usize)> {
+        Some((self.dim, self.start))
+    }
 }
 
 struct CatBackward {
