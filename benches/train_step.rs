@@ -17,7 +17,7 @@
 //! are not reported: a step mixes many ops whose exact counts differ with
 //! the autograd path taken, so the table gives time and samples/s only.
 //!
-//! After timing, the GAN and GPT steps on each device are broken down by op
+//! After timing, every training step on each device is broken down by op
 //! (see `kiln::profile`), and each model is validated: its losses are
 //! finite and every parameter has moved.
 //!
@@ -182,6 +182,12 @@ fn bench_vae(bench: &mut Bench, target: &Target) {
     if bench.time(target, &case, || drop(step())).is_none() {
         return;
     }
+
+    let title = format!("VAE step breakdown ({})", target.label());
+    let what = format!("One VAE step (batch {batch}, 784-400-20-400-784, Adam)");
+    let breakdown = profile_steps(target, &what, &mut step);
+    println!("\n## {title}\n\n{breakdown}");
+    bench.section(&title, breakdown);
 
     let last = step();
     assert_finite("vae loss", &last.total);

@@ -26,8 +26,11 @@ use crate::storage::Float;
 const PARALLEL_GEMM_MIN_MACS: usize = 1 << 18;
 
 /// The weight gradient packs im2col matrices of several images side by side;
-/// this bounds that buffer (in elements, 128 MiB of f32) for large batches.
-const WEIGHT_GRAD_MAX_COLS: usize = 1 << 25;
+/// this bounds that buffer (in elements, 4 MiB of f32): chunks whose columns
+/// stay in cache for the GEMM that reads them, one buffer for all chunks
+/// (a whole DCGAN batch's 16 MiB of columns, zeroed, written and read back
+/// from memory, cost more than the GEMM's shorter inner dimension does).
+const WEIGHT_GRAD_CHUNK_COLS: usize = 1 << 20;
 
 // ----- the three kernels and the bias gradient ------------------------------
 
@@ -220,20 +223,9 @@ fn rows_as_grid<T: Float>(g: &ConvGeometry, rows: &[T], bias: Option<&[T]>, grid
     }
 }
 
-/// The im2col columns of images [n, C, H, W] side by side: [C·kh·kw, n·Ho·Wo],
-/// row (c, i, j) holding tap (i, j) of channel c, image after image.
-fn im2col_batch<T: Float>(g: &ConvGeometry, images: &[T]) -> Vec<T> {
-    let (rows, positions) = (g.col_rows(), g.out_positions());
-    let image_len = g.in_channels * g.in_pixels();
-    let width = images.len() / image_len * positions;
-    let mut cols = vec![T::ZERO; rows * width];
-    cols.par_chunks_mut(width.max(1))
-        .enumerate()
-        .for_each(|(row, cols_row)| im2col_batch_row(g, images, row, cols_row));
-    cols
-}
-
-/// [`im2col_batch`] on one thread, into `cols` (exactly C·kh·kw × n·Ho·Wo long).
+/// The im2col columns of images [n, C, H, W] side by side, on one thread,
+/// into `cols` [C·kh·kw, n·Ho·Wo]: row (c, i, j) holds tap (i, j) of
+/// channel c, image after image.
 fn im2col_batch_into<T: Float>(g: &ConvGeometry, images: &[T], cols: &mut [T]) {
     let width = cols.len() / g.col_rows();
     for (row, cols_row) in cols.chunks_mut(width.max(1)).enumerate() {
@@ -251,18 +243,9 @@ fn im2col_batch_row<T: Float>(g: &ConvGeometry, images: &[T], row: usize, cols_r
     }
 }
 
-/// An output grid dy [n, O, Ho·Wo] as rows [O, n·Ho·Wo], image after image
-/// along each row: the layout of a batch's im2col columns.
-fn grid_as_rows<T: Float>(g: &ConvGeometry, grid: &[T]) -> Vec<T> {
-    let width = grid.len() / g.out_channels;
-    let mut rows = vec![T::ZERO; grid.len()];
-    rows.par_chunks_mut(width.max(1))
-        .enumerate()
-        .for_each(|(o, row)| grid_row(g, grid, o, row));
-    rows
-}
-
-/// [`grid_as_rows`] on one thread, into `rows` (as long as `grid`).
+/// An output grid [n, O, Ho·Wo] as rows [O, n·Ho·Wo], image after image
+/// along each row (the layout of a batch's im2col columns), on one thread,
+/// into `rows` (as long as `grid`).
 fn grid_as_rows_into<T: Float>(g: &ConvGeometry, grid: &[T], rows: &mut [T]) {
     let width = grid.len() / g.out_channels;
     for (o, row) in rows.chunks_mut(width.max(1)).enumerate() {
@@ -270,7 +253,7 @@ fn grid_as_rows_into<T: Float>(g: &ConvGeometry, grid: &[T], rows: &mut [T]) {
     }
 }
 
-/// Row o of [`grid_as_rows`]: channel o of each image in turn.
+/// Row o of [`grid_as_rows_into`]: channel o of each image in turn.
 fn grid_row<T: Float>(g: &ConvGeometry, grid: &[T], o: usize, row: &mut [T]) {
     let positions = g.out_positions();
     for (n, segment) in row.chunks_mut(positions).enumerate() {
@@ -305,7 +288,7 @@ pub fn conv2d_backward_weight<T: Float>(g: &ConvGeometry, x: &[T], dy: &[T]) -> 
         );
         return dw;
     }
-    backward_weight_in_chunks(g, x, dy, WEIGHT_GRAD_MAX_COLS)
+    backward_weight_in_chunks(g, x, dy, WEIGHT_GRAD_CHUNK_COLS)
 }
 
 /// A dense layer in disguise: one output position whose window is the whole
@@ -336,7 +319,10 @@ fn backward_weight_in_chunks<T: Float>(
     // (D1: 16 taps, 64 channels) dW = dy · colsᵀ directly.
     let transposed_out = rows > g.out_channels;
     let mut dw = vec![T::ZERO; g.out_channels * rows];
-    let images_per_chunk = (max_cols / (rows * positions)).max(1);
+    let images_per_chunk = (max_cols / (rows * positions)).clamp(1, g.batch.max(1));
+    // One buffer each for every chunk's columns and rearranged dy.
+    let mut cols = vec![T::ZERO; rows * images_per_chunk * positions];
+    let mut dy_rows = vec![T::ZERO; g.out_channels * images_per_chunk * positions];
     let mut first = 0;
     while first < g.batch {
         let images = images_per_chunk.min(g.batch - first);
@@ -344,11 +330,18 @@ fn backward_weight_in_chunks<T: Float>(
         let x_chunk = &x[first * image_len..(first + images) * image_len];
         let dy_chunk = &dy[first * grid_len..(first + images) * grid_len];
         // cols row (c, i, j) = tap (i, j) of channel c, image after image.
-        let cols = im2col_batch(g, x_chunk);
+        let cols = &mut cols[..rows * width];
+        cols.par_chunks_mut(width)
+            .enumerate()
+            .for_each(|(row, cols_row)| im2col_batch_row(g, x_chunk, row, cols_row));
         // dy [N, O, P] → [O, N·P], matching the columns.
-        let dy_rows = grid_as_rows(g, dy_chunk);
-        let cols = Mat::row_major(&cols, rows, width);
-        let dy_rows = Mat::row_major(&dy_rows, g.out_channels, width);
+        let dy_rows = &mut dy_rows[..g.out_channels * width];
+        dy_rows
+            .par_chunks_mut(width)
+            .enumerate()
+            .for_each(|(o, row)| grid_row(g, dy_chunk, o, row));
+        let cols = Mat::row_major(cols, rows, width);
+        let dy_rows = Mat::row_major(dy_rows, g.out_channels, width);
         let (a, b) = if transposed_out {
             (cols, dy_rows.transposed())
         } else {

@@ -4,6 +4,8 @@
 
 use rayon::prelude::*;
 
+use crate::per_isa;
+use crate::simd::sum_f64;
 use crate::storage::Float;
 
 /// Below this many elements a kernel runs on one thread (spawning costs more).
@@ -38,19 +40,7 @@ pub fn layer_norm<T: Float>(
     let mut invstd = vec![T::ZERO; rows];
     let one_row = |(row, ((y, mean), invstd)): (usize, ((&mut [T], &mut T), &mut T))| {
         let x = &x[row * width..(row + 1) * width];
-        // Two passes (mean, then Σ(x − mean)²) stay accurate when |mean| ≫ std.
-        let row_mean = x.iter().map(|v| v.to_f64()).sum::<f64>() / width as f64;
-        let var = x
-            .iter()
-            .map(|v| (v.to_f64() - row_mean).powi(2))
-            .sum::<f64>()
-            / width as f64;
-        *mean = T::from_f64(row_mean);
-        *invstd = T::from_f64(1.0 / (var + eps).sqrt());
-        for (j, (y, &x)) in y.iter_mut().zip(x).enumerate() {
-            let xhat = (x - *mean) * *invstd;
-            *y = xhat * weight.map_or(T::ONE, |w| w[j]) + bias.map_or(T::ZERO, |b| b[j]);
-        }
+        (*mean, *invstd) = normalize_row(x, weight, bias, eps, y);
     };
     if x.len() >= PARALLEL_THRESHOLD {
         let rows_per_task = (PARALLEL_THRESHOLD / 8 / width).max(1);
@@ -95,27 +85,18 @@ pub fn layer_norm_backward<T: Float>(
     let one_block = |(block, dx): (usize, &mut [T])| {
         let mut partial_dweight = vec![0f64; width];
         let mut partial_dbias = vec![0f64; width];
+        let mut dxhat = vec![T::ZERO; width];
         for (r, dx) in dx.chunks_mut(width).enumerate() {
             let row = block * ROWS_PER_BLOCK + r;
             let range = row * width..(row + 1) * width;
             let (x, dy) = (&x[range.clone()], &dy[range]);
-            let (mean, invstd) = (mean[row], invstd[row]);
-            let (mut sum_dxhat, mut sum_dxhat_xhat) = (0f64, 0f64);
-            for (j, (&x, &dy)) in x.iter().zip(dy).enumerate() {
-                let xhat = ((x - mean) * invstd).to_f64();
-                let dxhat = (dy * weight.map_or(T::ONE, |w| w[j])).to_f64();
-                sum_dxhat += dxhat;
-                sum_dxhat_xhat += dxhat * xhat;
-                partial_dweight[j] += dy.to_f64() * xhat;
-                partial_dbias[j] += dy.to_f64();
-            }
-            let mean_dxhat = T::from_f64(sum_dxhat / width as f64);
-            let mean_dxhat_xhat = T::from_f64(sum_dxhat_xhat / width as f64);
-            for (j, ((dx, &x), &dy)) in dx.iter_mut().zip(x).zip(dy).enumerate() {
-                let xhat = (x - mean) * invstd;
-                let dxhat = dy * weight.map_or(T::ONE, |w| w[j]);
-                *dx = invstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat);
-            }
+            let row_grads = RowGrads {
+                dx,
+                dxhat: &mut dxhat,
+                dweight: &mut partial_dweight,
+                dbias: &mut partial_dbias,
+            };
+            normalize_row_backward(x, dy, mean[row], invstd[row], weight, row_grads);
         }
         (partial_dweight, partial_dbias)
     };
@@ -145,6 +126,89 @@ pub fn layer_norm_backward<T: Float>(
         dx,
         dweight: dweight.into_iter().map(T::from_f64).collect(),
         dbias: dbias.into_iter().map(T::from_f64).collect(),
+    }
+}
+
+per_isa! {
+    /// One row: y = (x − mean)·invstd·weight + bias; returns (mean, invstd).
+    fn normalize_row / normalize_row_with<T>(
+        x: &[T],
+        weight: Option<&[T]>,
+        bias: Option<&[T]>,
+        eps: f64,
+        y: &mut [T],
+    ) -> (T, T) where [T: Float] {
+        let width = x.len() as f64;
+        // Two passes (mean, then Σ(x − mean)²) stay accurate when |mean| ≫ std.
+        let row_mean = sum_f64(x, x, |v, _| v.to_f64()) / width;
+        let var = sum_f64(x, x, |v, _| (v.to_f64() - row_mean).powi(2)) / width;
+        let mean = T::from_f64(row_mean);
+        let invstd = T::from_f64(1.0 / (var + eps).sqrt());
+        let xhat = |x: T| (x - mean) * invstd;
+        // An absent weight or bias is 1 or 0, applied as such (as PyTorch's
+        // kernels do: x̂·1 + 0 turns −0 into +0).
+        match (weight, bias) {
+            (Some(w), Some(b)) => {
+                for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                    *y = xhat(x) * w + b;
+                }
+            }
+            (Some(w), None) => {
+                for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                    *y = xhat(x) * w + T::ZERO;
+                }
+            }
+            (None, Some(b)) => {
+                for ((y, &x), &b) in y.iter_mut().zip(x).zip(b) {
+                    *y = xhat(x) * T::ONE + b;
+                }
+            }
+            (None, None) => {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = xhat(x) * T::ONE + T::ZERO;
+                }
+            }
+        }
+        (mean, invstd)
+    }
+}
+
+/// Where one row's backward writes: its dx, a scratch row for dx̂, and the
+/// block's running (Σ dy·x̂, Σ dy) per column.
+struct RowGrads<'a, T> {
+    dx: &'a mut [T],
+    dxhat: &'a mut [T],
+    dweight: &'a mut [f64],
+    dbias: &'a mut [f64],
+}
+
+per_isa! {
+    /// One row of the backward pass (see [`layer_norm_backward`]).
+    fn normalize_row_backward / normalize_row_backward_with<T>(
+        x: &[T],
+        dy: &[T],
+        mean: T,
+        invstd: T,
+        weight: Option<&[T]>,
+        grads: RowGrads<'_, T>,
+    ) where [T: Float] {
+        let RowGrads { dx, dxhat, dweight, dbias } = grads;
+        let xhat = |x: T| (x - mean) * invstd;
+        match weight {
+            Some(w) => dxhat.iter_mut().zip(dy).zip(w).for_each(|((d, &dy), &w)| *d = dy * w),
+            None => dxhat.copy_from_slice(dy),
+        }
+        for (((dw, db), &x), &dy) in dweight.iter_mut().zip(dbias.iter_mut()).zip(x).zip(dy) {
+            *dw += dy.to_f64() * xhat(x).to_f64();
+            *db += dy.to_f64();
+        }
+        let width = x.len() as f64;
+        let mean_dxhat = T::from_f64(sum_f64(dxhat, dxhat, |d, _| d.to_f64()) / width);
+        let sum_dxhat_xhat = sum_f64(dxhat, x, |d, x| d.to_f64() * xhat(x).to_f64());
+        let mean_dxhat_xhat = T::from_f64(sum_dxhat_xhat / width);
+        for ((dx, &x), &d) in dx.iter_mut().zip(x).zip(dxhat.iter()) {
+            *dx = invstd * (d - mean_dxhat - xhat(x) * mean_dxhat_xhat);
+        }
     }
 }
 

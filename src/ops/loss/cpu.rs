@@ -7,6 +7,8 @@ use rayon::prelude::*;
 
 use crate::ops::activation::sigmoid;
 use crate::ops::elementwise::cpu::{map, zip_map};
+use crate::per_isa;
+use crate::simd::sum_f64;
 use crate::storage::Float;
 
 /// Below this many elements a kernel runs on one thread.
@@ -45,11 +47,29 @@ pub fn mse_backward<T: Float>(x: &[T], y: &[T], scale: f64) -> Vec<T> {
 /// scale · Σ [max(x, 0) − x·y + ln(1 + e^(−|x|))]: −[y ln σ(x) + (1 − y) ln(1 − σ(x))]
 /// rearranged so that no exponential can overflow.
 pub fn bce_with_logits<T: Float>(x: &[T], y: &[T], scale: f64) -> T {
-    let total = sum_terms(x.len(), |i| {
-        let (x, y) = (x[i].to_f64(), y[i].to_f64());
-        x.max(0.0) - x * y + (-x.abs()).exp().ln_1p()
-    });
+    assert_eq!(x.len(), y.len(), "bce_with_logits: operand lengths");
+    // Terms in T, summed in f64: for f32, the vectorised softplus of the
+    // storage module instead of libm's f64 exp and log1p per element.
+    let total = if x.len() < PARALLEL_THRESHOLD {
+        bce_sum(x, y)
+    } else {
+        let chunk_totals: Vec<f64> = x
+            .par_chunks(CHUNK)
+            .zip(y.par_chunks(CHUNK))
+            .map(|(x, y)| bce_sum(x, y))
+            .collect();
+        chunk_totals.iter().sum()
+    };
     T::from_f64(total * scale)
+}
+
+per_isa! {
+    /// Σ max(x, 0) − x·y + ln(1 + e^−|x|) over one chunk, in f64.
+    fn bce_sum / bce_sum_with<T>(x: &[T], y: &[T]) -> f64 where [T: Float] {
+        sum_f64(x, y, |x, y| {
+            (x.max(T::ZERO) - x * y + (-x.abs()).ln_1p_exp_nonpositive()).to_f64()
+        })
+    }
 }
 
 /// dL/dx = (σ(x) − y) · scale.
