@@ -512,6 +512,16 @@ impl Tensor {
         })
     }
 
+    /// True when nothing but this handle can see the tensor's buffer: no
+    /// other handle, no view or `detach()`ed copy of the storage, no op's
+    /// output and no gradient wanted, so a running sum may be added into it.
+    fn is_private_sum(&self) -> bool {
+        Arc::strong_count(&self.0) == 1
+            && Arc::strong_count(&self.0.storage) == 1
+            && self.0.node.is_none()
+            && !self.0.requires_grad
+    }
+
     /// Adds `other` into this tensor's own buffer when nothing else can see
     /// it: this is the only handle, the storage is not shared with a view or
     /// a `detach()`ed copy, the tensor is no op's output and needs no
@@ -520,10 +530,7 @@ impl Tensor {
     /// it to skip a new buffer per extra use of a tensor; the sum is the same
     /// `a + b` per element as `add`'s, so results are bit-identical.
     pub(crate) fn try_add_in_place(&self, other: &Tensor) -> bool {
-        let unshared = Arc::strong_count(&self.0) == 1
-            && Arc::strong_count(&self.0.storage) == 1
-            && self.0.node.is_none()
-            && !self.0.requires_grad;
+        let unshared = self.is_private_sum();
         if !unshared || self.shape() != other.shape() || self.dtype() != other.dtype() {
             return false;
         }
@@ -554,10 +561,7 @@ impl Tensor {
     /// Elements outside the region keep their values, as adding the zeros of
     /// a padded gradient would (up to the sign of a zero).
     pub(crate) fn try_add_slice_in_place(&self, slice: &Tensor, dim: usize, start: usize) -> bool {
-        let unshared = Arc::strong_count(&self.0) == 1
-            && Arc::strong_count(&self.0.storage) == 1
-            && self.0.node.is_none()
-            && !self.0.requires_grad;
+        let unshared = self.is_private_sum();
         let (dims, part) = (self.dims(), slice.dims());
         let fits = dims.len() == part.len()
             && dim < dims.len()

@@ -2,6 +2,7 @@
 //! correct twin runs and computes the right values.
 
 use cudarc::driver::LaunchConfig;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use kiln::cuda::emulator::{
@@ -10,6 +11,18 @@ use kiln::cuda::emulator::{
 };
 
 use crate::{FaultParams, emulator_or_skip, expect_error, launch, on_device, one_block, zeros};
+
+/// The emulator's settings are process-wide, and some tests here change
+/// them (thread order, racecheck, guard placement, time limit) while the
+/// test harness runs the others on parallel threads: a test expecting the
+/// default forward order once saw another test's reverse order and named
+/// thread 63 instead of 32. Every test here holds this lock throughout.
+fn exclusive() -> MutexGuard<'static, ()> {
+    static SETTINGS: Mutex<()> = Mutex::new(());
+    SETTINGS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 fn ramp(n: usize) -> Vec<f32> {
     (0..n).map(|i| 0.5 + i as f32 * 0.25).collect()
@@ -36,6 +49,7 @@ fn with_racecheck<T>(enabled: bool, f: impl FnOnce() -> T) -> T {
 // One test for both detectors: each turns the other off for a moment.
 #[test]
 fn a_missing_barrier_is_caught_by_racecheck_and_by_comparing_two_thread_orders() {
+    let _settings = exclusive();
     let Some(device) = emulator_or_skip("missing barrier") else {
         return;
     };
@@ -100,6 +114,7 @@ fn a_missing_barrier_is_caught_by_racecheck_and_by_comparing_two_thread_orders()
 
 #[test]
 fn an_access_past_a_buffer_hits_its_guard_page_on_either_side() {
+    let _settings = exclusive();
     let Some(device) = emulator_or_skip("guard pages") else {
         return;
     };
@@ -153,6 +168,7 @@ fn an_access_past_a_buffer_hits_its_guard_page_on_either_side() {
 
 #[test]
 fn a_write_one_past_the_end_inside_the_rounded_block_is_caught_by_the_canary() {
+    let _settings = exclusive();
     let Some(device) = emulator_or_skip("canary") else {
         return;
     };
@@ -178,6 +194,7 @@ fn a_write_one_past_the_end_inside_the_rounded_block_is_caught_by_the_canary() {
 
 #[test]
 fn a_read_one_past_the_end_inside_the_rounded_block_reads_nan() {
+    let _settings = exclusive();
     let Some(device) = emulator_or_skip("canary read") else {
         return;
     };
@@ -204,6 +221,7 @@ fn a_read_one_past_the_end_inside_the_rounded_block_reads_nan() {
 
 #[test]
 fn a_barrier_inside_a_branch_is_a_divergence_error() {
+    let _settings = exclusive();
     let Some(device) = emulator_or_skip("divergent barrier") else {
         return;
     };
@@ -222,6 +240,7 @@ fn a_barrier_inside_a_branch_is_a_divergence_error() {
 
 #[test]
 fn threads_may_return_after_the_last_barrier_but_not_before_one() {
+    let _settings = exclusive();
     let Some(device) = emulator_or_skip("early return") else {
         return;
     };
@@ -260,6 +279,7 @@ fn threads_may_return_after_the_last_barrier_but_not_before_one() {
 
 #[test]
 fn a_shuffle_with_a_missing_lane_is_a_mask_error() {
+    let _settings = exclusive();
     let Some(device) = emulator_or_skip("shuffle mask") else {
         return;
     };
@@ -292,6 +312,7 @@ fn a_shuffle_with_a_missing_lane_is_a_mask_error() {
 
 #[test]
 fn launches_beyond_the_device_or_kernel_limits_are_refused() {
+    let _settings = exclusive();
     let Some(device) = emulator_or_skip("launch limits") else {
         return;
     };
@@ -360,6 +381,7 @@ fn launches_beyond_the_device_or_kernel_limits_are_refused() {
 
 #[test]
 fn a_parameter_struct_of_the_wrong_size_is_refused() {
+    let _settings = exclusive();
     let Some(device) = emulator_or_skip("parameter size") else {
         return;
     };
@@ -399,6 +421,7 @@ fn a_parameter_struct_of_the_wrong_size_is_refused() {
 
 #[test]
 fn a_misaligned_float4_access_is_reported() {
+    let _settings = exclusive();
     let Some(device) = emulator_or_skip("alignment") else {
         return;
     };
@@ -417,6 +440,7 @@ fn a_misaligned_float4_access_is_reported() {
 
 #[test]
 fn a_shared_array_index_out_of_bounds_is_reported() {
+    let _settings = exclusive();
     let Some(device) = emulator_or_skip("shared bounds") else {
         return;
     };
@@ -441,6 +465,7 @@ fn a_shared_array_index_out_of_bounds_is_reported() {
 
 #[test]
 fn a_stack_overflow_in_a_thread_is_an_error_not_a_crash() {
+    let _settings = exclusive();
     let Some(device) = emulator_or_skip("stack overflow") else {
         return;
     };
@@ -461,6 +486,7 @@ fn a_stack_overflow_in_a_thread_is_an_error_not_a_crash() {
 
 #[test]
 fn an_endless_loop_runs_into_the_launch_time_limit() {
+    let _settings = exclusive();
     let Some(device) = emulator_or_skip("time limit") else {
         return;
     };
