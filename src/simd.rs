@@ -30,19 +30,23 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The widest unit this CPU supports.
+    /// The widest unit this CPU supports, probed once per process (the
+    /// dispatch of every [`per_isa!`] call reads it).
     pub fn detect() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512dq") {
-                return Isa::Avx512;
+        static DETECTED: OnceLock<Isa> = OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                use std::arch::is_x86_feature_detected as has;
+                if has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512dq") {
+                    return Isa::Avx512;
+                }
+                if has!("avx2") && has!("fma") {
+                    return Isa::Avx2;
+                }
             }
-            if has!("avx2") && has!("fma") {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Baseline
+            Isa::Baseline
+        })
     }
 
     /// The unit kiln's loops use: [`Isa::detect`], capped by `KILN_CPU_ISA`.
@@ -77,8 +81,8 @@ impl Isa {
 }
 
 /// Defines `fn $name(args)` that runs its body compiled for [`Isa::active`],
-/// and `fn $name_with(isa, args)` that runs it compiled for `isa` (which
-/// must be in [`Isa::available`]; a wider one falls back to the baseline).
+/// and `fn $name_with(isa, args)` that runs it compiled for `isa`, or for
+/// the widest unit the CPU has if `isa` is wider.
 ///
 /// ```ignore
 /// per_isa! {
@@ -110,16 +114,11 @@ macro_rules! per_isa {
                 unsafe fn avx512<$($g),*>($($arg: $ty),*) $(-> $ret)? where $($bounds)* $body
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2<$($g),*>($($arg: $ty),*) $(-> $ret)? where $($bounds)* $body
-                let detected = $crate::simd::Isa::detect();
-                match isa {
+                match isa.min($crate::simd::Isa::detect()) {
                     // SAFETY: the CPU reported the features each version is compiled for.
-                    $crate::simd::Isa::Avx512 if detected >= $crate::simd::Isa::Avx512 => {
-                        return unsafe { avx512($($arg),*) };
-                    }
-                    $crate::simd::Isa::Avx2 if detected >= $crate::simd::Isa::Avx2 => {
-                        return unsafe { avx2($($arg),*) };
-                    }
-                    _ => {}
+                    $crate::simd::Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    $crate::simd::Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::simd::Isa::Baseline => {}
                 }
             }
             #[allow(unreachable_code)]

@@ -19,11 +19,8 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::ConvGeometry;
-use crate::ops::gemm::cpu::{Mat, gemm_into};
+use crate::ops::gemm::cpu::{Mat, gemm_into, worth_all_threads};
 use crate::storage::Float;
-
-/// Products of at least this many multiply-adds use every thread inside one GEMM.
-const PARALLEL_GEMM_MIN_MACS: usize = 1 << 18;
 
 /// The weight gradient packs im2col matrices of several images side by side;
 /// this bounds that buffer (in elements, 4 MiB of f32): chunks whose columns
@@ -41,6 +38,17 @@ pub fn conv2d_forward<T: Float>(
     x: &[T],
     weight: &[T],
     bias: Option<&[T]>,
+) -> Vec<T> {
+    forward_in_chunks(g, x, weight, bias, CHUNK_COLS)
+}
+
+/// [`conv2d_forward`] with image chunks of at most `max_cols` column elements.
+fn forward_in_chunks<T: Float>(
+    g: &ConvGeometry,
+    x: &[T],
+    weight: &[T],
+    bias: Option<&[T]>,
+    max_cols: usize,
 ) -> Vec<T> {
     let (rows, positions) = (g.col_rows(), g.out_positions());
     let image_len = g.in_channels * g.in_pixels();
@@ -61,7 +69,7 @@ pub fn conv2d_forward<T: Float>(
             Mat::row_major(x, g.batch, rows),
             Mat::row_major(weight, g.out_channels, rows).transposed(),
             bias.is_some(),
-            gemm_parallelism(g.batch * g.out_channels * rows),
+            worth_all_threads(g.batch * g.out_channels * rows),
         );
         return y;
     }
@@ -69,7 +77,7 @@ pub fn conv2d_forward<T: Float>(
     // side (about L2-sized), one GEMM y_rows [O, n·Ho·Wo] = W · cols, then
     // each image's [O, Ho·Wo] block copied out. One image at a time made
     // the GEMM thin (N = Ho·Wo = 64 on DCGAN's D2) and re-packed W per image.
-    let images_per_chunk = images_per_chunk(g);
+    let images_per_chunk = images_per_chunk(g, max_cols);
     let grid_len = g.out_channels * positions;
     let scratch_len = (rows + g.out_channels) * images_per_chunk * positions;
     let macs = g.out_channels * rows * images_per_chunk * positions;
@@ -107,6 +115,17 @@ pub fn conv2d_backward_data<T: Float>(
     weight: &[T],
     bias: Option<&[T]>,
 ) -> Vec<T> {
+    backward_data_in_chunks(g, dy, weight, bias, CHUNK_COLS)
+}
+
+/// [`conv2d_backward_data`] with image chunks of at most `max_cols` column elements.
+fn backward_data_in_chunks<T: Float>(
+    g: &ConvGeometry,
+    dy: &[T],
+    weight: &[T],
+    bias: Option<&[T]>,
+    max_cols: usize,
+) -> Vec<T> {
     let (rows, positions, pixels) = (g.col_rows(), g.out_positions(), g.in_pixels());
     let grid_len = g.out_channels * positions;
     check_lengths(g, None, Some(weight), Some(dy));
@@ -127,7 +146,7 @@ pub fn conv2d_backward_data<T: Float>(
             Mat::row_major(dy, g.batch, g.out_channels),
             Mat::row_major(weight, g.out_channels, rows),
             bias.is_some(),
-            gemm_parallelism(g.batch * g.out_channels * rows),
+            worth_all_threads(g.batch * g.out_channels * rows),
         );
         return dx;
     }
@@ -137,7 +156,7 @@ pub fn conv2d_backward_data<T: Float>(
     // in cache (one GEMM over the whole batch wrote 16 MiB of columns on
     // DCGAN's D2 that col2im then read back from memory).
     let image_len = g.in_channels * pixels;
-    let images_per_chunk = images_per_chunk(g);
+    let images_per_chunk = images_per_chunk(g, max_cols);
     let scratch_len = (rows + g.out_channels) * images_per_chunk * positions;
     let macs = g.out_channels * rows * images_per_chunk * positions;
     for_each_chunk(
@@ -176,32 +195,16 @@ pub fn conv2d_backward_data<T: Float>(
     dx
 }
 
-/// Images per chunk of the forward and backward-data passes: enough that
-/// a chunk's columns, C·kh·kw × n·Ho·Wo, fill about 1 MiB of f32 (an L2's
-/// worth on current x86-64 cores; the GEMM gets n·Ho·Wo ≥ 256 columns on
-/// every DCGAN layer), at least one.
-fn images_per_chunk(g: &ConvGeometry) -> usize {
-    (chunk_cols() / (g.col_rows() * g.out_positions()).max(1)).clamp(1, g.batch.max(1))
+/// Images per chunk: as many as keep a chunk's columns, C·kh·kw × n·Ho·Wo,
+/// within `max_cols` elements, at least one.
+fn images_per_chunk(g: &ConvGeometry, max_cols: usize) -> usize {
+    (max_cols / (g.col_rows() * g.out_positions()).max(1)).clamp(1, g.batch.max(1))
 }
 
-/// Column elements per chunk (1 MiB of f32).
+/// Column elements per chunk of the forward and backward-data passes
+/// (1 MiB of f32, an L2's worth on current x86-64 cores; the GEMM gets
+/// n·Ho·Wo ≥ 256 columns on every DCGAN layer).
 const CHUNK_COLS: usize = 1 << 18;
-
-#[cfg(not(test))]
-fn chunk_cols() -> usize {
-    CHUNK_COLS
-}
-
-// Unit tests shrink the chunks to run the multi-chunk paths on small shapes.
-#[cfg(test)]
-thread_local! {
-    static TEST_CHUNK_COLS: std::cell::Cell<usize> = const { std::cell::Cell::new(CHUNK_COLS) };
-}
-
-#[cfg(test)]
-fn chunk_cols() -> usize {
-    TEST_CHUNK_COLS.with(|c| c.get())
-}
 
 /// y_rows [O, n·Ho·Wo] (image after image along each row) laid out as the
 /// output grid [n, O, Ho·Wo], plus the bias of each channel: the inverse
@@ -284,7 +287,7 @@ pub fn conv2d_backward_weight<T: Float>(g: &ConvGeometry, x: &[T], dy: &[T]) -> 
             Mat::row_major(dy, g.batch, g.out_channels).transposed(),
             Mat::row_major(x, g.batch, rows),
             false,
-            gemm_parallelism(g.batch * g.out_channels * rows),
+            worth_all_threads(g.batch * g.out_channels * rows),
         );
         return dw;
     }
@@ -319,7 +322,7 @@ fn backward_weight_in_chunks<T: Float>(
     // (D1: 16 taps, 64 channels) dW = dy · colsᵀ directly.
     let transposed_out = rows > g.out_channels;
     let mut dw = vec![T::ZERO; g.out_channels * rows];
-    let images_per_chunk = (max_cols / (rows * positions)).clamp(1, g.batch.max(1));
+    let images_per_chunk = images_per_chunk(g, max_cols);
     // One buffer each for every chunk's columns and rearranged dy.
     let mut cols = vec![T::ZERO; rows * images_per_chunk * positions];
     let mut dy_rows = vec![T::ZERO; g.out_channels * images_per_chunk * positions];
@@ -348,7 +351,7 @@ fn backward_weight_in_chunks<T: Float>(
             (dy_rows, cols.transposed())
         };
         let macs = g.out_channels * rows * width;
-        gemm_into(&mut dw, a, b, first > 0, gemm_parallelism(macs));
+        gemm_into(&mut dw, a, b, first > 0, worth_all_threads(macs));
         first += images;
     }
     if !transposed_out {
@@ -498,11 +501,6 @@ fn col2im_add<T: Float>(g: &ConvGeometry, cols: &[T], row_stride: usize, image: 
 
 // ----- GEMM and batch parallelism -------------------------------------------
 
-/// Whether a product of `macs` multiply-adds is worth every thread.
-fn gemm_parallelism(macs: usize) -> bool {
-    macs >= PARALLEL_GEMM_MIN_MACS
-}
-
 /// Runs `per_chunk(i, out_i, scratch, parallel)` on each chunk of `out`
 /// (`chunk_len` elements each, the last possibly shorter) with a scratch
 /// buffer of `scratch_len`. With at least as many chunks as threads, chunks
@@ -526,7 +524,7 @@ fn for_each_chunk<T: Float>(
             |scratch, (i, out_i)| per_chunk(i, out_i, scratch, false),
         );
     } else {
-        let parallel = gemm_parallelism(macs_per_chunk);
+        let parallel = worth_all_threads(macs_per_chunk);
         let mut scratch = vec![T::ZERO; scratch_len];
         for (i, out_i) in out.chunks_mut(chunk_len).enumerate() {
             per_chunk(i, out_i, &mut scratch, parallel);
@@ -925,13 +923,14 @@ mod tests {
         let dy = random_values(g.output_shape().numel(), &mut rng);
         let out_bias = random_values(g.out_channels, &mut rng);
         let in_bias = random_values(g.in_channels, &mut rng);
-        TEST_CHUNK_COLS.with(|c| c.set(2 * g.col_rows() * g.out_positions()));
-        assert_eq!(images_per_chunk(&g), 2);
+        let two_images = 2 * g.col_rows() * g.out_positions();
+        assert_eq!(images_per_chunk(&g, two_images), 2);
         for bias in [false, true] {
-            let forward = conv2d_forward(&g, &xv, &w, bias.then_some(&out_bias[..]));
+            let forward = forward_in_chunks(&g, &xv, &w, bias.then_some(&out_bias[..]), two_images);
             let expected = conv2d_reference(&g, &xv, &w, bias.then_some(&out_bias[..]));
             assert_close("forward in chunks", &forward, &expected, &g);
-            let data = conv2d_backward_data(&g, &dy, &w, bias.then_some(&in_bias[..]));
+            let data =
+                backward_data_in_chunks(&g, &dy, &w, bias.then_some(&in_bias[..]), two_images);
             let mut expected = conv2d_backward_data_reference(&g, &dy, &w);
             if bias {
                 for (v, i) in expected.iter_mut().zip(0..) {
@@ -940,7 +939,6 @@ mod tests {
             }
             assert_close("backward-data in chunks", &data, &expected, &g);
         }
-        TEST_CHUNK_COLS.with(|c| c.set(CHUNK_COLS));
     }
 
     #[test]

@@ -69,23 +69,9 @@ pub fn gemm<T: Float>(d: GemmDims, a: &[T], b: &[T]) -> Vec<T> {
         return c;
     }
     let (a_len, b_len, c_len) = (d.m * d.k, d.k * d.n, d.m * d.n);
-    let (a_rs, a_cs) = d.a_strides();
-    let (b_rs, b_cs) = d.b_strides();
     let product = |a: &[T], b: &[T], c: &mut [T], parallel: bool| {
-        let a = Mat {
-            data: a,
-            rows: d.m,
-            cols: d.k,
-            row_stride: a_rs,
-            col_stride: a_cs,
-        };
-        let b = Mat {
-            data: b,
-            rows: d.k,
-            cols: d.n,
-            row_stride: b_rs,
-            col_stride: b_cs,
-        };
+        let a = Mat::op(a, d.m, d.k, d.trans_a);
+        let b = Mat::op(b, d.k, d.n, d.trans_b);
         gemm_into(c, a, b, false, parallel);
     };
     // Many products: one per thread. One product: threads inside it.
@@ -99,13 +85,16 @@ pub fn gemm<T: Float>(d: GemmDims, a: &[T], b: &[T]) -> Vec<T> {
             )
         });
     } else {
-        product(a, b, &mut c, d.m * d.n * d.k >= PARALLEL_MIN_MACS);
+        product(a, b, &mut c, worth_all_threads(d.m * d.n * d.k));
     }
     c
 }
 
-/// Products of at least this many multiply-adds use every thread.
-const PARALLEL_MIN_MACS: usize = 1 << 18;
+/// Whether one product of `macs` multiply-adds is worth every thread
+/// (below 2¹⁸ the threads' start-up costs more than they save).
+pub(crate) fn worth_all_threads(macs: usize) -> bool {
+    macs >= 1 << 18
+}
 
 /// A read-only matrix view: element (r, c) is data[r·row_stride + c·col_stride].
 #[derive(Clone, Copy)]
@@ -126,6 +115,16 @@ impl<'a, T> Mat<'a, T> {
             cols,
             row_stride: cols,
             col_stride: 1,
+        }
+    }
+
+    /// op(X) [rows, cols] of an operand stored row-major as [rows, cols],
+    /// or, when `transposed`, as [cols, rows].
+    pub fn op(data: &'a [T], rows: usize, cols: usize, transposed: bool) -> Self {
+        if transposed {
+            Mat::row_major(data, cols, rows).transposed()
+        } else {
+            Mat::row_major(data, rows, cols)
         }
     }
 

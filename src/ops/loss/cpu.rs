@@ -3,6 +3,8 @@
 //! scaled by `scale` (1/count for a mean, 1 for a sum); each backward writes
 //! dL/d(input) in one pass, with `scale` = dL/d(loss) / count.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use crate::ops::activation::sigmoid;
@@ -19,12 +21,19 @@ const CHUNK: usize = 1 << 13;
 /// rayon's threads, then the chunk totals in order: the result does not
 /// depend on the number of threads.
 fn sum_terms(n: usize, term: impl Fn(usize) -> f64 + Sync) -> f64 {
+    sum_chunks(n, |range| range.map(&term).sum())
+}
+
+/// Σ of `chunk_sum(range)` over fixed-size ranges covering 0..n (one range
+/// when n is small), the ranges on rayon's threads, their totals added in
+/// order: the result does not depend on the number of threads.
+fn sum_chunks(n: usize, chunk_sum: impl Fn(Range<usize>) -> f64 + Sync) -> f64 {
     if n < PARALLEL_THRESHOLD {
-        return (0..n).map(term).sum();
+        return chunk_sum(0..n);
     }
     let chunk_totals: Vec<f64> = (0..n.div_ceil(CHUNK))
         .into_par_iter()
-        .map(|c| (c * CHUNK..((c + 1) * CHUNK).min(n)).map(&term).sum())
+        .map(|c| chunk_sum(c * CHUNK..((c + 1) * CHUNK).min(n)))
         .collect();
     chunk_totals.iter().sum()
 }
@@ -50,16 +59,7 @@ pub fn bce_with_logits<T: Float>(x: &[T], y: &[T], scale: f64) -> T {
     assert_eq!(x.len(), y.len(), "bce_with_logits: operand lengths");
     // Terms in T, summed in f64: for f32, the vectorised softplus of the
     // storage module instead of libm's f64 exp and log1p per element.
-    let total = if x.len() < PARALLEL_THRESHOLD {
-        bce_sum(x, y)
-    } else {
-        let chunk_totals: Vec<f64> = x
-            .par_chunks(CHUNK)
-            .zip(y.par_chunks(CHUNK))
-            .map(|(x, y)| bce_sum(x, y))
-            .collect();
-        chunk_totals.iter().sum()
-    };
+    let total = sum_chunks(x.len(), |range| bce_sum(&x[range.clone()], &y[range]));
     T::from_f64(total * scale)
 }
 
