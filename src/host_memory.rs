@@ -9,7 +9,11 @@
 //! kiln does this once, when the first tensor is made; set
 //! `KILN_KEEP_FREED_MEMORY=0` to leave malloc as it is (a process that holds
 //! its peak memory until exit is the price). Other C libraries and
-//! allocators are left alone.
+//! allocators are left alone. The thresholds govern the main thread's arena,
+//! where `kiln train` runs; a training loop on another thread gets an arena
+//! of its own, made of heaps of at most 64 MiB that glibc unmaps as soon as
+//! they empty, so a step that needs more than one heap still maps fresh
+//! pages there.
 
 use std::sync::Once;
 

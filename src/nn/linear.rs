@@ -63,10 +63,7 @@ impl Module for Linear {
         } else {
             (x.clone(), false)
         };
-        let mut y = rows.matmul_nt(&self.weight)?;
-        if let Some(bias) = &self.bias {
-            y = y.add(bias)?;
-        }
+        let y = rows.linear(&self.weight, self.bias.as_ref())?;
         if was_vector { y.squeeze(0) } else { Ok(y) }
     }
 

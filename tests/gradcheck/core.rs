@@ -120,4 +120,16 @@ proptest! {
         let w_t = randn(&[n, k], seed ^ 11);
         check(|t| t[0].matmul_nt(&t[1]), &[a_plain, w_t]);
     }
+
+    #[test]
+    fn linear_with_and_without_bias(
+        m in 1usize..=4, k in 1usize..=4, n in 1usize..=4, batch in 1usize..=3,
+        seed in any::<u64>(),
+    ) {
+        let x = randn(&[batch, m, k], seed);
+        let w = randn(&[n, k], seed ^ 1);
+        let b = randn(&[n], seed ^ 2);
+        check(|t| t[0].linear(&t[1], Some(&t[2])), &[x.clone(), w.clone(), b]);
+        check(|t| t[0].linear(&t[1], None), &[x, w]);
+    }
 }

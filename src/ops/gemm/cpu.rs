@@ -5,6 +5,8 @@
 //! product with rayon. Every CPU product of the engine, matmul and the
 //! convolutions, goes through [`gemm_into`].
 
+use std::mem::MaybeUninit;
+
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -64,19 +66,17 @@ pub fn gemm_reference<T: Float>(d: GemmDims, a: &[T], b: &[T]) -> Vec<T> {
 
 /// The fast path: same result as `gemm_reference` up to rounding.
 pub fn gemm<T: Float>(d: GemmDims, a: &[T], b: &[T]) -> Vec<T> {
-    let mut c = vec![T::ZERO; d.batch * d.m * d.n];
-    if d.m == 0 || d.n == 0 {
-        return c;
-    }
     let (a_len, b_len, c_len) = (d.m * d.k, d.k * d.n, d.m * d.n);
-    let product = |a: &[T], b: &[T], c: &mut [T], parallel: bool| {
+    let product = |a: &[T], b: &[T], c: &mut [MaybeUninit<T>], parallel: bool| {
         let a = Mat::op(a, d.m, d.k, d.trans_a);
         let b = Mat::op(b, d.k, d.n, d.trans_b);
-        gemm_into(c, a, b, false, parallel);
+        gemm_into_uninit(c, a, b, parallel);
     };
+    let mut c = Vec::with_capacity(d.batch * c_len);
+    let out = &mut c.spare_capacity_mut()[..d.batch * c_len];
     // Many products: one per thread. One product: threads inside it.
-    if d.batch > 1 {
-        c.par_chunks_mut(c_len).enumerate().for_each(|(i, c)| {
+    if d.batch > 1 && c_len > 0 {
+        out.par_chunks_mut(c_len).enumerate().for_each(|(i, c)| {
             product(
                 &a[i * a_len..(i + 1) * a_len],
                 &b[i * b_len..(i + 1) * b_len],
@@ -84,10 +84,26 @@ pub fn gemm<T: Float>(d: GemmDims, a: &[T], b: &[T]) -> Vec<T> {
                 false,
             )
         });
-    } else {
-        product(a, b, &mut c, worth_all_threads(d.m * d.n * d.k));
+    } else if d.batch == 1 {
+        product(a, b, out, worth_all_threads(d.m * d.n * d.k));
     }
+    // SAFETY: every product wrote all of its c_len outputs.
+    unsafe { c.set_len(d.batch * c_len) };
     c
+}
+
+/// y [m, n] = x [m, k] · wᵀ + bias, with w stored [n, k] and the bias [n]
+/// added to every row: the bias rows are written first and the product
+/// accumulated onto them, so y is written in one pass.
+pub fn linear<T: Float>(m: usize, k: usize, n: usize, x: &[T], w: &[T], bias: &[T]) -> Vec<T> {
+    assert_eq!(bias.len(), n, "linear: bias length");
+    let mut y = Vec::with_capacity(m * n);
+    for _ in 0..m {
+        y.extend_from_slice(bias);
+    }
+    let (x, w) = (Mat::row_major(x, m, k), Mat::op(w, k, n, true));
+    gemm_into(&mut y, x, w, true, worth_all_threads(m * n * k));
+    y
 }
 
 /// Whether one product of `macs` multiply-adds is worth every thread
@@ -157,9 +173,32 @@ pub(crate) fn gemm_into<T: Float>(
     accumulate: bool,
     parallel: bool,
 ) {
+    assert!(dst.len() >= a.rows * b.cols, "GEMM output too short");
+    // SAFETY: dst is initialised and holds m·n elements.
+    unsafe { gemm_raw(dst.as_mut_ptr(), a, b, accumulate, parallel) }
+}
+
+/// dst [m, n] = a · b into memory not yet initialised (a new tensor's
+/// buffer): every element is written, none is read, so the buffer needs no
+/// zero-fill first.
+pub(crate) fn gemm_into_uninit<T: Float>(
+    dst: &mut [MaybeUninit<T>],
+    a: Mat<T>,
+    b: Mat<T>,
+    parallel: bool,
+) {
+    assert!(dst.len() >= a.rows * b.cols, "GEMM output too short");
+    // SAFETY: dst holds m·n elements; with `accumulate` false none is read.
+    unsafe { gemm_raw(dst.as_mut_ptr().cast(), a, b, false, parallel) }
+}
+
+/// # Safety
+/// dst must point at a.rows·b.cols elements that nothing else accesses,
+/// initialised if `accumulate`.
+unsafe fn gemm_raw<T: Float>(dst: *mut T, a: Mat<T>, b: Mat<T>, accumulate: bool, parallel: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert!(
-        b.rows == k && dst.len() >= m * n && a.in_bounds() && b.in_bounds(),
+        b.rows == k && a.in_bounds() && b.in_bounds(),
         "GEMM shapes do not line up"
     );
     if m == 0 || n == 0 {
@@ -167,26 +206,106 @@ pub(crate) fn gemm_into<T: Float>(
     }
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(T::ZERO);
+            // SAFETY: (caller) dst holds m·n elements; 0.0 is all zero bits.
+            unsafe { dst.write_bytes(0, m * n) };
         }
         return;
     }
-    let parallelism = if parallel {
-        Parallelism::Rayon(0)
+    let threads = rayon::current_num_threads();
+    // SAFETY (both arms): the views are in bounds (checked above) and dst
+    // holds m·n elements with row stride n (the caller's contract).
+    if parallel && threads > 1 {
+        unsafe { split_across_threads(dst, a, b, accumulate, threads) };
     } else {
-        Parallelism::None
-    };
-    // SAFETY: `in_bounds` checked that each view's largest index,
-    // (rows − 1)·row_stride + (cols − 1)·col_stride, lies inside its slice,
-    // and dst holds m·n elements with row stride n.
+        let parallelism = if parallel {
+            Parallelism::Rayon(0)
+        } else {
+            Parallelism::None
+        };
+        unsafe { gemm_block(dst, n, a, b, accumulate, parallelism) };
+    }
+}
+
+/// Rows (or, for a short wide product, columns) of the output below which a
+/// thread's share is too small to be worth its own product.
+const MIN_BLOCK: usize = 32;
+
+/// One single-threaded product per thread, each on its own block of output
+/// rows (or columns). The gemm crate's own threading shares the packed panels
+/// of one product between threads and synchronises on them; for the
+/// short-depth products of a transformer or a convolution chunk, independent
+/// blocks keep each thread busy without waiting on the other.
+///
+/// # Safety
+/// As `gemm_raw`.
+unsafe fn split_across_threads<T: Float>(
+    dst: *mut T,
+    a: Mat<T>,
+    b: Mat<T>,
+    accumulate: bool,
+    threads: usize,
+) {
+    let (m, n) = (a.rows, b.cols);
+    let by_rows = m >= n || n < threads * MIN_BLOCK;
+    let extent = if by_rows { m } else { n };
+    if extent < threads * MIN_BLOCK {
+        // SAFETY: as the caller's.
+        unsafe { gemm_block(dst, n, a, b, accumulate, Parallelism::Rayon(0)) };
+        return;
+    }
+    // Blocks a multiple of 16 long, so every block but the last fills whole
+    // micro-kernel tiles.
+    let block = extent.div_ceil(threads).div_ceil(16) * 16;
+    let dst_addr = dst as usize;
+    (0..extent.div_ceil(block)).into_par_iter().for_each(|i| {
+        let start = i * block;
+        let len = block.min(extent - start);
+        let dst = dst_addr as *mut T;
+        // SAFETY: block i writes output rows (or columns) start..start+len
+        // only, which no other block touches; the offset views stay inside
+        // the checked views.
+        unsafe {
+            if by_rows {
+                let a = Mat {
+                    data: &a.data[start * a.row_stride..],
+                    rows: len,
+                    ..a
+                };
+                gemm_block(dst.add(start * n), n, a, b, accumulate, Parallelism::None);
+            } else {
+                let b = Mat {
+                    data: &b.data[start * b.col_stride..],
+                    cols: len,
+                    ..b
+                };
+                gemm_block(dst.add(start), n, a, b, accumulate, Parallelism::None);
+            }
+        }
+    });
+}
+
+/// dst (row stride `dst_row_stride`) [a.rows, b.cols] = a · b, or += with
+/// `accumulate`.
+///
+/// # Safety
+/// `a` and `b` must be in bounds and dst must point at a.rows rows of
+/// b.cols elements, `dst_row_stride` apart, that nothing else accesses.
+unsafe fn gemm_block<T: Float>(
+    dst: *mut T,
+    dst_row_stride: usize,
+    a: Mat<T>,
+    b: Mat<T>,
+    accumulate: bool,
+    parallelism: Parallelism,
+) {
     unsafe {
         gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
+            a.rows,
+            b.cols,
+            a.cols,
+            dst,
             1,
-            n as isize,
+            dst_row_stride as isize,
             accumulate,
             a.data.as_ptr(),
             a.col_stride as isize,
@@ -220,6 +339,7 @@ mod tests {
             (1, 33, 17, 65),
             (2, 1, 13, 4),
             (1, 70, 80, 90),
+            (1, 130, 40, 90),
         ] {
             for trans_a in [false, true] {
                 for trans_b in [false, true] {
@@ -243,6 +363,33 @@ mod tests {
                         assert!((x - y).abs() < 1e-12, "{d:?}: {x} vs {y}");
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn accumulating_products_split_across_threads_add_onto_the_output() {
+        // Split by rows (tall) and by columns (wide), both over 2¹⁸ MACs.
+        for (m, n, k) in [(300, 40, 50), (20, 700, 40)] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 - 6.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 - 3.0).collect();
+            let start: Vec<f32> = (0..m * n).map(|i| (i % 5) as f32).collect();
+            let mut dst = start.clone();
+            let (av, bv) = (Mat::row_major(&a, m, k), Mat::row_major(&b, k, n));
+            assert!(worth_all_threads(m * n * k));
+            gemm_into(&mut dst, av, bv, true, true);
+            let d = GemmDims {
+                batch: 1,
+                m,
+                n,
+                k,
+                trans_a: false,
+                trans_b: false,
+            };
+            let product = gemm_reference(d, &a, &b);
+            for i in 0..m * n {
+                // Small integers: exact in f32.
+                assert_eq!(dst[i], start[i] + product[i], "{m}x{n}x{k} at {i}");
             }
         }
     }

@@ -207,6 +207,71 @@ impl Tensor {
     }
 }
 
+impl Tensor {
+    /// x · weightᵀ + bias, as PyTorch's `F.linear`: x [..., in], weight
+    /// [out, in], bias [out]. On the CPU the bias is written into the output
+    /// first and the product accumulated onto it, so the output is written
+    /// once instead of a matmul and then an add over it; elsewhere (CUDA, or a
+    /// bias of another shape, which broadcasts) it is `matmul_nt` then `add`.
+    pub fn linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let Some(bias) = bias else {
+            return self.matmul_nt(weight);
+        };
+        let composite = || self.matmul_nt(weight)?.add(bias);
+        if bias.rank() != 1 || weight.rank() != 2 || bias.dims()[0] != weight.dims()[0] {
+            return composite();
+        }
+        let _profile = profile::op("linear", self.device());
+        check_operands("linear", &[self, weight, bias])?;
+        let plan = plan(self, weight, false, true)?;
+        let d = plan.dims;
+        let out = match (&*self.storage(), &*weight.storage(), &*bias.storage()) {
+            (
+                Storage::Cpu(CpuStorage::F32(x)),
+                Storage::Cpu(CpuStorage::F32(w)),
+                Storage::Cpu(CpuStorage::F32(b)),
+            ) => CpuStorage::from(cpu::linear(d.m, d.k, d.n, x, w, b)),
+            (
+                Storage::Cpu(CpuStorage::F64(x)),
+                Storage::Cpu(CpuStorage::F64(w)),
+                Storage::Cpu(CpuStorage::F64(b)),
+            ) => CpuStorage::from(cpu::linear(d.m, d.k, d.n, x, w, b)),
+            _ => return composite(),
+        };
+        Ok(Tensor::from_op(
+            Storage::Cpu(out),
+            plan.out_shape,
+            &[self, weight, bias],
+            |_| LinearBackward,
+        ))
+    }
+}
+
+struct LinearBackward;
+
+impl Backward for LinearBackward {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    // y = x·Wᵀ + b:  dx = dy·W,  dW = dyᵀ·x  (matmul_nt's rule),  db = Σ_rows dy
+    fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let product = GemmBackward {
+            trans_lhs: false,
+            trans_rhs: true,
+            kernel: GemmKernel::BEST,
+        };
+        let mut grads = product.backward(&inputs[..2], grad)?;
+        let bias = &inputs[2];
+        grads.push(
+            bias.requires_grad()
+                .then(|| grad.sum_to_shape(bias.shape()))
+                .transpose()?,
+        );
+        Ok(grads)
+    }
+}
+
 struct GemmBackward {
     trans_lhs: bool,
     trans_rhs: bool,
@@ -275,5 +340,57 @@ mod tests {
             assert_eq!(cuda_gemm_kernel(), kernel);
         }
         set_cuda_gemm_kernel(GemmKernel::BEST);
+    }
+
+    fn ramp(len: usize, scale: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * scale)
+            .collect()
+    }
+
+    #[test]
+    fn fused_linear_matches_matmul_then_add() {
+        // Depths on both sides of the GEMM's depth blocking; enough rows for
+        // every thread.
+        for (rows, k, n) in [(3, 5, 7), (200, 130, 96), (64, 700, 40)] {
+            let x = Tensor::from_vec(ramp(rows * k, 0.01), [1, rows, k]).unwrap();
+            let w = Tensor::from_vec(ramp(n * k, 0.02), [n, k]).unwrap();
+            let b = Tensor::from_vec(ramp(n, 0.1), [n]).unwrap();
+            let fused = x.linear(&w, Some(&b)).unwrap();
+            let composite = x.matmul_nt(&w).unwrap().add(&b).unwrap();
+            assert_eq!(fused.dims(), &[1, rows, n]);
+            let (f, c) = (
+                fused.to_vec::<f32>().unwrap(),
+                composite.to_vec::<f32>().unwrap(),
+            );
+            for (a, e) in f.iter().zip(&c) {
+                assert!(
+                    (a - e).abs() <= 1e-5 * e.abs().max(1.0),
+                    "{rows}x{k}x{n}: {a} vs {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn linear_with_a_broadcast_bias_or_bad_shapes_behaves_like_matmul_then_add() {
+        let x = Tensor::from_vec(ramp(12, 0.1), [4, 3]).unwrap();
+        let w = Tensor::from_vec(ramp(6, 0.1), [2, 3]).unwrap();
+        let scalar_bias = Tensor::from_vec(vec![0.5f32], [1]).unwrap();
+        let y = x.linear(&w, Some(&scalar_bias)).unwrap();
+        let expected = x.matmul_nt(&w).unwrap().add(&scalar_bias).unwrap();
+        assert_eq!(
+            y.to_vec::<f32>().unwrap(),
+            expected.to_vec::<f32>().unwrap()
+        );
+
+        let long_bias = Tensor::from_vec(vec![0.0f32; 3], [3]).unwrap();
+        let err = x.linear(&w, Some(&long_bias)).unwrap_err().to_string();
+        assert!(err.contains("add"), "{err}");
+        let wrong_depth = Tensor::from_vec(ramp(8, 0.1), [2, 4]).unwrap();
+        let err = x.linear(&wrong_depth, None).unwrap_err().to_string();
+        assert!(err.contains("inner dims differ"), "{err}");
+        let f64_bias = Tensor::from_vec(vec![0.0f64; 2], [2]).unwrap();
+        assert!(x.linear(&w, Some(&f64_bias)).is_err());
     }
 }

@@ -37,27 +37,31 @@ fn check_dims(op: &'static str, dims: &[usize], shape: &Shape) -> Result<Vec<usi
 
 /// Sums `dims` of `x`, keeping them as size 1, then multiplies by `scale`
 /// (1 for sum, 1/count for mean), on the device `x` lives on. One kernel per
-/// reduced dim; on CUDA the scale rides along with the last one (with no dim
+/// run of neighbouring reduced dims; on CUDA the scale rides along with the last one (with no dim
 /// reduced the count is 1, so the scale is too).
 fn sum_keepdim(x: &Tensor, dims: &[usize], scale: f64) -> Result<Storage> {
     let mut current_dims = x.dims().to_vec();
     let input = x.storage();
     let mut reduced: Option<Storage> = None;
-    for (step, &d) in dims.iter().enumerate() {
-        let shape = Shape::new(current_dims.clone());
-        let (outer, n, inner) = shape.split_at_dim(d);
+    let runs = adjacent_runs(dims);
+    for (step, run) in runs.iter().enumerate() {
+        // A run of neighbouring dims is one reduction over their product:
+        // [outer, n₁·n₂, inner] in one pass instead of two.
+        let outer: usize = current_dims[..run.start].iter().product();
+        let n: usize = current_dims[run.clone()].iter().product();
+        let inner: usize = current_dims[run.end..].iter().product();
         let next = match reduced.as_ref().unwrap_or(&*input) {
             Storage::Cpu(s) => Storage::Cpu(float_slice!("sum", s, |v| CpuStorage::from(
                 cpu::sum(v, outer, n, inner)
             ))),
             Storage::Cuda(s) => {
-                let last = step + 1 == dims.len();
+                let last = step + 1 == runs.len();
                 let step_scale = if last { scale as f32 } else { 1.0 };
                 Storage::Cuda(cuda::sum(s, outer, n, inner, step_scale)?)
             }
         };
         reduced = Some(next);
-        current_dims[d] = 1;
+        current_dims[run.clone()].fill(1);
     }
     let values = match reduced {
         Some(values) => values,
@@ -72,6 +76,18 @@ fn sum_keepdim(x: &Tensor, dims: &[usize], scale: f64) -> Result<Storage> {
         }
         other => other,
     })
+}
+
+/// Sorted dims grouped into runs of neighbours: [0, 1, 3] → [0..2, 3..4].
+fn adjacent_runs(dims: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for &d in dims {
+        match runs.last_mut() {
+            Some(run) if run.end == d => run.end += 1,
+            _ => runs.push(d..d + 1),
+        }
+    }
+    runs
 }
 
 impl Tensor {
