@@ -14,6 +14,15 @@ then on the same machine:
     python3 scripts/compare-pytorch.py                 # CPU, kiln's thread count
     python3 scripts/compare-pytorch.py --device cuda   # GPU, TF32 off
 
+On a shared or virtual machine the speed of both sides drifts by tens of
+percent over minutes, so one kiln run against one PyTorch run minutes later
+can say little. `--rounds N` interleaves them instead: each round runs
+kiln's benches for these cases (`cargo bench`, CPU only) and then times
+PyTorch, and the table gives each case's median ratio with its range over
+the rounds:
+
+    python3 scripts/compare-pytorch.py --rounds 3
+
 The models mirror kiln's (src/models): same layers, biases, losses and
 optimizers; weights are PyTorch's own random initialisation (speed does not
 depend on the values).
@@ -55,7 +64,44 @@ def parse_args():
         help="where cargo bench wrote its JSON reports (default target/kiln-bench)",
     )
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per case (median)")
-    return parser.parse_args()
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="interleave N rounds of (kiln's cargo bench, then PyTorch) and report the median "
+        "and range of each ratio (default 0: read the results of an earlier cargo bench, once)",
+    )
+    args = parser.parse_args()
+    if args.rounds < 0:
+        parser.error("--rounds must be 0 or more")
+    if args.rounds and args.device != "cpu":
+        parser.error("--rounds runs kiln's CPU benches; on CUDA run cargo bench by hand first")
+    return args
+
+
+# The kiln benches one round runs: (bench binary, criterion filter).
+KILN_BENCHES = [
+    ("train_step", "cpu"),
+    ("kernels", r"^(gemm/cpu/square 1024|conv2d forward\+backward/cpu/D2|conv_transpose2d forward\+backward/cpu/G3)"),
+]
+
+
+def run_kiln_benches(bench_dir):
+    """One round of kiln's side: the benches that time this script's cases."""
+    import subprocess
+
+    env = dict(os.environ, KILN_BENCH_DIR=os.path.abspath(bench_dir))
+    for bench, pattern in KILN_BENCHES:
+        print(f"  cargo bench --bench {bench} -- '{pattern}'", flush=True)
+        result = subprocess.run(
+            ["cargo", "bench", "--bench", bench, "--", pattern],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"cargo bench --bench {bench} failed:\n{result.stderr[-2000:]}")
 
 
 def load_kiln_records(bench_dir):
@@ -266,6 +312,10 @@ def main():
         print("PyTorch is not importable here; this script installs nothing. "
               "Run it where `python3 -c 'import torch'` works.", file=sys.stderr)
         return 1
+    if args.rounds:
+        # Round 1's kiln side runs first: its machine line gives the thread count.
+        print(f"round 1 of {args.rounds}: kiln, then PyTorch", flush=True)
+        run_kiln_benches(args.bench_dir)
     records, peaks = load_kiln_records(args.bench_dir)
     if not records:
         print(f"no kiln results in {args.bench_dir}: run `cargo bench` first", file=sys.stderr)
@@ -302,23 +352,40 @@ def main():
     if device == "cuda":
         cases.append((gemm_kernel, "square 4096", None, matmul(torch, device, 4096), None))
 
-    header = f"| case | shape | kiln | PyTorch | kiln/PyTorch speed | target | met |"
+    rounds = max(args.rounds, 1)
+    # case index -> list of (kiln record, PyTorch seconds), one per round
+    results = [[] for _ in cases]
+    for round_index in range(rounds):
+        if args.rounds and round_index > 0:
+            print(f"round {round_index + 1} of {rounds}: kiln, then PyTorch", flush=True)
+            run_kiln_benches(args.bench_dir)
+            records, _ = load_kiln_records(args.bench_dir)
+        for i, (kernel, shape, _, fn, _) in enumerate(cases):
+            torch_seconds = time_call(torch, device, fn, args.repeats)
+            results[i].append((find_kiln(records, device, kernel, shape), torch_seconds))
+
     print()
-    print(header)
+    if args.rounds:
+        print(f"Interleaved over {rounds} rounds: times and ratio are medians, the range is min-max of the per-round ratios.")
+    print("| case | shape | kiln | PyTorch | kiln/PyTorch speed | target | met |")
     print("|---|---|---|---|---|---|---|")
-    for kernel, shape, target_key, fn, samples in cases:
-        torch_seconds = time_call(torch, device, fn, args.repeats)
-        record = find_kiln(records, device, kernel, shape)
+    for (kernel, shape, target_key, _, samples), rows in zip(cases, results):
+        torch_seconds = statistics.median(t for _, t in rows)
+        timed = [(r["seconds"], t) for r, t in rows if r is not None]
         target = CPU_TARGETS.get(target_key) if device == "cpu" and target_key else None
-        if record is None:
+        if not timed:
             print(f"| {kernel} | {shape or '-'} | not in kiln's results | {torch_seconds * 1e3:.2f} ms | - | - | - |")
             continue
-        ratio = torch_seconds / record["seconds"]
+        record = next(r for r, _ in rows if r is not None)
+        kiln_seconds = statistics.median(k for k, _ in timed)
+        ratios = sorted(t / k for k, t in timed)
+        ratio = statistics.median(ratios)
+        spread = f" [{ratios[0]:.2f}-{ratios[-1]:.2f}]" if len(ratios) > 1 else ""
         met = "-" if target is None else ("yes" if ratio >= target else "NO")
-        extra = f" ({samples / record['seconds']:.0f} vs {samples / torch_seconds:.0f} samples/s)" if samples else ""
+        extra = f" ({samples / kiln_seconds:.0f} vs {samples / torch_seconds:.0f} samples/s)" if samples else ""
         print(
-            f"| {kernel} | {record['shape']} | {record['seconds'] * 1e3:.2f} ms | {torch_seconds * 1e3:.2f} ms"
-            f" | {ratio:.2f}{extra} | {'≥ ' + str(target) if target else '-'} | {met} |"
+            f"| {kernel} | {record['shape']} | {kiln_seconds * 1e3:.2f} ms | {torch_seconds * 1e3:.2f} ms"
+            f" | {ratio:.2f}{spread}{extra} | {'≥ ' + str(target) if target else '-'} | {met} |"
         )
     return 0
 

@@ -141,6 +141,9 @@ pub trait Float:
     /// ln(1 + eˣ) for x ≤ 0 (softplus on its stable side; BCE with logits
     /// uses it as ln(1 + e^−|x|)).
     fn ln_1p_exp_nonpositive(self) -> Self;
+    /// eˣ for x ≤ 0 (softmax's logits less their maximum), in f32 through
+    /// a polynomial that vectorises instead of a libm call.
+    fn exp_nonpositive(self) -> Self;
     fn is_nan(self) -> bool;
     fn erf(self) -> Self {
         Self::from_f64(erf_f64(self.to_f64()))
@@ -189,7 +192,7 @@ impl_element!(f64, F64);
 impl_element!(u32, U32);
 
 macro_rules! impl_float {
-    ($t:ty, $variant:ident, $tanh:path, $softplus:path) => {
+    ($t:ty, $variant:ident, $tanh:path, $softplus:path, $exp_nonpositive:path) => {
         impl Float for $t {
             const DTYPE: DType = DType::$variant;
             const ZERO: Self = 0.0;
@@ -230,6 +233,9 @@ macro_rules! impl_float {
             fn ln_1p_exp_nonpositive(self) -> Self {
                 $softplus(self)
             }
+            fn exp_nonpositive(self) -> Self {
+                $exp_nonpositive(self)
+            }
             fn is_nan(self) -> bool {
                 <$t>::is_nan(self)
             }
@@ -237,8 +243,14 @@ macro_rules! impl_float {
     };
 }
 
-impl_float!(f32, F32, tanh_f32, ln_1p_exp_nonpositive_f32);
-impl_float!(f64, F64, f64::tanh, ln_1p_exp_nonpositive_f64);
+impl_float!(
+    f32,
+    F32,
+    tanh_f32,
+    ln_1p_exp_nonpositive_f32,
+    exp_nonpositive_f32
+);
+impl_float!(f64, F64, f64::tanh, ln_1p_exp_nonpositive_f64, f64::exp);
 
 fn ln_1p_exp_nonpositive_f64(x: f64) -> f64 {
     x.exp().ln_1p()
@@ -296,6 +308,16 @@ fn exp_split_f32(y: f32) -> (f32, f32) {
         p = p * r + 1.0 / factorial;
     }
     (f32::from_bits(k.wrapping_add(127) << 23), p * r)
+}
+
+/// eˣ for x ≤ 0 in f32, branch-free so that softmax's loops vectorise
+/// (libm's `expf` is a call per element). Below x = −87 the exact value is
+/// under 2⁻¹²⁵, subnormal or zero, and the result is 0; NaN stays NaN.
+#[inline]
+pub fn exp_nonpositive_f32(x: f32) -> f32 {
+    // A comparison, not f32::max, so that NaN propagates.
+    let value = exp_f32(if x < -87.0 { -87.0 } else { x });
+    if x < -87.0 { 0.0 } else { value }
 }
 
 /// ln(1 + eˣ) for x ≤ 0 in f32, branch-free so that loops over it vectorise
@@ -396,7 +418,28 @@ macro_rules! any_slice {
 
 #[cfg(test)]
 mod tests {
-    use super::{erf_f64, ln_1p_exp_nonpositive_f32, tanh_f32};
+    use super::{erf_f64, exp_nonpositive_f32, ln_1p_exp_nonpositive_f32, tanh_f32};
+
+    #[test]
+    fn exp_f32_of_nonpositive_values_is_within_a_few_ulp_of_the_exact_value() {
+        let mut worst = 0f64;
+        for i in 0..=1_000_000 {
+            let x = -(i as f32) * 1e-4; // [-100, 0]
+            let exact = (x as f64).exp();
+            let got = exp_nonpositive_f32(x) as f64;
+            if exact < 1e-37 {
+                assert!(got.abs() < 1e-37, "exp({x}) = {got}");
+                continue;
+            }
+            let ulp = exact as f32;
+            let ulp = (f32::from_bits(ulp.to_bits() + 1) - ulp) as f64;
+            worst = worst.max((got - exact).abs() / ulp);
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulp");
+        assert_eq!(exp_nonpositive_f32(0.0), 1.0);
+        assert!(exp_nonpositive_f32(f32::NAN).is_nan());
+        assert_eq!(exp_nonpositive_f32(f32::NEG_INFINITY), 0.0);
+    }
 
     #[test]
     fn tanh_f32_is_within_a_few_ulp_of_the_exact_value() {

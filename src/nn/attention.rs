@@ -56,19 +56,8 @@ impl Module for CausalSelfAttention {
                 format!("expected input [B, T, {e}], got {}", x.shape()),
             ));
         }
-        let (b, t) = (x.dims()[0], x.dims()[1]);
-        let (h, d) = (self.n_head, e / self.n_head);
-        let qkv = self.c_attn.forward(x)?;
-        // [B, T, E] → [B, T, H, D] → [B, H, T, D]
-        let heads = |start: usize| -> Result<Tensor> {
-            qkv.narrow(2, start, e)?
-                .reshape([b, t, h, d])?
-                .permute(&[0, 2, 1, 3])
-        };
-        let (q, k, v) = (heads(0)?, heads(e)?, heads(2 * e)?);
-        let y = Tensor::causal_attention(&q, &k, &v)?
-            .permute(&[0, 2, 1, 3])?
-            .reshape([b, t, e])?;
+        // q, k, v side by side in [B, T, 3E]; heads split and merged inside the op.
+        let y = self.c_attn.forward(x)?.causal_self_attention(self.n_head)?;
         self.resid_dropout.forward(&self.c_proj.forward(&y)?)
     }
 

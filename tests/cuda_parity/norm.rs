@@ -202,6 +202,25 @@ fn softmax_and_log_softmax_match_cpu() {
 }
 
 #[test]
+fn causal_self_attention_matches_cpu() {
+    let Some(dev) = cuda_or_skip("causal_self_attention") else {
+        return;
+    };
+    // The CPU's fused op against CUDA's split, attend and merge: an odd
+    // shape and the GPT's own.
+    for (dims, heads, seed) in [([2, 37, 3 * 48], 3, 51), ([4, 64, 3 * 128], 4, 53)] {
+        check_op(
+            &format!("causal_self_attention {dims:?} {heads} heads"),
+            dev,
+            &[randn(&dims, seed)],
+            |t| t[0].causal_self_attention(heads),
+            ATOL,
+            RTOL,
+        );
+    }
+}
+
+#[test]
 fn causal_attention_matches_cpu() {
     let Some(dev) = cuda_or_skip("causal_attention") else {
         return;

@@ -155,6 +155,18 @@ proptest! {
     }
 
     #[test]
+    fn causal_self_attention_grads_for_packed_qkv(
+        dims in (1usize..=2, 1usize..=5, 1usize..=3, 1usize..=3),
+        seed in any::<u64>(),
+    ) {
+        let (b, t, h, d) = dims;
+        check(
+            |x| x[0].causal_self_attention(h),
+            &[randn(&[b, t, 3 * h * d], seed)],
+        );
+    }
+
+    #[test]
     fn causal_attention_grads_when_q_k_v_are_one_tensor(
         dims in (1usize..=2, 1usize..=5, 1usize..=4),
         seed in any::<u64>(),
@@ -413,6 +425,76 @@ fn causal_attention_rejects_mismatched_or_non_4d_inputs() {
     );
 }
 
+/// `causal_self_attention` spelled out as PyTorch's GPT-2 block does it:
+/// split qkv, view as heads, attend, merge the heads back.
+fn self_attention_composite(qkv: &Tensor, heads: usize) -> kiln::Result<Tensor> {
+    let (b, t, e) = (qkv.dims()[0], qkv.dims()[1], qkv.dims()[2] / 3);
+    let split = |start: usize| -> kiln::Result<Tensor> {
+        qkv.narrow(2, start, e)?
+            .reshape([b, t, heads, e / heads])?
+            .permute(&[0, 2, 1, 3])
+    };
+    Tensor::causal_attention(&split(0)?, &split(e)?, &split(2 * e)?)?
+        .permute(&[0, 2, 1, 3])?
+        .reshape([b, t, e])
+}
+
+#[test]
+fn causal_self_attention_equals_split_attend_merge_forward_and_backward() {
+    // Small (one thread) and large enough for the heads to run on every
+    // thread; f64 to 1e-12, and the f32 models' dtype to f32 rounding.
+    for (dims, heads, dtype) in [
+        ([2, 5, 12], 2, DType::F64),
+        ([3, 37, 3 * 48], 3, DType::F64),
+        ([4, 64, 3 * 128], 4, DType::F32),
+    ] {
+        let qkv = randn(&dims, 7).to_dtype(dtype).unwrap().requires_grad_();
+        let fused = qkv.causal_self_attention(heads).unwrap();
+        let composite = self_attention_composite(&qkv, heads).unwrap();
+        let weights = randn(fused.dims(), 8).to_dtype(dtype).unwrap();
+        let fused_grad = fused.backward_with(&weights).unwrap();
+        let composite_grad = composite.backward_with(&weights).unwrap();
+        let tolerance = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+        for (what, a, e) in [
+            ("forward", fused.clone(), composite.clone()),
+            (
+                "grad",
+                fused_grad.get(&qkv).unwrap().clone(),
+                composite_grad.get(&qkv).unwrap().clone(),
+            ),
+        ] {
+            assert_eq!(a.dims(), e.dims(), "{what} {dims:?}");
+            for (i, (x, y)) in a.to_f64_vec().iter().zip(e.to_f64_vec()).enumerate() {
+                assert!(
+                    (x - y).abs() <= tolerance * y.abs().max(1.0),
+                    "{what} {dims:?}[{i}]: fused {x} vs composite {y}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn causal_self_attention_rejects_unpackable_shapes() {
+    let qkv = randn(&[2, 3, 12], 1);
+    assert_error_mentions(
+        randn(&[3, 12], 2).causal_self_attention(2),
+        &["causal_self_attention", "[B, T, 3E]", "[3, 12]"],
+    );
+    assert_error_mentions(
+        randn(&[2, 3, 10], 3).causal_self_attention(2),
+        &["causal_self_attention", "[2, 3, 10]", "n_head = 2"],
+    );
+    // E = 4 does not split into 3 heads, and 0 heads is no split at all.
+    assert_error_mentions(qkv.causal_self_attention(3), &["n_head = 3"]);
+    assert_error_mentions(qkv.causal_self_attention(0), &["n_head = 0"]);
+    let indices = Tensor::from_indices(vec![0; 12], [1, 2, 6]).unwrap();
+    assert_error_mentions(
+        indices.causal_self_attention(1),
+        &["causal_self_attention", "u32"],
+    );
+}
+
 #[test]
 fn empty_batches_give_empty_outputs() {
     let empty = |dims: &[usize]| Tensor::zeros(dims, DType::F64, Device::Cpu).unwrap();
@@ -426,6 +508,10 @@ fn empty_batches_give_empty_outputs() {
     assert_eq!(
         empty(&[0, 4]).layer_norm(None, None, 1e-5).unwrap().dims(),
         &[0, 4]
+    );
+    assert_eq!(
+        empty(&[0, 4, 6]).causal_self_attention(2).unwrap().dims(),
+        &[0, 4, 2]
     );
     let q = empty(&[2, 1, 0, 3]);
     assert_eq!(

@@ -1,8 +1,12 @@
 //! CPU kernels of causal scaled-dot-product attention, with q, k, v viewed as
 //! `heads` = B·H independent [T, D] matrices. Each head is a few products
 //! through the `gemm` crate (one thread per head, heads across rayon's
-//! threads) around a row-wise masked softmax. `attention_reference` and
-//! `attention_backward_reference` are the same math as direct loops.
+//! threads) around a row-wise masked softmax. A [`HeadLayout`] says where
+//! each head's rows lie, so the same kernels serve contiguous [B·H, T, D]
+//! operands and GPT-2's packed [B, T, 3E] projections (read in place, the
+//! output and gradients written in place, no split or permute copies).
+//! `attention_reference` and `attention_backward_reference` are the same
+//! math as direct loops.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -63,37 +67,186 @@ pub struct AttentionGrads<T> {
     pub dv: Vec<T>,
 }
 
-/// c (m×n, overwritten) = scale · op(a) · op(b) on one thread, where op(a) is
-/// m×k and op(b) is k×n, each row-major and read transposed when asked.
-#[allow(clippy::too_many_arguments)]
-fn product_into<T: Float>(
-    c: &mut [T],
-    (m, n, k): (usize, usize, usize),
-    a: &[T],
+/// Where each head's [T, D] matrix lies in its buffer. Head h of the B·H is
+/// head `h % per_item` of batch item `h / per_item`; its row i starts at
+/// `item·item_stride + head·head_stride + i·row_stride`, and the row's D
+/// values are contiguous.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadLayout {
+    pub per_item: usize,
+    pub item_stride: usize,
+    pub head_stride: usize,
+    pub row_stride: usize,
+}
+
+impl HeadLayout {
+    /// [B·H, T, D]: each head one contiguous block (`causal_attention`'s operands).
+    pub fn contiguous(d: AttentionDims) -> Self {
+        HeadLayout {
+            per_item: 1,
+            item_stride: d.head_len(),
+            head_stride: 0,
+            row_stride: d.head_dim,
+        }
+    }
+
+    /// [B, T, width] with head j's D values at columns j·D.. of every row:
+    /// q, k and v inside GPT-2's packed projection (width 3·H·D, k and v
+    /// starting E and 2E values in), and the merged output [B, T, H·D].
+    pub fn interleaved(heads_per_item: usize, d: AttentionDims, width: usize) -> Self {
+        HeadLayout {
+            per_item: heads_per_item,
+            item_stride: d.seq * width,
+            head_stride: d.head_dim,
+            row_stride: width,
+        }
+    }
+
+    /// Offset of head h's first row.
+    fn start(&self, head: usize) -> usize {
+        (head / self.per_item) * self.item_stride + (head % self.per_item) * self.head_stride
+    }
+
+    /// Head h's [T, D] matrix inside `data`.
+    fn head<'a, T>(&self, data: &'a [T], head: usize, d: AttentionDims) -> MatRef<'a, T> {
+        MatRef::new(
+            &data[self.start(head)..],
+            d.seq,
+            d.head_dim,
+            self.row_stride,
+        )
+    }
+
+    /// Head h's [T, D] matrix inside the buffer `out` points at.
+    fn head_out<T>(&self, out: SharedOut<T>, head: usize, d: AttentionDims) -> MatOut<T> {
+        MatOut {
+            // The callers check that every head's rows lie inside the buffer.
+            ptr: out.ptr().wrapping_add(self.start(head)),
+            rows: d.seq,
+            cols: d.head_dim,
+            row_stride: self.row_stride,
+        }
+    }
+
+    /// Elements from the buffer's start to the end of the last head's last row.
+    fn extent(&self, d: AttentionDims) -> usize {
+        if d.is_empty() {
+            0
+        } else {
+            self.start(d.heads - 1) + (d.seq - 1) * self.row_stride + d.head_dim
+        }
+    }
+}
+
+/// A read-only matrix inside a slice: `rows` rows of `cols` contiguous
+/// values, `row_stride` apart.
+#[derive(Clone, Copy)]
+struct MatRef<'a, T> {
+    data: &'a [T],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+}
+
+impl<'a, T> MatRef<'a, T> {
+    fn new(data: &'a [T], rows: usize, cols: usize, row_stride: usize) -> Self {
+        assert!(
+            rows == 0 || cols == 0 || (rows - 1) * row_stride + cols <= data.len(),
+            "attention: a head's rows run past its buffer"
+        );
+        MatRef {
+            data,
+            rows,
+            cols,
+            row_stride,
+        }
+    }
+
+    fn contiguous(data: &'a [T], rows: usize, cols: usize) -> Self {
+        MatRef::new(data, rows, cols, cols)
+    }
+}
+
+/// A matrix to be written, as a raw pointer: the heads write disjoint rows
+/// of one shared buffer from different threads.
+#[derive(Clone, Copy)]
+struct MatOut<T> {
+    ptr: *mut T,
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+}
+
+impl<T> MatOut<T> {
+    fn contiguous(data: &mut [T], rows: usize, cols: usize) -> Self {
+        assert!(data.len() >= rows * cols, "attention: scratch too short");
+        MatOut {
+            ptr: data.as_mut_ptr(),
+            rows,
+            cols,
+            row_stride: cols,
+        }
+    }
+}
+
+/// An output buffer shared by the threads that each write their own heads.
+#[derive(Clone, Copy)]
+struct SharedOut<T>(*mut T);
+
+// SAFETY: each thread writes only the rows of its own heads, which no other
+// thread reads or writes (the layouts place heads in disjoint rows).
+unsafe impl<T: Send> Send for SharedOut<T> {}
+unsafe impl<T: Send> Sync for SharedOut<T> {}
+
+impl<T> SharedOut<T> {
+    /// The pointer (a method, so that closures capture the whole Send wrapper).
+    fn ptr(self) -> *mut T {
+        self.0
+    }
+}
+
+/// c (overwritten, never read) = scale · op(a) · op(b) on one thread, where
+/// op transposes when asked and the shapes must line up with c's.
+///
+/// # Safety
+/// c must point at c.rows rows of c.cols writable elements, c.row_stride
+/// apart, that nothing else accesses during the call.
+unsafe fn product<T: Float>(
+    c: MatOut<T>,
+    a: MatRef<T>,
     transpose_a: bool,
-    b: &[T],
+    b: MatRef<T>,
     transpose_b: bool,
     scale: T,
 ) {
-    // (row stride, column stride) of op(a) and op(b) inside their row-major storage.
-    let (a_rs, a_cs) = if transpose_a { (1, m) } else { (k, 1) };
-    let (b_rs, b_cs) = if transpose_b { (1, k) } else { (n, 1) };
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
-    // SAFETY: the assert bounds every index the strides reach: op(a) is m×k,
-    // op(b) is k×n and c is m×n, all row-major inside their slices.
+    // (rows, cols, row stride, column stride) of op(x).
+    let op = |x: MatRef<T>, transpose: bool| {
+        if transpose {
+            (x.cols, x.rows, 1, x.row_stride)
+        } else {
+            (x.rows, x.cols, x.row_stride, 1)
+        }
+    };
+    let (m, k, a_rs, a_cs) = op(a, transpose_a);
+    let (k2, n, b_rs, b_cs) = op(b, transpose_b);
+    assert!(
+        k == k2 && c.rows == m && c.cols == n,
+        "attention: product shapes"
+    );
+    // SAFETY: a and b are in bounds (MatRef::new); c is the caller's.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c.ptr,
             1,
-            n as isize,
+            c.row_stride as isize,
             false,
-            a.as_ptr(),
+            a.data.as_ptr(),
             a_cs as isize,
             a_rs as isize,
-            b.as_ptr(),
+            b.data.as_ptr(),
             b_cs as isize,
             b_rs as isize,
             T::ZERO,
@@ -106,106 +259,219 @@ fn product_into<T: Float>(
     }
 }
 
-/// One head: S = Q·Kᵀ·scale, P = softmax of each row i over columns 0..=i
-/// (the causal mask), O = P·V.
-fn head_forward<T: Float>(
+/// Runs `one_head(h, state)` for every head, across rayon's threads when
+/// the work is large, with one `init()` state per thread.
+fn for_each_head<S>(
+    d: AttentionDims,
+    init: impl Fn() -> S + Sync + Send,
+    one_head: impl Fn(usize, &mut S) + Sync + Send,
+) {
+    if d.is_large() {
+        (0..d.heads)
+            .into_par_iter()
+            .for_each_init(init, |state, h| one_head(h, state));
+    } else {
+        let mut state = init();
+        (0..d.heads).for_each(|h| one_head(h, &mut state));
+    }
+}
+
+/// How q, k, v (and their gradients) and the output (and its gradient) lie
+/// in their buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionLayout {
+    pub input: HeadLayout,
+    pub output: HeadLayout,
+}
+
+impl AttentionLayout {
+    /// Every operand [B·H, T, D].
+    pub fn contiguous(d: AttentionDims) -> Self {
+        AttentionLayout {
+            input: HeadLayout::contiguous(d),
+            output: HeadLayout::contiguous(d),
+        }
+    }
+
+    /// q, k, v packed side by side in [B, T, 3E] and the output [B, T, E],
+    /// with E = H·D (GPT-2's `c_attn` output and `c_proj` input).
+    pub fn packed(heads_per_item: usize, d: AttentionDims) -> Self {
+        let width = heads_per_item * d.head_dim;
+        AttentionLayout {
+            input: HeadLayout::interleaved(heads_per_item, d, 3 * width),
+            output: HeadLayout::interleaved(heads_per_item, d, width),
+        }
+    }
+
+    /// Checks that the output layout fills a buffer of d.heads·T·D elements
+    /// exactly (so an output written head by head needs no zero-fill) and
+    /// returns that length.
+    fn dense_output_len(&self, d: AttentionDims) -> usize {
+        let len = d.heads * d.head_len();
+        assert_eq!(
+            self.output.extent(d),
+            len,
+            "attention: the output layout must fill its buffer"
+        );
+        len
+    }
+}
+
+/// Causal attention of every head: S = Q·Kᵀ·scale, P = softmax of each row
+/// i over columns 0..=i (the causal mask), O = P·V. q, k and v are read
+/// through `layout.input` (they may be three views of one buffer), the
+/// output is written through `layout.output`.
+pub fn attention_in<T: Float>(
     q: &[T],
     k: &[T],
     v: &[T],
     d: AttentionDims,
-    probs: &mut [T],
-    out: &mut [T],
-) {
-    let (t, dim) = (d.seq, d.head_dim);
-    product_into(
-        probs,
-        (t, t, dim),
-        q,
-        false,
-        k,
-        true,
-        T::from_f64(d.scale()),
-    );
-    for (i, row) in probs.chunks_mut(t).enumerate() {
-        let (visible, future) = row.split_at_mut(i + 1);
-        softmax_row_in_place(visible);
-        future.fill(T::ZERO);
-    }
-    product_into(out, (t, dim, t), probs, false, v, false, T::ONE);
-}
-
-/// Causal attention of every head.
-pub fn attention<T: Float>(q: &[T], k: &[T], v: &[T], d: AttentionDims) -> AttentionForward<T> {
-    let mut out = vec![T::ZERO; d.heads * d.head_len()];
+    layout: AttentionLayout,
+) -> AttentionForward<T> {
+    let len = layout.dense_output_len(d);
     let mut probs = vec![T::ZERO; d.heads * d.scores_len()];
     if d.is_empty() {
-        return AttentionForward { out, probs };
-    }
-    let one_head = |(h, (probs, out)): (usize, (&mut [T], &mut [T]))| {
-        let range = h * d.head_len()..(h + 1) * d.head_len();
-        head_forward(
-            &q[range.clone()],
-            &k[range.clone()],
-            &v[range],
-            d,
+        return AttentionForward {
+            out: vec![T::ZERO; len],
             probs,
-            out,
-        );
-    };
-    if d.is_large() {
-        probs
-            .par_chunks_mut(d.scores_len())
-            .zip(out.par_chunks_mut(d.head_len()))
-            .enumerate()
-            .for_each(one_head);
-    } else {
-        probs
-            .chunks_mut(d.scores_len())
-            .zip(out.chunks_mut(d.head_len()))
-            .enumerate()
-            .for_each(one_head);
+        };
     }
+    let mut out: Vec<T> = Vec::with_capacity(len);
+    let shared_out = SharedOut(out.as_mut_ptr());
+    let shared_probs = SharedOut(probs.as_mut_ptr());
+    let (t, input) = (d.seq, layout.input);
+    for_each_head(
+        d,
+        || (),
+        |h, _| {
+            let (q, k, v) = (
+                input.head(q, h, d),
+                input.head(k, h, d),
+                input.head(v, h, d),
+            );
+            // SAFETY: head h's block of probs and its rows of out are its own.
+            let probs = unsafe {
+                std::slice::from_raw_parts_mut(
+                    shared_probs.ptr().add(h * d.scores_len()),
+                    d.scores_len(),
+                )
+            };
+            unsafe {
+                product(
+                    MatOut::contiguous(probs, t, t),
+                    q,
+                    false,
+                    k,
+                    true,
+                    T::from_f64(d.scale()),
+                );
+            }
+            for (i, row) in probs.chunks_mut(t).enumerate() {
+                let (visible, future) = row.split_at_mut(i + 1);
+                softmax_row_in_place(visible);
+                future.fill(T::ZERO);
+            }
+            let out = layout.output.head_out(shared_out, h, d);
+            // SAFETY: head h's rows of `out` lie inside its len elements
+            // (dense_output_len) and no other head writes them.
+            unsafe {
+                product(
+                    out,
+                    MatRef::contiguous(probs, t, t),
+                    false,
+                    v,
+                    false,
+                    T::ONE,
+                )
+            };
+        },
+    );
+    // SAFETY: the output layout is dense, so the heads wrote all len elements.
+    unsafe { out.set_len(len) };
     AttentionForward { out, probs }
 }
 
-/// The saved inputs of one head's backward.
-struct HeadInputs<'a, T> {
-    q: &'a [T],
-    k: &'a [T],
-    v: &'a [T],
-    probs: &'a [T],
-    d_out: &'a [T],
+/// Causal attention of contiguous [B·H, T, D] operands.
+pub fn attention<T: Float>(q: &[T], k: &[T], v: &[T], d: AttentionDims) -> AttentionForward<T> {
+    attention_in(q, k, v, d, AttentionLayout::contiguous(d))
 }
 
-/// One head's backward; `d_scores` is [T, T] scratch.
-fn head_backward<T: Float>(
-    h: HeadInputs<'_, T>,
+/// The saved inputs of the backward, each read through its layout.
+pub struct AttentionSaved<'a, T> {
+    pub q: &'a [T],
+    pub k: &'a [T],
+    pub v: &'a [T],
+    /// P from the forward, [B·H, T, T].
+    pub probs: &'a [T],
+    /// dL/d(out), in the output's layout.
+    pub d_out: &'a [T],
+}
+
+/// Gradients of every head, written into `dq`, `dk` and `dv` through
+/// `layout.input` (one head's rows each):
+/// dV = Pᵀ·dO; dP = dO·Vᵀ; dS = P ⊙ (dP − rowsum(dP ⊙ P)); dQ = dS·K·scale; dK = dSᵀ·Q·scale.
+///
+/// # Safety
+/// `dq`, `dk` and `dv` must each point at a writable buffer of at least
+/// `layout.input.extent(d)` elements that nothing else accesses; they may be
+/// three offsets into one buffer if their heads' rows do not overlap.
+unsafe fn attention_backward_into<T: Float>(
+    saved: &AttentionSaved<'_, T>,
     d: AttentionDims,
-    d_scores: &mut [T],
-    (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
+    layout: AttentionLayout,
+    (dq, dk, dv): (SharedOut<T>, SharedOut<T>, SharedOut<T>),
 ) {
-    let (t, dim) = (d.seq, d.head_dim);
-    let scale = T::from_f64(d.scale());
-    // dV = Pᵀ·dO
-    product_into(dv, (t, dim, t), h.probs, true, h.d_out, false, T::ONE);
-    // dP = dO·Vᵀ
-    product_into(d_scores, (t, t, dim), h.d_out, false, h.v, true, T::ONE);
-    // dS = P ⊙ (dP − rowsum(dP ⊙ P)) on the visible prefix; 0 where the mask hid S
-    for (i, (d_row, p_row)) in d_scores.chunks_mut(t).zip(h.probs.chunks(t)).enumerate() {
-        let (visible, future) = d_row.split_at_mut(i + 1);
-        softmax_backward_row_in_place(&p_row[..=i], visible);
-        future.fill(T::ZERO);
+    if d.is_empty() {
+        return;
     }
-    // dQ = dS·K·scale
-    product_into(dq, (t, dim, t), d_scores, false, h.k, false, scale);
-    // dK = dSᵀ·Q·scale
-    product_into(dk, (t, dim, t), d_scores, true, h.q, false, scale);
+    let (t, input, output) = (d.seq, layout.input, layout.output);
+    let scale = T::from_f64(d.scale());
+    for_each_head(
+        d,
+        || vec![T::ZERO; d.scores_len()],
+        |h, d_scores| {
+            let probs = MatRef::contiguous(&saved.probs[h * d.scores_len()..], t, t);
+            let d_out = output.head(saved.d_out, h, d);
+            let (q, k, v) = (
+                input.head(saved.q, h, d),
+                input.head(saved.k, h, d),
+                input.head(saved.v, h, d),
+            );
+            let grad = |buffer| input.head_out(buffer, h, d);
+            // SAFETY: d_scores is this thread's scratch; head h's rows of
+            // dq, dk and dv are its own (the caller's contract).
+            unsafe {
+                // dV = Pᵀ·dO
+                product(grad(dv), probs, true, d_out, false, T::ONE);
+                // dP = dO·Vᵀ
+                product(
+                    MatOut::contiguous(d_scores, t, t),
+                    d_out,
+                    false,
+                    v,
+                    true,
+                    T::ONE,
+                );
+            }
+            // dS = P ⊙ (dP − rowsum(dP ⊙ P)) on the visible prefix; 0 where the mask hid S
+            for (i, (d_row, p_row)) in d_scores.chunks_mut(t).zip(probs.data.chunks(t)).enumerate()
+            {
+                let (visible, future) = d_row.split_at_mut(i + 1);
+                softmax_backward_row_in_place(&p_row[..=i], visible);
+                future.fill(T::ZERO);
+            }
+            let d_scores = MatRef::contiguous(d_scores, t, t);
+            unsafe {
+                // dQ = dS·K·scale
+                product(grad(dq), d_scores, false, k, false, scale);
+                // dK = dSᵀ·Q·scale
+                product(grad(dk), d_scores, true, q, false, scale);
+            }
+        },
+    );
 }
 
-/// One head's chunks of dq, dk and dv, nested as the zipped iterators yield them.
-type HeadGradsMut<'a, T> = ((&'a mut [T], &'a mut [T]), &'a mut [T]);
-
-/// Gradients of every head from the saved `probs` and dL/d(out).
+/// Gradients of every head for contiguous [B·H, T, D] operands.
 pub fn attention_backward<T: Float>(
     q: &[T],
     k: &[T],
@@ -216,36 +482,57 @@ pub fn attention_backward<T: Float>(
 ) -> AttentionGrads<T> {
     let len = d.heads * d.head_len();
     let (mut dq, mut dk, mut dv) = (vec![T::ZERO; len], vec![T::ZERO; len], vec![T::ZERO; len]);
-    if d.is_empty() {
-        return AttentionGrads { dq, dk, dv };
-    }
-    let one_head = |d_scores: &mut Vec<T>, (h, ((dq, dk), dv)): (usize, HeadGradsMut<'_, T>)| {
-        let range = h * d.head_len()..(h + 1) * d.head_len();
-        let inputs = HeadInputs {
-            q: &q[range.clone()],
-            k: &k[range.clone()],
-            v: &v[range.clone()],
-            probs: &probs[h * d.scores_len()..(h + 1) * d.scores_len()],
-            d_out: &d_out[range],
-        };
-        head_backward(inputs, d, d_scores, (dq, dk, dv));
+    let saved = AttentionSaved {
+        q,
+        k,
+        v,
+        probs,
+        d_out,
     };
-    let scratch = || vec![T::ZERO; d.scores_len()];
-    if d.is_large() {
-        dq.par_chunks_mut(d.head_len())
-            .zip(dk.par_chunks_mut(d.head_len()))
-            .zip(dv.par_chunks_mut(d.head_len()))
-            .enumerate()
-            .for_each_init(scratch, one_head);
-    } else {
-        let mut d_scores = scratch();
-        dq.chunks_mut(d.head_len())
-            .zip(dk.chunks_mut(d.head_len()))
-            .zip(dv.chunks_mut(d.head_len()))
-            .enumerate()
-            .for_each(|item| one_head(&mut d_scores, item));
-    }
+    let buffers = (
+        SharedOut(dq.as_mut_ptr()),
+        SharedOut(dk.as_mut_ptr()),
+        SharedOut(dv.as_mut_ptr()),
+    );
+    // SAFETY: three separate buffers of len = extent elements each.
+    unsafe { attention_backward_into(&saved, d, AttentionLayout::contiguous(d), buffers) };
     AttentionGrads { dq, dk, dv }
+}
+
+/// Gradient of packed q, k, v ([B, T, 3E], `AttentionLayout::packed`) from
+/// saved values read through that layout and dL/d(out) [B, T, E]: one
+/// [B, T, 3E] buffer, every element written once (no zero-fill).
+pub fn attention_backward_packed<T: Float>(
+    saved: &AttentionSaved<'_, T>,
+    heads_per_item: usize,
+    d: AttentionDims,
+) -> Vec<T> {
+    let layout = AttentionLayout::packed(heads_per_item, d);
+    let width = heads_per_item * d.head_dim;
+    let len = 3 * d.heads * d.head_len();
+    if d.is_empty() {
+        return vec![T::ZERO; len];
+    }
+    assert_eq!(
+        layout.input.extent(d) + 2 * width,
+        len,
+        "attention: packed gradient size"
+    );
+    let mut dqkv: Vec<T> = Vec::with_capacity(len);
+    let base = dqkv.as_mut_ptr();
+    // q, k and v sit 0, E and 2E values into each row.
+    let buffers = (
+        SharedOut(base),
+        SharedOut(base.wrapping_add(width)),
+        SharedOut(base.wrapping_add(2 * width)),
+    );
+    // SAFETY: each of the three starts leaves extent(d) elements of the
+    // buffer (asserted above), and the three sets of heads' rows tile it.
+    unsafe {
+        attention_backward_into(saved, d, layout, buffers);
+        dqkv.set_len(len);
+    }
+    dqkv
 }
 
 /// The definition as direct loops, for checking `attention`: for each query

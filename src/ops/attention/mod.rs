@@ -18,9 +18,10 @@ use crate::profile;
 use crate::storage::{CpuStorage, Float, Storage};
 use crate::tensor::{Shape, Tensor, check_operands};
 
-use cpu::AttentionDims;
+use cpu::{AttentionDims, AttentionLayout, AttentionSaved};
 
 const OP: &str = "causal_attention";
+const PACKED_OP: &str = "causal_self_attention";
 
 /// The `T` values of `storage`; the operands were checked to share one dtype.
 fn values_as<T: Float>(storage: &CpuStorage) -> Result<&[T]> {
@@ -91,6 +92,137 @@ impl Tensor {
                 probs: Tensor::from_result(probs, probs_shape),
             }
         }))
+    }
+}
+
+impl Tensor {
+    /// Causal self-attention of packed projections, as GPT-2's attention
+    /// block computes it: `self` is qkv [B, T, 3E] with q, k and v side by
+    /// side on the last dim (the `c_attn` output), E = `n_head`·D. Returns
+    /// [B, T, E] with the heads merged back, the same as
+    ///
+    /// ```text
+    /// q, k, v = qkv.split(E, dim=2)
+    /// q, k, v = (x.view(B, T, H, D).transpose(1, 2) for x in (q, k, v))
+    /// y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    /// y.transpose(1, 2).reshape(B, T, E)
+    /// ```
+    ///
+    /// On the CPU it is one op that reads each head straight out of qkv and
+    /// writes it straight into its columns of the output (and likewise for
+    /// the gradient): none of the three narrows, four permutes and their
+    /// backward copies. On CUDA it is exactly the composition above.
+    pub fn causal_self_attention(&self, n_head: usize) -> Result<Tensor> {
+        let &[batch, seq, width] = self.dims() else {
+            return Err(Error::shape(
+                PACKED_OP,
+                format!("expected qkv of shape [B, T, 3E], got {}", self.shape()),
+            ));
+        };
+        if n_head == 0 || width % 3 != 0 || (width / 3) % n_head != 0 || width == 0 {
+            return Err(Error::shape(
+                PACKED_OP,
+                format!(
+                    "qkv {} must end in 3E with E a non-zero multiple of n_head = {n_head}",
+                    self.shape()
+                ),
+            ));
+        }
+        let embd = width / 3;
+        let head_dim = embd / n_head;
+        let Storage::Cpu(storage) = &*self.storage() else {
+            return self.causal_self_attention_composite(n_head);
+        };
+        let _profile = profile::op(PACKED_OP, self.device());
+        let dims = AttentionDims {
+            heads: batch * n_head,
+            seq,
+            head_dim,
+        };
+        let layout = AttentionLayout::packed(n_head, dims);
+        let (out, probs) = float_slice!(PACKED_OP, storage, |qkv| {
+            let (q, k, v) = packed_views(qkv, embd);
+            let f = cpu::attention_in(q, k, v, dims, layout);
+            (CpuStorage::from(f.out), CpuStorage::from(f.probs))
+        });
+        let probs = Tensor::from_result(Storage::Cpu(probs), Shape::new([batch, n_head, seq, seq]));
+        Ok(Tensor::from_op(
+            Storage::Cpu(out),
+            Shape::new([batch, seq, embd]),
+            &[self],
+            |_| CausalSelfAttentionBackward {
+                dims,
+                n_head,
+                probs,
+            },
+        ))
+    }
+
+    /// `causal_self_attention` as separate differentiable ops.
+    fn causal_self_attention_composite(&self, n_head: usize) -> Result<Tensor> {
+        let (b, t, e) = (self.dims()[0], self.dims()[1], self.dims()[2] / 3);
+        // [B, T, E] → [B, T, H, D] → [B, H, T, D]
+        let heads = |start: usize| -> Result<Tensor> {
+            self.narrow(2, start, e)?
+                .reshape([b, t, n_head, e / n_head])?
+                .permute(&[0, 2, 1, 3])
+        };
+        Tensor::causal_attention(&heads(0)?, &heads(e)?, &heads(2 * e)?)?
+            .permute(&[0, 2, 1, 3])?
+            .reshape([b, t, e])
+    }
+}
+
+/// q, k and v of packed qkv [B, T, 3E]: the buffer from its first, E-th and
+/// 2E-th value on (each read through the packed layout); all empty if it is.
+fn packed_views<T>(qkv: &[T], embd: usize) -> (&[T], &[T], &[T]) {
+    let from = |start: usize| qkv.get(start..).unwrap_or(&[]);
+    (qkv, from(embd), from(2 * embd))
+}
+
+struct CausalSelfAttentionBackward {
+    dims: AttentionDims,
+    n_head: usize,
+    /// P = softmax(mask(Q·Kᵀ·scale)) from the forward (detached, [B, H, T, T]).
+    probs: Tensor,
+}
+
+impl Backward for CausalSelfAttentionBackward {
+    fn name(&self) -> &'static str {
+        PACKED_OP
+    }
+
+    // causal_attention's rule per head, read from and written into the packed
+    // layout: dV = Pᵀ·dO;  dS = P ⊙ (dO·Vᵀ − rowsum(dO·Vᵀ ⊙ P));  dQ = dS·K·scale;  dK = dSᵀ·Q·scale
+    fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let qkv = &inputs[0];
+        check_operands(PACKED_OP, &[qkv, grad])?;
+        let embd = self.n_head * self.dims.head_dim;
+        let dqkv = qkv.with_cpu(|qs| {
+            grad.with_cpu(|gs| {
+                self.probs.with_cpu(|ps| -> Result<CpuStorage> {
+                    Ok(float_slice!(PACKED_OP, qs, |qkv| {
+                        let (q, k, v) = packed_views(qkv, embd);
+                        let saved = AttentionSaved {
+                            q,
+                            k,
+                            v,
+                            probs: values_as(ps)?,
+                            d_out: values_as(gs)?,
+                        };
+                        CpuStorage::from(cpu::attention_backward_packed(
+                            &saved,
+                            self.n_head,
+                            self.dims,
+                        ))
+                    }))
+                })
+            })
+        })?;
+        Ok(vec![Some(Tensor::from_result(
+            Storage::Cpu(dqkv),
+            qkv.shape().clone(),
+        ))])
     }
 }
 

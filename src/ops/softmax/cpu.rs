@@ -5,6 +5,8 @@
 
 use rayon::prelude::*;
 
+use crate::per_isa;
+use crate::simd::sum_f64;
 use crate::storage::Float;
 
 /// Below this many elements a kernel runs on one thread (spawning costs more).
@@ -34,41 +36,43 @@ fn row_max<T: Float>(row: &[T]) -> T {
         .fold(T::from_f64(f64::NEG_INFINITY), |m, &v| m.max(v))
 }
 
-/// Replaces logits by their softmax: yᵢ = exp(xᵢ − max x) / Σⱼ exp(xⱼ − max x).
-pub fn softmax_row_in_place<T: Float>(row: &mut [T]) {
-    let max = row_max(row);
-    let mut sum = 0f64;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += v.to_f64();
-    }
-    let inv_sum = T::from_f64(1.0 / sum);
-    for v in row.iter_mut() {
-        *v *= inv_sum;
-    }
-}
-
-/// Replaces logits by their log-softmax: yᵢ = xᵢ − max x − ln Σⱼ exp(xⱼ − max x).
-pub fn log_softmax_row_in_place<T: Float>(row: &mut [T]) {
-    let max = row_max(row);
-    let sum: f64 = row.iter().map(|&v| (v - max).exp().to_f64()).sum();
-    let log_sum = T::from_f64(sum.ln());
-    for v in row.iter_mut() {
-        *v = *v - max - log_sum;
+per_isa! {
+    /// Replaces logits by their softmax: yᵢ = exp(xᵢ − max x) / Σⱼ exp(xⱼ − max x).
+    pub fn softmax_row_in_place / softmax_row_in_place_with<T>(row: &mut [T]) where [T: Float] {
+        let max = row_max(row);
+        for v in row.iter_mut() {
+            *v = (*v - max).exp_nonpositive();
+        }
+        let inv_sum = T::from_f64(1.0 / sum_f64(row, row, |v, _| v.to_f64()));
+        for v in row.iter_mut() {
+            *v *= inv_sum;
+        }
     }
 }
 
-/// Turns dL/dy into dL/dx in place for one softmax row y:
-/// dxᵢ = yᵢ·(dyᵢ − Σⱼ dyⱼ·yⱼ).
-pub fn softmax_backward_row_in_place<T: Float>(y: &[T], grad: &mut [T]) {
-    let dot: f64 = y
-        .iter()
-        .zip(grad.iter())
-        .map(|(&y, &g)| (y * g).to_f64())
-        .sum();
-    let dot = T::from_f64(dot);
-    for (g, &y) in grad.iter_mut().zip(y) {
-        *g = y * (*g - dot);
+per_isa! {
+    /// Replaces logits by their log-softmax: yᵢ = xᵢ − max x − ln Σⱼ exp(xⱼ − max x).
+    pub fn log_softmax_row_in_place / log_softmax_row_in_place_with<T>(row: &mut [T]) where [T: Float] {
+        let max = row_max(row);
+        let sum = sum_f64(row, row, |v, _| (v - max).exp_nonpositive().to_f64());
+        let log_sum = T::from_f64(sum.ln());
+        for v in row.iter_mut() {
+            *v = *v - max - log_sum;
+        }
+    }
+}
+
+per_isa! {
+    /// Turns dL/dy into dL/dx in place for one softmax row y:
+    /// dxᵢ = yᵢ·(dyᵢ − Σⱼ dyⱼ·yⱼ).
+    pub fn softmax_backward_row_in_place / softmax_backward_row_in_place_with<T>(
+        y: &[T],
+        grad: &mut [T],
+    ) where [T: Float] {
+        let dot = T::from_f64(sum_f64(y, grad, |y, g| (y * g).to_f64()));
+        for (g, &y) in grad.iter_mut().zip(y) {
+            *g = y * (*g - dot);
+        }
     }
 }
 
