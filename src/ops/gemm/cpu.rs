@@ -95,7 +95,8 @@ pub fn gemm<T: Float>(d: GemmDims, a: &[T], b: &[T]) -> Vec<T> {
 /// y [m, n] = x [m, k] · wᵀ + bias, with w stored [n, k] and the bias [n]
 /// added to every row. Each thread takes a block of rows, writes its product
 /// into uninitialised memory and adds the bias while the block is still in
-/// its cache. (The gemm crate's accumulating path, C += A·B onto rows of
+/// its cache; a short wide product is split by columns instead, as every
+/// product is. (The gemm crate's accumulating path, C += A·B onto rows of
 /// bias, is 15–35% slower than its overwriting one at a transformer's shapes.)
 pub fn linear<T: Float>(m: usize, k: usize, n: usize, x: &[T], w: &[T], bias: &[T]) -> Vec<T> {
     assert_eq!(bias.len(), n, "linear: bias length");
@@ -103,8 +104,11 @@ pub fn linear<T: Float>(m: usize, k: usize, n: usize, x: &[T], w: &[T], bias: &[
     let w = Mat::op(w, k, n, true);
     let mut y = Vec::with_capacity(m * n);
     let out = &mut y.spare_capacity_mut()[..m * n];
+    if m == 0 || n == 0 {
+        return y;
+    }
     let block_product = |rows: &mut [MaybeUninit<T>], first_row: usize| {
-        let count = rows.len() / n.max(1);
+        let count = rows.len() / n;
         let x = Mat::row_major(&x[first_row * k..], count, k);
         gemm_into_uninit(rows, x, w, false);
         // SAFETY: the product wrote every element of the block.
@@ -112,15 +116,25 @@ pub fn linear<T: Float>(m: usize, k: usize, n: usize, x: &[T], w: &[T], bias: &[
         add_bias_rows(rows, bias);
     };
     let threads = rayon::current_num_threads();
-    if n > 0 && worth_all_threads(m * n * k) && threads > 1 && m >= threads * MIN_BLOCK {
+    let parallel = worth_all_threads(m * n * k) && threads > 1;
+    if parallel && splits_by_rows(m, n, threads) && m >= threads * MIN_BLOCK {
         let block = m.div_ceil(threads).div_ceil(16) * 16;
         out.par_chunks_mut(block * n)
             .enumerate()
             .for_each(|(i, rows)| block_product(rows, i * block));
-    } else if n > 0 {
+    } else if parallel {
+        // A short wide product (the VAE's layers at batch 128): each thread
+        // takes a block of columns, so that it packs only its share of w.
+        gemm_into_uninit(out, Mat::row_major(x, m, k), w, true);
+        // SAFETY: the product wrote all m·n outputs.
+        add_bias_rows(
+            unsafe { &mut *(out as *mut [MaybeUninit<T>] as *mut [T]) },
+            bias,
+        );
+    } else {
         block_product(out, 0);
     }
-    // SAFETY: every block wrote all of its outputs.
+    // SAFETY: every element was written above.
     unsafe { y.set_len(m * n) };
     y
 }
@@ -258,6 +272,11 @@ unsafe fn gemm_raw<T: Float>(dst: *mut T, a: Mat<T>, b: Mat<T>, accumulate: bool
 /// thread's share is too small to be worth its own product.
 const MIN_BLOCK: usize = 32;
 
+/// Whether an m×n output is shared out among threads by rows (else by columns).
+fn splits_by_rows(m: usize, n: usize, threads: usize) -> bool {
+    m >= n || n < threads * MIN_BLOCK
+}
+
 /// One single-threaded product per thread, each on its own block of output
 /// rows (or columns). The gemm crate's own threading shares the packed panels
 /// of one product between threads and synchronises on them; for the
@@ -274,7 +293,7 @@ unsafe fn split_across_threads<T: Float>(
     threads: usize,
 ) {
     let (m, n) = (a.rows, b.cols);
-    let by_rows = m >= n || n < threads * MIN_BLOCK;
+    let by_rows = splits_by_rows(m, n, threads);
     let extent = if by_rows { m } else { n };
     if extent < threads * MIN_BLOCK {
         // SAFETY: as the caller's.

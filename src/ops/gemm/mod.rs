@@ -350,9 +350,9 @@ mod tests {
 
     #[test]
     fn fused_linear_matches_matmul_then_add() {
-        // Depths on both sides of the GEMM's depth blocking; enough rows for
-        // every thread.
-        for (rows, k, n) in [(3, 5, 7), (200, 130, 96), (64, 700, 40)] {
+        // Depths on both sides of the GEMM's depth blocking; one thread, and
+        // every thread on blocks of rows or (short and wide) of columns.
+        for (rows, k, n) in [(3, 5, 7), (200, 130, 96), (64, 700, 40), (40, 90, 300)] {
             let x = Tensor::from_vec(ramp(rows * k, 0.01), [1, rows, k]).unwrap();
             let w = Tensor::from_vec(ramp(n * k, 0.02), [n, k]).unwrap();
             let b = Tensor::from_vec(ramp(n, 0.1), [n]).unwrap();
