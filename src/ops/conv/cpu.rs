@@ -240,9 +240,10 @@ fn im2col_batch_into<T: Float>(g: &ConvGeometry, images: &[T], cols: &mut [T]) {
 fn im2col_batch_row<T: Float>(g: &ConvGeometry, images: &[T], row: usize, cols_row: &mut [T]) {
     let image_len = g.in_channels * g.in_pixels();
     let (c, i, j) = tap_of_row(g, row);
+    let window = TapWindow::new(g, [i, j]);
     for (n, segment) in cols_row.chunks_mut(g.out_positions()).enumerate() {
         let plane = &images[n * image_len + c * g.in_pixels()..][..g.in_pixels()];
-        im2col_row(g, plane, [i, j], segment);
+        window.gather(g, plane, segment);
     }
 }
 
@@ -432,37 +433,119 @@ fn valid_outputs(
     first.min(end)..end
 }
 
-/// One im2col row: out[oh, ow] = plane[oh·s − p + i·d, ow·s − p + j·d], zero
-/// where that falls outside the plane.
-fn im2col_row<T: Float>(g: &ConvGeometry, plane: &[T], tap: [usize; 2], out: &mut [T]) {
-    let [out_h, out_w] = g.out_size;
-    let [in_h, in_w] = g.in_size;
-    let offset = [tap[0] * g.dilation[0], tap[1] * g.dilation[1]];
-    let rows = valid_outputs(out_h, g.stride[0], offset[0], g.padding[0], in_h);
-    let cols = valid_outputs(out_w, g.stride[1], offset[1], g.padding[1], in_w);
-    out[..rows.start * out_w].fill(T::ZERO);
-    out[rows.end * out_w..].fill(T::ZERO);
-    for oh in rows {
-        let ih = oh * g.stride[0] + offset[0] - g.padding[0];
-        let src = &plane[ih * in_w..(ih + 1) * in_w];
-        let dst = &mut out[oh * out_w..(oh + 1) * out_w];
-        dst[..cols.start].fill(T::ZERO);
-        dst[cols.end..].fill(T::ZERO);
-        // No valid column: the row is all padding (and first_iw would underflow).
+/// Where one tap (i, j) reads the input: the output rows and columns whose
+/// pixel falls inside the image, and the input pixel of the first of them.
+/// It is the same for every channel and image, so the im2col and col2im
+/// loops work it out once per tap, not once per image (its divisions cost
+/// more than copying a small layer's 8×8 window).
+struct TapWindow {
+    rows: Range<usize>,
+    cols: Range<usize>,
+    /// The input (row, column) that output (rows.start, cols.start) reads.
+    first_pixel: [usize; 2],
+}
+
+impl TapWindow {
+    fn new(g: &ConvGeometry, tap: [usize; 2]) -> Self {
+        let offset = [tap[0] * g.dilation[0], tap[1] * g.dilation[1]];
+        let valid = |axis: usize| {
+            valid_outputs(
+                g.out_size[axis],
+                g.stride[axis],
+                offset[axis],
+                g.padding[axis],
+                g.in_size[axis],
+            )
+        };
+        let (rows, cols) = (valid(0), valid(1));
+        // Unused when a range is empty (and the subtraction could underflow).
+        let first = |range: &Range<usize>, axis: usize| {
+            if range.is_empty() {
+                0
+            } else {
+                range.start * g.stride[axis] + offset[axis] - g.padding[axis]
+            }
+        };
+        let first_pixel = [first(&rows, 0), first(&cols, 1)];
+        TapWindow {
+            rows,
+            cols,
+            first_pixel,
+        }
+    }
+
+    /// The input row read by output row oh (oh in `rows`).
+    fn input_row(&self, g: &ConvGeometry, oh: usize) -> usize {
+        self.first_pixel[0] + (oh - self.rows.start) * g.stride[0]
+    }
+
+    /// One im2col row: out[oh, ow] = plane[oh·s − p + i·d, ow·s − p + j·d],
+    /// zero where that falls outside the plane.
+    fn gather<T: Float>(&self, g: &ConvGeometry, plane: &[T], out: &mut [T]) {
+        let [out_w, in_w] = [g.out_size[1], g.in_size[1]];
+        let cols = self.cols.clone();
         if cols.is_empty() {
-            continue;
+            out.fill(T::ZERO);
+            return;
         }
-        let first_iw = cols.start * g.stride[1] + offset[1] - g.padding[1];
-        if g.stride[1] == 1 {
-            dst[cols.clone()].copy_from_slice(&src[first_iw..first_iw + cols.len()]);
-        } else {
-            // Iterators, not indices: no bounds check per element.
-            let taps = src[first_iw..].iter().step_by(g.stride[1]);
-            dst[cols.clone()]
-                .iter_mut()
-                .zip(taps)
-                .for_each(|(d, &v)| *d = v);
+        out[..self.rows.start * out_w].fill(T::ZERO);
+        out[self.rows.end * out_w..].fill(T::ZERO);
+        for oh in self.rows.clone() {
+            let src = &plane[self.input_row(g, oh) * in_w + self.first_pixel[1]..];
+            let dst = &mut out[oh * out_w..(oh + 1) * out_w];
+            dst[..cols.start].fill(T::ZERO);
+            dst[cols.end..].fill(T::ZERO);
+            strided_map(g.stride[1], src, &mut dst[cols.clone()], |d, v| *d = v);
         }
+    }
+
+    /// The adjoint of `gather`: plane[ih, iw] += cols_row[oh, ow] for every
+    /// output position that reads a pixel of the plane.
+    fn scatter_add<T: Float>(&self, g: &ConvGeometry, cols_row: &[T], plane: &mut [T]) {
+        let [out_w, in_w] = [g.out_size[1], g.in_size[1]];
+        if self.cols.is_empty() {
+            return;
+        }
+        for oh in self.rows.clone() {
+            let start = self.input_row(g, oh) * in_w + self.first_pixel[1];
+            let src = &cols_row[oh * out_w..(oh + 1) * out_w][self.cols.clone()];
+            // The source is contiguous, the pixels strided: walk the pixels
+            // through strided_map's source side by swapping roles.
+            strided_map_mut(g.stride[1], &mut plane[start..], src, |d, v| *d += v);
+        }
+    }
+}
+
+/// f(dst[k], src[k·stride]) for every k in dst; strides 1 and 2 (every
+/// DCGAN layer) are compiled as constants so that the loop vectorises.
+#[inline(always)]
+fn strided_map<T: Copy>(stride: usize, src: &[T], dst: &mut [T], f: impl Fn(&mut T, T)) {
+    let mut run = |step: usize| {
+        dst.iter_mut()
+            .zip(src.iter().step_by(step))
+            .for_each(|(d, &v)| f(d, v))
+    };
+    match stride {
+        1 => run(1),
+        2 => run(2),
+        other => run(other),
+    }
+}
+
+/// f(dst[k·stride], src[k]) for every k in src: [`strided_map`] with the
+/// stride on the destination side.
+#[inline(always)]
+fn strided_map_mut<T: Copy>(stride: usize, dst: &mut [T], src: &[T], f: impl Fn(&mut T, T)) {
+    let mut run = |step: usize| {
+        dst.iter_mut()
+            .step_by(step)
+            .zip(src)
+            .for_each(|(d, &v)| f(d, v))
+    };
+    match stride {
+        1 => run(1),
+        2 => run(2),
+        other => run(other),
     }
 }
 
@@ -473,29 +556,15 @@ fn im2col_row<T: Float>(g: &ConvGeometry, plane: &[T], tap: [usize; 2], out: &mu
 /// Ho·Wo for one image's own matrix, or N·Ho·Wo for image n's segment of a
 /// batch's columns laid side by side (cols starting at n·Ho·Wo).
 fn col2im_add<T: Float>(g: &ConvGeometry, cols: &[T], row_stride: usize, image: &mut [T]) {
-    let [out_h, out_w] = g.out_size;
-    let [in_h, in_w] = g.in_size;
     let positions = g.out_positions();
+    let taps = g.kernel[0] * g.kernel[1];
+    let windows: Vec<TapWindow> = (0..taps)
+        .map(|t| TapWindow::new(g, [t / g.kernel[1], t % g.kernel[1]]))
+        .collect();
     for row in 0..g.col_rows() {
         let cols_row = &cols[row * row_stride..][..positions];
-        let (c, i, j) = tap_of_row(g, row);
-        let plane = &mut image[c * g.in_pixels()..][..g.in_pixels()];
-        let offset = [i * g.dilation[0], j * g.dilation[1]];
-        let cols_range = valid_outputs(out_w, g.stride[1], offset[1], g.padding[1], in_w);
-        // This tap never lands inside the image along a row (all padding).
-        if cols_range.is_empty() {
-            continue;
-        }
-        for oh in valid_outputs(out_h, g.stride[0], offset[0], g.padding[0], in_h) {
-            let ih = oh * g.stride[0] + offset[0] - g.padding[0];
-            let dst = &mut plane[ih * in_w..(ih + 1) * in_w];
-            let src = &cols_row[oh * out_w..(oh + 1) * out_w];
-            let first_iw = cols_range.start * g.stride[1] + offset[1] - g.padding[1];
-            let pixels = dst[first_iw..].iter_mut().step_by(g.stride[1]);
-            pixels
-                .zip(&src[cols_range.clone()])
-                .for_each(|(d, &v)| *d += v);
-        }
+        let plane = &mut image[(row / taps) * g.in_pixels()..][..g.in_pixels()];
+        windows[row % taps].scatter_add(g, cols_row, plane);
     }
 }
 
@@ -519,10 +588,18 @@ fn for_each_chunk<T: Float>(
     let chunks = out.len().div_ceil(chunk_len);
     let threads = rayon::current_num_threads();
     if threads > 1 && chunks >= threads {
-        out.par_chunks_mut(chunk_len).enumerate().for_each_init(
-            || vec![T::ZERO; scratch_len],
-            |scratch, (i, out_i)| per_chunk(i, out_i, scratch, false),
-        );
+        // Two tasks per thread, each a run of chunks with one scratch buffer:
+        // rayon's for_each_init makes a buffer per stolen job, and zeroing a
+        // fresh megabyte for every chunk cost a tenth of D2's forward.
+        let per_task = chunks.div_ceil(2 * threads);
+        out.par_chunks_mut(per_task * chunk_len)
+            .enumerate()
+            .for_each(|(task, run)| {
+                let mut scratch = vec![T::ZERO; scratch_len];
+                for (k, out_i) in run.chunks_mut(chunk_len).enumerate() {
+                    per_chunk(task * per_task + k, out_i, &mut scratch, false);
+                }
+            });
     } else {
         let parallel = worth_all_threads(macs_per_chunk);
         let mut scratch = vec![T::ZERO; scratch_len];
