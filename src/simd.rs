@@ -134,21 +134,41 @@ macro_rules! per_isa {
 /// [`per_isa!`] function to have it compiled for the wider units.
 #[inline(always)]
 pub fn sum_f64<T: crate::storage::Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> f64) -> f64 {
+    let mut sums = LaneSums::default();
+    sums.add(a, b, f);
+    sums.total()
+}
+
+/// [`sum_f64`]'s eight lanes kept open across many slices (the planes of
+/// one batch-norm channel), so that short slices pay for the final
+/// reduction once instead of once each.
+#[derive(Default)]
+pub struct LaneSums {
+    lanes: [f64; LaneSums::LANES],
+    tail: f64,
+}
+
+impl LaneSums {
     const LANES: usize = 8;
-    let mut lanes = [0f64; LANES];
-    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f64 = a_chunks
-        .remainder()
-        .iter()
-        .zip(b_chunks.remainder())
-        .map(|(&a, &b)| f(a, b))
-        .sum();
-    for (a, b) in a_chunks.zip(b_chunks) {
-        for lane in 0..LANES {
-            lanes[lane] += f(a[lane], b[lane]);
+
+    /// Adds Σ f(a[j], b[j]) over equal-length slices.
+    #[inline(always)]
+    pub fn add<T: crate::storage::Float>(&mut self, a: &[T], b: &[T], f: impl Fn(T, T) -> f64) {
+        let (a_chunks, b_chunks) = (a.chunks_exact(Self::LANES), b.chunks_exact(Self::LANES));
+        for (&a, &b) in a_chunks.remainder().iter().zip(b_chunks.remainder()) {
+            self.tail += f(a, b);
+        }
+        for (a, b) in a_chunks.zip(b_chunks) {
+            for lane in 0..Self::LANES {
+                self.lanes[lane] += f(a[lane], b[lane]);
+            }
         }
     }
-    lanes.iter().sum::<f64>() + tail
+
+    #[inline(always)]
+    pub fn total(&self) -> f64 {
+        self.lanes.iter().sum::<f64>() + self.tail
+    }
 }
 
 #[cfg(test)]

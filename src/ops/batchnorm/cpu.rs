@@ -5,6 +5,8 @@
 
 use rayon::prelude::*;
 
+use crate::per_isa;
+use crate::simd::LaneSums;
 use crate::storage::Float;
 
 /// Below this many elements a kernel runs on one thread (spawning costs more).
@@ -49,17 +51,7 @@ pub struct ChannelStats {
 /// Mean and biased variance of each channel over (N, H, W), in two passes
 /// (mean first, then Σ(x − mean)²), which stays accurate when |mean| ≫ std.
 pub fn channel_stats<T: Float>(x: &[T], d: BatchNormDims) -> ChannelStats {
-    let count = d.per_channel() as f64;
-    let one_channel = |c: usize| {
-        let sum: f64 = d.planes(x, c).flatten().map(|v| v.to_f64()).sum();
-        let mean = sum / count;
-        let squares: f64 = d
-            .planes(x, c)
-            .flatten()
-            .map(|v| (v.to_f64() - mean).powi(2))
-            .sum();
-        (mean, squares / count)
-    };
+    let one_channel = |c: usize| channel_moments(x, d, c);
     let stats: Vec<(f64, f64)> = if d.numel() >= PARALLEL_THRESHOLD {
         (0..d.channels).into_par_iter().map(one_channel).collect()
     } else {
@@ -67,6 +59,43 @@ pub fn channel_stats<T: Float>(x: &[T], d: BatchNormDims) -> ChannelStats {
     };
     let (mean, var) = stats.into_iter().unzip();
     ChannelStats { mean, var }
+}
+
+per_isa! {
+    /// (mean, biased variance) of channel c, each sum in eight f64 lanes.
+    fn channel_moments / channel_moments_with<T>(x: &[T], d: BatchNormDims, c: usize) -> (f64, f64)
+    where [T: Float] {
+        let count = d.per_channel() as f64;
+        let mut sum = LaneSums::default();
+        for plane in d.planes(x, c) {
+            sum.add(plane, plane, |v, _| v.to_f64());
+        }
+        let mean = sum.total() / count;
+        let mut squares = LaneSums::default();
+        for plane in d.planes(x, c) {
+            squares.add(plane, plane, |v, _| (v.to_f64() - mean).powi(2));
+        }
+        (mean, squares.total() / count)
+    }
+}
+
+per_isa! {
+    /// (Σ dy, Σ dy·x̂) of channel c, with x̂ = (x − mean)·invstd, in f64 lanes.
+    fn channel_grad_sums / channel_grad_sums_with<T>(
+        x: &[T],
+        dy: &[T],
+        d: BatchNormDims,
+        c: usize,
+        mean: T,
+        invstd: T,
+    ) -> (f64, f64) where [T: Float] {
+        let (mut sum_dy, mut sum_dy_xhat) = (LaneSums::default(), LaneSums::default());
+        for (x, dy) in d.planes(x, c).zip(d.planes(dy, c)) {
+            sum_dy.add(dy, dy, |g, _| g.to_f64());
+            sum_dy_xhat.add(x, dy, |x, g| g.to_f64() * ((x - mean) * invstd).to_f64());
+        }
+        (sum_dy.total(), sum_dy_xhat.total())
+    }
 }
 
 /// y = (x − mean_c) · invstd_c · weight_c + bias_c for each channel c, with
@@ -128,17 +157,7 @@ pub fn batch_norm_backward<T: Float>(
     training: bool,
 ) -> BatchNormGrads<T> {
     // Per channel: (Σ dy, Σ dy·x̂) in f64.
-    let channel_sums = |c: usize| {
-        let (mut sum_dy, mut sum_dy_xhat) = (0f64, 0f64);
-        for (x, dy) in d.planes(x, c).zip(d.planes(dy, c)) {
-            for (&x, &dy) in x.iter().zip(dy) {
-                let xhat = ((x - mean[c]) * invstd[c]).to_f64();
-                sum_dy += dy.to_f64();
-                sum_dy_xhat += dy.to_f64() * xhat;
-            }
-        }
-        (sum_dy, sum_dy_xhat)
-    };
+    let channel_sums = |c: usize| channel_grad_sums(x, dy, d, c, mean[c], invstd[c]);
     let sums: Vec<(f64, f64)> = if d.numel() >= PARALLEL_THRESHOLD {
         (0..d.channels).into_par_iter().map(channel_sums).collect()
     } else {
