@@ -16,7 +16,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
 use crate::nn::Module;
-use crate::storage::CpuStorage;
+use crate::storage::{CpuStorage, bf16, f16};
 use crate::tensor::{Device, Tensor};
 
 /// The contents of a checkpoint file.
@@ -38,15 +38,20 @@ fn to_le_bytes(name: &str, tensor: &Tensor) -> std::result::Result<(Dtype, Vec<u
     let on_cpu = tensor
         .to_device(Device::Cpu)
         .map_err(|e| format!("cannot copy tensor {name} to the CPU: {e}"))?;
-    Ok(on_cpu.with_cpu(|s| match s {
-        CpuStorage::F32(v) => (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        CpuStorage::F64(v) => (Dtype::F64, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        CpuStorage::U32(v) => (Dtype::U32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+    Ok(on_cpu.with_cpu(|s| {
+        let dtype = match s {
+            CpuStorage::F32(_) => Dtype::F32,
+            CpuStorage::F64(_) => Dtype::F64,
+            CpuStorage::F16(_) => Dtype::F16,
+            CpuStorage::BF16(_) => Dtype::BF16,
+            CpuStorage::U32(_) => Dtype::U32,
+        };
+        (dtype, s.as_bytes().to_vec())
     }))
 }
 
 /// Writes `tensors` and `metadata` to `path` as safetensors, atomically.
-/// f32, f64 and u32 tensors keep their dtype.
+/// Every tensor keeps its dtype (f32, f64, f16, bf16, u32).
 pub fn save(
     path: impl AsRef<Path>,
     tensors: &[(String, Tensor)],
@@ -149,7 +154,7 @@ pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Reads a safetensors file. F32 → f32, F64 → f64, U32 and I64 → u32 (an
+/// Reads a safetensors file. F32, F64, F16 and BF16 keep their dtype, U32 and I64 → u32 (an
 /// error if an I64 value does not fit); other dtypes are an error naming the
 /// tensor.
 pub fn load(path: impl AsRef<Path>) -> Result<Checkpoint> {
@@ -205,6 +210,16 @@ fn tensor_from_view(name: &str, view: &TensorView) -> std::result::Result<Tensor
                 .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
                 .collect(),
         ),
+        Dtype::F16 => CpuStorage::F16(
+            data.chunks_exact(2)
+                .map(|b| f16::from_le_bytes(b.try_into().expect("2 bytes")))
+                .collect(),
+        ),
+        Dtype::BF16 => CpuStorage::BF16(
+            data.chunks_exact(2)
+                .map(|b| bf16::from_le_bytes(b.try_into().expect("2 bytes")))
+                .collect(),
+        ),
         // PyTorch stores indices and counters as int64; kiln's are u32.
         Dtype::I64 => {
             let mut values = Vec::with_capacity(data.len() / 8);
@@ -219,7 +234,7 @@ fn tensor_from_view(name: &str, view: &TensorView) -> std::result::Result<Tensor
         }
         other => {
             return Err(format!(
-                "tensor {name} has dtype {other:?}, which kiln cannot load (supported: F32, F64, U32, I64); convert it to float32 first"
+                "tensor {name} has dtype {other:?}, which kiln cannot load (supported: F32, F64, F16, BF16, U32, I64); convert it to float32 first"
             ));
         }
     };

@@ -62,10 +62,14 @@ impl Error {
     }
 
     pub(crate) fn unsupported_dtype(op: &'static str, dtype: DType) -> Self {
-        Error::DType {
-            op,
-            msg: format!("dtype {dtype} is not supported (expected a float tensor: f32 or f64)"),
-        }
+        let msg = match dtype {
+            DType::F16 | DType::BF16 => format!(
+                "dtype {dtype} is a storage type in kiln (ops compute in f32 or f64): \
+                 convert with .to_dtype(DType::F32) first"
+            ),
+            _ => format!("dtype {dtype} is not supported (expected a float tensor: f32 or f64)"),
+        };
+        Error::DType { op, msg }
     }
 
     pub(crate) fn dtype_mismatch(op: &'static str, lhs: DType, rhs: DType) -> Self {

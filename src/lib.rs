@@ -77,6 +77,7 @@ pub use error::{Error, Result};
 pub use ops::activation::GeluApproximation;
 pub use ops::conv::{Conv2dParams, ConvTranspose2dParams};
 pub use ops::loss::Reduction;
+pub use storage::{bf16, f16};
 pub use tensor::{DType, Device, Rng, Shape, Tensor, TensorId};
 
 /// The README's examples, compiled and run as doctests.

@@ -6,6 +6,9 @@ use std::fmt::Debug;
 use std::iter::Sum;
 use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
 
+use half::slice::HalfFloatSliceExt;
+pub use half::{bf16, f16};
+
 use crate::cuda::CudaStorage;
 use crate::tensor::{DType, Device};
 
@@ -48,11 +51,15 @@ impl Storage {
     }
 }
 
-/// Host memory, one variant per dtype the CPU path computes in.
+/// Host memory, one variant per dtype.
 #[derive(Clone, Debug)]
 pub enum CpuStorage {
     F32(Vec<f32>),
     F64(Vec<f64>),
+    /// IEEE half precision: storage only (arithmetic widens to f32).
+    F16(Vec<f16>),
+    /// bfloat16: storage only (arithmetic widens to f32).
+    BF16(Vec<bf16>),
     /// Indices (token ids, class targets, argmax positions).
     U32(Vec<u32>),
 }
@@ -62,16 +69,20 @@ impl CpuStorage {
         match self {
             CpuStorage::F32(_) => DType::F32,
             CpuStorage::F64(_) => DType::F64,
+            CpuStorage::F16(_) => DType::F16,
+            CpuStorage::BF16(_) => DType::BF16,
             CpuStorage::U32(_) => DType::U32,
         }
     }
 
     pub fn len(&self) -> usize {
-        match self {
-            CpuStorage::F32(v) => v.len(),
-            CpuStorage::F64(v) => v.len(),
-            CpuStorage::U32(v) => v.len(),
-        }
+        crate::any_slice!(self, |v| v.len())
+    }
+
+    /// The values as little-endian bytes, as they lie in memory (every
+    /// target kiln builds for is little-endian).
+    pub fn as_bytes(&self) -> &[u8] {
+        crate::any_slice!(self, |v| bytemuck::cast_slice(v))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -83,23 +94,58 @@ impl CpuStorage {
         match self {
             CpuStorage::F32(v) => v.iter().map(|&x| x as f64).collect(),
             CpuStorage::F64(v) => v.clone(),
+            CpuStorage::F16(v) => v.iter().map(|x| x.to_f64()).collect(),
+            CpuStorage::BF16(v) => v.iter().map(|x| x.to_f64()).collect(),
             CpuStorage::U32(v) => v.iter().map(|&x| x as f64).collect(),
         }
     }
 
-    /// Builds storage of `dtype` from f64 values (rounding for f32, truncating for u32).
-    pub fn from_f64_vec(values: Vec<f64>, dtype: DType) -> Option<Self> {
+    /// Builds storage of `dtype` from f64 values (rounding to nearest even
+    /// for the float types, truncating for u32).
+    pub fn from_f64_vec(values: Vec<f64>, dtype: DType) -> Self {
         match dtype {
-            DType::F32 => Some(CpuStorage::F32(
-                values.into_iter().map(|x| x as f32).collect(),
-            )),
-            DType::F64 => Some(CpuStorage::F64(values)),
-            DType::U32 => Some(CpuStorage::U32(
-                values.into_iter().map(|x| x as u32).collect(),
-            )),
-            DType::F16 | DType::BF16 => None,
+            DType::F32 => CpuStorage::F32(values.into_iter().map(|x| x as f32).collect()),
+            DType::F64 => CpuStorage::F64(values),
+            DType::F16 => CpuStorage::F16(values.into_iter().map(f16::from_f64).collect()),
+            DType::BF16 => CpuStorage::BF16(values.into_iter().map(bf16::from_f64).collect()),
+            DType::U32 => CpuStorage::U32(values.into_iter().map(|x| x as u32).collect()),
         }
     }
+
+    /// The values converted to `dtype`, rounding to nearest even and keeping
+    /// NaN and ±∞ (as `half` does). f32 ↔ 16-bit goes through `half`'s
+    /// slice conversions (vectorised where the CPU has F16C); everything
+    /// else through f64, which holds every f32, 16-bit and u32 value exactly.
+    pub fn converted(&self, dtype: DType) -> Self {
+        match (self, dtype) {
+            (_, dtype) if dtype == self.dtype() => self.clone(),
+            (CpuStorage::F32(v), DType::F16) => CpuStorage::F16(half_from_f32(v)),
+            (CpuStorage::F32(v), DType::BF16) => CpuStorage::BF16(half_from_f32(v)),
+            (CpuStorage::F16(v), DType::F32) => CpuStorage::F32(half_to_f32(v)),
+            (CpuStorage::BF16(v), DType::F32) => CpuStorage::F32(half_to_f32(v)),
+            (other, dtype) => CpuStorage::from_f64_vec(other.to_f64_vec(), dtype),
+        }
+    }
+}
+
+/// f32 values rounded to a 16-bit float type.
+fn half_from_f32<E: Default + Clone>(values: &[f32]) -> Vec<E>
+where
+    [E]: HalfFloatSliceExt,
+{
+    let mut out = vec![E::default(); values.len()];
+    out.as_mut_slice().convert_from_f32_slice(values);
+    out
+}
+
+/// 16-bit float values widened to f32 (exact).
+fn half_to_f32<E>(values: &[E]) -> Vec<f32>
+where
+    [E]: HalfFloatSliceExt,
+{
+    let mut out = vec![0f32; values.len()];
+    values.convert_to_f32_slice(&mut out);
+    out
 }
 
 /// The float types the CPU reference computes in: `f32` (the working dtype)
@@ -124,7 +170,6 @@ pub trait Float:
     + Sum
     + Element
 {
-    const DTYPE: DType;
     const ZERO: Self;
     const ONE: Self;
     fn from_f64(v: f64) -> Self;
@@ -152,6 +197,7 @@ pub trait Float:
 
 /// Any type a CPU storage can hold; shape ops are generic over it.
 pub trait Element: Copy + Send + Sync + 'static {
+    const DTYPE: DType;
     /// Wraps a vector of this type as storage.
     fn wrap(values: Vec<Self>) -> CpuStorage;
     /// The slice inside `storage`, if it has this dtype.
@@ -162,6 +208,7 @@ pub trait Element: Copy + Send + Sync + 'static {
 macro_rules! impl_element {
     ($t:ty, $variant:ident) => {
         impl Element for $t {
+            const DTYPE: DType = DType::$variant;
             fn wrap(values: Vec<Self>) -> CpuStorage {
                 CpuStorage::$variant(values)
             }
@@ -189,12 +236,13 @@ macro_rules! impl_element {
 
 impl_element!(f32, F32);
 impl_element!(f64, F64);
+impl_element!(f16, F16);
+impl_element!(bf16, BF16);
 impl_element!(u32, U32);
 
 macro_rules! impl_float {
     ($t:ty, $variant:ident, $tanh:path, $softplus:path, $exp_nonpositive:path) => {
         impl Float for $t {
-            const DTYPE: DType = DType::$variant;
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
             fn from_f64(v: f64) -> Self {
@@ -411,6 +459,8 @@ macro_rules! any_slice {
         match $storage {
             $crate::storage::CpuStorage::F32($v) => $body,
             $crate::storage::CpuStorage::F64($v) => $body,
+            $crate::storage::CpuStorage::F16($v) => $body,
+            $crate::storage::CpuStorage::BF16($v) => $body,
             $crate::storage::CpuStorage::U32($v) => $body,
         }
     };

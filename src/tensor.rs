@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use crate::autograd::{self, Backward, Node};
 use crate::error::{Error, Result};
-use crate::storage::{CpuStorage, Float, Storage};
+use crate::storage::{CpuStorage, Element, Float, Storage};
 
 /// Element type of a tensor. `f32` is the working dtype everywhere, `f64`
 /// exists on the CPU for gradcheck, `u32` holds indices. `f16`/`bf16` are
@@ -342,7 +342,7 @@ impl Tensor {
     }
 
     /// A CPU tensor from values; `values.len()` must equal the shape's element count.
-    pub fn from_vec<T: Float>(values: Vec<T>, shape: impl Into<Shape>) -> Result<Self> {
+    pub fn from_vec<T: Element>(values: Vec<T>, shape: impl Into<Shape>) -> Result<Self> {
         Self::from_cpu_storage(T::wrap(values), shape)
     }
 
@@ -359,8 +359,7 @@ impl Tensor {
     /// A tensor filled with `value`.
     pub fn full(value: f64, shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Self> {
         let shape = shape.into();
-        let storage = CpuStorage::from_f64_vec(vec![value; shape.numel()], dtype)
-            .ok_or_else(|| Error::unsupported_dtype("full", dtype))?;
+        let storage = CpuStorage::from_f64_vec(vec![value; shape.numel()], dtype);
         Self::from_cpu_storage(storage, shape)?.to_device(device)
     }
 
@@ -396,8 +395,7 @@ impl Tensor {
         }
         let n = ((end - start) / step).ceil() as usize;
         let values = (0..n).map(|i| start + i as f64 * step).collect();
-        let storage = CpuStorage::from_f64_vec(values, dtype)
-            .ok_or_else(|| Error::unsupported_dtype("arange", dtype))?;
+        let storage = CpuStorage::from_f64_vec(values, dtype);
         Self::from_cpu_storage(storage, [n])?.to_device(device)
     }
 
@@ -412,9 +410,10 @@ impl Tensor {
         let values = (0..shape.numel())
             .map(|_| StandardNormal.sample(rng.inner()))
             .collect();
-        let storage = CpuStorage::from_f64_vec(values, dtype)
-            .filter(|_| dtype.is_float())
-            .ok_or_else(|| Error::unsupported_dtype("randn", dtype))?;
+        if !dtype.is_float() {
+            return Err(Error::unsupported_dtype("randn", dtype));
+        }
+        let storage = CpuStorage::from_f64_vec(values, dtype);
         Self::from_cpu_storage(storage, shape)?.to_device(device)
     }
 
@@ -440,9 +439,10 @@ impl Tensor {
                 low + (high - low) * u
             })
             .collect();
-        let storage = CpuStorage::from_f64_vec(values, dtype)
-            .filter(|_| dtype.is_float())
-            .ok_or_else(|| Error::unsupported_dtype("rand", dtype))?;
+        if !dtype.is_float() {
+            return Err(Error::unsupported_dtype("rand", dtype));
+        }
+        let storage = CpuStorage::from_f64_vec(values, dtype);
         Self::from_cpu_storage(storage, shape)?.to_device(device)
     }
 
@@ -702,19 +702,37 @@ impl Tensor {
         ))
     }
 
-    /// A copy converted to `dtype` (not differentiable: use for data and checkpoints).
+    /// A copy converted to `dtype`, rounding to nearest even (NaN and ±∞
+    /// kept). Differentiable between float dtypes: the gradient is converted
+    /// back to this tensor's dtype. 16-bit tensors (`F16`, `BF16`) are
+    /// storage: ops compute in f32 or f64, so convert before computing.
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
         if dtype == self.dtype() {
             return Ok(self.clone());
         }
-        let values = self.host_storage()?.to_f64_vec();
-        let storage = CpuStorage::from_f64_vec(values, dtype)
-            .ok_or_else(|| Error::unsupported_dtype("to_dtype", dtype))?;
-        Self::from_cpu_storage(storage, self.shape().clone())?.to_device(self.device())
+        let _profile = crate::profile::op("to_dtype", self.device());
+        let converted = self.host_storage()?.converted(dtype);
+        let storage = match self.device() {
+            Device::Cpu => Storage::Cpu(converted),
+            Device::Cuda(ordinal) => Storage::Cuda(crate::cuda::CudaStorage::from_cpu(
+                &crate::cuda::device(ordinal)?,
+                &converted,
+            )?),
+        };
+        let source = self.dtype();
+        if !(source.is_float() && dtype.is_float()) {
+            return Ok(Tensor::from_result(storage, self.shape().clone()));
+        }
+        Ok(Tensor::from_op(
+            storage,
+            self.shape().clone(),
+            &[self],
+            |_| ToDtypeBackward { source },
+        ))
     }
 
     /// All values, in row-major order, as `T` (an error if the dtype differs).
-    pub fn to_vec<T: Float>(&self) -> Result<Vec<T>> {
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
         let host = self.host_storage()?;
         T::slice(&host)
             .map(|v| v.to_vec())
@@ -783,6 +801,20 @@ impl fmt::Debug for Tensor {
             .collect();
         let more = if values.len() > SHOWN { ", ..." } else { "" };
         write!(f, ", values=[{}{more}])", head.join(", "))
+    }
+}
+
+struct ToDtypeBackward {
+    source: DType,
+}
+
+impl Backward for ToDtypeBackward {
+    fn name(&self) -> &'static str {
+        "to_dtype"
+    }
+    // dL/dx = dL/dy, converted back to x's dtype
+    fn backward(&self, _inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(grad.to_dtype(self.source)?)])
     }
 }
 

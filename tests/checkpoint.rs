@@ -184,8 +184,17 @@ fn int64_values_that_do_not_fit_u32_and_unsupported_dtypes_are_named() {
         vec![0, 60],
         vec![1],
     );
-    let msg = checkpoint_message(load(&half).err().expect("f16 is not loadable"));
-    assert!(msg.contains("ids") && msg.contains("F16"), "{msg}");
+    let loaded = load(&half).unwrap().tensors["ids"].clone();
+    assert_eq!((loaded.dtype(), loaded.to_f64_vec()), (DType::F16, vec![1.0]));
+
+    let short = write(
+        "int16.safetensors",
+        safetensors::Dtype::I16,
+        vec![1, 0],
+        vec![1],
+    );
+    let msg = checkpoint_message(load(&short).err().expect("int16 is not loadable"));
+    assert!(msg.contains("ids") && msg.contains("I16"), "{msg}");
 }
 
 /// Loads a modified copy of a good checkpoint into a fresh model and checks

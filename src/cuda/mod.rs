@@ -317,12 +317,7 @@ impl CudaStorage {
     pub fn from_cpu(device: &Arc<CudaDevice>, cpu: &CpuStorage) -> Result<Self> {
         let storage = Self::alloc(device, cpu.dtype(), cpu.len())?;
         if !cpu.is_empty() {
-            let bytes: &[u8] = match cpu {
-                CpuStorage::F32(v) => bytemuck::cast_slice(v),
-                CpuStorage::F64(v) => bytemuck::cast_slice(v),
-                CpuStorage::U32(v) => bytemuck::cast_slice(v),
-            };
-            device.driver.copy_to_device(storage.ptr, bytes)?;
+            device.driver.copy_to_device(storage.ptr, cpu.as_bytes())?;
         }
         Ok(storage)
     }
@@ -341,8 +336,9 @@ impl CudaStorage {
         Ok(match self.dtype {
             DType::F32 => CpuStorage::F32(read(self)?),
             DType::F64 => CpuStorage::F64(read(self)?),
+            DType::F16 => CpuStorage::F16(read(self)?),
+            DType::BF16 => CpuStorage::BF16(read(self)?),
             DType::U32 => CpuStorage::U32(read(self)?),
-            other => return Err(Error::unsupported_dtype("to_cpu", other)),
         })
     }
 

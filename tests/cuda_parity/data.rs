@@ -397,3 +397,26 @@ fn dropout_mask_and_gradient_equal_cpu_exactly() {
         assert!(same_mask, "{what}: the zeroed positions differ");
     }
 }
+
+#[test]
+fn sixteen_bit_tensors_round_trip_through_the_device_and_convert_like_the_cpu() {
+    let Some(dev) = cuda_or_skip("16-bit storage") else {
+        return;
+    };
+    let x = randn(&[3, 37], 81);
+    for dtype in [kiln::DType::BF16, kiln::DType::F16] {
+        let on_cpu = x.to_dtype(dtype).unwrap();
+        // Converted on the device's side of the call, and copied there and back.
+        let on_device = x.to_device(dev).unwrap().to_dtype(dtype).unwrap();
+        assert_eq!(on_device.dtype(), dtype);
+        assert_eq!(on_device.device(), dev);
+        let back = on_device.to_device(kiln::Device::Cpu).unwrap();
+        assert_eq!(back.to_f64_vec(), on_cpu.to_f64_vec(), "{dtype}");
+        let widened = on_cpu
+            .to_device(dev)
+            .unwrap()
+            .to_dtype(kiln::DType::F32)
+            .unwrap();
+        assert_eq!(widened.to_f64_vec(), on_cpu.to_f64_vec(), "{dtype} widened");
+    }
+}

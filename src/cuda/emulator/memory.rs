@@ -54,24 +54,38 @@ pub(crate) struct DeviceMemory {
     blocks: Mutex<BTreeMap<usize, Block>>,
 }
 
+/// The canary byte at `addr`: CANARY's little-endian bytes repeated, so
+/// that an aligned word reads CANARY whatever the byte range around it.
+fn canary_byte(addr: usize) -> u8 {
+    CANARY.to_le_bytes()[addr % 4]
+}
+
+/// Writes the canary over [start, end): words where aligned, bytes at the
+/// unaligned ends (a 16-bit tensor's live bytes can end mid-word).
 fn fill_canary(start: usize, end: usize) {
     let mut at = start;
-    // SAFETY (all writes): [start, end) lies in a mapping this module owns
-    // and is 4-byte aligned (blocks and live lengths are multiples of 4).
+    // SAFETY (all writes): [start, end) lies in a mapping this module owns;
+    // the word writes are at 4-byte-aligned addresses.
     while at < end {
-        unsafe { (at as *mut u32).write(CANARY) };
-        at += 4;
+        if at.is_multiple_of(4) && at + 4 <= end {
+            unsafe { (at as *mut u32).write(CANARY) };
+            at += 4;
+        } else {
+            unsafe { (at as *mut u8).write(canary_byte(at)) };
+            at += 1;
+        }
     }
 }
 
-/// The first address in [start, end) whose word is not the canary.
+/// The first address in [start, end) whose byte is not the canary's.
 fn first_damaged(start: usize, end: usize) -> Option<usize> {
     // SAFETY: as fill_canary; the range is readable.
-    let words = unsafe { std::slice::from_raw_parts(start as *const u32, (end - start) / 4) };
-    words
+    let bytes = unsafe { std::slice::from_raw_parts(start as *const u8, end - start) };
+    bytes
         .iter()
-        .position(|&w| w != CANARY)
-        .map(|i| start + 4 * i)
+        .enumerate()
+        .position(|(i, &b)| b != canary_byte(start + i))
+        .map(|i| start + i)
 }
 
 impl DeviceMemory {

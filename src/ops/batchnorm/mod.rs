@@ -210,8 +210,7 @@ fn cpu_statistics(
         )
     };
     let per_channel = |values: Vec<f64>| -> Result<Tensor> {
-        let storage = CpuStorage::from_f64_vec(values, x.dtype())
-            .ok_or_else(|| Error::unsupported_dtype(OP, x.dtype()))?;
+        let storage = CpuStorage::from_f64_vec(values, x.dtype());
         Ok(Tensor::from_cpu(storage, Shape::new([dims.channels])))
     };
     Ok((per_channel(mean)?, per_channel(invstd)?))

@@ -10,7 +10,7 @@ use crate::cuda::CudaStorage;
 use crate::error::{Error, Result};
 use crate::ops::{broadcast_shape, check_dim};
 use crate::profile;
-use crate::storage::{CpuStorage, Element, Storage};
+use crate::storage::{CpuStorage, Element, Storage, bf16, f16};
 use crate::tensor::{DType, Device, Shape, Tensor, same_device};
 
 pub(crate) use cpu::contiguous_strides;
@@ -212,8 +212,9 @@ impl Tensor {
             Storage::Cpu(match first.dtype() {
                 DType::F32 => cat_typed::<f32>(&parts, outer, inner),
                 DType::F64 => cat_typed::<f64>(&parts, outer, inner),
+                DType::F16 => cat_typed::<f16>(&parts, outer, inner),
+                DType::BF16 => cat_typed::<bf16>(&parts, outer, inner),
                 DType::U32 => cat_typed::<u32>(&parts, outer, inner),
-                other => return Err(Error::unsupported_dtype("cat", other)),
             })
         };
         drop(guards);
