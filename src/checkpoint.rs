@@ -16,7 +16,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
 use crate::nn::Module;
-use crate::storage::{CpuStorage, bf16, f16};
+use crate::storage::CpuStorage;
 use crate::tensor::{Device, Tensor};
 
 /// The contents of a checkpoint file.
@@ -194,32 +194,14 @@ pub fn load(path: impl AsRef<Path>) -> Result<Checkpoint> {
 fn tensor_from_view(name: &str, view: &TensorView) -> std::result::Result<Tensor, String> {
     let shape = view.shape().to_vec();
     let data = view.data();
+    // The file's bytes are little-endian, as every target kiln builds for;
+    // bytemuck copies them out (the data need not be aligned in the file).
     let storage = match view.dtype() {
-        Dtype::F32 => CpuStorage::F32(
-            data.chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-                .collect(),
-        ),
-        Dtype::F64 => CpuStorage::F64(
-            data.chunks_exact(8)
-                .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
-                .collect(),
-        ),
-        Dtype::U32 => CpuStorage::U32(
-            data.chunks_exact(4)
-                .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
-                .collect(),
-        ),
-        Dtype::F16 => CpuStorage::F16(
-            data.chunks_exact(2)
-                .map(|b| f16::from_le_bytes(b.try_into().expect("2 bytes")))
-                .collect(),
-        ),
-        Dtype::BF16 => CpuStorage::BF16(
-            data.chunks_exact(2)
-                .map(|b| bf16::from_le_bytes(b.try_into().expect("2 bytes")))
-                .collect(),
-        ),
+        Dtype::F32 => CpuStorage::F32(bytemuck::pod_collect_to_vec(data)),
+        Dtype::F64 => CpuStorage::F64(bytemuck::pod_collect_to_vec(data)),
+        Dtype::F16 => CpuStorage::F16(bytemuck::pod_collect_to_vec(data)),
+        Dtype::BF16 => CpuStorage::BF16(bytemuck::pod_collect_to_vec(data)),
+        Dtype::U32 => CpuStorage::U32(bytemuck::pod_collect_to_vec(data)),
         // PyTorch stores indices and counters as int64; kiln's are u32.
         Dtype::I64 => {
             let mut values = Vec::with_capacity(data.len() / 8);

@@ -185,7 +185,10 @@ fn int64_values_that_do_not_fit_u32_and_unsupported_dtypes_are_named() {
         vec![1],
     );
     let loaded = load(&half).unwrap().tensors["ids"].clone();
-    assert_eq!((loaded.dtype(), loaded.to_f64_vec()), (DType::F16, vec![1.0]));
+    assert_eq!(
+        (loaded.dtype(), loaded.to_f64_vec()),
+        (DType::F16, vec![1.0])
+    );
 
     let short = write(
         "int16.safetensors",

@@ -245,6 +245,9 @@ fn zeros_and_randn_in_sixteen_bit_dtypes() {
         let r = Tensor::randn([64], dtype, Device::Cpu, &mut kiln::Rng::seed(3)).unwrap();
         let widened = r.to_dtype(DType::F32).unwrap();
         // Every value is exactly representable in the 16-bit type.
-        assert_eq!(widened.to_dtype(dtype).unwrap().to_f64_vec(), r.to_f64_vec());
+        assert_eq!(
+            widened.to_dtype(dtype).unwrap().to_f64_vec(),
+            r.to_f64_vec()
+        );
     }
 }
