@@ -172,6 +172,8 @@ pub trait Float:
 {
     const ZERO: Self;
     const ONE: Self;
+    /// The smallest positive normal number (below it lie the subnormals).
+    const MIN_POSITIVE: Self;
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
     fn exp(self) -> Self;
@@ -245,6 +247,7 @@ macro_rules! impl_float {
         impl Float for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
+            const MIN_POSITIVE: Self = <$t>::MIN_POSITIVE;
             fn from_f64(v: f64) -> Self {
                 v as $t
             }
