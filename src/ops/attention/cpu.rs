@@ -481,7 +481,16 @@ pub fn attention_backward<T: Float>(
     d: AttentionDims,
 ) -> AttentionGrads<T> {
     let len = d.heads * d.head_len();
-    let (mut dq, mut dk, mut dv) = (vec![T::ZERO; len], vec![T::ZERO; len], vec![T::ZERO; len]);
+    if d.is_empty() {
+        return AttentionGrads {
+            dq: vec![T::ZERO; len],
+            dk: vec![T::ZERO; len],
+            dv: vec![T::ZERO; len],
+        };
+    }
+    // Every head writes all of its rows of each gradient: no zero-fill first.
+    let uninit = || Vec::<T>::with_capacity(len);
+    let (mut dq, mut dk, mut dv) = (uninit(), uninit(), uninit());
     let saved = AttentionSaved {
         q,
         k,
@@ -494,8 +503,14 @@ pub fn attention_backward<T: Float>(
         SharedOut(dk.as_mut_ptr()),
         SharedOut(dv.as_mut_ptr()),
     );
-    // SAFETY: three separate buffers of len = extent elements each.
-    unsafe { attention_backward_into(&saved, d, AttentionLayout::contiguous(d), buffers) };
+    // SAFETY: three separate buffers of len = extent elements each, which the
+    // contiguous layout's heads tile exactly.
+    unsafe {
+        attention_backward_into(&saved, d, AttentionLayout::contiguous(d), buffers);
+        dq.set_len(len);
+        dk.set_len(len);
+        dv.set_len(len);
+    }
     AttentionGrads { dq, dk, dv }
 }
 

@@ -509,44 +509,27 @@ impl TapWindow {
         for oh in self.rows.clone() {
             let start = self.input_row(g, oh) * in_w + self.first_pixel[1];
             let src = &cols_row[oh * out_w..(oh + 1) * out_w][self.cols.clone()];
-            // The source is contiguous, the pixels strided: walk the pixels
-            // through strided_map's source side by swapping roles.
             strided_map_mut(g.stride[1], &mut plane[start..], src, |d, v| *d += v);
         }
     }
 }
 
-/// f(dst[k], src[k·stride]) for every k in dst; strides 1 and 2 (every
-/// DCGAN layer) are compiled as constants so that the loop vectorises.
+/// f(dst[k], src[k·stride]) for every k in dst.
 #[inline(always)]
 fn strided_map<T: Copy>(stride: usize, src: &[T], dst: &mut [T], f: impl Fn(&mut T, T)) {
-    let mut run = |step: usize| {
-        dst.iter_mut()
-            .zip(src.iter().step_by(step))
-            .for_each(|(d, &v)| f(d, v))
-    };
-    match stride {
-        1 => run(1),
-        2 => run(2),
-        other => run(other),
-    }
+    dst.iter_mut()
+        .zip(src.iter().step_by(stride))
+        .for_each(|(d, &v)| f(d, v));
 }
 
 /// f(dst[k·stride], src[k]) for every k in src: [`strided_map`] with the
 /// stride on the destination side.
 #[inline(always)]
 fn strided_map_mut<T: Copy>(stride: usize, dst: &mut [T], src: &[T], f: impl Fn(&mut T, T)) {
-    let mut run = |step: usize| {
-        dst.iter_mut()
-            .step_by(step)
-            .zip(src)
-            .for_each(|(d, &v)| f(d, v))
-    };
-    match stride {
-        1 => run(1),
-        2 => run(2),
-        other => run(other),
-    }
+    dst.iter_mut()
+        .step_by(stride)
+        .zip(src)
+        .for_each(|(d, &v)| f(d, v));
 }
 
 /// The adjoint of `im2col`: image[c, ih, iw] += cols[(c, i, j), (oh, ow)]

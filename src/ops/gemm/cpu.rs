@@ -112,8 +112,7 @@ pub fn linear<T: Float>(m: usize, k: usize, n: usize, x: &[T], w: &[T], bias: &[
         let x = Mat::row_major(&x[first_row * k..], count, k);
         gemm_into_uninit(rows, x, w, false);
         // SAFETY: the product wrote every element of the block.
-        let rows = unsafe { &mut *(rows as *mut [MaybeUninit<T>] as *mut [T]) };
-        add_bias_rows(rows, bias);
+        add_bias_rows(unsafe { assume_written(rows) }, bias);
     };
     let threads = rayon::current_num_threads();
     let parallel = worth_all_threads(m * n * k) && threads > 1;
@@ -127,16 +126,22 @@ pub fn linear<T: Float>(m: usize, k: usize, n: usize, x: &[T], w: &[T], bias: &[
         // takes a block of columns, so that it packs only its share of w.
         gemm_into_uninit(out, Mat::row_major(x, m, k), w, true);
         // SAFETY: the product wrote all m·n outputs.
-        add_bias_rows(
-            unsafe { &mut *(out as *mut [MaybeUninit<T>] as *mut [T]) },
-            bias,
-        );
+        add_bias_rows(unsafe { assume_written(out) }, bias);
     } else {
         block_product(out, 0);
     }
     // SAFETY: every element was written above.
     unsafe { y.set_len(m * n) };
     y
+}
+
+/// The values of a buffer a GEMM has written in full.
+///
+/// # Safety
+/// Every element must have been initialised.
+unsafe fn assume_written<T>(values: &mut [MaybeUninit<T>]) -> &mut [T] {
+    // SAFETY: MaybeUninit<T> has T's layout; the caller vouches for the values.
+    unsafe { &mut *(values as *mut [MaybeUninit<T>] as *mut [T]) }
 }
 
 /// Adds `bias` to every row of `y` (rows of `bias.len()` elements).
