@@ -142,6 +142,8 @@ impl Tensor {
             )));
         }
         let _no_grad = no_grad();
+        // Each rule computes in the dtypes its forward chose.
+        let _autocast_off = crate::autocast::suspend();
         let order = topological_order(self);
         // Gradients flowing into tensors not yet processed.
         let mut pending: HashMap<TensorId, Tensor> = HashMap::new();

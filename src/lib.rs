@@ -54,6 +54,7 @@
 //! differences in `f64`, and every op's semantics against PyTorch's output
 //! (`tests/golden`).
 
+pub mod autocast;
 pub mod autograd;
 pub mod checkpoint;
 pub mod cli;
@@ -72,6 +73,7 @@ pub mod simd;
 pub mod storage;
 pub mod tensor;
 
+pub use autocast::{AutocastGuard, autocast, autocast_dtype, try_autocast};
 pub use autograd::{Backward, GradStore, is_grad_enabled, no_grad, no_grad_scope};
 pub use error::{Error, Result};
 pub use ops::activation::GeluApproximation;

@@ -128,6 +128,26 @@ impl CpuStorage {
     }
 }
 
+impl CpuStorage {
+    /// The values as `dtype`, reusing the buffer when it already is.
+    pub fn into_dtype(self, dtype: DType) -> Self {
+        if self.dtype() == dtype {
+            self
+        } else {
+            self.converted(dtype)
+        }
+    }
+
+    /// A 16-bit storage widened to f32 for computing; any other as it is.
+    pub fn widened(&self) -> std::borrow::Cow<'_, CpuStorage> {
+        if self.dtype().is_half() {
+            std::borrow::Cow::Owned(self.converted(DType::F32))
+        } else {
+            std::borrow::Cow::Borrowed(self)
+        }
+    }
+}
+
 /// f32 values rounded to a 16-bit float type.
 fn half_from_f32<E: Default + Clone>(values: &[f32]) -> Vec<E>
 where
@@ -450,6 +470,54 @@ macro_rules! float_slice2 {
                 return Err($crate::Error::unsupported_dtype($op, a.dtype()))
             }
             (a, b) => return Err($crate::Error::dtype_mismatch($op, a.dtype(), b.dtype())),
+        }
+    };
+}
+
+/// Like `float_slice!` for ops that keep their input's dtype and also take
+/// 16-bit storage: an f16/bf16 storage is widened to f32, `$body` (which
+/// returns a `CpuStorage`) computes on it in f32, and the result is rounded
+/// back to the input's dtype. No arithmetic is ever done in 16 bits.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! float_or_half_slice {
+    ($op:expr, $storage:expr, |$v:ident| $body:expr) => {
+        match $storage {
+            $crate::storage::CpuStorage::F32($v) => $body,
+            $crate::storage::CpuStorage::F64($v) => $body,
+            half @ ($crate::storage::CpuStorage::F16(_) | $crate::storage::CpuStorage::BF16(_)) => {
+                let wide = half.converted($crate::DType::F32);
+                let $crate::storage::CpuStorage::F32($v) = &wide else {
+                    unreachable!("converted to f32")
+                };
+                let out: $crate::storage::CpuStorage = $body;
+                out.converted(half.dtype())
+            }
+            other => return Err($crate::Error::unsupported_dtype($op, other.dtype())),
+        }
+    };
+}
+
+/// `float_or_half_slice!` for two storages that share one dtype.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! float_or_half_slice2 {
+    ($op:expr, $a:expr, $b:expr, |$x:ident, $y:ident| $body:expr) => {
+        match ($a, $b) {
+            (a, b) if a.dtype() == b.dtype() && a.dtype().is_half() => {
+                let (wide_a, wide_b) = (
+                    a.converted($crate::DType::F32),
+                    b.converted($crate::DType::F32),
+                );
+                let ($crate::storage::CpuStorage::F32($x), $crate::storage::CpuStorage::F32($y)) =
+                    (&wide_a, &wide_b)
+                else {
+                    unreachable!("converted to f32")
+                };
+                let out: $crate::storage::CpuStorage = $body;
+                out.converted(a.dtype())
+            }
+            (a, b) => $crate::float_slice2!($op, a, b, |$x, $y| $body),
         }
     };
 }

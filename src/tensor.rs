@@ -39,6 +39,11 @@ impl DType {
     pub fn is_float(self) -> bool {
         !matches!(self, DType::U32)
     }
+
+    /// bf16 or f16: a storage dtype that ops compute in f32.
+    pub fn is_half(self) -> bool {
+        matches!(self, DType::F16 | DType::BF16)
+    }
 }
 
 impl fmt::Display for DType {
@@ -850,7 +855,14 @@ pub(crate) fn same_device(op: &'static str, tensors: &[&Tensor]) -> Result<Devic
 /// Checks that every operand shares one float dtype.
 pub(crate) fn same_float_dtype(op: &'static str, tensors: &[&Tensor]) -> Result<DType> {
     let dtype = tensors[0].dtype();
-    if !matches!(dtype, DType::F32 | DType::F64) {
+    // 16-bit tensors reach an op only where it has a path for them: the CPU
+    // ones compute in f32 (see `autocast`); CUDA has no 16-bit kernels yet.
+    let supported = match dtype {
+        DType::F32 | DType::F64 => true,
+        DType::F16 | DType::BF16 => tensors[0].device() == Device::Cpu,
+        DType::U32 => false,
+    };
+    if !supported {
         return Err(Error::unsupported_dtype(op, dtype));
     }
     for t in &tensors[1..] {

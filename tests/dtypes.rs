@@ -1,7 +1,7 @@
 //! 16-bit floats (f16, bf16) as storage: conversions that round to nearest
 //! even exactly as the `half` crate does, `to_dtype` with its gradient,
-//! shape ops and checkpoints that keep the dtype, device copies, and clear
-//! errors when arithmetic is asked of a storage-only dtype.
+//! shape ops, arithmetic and checkpoints that keep the dtype, promotion with
+//! f32 operands, and device copies. Autocast is tested in tests/autocast.rs.
 
 use std::collections::BTreeMap;
 
@@ -147,7 +147,7 @@ fn to_dtype_is_differentiable_and_the_gradient_comes_back_in_the_source_dtype() 
 }
 
 #[test]
-fn sixteen_bit_tensors_are_storage_shape_ops_work_and_arithmetic_says_convert_first() {
+fn sixteen_bit_tensors_keep_their_dtype_through_shape_ops_and_arithmetic() {
     let values: Vec<bf16> = (0..6).map(|i| bf16::from_f32(i as f32 - 2.5)).collect();
     let x = Tensor::from_vec(values.clone(), [2, 3]).unwrap();
     assert_eq!(x.dtype(), DType::BF16);
@@ -162,19 +162,31 @@ fn sixteen_bit_tensors_are_storage_shape_ops_work_and_arithmetic_says_convert_fi
         joined.narrow(0, 2, 2).unwrap().to_vec::<bf16>().unwrap(),
         values
     );
-    // Arithmetic is refused with a message that says what to do.
-    let err = x.add(&x).unwrap_err().to_string();
-    assert!(err.contains("bf16") && err.contains("to_dtype"), "{err}");
-    let err = x.exp().unwrap_err().to_string();
-    assert!(err.contains("bf16") && err.contains("to_dtype"), "{err}");
+    // Arithmetic keeps the dtype and computes each value in f32: e^x rounded
+    // once to bf16, not after every step of the exponential.
+    let sum = x.add(&x).unwrap();
+    assert_eq!(sum.dtype(), DType::BF16);
+    assert_eq!(sum.to_f64_vec(), vec![-5.0, -3.0, -1.0, 1.0, 3.0, 5.0]);
+    let exp = x.exp().unwrap();
+    assert_eq!(exp.dtype(), DType::BF16);
+    let expected: Vec<f64> = values
+        .iter()
+        .map(|v| bf16::from_f32(v.to_f32().exp()).to_f64())
+        .collect();
+    assert_eq!(exp.to_f64_vec(), expected);
+    // A 16-bit operand with an f32 one promotes to f32, as PyTorch; f32 with
+    // f64 stays an error that says what to do.
     let half = Tensor::from_vec(vec![f16::from_f32(1.0)], [1]).unwrap();
+    let promoted = half.to_dtype(DType::F32).unwrap().add(&half).unwrap();
+    assert_eq!(promoted.dtype(), DType::F32);
+    assert_eq!(promoted.to_f64_vec(), vec![2.0]);
     let err = half
         .to_dtype(DType::F32)
         .unwrap()
-        .add(&half)
+        .add(&half.to_dtype(DType::F64).unwrap())
         .unwrap_err()
         .to_string();
-    assert!(err.contains("f16"), "{err}");
+    assert!(err.contains("f64") && err.contains("to_dtype"), "{err}");
     // Creation in a 16-bit dtype rounds like a conversion.
     let filled = Tensor::full(1.0 + 2f64.powi(-8), [2], DType::BF16, Device::Cpu).unwrap();
     assert_eq!(filled.to_f64_vec(), vec![1.0, 1.0]);

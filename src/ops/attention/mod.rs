@@ -10,13 +10,14 @@
 pub mod cpu;
 pub(crate) mod cuda;
 
+use crate::autocast::{self, AutocastOp};
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
 use crate::float_slice;
 use crate::ops::layernorm::cuda::expect_cuda;
 use crate::profile;
 use crate::storage::{CpuStorage, Float, Storage};
-use crate::tensor::{Shape, Tensor, check_operands};
+use crate::tensor::{Device, Shape, Tensor, check_operands};
 
 use cpu::{AttentionDims, AttentionLayout, AttentionSaved};
 
@@ -34,6 +35,13 @@ impl Tensor {
     /// softmax_j(qᵢ·kⱼ/√D), as PyTorch's
     /// `F.scaled_dot_product_attention(q, k, v, is_causal=True)`.
     pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let [q, k, v] = [q, k, v].map(|t| autocast::cast_input(AutocastOp::Attention, t));
+        let (q, k, v) = (&q?, &k?, &v?);
+        if autocast::any_half(&[Some(q), Some(k), Some(v)]) && q.device() == Device::Cpu {
+            // Computed in f32 from widened copies, rounded back to q's dtype.
+            let [wq, wk, wv] = [q, k, v].map(autocast::widened);
+            return Tensor::causal_attention(&wq?, &wk?, &wv?)?.to_dtype(q.dtype());
+        }
         let _profile = profile::op(OP, q.device());
         check_operands(OP, &[q, k, v])?;
         let &[batch, heads, seq, head_dim] = q.dims() else {
@@ -113,6 +121,13 @@ impl Tensor {
     /// the gradient): none of the three narrows, four permutes and their
     /// backward copies. On CUDA it is exactly the composition above.
     pub fn causal_self_attention(&self, n_head: usize) -> Result<Tensor> {
+        let qkv = autocast::cast_input(AutocastOp::Attention, self)?;
+        qkv.causal_self_attention_in_own_dtype(n_head)
+    }
+
+    /// `causal_self_attention` without autocast's cast; a 16-bit qkv is
+    /// computed in f32 and its output and saved probabilities rounded back.
+    fn causal_self_attention_in_own_dtype(&self, n_head: usize) -> Result<Tensor> {
         let &[batch, seq, width] = self.dims() else {
             return Err(Error::shape(
                 PACKED_OP,
@@ -140,11 +155,12 @@ impl Tensor {
             head_dim,
         };
         let layout = AttentionLayout::packed(n_head, dims);
-        let (out, probs) = float_slice!(PACKED_OP, storage, |qkv| {
+        let (out, probs) = float_slice!(PACKED_OP, &*storage.widened(), |qkv| {
             let (q, k, v) = packed_views(qkv, embd);
             let f = cpu::attention_in(q, k, v, dims, layout);
             (CpuStorage::from(f.out), CpuStorage::from(f.probs))
         });
+        let (out, probs) = (out.into_dtype(self.dtype()), probs.into_dtype(self.dtype()));
         let probs = Tensor::from_result(Storage::Cpu(probs), Shape::new([batch, n_head, seq, seq]));
         Ok(Tensor::from_op(
             Storage::Cpu(out),
@@ -201,21 +217,23 @@ impl Backward for CausalSelfAttentionBackward {
         let dqkv = qkv.with_cpu(|qs| {
             grad.with_cpu(|gs| {
                 self.probs.with_cpu(|ps| -> Result<CpuStorage> {
-                    Ok(float_slice!(PACKED_OP, qs, |qkv| {
+                    let (ps, gs) = (ps.widened(), gs.widened());
+                    Ok(float_slice!(PACKED_OP, &*qs.widened(), |qkv| {
                         let (q, k, v) = packed_views(qkv, embd);
                         let saved = AttentionSaved {
                             q,
                             k,
                             v,
-                            probs: values_as(ps)?,
-                            d_out: values_as(gs)?,
+                            probs: values_as(&ps)?,
+                            d_out: values_as(&gs)?,
                         };
                         CpuStorage::from(cpu::attention_backward_packed(
                             &saved,
                             self.n_head,
                             self.dims,
                         ))
-                    }))
+                    })
+                    .into_dtype(qs.dtype()))
                 })
             })
         })?;

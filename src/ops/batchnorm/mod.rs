@@ -14,6 +14,7 @@
 pub mod cpu;
 pub(crate) mod cuda;
 
+use crate::autocast::{self, AutocastOp};
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
 use crate::ops::layernorm::cuda::expect_cuda;
@@ -48,6 +49,28 @@ impl Tensor {
         momentum: f64,
         eps: f64,
     ) -> Result<Tensor> {
+        if autocast::any_half(&[Some(self), running_mean, running_var, weight, bias]) {
+            // Running statistics are updated in place, so they must be f32
+            // buffers already; only the activations and parameters widen.
+            if autocast::any_half(&[running_mean, running_var]) {
+                return Err(Error::DType {
+                    op: OP,
+                    msg: "running_mean and running_var are updated in place and must be f32 \
+                          buffers; keep them in f32 (autocast does)"
+                        .into(),
+                });
+            }
+            let out = autocast::widened(self)?.batch_norm2d(
+                running_mean,
+                running_var,
+                autocast::widened_optional(weight)?.as_ref(),
+                autocast::widened_optional(bias)?.as_ref(),
+                training,
+                momentum,
+                eps,
+            )?;
+            return autocast::finish_output(AutocastOp::BatchNorm, out, self.dtype());
+        }
         let _profile = profile::op(OP, self.device());
         let mut operands = vec![self];
         operands.extend(

@@ -21,14 +21,14 @@
 pub mod cpu;
 pub(crate) mod cuda;
 
+use crate::autocast::{self, AutocastOp};
 use crate::autograd::Backward;
 use crate::cuda::CudaStorage;
 use crate::error::{Error, Result};
-use crate::float_slice;
-use crate::float_slice2;
 use crate::profile;
 use crate::storage::{CpuStorage, Float, Storage};
 use crate::tensor::{Shape, Tensor, check_operands};
+use crate::{float_or_half_slice, float_or_half_slice2};
 
 /// Hyper-parameters of `conv2d`, each as (height, width).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -416,8 +416,10 @@ fn run_conv2d_forward(
         weight,
         bias,
         |xs, ws, bs| {
-            Ok(float_slice2!(op, xs, ws, |x, w| CpuStorage::from(
-                cpu::conv2d_forward(g, x, w, same_dtype_slice(x, bs))
+            // A 16-bit bias widens beside the operands (see float_or_half_slice2!).
+            let bs = bs.map(CpuStorage::widened);
+            Ok(float_or_half_slice2!(op, xs, ws, |x, w| CpuStorage::from(
+                cpu::conv2d_forward(g, x, w, same_dtype_slice(x, bs.as_deref()))
             )))
         },
         |xs, ws, bs| cuda::conv2d_forward(kernel, g, xs, ws, bs),
@@ -437,8 +439,9 @@ fn run_conv2d_backward_data(
         weight,
         bias,
         |gs, ws, bs| {
-            Ok(float_slice2!(op, gs, ws, |dy, w| CpuStorage::from(
-                cpu::conv2d_backward_data(g, dy, w, same_dtype_slice(dy, bs))
+            let bs = bs.map(CpuStorage::widened);
+            Ok(float_or_half_slice2!(op, gs, ws, |dy, w| CpuStorage::from(
+                cpu::conv2d_backward_data(g, dy, w, same_dtype_slice(dy, bs.as_deref()))
             )))
         },
         |gs, ws, bs| cuda::conv2d_backward_data(g, gs, ws, bs),
@@ -453,7 +456,7 @@ fn run_conv2d_backward_weight(g: &ConvGeometry, image: &Tensor, grid: &Tensor) -
         grid,
         None,
         |xs, gs, _| {
-            Ok(float_slice2!(op, xs, gs, |x, dy| CpuStorage::from(
+            Ok(float_or_half_slice2!(op, xs, gs, |x, dy| CpuStorage::from(
                 cpu::conv2d_backward_weight(g, x, dy)
             )))
         },
@@ -466,7 +469,7 @@ fn run_bias_grad(grad: &Tensor) -> Result<Storage> {
     let dims = grad.dims();
     let (batch, channels, pixels) = (dims[0], dims[1], dims[2] * dims[3]);
     Ok(match &*grad.storage() {
-        Storage::Cpu(s) => Storage::Cpu(float_slice!("conv_bias_grad", s, |dy| {
+        Storage::Cpu(s) => Storage::Cpu(float_or_half_slice!("conv_bias_grad", s, |dy| {
             CpuStorage::from(cpu::bias_grad(dy, batch, channels, pixels))
         })),
         Storage::Cuda(s) => Storage::Cuda(cuda::bias_grad(s, batch, channels, pixels)?),
@@ -504,11 +507,14 @@ impl Tensor {
     ) -> Result<Tensor> {
         let _profile = profile::op("conv2d", self.device());
         let op = "conv2d";
-        let inputs = operand_list(self, weight, bias);
+        let (x, weight, bias) =
+            autocast::cast_layer_operands(AutocastOp::Conv2d, self, weight, bias)?;
+        let (x, weight, bias) = (&x, &weight, bias.as_ref());
+        let inputs = operand_list(x, weight, bias);
         check_operands(op, &inputs)?;
-        let geometry = ConvGeometry::for_conv2d(self.shape(), weight.shape(), params)?;
+        let geometry = ConvGeometry::for_conv2d(x.shape(), weight.shape(), params)?;
         check_bias(op, bias, geometry.out_channels, weight)?;
-        let out = run_conv2d_forward(Conv2dForwardKernel::ENGINE, &geometry, self, weight, bias)?;
+        let out = run_conv2d_forward(Conv2dForwardKernel::ENGINE, &geometry, x, weight, bias)?;
         Ok(Tensor::from_op(
             out,
             geometry.output_shape(),
@@ -529,11 +535,14 @@ impl Tensor {
     ) -> Result<Tensor> {
         let _profile = profile::op("conv_transpose2d", self.device());
         let op = "conv_transpose2d";
-        let inputs = operand_list(self, weight, bias);
+        let (x, weight, bias) =
+            autocast::cast_layer_operands(AutocastOp::ConvTranspose2d, self, weight, bias)?;
+        let (x, weight, bias) = (&x, &weight, bias.as_ref());
+        let inputs = operand_list(x, weight, bias);
         check_operands(op, &inputs)?;
-        let geometry = ConvGeometry::for_conv_transpose2d(self.shape(), weight.shape(), params)?;
+        let geometry = ConvGeometry::for_conv_transpose2d(x.shape(), weight.shape(), params)?;
         check_bias(op, bias, geometry.in_channels, weight)?;
-        let out = run_conv2d_backward_data(&geometry, self, weight, bias)?;
+        let out = run_conv2d_backward_data(&geometry, x, weight, bias)?;
         Ok(Tensor::from_op(
             out,
             geometry.input_shape(),

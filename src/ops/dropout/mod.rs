@@ -9,7 +9,7 @@ mod cuda;
 
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
-use crate::float_slice;
+use crate::float_or_half_slice;
 use crate::profile;
 use crate::storage::{CpuStorage, Storage};
 use crate::tensor::{Tensor, check_operands};
@@ -17,9 +17,9 @@ use crate::tensor::{Tensor, check_operands};
 /// Applies the dropout map (seeded mask, 1/(1 − p) scale) to `x`, on its device.
 fn apply_mask(op: &'static str, x: &Tensor, p: f64, seed: u64) -> Result<Storage> {
     Ok(match &*x.storage() {
-        Storage::Cpu(s) => Storage::Cpu(float_slice!(op, s, |v| CpuStorage::from(cpu::dropout(
-            v, p, seed
-        )))),
+        Storage::Cpu(s) => Storage::Cpu(float_or_half_slice!(op, s, |v| CpuStorage::from(
+            cpu::dropout(v, p, seed)
+        ))),
         Storage::Cuda(s) => Storage::Cuda(cuda::dropout(op, s, p, seed)?),
     })
 }

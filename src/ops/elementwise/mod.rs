@@ -8,14 +8,14 @@
 pub(crate) mod cpu;
 pub(crate) mod cuda;
 
+use crate::autocast::{self, AutocastOp};
 use crate::autograd::Backward;
 use crate::error::Result;
-use crate::float_slice;
-use crate::float_slice2;
 use crate::ops::broadcast_shape;
 use crate::profile;
 use crate::storage::{CpuStorage, Float, Storage};
 use crate::tensor::{Tensor, check_operands};
+use crate::{float_or_half_slice, float_or_half_slice2};
 
 /// The four broadcast arithmetic ops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +56,11 @@ pub(crate) trait Pointwise: Copy + Send + Sync + 'static {
     /// The same function as a CUDA kernel and op code.
     fn cuda(self) -> cuda::CudaPointwise;
 
+    /// Its row in the autocast table, if it has one (exp and log do).
+    fn autocast_op(self) -> Option<AutocastOp> {
+        None
+    }
+
     /// y = f(x) over a whole slice on the CPU; see `backward_slices` for why
     /// an enum with many variants overrides it.
     fn forward_slices<T: Float>(self, x: &[T]) -> Vec<T> {
@@ -86,6 +91,14 @@ pub(crate) enum UnaryOp {
 }
 
 impl Pointwise for UnaryOp {
+    fn autocast_op(self) -> Option<AutocastOp> {
+        match self {
+            UnaryOp::Exp => Some(AutocastOp::Exp),
+            UnaryOp::Log => Some(AutocastOp::Log),
+            _ => None,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             UnaryOp::Neg => "neg",
@@ -162,11 +175,19 @@ impl Pointwise for UnaryOp {
 
 /// Applies a pointwise function, recording its backward.
 pub(crate) fn pointwise<F: Pointwise>(x: &Tensor, f: F) -> Result<Tensor> {
+    if let Some(op) = f.autocast_op() {
+        return autocast::in_float32(op, x, |x| pointwise_in_own_dtype(x, f));
+    }
+    pointwise_in_own_dtype(x, f)
+}
+
+/// `pointwise` in x's dtype (16-bit values computed in f32).
+fn pointwise_in_own_dtype<F: Pointwise>(x: &Tensor, f: F) -> Result<Tensor> {
     let op = f.name();
     let _profile = profile::op(op, x.device());
     check_operands(op, &[x])?;
     let out = match &*x.storage() {
-        Storage::Cpu(s) => Storage::Cpu(float_slice!(op, s, |v| CpuStorage::from(
+        Storage::Cpu(s) => Storage::Cpu(float_or_half_slice!(op, s, |v| CpuStorage::from(
             f.forward_slices(v)
         ))),
         Storage::Cuda(s) => Storage::Cuda(cuda::pointwise_forward(f.cuda(), s)?),
@@ -182,7 +203,7 @@ pub(crate) fn pointwise_backward<F: Pointwise>(x: &Tensor, grad: &Tensor, f: F) 
     check_operands(op, &[x, grad])?;
     let dx = match (&*x.storage(), &*grad.storage()) {
         (Storage::Cpu(xs), Storage::Cpu(gs)) => {
-            Storage::Cpu(float_slice2!(op, xs, gs, |xv, gv| {
+            Storage::Cpu(float_or_half_slice2!(op, xs, gs, |xv, gv| {
                 CpuStorage::from(f.backward_slices(xv, gv))
             }))
         }
@@ -209,21 +230,27 @@ impl<F: Pointwise> Backward for PointwiseBackward<F> {
 }
 
 fn binary(lhs: &Tensor, rhs: &Tensor, op: BinaryOp) -> Result<Tensor> {
+    // bf16 + f32 computes in f32, as PyTorch promotes.
+    if let Some(common) = autocast::promoted(lhs.dtype(), rhs.dtype()) {
+        return binary(&lhs.to_dtype(common)?, &rhs.to_dtype(common)?, op);
+    }
     let name = op.name();
     let _profile = profile::op(name, lhs.device());
     check_operands(name, &[lhs, rhs])?;
     let out_shape = broadcast_shape(name, lhs.shape(), rhs.shape())?;
     let out = match (&*lhs.storage(), &*rhs.storage()) {
-        (Storage::Cpu(a), Storage::Cpu(b)) => Storage::Cpu(float_slice2!(name, a, b, |av, bv| {
-            CpuStorage::from(cpu::binary(
-                op,
-                av,
-                lhs.dims(),
-                bv,
-                rhs.dims(),
-                out_shape.dims(),
-            ))
-        })),
+        (Storage::Cpu(a), Storage::Cpu(b)) => {
+            Storage::Cpu(float_or_half_slice2!(name, a, b, |av, bv| {
+                CpuStorage::from(cpu::binary(
+                    op,
+                    av,
+                    lhs.dims(),
+                    bv,
+                    rhs.dims(),
+                    out_shape.dims(),
+                ))
+            }))
+        }
         (Storage::Cuda(a), Storage::Cuda(b)) => Storage::Cuda(cuda::binary(
             op,
             a,

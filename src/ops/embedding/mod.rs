@@ -7,6 +7,7 @@ pub mod cpu;
 mod cuda;
 
 use crate::any_slice;
+use crate::autocast::{self, AutocastOp};
 use crate::autograd::Backward;
 use crate::cuda::CudaStorage;
 use crate::error::{Error, Result};
@@ -145,6 +146,11 @@ impl Tensor {
     /// Rows of `weight` [V, E] picked by the u32 `ids` (any shape S) → [S..., E].
     /// Backward scatter-adds into dweight (repeated ids accumulate); ids get no gradient.
     pub fn embedding(ids: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        if weight.dtype().is_half() {
+            return autocast::in_float32(AutocastOp::Embedding, weight, |w| {
+                Tensor::embedding(ids, w)
+            });
+        }
         const OP: &str = "embedding";
         let _profile = profile::op(OP, weight.device());
         check_operands(OP, &[weight])?;
@@ -180,6 +186,11 @@ impl Tensor {
     /// Entries along `dim` at the u32 positions of the 1-D `indices` (PyTorch's
     /// `index_select`): the output has `indices.len()` entries along `dim`.
     pub fn index_select(&self, dim: usize, indices: &Tensor) -> Result<Tensor> {
+        if self.dtype().is_half() {
+            return autocast::in_float32(AutocastOp::Embedding, self, |x| {
+                x.index_select(dim, indices)
+            });
+        }
         let _profile = profile::op("index_select", self.device());
         select_along("index_select", self, dim, indices)
     }
@@ -188,6 +199,9 @@ impl Tensor {
     /// (likewise for other dims). `index` is u32 of the same rank as `self`,
     /// no larger than `self` outside `dim`; the output has the shape of `index`.
     pub fn gather(&self, dim: usize, index: &Tensor) -> Result<Tensor> {
+        if self.dtype().is_half() {
+            return autocast::in_float32(AutocastOp::Embedding, self, |x| x.gather(dim, index));
+        }
         const OP: &str = "gather";
         let _profile = profile::op(OP, self.device());
         same_device(OP, &[self, index])?;

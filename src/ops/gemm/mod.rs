@@ -10,13 +10,14 @@ pub(crate) mod cuda;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
+use crate::autocast::{self, AutocastOp};
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
-use crate::float_slice2;
+use crate::float_or_half_slice2;
 use crate::ops::broadcast_shape;
 use crate::profile;
 use crate::storage::{CpuStorage, Storage};
-use crate::tensor::{Shape, Tensor, check_operands};
+use crate::tensor::{DType, Shape, Tensor, check_operands};
 
 use cpu::GemmDims;
 
@@ -176,11 +177,13 @@ impl Tensor {
         kernel: GemmKernel,
     ) -> Result<Tensor> {
         let _profile = profile::op("matmul", self.device());
-        check_operands("matmul", &[self, rhs])?;
-        let plan = plan(self, rhs, trans_lhs, trans_rhs)?;
+        let lhs = &autocast::cast_input(AutocastOp::Matmul, self)?;
+        let rhs = &autocast::cast_input(AutocastOp::Matmul, rhs)?;
+        check_operands("matmul", &[lhs, rhs])?;
+        let plan = plan(lhs, rhs, trans_lhs, trans_rhs)?;
         let lhs_data = match &plan.lhs_broadcast {
-            Some(shape) => crate::no_grad_scope(|| self.broadcast_to(shape.clone()))?,
-            None => self.clone(),
+            Some(shape) => crate::no_grad_scope(|| lhs.broadcast_to(shape.clone()))?,
+            None => lhs.clone(),
         };
         let rhs_data = match &plan.rhs_broadcast {
             Some(shape) => crate::no_grad_scope(|| rhs.broadcast_to(shape.clone()))?,
@@ -188,16 +191,16 @@ impl Tensor {
         };
         let out = match (&*lhs_data.storage(), &*rhs_data.storage()) {
             (Storage::Cpu(a), Storage::Cpu(b)) => {
-                Storage::Cpu(float_slice2!("matmul", a, b, |av, bv| CpuStorage::from(
-                    cpu::gemm(plan.dims, av, bv)
-                )))
+                Storage::Cpu(float_or_half_slice2!("matmul", a, b, |av, bv| {
+                    CpuStorage::from(cpu::gemm(plan.dims, av, bv))
+                }))
             }
             (Storage::Cuda(a), Storage::Cuda(b)) => {
                 Storage::Cuda(cuda::gemm(kernel, plan.dims, a, b)?)
             }
             _ => unreachable!("check_operands put both operands on one device"),
         };
-        Ok(Tensor::from_op(out, plan.out_shape, &[self, rhs], |_| {
+        Ok(Tensor::from_op(out, plan.out_shape, &[lhs, rhs], |_| {
             GemmBackward {
                 trans_lhs,
                 trans_rhs,
@@ -214,18 +217,22 @@ impl Tensor {
     /// once instead of a matmul and then an add over it; elsewhere (CUDA, or a
     /// bias of another shape, which broadcasts) it is `matmul_nt` then `add`.
     pub fn linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let Some(bias) = bias else {
-            return self.matmul_nt(weight);
+        let (x, weight, bias) =
+            autocast::cast_layer_operands(AutocastOp::Linear, self, weight, bias)?;
+        let (x, weight) = (&x, &weight);
+        let Some(bias) = &bias else {
+            return x.matmul_nt(weight);
         };
-        let composite = || self.matmul_nt(weight)?.add(bias);
+        let composite = || x.matmul_nt(weight)?.add(bias);
         if bias.rank() != 1 || weight.rank() != 2 || bias.dims()[0] != weight.dims()[0] {
             return composite();
         }
-        let _profile = profile::op("linear", self.device());
-        check_operands("linear", &[self, weight, bias])?;
-        let plan = plan(self, weight, false, true)?;
+        let _profile = profile::op("linear", x.device());
+        check_operands("linear", &[x, weight, bias])?;
+        let plan = plan(x, weight, false, true)?;
         let d = plan.dims;
-        let out = match (&*self.storage(), &*weight.storage(), &*bias.storage()) {
+        let x_dtype = x.dtype();
+        let out = match (&*x.storage(), &*weight.storage(), &*bias.storage()) {
             (
                 Storage::Cpu(CpuStorage::F32(x)),
                 Storage::Cpu(CpuStorage::F32(w)),
@@ -236,12 +243,23 @@ impl Tensor {
                 Storage::Cpu(CpuStorage::F64(w)),
                 Storage::Cpu(CpuStorage::F64(b)),
             ) => CpuStorage::from(cpu::linear(d.m, d.k, d.n, x, w, b)),
+            // 16-bit operands of one dtype: widened to f32, product rounded back.
+            (Storage::Cpu(x), Storage::Cpu(w), Storage::Cpu(b))
+                if x.dtype().is_half() && w.dtype() == x.dtype() && b.dtype() == x.dtype() =>
+            {
+                let [x, w, b] = [x, w, b].map(|s| s.converted(DType::F32));
+                let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) = (&x, &w, &b)
+                else {
+                    unreachable!("converted to f32")
+                };
+                CpuStorage::from(cpu::linear(d.m, d.k, d.n, x, w, b)).converted(x_dtype)
+            }
             _ => return composite(),
         };
         Ok(Tensor::from_op(
             Storage::Cpu(out),
             plan.out_shape,
-            &[self, weight, bias],
+            &[x, weight, bias],
             |_| LinearBackward,
         ))
     }

@@ -7,6 +7,7 @@
 pub mod cpu;
 pub(crate) mod cuda;
 
+use crate::autocast::{self, AutocastOp};
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
 use crate::ops::normalization_grads;
@@ -27,6 +28,14 @@ impl Tensor {
         bias: Option<&Tensor>,
         eps: f64,
     ) -> Result<Tensor> {
+        if autocast::any_half(&[Some(self), weight, bias]) {
+            let out = autocast::widened(self)?.layer_norm(
+                autocast::widened_optional(weight)?.as_ref(),
+                autocast::widened_optional(bias)?.as_ref(),
+                eps,
+            )?;
+            return autocast::finish_output(AutocastOp::LayerNorm, out, self.dtype());
+        }
         let _profile = profile::op(OP, self.device());
         let mut operands = vec![self];
         operands.extend([weight, bias].into_iter().flatten());

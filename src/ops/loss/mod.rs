@@ -6,6 +6,7 @@
 pub mod cpu;
 pub(crate) mod cuda;
 
+use crate::autocast::{self, AutocastOp};
 use crate::autograd::Backward;
 use crate::cuda::CudaStorage;
 use crate::error::{Error, Result};
@@ -104,6 +105,10 @@ fn upstream_on_device<'a>(
 impl Tensor {
     /// Mean (or sum) of (self − target)² over every element; target has the same shape.
     pub fn mse_loss(&self, target: &Tensor, reduction: Reduction) -> Result<Tensor> {
+        if autocast::any_half(&[Some(self), Some(target)]) {
+            let out = autocast::widened(self)?.mse_loss(&autocast::widened(target)?, reduction)?;
+            return autocast::finish_output(AutocastOp::Loss, out, self.dtype());
+        }
         const OP: &str = "mse_loss";
         let _profile = profile::op(OP, self.device());
         check_operands(OP, &[self, target])?;
@@ -127,6 +132,11 @@ impl Tensor {
     /// element (stable for any x), averaged over elements (Mean) or summed.
     /// `target` has the same shape, with values in [0, 1].
     pub fn bce_with_logits(&self, target: &Tensor, reduction: Reduction) -> Result<Tensor> {
+        if autocast::any_half(&[Some(self), Some(target)]) {
+            let out =
+                autocast::widened(self)?.bce_with_logits(&autocast::widened(target)?, reduction)?;
+            return autocast::finish_output(AutocastOp::Loss, out, self.dtype());
+        }
         const OP: &str = "bce_with_logits";
         let _profile = profile::op(OP, self.device());
         check_operands(OP, &[self, target])?;
@@ -156,6 +166,11 @@ impl Tensor {
     /// Cross entropy of logits [N, C] against u32 class `targets` [N] in
     /// [0, C): −log softmax(x_n)[t_n] per row; Mean divides by N.
     pub fn cross_entropy(&self, targets: &Tensor, reduction: Reduction) -> Result<Tensor> {
+        if self.dtype().is_half() {
+            return autocast::in_float32(AutocastOp::Loss, self, |x| {
+                x.cross_entropy(targets, reduction)
+            });
+        }
         const OP: &str = "cross_entropy";
         let _profile = profile::op(OP, self.device());
         check_operands(OP, &[self])?;
@@ -231,6 +246,11 @@ impl Tensor {
     /// −½ Σ_j (1 + logvar − mu² − e^logvar) over all non-leading dims; Mean
     /// averages the rows (dim 0), Sum adds them. mu and logvar share a shape.
     pub fn gaussian_kl(mu: &Tensor, logvar: &Tensor, reduction: Reduction) -> Result<Tensor> {
+        if autocast::any_half(&[Some(mu), Some(logvar)]) {
+            let (wide_mu, wide_logvar) = (autocast::widened(mu)?, autocast::widened(logvar)?);
+            let out = Tensor::gaussian_kl(&wide_mu, &wide_logvar, reduction)?;
+            return autocast::finish_output(AutocastOp::Loss, out, mu.dtype());
+        }
         const OP: &str = "gaussian_kl";
         let _profile = profile::op(OP, mu.device());
         check_operands(OP, &[mu, logvar])?;

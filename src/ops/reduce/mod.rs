@@ -3,6 +3,7 @@
 mod cpu;
 mod cuda;
 
+use crate::autocast::{self, AutocastOp};
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
 use crate::float_slice;
@@ -93,6 +94,9 @@ fn adjacent_runs(dims: &[usize]) -> Vec<std::ops::Range<usize>> {
 impl Tensor {
     /// Σ over `dims` (an empty list reduces nothing; `sum_all` reduces every dim).
     pub fn sum(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
+        if self.dtype().is_half() {
+            return autocast::in_float32(AutocastOp::Sum, self, |x| x.sum(dims, keepdim));
+        }
         let _profile = profile::op("sum", self.device());
         check_operands("sum", &[self])?;
         let dims = check_dims("sum", dims, self.shape())?;
@@ -117,6 +121,9 @@ impl Tensor {
 
     /// Mean over `dims`.
     pub fn mean(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
+        if self.dtype().is_half() {
+            return autocast::in_float32(AutocastOp::Mean, self, |x| x.mean(dims, keepdim));
+        }
         let _profile = profile::op("mean", self.device());
         check_operands("mean", &[self])?;
         let dims = check_dims("mean", dims, self.shape())?;
@@ -154,6 +161,11 @@ impl Tensor {
 
     /// Maximum over `dim` and the (u32) index of the first maximal element.
     pub fn max_with_indices(&self, dim: usize, keepdim: bool) -> Result<(Tensor, Tensor)> {
+        if self.dtype().is_half() {
+            let (values, indices) = autocast::widened(self)?.max_with_indices(dim, keepdim)?;
+            let values = autocast::finish_output(AutocastOp::Max, values, self.dtype())?;
+            return Ok((values, indices));
+        }
         let _profile = profile::op("max", self.device());
         check_operands("max", &[self])?;
         check_dim("max", dim, self.shape())?;

@@ -5,6 +5,7 @@
 pub mod cpu;
 pub(crate) mod cuda;
 
+use crate::autocast::{self, AutocastOp};
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
 use crate::profile;
@@ -35,13 +36,17 @@ impl Tensor {
     /// softmax(x)ᵢ = exp(xᵢ) / Σⱼ exp(xⱼ) over the last dim, computed with the
     /// row maximum subtracted so that large logits do not overflow.
     pub fn softmax(&self) -> Result<Tensor> {
-        softmax_op(self, SoftmaxKind::Softmax)
+        autocast::in_float32(AutocastOp::Softmax, self, |x| {
+            softmax_op(x, SoftmaxKind::Softmax)
+        })
     }
 
     /// log(softmax(x)) over the last dim, as xᵢ − max − ln Σⱼ exp(xⱼ − max):
     /// accurate where taking the log of a tiny softmax would underflow.
     pub fn log_softmax(&self) -> Result<Tensor> {
-        softmax_op(self, SoftmaxKind::LogSoftmax)
+        autocast::in_float32(AutocastOp::LogSoftmax, self, |x| {
+            softmax_op(x, SoftmaxKind::LogSoftmax)
+        })
     }
 }
 

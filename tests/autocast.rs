@@ -1,0 +1,257 @@
+//! Mixed precision on the CPU: 16-bit matrix products and convolutions
+//! against an f64 reference, the autocast table (which ops go 16-bit, which
+//! stay f32, what comes out), gradients through an autocast graph, and
+//! gradient dtypes.
+
+use kiln::{
+    Conv2dParams, ConvTranspose2dParams, DType, Device, GeluApproximation, Reduction, Rng, Tensor,
+    autocast, bf16,
+};
+
+/// The two lower precisions with the relative Frobenius error a product of
+/// inputs rounded to them may show against exact arithmetic on the unrounded
+/// inputs: a few units of each format's rounding (2⁻⁹ for bf16, 2⁻¹² for f16).
+const PRECISIONS: [(DType, f64); 2] = [(DType::BF16, 1e-2), (DType::F16, 2e-3)];
+
+fn randn(dims: &[usize], seed: u64) -> Tensor {
+    Tensor::randn(dims, DType::F32, Device::Cpu, &mut Rng::seed(seed)).unwrap()
+}
+
+/// ‖got − exact‖_F / ‖exact‖_F.
+fn relative_frobenius(got: &Tensor, exact: &Tensor) -> f64 {
+    let (g, e) = (got.to_f64_vec(), exact.to_f64_vec());
+    assert_eq!(g.len(), e.len());
+    let diff: f64 = g.iter().zip(&e).map(|(a, b)| (a - b).powi(2)).sum();
+    let norm: f64 = e.iter().map(|b| b * b).sum();
+    (diff / norm).sqrt()
+}
+
+fn f64_copy(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::F64).unwrap()
+}
+
+#[test]
+fn sixteen_bit_matmul_and_linear_match_f64_within_the_format_error() {
+    // Sizes that are not multiples of 16 or of the GEMM's blocks.
+    let (a, b) = (randn(&[37, 53], 1), randn(&[53, 29], 2));
+    let bias = randn(&[29], 3);
+    let exact = f64_copy(&a).matmul(&f64_copy(&b)).unwrap();
+    let exact_linear = f64_copy(&a)
+        .linear(
+            &f64_copy(&b.transpose(0, 1).unwrap()),
+            Some(&f64_copy(&bias)),
+        )
+        .unwrap();
+    for (dtype, tolerance) in PRECISIONS {
+        let _scope = autocast(dtype);
+        let product = a.matmul(&b).unwrap();
+        assert_eq!(product.dtype(), dtype);
+        let error = relative_frobenius(&product, &exact);
+        assert!(error <= tolerance, "{dtype} matmul: {error:.2e}");
+        let linear = a.linear(&b.transpose(0, 1).unwrap(), Some(&bias)).unwrap();
+        assert_eq!(linear.dtype(), dtype);
+        let error = relative_frobenius(&linear, &exact_linear);
+        assert!(error <= tolerance, "{dtype} linear: {error:.2e}");
+        // Inputs already 16-bit take the same path outside a scope too.
+        drop(_scope);
+        let direct = a
+            .to_dtype(dtype)
+            .unwrap()
+            .matmul(&b.to_dtype(dtype).unwrap())
+            .unwrap();
+        assert_eq!(direct.to_f64_vec(), product.to_f64_vec());
+    }
+}
+
+#[test]
+fn sixteen_bit_convolutions_match_f64_within_the_format_error() {
+    let x = randn(&[2, 3, 11, 9], 4);
+    let w = randn(&[5, 3, 3, 3], 5);
+    let bias = randn(&[5], 6);
+    let params = Conv2dParams {
+        stride: [2, 1],
+        padding: [1, 1],
+        dilation: [1, 1],
+    };
+    let exact = f64_copy(&x)
+        .conv2d(&f64_copy(&w), Some(&f64_copy(&bias)), params)
+        .unwrap();
+    let wt = randn(&[3, 4, 4, 4], 7);
+    let bias_t = randn(&[4], 8);
+    let params_t = ConvTranspose2dParams {
+        stride: [2, 2],
+        padding: [1, 1],
+        output_padding: [0, 0],
+        dilation: [1, 1],
+    };
+    let exact_t = f64_copy(&x)
+        .conv_transpose2d(&f64_copy(&wt), Some(&f64_copy(&bias_t)), params_t)
+        .unwrap();
+    for (dtype, tolerance) in PRECISIONS {
+        let _scope = autocast(dtype);
+        let y = x.conv2d(&w, Some(&bias), params).unwrap();
+        assert_eq!(y.dtype(), dtype);
+        let error = relative_frobenius(&y, &exact);
+        assert!(error <= tolerance, "{dtype} conv2d: {error:.2e}");
+        let yt = x.conv_transpose2d(&wt, Some(&bias_t), params_t).unwrap();
+        assert_eq!(yt.dtype(), dtype);
+        let error = relative_frobenius(&yt, &exact_t);
+        assert!(error <= tolerance, "{dtype} conv_transpose2d: {error:.2e}");
+    }
+}
+
+#[test]
+fn f32_policy_ops_given_huge_bf16_logits_return_finite_f32() {
+    // ±1e4 is representable in bf16, and exp of it overflows f32: every op
+    // on the f32 list must subtract its maxima in f32 and return f32.
+    let logits: Vec<bf16> = [1e4f32, -1e4, 3.0, 1e4, 0.5, -1e4]
+        .iter()
+        .map(|&v| bf16::from_f32(v))
+        .collect();
+    let x = Tensor::from_vec(logits, [2, 3]).unwrap();
+    let targets = Tensor::from_vec(vec![0u32, 2], [2]).unwrap();
+    let _scope = autocast(DType::BF16);
+    let outputs = [
+        ("softmax", x.softmax().unwrap()),
+        ("log_softmax", x.log_softmax().unwrap()),
+        ("layer_norm", x.layer_norm(None, None, 1e-5).unwrap()),
+        ("sum", x.sum_all().unwrap()),
+        ("mean", x.mean(&[1], false).unwrap()),
+        (
+            "cross_entropy",
+            x.cross_entropy(&targets, Reduction::Mean).unwrap(),
+        ),
+        (
+            "bce_with_logits",
+            x.bce_with_logits(&x.sigmoid().unwrap(), Reduction::Mean)
+                .unwrap(),
+        ),
+    ];
+    for (name, out) in outputs {
+        assert_eq!(out.dtype(), DType::F32, "{name}");
+        assert!(
+            out.to_f64_vec().iter().all(|v| v.is_finite()),
+            "{name}: {:?}",
+            out.to_f64_vec()
+        );
+    }
+    let p = x.softmax().unwrap().to_f64_vec();
+    assert_eq!(&p[..3], &[1.0, 0.0, 0.0]);
+}
+
+#[test]
+fn outside_autocast_f32_policy_ops_give_back_the_input_dtype() {
+    let x = randn(&[4, 6], 9).to_dtype(DType::F16).unwrap();
+    for out in [
+        x.softmax().unwrap(),
+        x.layer_norm(None, None, 1e-5).unwrap(),
+        x.sum(&[0], false).unwrap(),
+        x.max(1, false).unwrap(),
+        x.exp().unwrap(),
+    ] {
+        assert_eq!(out.dtype(), DType::F16);
+    }
+    // And inside a scope the same ops return f32.
+    let _scope = autocast(DType::F16);
+    assert_eq!(x.softmax().unwrap().dtype(), DType::F32);
+    assert_eq!(x.exp().unwrap().dtype(), DType::F32);
+    // Ops off the table keep their input's dtype.
+    assert_eq!(x.gelu(GeluApproximation::Tanh).unwrap().dtype(), DType::F16);
+}
+
+/// A small two-layer network with every kind of op the models use:
+/// linear, GELU, layer norm, residual add, attention, cross entropy.
+fn network_loss(x: &Tensor, w1: &Tensor, b1: &Tensor, w2: &Tensor, targets: &Tensor) -> Tensor {
+    let h = x.linear(w1, Some(b1)).unwrap(); // [2, 5, 12] = qkv of E = 4
+    let attended = h.causal_self_attention(2).unwrap(); // [2, 5, 4]
+    let mixed = attended
+        .gelu(GeluApproximation::Tanh)
+        .unwrap()
+        .add(&x.narrow(2, 0, 4).unwrap())
+        .unwrap()
+        .layer_norm(None, None, 1e-5)
+        .unwrap();
+    let logits = mixed.linear(w2, None).unwrap().reshape([10, 7]).unwrap();
+    logits.cross_entropy(targets, Reduction::Mean).unwrap()
+}
+
+#[test]
+fn autocast_gradients_follow_the_f64_gradients_along_random_directions() {
+    let x = randn(&[2, 5, 6], 10);
+    let params = [
+        randn(&[12, 6], 11).mul_scalar(0.5).unwrap(),
+        randn(&[12], 12).mul_scalar(0.1).unwrap(),
+        randn(&[7, 4], 13).mul_scalar(0.5).unwrap(),
+    ];
+    let targets = Tensor::from_vec((0..10u32).map(|i| i * 3 % 7).collect(), [10]).unwrap();
+    let loss_f64 = |p: &[Tensor]| -> f64 {
+        network_loss(&f64_copy(&x), &p[0], &p[1], &p[2], &targets).to_f64_vec()[0]
+    };
+    for (dtype, tolerance) in [(DType::BF16, 3e-2), (DType::F16, 5e-3)] {
+        let leaves: Vec<Tensor> = params.iter().map(|p| p.detach().requires_grad_()).collect();
+        let loss = {
+            let _scope = autocast(dtype);
+            network_loss(&x, &leaves[0], &leaves[1], &leaves[2], &targets)
+        };
+        assert_eq!(loss.dtype(), DType::F32);
+        let grads = loss.backward().unwrap();
+        for (i, leaf) in leaves.iter().enumerate() {
+            let g = grads.get(leaf).unwrap();
+            // f32 parameters get f32 gradients, whatever ran in between.
+            assert_eq!(g.dtype(), DType::F32, "{dtype} parameter {i}");
+            // d/dε L(p + ε·v) from the autocast gradient and from f64
+            // central differences of the same network in exact arithmetic.
+            let v = randn(leaf.dims(), 100 + i as u64);
+            let along: f64 = g
+                .to_f64_vec()
+                .iter()
+                .zip(v.to_f64_vec())
+                .map(|(a, b)| a * b)
+                .sum();
+            let eps = 1e-5;
+            let shifted = |sign: f64| {
+                let mut p: Vec<Tensor> = params.iter().map(f64_copy).collect();
+                p[i] = p[i]
+                    .add(&f64_copy(&v).mul_scalar(sign * eps).unwrap())
+                    .unwrap();
+                loss_f64(&p)
+            };
+            let numeric = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps);
+            let error = (along - numeric).abs() / numeric.abs().max(1e-3);
+            assert!(
+                error <= tolerance,
+                "{dtype} parameter {i}: autocast {along:.6} vs f64 {numeric:.6} ({error:.2e})"
+            );
+        }
+    }
+}
+
+#[test]
+fn backward_keeps_the_forward_dtypes_and_promotion_sends_gradients_home() {
+    let a = randn(&[3, 4], 14)
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .requires_grad_();
+    let b = randn(&[3, 4], 15).requires_grad_();
+    let sum = a.mul(&b).unwrap();
+    assert_eq!(sum.dtype(), DType::F32);
+    let grads = sum.sum_all().unwrap().backward().unwrap();
+    assert_eq!(grads.get(&a).unwrap().dtype(), DType::BF16);
+    assert_eq!(grads.get(&b).unwrap().dtype(), DType::F32);
+    // The gradient of a·b w.r.t. a is b, rounded once to bf16.
+    let expected: Vec<f64> = b
+        .to_f64_vec()
+        .iter()
+        .map(|&v| bf16::from_f64(v).to_f64())
+        .collect();
+    assert_eq!(grads.get(&a).unwrap().to_f64_vec(), expected);
+}
+
+#[test]
+fn autocast_leaves_f64_alone_and_refuses_a_wide_lower_precision() {
+    let a = f64_copy(&randn(&[3, 3], 16));
+    let _scope = autocast(DType::BF16);
+    assert_eq!(a.matmul(&a).unwrap().dtype(), DType::F64);
+    let err = kiln::try_autocast(DType::F32).err().unwrap().to_string();
+    assert!(err.contains("bf16 or f16"), "{err}");
+}
