@@ -33,7 +33,7 @@ use kiln::cli::specs::{GanSpec, GptSpec, VaeSpec, build_gan, build_gpt, build_va
 use kiln::models::gpt::GptOptimizers;
 use kiln::models::{dcgan, gpt, vae};
 use kiln::nn::Module;
-use kiln::{DType, Rng, Tensor, profile};
+use kiln::{DType, MixedPrecision, Rng, Tensor, profile};
 
 /// The CLI's default seed: the same initial weights as `kiln train`.
 const SEED: u64 = 0;
@@ -110,6 +110,7 @@ fn bench_gan(bench: &mut Bench, target: &Target) {
     let z = common::random(&[batch, spec.nz, 1, 1], 2, target.device);
     let initial = [snapshot(&generator), snapshot(&discriminator)];
 
+    let mut amp = MixedPrecision::f32();
     let mut step = || {
         dcgan::train_step(
             &generator,
@@ -118,6 +119,7 @@ fn bench_gan(bench: &mut Bench, target: &Target) {
             &mut optim_d,
             &real,
             &z,
+            &mut amp,
         )
         .expect("GAN step")
     };
@@ -169,7 +171,9 @@ fn bench_vae(bench: &mut Bench, target: &Target) {
     .expect("images");
     let initial = snapshot(&model);
 
-    let mut step = || vae::train_step(&model, &mut optimizer, &x, &mut rng).expect("VAE step");
+    let mut amp = MixedPrecision::f32();
+    let mut step =
+        || vae::train_step(&model, &mut optimizer, &x, &mut rng, &mut amp).expect("VAE step");
     for _ in 0..warm_up_steps() {
         step();
     }
@@ -201,8 +205,17 @@ fn bench_gpt(bench: &mut Bench, target: &Target, spec: &GptSpec, batch: usize) {
     let (x, y) = random_windows(batch, spec.block_size, target);
     let initial = snapshot(&model);
 
+    let mut amp = MixedPrecision::f32();
     let mut step = || {
-        gpt::train_step(&model, &mut optimizers, &x, &y, gpt::DEFAULT_GRAD_CLIP).expect("GPT step")
+        gpt::train_step(
+            &model,
+            &mut optimizers,
+            &x,
+            &y,
+            gpt::DEFAULT_GRAD_CLIP,
+            &mut amp,
+        )
+        .expect("GPT step")
     };
     for _ in 0..warm_up_steps() {
         step();

@@ -131,3 +131,26 @@ extern "C" __global__ void finish_sum_of_squares(const FinishSumOfSquaresParams 
     total = block_sum_double(total, scratch);
     if (threadIdx.x == 0) p.total[0] = total;
 }
+
+// ---- GradScaler's unscale ------------------------------------------------------------------
+// Mirrors UnscaleParams in src/optim/cuda.rs.
+struct UnscaleParams {
+    const float* grad;
+    float* out;
+    unsigned int* found_non_finite;   // one flag shared by every gradient of the step
+    i64 n;
+    float inv_scale;
+    unsigned int pad;
+};
+static_assert(sizeof(UnscaleParams) == 40, "UnscaleParams must match its Rust mirror");
+
+// out = grad · (1/scale), and the flag set if any result is Inf or NaN: one
+// read and one write per element. Every writer stores the same 1, so the
+// race between them is harmless and no atomic is needed.
+extern "C" __global__ void unscale_and_check_finite(const UnscaleParams p) {
+    GRID_STRIDE_LOOP(i, p.n) {
+        float g = p.grad[i] * p.inv_scale;
+        p.out[i] = g;
+        if (!isfinite(g)) *p.found_non_finite = 1u;
+    }
+}

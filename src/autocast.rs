@@ -30,7 +30,9 @@
 
 use std::cell::Cell;
 
+use crate::autograd::GradStore;
 use crate::error::{Error, Result};
+use crate::optim::GradScaler;
 use crate::tensor::{DType, Tensor};
 
 thread_local! {
@@ -235,6 +237,108 @@ pub(crate) fn promoted(a: DType, b: DType) -> Option<DType> {
     })
 }
 
+/// The precision a model trains and runs in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// f32 parameters, optimizer state and f32-policy ops; bf16 matrix
+    /// products under autocast. bf16 has f32's range: no loss scaling.
+    BF16,
+    /// As BF16 with f16, whose range is small: the loss is scaled
+    /// (see [`GradScaler`]).
+    F16,
+}
+
+impl Precision {
+    pub const ALL: [Precision; 3] = [Precision::F32, Precision::BF16, Precision::F16];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::BF16 => "bf16",
+            Precision::F16 => "f16",
+        }
+    }
+
+    /// Parses "f32", "bf16" or "f16".
+    pub fn parse(name: &str) -> Result<Self> {
+        Precision::ALL
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "precision",
+                    format!("unknown precision \"{name}\" (expected f32, bf16 or f16)"),
+                )
+            })
+    }
+
+    /// The autocast dtype, for the mixed precisions.
+    pub fn lower_dtype(self) -> Option<DType> {
+        match self {
+            Precision::F32 => None,
+            Precision::BF16 => Some(DType::BF16),
+            Precision::F16 => Some(DType::F16),
+        }
+    }
+
+    /// An autocast scope for this precision (none for f32): hold it over a
+    /// forward pass.
+    pub fn autocast(self) -> Option<AutocastGuard> {
+        self.lower_dtype().map(autocast)
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a training step needs for its precision: the autocast scope of its
+/// forward and the loss scaler (enabled for f16 only).
+#[derive(Clone, Debug)]
+pub struct MixedPrecision {
+    pub precision: Precision,
+    pub scaler: GradScaler,
+}
+
+impl MixedPrecision {
+    pub fn new(precision: Precision) -> Self {
+        let scaler = match precision {
+            Precision::F16 => GradScaler::new(Default::default()).expect("the defaults are valid"),
+            Precision::F32 | Precision::BF16 => GradScaler::disabled(),
+        };
+        MixedPrecision { precision, scaler }
+    }
+
+    /// Plain f32 training.
+    pub fn f32() -> Self {
+        MixedPrecision::new(Precision::F32)
+    }
+
+    /// The scope to hold over the forward pass (none for f32).
+    pub fn autocast(&self) -> Option<AutocastGuard> {
+        self.precision.autocast()
+    }
+
+    /// Backward from `loss` (scaled for f16), unscaled gradients, and
+    /// whether they are all finite: when not, skip the optimizer step (the
+    /// scaler backs off at [`MixedPrecision::end_step`]).
+    pub fn backward(&mut self, loss: &Tensor) -> Result<(GradStore, bool)> {
+        let mut grads = self.scaler.scale(loss)?.backward()?;
+        let finite = self.scaler.unscale(&mut grads)?;
+        Ok((grads, finite))
+    }
+
+    /// Ends a training step (the scaler's update).
+    pub fn end_step(&mut self) {
+        self.scaler.update();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,6 +367,21 @@ mod tests {
             assert!(err.contains("bf16 or f16"), "{err}");
         }
         assert_eq!(autocast_dtype(), None);
+    }
+
+    #[test]
+    fn precisions_parse_by_name_and_only_f16_scales_the_loss() {
+        for p in Precision::ALL {
+            assert_eq!(Precision::parse(p.name()).unwrap(), p);
+            assert_eq!(
+                MixedPrecision::new(p).scaler.is_enabled(),
+                p == Precision::F16
+            );
+        }
+        let err = Precision::parse("fp8").unwrap_err().to_string();
+        assert!(err.contains("fp8") && err.contains("bf16"), "{err}");
+        assert_eq!(Precision::BF16.lower_dtype(), Some(DType::BF16));
+        assert!(Precision::F32.autocast().is_none());
     }
 
     #[test]

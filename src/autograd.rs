@@ -112,6 +112,11 @@ impl GradStore {
     pub fn iter(&self) -> impl Iterator<Item = (&TensorId, &Tensor)> {
         self.grads.iter()
     }
+
+    /// Every gradient, replaceable in place (loss scaling does).
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&TensorId, &mut Tensor)> {
+        self.grads.iter_mut()
+    }
 }
 
 impl Tensor {

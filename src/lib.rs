@@ -73,7 +73,9 @@ pub mod simd;
 pub mod storage;
 pub mod tensor;
 
-pub use autocast::{AutocastGuard, autocast, autocast_dtype, try_autocast};
+pub use autocast::{
+    AutocastGuard, MixedPrecision, Precision, autocast, autocast_dtype, try_autocast,
+};
 pub use autograd::{Backward, GradStore, is_grad_enabled, no_grad, no_grad_scope};
 pub use error::{Error, Result};
 pub use ops::activation::GeluApproximation;

@@ -217,7 +217,7 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
-/// The checkpoint's tensors as raw values (f32 bits or u32), by name.
+/// The checkpoint's tensors as raw values (f32/f64 bits or u32), by name.
 fn checkpoint_values(dir: &Path) -> BTreeMap<String, (Vec<usize>, Vec<u64>)> {
     let loaded = checkpoint::load(dir.join("checkpoint.safetensors")).unwrap();
     loaded
@@ -226,6 +226,12 @@ fn checkpoint_values(dir: &Path) -> BTreeMap<String, (Vec<usize>, Vec<u64>)> {
         .map(|(name, t)| {
             let values = match t.dtype() {
                 kiln::DType::U32 => t.to_indices().unwrap().into_iter().map(u64::from).collect(),
+                kiln::DType::F64 => t
+                    .to_vec::<f64>()
+                    .unwrap()
+                    .into_iter()
+                    .map(f64::to_bits)
+                    .collect(),
                 _ => t
                     .to_vec::<f32>()
                     .unwrap()
@@ -480,6 +486,96 @@ fn gan_resumed_after_three_steps_matches_six_straight_steps_bit_for_bit() {
 #[test]
 fn gpt_resumed_after_three_steps_matches_six_straight_steps_bit_for_bit() {
     resume_is_bit_identical("gpt", &[]);
+}
+
+#[test]
+fn mixed_precision_runs_resume_bit_for_bit_with_the_loss_scaler_in_the_checkpoint() {
+    // f16 scales the loss: its scale and clean-step count must be restored.
+    resume_is_bit_identical("vae", &["--precision", "f16"]);
+    resume_is_bit_identical("gpt", &["--precision", "bf16"]);
+    resume_is_bit_identical("gan", &["--precision", "bf16"]);
+}
+
+#[test]
+fn precision_is_recorded_kept_on_resume_and_used_by_sample_and_eval() {
+    let s = Scratch::new("precision");
+    train(&s, "vae", "half", &["--steps", "2", "--precision", "f16"]);
+    let run = s.path("half");
+    assert_eq!(state(&run)["training"]["precision"], "f16");
+    let values = checkpoint_values(&run);
+    // From 2¹⁶, halved by each step whose f16 gradients overflowed (the
+    // first steps of a run, here), then counting clean steps towards growth.
+    let scale = f64::from_bits(values["grad_scaler.scale"].1[0]);
+    let clean = f64::from_bits(values["grad_scaler.growth_tracker"].1[0]);
+    let skipped = 2.0 - clean;
+    assert_eq!(
+        scale,
+        65536.0 * 0.5f64.powf(skipped),
+        "scale {scale}, clean {clean}"
+    );
+    // Parameters stay f32 (the master weights).
+    let loaded = checkpoint::load(run.join("checkpoint.safetensors")).unwrap();
+    assert!(
+        loaded
+            .tensors
+            .iter()
+            .filter(|(name, _)| name.starts_with("model."))
+            .all(|(_, t)| t.dtype() == kiln::DType::F32)
+    );
+    let data = s.data().display().to_string();
+    let out = s.arg("half");
+    let err = kiln_fails(
+        &[
+            "train",
+            "vae",
+            "--data",
+            &data,
+            "--out",
+            &out,
+            "--resume",
+            "--steps",
+            "3",
+            "--precision",
+            "bf16",
+        ],
+        &["--precision bf16", "f16"],
+    );
+    assert!(err.contains("resumed run"), "{err}");
+
+    train(&s, "vae", "bf16", &["--steps", "2", "--precision", "bf16"]);
+    let run_arg = s.arg("bf16");
+    let grid = s.arg("grid.png");
+    let raw = s.arg("raw.safetensors");
+    kiln_ok(&[
+        "sample",
+        "vae",
+        "--checkpoint",
+        &run_arg,
+        "--n",
+        "4",
+        "--out",
+        &grid,
+        "--raw",
+        &raw,
+    ]);
+    let samples = &checkpoint::load(&raw).unwrap().tensors["samples"];
+    assert_eq!(samples.dtype(), kiln::DType::F32);
+    let printed = kiln_ok(&["eval", "vae", "--checkpoint", &run_arg, "--data", &data]);
+    assert!(printed.contains("test negative ELBO"), "{printed}");
+    // An unknown precision is refused by the parser, naming the choices.
+    let output = kiln(&[
+        "train",
+        "vae",
+        "--data",
+        &data,
+        "--out",
+        &out,
+        "--precision",
+        "fp8",
+    ]);
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(err.contains("fp8") && err.contains("bf16"), "{err}");
 }
 
 #[test]

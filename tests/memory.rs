@@ -11,7 +11,7 @@
 use kiln::cli::specs::{GanSpec, GptSpec, build_gan, build_gpt};
 use kiln::models::gpt::GptOptimizers;
 use kiln::models::{dcgan, gpt};
-use kiln::{DType, Device, Rng, Tensor};
+use kiln::{DType, Device, MixedPrecision, Rng, Tensor};
 
 /// Minor page faults of this process so far.
 fn page_faults() -> i64 {
@@ -54,8 +54,17 @@ fn main() {
         Tensor::from_indices(picked, [32, 64]).unwrap()
     };
     let (x, y) = (window(0), window(1));
+    let mut amp = MixedPrecision::f32();
     let gpt_faults = faults_per_step(3, 5, || {
-        gpt::train_step(&model, &mut optimizers, &x, &y, gpt::DEFAULT_GRAD_CLIP).unwrap();
+        gpt::train_step(
+            &model,
+            &mut optimizers,
+            &x,
+            &y,
+            gpt::DEFAULT_GRAD_CLIP,
+            &mut amp,
+        )
+        .unwrap();
     });
 
     let gan = GanSpec {
@@ -86,6 +95,7 @@ fn main() {
             &mut optim_d,
             &real,
             &z,
+            &mut amp,
         )
         .unwrap();
     });

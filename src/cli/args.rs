@@ -105,6 +105,27 @@ pub enum DeviceArg {
     Cuda,
 }
 
+/// The precision of a training run.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrecisionArg {
+    /// Everything in f32.
+    F32,
+    /// Matrix products and convolutions in bf16 (f32 accumulation); f32 weights and optimizer.
+    Bf16,
+    /// As bf16 with f16 inputs, and the loss scaled (GradScaler) against f16's small range.
+    F16,
+}
+
+impl PrecisionArg {
+    pub fn precision(self) -> crate::Precision {
+        match self {
+            PrecisionArg::F32 => crate::Precision::F32,
+            PrecisionArg::Bf16 => crate::Precision::BF16,
+            PrecisionArg::F16 => crate::Precision::F16,
+        }
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
     /// Which model to train.
@@ -146,6 +167,11 @@ pub struct TrainArgs {
     /// Continue the run saved in --out from its last checkpoint.
     #[arg(long)]
     pub resume: bool,
+
+    /// Numeric precision [default: f32, or the resumed run's]; sample,
+    /// generate and eval run a checkpoint in the precision it was trained in.
+    #[arg(long, value_enum)]
+    pub precision: Option<PrecisionArg>,
 
     /// Save a checkpoint (and refresh loss.png / samples.png) every N steps.
     #[arg(long, default_value_t = 500)]

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::Tensor;
+use crate::{Precision, Tensor};
 
 /// File names inside a run directory.
 pub const WEIGHTS_FILE: &str = "checkpoint.safetensors";
@@ -79,6 +79,19 @@ pub struct TrainingConfig {
     pub grad_clip: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight_decay: Option<f64>,
+    /// "f32", "bf16" or "f16" (absent in checkpoints from before mixed precision: f32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<String>,
+}
+
+impl TrainingConfig {
+    /// The precision the run trains in.
+    pub fn precision(&self) -> Result<Precision> {
+        match &self.precision {
+            None => Ok(Precision::F32),
+            Some(name) => Ok(Precision::parse(name)?),
+        }
+    }
 }
 
 /// A checkpoint read back: its state and its tensors (on the CPU).
@@ -90,6 +103,14 @@ pub struct LoadedCheckpoint {
 }
 
 impl LoadedCheckpoint {
+    /// The precision the checkpoint was trained in, which its forward passes use.
+    pub fn precision(&self) -> Result<Precision> {
+        self.state
+            .training
+            .precision()
+            .with_context(|| format!("{}", self.weights_path.display()))
+    }
+
     /// Fails unless the checkpoint holds a `expected` model, saying what it holds.
     pub fn expect_model(&self, expected: &str) -> Result<()> {
         if self.state.model != expected {
@@ -386,6 +407,7 @@ mod tests {
                 lr_decay_steps: None,
                 grad_clip: None,
                 weight_decay: None,
+                precision: Some("bf16".into()),
             },
             step: 3,
             epoch: 1,

@@ -21,6 +21,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     let device = super::device(args.device)?;
     let checkpoint = load_checkpoint(&args.checkpoint)?;
     let mut rng = stream_rng(args.seed, Stream::Sampling, 0);
+    let autocast = super::checkpoint_autocast(&checkpoint, device)?;
     // Images [n, C, H, W] and the range their values live in.
     let (images, lo, hi) = match args.model {
         ImageModelKind::Gan => {
@@ -36,6 +37,8 @@ pub fn run(args: &SampleArgs) -> Result<()> {
             (vae_images(&vae, &latents)?, 0.0, 1.0)
         }
     };
+    drop(autocast);
+    let images = images.to_dtype(DType::F32)?;
     let columns = (args.n as f64).sqrt().ceil() as usize;
     save_grid_png(&args.out, &images, columns, lo, hi)?;
     println!("wrote {} samples to {}", args.n, args.out.display());

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-use super::args::{ModelKind, TrainArgs};
+use super::args::{ModelKind, PrecisionArg, TrainArgs};
 use super::progress::Progress;
 use super::run_dir::{
     self, LOSS_CHART_FILE, LoadedCheckpoint, METRICS_FILE, MetricsLog, RunState, SAMPLES_FILE,
@@ -35,10 +35,13 @@ use crate::models::gpt::{self, Gpt, GptOptimizers};
 use crate::models::vae::{self, Vae};
 use crate::nn::Module;
 use crate::optim::{Adam, Optimizer};
-use crate::{DType, Device, Rng, Tensor, no_grad};
+use crate::{DType, Device, MixedPrecision, Precision, Rng, Tensor, no_grad};
 
 /// Images in samples.png (an 8×8 grid).
 const SAMPLE_GRID: usize = 8;
+
+/// The checkpoint prefix of the loss scaler's state (f16 runs).
+const GRAD_SCALER: &str = "grad_scaler";
 
 /// Steps of a GPT run without --steps.
 const DEFAULT_GPT_STEPS: usize = 2000;
@@ -50,7 +53,12 @@ trait Trainee {
     /// One optimisation step (global step `step`, 0-based) drawing its
     /// randomness from `rng`; returns the metrics, the first being the loss
     /// that must stay finite.
-    fn train_step(&mut self, step: usize, rng: &mut Rng) -> Result<Vec<f64>>;
+    fn train_step(
+        &mut self,
+        step: usize,
+        rng: &mut Rng,
+        amp: &mut MixedPrecision,
+    ) -> Result<Vec<f64>>;
     /// How the run's steps relate to its examples and epochs.
     fn length(&self) -> &dyn RunLength;
     /// Models and optimizer state, by checkpoint name.
@@ -88,6 +96,7 @@ struct Settings {
     lr_decay_steps: Option<usize>,
     grad_clip: f64,
     weight_decay: f64,
+    precision: Precision,
 }
 
 /// A flag's value: the one typed (which must match the resumed run's), the
@@ -171,6 +180,12 @@ impl Settings {
                 saved.and_then(|t| t.weight_decay),
                 gpt::DEFAULT_WEIGHT_DECAY,
             )?,
+            precision: setting(
+                "precision",
+                args.precision.map(PrecisionArg::precision),
+                saved.map(TrainingConfig::precision).transpose()?,
+                Precision::F32,
+            )?,
         };
         if settings.batch_size == 0 {
             bail!("--batch-size must be at least 1");
@@ -223,6 +238,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let state = resumed.as_ref().map(|c| &c.state);
     let settings = Settings::resolve(args, state)?;
     let device = super::device(args.device)?;
+    super::check_precision_on(settings.precision, device)?;
+    let mut amp = MixedPrecision::new(settings.precision);
 
     let (mut trainee, config, vocab): (Box<dyn Trainee>, serde_json::Value, Option<String>) =
         match kind {
@@ -252,6 +269,14 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let start_step = state.map_or(0, |s| s.step);
     if let Some(checkpoint) = &resumed {
         trainee.restore(checkpoint)?;
+        amp.scaler
+            .load_state_dict(&checkpoint.group(GRAD_SCALER))
+            .with_context(|| {
+                format!(
+                    "{}: cannot restore the loss scaler",
+                    checkpoint.weights_path.display()
+                )
+            })?;
     }
     if start_step >= total_steps {
         println!(
@@ -284,6 +309,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         lr_decay_steps: settings.lr_decay_steps,
         grad_clip: (kind == ModelKind::Gpt).then_some(settings.grad_clip),
         weight_decay: (kind == ModelKind::Gpt).then_some(settings.weight_decay),
+        precision: Some(settings.precision.name().to_string()),
     };
     let run_state = |step: usize, epoch: usize| RunState {
         format: STATE_FORMAT,
@@ -298,9 +324,10 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     };
 
     println!(
-        "training {} on {}: steps {start_step}..{total_steps}, {examples} examples, batch {}, lr {}, into {}",
+        "training {} on {} in {}: steps {start_step}..{total_steps}, {examples} examples, batch {}, lr {}, into {}",
         kind.name(),
         super::device_label(device),
+        settings.precision,
         settings.batch_size,
         settings.lr,
         out.display()
@@ -312,7 +339,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         let epoch = trainee.length().epochs_after(step);
         let started = Instant::now();
         let mut rng = stream_rng(settings.seed, Stream::Step, step as u64);
-        let values = trainee.train_step(step, &mut rng)?;
+        let values = trainee.train_step(step, &mut rng, &mut amp)?;
         let samples_per_s =
             trainee.length().examples_in_step(step) as f64 / started.elapsed().as_secs_f64();
         if !values[0].is_finite() {
@@ -347,10 +374,16 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         let done = step + 1;
         if done % args.checkpoint_every == 0 || done == total_steps {
             let state = run_state(done, trainee.length().epochs_after(done));
-            run_dir::save_checkpoint(&out, &state, &trainee.checkpoint_tensors())?;
+            let mut tensors = trainee.checkpoint_tensors();
+            tensors.extend(prefixed(GRAD_SCALER, amp.scaler.state_dict()));
+            run_dir::save_checkpoint(&out, &state, &tensors)?;
             last_checkpoint = done;
             save_loss_chart(&out, kind, trainee.metric_names(), &metrics)?;
-            trainee.save_pictures(&out)?;
+            {
+                // Pictures come from the model as it runs: in its precision.
+                let _autocast = amp.autocast();
+                trainee.save_pictures(&out)?;
+            }
             progress.println(&format!(
                 "step {done}/{total_steps} epoch {} {}: saved {}",
                 epoch + 1,
@@ -529,7 +562,12 @@ impl Trainee for GanTrainee {
         &["loss_d", "loss_g", "d_x", "d_g_z"]
     }
 
-    fn train_step(&mut self, step: usize, rng: &mut Rng) -> Result<Vec<f64>> {
+    fn train_step(
+        &mut self,
+        step: usize,
+        rng: &mut Rng,
+        amp: &mut MixedPrecision,
+    ) -> Result<Vec<f64>> {
         let indices = self.schedule.batch(step).to_vec();
         let n = indices.len();
         let real = self
@@ -544,6 +582,7 @@ impl Trainee for GanTrainee {
             &mut self.optim_d,
             &real,
             &z,
+            amp,
         )?;
         let _no_grad = no_grad();
         Ok(vec![
@@ -688,10 +727,15 @@ impl Trainee for VaeTrainee {
         &["loss", "reconstruction", "kl"]
     }
 
-    fn train_step(&mut self, step: usize, rng: &mut Rng) -> Result<Vec<f64>> {
+    fn train_step(
+        &mut self,
+        step: usize,
+        rng: &mut Rng,
+        amp: &mut MixedPrecision,
+    ) -> Result<Vec<f64>> {
         let indices = self.schedule.batch(step).to_vec();
         let x = vae_batch(&self.images, &indices, self.device)?;
-        let loss = vae::train_step(&self.vae, &mut self.optimizer, &x, rng)?;
+        let loss = vae::train_step(&self.vae, &mut self.optimizer, &x, rng, amp)?;
         Ok(vec![
             scalar(&loss.total)?,
             scalar(&loss.reconstruction)?,
@@ -839,7 +883,12 @@ impl Trainee for GptTrainee {
         &["loss", "lr", "grad_norm"]
     }
 
-    fn train_step(&mut self, step: usize, rng: &mut Rng) -> Result<Vec<f64>> {
+    fn train_step(
+        &mut self,
+        step: usize,
+        rng: &mut Rng,
+        amp: &mut MixedPrecision,
+    ) -> Result<Vec<f64>> {
         let lr = gpt_learning_rate(step, self.lr, self.warmup, self.lr_decay_steps);
         self.optimizers.set_learning_rate(lr);
         let (x, y) = random_batch(&self.train, self.batch_size, self.block_size, rng)?;
@@ -849,6 +898,7 @@ impl Trainee for GptTrainee {
             &x.to_device(self.device)?,
             &y.to_device(self.device)?,
             self.grad_clip,
+            amp,
         )?;
         // metrics.csv keeps a NaN column when gradients are not clipped.
         let grad_norm = result.grad_norm.unwrap_or(f64::NAN);

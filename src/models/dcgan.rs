@@ -9,6 +9,7 @@
 //! The tutorial targets 64×64 with five layers; one stride-2 layer fewer
 //! gives 32×32, which fits 28×28 (Fashion-)MNIST padded by two pixels.
 
+use crate::autocast::MixedPrecision;
 use crate::error::{Error, Result};
 use crate::nn::init::{Init, normal};
 use crate::nn::{
@@ -289,6 +290,7 @@ pub fn train_step(
     optim_d: &mut dyn Optimizer,
     real: &Tensor,
     z: &Tensor,
+    amp: &mut MixedPrecision,
 ) -> Result<GanStep> {
     let n = real.dims().first().copied().unwrap_or(0);
     let device = discriminator.device();
@@ -297,21 +299,32 @@ pub fn train_step(
 
     // Discriminator: maximise log D(x) + log(1 − D(G(z))). G gets no update
     // from this loss: D sees the generated batch detached.
+    let autocast = amp.autocast();
     let fake = generator.forward(z)?;
     let logits_real = discriminator.forward(real)?;
     let loss_real = logits_real.bce_with_logits(&real_label, Reduction::Mean)?;
     let logits_fake = discriminator.forward(&fake.detach())?;
     let loss_fake = logits_fake.bce_with_logits(&fake_label, Reduction::Mean)?;
     let loss_d = loss_real.add(&loss_fake)?;
-    let grads = loss_d.backward()?;
-    optim_d.step(&grads)?;
+    drop(autocast);
+    // With f16, a step whose gradients overflowed is skipped; the one
+    // scaler serves both players and backs off once, at the end.
+    let (grads, finite_d) = amp.backward(&loss_d)?;
+    if finite_d {
+        optim_d.step(&grads)?;
+    }
 
     // Generator: maximise log D(G(z)) (the non-saturating loss), through
     // the discriminator just updated.
+    let autocast = amp.autocast();
     let logits = discriminator.forward(&fake)?;
     let loss_g = logits.bce_with_logits(&real_label, Reduction::Mean)?;
-    let grads = loss_g.backward()?;
-    optim_g.step(&grads)?;
+    drop(autocast);
+    let (grads, finite_g) = amp.backward(&loss_g)?;
+    if finite_g {
+        optim_g.step(&grads)?;
+    }
+    amp.end_step();
 
     Ok(GanStep {
         loss_d: loss_d.detach(),

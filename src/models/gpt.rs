@@ -13,6 +13,7 @@
 //! Linear(E→4E) → GELU(tanh) → Linear(4E→E) → dropout. The head has no bias
 //! and is not tied to `wte` (each is a parameter of its own).
 
+use crate::autocast::MixedPrecision;
 use crate::autograd::no_grad;
 use crate::error::{Error, Result};
 use crate::nn::init::{Init, constant, normal};
@@ -455,16 +456,24 @@ pub fn train_step(
     x: &Tensor,
     y: &Tensor,
     grad_clip: f64,
+    amp: &mut MixedPrecision,
 ) -> Result<GptStep> {
-    let loss = gpt.loss(x, y)?;
-    let mut grads = loss.backward()?;
-    let grad_norm = if grad_clip > 0.0 {
+    let loss = {
+        let _autocast = amp.autocast();
+        gpt.loss(x, y)?
+    };
+    let (mut grads, finite) = amp.backward(&loss)?;
+    let grad_norm = if grad_clip > 0.0 && finite {
         Some(clip_grad_norm(&mut grads, &gpt.parameters(), grad_clip)?)
     } else {
         None
     };
-    optimizers.decay.step(&grads)?;
-    optimizers.no_decay.step(&grads)?;
+    // A step whose f16 gradients overflowed is skipped (the scale backs off).
+    if finite {
+        optimizers.decay.step(&grads)?;
+        optimizers.no_decay.step(&grads)?;
+    }
+    amp.end_step();
     Ok(GptStep {
         loss: loss.detach(),
         grad_norm,

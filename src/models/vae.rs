@@ -12,6 +12,7 @@
 //! The decoder returns logits rather than probabilities: the loss then uses
 //! `bce_with_logits`, which stays finite when a pixel saturates.
 
+use crate::autocast::MixedPrecision;
 use crate::error::{Error, Result};
 use crate::nn::init::Init;
 use crate::nn::{Linear, Module, TensorRole, visit_child};
@@ -181,10 +182,18 @@ pub fn train_step(
     optimizer: &mut dyn Optimizer,
     x: &Tensor,
     rng: &mut Rng,
+    amp: &mut MixedPrecision,
 ) -> Result<VaeLoss> {
-    let loss = vae.loss(x, rng)?;
-    let grads = loss.total.backward()?;
-    optimizer.step(&grads)?;
+    let loss = {
+        let _autocast = amp.autocast();
+        vae.loss(x, rng)?
+    };
+    let (grads, finite) = amp.backward(&loss.total)?;
+    // A step whose f16 gradients overflowed is skipped (the scale backs off).
+    if finite {
+        optimizer.step(&grads)?;
+    }
+    amp.end_step();
     Ok(VaeLoss {
         total: loss.total.detach(),
         reconstruction: loss.reconstruction.detach(),

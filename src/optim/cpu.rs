@@ -161,6 +161,22 @@ pub fn adam_update<T: Float>(
 /// above about 1e-26 in size, and in v it is far below eps² in the denominator.
 /// (kernels/optim.cu keeps them: a GPU computes with subnormals at full speed.)
 #[inline(always)]
+/// GradScaler's unscale of one gradient: out = grad · inv_scale, and
+/// whether every result is finite (0·x is ±0 for a finite x and NaN for Inf
+/// or NaN, which equals nothing), in one pass that vectorises.
+pub fn unscale_and_check_finite<T: Float>(grad: &[T], inv_scale: T) -> (Vec<T>, bool) {
+    let mut finite = true;
+    let out = grad
+        .iter()
+        .map(|&g| {
+            let v = g * inv_scale;
+            finite &= v * T::ZERO == T::ZERO;
+            v
+        })
+        .collect();
+    (out, finite)
+}
+
 fn flush_subnormal<T: Float>(x: T) -> T {
     if x.abs() < T::MIN_POSITIVE {
         T::ZERO

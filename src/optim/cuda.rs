@@ -211,3 +211,70 @@ pub(super) fn sum_of_squares(grads: &[Tensor]) -> Result<f64> {
     }
     Ok(total)
 }
+
+kernel_params! {
+    pub struct UnscaleParams {
+        grad: u64,
+        out: u64,
+        found_non_finite: u64,
+        n: i64,
+        inv_scale: f32,
+        pad: u32,
+    }
+}
+
+/// `grads` multiplied by `inv_scale` into new tensors, and whether any
+/// result is Inf or NaN: one `unscale_and_check_finite` launch per gradient,
+/// all setting one flag per device, which is read back once.
+pub(super) fn unscale_and_check_finite(
+    grads: &[Tensor],
+    inv_scale: f32,
+) -> Result<(Vec<Tensor>, bool)> {
+    const OP: &str = "GradScaler::unscale";
+    let mut flags: BTreeMap<usize, CudaStorage> = BTreeMap::new();
+    let mut unscaled = Vec::with_capacity(grads.len());
+    for grad in grads {
+        let Device::Cuda(ordinal) = grad.device() else {
+            unreachable!("only CUDA gradients come here")
+        };
+        let device = crate::cuda::device(ordinal)?;
+        let storage = grad.storage();
+        let Storage::Cuda(storage) = &*storage else {
+            unreachable!("a CUDA tensor has CUDA storage")
+        };
+        require_f32(OP, &[storage])?;
+        let flag = match flags.entry(ordinal) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(CudaStorage::from_cpu(&device, &CpuStorage::U32(vec![0]))?)
+            }
+        };
+        let out = CudaStorage::alloc(&device, DType::F32, storage.len())?;
+        let params = UnscaleParams {
+            grad: storage.ptr(),
+            out: out.ptr(),
+            found_non_finite: flag.ptr(),
+            n: storage.len() as i64,
+            inv_scale,
+            pad: 0,
+        };
+        device.launch(
+            FILE,
+            "unscale_and_check_finite",
+            launch_1d(storage.len()),
+            params,
+        )?;
+        unscaled.push(Tensor::from_result(
+            Storage::Cuda(out),
+            grad.shape().clone(),
+        ));
+    }
+    let mut finite = true;
+    for flag in flags.values() {
+        match flag.to_cpu()? {
+            CpuStorage::U32(v) => finite &= v[0] == 0,
+            _ => unreachable!("the flag is allocated as u32"),
+        }
+    }
+    Ok((unscaled, finite))
+}

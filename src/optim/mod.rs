@@ -16,7 +16,7 @@
 //! glue (`cuda`), the per-parameter dispatch between the two (`dispatch`),
 //! the checks and state (de)serialisation every optimizer shares
 //! (`bookkeeping`), one file per optimizer (`sgd`, `adam`), and gradient
-//! clipping (`clip`).
+//! clipping (`clip`), and loss scaling for f16 (`grad_scaler`).
 
 mod adam;
 mod bookkeeping;
@@ -24,6 +24,7 @@ mod clip;
 mod cpu;
 mod cuda;
 mod dispatch;
+mod grad_scaler;
 mod sgd;
 
 use std::collections::HashMap;
@@ -34,7 +35,8 @@ use crate::tensor::Tensor;
 
 pub use adam::{Adam, AdamConfig, AdamW};
 pub use clip::clip_grad_norm;
-pub use cpu::{AdamScalars, SgdScalars, adam_update, sgd_update};
+pub use cpu::{AdamScalars, SgdScalars, adam_update, sgd_update, unscale_and_check_finite};
+pub use grad_scaler::{GradScaler, GradScalerConfig};
 pub use sgd::{Sgd, SgdConfig};
 
 /// Updates parameters from their gradients.

@@ -8,7 +8,10 @@
 
 use std::collections::HashMap;
 
-use kiln::optim::{Adam, AdamConfig, AdamW, Optimizer, Sgd, SgdConfig, clip_grad_norm};
+use kiln::optim::{
+    Adam, AdamConfig, AdamW, GradScaler, GradScalerConfig, Optimizer, Sgd, SgdConfig,
+    clip_grad_norm,
+};
 use kiln::{Device, GradStore, Reduction, Tensor};
 
 use crate::common::{assert_close, check_op, cuda_or_skip, randn, uniform};
@@ -318,4 +321,35 @@ fn clip_grad_norm_matches_cpu_norm_and_scaled_grads() {
             );
         }
     }
+}
+
+#[test]
+fn grad_scaler_unscale_matches_cpu_and_finds_an_inf_on_the_device() {
+    let Some(dev) = cuda_or_skip("GradScaler::unscale") else {
+        return;
+    };
+    let cpu_params = params_on(Device::Cpu, 12);
+    let cuda_params = params_on(dev, 12);
+    let scaler = || GradScaler::new(GradScalerConfig::default()).unwrap();
+    let (mut cpu_scaler, mut cuda_scaler) = (scaler(), scaler());
+    let mut cpu_grads = grads_for(&cpu_params, 0);
+    let mut cuda_grads = grads_for(&cuda_params, 0);
+    assert!(cpu_scaler.unscale(&mut cpu_grads).unwrap());
+    assert!(cuda_scaler.unscale(&mut cuda_grads).unwrap());
+    for ((_, cpu), (_, cuda)) in cpu_params.iter().zip(&cuda_params) {
+        // A product by a power of two: exact on both devices.
+        let (a, b) = (cpu_grads.get(cpu).unwrap(), cuda_grads.get(cuda).unwrap());
+        assert_eq!(a.to_f64_vec(), b.to_f64_vec(), "unscaled gradient");
+    }
+    // One Inf in the last element of the last gradient is found.
+    let mut cuda_grads = grads_for(&cuda_params, 1);
+    let (_, last) = cuda_params.last().unwrap();
+    let mut values = cuda_grads.get(last).unwrap().to_vec::<f32>().unwrap();
+    *values.last_mut().unwrap() = f32::INFINITY;
+    let poisoned = Tensor::from_vec(values, last.dims())
+        .unwrap()
+        .to_device(dev)
+        .unwrap();
+    cuda_grads.insert(last, poisoned);
+    assert!(!cuda_scaler.unscale(&mut cuda_grads).unwrap());
 }

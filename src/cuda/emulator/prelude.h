@@ -210,6 +210,10 @@ __device__ inline float __saturatef(float x) { return x < 0.0f ? 0.0f : (x > 1.0
 __device__ inline int __popc(unsigned v) { return __builtin_popcount(v); }
 __device__ inline int __clz(int v) { return v == 0 ? 32 : __builtin_clz((unsigned)v); }
 __device__ inline int __ffs(int v) { return __builtin_ffs(v); }
+// CUDA's classification functions are global; <cmath> puts them in std.
+using std::isfinite;
+using std::isinf;
+using std::isnan;
 
 // ---- sanitizer hooks ----------------------------------------------------------
 // Kernels are compiled with -fsanitize=alignment,bounds; these definitions
