@@ -36,9 +36,20 @@ pub trait Backward: Send + Sync {
     fn slice_of_input(&self) -> Option<(usize, usize)> {
         None
     }
+
+    /// Whether `backward` reads its inputs' values. A rule that needs only
+    /// their shapes, dtypes and devices (to_dtype, add, sub, reshape) says
+    /// false: its node then keeps handles without the values, so an input's
+    /// memory is freed as soon as nothing else needs it (an f32 activation
+    /// cast to bf16 for a matmul lives no longer than the cast).
+    fn reads_input_values(&self) -> bool {
+        true
+    }
 }
 
 /// The graph edge stored in an op's output.
+/// Shared between a tensor and the value-less handles of it that nodes
+/// keep (see [`Backward::reads_input_values`]).
 pub(crate) struct Node {
     pub backward: Box<dyn Backward>,
     pub inputs: Vec<Tensor>,
@@ -245,4 +256,39 @@ fn topological_order(root: &Tensor) -> Vec<Tensor> {
 pub fn no_grad_scope<R>(f: impl FnOnce() -> R) -> R {
     let _guard = no_grad();
     f()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::{DType, Device, Tensor};
+
+    #[test]
+    fn a_node_whose_rule_reads_no_values_does_not_keep_its_inputs_values() {
+        let x = Tensor::ones([4], DType::F32, Device::Cpu)
+            .unwrap()
+            .requires_grad_();
+        let doubled = || x.mul_scalar(2.0).unwrap();
+        // to_dtype's rule reads only dtypes: y's values go with its last handle.
+        let y = doubled();
+        let y_values = Arc::downgrade(&y.shared_storage());
+        let cast = y.to_dtype(DType::BF16).unwrap();
+        drop(y);
+        assert!(y_values.upgrade().is_none(), "to_dtype kept y's values");
+        // mul's rule reads both operands: they stay.
+        let y = doubled();
+        let y_values = Arc::downgrade(&y.shared_storage());
+        let square = y.mul(&y).unwrap();
+        drop(y);
+        assert!(
+            y_values.upgrade().is_some(),
+            "mul let go of values it needs"
+        );
+        // Gradients still flow through the value-less handles.
+        let loss = cast.add(&square).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        // d/dx (2x + 4x²) = 2 + 8x = 10 at x = 1
+        assert_eq!(grads.get(&x).unwrap().to_f64_vec(), vec![10.0; 4]);
+    }
 }

@@ -62,6 +62,7 @@ pub mod cuda;
 pub mod data;
 pub mod error;
 pub mod gradcheck;
+pub mod half_float;
 pub mod host_memory;
 pub mod kernels;
 pub mod models;

@@ -6,10 +6,10 @@ use std::fmt::Debug;
 use std::iter::Sum;
 use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
 
-use half::slice::HalfFloatSliceExt;
 pub use half::{bf16, f16};
 
 use crate::cuda::CudaStorage;
+use crate::half_float;
 use crate::tensor::{DType, Device};
 
 /// The numbers of a tensor, on some device.
@@ -113,16 +113,16 @@ impl CpuStorage {
     }
 
     /// The values converted to `dtype`, rounding to nearest even and keeping
-    /// NaN and ±∞ (as `half` does). f32 ↔ 16-bit goes through `half`'s
-    /// slice conversions (vectorised where the CPU has F16C); everything
-    /// else through f64, which holds every f32, 16-bit and u32 value exactly.
+    /// NaN and ±∞ (as `half` does). f32 ↔ 16-bit goes through the
+    /// vectorised loops of [`crate::half_float`]; everything else through
+    /// f64, which holds every f32, 16-bit and u32 value exactly.
     pub fn converted(&self, dtype: DType) -> Self {
         match (self, dtype) {
             (_, dtype) if dtype == self.dtype() => self.clone(),
-            (CpuStorage::F32(v), DType::F16) => CpuStorage::F16(half_from_f32(v)),
-            (CpuStorage::F32(v), DType::BF16) => CpuStorage::BF16(half_from_f32(v)),
-            (CpuStorage::F16(v), DType::F32) => CpuStorage::F32(half_to_f32(v)),
-            (CpuStorage::BF16(v), DType::F32) => CpuStorage::F32(half_to_f32(v)),
+            (CpuStorage::F32(v), DType::F16) => CpuStorage::F16(half_float::narrow(v)),
+            (CpuStorage::F32(v), DType::BF16) => CpuStorage::BF16(half_float::narrow(v)),
+            (CpuStorage::F16(v), DType::F32) => CpuStorage::F32(half_float::widen(v)),
+            (CpuStorage::BF16(v), DType::F32) => CpuStorage::F32(half_float::widen(v)),
             (other, dtype) => CpuStorage::from_f64_vec(other.to_f64_vec(), dtype),
         }
     }
@@ -138,6 +138,37 @@ impl CpuStorage {
         }
     }
 
+    /// A 16-bit storage mapped by an elementwise f32 kernel a chunk at a
+    /// time (see [`half_float::map_chunks`]); `None` for other dtypes.
+    pub fn map_half_chunks(
+        &self,
+        kernel: impl Fn(&[f32]) -> Vec<f32> + Sync,
+    ) -> Option<CpuStorage> {
+        match self {
+            CpuStorage::F16(v) => Some(CpuStorage::F16(half_float::map_chunks(v, kernel))),
+            CpuStorage::BF16(v) => Some(CpuStorage::BF16(half_float::map_chunks(v, kernel))),
+            _ => None,
+        }
+    }
+
+    /// Two 16-bit storages of one dtype and length zipped by an elementwise
+    /// f32 kernel a chunk at a time; `None` for any other pair.
+    pub fn zip_half_chunks(
+        &self,
+        other: &CpuStorage,
+        kernel: impl Fn(&[f32], &[f32]) -> Vec<f32> + Sync,
+    ) -> Option<CpuStorage> {
+        match (self, other) {
+            (CpuStorage::F16(a), CpuStorage::F16(b)) if a.len() == b.len() => {
+                Some(CpuStorage::F16(half_float::zip_chunks(a, b, kernel)))
+            }
+            (CpuStorage::BF16(a), CpuStorage::BF16(b)) if a.len() == b.len() => {
+                Some(CpuStorage::BF16(half_float::zip_chunks(a, b, kernel)))
+            }
+            _ => None,
+        }
+    }
+
     /// A 16-bit storage widened to f32 for computing; any other as it is.
     pub fn widened(&self) -> std::borrow::Cow<'_, CpuStorage> {
         if self.dtype().is_half() {
@@ -146,26 +177,6 @@ impl CpuStorage {
             std::borrow::Cow::Borrowed(self)
         }
     }
-}
-
-/// f32 values rounded to a 16-bit float type.
-fn half_from_f32<E: Default + Clone>(values: &[f32]) -> Vec<E>
-where
-    [E]: HalfFloatSliceExt,
-{
-    let mut out = vec![E::default(); values.len()];
-    out.as_mut_slice().convert_from_f32_slice(values);
-    out
-}
-
-/// 16-bit float values widened to f32 (exact).
-fn half_to_f32<E>(values: &[E]) -> Vec<f32>
-where
-    [E]: HalfFloatSliceExt,
-{
-    let mut out = vec![0f32; values.len()];
-    values.convert_to_f32_slice(&mut out);
-    out
 }
 
 /// The float types the CPU reference computes in: `f32` (the working dtype)

@@ -210,7 +210,10 @@ struct TensorInner {
     storage: Arc<RwLock<Storage>>,
     requires_grad: bool,
     /// Set when the tensor came from an op on tensors that require grad.
-    node: Option<Node>,
+    node: Option<Arc<Node>>,
+    /// A handle kept by a node whose rule reads no values: same id, node and
+    /// metadata, an empty storage (see `Backward::reads_input_values`).
+    values_released: bool,
 }
 
 /// Dropping the last handle to a deep graph would recurse once per op and
@@ -218,10 +221,14 @@ struct TensorInner {
 impl Drop for TensorInner {
     fn drop(&mut self) {
         let Some(node) = self.node.take() else { return };
-        let mut pending: Vec<Tensor> = node.inputs;
+        let mut pending: Vec<Tensor> = match Arc::try_unwrap(node) {
+            Ok(node) => node.inputs,
+            Err(_) => return,
+        };
         while let Some(tensor) = pending.pop() {
             if let Ok(mut inner) = Arc::try_unwrap(tensor.0)
                 && let Some(node) = inner.node.take()
+                && let Ok(node) = Arc::try_unwrap(node)
             {
                 pending.extend(node.inputs);
             }
@@ -275,7 +282,7 @@ impl Tensor {
         dtype: DType,
         device: Device,
         requires_grad: bool,
-        node: Option<Node>,
+        node: Option<Arc<Node>>,
     ) -> Self {
         crate::host_memory::keep_freed_memory();
         Tensor(Arc::new(TensorInner {
@@ -286,6 +293,7 @@ impl Tensor {
             storage: Arc::new(RwLock::new(storage)),
             requires_grad,
             node,
+            values_released: false,
         }))
     }
 
@@ -322,12 +330,24 @@ impl Tensor {
             storage,
             requires_grad: false,
             node: None,
+            values_released: false,
         }));
         let tracked = autograd::is_grad_enabled() && inputs.iter().any(|t| t.requires_grad());
         if !tracked {
             return out;
         }
         let backward = make_backward(&out.detach());
+        let reads_values = backward.reads_input_values();
+        let inputs = inputs
+            .iter()
+            .map(|&t| {
+                if reads_values {
+                    t.clone()
+                } else {
+                    t.without_values()
+                }
+            })
+            .collect();
         Tensor(Arc::new(TensorInner {
             id: out.0.id,
             shape: out.0.shape.clone(),
@@ -335,10 +355,27 @@ impl Tensor {
             device,
             storage: out.0.storage.clone(),
             requires_grad: true,
-            node: Some(Node {
+            node: Some(Arc::new(Node {
                 backward: Box::new(backward),
-                inputs: inputs.iter().map(|&t| t.clone()).collect(),
-            }),
+                inputs,
+            })),
+            values_released: false,
+        }))
+    }
+
+    /// This tensor (same id, node, shape, dtype, device) without its values,
+    /// for a node whose rule reads none: holding it keeps no memory alive.
+    fn without_values(&self) -> Tensor {
+        let empty = CpuStorage::from_f64_vec(Vec::new(), self.dtype());
+        Tensor(Arc::new(TensorInner {
+            id: self.0.id,
+            shape: self.0.shape.clone(),
+            dtype: self.0.dtype,
+            device: self.0.device,
+            storage: Arc::new(RwLock::new(Storage::Cpu(empty))),
+            requires_grad: self.0.requires_grad,
+            node: self.0.node.clone(),
+            values_released: true,
         }))
     }
 
@@ -504,7 +541,7 @@ impl Tensor {
     }
 
     pub(crate) fn node(&self) -> Option<&Node> {
-        self.0.node.as_ref()
+        self.0.node.as_deref()
     }
 
     /// The size of dimension `dim`, or an error naming `op` if out of range.
@@ -609,6 +646,11 @@ impl Tensor {
     }
 
     pub(crate) fn storage(&self) -> RwLockReadGuard<'_, Storage> {
+        assert!(
+            !self.0.values_released,
+            "a backward rule read the values of an input it declared it does not read \
+             (Backward::reads_input_values)"
+        );
         self.0.storage.read().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -654,6 +696,7 @@ impl Tensor {
             storage: self.0.storage.clone(),
             requires_grad,
             node: None,
+            values_released: false,
         }))
     }
 
@@ -817,6 +860,11 @@ impl Backward for ToDtypeBackward {
     fn name(&self) -> &'static str {
         "to_dtype"
     }
+    // Reads only the gradient: the inputs' values can go.
+    fn reads_input_values(&self) -> bool {
+        false
+    }
+
     // dL/dx = dL/dy, converted back to x's dtype
     fn backward(&self, _inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         Ok(vec![Some(grad.to_dtype(self.source)?)])
@@ -831,6 +879,11 @@ impl Backward for ToDeviceBackward {
     fn name(&self) -> &'static str {
         "to_device"
     }
+    // Reads only the gradient: the inputs' values can go.
+    fn reads_input_values(&self) -> bool {
+        false
+    }
+
     // dL/dx = dL/dy, moved back to x's device
     fn backward(&self, _inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         Ok(vec![Some(grad.to_device(self.source)?)])

@@ -15,7 +15,7 @@ use crate::ops::broadcast_shape;
 use crate::profile;
 use crate::storage::{CpuStorage, Float, Storage};
 use crate::tensor::{Tensor, check_operands};
-use crate::{float_or_half_slice, float_or_half_slice2};
+use crate::{float_or_half_slice2, float_slice, float_slice2};
 
 /// The four broadcast arithmetic ops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,9 +187,10 @@ fn pointwise_in_own_dtype<F: Pointwise>(x: &Tensor, f: F) -> Result<Tensor> {
     let _profile = profile::op(op, x.device());
     check_operands(op, &[x])?;
     let out = match &*x.storage() {
-        Storage::Cpu(s) => Storage::Cpu(float_or_half_slice!(op, s, |v| CpuStorage::from(
-            f.forward_slices(v)
-        ))),
+        Storage::Cpu(s) => Storage::Cpu(match s.map_half_chunks(|v| f.forward_slices(v)) {
+            Some(out) => out,
+            None => float_slice!(op, s, |v| CpuStorage::from(f.forward_slices(v))),
+        }),
         Storage::Cuda(s) => Storage::Cuda(cuda::pointwise_forward(f.cuda(), s)?),
     };
     Ok(Tensor::from_op(out, x.shape().clone(), &[x], |_| {
@@ -203,9 +204,13 @@ pub(crate) fn pointwise_backward<F: Pointwise>(x: &Tensor, grad: &Tensor, f: F) 
     check_operands(op, &[x, grad])?;
     let dx = match (&*x.storage(), &*grad.storage()) {
         (Storage::Cpu(xs), Storage::Cpu(gs)) => {
-            Storage::Cpu(float_or_half_slice2!(op, xs, gs, |xv, gv| {
-                CpuStorage::from(f.backward_slices(xv, gv))
-            }))
+            let chunked = xs.zip_half_chunks(gs, |xv, gv| f.backward_slices(xv, gv));
+            Storage::Cpu(match chunked {
+                Some(out) => out,
+                None => float_slice2!(op, xs, gs, |xv, gv| {
+                    CpuStorage::from(f.backward_slices(xv, gv))
+                }),
+            })
         }
         (Storage::Cuda(xs), Storage::Cuda(gs)) => {
             Storage::Cuda(cuda::pointwise_backward(f.cuda(), xs, gs)?)
@@ -239,6 +244,15 @@ fn binary(lhs: &Tensor, rhs: &Tensor, op: BinaryOp) -> Result<Tensor> {
     check_operands(name, &[lhs, rhs])?;
     let out_shape = broadcast_shape(name, lhs.shape(), rhs.shape())?;
     let out = match (&*lhs.storage(), &*rhs.storage()) {
+        // Same-shape 16-bit operands: a chunk at a time, no full f32 copies.
+        (Storage::Cpu(a), Storage::Cpu(b)) if lhs.dims() == rhs.dims() && a.dtype().is_half() => {
+            let same_shape =
+                |x: &[f32], y: &[f32]| cpu::binary(op, x, &[x.len()], y, &[y.len()], &[x.len()]);
+            Storage::Cpu(
+                a.zip_half_chunks(b, same_shape)
+                    .expect("check_operands gave both one dtype"),
+            )
+        }
         (Storage::Cpu(a), Storage::Cpu(b)) => {
             Storage::Cpu(float_or_half_slice2!(name, a, b, |av, bv| {
                 CpuStorage::from(cpu::binary(
@@ -273,6 +287,11 @@ struct BinaryBackward {
 impl Backward for BinaryBackward {
     fn name(&self) -> &'static str {
         self.op.name()
+    }
+
+    // a ± b differentiates to ±1: only a product or quotient needs a and b.
+    fn reads_input_values(&self) -> bool {
+        matches!(self.op, BinaryOp::Mul | BinaryOp::Div)
     }
 
     fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {

@@ -10,6 +10,7 @@ use std::mem::MaybeUninit;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::half_float::{self, HalfFloat};
 use crate::storage::Float;
 
 /// One (possibly batched) product C[b] = op(A[b]) · op(B[b]) with op = transpose or identity.
@@ -133,6 +134,48 @@ pub fn linear<T: Float>(m: usize, k: usize, n: usize, x: &[T], w: &[T], bias: &[
     // SAFETY: every element was written above.
     unsafe { y.set_len(m * n) };
     y
+}
+
+/// Output rows per block of a 16-bit product: the block's f32 copies of its
+/// rows of A and of its output stay in the cache (64 × 768 f32 is 192 KiB).
+const HALF_ROW_BLOCK: usize = 256;
+
+/// C [m, n] = A [m, k] · B (+ `bias` on every row) for a 16-bit A and C,
+/// accumulated in f32: B arrives widened; A and C are converted a block of
+/// rows at a time, each block one single-threaded f32 product on a thread
+/// of its own, so no f32 copy of A or C is ever whole.
+pub(crate) fn gemm_rows_half<H: HalfFloat>(
+    m: usize,
+    k: usize,
+    a: &[H],
+    b: Mat<f32>,
+    bias: Option<&[f32]>,
+) -> Vec<H> {
+    let n = b.cols;
+    assert!(a.len() >= m * k, "gemm_rows_half: A too short");
+    let mut c = Vec::with_capacity(m * n);
+    let out = &mut c.spare_capacity_mut()[..m * n];
+    if n > 0 {
+        out.par_chunks_mut(HALF_ROW_BLOCK * n)
+            .enumerate()
+            .for_each(|(i, block)| {
+                let rows = block.len() / n;
+                let first = i * HALF_ROW_BLOCK * k;
+                let a_rows = half_float::widen(&a[first..first + rows * k]);
+                let mut product = Vec::with_capacity(rows * n);
+                let spare = &mut product.spare_capacity_mut()[..rows * n];
+                gemm_into_uninit(spare, Mat::row_major(&a_rows, rows, k), b, false);
+                // SAFETY: the product wrote every element of the block.
+                let written = unsafe { assume_written(spare) };
+                if let Some(bias) = bias {
+                    add_bias_rows(written, bias);
+                }
+                H::narrow_into(written, block);
+            });
+    }
+    // SAFETY: every block of rows was narrowed into its part of c.
+    unsafe { c.set_len(m * n) };
+    c
 }
 
 /// The values of a buffer a GEMM has written in full.

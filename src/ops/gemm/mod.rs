@@ -190,6 +190,21 @@ impl Tensor {
             None => rhs.clone(),
         };
         let out = match (&*lhs_data.storage(), &*rhs_data.storage()) {
+            // 16-bit A of one product: its rows are widened a block at a time.
+            (Storage::Cpu(a), Storage::Cpu(b))
+                if a.dtype().is_half()
+                    && b.dtype() == a.dtype()
+                    && plan.dims.batch == 1
+                    && !plan.dims.trans_a =>
+            {
+                let d = plan.dims;
+                let b = b.converted(DType::F32);
+                let CpuStorage::F32(b) = &b else {
+                    unreachable!("converted to f32")
+                };
+                let b = cpu::Mat::op(b, d.k, d.n, d.trans_b);
+                Storage::Cpu(half_rows_product(a, d.m, d.k, b, None))
+            }
             (Storage::Cpu(a), Storage::Cpu(b)) => {
                 Storage::Cpu(float_or_half_slice2!("matmul", a, b, |av, bv| {
                     CpuStorage::from(cpu::gemm(plan.dims, av, bv))
@@ -231,7 +246,6 @@ impl Tensor {
         check_operands("linear", &[x, weight, bias])?;
         let plan = plan(x, weight, false, true)?;
         let d = plan.dims;
-        let x_dtype = x.dtype();
         let out = match (&*x.storage(), &*weight.storage(), &*bias.storage()) {
             (
                 Storage::Cpu(CpuStorage::F32(x)),
@@ -243,16 +257,17 @@ impl Tensor {
                 Storage::Cpu(CpuStorage::F64(w)),
                 Storage::Cpu(CpuStorage::F64(b)),
             ) => CpuStorage::from(cpu::linear(d.m, d.k, d.n, x, w, b)),
-            // 16-bit operands of one dtype: widened to f32, product rounded back.
+            // 16-bit operands of one dtype: w and b widened, x and y a block
+            // of rows at a time.
             (Storage::Cpu(x), Storage::Cpu(w), Storage::Cpu(b))
                 if x.dtype().is_half() && w.dtype() == x.dtype() && b.dtype() == x.dtype() =>
             {
-                let [x, w, b] = [x, w, b].map(|s| s.converted(DType::F32));
-                let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) = (&x, &w, &b)
-                else {
+                let [w, b] = [w, b].map(|s| s.converted(DType::F32));
+                let (CpuStorage::F32(w), CpuStorage::F32(b)) = (&w, &b) else {
                     unreachable!("converted to f32")
                 };
-                CpuStorage::from(cpu::linear(d.m, d.k, d.n, x, w, b)).converted(x_dtype)
+                let w = cpu::Mat::op(w, d.k, d.n, true);
+                half_rows_product(x, d.m, d.k, w, Some(b))
             }
             _ => return composite(),
         };
@@ -262,6 +277,21 @@ impl Tensor {
             &[x, weight, bias],
             |_| LinearBackward,
         ))
+    }
+}
+
+/// [`cpu::gemm_rows_half`] on a 16-bit storage `a` (checked by the caller).
+fn half_rows_product(
+    a: &CpuStorage,
+    m: usize,
+    k: usize,
+    b: cpu::Mat<f32>,
+    bias: Option<&[f32]>,
+) -> CpuStorage {
+    match a {
+        CpuStorage::F16(a) => CpuStorage::F16(cpu::gemm_rows_half(m, k, a, b, bias)),
+        CpuStorage::BF16(a) => CpuStorage::BF16(cpu::gemm_rows_half(m, k, a, b, bias)),
+        _ => unreachable!("a 16-bit operand"),
     }
 }
 

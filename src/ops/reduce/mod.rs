@@ -241,6 +241,11 @@ impl Backward for SumBackward {
     fn name(&self) -> &'static str {
         if self.scale == 1.0 { "sum" } else { "mean" }
     }
+    // Reads only the gradient: the inputs' values can go.
+    fn reads_input_values(&self) -> bool {
+        false
+    }
+
     // dL/dx = broadcast(dL/dy) · scale   (scale = 1 for sum, 1/count for mean)
     fn backward(&self, _inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let mut g = grad

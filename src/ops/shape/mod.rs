@@ -281,6 +281,11 @@ impl Backward for ReshapeBackward {
     fn name(&self) -> &'static str {
         "reshape"
     }
+    // Reads only the gradient: the inputs' values can go.
+    fn reads_input_values(&self) -> bool {
+        false
+    }
+
     // dL/dx = reshape(dL/dy, shape(x))
     fn backward(&self, _inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         Ok(vec![Some(grad.reshape(self.input_shape.clone())?)])
@@ -295,6 +300,11 @@ impl Backward for PermuteBackward {
     fn name(&self) -> &'static str {
         "permute"
     }
+    // Reads only the gradient: the inputs' values can go.
+    fn reads_input_values(&self) -> bool {
+        false
+    }
+
     // dL/dx = permute(dL/dy, perm⁻¹)
     fn backward(&self, _inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let mut inverse = vec![0; self.perm.len()];
@@ -315,6 +325,11 @@ impl Backward for NarrowBackward {
     fn name(&self) -> &'static str {
         "narrow"
     }
+    // Reads only the gradient: the inputs' values can go.
+    fn reads_input_values(&self) -> bool {
+        false
+    }
+
     // dL/dx = [0 … 0, dL/dy, 0 … 0] along dim (zeros outside the slice)
     fn backward(&self, _inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let len = grad.dims()[self.dim];
@@ -341,6 +356,11 @@ impl Backward for CatBackward {
     fn name(&self) -> &'static str {
         "cat"
     }
+    // Reads only the gradient: the inputs' values can go.
+    fn reads_input_values(&self) -> bool {
+        false
+    }
+
     // dL/dx_i = narrow(dL/dy, dim, offset_i, size_i)
     fn backward(&self, _inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let mut offset = 0;
@@ -361,6 +381,11 @@ impl Backward for BroadcastBackward {
     fn name(&self) -> &'static str {
         "broadcast_to"
     }
+    // Reads only the gradient: the inputs' values can go.
+    fn reads_input_values(&self) -> bool {
+        false
+    }
+
     // dL/dx = sum of dL/dy over every broadcast dim
     fn backward(&self, _inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         Ok(vec![Some(grad.sum_to_shape(&self.input_shape)?)])
