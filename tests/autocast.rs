@@ -255,3 +255,44 @@ fn autocast_leaves_f64_alone_and_refuses_a_wide_lower_precision() {
     let err = kiln::try_autocast(DType::F32).err().unwrap().to_string();
     assert!(err.contains("bf16 or f16"), "{err}");
 }
+
+#[test]
+fn batch_norm_under_autocast_keeps_f32_statistics_and_refuses_16_bit_running_stats() {
+    let x = randn(&[4, 3, 5, 5], 17).to_dtype(DType::BF16).unwrap();
+    let running_mean = Tensor::zeros([3], DType::F32, Device::Cpu).unwrap();
+    let running_var = Tensor::ones([3], DType::F32, Device::Cpu).unwrap();
+    let exact = f64_copy(&x)
+        .batch_norm2d(None, None, None, None, true, 0.1, 1e-5)
+        .unwrap();
+    let _scope = autocast(DType::BF16);
+    let y = x
+        .batch_norm2d(
+            Some(&running_mean),
+            Some(&running_var),
+            None,
+            None,
+            true,
+            0.1,
+            1e-5,
+        )
+        .unwrap();
+    assert_eq!(y.dtype(), DType::F32);
+    // Normalised in f32 from the bf16 values: f32 rounding only.
+    assert!(relative_frobenius(&y, &exact) < 1e-6);
+    assert_eq!(running_mean.dtype(), DType::F32);
+    assert!(running_mean.to_f64_vec().iter().any(|&m| m != 0.0));
+    let half_stats = running_var.to_dtype(DType::BF16).unwrap();
+    let err = x
+        .batch_norm2d(
+            Some(&running_mean),
+            Some(&half_stats),
+            None,
+            None,
+            true,
+            0.1,
+            1e-5,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("running_mean and running_var"), "{err}");
+}

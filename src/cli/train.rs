@@ -588,8 +588,21 @@ impl Trainee for GanTrainee {
         Ok(vec![
             scalar(&result.loss_d)?,
             scalar(&result.loss_g)?,
-            scalar(&result.logits_real.sigmoid()?.mean_all()?)?,
-            scalar(&result.logits_fake.sigmoid()?.mean_all()?)?,
+            // In f32 whatever the precision (16-bit logits would round the means).
+            scalar(
+                &result
+                    .logits_real
+                    .to_dtype(DType::F32)?
+                    .sigmoid()?
+                    .mean_all()?,
+            )?,
+            scalar(
+                &result
+                    .logits_fake
+                    .to_dtype(DType::F32)?
+                    .sigmoid()?
+                    .mean_all()?,
+            )?,
         ])
     }
 
