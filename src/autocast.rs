@@ -111,7 +111,6 @@ pub enum AutocastOp {
     Softmax,
     LogSoftmax,
     LayerNorm,
-    BatchNorm,
     Sum,
     Mean,
     Max,
@@ -132,11 +131,10 @@ impl AutocastOp {
             Matmul | Linear | Conv2d | ConvTranspose2d | Attention => CastPolicy::LowerPrecision,
             // Range or precision: exp overflows bf16's precision and f16's
             // range, normalisations and sums lose small terms, losses are
-            // what the optimizer differentiates. Batch norm's statistics
-            // and running stats stay in f32 with it.
-            Softmax | LogSoftmax | LayerNorm | BatchNorm | Sum | Mean | Exp | Log | Loss => {
-                CastPolicy::Float32
-            }
+            // what the optimizer differentiates. (Batch norm is not here:
+            // as in PyTorch it runs in x's dtype, with its statistics,
+            // running statistics and parameters in f32 inside the op.)
+            Softmax | LogSoftmax | LayerNorm | Sum | Mean | Exp | Log | Loss => CastPolicy::Float32,
             // Gathers and maxima lose nothing in 16-bit, but kiln has no
             // 16-bit kernel for them: they compute in f32 like the rest.
             Max | Embedding => CastPolicy::Float32,

@@ -14,14 +14,14 @@
 pub mod cpu;
 pub(crate) mod cuda;
 
-use crate::autocast::{self, AutocastOp};
+use crate::autocast;
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
 use crate::ops::layernorm::cuda::expect_cuda;
 use crate::ops::normalization_grads;
 use crate::profile;
 use crate::storage::{CpuStorage, Storage};
-use crate::tensor::{Device, Shape, Tensor, check_operands};
+use crate::tensor::{DType, Device, Shape, Tensor, check_operands};
 use crate::{float_slice, float_slice2};
 
 use cpu::BatchNormDims;
@@ -49,36 +49,36 @@ impl Tensor {
         momentum: f64,
         eps: f64,
     ) -> Result<Tensor> {
-        if autocast::any_half(&[Some(self), running_mean, running_var, weight, bias]) {
-            // Running statistics are updated in place, so they must be f32
-            // buffers already; only the activations and parameters widen.
-            if autocast::any_half(&[running_mean, running_var]) {
-                return Err(Error::DType {
-                    op: OP,
-                    msg: "running_mean and running_var are updated in place and must be f32 \
-                          buffers; keep them in f32 (autocast does)"
-                        .into(),
-                });
-            }
-            let out = autocast::widened(self)?.batch_norm2d(
-                running_mean,
-                running_var,
-                autocast::widened_optional(weight)?.as_ref(),
-                autocast::widened_optional(bias)?.as_ref(),
-                training,
-                momentum,
-                eps,
-            )?;
-            return autocast::finish_output(AutocastOp::BatchNorm, out, self.dtype());
+        // A 16-bit x is normalised in its own dtype (as PyTorch's autocast
+        // leaves batch norm): statistics, running statistics and the affine
+        // parameters stay f32, every value is computed in f32, and only x
+        // and y are 16-bit, so the activations the graph keeps are too.
+        if autocast::any_half(&[running_mean, running_var]) {
+            return Err(Error::DType {
+                op: OP,
+                msg: "running_mean and running_var are updated in place and must be f32 \
+                      buffers; keep them in f32 (autocast does)"
+                    .into(),
+            });
         }
-        let _profile = profile::op(OP, self.device());
-        let mut operands = vec![self];
-        operands.extend(
-            [running_mean, running_var, weight, bias]
-                .into_iter()
-                .flatten(),
+        let (weight, bias) = (
+            autocast::widened_optional(weight)?,
+            autocast::widened_optional(bias)?,
         );
-        check_operands(OP, &operands)?;
+        let (weight, bias) = (weight.as_ref(), bias.as_ref());
+        let _profile = profile::op(OP, self.device());
+        let params: Vec<&Tensor> = [running_mean, running_var, weight, bias]
+            .into_iter()
+            .flatten()
+            .collect();
+        if self.dtype().is_half() {
+            check_operands(OP, &[self])?;
+            check_operands(OP, &params)?;
+        } else {
+            let mut operands = vec![self];
+            operands.extend(&params);
+            check_operands(OP, &operands)?;
+        }
         let &[batch, channels, height, width] = self.dims() else {
             return Err(Error::shape(
                 OP,
@@ -156,18 +156,21 @@ impl Tensor {
             Device::Cuda(_) => cuda_statistics(self, dims, running, training, momentum, eps)?,
         };
         let out = match &*self.storage() {
-            Storage::Cpu(s) => Storage::Cpu(float_slice!(OP, s, |x| {
-                let weight = weight.map(Tensor::to_vec).transpose()?;
-                let bias = bias.map(Tensor::to_vec).transpose()?;
-                CpuStorage::from(cpu::normalize(
-                    x,
-                    dims,
-                    &mean.to_vec()?,
-                    &invstd.to_vec()?,
-                    weight.as_deref(),
-                    bias.as_deref(),
-                ))
-            })),
+            Storage::Cpu(s) => Storage::Cpu(
+                float_slice!(OP, &*s.widened(), |x| {
+                    let weight = weight.map(Tensor::to_vec).transpose()?;
+                    let bias = bias.map(Tensor::to_vec).transpose()?;
+                    CpuStorage::from(cpu::normalize(
+                        x,
+                        dims,
+                        &mean.to_vec()?,
+                        &invstd.to_vec()?,
+                        weight.as_deref(),
+                        bias.as_deref(),
+                    ))
+                })
+                .into_dtype(self.dtype()),
+            ),
             Storage::Cuda(s) => {
                 let weight = weight.map(Tensor::storage);
                 let bias = bias.map(Tensor::storage);
@@ -200,10 +203,10 @@ impl Tensor {
 /// The running statistics, when given, as (mean, var).
 type RunningStats<'a> = Option<(&'a Tensor, &'a Tensor)>;
 
-/// Per-channel (mean, invstd) on the CPU, in x's dtype; updates the running
-/// statistics when training. The statistics are computed in f64 and stored
-/// in x's dtype: the forward kernel and the backward's recomputation of x̂
-/// then see exactly the same values.
+/// Per-channel (mean, invstd) on the CPU, in x's dtype (f32 for a 16-bit
+/// x); updates the running statistics when training. The statistics are
+/// computed in f64 and stored in that dtype: the forward kernel and the
+/// backward's recomputation of x̂ then see exactly the same values.
 fn cpu_statistics(
     x: &Tensor,
     dims: BatchNormDims,
@@ -215,7 +218,9 @@ fn cpu_statistics(
     let (mean, invstd) = if training {
         let count = dims.per_channel();
         let stats = x.with_cpu(|s| -> Result<_> {
-            Ok(float_slice!(OP, s, |x| cpu::channel_stats(x, dims)))
+            Ok(float_slice!(OP, &*s.widened(), |x| cpu::channel_stats(
+                x, dims
+            )))
         })?;
         if let Some((running_mean, running_var)) = running {
             let bessel = count as f64 / (count - 1) as f64;
@@ -232,8 +237,13 @@ fn cpu_statistics(
             inverse_std(&running_var.to_f64_vec(), eps),
         )
     };
+    let dtype = if x.dtype().is_half() {
+        DType::F32
+    } else {
+        x.dtype()
+    };
     let per_channel = |values: Vec<f64>| -> Result<Tensor> {
-        let storage = CpuStorage::from_f64_vec(values, x.dtype());
+        let storage = CpuStorage::from_f64_vec(values, dtype);
         Ok(Tensor::from_cpu(storage, Shape::new([dims.channels])))
     };
     Ok((per_channel(mean)?, per_channel(invstd)?))
@@ -320,24 +330,28 @@ impl Backward for BatchNorm2dBackward {
         let x = &inputs[0];
         let weight = self.has_weight.then(|| &inputs[1]);
         check_operands(OP, &[x, grad])?;
+        let x_dtype = x.dtype();
         let (dx, dweight, dbias) = match (&*x.storage(), &*grad.storage()) {
-            (Storage::Cpu(xs), Storage::Cpu(gs)) => float_slice2!(OP, xs, gs, |x, dy| {
-                let weight = weight.map(Tensor::to_vec).transpose()?;
-                let grads = cpu::batch_norm_backward(
-                    x,
-                    dy,
-                    self.dims,
-                    &self.mean.to_vec()?,
-                    &self.invstd.to_vec()?,
-                    weight.as_deref(),
-                    self.training,
-                );
-                (
-                    Storage::Cpu(CpuStorage::from(grads.dx)),
-                    Storage::Cpu(CpuStorage::from(grads.dweight)),
-                    Storage::Cpu(CpuStorage::from(grads.dbias)),
-                )
-            }),
+            (Storage::Cpu(xs), Storage::Cpu(gs)) => {
+                float_slice2!(OP, &*xs.widened(), &*gs.widened(), |x, dy| {
+                    let weight = weight.map(Tensor::to_vec).transpose()?;
+                    let grads = cpu::batch_norm_backward(
+                        x,
+                        dy,
+                        self.dims,
+                        &self.mean.to_vec()?,
+                        &self.invstd.to_vec()?,
+                        weight.as_deref(),
+                        self.training,
+                    );
+                    (
+                        // dx in x's dtype; the parameters' gradients in f32, theirs.
+                        Storage::Cpu(CpuStorage::from(grads.dx).into_dtype(x_dtype)),
+                        Storage::Cpu(CpuStorage::from(grads.dweight)),
+                        Storage::Cpu(CpuStorage::from(grads.dbias)),
+                    )
+                })
+            }
             (Storage::Cuda(xs), Storage::Cuda(gs)) => {
                 let weight = weight.map(Tensor::storage);
                 let grads = cuda::backward(

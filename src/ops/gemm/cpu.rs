@@ -155,12 +155,15 @@ pub(crate) fn gemm_rows_half<H: HalfFloat>(
     assert!(a.len() >= m * k, "gemm_rows_half: A too short");
     let mut c = Vec::with_capacity(m * n);
     let out = &mut c.spare_capacity_mut()[..m * n];
+    // Every thread gets a block, however few the rows (a VAE batch of 128).
+    let threads = rayon::current_num_threads();
+    let block_rows = m.div_ceil(threads).div_ceil(16).clamp(1, HALF_ROW_BLOCK / 16) * 16;
     if n > 0 {
-        out.par_chunks_mut(HALF_ROW_BLOCK * n)
+        out.par_chunks_mut(block_rows * n)
             .enumerate()
             .for_each(|(i, block)| {
                 let rows = block.len() / n;
-                let first = i * HALF_ROW_BLOCK * k;
+                let first = i * block_rows * k;
                 let a_rows = half_float::widen(&a[first..first + rows * k]);
                 let mut product = Vec::with_capacity(rows * n);
                 let spare = &mut product.spare_capacity_mut()[..rows * n];
