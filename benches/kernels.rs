@@ -337,7 +337,7 @@ fn gemm_benches(bench: &mut Bench, target: &Target, vendor: &Vendor) {
             )
         };
         let rungs: Vec<(String, GemmKernel)> = if target.is_cuda() {
-            GemmKernel::ALL
+            GemmKernel::F32
                 .iter()
                 .map(|&k| (format!("gemm {}", gemm_rung_name(k)), k))
                 .collect()
@@ -371,6 +371,9 @@ fn gemm_benches(bench: &mut Bench, target: &Target, vendor: &Vendor) {
                 }
             }
         }
+    }
+    if target.is_cuda() {
+        tensor_core_gemm_benches(bench, target, vendor);
     }
     // The definition beside the fast path, on a size the triple loop can do.
     if !target.is_cuda() {
@@ -422,6 +425,62 @@ fn gemm_rung_name(kernel: GemmKernel) -> &'static str {
         GemmKernel::V1Naive => "v1_naive",
         GemmKernel::V2SmemTiled => "v2_smem_tiled",
         GemmKernel::V3RegisterBlocked => "v3_register_blocked",
+        GemmKernel::V4TensorCore => "v4_tensor_core",
+    }
+}
+
+/// The tensor-core rung on bf16 and f16 operands (C in their format, f32
+/// accumulation), against cuBLAS's 16-bit GEMM with f32 compute.
+fn tensor_core_gemm_benches(bench: &mut Bench, target: &Target, vendor: &Vendor) {
+    for shape in gemm_shapes(target) {
+        for dtype in [DType::BF16, DType::F16] {
+            let case = Case::new(
+                format!("gemm v4_tensor_core {dtype}"),
+                shape.label(),
+                Bound::Compute,
+            )
+            .flops(2 * (shape.m * shape.n * shape.k) as u64);
+            let prepare = |device: Device, seed: u64| {
+                let as_half = |t: Tensor| t.to_dtype(dtype).expect("16-bit operand");
+                (
+                    as_half(random(&shape.a_dims(), seed, device)),
+                    as_half(random(&shape.b_dims(), seed + 1, device)),
+                )
+            };
+            let run = |(a, b): &(Tensor, Tensor)| {
+                a.gemm_with(b, shape.trans_a, shape.trans_b, GemmKernel::V4TensorCore)
+                    .expect("16-bit gemm")
+            };
+            let Some(inputs) = bench_op(bench, target, &case, prepare, run, None) else {
+                continue;
+            };
+            if let Some(cublas) = &vendor.cublas {
+                let widened = |t: &Tensor| t.to_dtype(DType::F32).expect("widened output");
+                let out = widened(&run(&inputs));
+                let c = zeros([shape.m, shape.n], target.device)
+                    .to_dtype(dtype)
+                    .expect("16-bit output");
+                let call =
+                    || cublas.gemm_16bit(&inputs.0, &inputs.1, &c, shape.trans_a, shape.trans_b);
+                // Both round C once to 16 bits after f32 sums in their own
+                // order: elements may differ by an ulp (2⁻⁷ of bf16's scale).
+                let checked = call().and_then(|()| compare(&widened(&c), &out, 1e-2));
+                match checked {
+                    Err(e) => eprintln!(
+                        "  cuBLAS baseline for {} {} dropped: {e}",
+                        case.kernel, case.shape
+                    ),
+                    Ok(()) => {
+                        let seconds = bench.time_baseline(target, &case, "cuBLAS", || {
+                            call().expect("cuBLAS ran before");
+                        });
+                        if let Some(seconds) = seconds {
+                            bench.set_baseline(target, &case, "cuBLAS", seconds);
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 

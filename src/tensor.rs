@@ -906,13 +906,19 @@ pub(crate) fn same_device(op: &'static str, tensors: &[&Tensor]) -> Result<Devic
 }
 
 /// Checks that every operand shares one float dtype.
+/// The ops whose CUDA kernels take bf16 and f16 tensors.
+const CUDA_SIXTEEN_BIT_OPS: &[&str] = &["matmul"];
+
 pub(crate) fn same_float_dtype(op: &'static str, tensors: &[&Tensor]) -> Result<DType> {
     let dtype = tensors[0].dtype();
     // 16-bit tensors reach an op only where it has a path for them: the CPU
-    // ones compute in f32 (see `autocast`); CUDA has no 16-bit kernels yet.
+    // ones compute in f32 (see `autocast`); on CUDA, the ops of
+    // CUDA_SIXTEEN_BIT_OPS have 16-bit kernels.
     let supported = match dtype {
         DType::F32 | DType::F64 => true,
-        DType::F16 | DType::BF16 => tensors[0].device() == Device::Cpu,
+        DType::F16 | DType::BF16 => {
+            tensors[0].device() == Device::Cpu || CUDA_SIXTEEN_BIT_OPS.contains(&op)
+        }
         DType::U32 => false,
     };
     if !supported {

@@ -84,3 +84,59 @@ fn includes_are_inlined_so_nvrtc_needs_no_include_path() {
     assert!(!source.contains("#include"), "an #include survived");
     assert!(source.contains("GRID_STRIDE_LOOP"));
 }
+
+/// `ptxas`: KILN_PTXAS, else on PATH (the nvidia-cuda-nvcc wheel has one).
+fn ptxas_or_skip() -> Option<std::path::PathBuf> {
+    let candidate = std::env::var_os("KILN_PTXAS").map_or_else(|| "ptxas".into(), Into::into);
+    let found = std::process::Command::new(&candidate)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        return Some(candidate);
+    }
+    if std::env::var_os("KILN_REQUIRE_PTXAS").is_some() {
+        panic!("KILN_REQUIRE_PTXAS is set but {candidate:?} does not run");
+    }
+    eprintln!("skipped: ptxas not found (pip install nvidia-cuda-nvcc and set KILN_PTXAS)");
+    None
+}
+
+/// The tensor-core GEMM keeps its accumulators and fragments in registers:
+/// ptxas -v reports no spill stores or loads for it on sm_80 and sm_90.
+#[test]
+fn the_tensor_core_gemm_assembles_without_register_spills() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let Some(ptxas) = ptxas_or_skip() else {
+        return;
+    };
+    let source = expanded_source("gemm.cu").unwrap();
+    let dir = std::env::temp_dir().join(format!("kiln-ptxas-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for arch in ["sm_80", "sm_90"] {
+        let ptx_path = dir.join(format!("gemm-{arch}.ptx"));
+        std::fs::write(&ptx_path, compile_source("gemm.cu", &source, arch).unwrap()).unwrap();
+        let output = std::process::Command::new(&ptxas)
+            .args(["-v", "--gpu-name", arch, "-o"])
+            .arg(dir.join(format!("gemm-{arch}.cubin")))
+            .arg(&ptx_path)
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "ptxas failed for {arch}:\n{log}");
+        // "Function properties for gemm_v4_tensor_core", then its frame and spills.
+        let properties = log
+            .split("Function properties for ")
+            .find(|block| block.starts_with("gemm_v4_tensor_core"))
+            .unwrap_or_else(|| panic!("no properties for gemm_v4_tensor_core in:\n{log}"));
+        let spills = properties.lines().nth(1).unwrap_or_default();
+        eprintln!("{arch} gemm_v4_tensor_core: {}", spills.trim());
+        assert!(
+            spills.contains("0 bytes spill stores, 0 bytes spill loads"),
+            "{arch}: gemm_v4_tensor_core spills registers: {spills}\n{log}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -79,7 +79,17 @@ fn bind(device: &CudaDevice) -> VendorResult<()> {
 /// The device address of `t`'s data, asserting it is an f32 tensor on
 /// cuda:`ordinal` with `dims`.
 fn f32_data(what: &str, t: &Tensor, ordinal: usize, dims: &[usize]) -> *mut c_void {
-    assert_eq!(t.dtype(), DType::F32, "{what}: dtype");
+    device_data(what, t, DType::F32, ordinal, dims)
+}
+
+fn device_data(
+    what: &str,
+    t: &Tensor,
+    dtype: DType,
+    ordinal: usize,
+    dims: &[usize],
+) -> *mut c_void {
+    assert_eq!(t.dtype(), dtype, "{what}: dtype");
     assert_eq!(t.device(), Device::Cuda(ordinal), "{what}: device");
     assert_eq!(t.dims(), dims, "{what}: shape");
     t.cuda_ptr().expect("a CUDA tensor has a device address") as *mut c_void
@@ -150,11 +160,103 @@ impl Cublas {
         trans_a: bool,
         trans_b: bool,
     ) -> VendorResult<()> {
+        let p = self.plan("sgemm", DType::F32, (a, b, c), trans_a, trans_b)?;
+        // SAFETY: a live handle on kiln's stream; a, b and c are live device
+        // buffers of batch·M·K, batch·K·N and batch·M·N f32 (asserted by
+        // `plan`) that stay alive until the queued work is done, because the
+        // caller holds them and kiln's allocator reuses memory in stream
+        // order; alpha and beta are host scalars (the default pointer mode).
+        cublas_check("cublasSgemmStridedBatched", unsafe {
+            cublas::cublasSgemmStridedBatched(
+                self.handle,
+                op(trans_b),
+                op(trans_a),
+                p.n,
+                p.m,
+                p.k,
+                &ONE,
+                p.b as *const f32,
+                p.ldb_first,
+                p.stride_b,
+                p.a as *const f32,
+                p.lda_second,
+                p.stride_a,
+                &ZERO,
+                p.c as *mut f32,
+                p.n,
+                p.stride_c,
+                p.batch,
+            )
+        })
+    }
+
+    /// As `sgemm` for bf16 or f16 tensors (one format for a, b and c),
+    /// accumulated in f32 (`cublasGemmStridedBatchedEx` with
+    /// CUBLAS_COMPUTE_32F): the baseline of kiln's tensor-core rung.
+    pub fn gemm_16bit(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        trans_a: bool,
+        trans_b: bool,
+    ) -> VendorResult<()> {
+        let dtype = a.dtype();
+        let data_type = match dtype {
+            DType::BF16 => cublas::cudaDataType::CUDA_R_16BF,
+            DType::F16 => cublas::cudaDataType::CUDA_R_16F,
+            other => panic!("gemm_16bit: {other} is not a 16-bit float"),
+        };
+        let p = self.plan("gemm_16bit", dtype, (a, b, c), trans_a, trans_b)?;
+        // SAFETY: as in `sgemm`, for 16-bit buffers of the same element
+        // counts; alpha and beta are f32 host scalars, as the f32 compute
+        // type requires.
+        cublas_check("cublasGemmStridedBatchedEx", unsafe {
+            cublas::cublasGemmStridedBatchedEx(
+                self.handle,
+                op(trans_b),
+                op(trans_a),
+                p.n,
+                p.m,
+                p.k,
+                &ONE as *const f32 as *const c_void,
+                p.b,
+                data_type,
+                p.ldb_first,
+                p.stride_b,
+                p.a,
+                data_type,
+                p.lda_second,
+                p.stride_a,
+                &ZERO as *const f32 as *const c_void,
+                p.c,
+                data_type,
+                p.n,
+                p.stride_c,
+                p.batch,
+                cublas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublas::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+            )
+        })
+    }
+
+    /// The arguments of one cuBLAS call for row-major kiln tensors a [batch,
+    /// M, K] (or [batch, K, M] when `trans_a`), b [batch, K, N] (or [batch,
+    /// N, K] when `trans_b`), c [batch, M, N], all of `dtype` (or all rank
+    /// 2). Panics on tensors that are not CUDA tensors of matching shapes.
+    fn plan(
+        &self,
+        what: &str,
+        dtype: DType,
+        (a, b, c): (&Tensor, &Tensor, &Tensor),
+        trans_a: bool,
+        trans_b: bool,
+    ) -> VendorResult<GemmCall> {
         let ordinal = self.device.ordinal();
-        assert_eq!(a.rank(), b.rank(), "sgemm: ranks of a and b");
+        assert_eq!(a.rank(), b.rank(), "{what}: ranks of a and b");
         let (batch, a_rows, a_cols) = as_matrices("a", a);
         let (b_batch, b_rows, b_cols) = as_matrices("b", b);
-        assert_eq!(batch, b_batch, "sgemm: batch sizes of a and b");
+        assert_eq!(batch, b_batch, "{what}: batch sizes of a and b");
         let (m, k) = if trans_a {
             (a_cols, a_rows)
         } else {
@@ -165,65 +267,66 @@ impl Cublas {
         } else {
             (b_rows, b_cols)
         };
-        assert_eq!(k, b_k, "sgemm: op(a) is {m}x{k} but op(b) is {b_k}x{n}");
+        assert_eq!(k, b_k, "{what}: op(a) is {m}x{k} but op(b) is {b_k}x{n}");
         let c_dims = if a.rank() == 2 {
             vec![m, n]
         } else {
             vec![batch, m, n]
         };
-        let a_data = f32_data("sgemm a", a, ordinal, a.dims());
-        let b_data = f32_data("sgemm b", b, ordinal, b.dims());
-        let c_data = f32_data("sgemm c", c, ordinal, &c_dims);
-        bind(&self.device)?;
-
-        // The row-major trick. cuBLAS is column-major, and a row-major R×C
-        // matrix is, byte for byte, its C×R transpose in column-major with
-        // leading dimension C (its row length). So cuBLAS sees our C (M×N) as
-        // Cᵀ (N×M, ld N), and we ask it for Cᵀ = op(B)ᵀ · op(A)ᵀ: m' = N,
-        // n' = M, k' = K, B first and A second.
-        // - First operand, op(B)ᵀ (N×K). b's bytes read column-major are
-        //   b_storedᵀ with ld = b's row length: Bᵀ (N×K) when b is [K, N], so
-        //   no transpose; B_stored (N×K) transposed when b is [N, K]. Hence
-        //   transa' = trans_b, lda = b_cols.
-        // - Second operand, op(A)ᵀ (K×M): by the same reasoning transb' =
-        //   trans_a, ldb = a_cols.
-        // - ldc = N; the batch strides are whole matrices.
-        // cuBLAS's bounds hold: lda = N ≥ m' untransposed, = K ≥ k'
-        // transposed; ldb = K ≥ k' untransposed, = M ≥ n' transposed.
-        let op = |transpose: bool| {
-            if transpose {
-                cublas::cublasOperation_t::CUBLAS_OP_T
-            } else {
-                cublas::cublasOperation_t::CUBLAS_OP_N
-            }
+        let call = GemmCall {
+            a: device_data(what, a, dtype, ordinal, a.dims()),
+            b: device_data(what, b, dtype, ordinal, b.dims()),
+            c: device_data(what, c, dtype, ordinal, &c_dims),
+            // The row-major trick. cuBLAS is column-major, and a row-major
+            // R×C matrix is, byte for byte, its C×R transpose in column-major
+            // with leading dimension C (its row length). So cuBLAS sees our
+            // C (M×N) as Cᵀ (N×M, ld N), and we ask it for Cᵀ = op(B)ᵀ ·
+            // op(A)ᵀ: m' = N, n' = M, k' = K, B first and A second.
+            // - First operand, op(B)ᵀ (N×K). b's bytes read column-major are
+            //   b_storedᵀ with ld = b's row length: Bᵀ (N×K) when b is [K, N],
+            //   so no transpose; B_stored (N×K) transposed when b is [N, K].
+            //   Hence transa' = trans_b, lda = b_cols.
+            // - Second operand, op(A)ᵀ (K×M): by the same reasoning transb' =
+            //   trans_a, ldb = a_cols.
+            // - ldc = N; the batch strides are whole matrices.
+            // cuBLAS's bounds hold: lda = N ≥ m' untransposed, = K ≥ k'
+            // transposed; ldb = K ≥ k' untransposed, = M ≥ n' transposed.
+            m: to_c_int("n' (M)", m),
+            n: to_c_int("m' (N)", n),
+            k: to_c_int("k' (K)", k),
+            ldb_first: to_c_int("lda' (row length of b)", b_cols),
+            lda_second: to_c_int("ldb' (row length of a)", a_cols),
+            stride_a: (m * k) as i64,
+            stride_b: (k * n) as i64,
+            stride_c: (m * n) as i64,
+            batch: to_c_int("batch", batch),
         };
-        // SAFETY: a live handle on kiln's stream; a, b and c are live device
-        // buffers of batch·M·K, batch·K·N and batch·M·N f32 (asserted above)
-        // that stay alive until the queued work is done, because the caller
-        // holds them and kiln's allocator reuses memory in stream order;
-        // alpha and beta are host scalars (the default pointer mode).
-        cublas_check("cublasSgemmStridedBatched", unsafe {
-            cublas::cublasSgemmStridedBatched(
-                self.handle,
-                op(trans_b),
-                op(trans_a),
-                to_c_int("m (N)", n),
-                to_c_int("n (M)", m),
-                to_c_int("k (K)", k),
-                &ONE,
-                b_data as *const f32,
-                to_c_int("lda (row length of b)", b_cols),
-                (k * n) as i64,
-                a_data as *const f32,
-                to_c_int("ldb (row length of a)", a_cols),
-                (m * k) as i64,
-                &ZERO,
-                c_data as *mut f32,
-                to_c_int("ldc (N)", n),
-                (m * n) as i64,
-                to_c_int("batch", batch),
-            )
-        })
+        bind(&self.device)?;
+        Ok(call)
+    }
+}
+
+/// The arguments of one strided-batched cuBLAS GEMM (see `Cublas::plan`).
+struct GemmCall {
+    a: *mut c_void,
+    b: *mut c_void,
+    c: *mut c_void,
+    m: i32,
+    n: i32,
+    k: i32,
+    ldb_first: i32,
+    lda_second: i32,
+    stride_a: i64,
+    stride_b: i64,
+    stride_c: i64,
+    batch: i32,
+}
+
+fn op(transpose: bool) -> cublas::cublasOperation_t {
+    if transpose {
+        cublas::cublasOperation_t::CUBLAS_OP_T
+    } else {
+        cublas::cublasOperation_t::CUBLAS_OP_N
     }
 }
 

@@ -177,6 +177,16 @@ impl CudaDevice {
         &self.arch
     }
 
+    /// Whether the device has the bf16/f16 tensor cores of compute
+    /// capability 8.0 and later (`mma.sync.m16n8k16`), as its arch says.
+    pub fn has_tensor_cores(&self) -> bool {
+        self.arch
+            .strip_prefix("sm_")
+            .and_then(|digits| digits.get(..digits.len().saturating_sub(1)))
+            .and_then(|major| major.parse::<u32>().ok())
+            .is_some_and(|major| major >= 8)
+    }
+
     /// Whether this device is the CPU emulator.
     pub fn is_emulated(&self) -> bool {
         matches!(self.driver, Driver::Emulated(_))
@@ -377,6 +387,18 @@ impl CudaStorage {
 }
 
 /// CUDA kernels compute in f32; other float dtypes are refused with a hint.
+/// The code kernels/half.cuh gives a 16-bit format (KILN_BF16, KILN_F16).
+pub(crate) fn half_kind(op: &'static str, dtype: DType) -> Result<u32> {
+    match dtype {
+        DType::BF16 => Ok(0),
+        DType::F16 => Ok(1),
+        other => Err(Error::DType {
+            op,
+            msg: format!("expected a 16-bit operand (bf16 or f16), got {other}"),
+        }),
+    }
+}
+
 pub fn require_f32(op: &'static str, storages: &[&CudaStorage]) -> Result<()> {
     for s in storages {
         if s.dtype != DType::F32 {

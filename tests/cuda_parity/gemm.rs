@@ -4,8 +4,8 @@
 //! values in different orders (tiles, FMA), so results differ by a few ulps
 //! of the partial sums, which reach about √K ≈ 16 for K = 255.
 
-use kiln::Tensor;
 use kiln::ops::gemm::{GemmKernel, cuda_gemm_kernel};
+use kiln::{DType, Tensor};
 
 use crate::common::{assert_close, check_op, cuda_or_skip, randn};
 
@@ -62,6 +62,41 @@ fn every_gemm_kernel_matches_cpu_for_every_transpose_and_ragged_shape() {
                         &cuda,
                         ATOL,
                         RTOL,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// 16-bit operands run v4 on tensor cores whatever rung is chosen, against
+/// the CPU's 16-bit product: both accumulate in f32 and round C once, in
+/// different orders, so an element may land one 16-bit ulp away (2⁻⁷ of its
+/// size for bf16, 2⁻¹⁰ for f16).
+#[test]
+fn sixteen_bit_products_run_on_tensor_cores_and_match_cpu_for_every_transpose() {
+    let Some(dev) = cuda_or_skip("sixteen_bit_products_on_tensor_cores") else {
+        return;
+    };
+    for (dtype, rtol) in [(DType::BF16, 2f64.powi(-7)), (DType::F16, 2f64.powi(-10))] {
+        for (s, &shape) in SHAPES.iter().enumerate() {
+            for trans_a in [false, true] {
+                for trans_b in [false, true] {
+                    let (a, b) = operands(shape, trans_a, trans_b, 40 + 10 * s as u64);
+                    let (a, b) = (a.to_dtype(dtype).unwrap(), b.to_dtype(dtype).unwrap());
+                    let cpu = a.gemm(&b, trans_a, trans_b).unwrap();
+                    let (a_dev, b_dev) = (a.to_device(dev).unwrap(), b.to_device(dev).unwrap());
+                    // Asked for v1: a 16-bit product still runs v4.
+                    let cuda = a_dev
+                        .gemm_with(&b_dev, trans_a, trans_b, GemmKernel::V1Naive)
+                        .unwrap();
+                    assert_eq!(cuda.dtype(), dtype);
+                    assert_close(
+                        &format!("v4 {dtype} {shape:?} trans_a={trans_a} trans_b={trans_b}"),
+                        &cpu,
+                        &cuda,
+                        1e-3,
+                        rtol,
                     );
                 }
             }

@@ -215,6 +215,67 @@ using std::isfinite;
 using std::isinf;
 using std::isnan;
 
+// ---- tensor cores -------------------------------------------------------------
+// mma_m16n8k16 (kernels/half.cuh issues it as `mma.sync.aligned.m16n8k16`
+// PTX on the GPU): D += A·B for one warp, A 16×16 and B 16×8 of bf16 (kind 0)
+// or f16 (kind 1) packed two per 32-bit register, D in f32. Each lane leaves
+// its fragments in a per-warp scratch, the warp meets, every lane rebuilds
+// the two matrices from all 32 lanes' fragments with the PTX ISA's layout
+// and computes its own four outputs, and the warp meets again before the
+// scratch can be reused. Products are summed in f32 in k order (the
+// hardware's order and internal precision are its own: parity tests allow
+// for it).
+namespace kiln_emu {
+struct MmaFragments {
+    unsigned a[4];
+    unsigned b[2];
+};
+// One slot per lane of every warp of the running block (blocks run one at a time).
+static MmaFragments mma_scratch[32][32];
+
+inline float half_bits_to_float(unsigned bits, unsigned kind) {
+    if (kind == 0) return from_bits<float>(bits << 16);
+    const unsigned sign = (bits & 0x8000u) << 16, exponent = (bits >> 10) & 0x1Fu, mantissa = bits & 0x3FFu;
+    if (exponent == 0x1Fu) return from_bits<float>(sign | 0x7F800000u | (mantissa << 13));
+    if (exponent == 0) {
+        const float magnitude = (float)mantissa * 5.9604644775390625e-8f;
+        return sign ? -magnitude : magnitude;
+    }
+    return from_bits<float>(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+// The 16-bit half `index` (0: low) of a register.
+inline unsigned half_of(unsigned reg, int index) { return (reg >> (16 * index)) & 0xFFFFu; }
+}  // namespace kiln_emu
+
+__device__ inline void mma_m16n8k16(float d[4], const unsigned a[4], const unsigned b[2], unsigned kind) {
+    const unsigned linear = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    const unsigned warp = linear / 32, lane = linear % 32;
+    kiln_emu::MmaFragments& mine = kiln_emu::mma_scratch[warp][lane];
+    for (int i = 0; i < 4; ++i) mine.a[i] = a[i];
+    for (int i = 0; i < 2; ++i) mine.b[i] = b[i];
+    __syncwarp();
+    const kiln_emu::MmaFragments* warp_fragments = kiln_emu::mma_scratch[warp];
+    // A[r][q] lives in lane (r%8)·4 + (q%8)/2, register (r≥8) + 2·(q≥8), half q%2;
+    // B[q][n] in lane n·4 + (q%8)/2, register (q≥8), half q%2.
+    auto a_at = [&](int r, int q) {
+        const unsigned reg = warp_fragments[(r % 8) * 4 + (q % 8) / 2].a[(r >= 8 ? 1 : 0) + (q >= 8 ? 2 : 0)];
+        return kiln_emu::half_bits_to_float(kiln_emu::half_of(reg, q % 2), kind);
+    };
+    auto b_at = [&](int q, int n) {
+        const unsigned reg = warp_fragments[n * 4 + (q % 8) / 2].b[q >= 8 ? 1 : 0];
+        return kiln_emu::half_bits_to_float(kiln_emu::half_of(reg, q % 2), kind);
+    };
+    const int group = lane / 4, t = lane % 4;
+    for (int e = 0; e < 4; ++e) {
+        const int row = group + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
+        float sum = 0.0f;
+        for (int q = 0; q < 16; ++q) sum += a_at(row, q) * b_at(q, col);
+        d[e] += sum;
+    }
+    __syncwarp();
+}
+
 // ---- sanitizer hooks ----------------------------------------------------------
 // Kernels are compiled with -fsanitize=alignment,bounds; these definitions
 // replace the UBSan runtime and turn a finding into a kernel fault.
@@ -323,8 +384,9 @@ extern "C" char __stop_kiln_shared[] __attribute__((weak));
 
 // ---- racecheck: shared-memory hazards between barriers ------------------------------
 // Kernels are compiled with -fsanitize=thread, which calls the __tsan_*
-// hooks below around every load and store; these keep, for each 4-byte word
-// of the module's shared memory, its last writer and two of its readers in
+// hooks below around every load and store; these keep, for each 2-byte unit
+// of the module's shared memory (the smallest element kernels store there:
+// bf16/f16 tiles), its last writer and two of its readers in
 // the current epoch. Another thread's write after a read or write, or read
 // after a write, in the same epoch (no barrier between, and for lanes of
 // one warp no warp operation between) is a race: the kernel stops with both
@@ -339,6 +401,8 @@ struct SharedAccess {
 struct ShadowWord {
     SharedAccess write, first_read, other_read;
 };
+// Bytes of shared memory per ShadowWord.
+constexpr uintptr_t SHADOW_UNIT = 2;
 
 extern ShadowWord* shadow;
 
@@ -372,7 +436,7 @@ KILN_EMU_NO_RACECHECK inline void shared_access(uintptr_t offset, unsigned size,
     const dim3 b = s.block_dim;
     const unsigned linear = s.thread_idx.x + b.x * (s.thread_idx.y + b.y * s.thread_idx.z);
     const SharedAccess now{s.epoch, s.warp_epoch[linear / 32], linear + 1, (uintptr_t)pc};
-    for (uintptr_t word = offset / 4; word <= (offset + size - 1) / 4; ++word) {
+    for (uintptr_t word = offset / SHADOW_UNIT; word <= (offset + size - 1) / SHADOW_UNIT; ++word) {
         ShadowWord& w = shadow[word];
         if (unordered(w.write, now)) report_race(w.write, "wrote", now, write ? "writes" : "reads", offset);
         if (write) {
@@ -444,7 +508,8 @@ struct kiln_emu_module {
     kiln_emu_thread_state kiln_emu_state;                                                                  \
     kiln_emu_runtime kiln_emu_runtime_table;                                                               \
     kiln_emu::ShadowWord* kiln_emu::shadow = (kiln_emu::ShadowWord*)calloc(                                \
-        (size_t)(__stop_kiln_shared - __start_kiln_shared) / 4 + 1, sizeof(kiln_emu::ShadowWord));         \
+        (size_t)(__stop_kiln_shared - __start_kiln_shared) / kiln_emu::SHADOW_UNIT + 1,               \
+        sizeof(kiln_emu::ShadowWord));         \
     static const kiln_emu::KernelInfo kiln_emu_kernel_table[] = {__VA_ARGS__};                             \
     extern "C" __attribute__((visibility("default"))) kiln_emu_module kiln_emu_module_info() {             \
         return kiln_emu_module{kiln_emu_kernel_table, sizeof kiln_emu_kernel_table / sizeof(kiln_emu::KernelInfo), \

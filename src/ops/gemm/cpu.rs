@@ -157,7 +157,11 @@ pub(crate) fn gemm_rows_half<H: HalfFloat>(
     let out = &mut c.spare_capacity_mut()[..m * n];
     // Every thread gets a block, however few the rows (a VAE batch of 128).
     let threads = rayon::current_num_threads();
-    let block_rows = m.div_ceil(threads).div_ceil(16).clamp(1, HALF_ROW_BLOCK / 16) * 16;
+    let block_rows = m
+        .div_ceil(threads)
+        .div_ceil(16)
+        .clamp(1, HALF_ROW_BLOCK / 16)
+        * 16;
     if n > 0 {
         out.par_chunks_mut(block_rows * n)
             .enumerate()

@@ -32,11 +32,24 @@ pub enum GemmKernel {
     V2SmemTiled,
     /// `gemm_v3_register_blocked`: 128×128 block tiles, an 8×8 register tile per thread, float4 loads.
     V3RegisterBlocked,
+    /// `gemm_v4_tensor_core`: 16-bit operands (bf16 or f16) on tensor cores,
+    /// `mma.sync.m16n8k16` with f32 accumulators, 64×64 block tiles. Every
+    /// 16-bit CUDA product runs it, whatever rung is chosen; an f32 product
+    /// asked for it runs v3 (tensor cores take no f32 here).
+    V4TensorCore,
 }
 
 impl GemmKernel {
     /// Every rung, in ladder order (for parity tests and benchmarks).
-    pub const ALL: [GemmKernel; 3] = [
+    pub const ALL: [GemmKernel; 4] = [
+        GemmKernel::V1Naive,
+        GemmKernel::V2SmemTiled,
+        GemmKernel::V3RegisterBlocked,
+        GemmKernel::V4TensorCore,
+    ];
+
+    /// The rungs that take f32 operands.
+    pub const F32: [GemmKernel; 3] = [
         GemmKernel::V1Naive,
         GemmKernel::V2SmemTiled,
         GemmKernel::V3RegisterBlocked,
@@ -50,6 +63,7 @@ impl GemmKernel {
             GemmKernel::V1Naive => 0,
             GemmKernel::V2SmemTiled => 1,
             GemmKernel::V3RegisterBlocked => 2,
+            GemmKernel::V4TensorCore => 3,
         }
     }
 }
