@@ -289,16 +289,8 @@ extern "C" __launch_bounds__(V3_THREADS) __global__ void gemm_v3_register_blocke
 // ---- v4: tensor cores, 16-bit operands ------------------------------------
 // Mirrors GemmHalfParams in src/ops/gemm/cuda.rs.
 struct GemmHalfParams {
-    const u16* a;
-    const u16* b;
-    u16* c;
-    i64 batch;
-    i64 m;
-    i64 n;
-    i64 k;
-    u32 trans_a;
-    u32 trans_b;
-    u32 kind;  // KILN_BF16 or KILN_F16, for A, B and C
+    GemmParams gemm;  // a, b and c point at 16-bit values of `kind`
+    u32 kind;         // KILN_BF16 or KILN_F16
     u32 pad;
 };
 static_assert(sizeof(GemmHalfParams) == 72, "GemmHalfParams must match its Rust mirror");
@@ -326,20 +318,22 @@ __device__ __forceinline__ void v4_stage(u16 (*tile)[V4_STRIDE], const u16* data
     }
 }
 
-extern "C" __launch_bounds__(V4_THREADS) __global__ void gemm_v4_tensor_core(const GemmHalfParams p) {
+extern "C" __launch_bounds__(V4_THREADS) __global__ void gemm_v4_tensor_core(const GemmHalfParams params) {
+    const GemmParams& p = params.gemm;
     __shared__ __align__(16) u16 a_tile[V4_BM][V4_STRIDE];
     __shared__ __align__(16) u16 b_tile[V4_BN][V4_STRIDE];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int group = lane / 4, t = lane % 4;
     const int warp_row = (warp / 2) * 32, warp_col = (warp % 2) * 32;
-    // op(A)[i, q] and op(B)ᵀ[j, q]: B is staged as rows of N, like A's rows of M.
-    const MatrixStrides as = p.trans_a ? MatrixStrides{1, p.m} : MatrixStrides{p.k, 1};
-    const MatrixStrides bs = p.trans_b ? MatrixStrides{p.k, 1} : MatrixStrides{1, p.n};
+    // op(A)[i, q], and op(B)ᵀ[j, q]: B is staged as rows of N, like A's rows of M.
+    const MatrixStrides as = a_strides(p);
+    const MatrixStrides b_kn = b_strides(p);
+    const MatrixStrides bs = {b_kn.col, b_kn.row};
     const i64 col0 = (i64)blockIdx.x * V4_BN;
     for (i64 batch = blockIdx.z; batch < p.batch; batch += gridDim.z) {
-        const u16* a = p.a + batch * p.m * p.k;
-        const u16* b = p.b + batch * p.k * p.n;
-        u16* c = p.c + batch * p.m * p.n;
+        const u16* a = reinterpret_cast<const u16*>(p.a) + batch * p.m * p.k;
+        const u16* b = reinterpret_cast<const u16*>(p.b) + batch * p.k * p.n;
+        u16* c = reinterpret_cast<u16*>(p.c) + batch * p.m * p.n;
         for (i64 row0 = (i64)blockIdx.y * V4_BM; row0 < p.m; row0 += (i64)gridDim.y * V4_BM) {
             float acc[2][4][4];
 #pragma unroll
@@ -370,7 +364,7 @@ extern "C" __launch_bounds__(V4_THREADS) __global__ void gemm_v4_tensor_core(con
 #pragma unroll
                 for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-                    for (int ni = 0; ni < 4; ++ni) mma_m16n8k16(acc[mi][ni], a_frag[mi], b_frag[ni], p.kind);
+                    for (int ni = 0; ni < 4; ++ni) mma_m16n8k16(acc[mi][ni], a_frag[mi], b_frag[ni], params.kind);
                 __syncthreads();
             }
             // d[0..1] is row g, columns 2t and 2t + 1 of the tile; d[2..3] row g + 8.
@@ -382,7 +376,7 @@ extern "C" __launch_bounds__(V4_THREADS) __global__ void gemm_v4_tensor_core(con
                     for (int e = 0; e < 4; ++e) {
                         const i64 i = row0 + warp_row + mi * 16 + group + (e >= 2 ? 8 : 0);
                         const i64 j = col0 + warp_col + ni * 8 + 2 * t + (e & 1);
-                        if (i < p.m && j < p.n) c[i * p.n + j] = f32_to_half(acc[mi][ni][e], p.kind);
+                        if (i < p.m && j < p.n) c[i * p.n + j] = f32_to_half(acc[mi][ni][e], params.kind);
                     }
         }
     }

@@ -78,20 +78,26 @@ pub(crate) fn gemm(
     }
     let c = CudaStorage::alloc(a.device(), a.dtype(), c_len)?;
     let config = launch_config(kernel, dims);
-    let params = GemmParams {
-        a: a.ptr(),
-        b: b.ptr(),
-        c: c.ptr(),
-        batch: dims.batch as i64,
-        m: dims.m as i64,
-        n: dims.n as i64,
-        k: dims.k as i64,
-        trans_a: u32::from(dims.trans_a),
-        trans_b: u32::from(dims.trans_b),
-    };
+    let params = GemmParams::new(dims, a, b, &c);
     a.device()
         .launch("gemm.cu", kernel.cuda_name(), config, params)?;
     Ok(c)
+}
+
+impl GemmParams {
+    fn new(dims: GemmDims, a: &CudaStorage, b: &CudaStorage, c: &CudaStorage) -> Self {
+        GemmParams {
+            a: a.ptr(),
+            b: b.ptr(),
+            c: c.ptr(),
+            batch: dims.batch as i64,
+            m: dims.m as i64,
+            n: dims.n as i64,
+            k: dims.k as i64,
+            trans_a: u32::from(dims.trans_a),
+            trans_b: u32::from(dims.trans_b),
+        }
+    }
 }
 
 /// The grid of `kernel` over C: x over column tiles, y over row tiles, z
@@ -111,15 +117,8 @@ fn launch_config(kernel: GemmKernel, dims: GemmDims) -> LaunchConfig {
 
 kernel_params! {
     pub struct GemmHalfParams {
-        a: u64,
-        b: u64,
-        c: u64,
-        batch: i64,
-        m: i64,
-        n: i64,
-        k: i64,
-        trans_a: u32,
-        trans_b: u32,
+        /// The product, its pointers to 16-bit values of `kind`.
+        gemm: GemmParams,
         kind: u32,
         pad: u32,
     }
@@ -152,15 +151,7 @@ fn gemm_half(dims: GemmDims, a: &CudaStorage, b: &CudaStorage) -> Result<CudaSto
     }
     let kernel = GemmKernel::V4TensorCore;
     let params = GemmHalfParams {
-        a: a.ptr(),
-        b: b.ptr(),
-        c: c.ptr(),
-        batch: dims.batch as i64,
-        m: dims.m as i64,
-        n: dims.n as i64,
-        k: dims.k as i64,
-        trans_a: u32::from(dims.trans_a),
-        trans_b: u32::from(dims.trans_b),
+        gemm: GemmParams::new(dims, a, b, &c),
         kind,
         pad: 0,
     };
