@@ -4,7 +4,9 @@
 // (both are 4 bytes; f32 bits are copied unchanged). One thread per output
 // element, grid-stride; each writes one contiguous output element, so stores
 // always coalesce and only the gathers' loads may be scattered.
+// convert_dtype is to_dtype between f32 and the 16-bit formats.
 #include "common.cuh"
+#include "half.cuh"
 
 // Mirrors StridedGatherParams in src/ops/shape/cuda.rs.
 struct StridedGatherParams {
@@ -44,5 +46,26 @@ extern "C" __global__ void slice_copy(const SliceCopyParams p) {
     GRID_STRIDE_LOOP(k, p.outer * block) {
         i64 o = k / block, r = k % block;
         p.dst[(o * p.dst_dim + p.dst_start) * p.inner + r] = p.src[(o * p.src_dim + p.src_start) * p.inner + r];
+    }
+}
+
+// ---- to_dtype: f32 <-> bf16/f16 --------------------------------------------
+// Mirrors ConvertParams in src/ops/shape/cuda.rs.
+struct ConvertParams {
+    const void* src;
+    void* out;
+    i64 n;
+    u32 kind;     // KILN_BF16 or KILN_F16: the 16-bit side's format
+    u32 narrow;   // 1: f32 -> 16-bit (round to nearest even); 0: 16-bit -> f32 (exact)
+};
+static_assert(sizeof(ConvertParams) == 32, "ConvertParams must match its Rust mirror");
+
+extern "C" __global__ void convert_dtype(const ConvertParams p) {
+    GRID_STRIDE_LOOP(i, p.n) {
+        if (p.narrow) {
+            static_cast<u16*>(p.out)[i] = f32_to_half(static_cast<const float*>(p.src)[i], p.kind);
+        } else {
+            static_cast<float*>(p.out)[i] = half_to_f32(static_cast<const u16*>(p.src)[i], p.kind);
+        }
     }
 }

@@ -759,12 +759,17 @@ impl Tensor {
             return Ok(self.clone());
         }
         let _profile = crate::profile::op("to_dtype", self.device());
-        let converted = self.host_storage()?.converted(dtype);
-        let storage = match self.device() {
-            Device::Cpu => Storage::Cpu(converted),
-            Device::Cuda(ordinal) => Storage::Cuda(crate::cuda::CudaStorage::from_cpu(
+        // f32 <-> 16-bit converts on the device; other pairs go through the host.
+        let on_device = match &*self.storage() {
+            Storage::Cuda(s) => crate::ops::shape::cuda::convert(s, dtype).transpose()?,
+            Storage::Cpu(_) => None,
+        };
+        let storage = match (on_device, self.device()) {
+            (Some(converted), _) => Storage::Cuda(converted),
+            (None, Device::Cpu) => Storage::Cpu(self.host_storage()?.converted(dtype)),
+            (None, Device::Cuda(ordinal)) => Storage::Cuda(crate::cuda::CudaStorage::from_cpu(
                 &crate::cuda::device(ordinal)?,
-                &converted,
+                &self.host_storage()?.converted(dtype),
             )?),
         };
         let source = self.dtype();

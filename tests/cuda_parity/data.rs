@@ -420,3 +420,80 @@ fn sixteen_bit_tensors_round_trip_through_the_device_and_convert_like_the_cpu() 
         assert_eq!(widened.to_f64_vec(), on_cpu.to_f64_vec(), "{dtype} widened");
     }
 }
+
+/// The device's `convert_dtype` gives the CPU's bits (the `half` crate's) on
+/// the values where rounding is delicate: ties of both formats, f16's
+/// overflow edge and subnormals, f32 subnormals, zeros, infinities and NaNs.
+#[test]
+fn device_conversions_give_the_cpus_bits_on_ties_edges_and_specials() {
+    let Some(dev) = cuda_or_skip("convert_dtype") else {
+        return;
+    };
+    let mut values: Vec<f32> = vec![
+        1.0 + 2f32.powi(-8),
+        1.0 + 3.0 * 2f32.powi(-8),
+        1.0 + 2f32.powi(-11),
+        1.0 + 3.0 * 2f32.powi(-11),
+        65504.0,
+        65519.996,
+        65520.0,
+        2f32.powi(-14),
+        2f32.powi(-24),
+        2f32.powi(-25),
+        1.5 * 2f32.powi(-25),
+        2f32.powi(-25) * (1.0 + 2f32.powi(-20)),
+        3.0 * 2f32.powi(-25),
+        1e-40,
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+        f32::from_bits(0x7FC0_0000),
+        f32::from_bits(0x7F80_0001),
+        f32::from_bits(0xFFC1_2345),
+    ];
+    let negated: Vec<f32> = values.iter().map(|v| -v).collect();
+    values.extend(negated);
+    values.extend(
+        randn(&[1000], 90)
+            .to_vec::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v * 1e3),
+    );
+    let n = values.len();
+    let x = Tensor::from_vec(values, [n]).unwrap();
+    let bits = |t: &Tensor| -> Vec<u16> {
+        match t.dtype() {
+            kiln::DType::BF16 => t
+                .to_vec::<kiln::bf16>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect(),
+            _ => t
+                .to_vec::<kiln::f16>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect(),
+        }
+    };
+    for dtype in [kiln::DType::BF16, kiln::DType::F16] {
+        let on_cpu = x.to_dtype(dtype).unwrap();
+        let on_device = x.to_device(dev).unwrap().to_dtype(dtype).unwrap();
+        assert_eq!(bits(&on_device), bits(&on_cpu), "{dtype}: f32 -> {dtype}");
+        // And back: exact, NaNs included (compared as bits).
+        let back = on_device.to_dtype(kiln::DType::F32).unwrap();
+        let expected = on_cpu.to_dtype(kiln::DType::F32).unwrap();
+        let as_bits = |t: &Tensor| -> Vec<u32> {
+            t.to_vec::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        assert_eq!(as_bits(&back), as_bits(&expected), "{dtype} -> f32");
+    }
+}

@@ -160,3 +160,36 @@ fn default_matmul_folded_and_broadcast_batches_match_cpu_with_gradients() {
         RTOL,
     );
 }
+
+/// Under autocast an f32 matmul casts its operands to bf16 on the device,
+/// runs v4, and sends f32 gradients back through the casts, like the CPU.
+#[test]
+fn autocast_matmul_on_the_device_matches_cpu_with_f32_gradients() {
+    let Some(dev) = cuda_or_skip("autocast_matmul") else {
+        return;
+    };
+    let (a, b) = operands((2, 37, 29, 53), false, false, 70);
+    let probe = randn(&[2, 37, 29], 72);
+    let run = |device: kiln::Device| {
+        let leaves = [&a, &b].map(|t| t.to_device(device).unwrap().requires_grad_());
+        let out = {
+            let _scope = kiln::autocast(DType::BF16);
+            leaves[0].matmul(&leaves[1]).unwrap()
+        };
+        assert_eq!(out.dtype(), DType::BF16);
+        let loss = out
+            .mul(&probe.to_device(device).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let [da, db] = [&leaves[0], &leaves[1]].map(|l| grads.get(l).unwrap().clone());
+        assert_eq!(da.dtype(), DType::F32);
+        (out, da, db)
+    };
+    let (cpu, cuda) = (run(kiln::Device::Cpu), run(dev));
+    let rtol = 2f64.powi(-7);
+    assert_close("autocast matmul", &cpu.0, &cuda.0, 1e-3, rtol);
+    assert_close("autocast matmul dA", &cpu.1, &cuda.1, 1e-2, rtol);
+    assert_close("autocast matmul dB", &cpu.2, &cuda.2, 1e-2, rtol);
+}

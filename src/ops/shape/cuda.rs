@@ -33,9 +33,47 @@ kernel_params! {
     }
 }
 
+kernel_params! {
+    pub struct ConvertParams {
+        src: u64,
+        out: u64,
+        n: i64,
+        kind: u32,
+        narrow: u32,
+    }
+}
+
 // The .cu file static_asserts the same sizes.
 const _: () = assert!(std::mem::size_of::<StridedGatherParams>() == 120);
 const _: () = assert!(std::mem::size_of::<SliceCopyParams>() == 72);
+const _: () = assert!(std::mem::size_of::<ConvertParams>() == 32);
+
+/// `src` converted to `dtype` on its device (`convert_dtype`), for f32 to
+/// bf16/f16 (rounding to nearest even, as the CPU) and back (exact); `None`
+/// for any other pair, which the caller converts through the host.
+pub(crate) fn convert(src: &CudaStorage, dtype: DType) -> Option<Result<CudaStorage>> {
+    let (half, narrow) = match (src.dtype(), dtype) {
+        (DType::F32, half) if half.is_half() => (half, true),
+        (half, DType::F32) if half.is_half() => (half, false),
+        _ => return None,
+    };
+    Some((|| {
+        let out = CudaStorage::alloc(src.device(), dtype, src.len())?;
+        if src.is_empty() {
+            return Ok(out);
+        }
+        let params = ConvertParams {
+            src: src.ptr(),
+            out: out.ptr(),
+            n: src.len() as i64,
+            kind: crate::cuda::half_kind("to_dtype", half)?,
+            narrow: u32::from(narrow),
+        };
+        src.device()
+            .launch("shape.cu", "convert_dtype", launch_1d(src.len()), params)?;
+        Ok(out)
+    })())
+}
 
 /// Shape kernels move 4-byte words: f32 and u32 only.
 pub(crate) fn require_32bit(op: &'static str, storages: &[&CudaStorage]) -> Result<()> {
