@@ -1,6 +1,8 @@
 // Activations and their derivatives, one thread per element (memory-bound).
-// The op codes match `Activation` in src/ops/activation/mod.rs.
+// The op codes match `Activation` in src/ops/activation/mod.rs. f32, bf16 or
+// f16 data (`format`, see half.cuh), computed in f32.
 #include "common.cuh"
+#include "half.cuh"
 
 // Mirrors PointwiseParams in src/ops/elementwise/cuda.rs (shared with elementwise.cu).
 struct PointwiseParams {
@@ -11,7 +13,7 @@ struct PointwiseParams {
     u32 op;
     float a;   // leaky_relu slope
     float b;
-    u32 pad;
+    u32 format;  // KILN_F32, KILN_BF16 or KILN_F16, for x, dy and out
 };
 static_assert(sizeof(PointwiseParams) == 48, "PointwiseParams must match its Rust mirror");
 
@@ -55,9 +57,12 @@ __device__ __forceinline__ float activation_derivative(u32 op, float x, float sl
 }
 
 extern "C" __global__ void activation_forward(const PointwiseParams p) {
-    GRID_STRIDE_LOOP(i, p.n) p.out[i] = activation_value(p.op, p.x[i], p.a);
+    GRID_STRIDE_LOOP(i, p.n) store_f32(p.out, i, activation_value(p.op, load_f32(p.x, i, p.format), p.a), p.format);
 }
 
 extern "C" __global__ void activation_backward(const PointwiseParams p) {
-    GRID_STRIDE_LOOP(i, p.n) p.out[i] = p.dy[i] * activation_derivative(p.op, p.x[i], p.a);
+    GRID_STRIDE_LOOP(i, p.n) {
+        const float dx = load_f32(p.dy, i, p.format) * activation_derivative(p.op, load_f32(p.x, i, p.format), p.a);
+        store_f32(p.out, i, dx, p.format);
+    }
 }

@@ -1,7 +1,10 @@
 // Elementwise arithmetic: broadcast binary ops and pointwise maps with their
 // derivatives. One thread per output element, grid-stride loops; these are
 // memory-bound, so the only goal is to read each input once and write once.
+// Every kernel takes f32, bf16 or f16 data (`format`, see half.cuh) and
+// computes in f32.
 #include "common.cuh"
+#include "half.cuh"
 
 // ---- binary: out = a (op) b, with broadcasting --------------------------------
 // Mirrors BinaryParams in src/ops/elementwise/cuda.rs.
@@ -14,8 +17,10 @@ struct BinaryParams {
     u32 same_shape;   // 1: a, b and out share one shape (no index arithmetic)
     Strides6 a_index; // output dims + a's strides (0 on broadcast dims)
     Strides6 b_index;
+    u32 format;       // KILN_F32, KILN_BF16 or KILN_F16, for a, b and out
+    u32 pad;
 };
-static_assert(sizeof(BinaryParams) == 232, "BinaryParams must match its Rust mirror");
+static_assert(sizeof(BinaryParams) == 240, "BinaryParams must match its Rust mirror");
 
 __device__ __forceinline__ float binary_apply(u32 op, float x, float y) {
     switch (op) {
@@ -28,12 +33,14 @@ __device__ __forceinline__ float binary_apply(u32 op, float x, float y) {
 
 extern "C" __global__ void binary_forward(const BinaryParams p) {
     if (p.same_shape) {
-        GRID_STRIDE_LOOP(i, p.n) p.out[i] = binary_apply(p.op, p.a[i], p.b[i]);
+        GRID_STRIDE_LOOP(i, p.n) {
+            store_f32(p.out, i, binary_apply(p.op, load_f32(p.a, i, p.format), load_f32(p.b, i, p.format)), p.format);
+        }
     } else {
         GRID_STRIDE_LOOP(i, p.n) {
-            float x = p.a[broadcast_offset(i, p.a_index)];
-            float y = p.b[broadcast_offset(i, p.b_index)];
-            p.out[i] = binary_apply(p.op, x, y);
+            float x = load_f32(p.a, broadcast_offset(i, p.a_index), p.format);
+            float y = load_f32(p.b, broadcast_offset(i, p.b_index), p.format);
+            store_f32(p.out, i, binary_apply(p.op, x, y), p.format);
         }
     }
 }
@@ -48,7 +55,7 @@ struct PointwiseParams {
     u32 op;           // see UNARY_* below
     float a;          // op parameter (exponent, scalar, clamp min)
     float b;          // second parameter (clamp max)
-    u32 pad;
+    u32 format;       // KILN_F32, KILN_BF16 or KILN_F16, for x, dy and out
 };
 static_assert(sizeof(PointwiseParams) == 48, "PointwiseParams must match its Rust mirror");
 
@@ -81,9 +88,12 @@ __device__ __forceinline__ float unary_derivative(u32 op, float x, float a, floa
 }
 
 extern "C" __global__ void unary_forward(const PointwiseParams p) {
-    GRID_STRIDE_LOOP(i, p.n) p.out[i] = unary_value(p.op, p.x[i], p.a, p.b);
+    GRID_STRIDE_LOOP(i, p.n) store_f32(p.out, i, unary_value(p.op, load_f32(p.x, i, p.format), p.a, p.b), p.format);
 }
 
 extern "C" __global__ void unary_backward(const PointwiseParams p) {
-    GRID_STRIDE_LOOP(i, p.n) p.out[i] = p.dy[i] * unary_derivative(p.op, p.x[i], p.a, p.b);
+    GRID_STRIDE_LOOP(i, p.n) {
+        const float dx = load_f32(p.dy, i, p.format) * unary_derivative(p.op, load_f32(p.x, i, p.format), p.a, p.b);
+        store_f32(p.out, i, dx, p.format);
+    }
 }

@@ -9,9 +9,10 @@
 
 typedef unsigned short u16;
 
-// Which format a kernel's u16 data holds; mirrors half_kind in src/cuda/mod.rs.
+// The format of a kernel's float data; mirrors float_format in src/cuda/mod.rs.
 #define KILN_BF16 0u
 #define KILN_F16 1u
+#define KILN_F32 2u
 
 // bf16 is the top half of an f32.
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float((u32)h << 16); }
@@ -65,6 +66,23 @@ __device__ __forceinline__ float half_to_f32(u16 h, u32 kind) {
 
 __device__ __forceinline__ u16 f32_to_half(float x, u32 kind) {
     return kind == KILN_BF16 ? f32_to_bf16(x) : f32_to_f16(x);
+}
+
+// Element i of float data in `format`, as f32: one kernel body serves f32,
+// bf16 and f16 tensors (the format is the same for every thread, so the
+// branch costs no divergence).
+__device__ __forceinline__ float load_f32(const void* data, i64 i, u32 format) {
+    if (format == KILN_F32) return static_cast<const float*>(data)[i];
+    return half_to_f32(static_cast<const u16*>(data)[i], format);
+}
+
+// Stores v as element i of float data in `format`, rounding once.
+__device__ __forceinline__ void store_f32(void* data, i64 i, float v, u32 format) {
+    if (format == KILN_F32) {
+        static_cast<float*>(data)[i] = v;
+    } else {
+        static_cast<u16*>(data)[i] = f32_to_half(v, format);
+    }
 }
 
 // Two 16-bit values in one 32-bit register, `low` in the low half (the

@@ -912,7 +912,29 @@ pub(crate) fn same_device(op: &'static str, tensors: &[&Tensor]) -> Result<Devic
 
 /// Checks that every operand shares one float dtype.
 /// The ops whose CUDA kernels take bf16 and f16 tensors.
-const CUDA_SIXTEEN_BIT_OPS: &[&str] = &["matmul"];
+const CUDA_SIXTEEN_BIT_OPS: &[&str] = &[
+    "matmul",
+    // elementwise.cu
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "neg",
+    "exp",
+    "log",
+    "sqrt",
+    "powf",
+    "clamp",
+    "add_scalar",
+    "mul_scalar",
+    // activation.cu
+    "relu",
+    "leaky_relu",
+    "tanh",
+    "sigmoid",
+    "gelu",
+    "gelu_tanh",
+];
 
 pub(crate) fn same_float_dtype(op: &'static str, tensors: &[&Tensor]) -> Result<DType> {
     let dtype = tensors[0].dtype();

@@ -387,6 +387,25 @@ impl CudaStorage {
 }
 
 /// CUDA kernels compute in f32; other float dtypes are refused with a hint.
+/// The code kernels/half.cuh gives the one float format of `storages`
+/// (KILN_F32, KILN_BF16, KILN_F16), for kernels that take any of the three.
+pub(crate) fn float_format(op: &'static str, storages: &[&CudaStorage]) -> Result<u32> {
+    let dtype = storages[0].dtype;
+    if let Some(other) = storages.iter().find(|s| s.dtype != dtype) {
+        return Err(Error::dtype_mismatch(op, dtype, other.dtype));
+    }
+    match dtype {
+        DType::F32 => Ok(2),
+        DType::BF16 | DType::F16 => half_kind(op, dtype),
+        other => Err(Error::DType {
+            op,
+            msg: format!(
+                "CUDA kernels take f32, bf16 or f16 values, got {other}; convert with .to_dtype(DType::F32)"
+            ),
+        }),
+    }
+}
+
 /// The code kernels/half.cuh gives a 16-bit format (KILN_BF16, KILN_F16).
 pub(crate) fn half_kind(op: &'static str, dtype: DType) -> Result<u32> {
     match dtype {

@@ -159,3 +159,80 @@ fn device_errors_are_clear() {
         "{message}"
     );
 }
+
+/// bf16 and f16 tensors through every elementwise and activation kernel,
+/// forward and backward, against the CPU: both compute in f32 and round once,
+/// so results agree to one 16-bit ulp (the f32 values can differ by an ulp
+/// of the transcendental functions, which may move a rounding).
+#[test]
+fn sixteen_bit_elementwise_and_activations_match_cpu_forward_and_backward() {
+    let Some(dev) = cuda_or_skip("sixteen_bit_elementwise") else {
+        return;
+    };
+    type Op = (
+        &'static str,
+        fn(&[kiln::Tensor]) -> kiln::Result<kiln::Tensor>,
+    );
+    let ops: [Op; 12] = [
+        ("add broadcast", |t| t[0].add(&t[2])),
+        ("sub", |t| t[0].sub(&t[1])),
+        ("mul", |t| t[0].mul(&t[1])),
+        ("div", |t| t[0].div(&t[1])),
+        ("neg", |t| t[0].neg()),
+        ("sqrt", |t| t[1].sqrt()),
+        ("clamp", |t| t[0].clamp(-0.5, 0.75)),
+        ("relu", |t| t[0].relu()),
+        ("leaky_relu", |t| t[0].leaky_relu(0.2)),
+        ("tanh", |t| t[0].tanh()),
+        ("sigmoid", |t| t[0].sigmoid()),
+        ("gelu_tanh", |t| t[0].gelu(GeluApproximation::Tanh)),
+    ];
+    for (dtype, rtol) in [
+        (kiln::DType::BF16, 2f64.powi(-7)),
+        (kiln::DType::F16, 2f64.powi(-10)),
+    ] {
+        let inputs = [
+            randn(&[37, 129], 60),
+            uniform(0.5, 2.0, &[37, 129], 61),
+            randn(&[37, 1], 63),
+        ]
+        .map(|t| t.to_dtype(dtype).unwrap());
+        let probe = randn(&[37, 129], 62);
+        for (name, op) in ops {
+            let run = |device: kiln::Device| {
+                let leaves: Vec<kiln::Tensor> = inputs
+                    .iter()
+                    .map(|t| t.to_device(device).unwrap().requires_grad_())
+                    .collect();
+                let out = op(&leaves).unwrap();
+                assert_eq!(out.dtype(), dtype, "{name}");
+                let loss = out
+                    .mul(&probe.to_dtype(dtype).unwrap().to_device(device).unwrap())
+                    .unwrap()
+                    .to_dtype(kiln::DType::F32)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                let grads = loss.backward().unwrap();
+                let grads: Vec<kiln::Tensor> = leaves
+                    .iter()
+                    .filter_map(|l| grads.get(l).cloned())
+                    .collect();
+                (out, grads)
+            };
+            let (cpu, cuda) = (run(kiln::Device::Cpu), run(dev));
+            crate::common::assert_close(&format!("{dtype} {name}"), &cpu.0, &cuda.0, 1e-6, rtol);
+            assert_eq!(cpu.1.len(), cuda.1.len(), "{dtype} {name}: gradients");
+            for (c, g) in cpu.1.iter().zip(&cuda.1) {
+                assert_eq!(g.dtype(), dtype, "{dtype} {name}: gradient dtype");
+                crate::common::assert_close(
+                    &format!("{dtype} {name} gradient"),
+                    c,
+                    g,
+                    1e-6,
+                    2.0 * rtol,
+                );
+            }
+        }
+    }
+}

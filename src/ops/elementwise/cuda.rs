@@ -1,6 +1,7 @@
-//! Launch glue for kernels/elementwise.cu and kernels/activation.cu.
+//! Launch glue for kernels/elementwise.cu and kernels/activation.cu: every
+//! kernel takes f32, bf16 or f16 data (one format per launch).
 
-use crate::cuda::{CudaStorage, launch_1d, require_f32};
+use crate::cuda::{CudaStorage, float_format, launch_1d};
 use crate::error::Result;
 use crate::kernel_params;
 use crate::tensor::Shape;
@@ -27,6 +28,8 @@ kernel_params! {
         same_shape: u32,
         a_index: Strides6,
         b_index: Strides6,
+        format: u32,
+        pad: u32,
     }
 }
 
@@ -39,12 +42,12 @@ kernel_params! {
         op: u32,
         a: f32,
         b: f32,
-        pad: u32,
+        format: u32,
     }
 }
 
 // The .cu files static_assert the same sizes, so a field added on one side only fails to compile.
-const _: () = assert!(std::mem::size_of::<BinaryParams>() == 232);
+const _: () = assert!(std::mem::size_of::<BinaryParams>() == 240);
 const _: () = assert!(std::mem::size_of::<PointwiseParams>() == 48);
 
 /// Which kernel file and op code evaluate a pointwise function on CUDA.
@@ -84,7 +87,7 @@ pub(crate) fn binary(
     b_shape: &Shape,
     out_shape: &Shape,
 ) -> Result<CudaStorage> {
-    require_f32(op.name(), &[a, b])?;
+    let format = float_format(op.name(), &[a, b])?;
     if out_shape.rank() > MAX_DIMS {
         return Err(crate::Error::shape(
             op.name(),
@@ -102,6 +105,8 @@ pub(crate) fn binary(
         same_shape: u32::from(a_shape == out_shape && b_shape == out_shape),
         a_index: strides6(a_shape, out_shape),
         b_index: strides6(b_shape, out_shape),
+        format,
+        pad: 0,
     };
     a.device()
         .launch("elementwise.cu", "binary_forward", launch_1d(n), params)?;
@@ -110,7 +115,7 @@ pub(crate) fn binary(
 
 /// y = f(x).
 pub(crate) fn pointwise_forward(kernel: CudaPointwise, x: &CudaStorage) -> Result<CudaStorage> {
-    require_f32(kernel.forward, &[x])?;
+    let format = float_format(kernel.forward, &[x])?;
     let out = CudaStorage::alloc(x.device(), x.dtype(), x.len())?;
     let params = PointwiseParams {
         x: x.ptr(),
@@ -120,7 +125,7 @@ pub(crate) fn pointwise_forward(kernel: CudaPointwise, x: &CudaStorage) -> Resul
         op: kernel.op,
         a: kernel.a,
         b: kernel.b,
-        pad: 0,
+        format,
     };
     x.device()
         .launch(kernel.file, kernel.forward, launch_1d(x.len()), params)?;
@@ -133,7 +138,7 @@ pub(crate) fn pointwise_backward(
     x: &CudaStorage,
     dy: &CudaStorage,
 ) -> Result<CudaStorage> {
-    require_f32(kernel.backward, &[x, dy])?;
+    let format = float_format(kernel.backward, &[x, dy])?;
     let out = CudaStorage::alloc(x.device(), x.dtype(), x.len())?;
     let params = PointwiseParams {
         x: x.ptr(),
@@ -143,7 +148,7 @@ pub(crate) fn pointwise_backward(
         op: kernel.op,
         a: kernel.a,
         b: kernel.b,
-        pad: 0,
+        format,
     };
     x.device()
         .launch(kernel.file, kernel.backward, launch_1d(x.len()), params)?;
