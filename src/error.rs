@@ -64,8 +64,8 @@ impl Error {
     pub(crate) fn unsupported_dtype(op: &'static str, dtype: DType) -> Self {
         let msg = match dtype {
             DType::F16 | DType::BF16 => format!(
-                "no {dtype} path for this op here (kiln's CUDA kernels take f32 so far; \
-                 the CPU computes 16-bit tensors in f32): convert with .to_dtype(DType::F32) first"
+                "no {dtype} path for this op on CUDA yet (its kernels take f32; the CPU \
+                 computes 16-bit tensors in f32): convert with .to_dtype(DType::F32) first"
             ),
             _ => format!("dtype {dtype} is not supported (expected a float tensor: f32 or f64)"),
         };

@@ -914,6 +914,8 @@ pub(crate) fn same_device(op: &'static str, tensors: &[&Tensor]) -> Result<Devic
 /// The ops whose CUDA kernels take bf16 and f16 tensors.
 const CUDA_SIXTEEN_BIT_OPS: &[&str] = &[
     "matmul",
+    // matmul_nt then add on CUDA
+    "linear",
     // elementwise.cu
     "add",
     "sub",

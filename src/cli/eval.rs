@@ -31,7 +31,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let checkpoint = load_checkpoint(&args.checkpoint)?;
     let mut rng = stream_rng(args.seed, Stream::Eval, 0);
     let _no_grad = no_grad();
-    let _autocast = super::checkpoint_autocast(&checkpoint, device)?;
+    let _autocast = super::checkpoint_autocast(&checkpoint)?;
     match args.model {
         EvalModelKind::Vae => {
             let vae = load_vae(&checkpoint, device)?;

@@ -26,7 +26,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let ids = vocab.encode(&prompt).context("--prompt")?;
     let top_k = (args.top_k > 0).then_some(args.top_k);
     let mut rng = stream_rng(args.seed, Stream::Sampling, 0);
-    let _autocast = super::checkpoint_autocast(&checkpoint, device)?;
+    let _autocast = super::checkpoint_autocast(&checkpoint)?;
     let continuation =
         gpt.generate(&ids, args.max_new_tokens, args.temperature, top_k, &mut rng)?;
     println!("{prompt}{}", vocab.decode(&continuation));

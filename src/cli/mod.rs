@@ -101,25 +101,12 @@ pub fn device_label(device: Device) -> String {
 
 /// The device a `--device` flag names; CUDA is probed and fails clearly
 /// when there is no driver or no device.
-/// Fails for a mixed precision on CUDA, which has no 16-bit kernels yet.
-pub fn check_precision_on(precision: crate::Precision, device: Device) -> Result<()> {
-    if precision != crate::Precision::F32 && device != Device::Cpu {
-        anyhow::bail!(
-            "precision {precision} runs on the CPU for now: kiln's CUDA kernels take f32 only so far (use --device cpu, or train with --precision f32 for CUDA)"
-        );
-    }
-    Ok(())
-}
-
-/// The autocast scope a trained checkpoint's forward passes run under (its
-/// training precision), checked against the device.
+/// The autocast scope a trained checkpoint's forward passes run under: its
+/// training precision.
 pub fn checkpoint_autocast(
     checkpoint: &run_dir::LoadedCheckpoint,
-    device: Device,
 ) -> Result<Option<crate::AutocastGuard>> {
-    let precision = checkpoint.precision()?;
-    check_precision_on(precision, device)?;
-    Ok(precision.autocast())
+    Ok(checkpoint.precision()?.autocast())
 }
 
 pub fn device(arg: DeviceArg) -> Result<Device> {

@@ -21,7 +21,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     let device = super::device(args.device)?;
     let checkpoint = load_checkpoint(&args.checkpoint)?;
     let mut rng = stream_rng(args.seed, Stream::Sampling, 0);
-    let autocast = super::checkpoint_autocast(&checkpoint, device)?;
+    let autocast = super::checkpoint_autocast(&checkpoint)?;
     // Images [n, C, H, W] and the range their values live in.
     let (images, lo, hi) = match args.model {
         ImageModelKind::Gan => {

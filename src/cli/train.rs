@@ -238,7 +238,6 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let state = resumed.as_ref().map(|c| &c.state);
     let settings = Settings::resolve(args, state)?;
     let device = super::device(args.device)?;
-    super::check_precision_on(settings.precision, device)?;
     let mut amp = MixedPrecision::new(settings.precision);
 
     let (mut trainee, config, vocab): (Box<dyn Trainee>, serde_json::Value, Option<String>) =
