@@ -1,7 +1,7 @@
 // Shape copies: permute and broadcast_to (one strided gather), narrow and cat.
 // These ops move values and never compute with them, so every kernel copies
-// 32-bit words: the same launch serves f32 tensors and u32 index tensors
-// (both are 4 bytes; f32 bits are copied unchanged). One thread per output
+// elements of `elem_bytes` bytes unchanged: 4 for f32 values and u32 indices,
+// 2 for bf16 and f16. One thread per output
 // element, grid-stride; each writes one contiguous output element, so stores
 // always coalesce and only the gathers' loads may be scattered.
 // convert_dtype is to_dtype between f32 and the 16-bit formats.
@@ -10,23 +10,34 @@
 
 // Mirrors StridedGatherParams in src/ops/shape/cuda.rs.
 struct StridedGatherParams {
-    const u32* src;
-    u32* out;
+    const void* src;
+    void* out;
     i64 n;              // output elements
     Strides6 index;     // output dims + the source stride of each output dim
+    u32 elem_bytes;     // 4 or 2
+    u32 pad;
 };
-static_assert(sizeof(StridedGatherParams) == 120, "StridedGatherParams must match its Rust mirror");
+static_assert(sizeof(StridedGatherParams) == 128, "StridedGatherParams must match its Rust mirror");
+
+// dst[to] = src[from] for elements of `bytes` bytes (4 or 2).
+__device__ __forceinline__ void copy_element(void* dst, i64 to, const void* src, i64 from, u32 bytes) {
+    if (bytes == 4) {
+        static_cast<u32*>(dst)[to] = static_cast<const u32*>(src)[from];
+    } else {
+        static_cast<u16*>(dst)[to] = static_cast<const u16*>(src)[from];
+    }
+}
 
 // out[i] = src[Σ_d coord_d(i) · stride_d]. permute: stride_d is the source
 // stride of dim perm[d]; broadcast_to: 0 on repeated dims.
 extern "C" __global__ void strided_gather(const StridedGatherParams p) {
-    GRID_STRIDE_LOOP(i, p.n) p.out[i] = p.src[broadcast_offset(i, p.index)];
+    GRID_STRIDE_LOOP(i, p.n) copy_element(p.out, i, p.src, broadcast_offset(i, p.index), p.elem_bytes);
 }
 
 // Mirrors SliceCopyParams in src/ops/shape/cuda.rs.
 struct SliceCopyParams {
-    const u32* src;
-    u32* dst;
+    const void* src;
+    void* dst;
     i64 outer;
     i64 len;        // entries along the middle dim that are copied
     i64 inner;
@@ -34,8 +45,10 @@ struct SliceCopyParams {
     i64 src_start;  // first copied entry along src's middle dim
     i64 dst_dim;    // size of the middle dim in dst
     i64 dst_start;  // where the copied entries land along dst's middle dim
+    u32 elem_bytes; // 4 or 2
+    u32 pad;
 };
-static_assert(sizeof(SliceCopyParams) == 72, "SliceCopyParams must match its Rust mirror");
+static_assert(sizeof(SliceCopyParams) == 80, "SliceCopyParams must match its Rust mirror");
 
 // dst[o, dst_start + j, i] = src[o, src_start + j, i] for j < len.
 // narrow: src is the input, dst the (whole) output (dst_start 0, dst_dim len).
@@ -45,7 +58,8 @@ extern "C" __global__ void slice_copy(const SliceCopyParams p) {
     i64 block = p.len * p.inner;  // contiguous run per outer index
     GRID_STRIDE_LOOP(k, p.outer * block) {
         i64 o = k / block, r = k % block;
-        p.dst[(o * p.dst_dim + p.dst_start) * p.inner + r] = p.src[(o * p.src_dim + p.src_start) * p.inner + r];
+        copy_element(p.dst, (o * p.dst_dim + p.dst_start) * p.inner + r, p.src,
+                     (o * p.src_dim + p.src_start) * p.inner + r, p.elem_bytes);
     }
 }
 

@@ -331,3 +331,14 @@ fn batch_norm_of_bf16_keeps_f32_statistics_and_refuses_16_bit_running_stats() {
         .to_string();
     assert!(err.contains("running_mean and running_var"), "{err}");
 }
+
+#[test]
+fn unpacked_causal_attention_under_autocast_runs_in_bf16_and_matches_f64() {
+    let [q, k, v] = [21, 22, 23].map(|seed| randn(&[2, 3, 7, 8], seed));
+    let exact = Tensor::causal_attention(&f64_copy(&q), &f64_copy(&k), &f64_copy(&v)).unwrap();
+    let _scope = autocast(DType::BF16);
+    let out = Tensor::causal_attention(&q, &k, &v).unwrap();
+    assert_eq!(out.dtype(), DType::BF16);
+    let error = relative_frobenius(&out, &exact);
+    assert!(error <= 1e-2, "{error:.2e}");
+}

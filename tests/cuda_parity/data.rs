@@ -497,3 +497,32 @@ fn device_conversions_give_the_cpus_bits_on_ties_edges_and_specials() {
         assert_eq!(as_bits(&back), as_bits(&expected), "{dtype} -> f32");
     }
 }
+
+/// The shape kernels copy 2-byte elements of bf16 and f16 tensors exactly as
+/// the CPU's shape ops do.
+#[test]
+fn shape_ops_copy_sixteen_bit_values_bit_for_bit() {
+    let Some(dev) = cuda_or_skip("16-bit shape copies") else {
+        return;
+    };
+    for dtype in [kiln::DType::BF16, kiln::DType::F16] {
+        let x = randn(&[3, 5, 7], 95).to_dtype(dtype).unwrap();
+        let y = randn(&[3, 2, 7], 96).to_dtype(dtype).unwrap();
+        type ShapeOp = fn(&Tensor, &Tensor) -> kiln::Result<Tensor>;
+        let ops: [(&str, ShapeOp); 4] = [
+            ("permute", |x, _| x.permute(&[2, 0, 1])),
+            ("narrow", |x, _| x.narrow(1, 1, 3)),
+            ("cat", |x, y| Tensor::cat(&[x, y], 1)),
+            ("broadcast_to", |x, _| {
+                x.narrow(1, 0, 1)?.broadcast_to([2, 3, 4, 7])
+            }),
+        ];
+        for (name, op) in ops {
+            let cpu = op(&x, &y).unwrap();
+            let cuda = op(&x.to_device(dev).unwrap(), &y.to_device(dev).unwrap()).unwrap();
+            assert_eq!(cuda.dtype(), dtype, "{name}");
+            assert_eq!(cuda.dims(), cpu.dims(), "{name}");
+            assert_eq!(cuda.to_f64_vec(), cpu.to_f64_vec(), "{dtype} {name}");
+        }
+    }
+}

@@ -17,7 +17,7 @@ use crate::float_slice;
 use crate::ops::layernorm::cuda::expect_cuda;
 use crate::profile;
 use crate::storage::{CpuStorage, Float, Storage};
-use crate::tensor::{Device, Shape, Tensor, check_operands};
+use crate::tensor::{Shape, Tensor, check_operands};
 
 use cpu::{AttentionDims, AttentionLayout, AttentionSaved};
 
@@ -37,70 +37,76 @@ impl Tensor {
     pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let [q, k, v] = [q, k, v].map(|t| autocast::cast_input(AutocastOp::Attention, t));
         let (q, k, v) = (&q?, &k?, &v?);
-        if autocast::any_half(&[Some(q), Some(k), Some(v)]) && q.device() == Device::Cpu {
-            // Computed in f32 from widened copies, rounded back to q's dtype.
+        if autocast::any_half(&[Some(q), Some(k), Some(v)]) {
+            // Computed in f32 from widened copies, rounded back to q's dtype
+            // (on CUDA too: its attention kernels take f32 only so far).
             let [wq, wk, wv] = [q, k, v].map(autocast::widened);
-            return Tensor::causal_attention(&wq?, &wk?, &wv?)?.to_dtype(q.dtype());
+            return causal_attention_in_own_dtype(&wq?, &wk?, &wv?)?.to_dtype(q.dtype());
         }
-        let _profile = profile::op(OP, q.device());
-        check_operands(OP, &[q, k, v])?;
-        let &[batch, heads, seq, head_dim] = q.dims() else {
-            return Err(Error::shape(
-                OP,
-                format!("expected q of shape [B, H, T, D], got {}", q.shape()),
-            ));
-        };
-        if k.shape() != q.shape() || v.shape() != q.shape() {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "q, k and v must share one shape [B, H, T, D], got q {}, k {}, v {}",
-                    q.shape(),
-                    k.shape(),
-                    v.shape()
-                ),
-            ));
-        }
-        if head_dim == 0 {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "head dim D must be > 0 (the scale is 1/√D), got q {}",
-                    q.shape()
-                ),
-            ));
-        }
-        let dims = AttentionDims {
-            heads: batch * heads,
-            seq,
-            head_dim,
-        };
-        let (out, probs) = match &*q.storage() {
-            Storage::Cpu(qs) => float_slice!(OP, qs, |q| {
-                let f = forward(q, k, v, dims)?;
-                (
-                    Storage::Cpu(CpuStorage::from(f.out)),
-                    Storage::Cpu(CpuStorage::from(f.probs)),
-                )
-            }),
-            Storage::Cuda(qs) => {
-                let (out, probs) = cuda::attention_forward(
-                    qs,
-                    expect_cuda(&k.storage()),
-                    expect_cuda(&v.storage()),
-                    dims,
-                )?;
-                (Storage::Cuda(out), Storage::Cuda(probs))
-            }
-        };
-        let probs_shape = Shape::new([batch, heads, seq, seq]);
-        Ok(Tensor::from_op(out, q.shape().clone(), &[q, k, v], |_| {
-            CausalAttentionBackward {
-                dims,
-                probs: Tensor::from_result(probs, probs_shape),
-            }
-        }))
+        causal_attention_in_own_dtype(q, k, v)
     }
+}
+
+/// `causal_attention` without autocast's cast, in the operands' dtype.
+fn causal_attention_in_own_dtype(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let _profile = profile::op(OP, q.device());
+    check_operands(OP, &[q, k, v])?;
+    let &[batch, heads, seq, head_dim] = q.dims() else {
+        return Err(Error::shape(
+            OP,
+            format!("expected q of shape [B, H, T, D], got {}", q.shape()),
+        ));
+    };
+    if k.shape() != q.shape() || v.shape() != q.shape() {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "q, k and v must share one shape [B, H, T, D], got q {}, k {}, v {}",
+                q.shape(),
+                k.shape(),
+                v.shape()
+            ),
+        ));
+    }
+    if head_dim == 0 {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "head dim D must be > 0 (the scale is 1/√D), got q {}",
+                q.shape()
+            ),
+        ));
+    }
+    let dims = AttentionDims {
+        heads: batch * heads,
+        seq,
+        head_dim,
+    };
+    let (out, probs) = match &*q.storage() {
+        Storage::Cpu(qs) => float_slice!(OP, qs, |q| {
+            let f = forward(q, k, v, dims)?;
+            (
+                Storage::Cpu(CpuStorage::from(f.out)),
+                Storage::Cpu(CpuStorage::from(f.probs)),
+            )
+        }),
+        Storage::Cuda(qs) => {
+            let (out, probs) = cuda::attention_forward(
+                qs,
+                expect_cuda(&k.storage()),
+                expect_cuda(&v.storage()),
+                dims,
+            )?;
+            (Storage::Cuda(out), Storage::Cuda(probs))
+        }
+    };
+    let probs_shape = Shape::new([batch, heads, seq, seq]);
+    Ok(Tensor::from_op(out, q.shape().clone(), &[q, k, v], |_| {
+        CausalAttentionBackward {
+            dims,
+            probs: Tensor::from_result(probs, probs_shape),
+        }
+    }))
 }
 
 impl Tensor {

@@ -1,6 +1,6 @@
-//! Launch glue for kernels/shape.cu. Shape kernels copy 32-bit words, so one
-//! launch serves f32 values and u32 indices alike; f64 is refused (CUDA
-//! computes in f32).
+//! Launch glue for kernels/shape.cu. Shape kernels copy elements of 4 bytes
+//! (f32 values, u32 indices) or 2 (bf16, f16) unchanged; f64 is refused
+//! (CUDA computes in f32). `convert_dtype` is to_dtype between f32 and 16-bit.
 
 use crate::cuda::{CudaStorage, launch_1d};
 use crate::error::{Error, Result};
@@ -16,6 +16,8 @@ kernel_params! {
         out: u64,
         n: i64,
         index: Strides6,
+        elem_bytes: u32,
+        pad: u32,
     }
 }
 
@@ -30,6 +32,8 @@ kernel_params! {
         src_start: i64,
         dst_dim: i64,
         dst_start: i64,
+        elem_bytes: u32,
+        pad: u32,
     }
 }
 
@@ -44,8 +48,8 @@ kernel_params! {
 }
 
 // The .cu file static_asserts the same sizes.
-const _: () = assert!(std::mem::size_of::<StridedGatherParams>() == 120);
-const _: () = assert!(std::mem::size_of::<SliceCopyParams>() == 72);
+const _: () = assert!(std::mem::size_of::<StridedGatherParams>() == 128);
+const _: () = assert!(std::mem::size_of::<SliceCopyParams>() == 80);
 const _: () = assert!(std::mem::size_of::<ConvertParams>() == 32);
 
 /// `src` converted to `dtype` on its device (`convert_dtype`), for f32 to
@@ -75,20 +79,36 @@ pub(crate) fn convert(src: &CudaStorage, dtype: DType) -> Option<Result<CudaStor
     })())
 }
 
-/// Shape kernels move 4-byte words: f32 and u32 only.
-pub(crate) fn require_32bit(op: &'static str, storages: &[&CudaStorage]) -> Result<()> {
-    for s in storages {
-        if !matches!(s.dtype(), DType::F32 | DType::U32) {
-            return Err(Error::DType {
-                op,
-                msg: format!(
-                    "CUDA tensors hold f32 values or u32 indices, got {}; convert with .to_dtype(DType::F32)",
-                    s.dtype()
-                ),
-            });
-        }
+/// The element size shape kernels copy for `storages` (one dtype): 4 bytes
+/// for f32 and u32, 2 for bf16 and f16; f64 is refused.
+pub(crate) fn element_bytes(op: &'static str, storages: &[&CudaStorage]) -> Result<u32> {
+    let dtype = storages[0].dtype();
+    if let Some(other) = storages.iter().find(|s| s.dtype() != dtype) {
+        return Err(Error::dtype_mismatch(op, dtype, other.dtype()));
     }
-    Ok(())
+    match dtype {
+        DType::F32 | DType::U32 | DType::F16 | DType::BF16 => Ok(dtype.size_in_bytes() as u32),
+        DType::F64 => Err(Error::DType {
+            op,
+            msg: "CUDA tensors hold f32, bf16 or f16 values or u32 indices, got f64; \
+                  convert with .to_dtype(DType::F32)"
+                .into(),
+        }),
+    }
+}
+
+/// For kernels that move 4-byte words only (the embedding gathers): f32 and u32.
+pub(crate) fn require_32bit(op: &'static str, storages: &[&CudaStorage]) -> Result<()> {
+    match element_bytes(op, storages)? {
+        4 => Ok(()),
+        _ => Err(Error::DType {
+            op,
+            msg: format!(
+                "this CUDA kernel takes f32 values or u32 indices, got {}; convert with .to_dtype(DType::F32)",
+                storages[0].dtype()
+            ),
+        }),
+    }
 }
 
 pub(crate) fn require_rank(op: &'static str, shape: &Shape) -> Result<()> {
@@ -102,7 +122,13 @@ pub(crate) fn require_rank(op: &'static str, shape: &Shape) -> Result<()> {
 }
 
 /// out[i] = src[Σ_d coord_d(i) · walk[d]] over an output of `out_dims`.
-fn strided_gather(src: &CudaStorage, out_dims: &[usize], walk: &[usize]) -> Result<CudaStorage> {
+fn strided_gather(
+    op: &'static str,
+    src: &CudaStorage,
+    out_dims: &[usize],
+    walk: &[usize],
+) -> Result<CudaStorage> {
+    let elem_bytes = element_bytes(op, &[src])?;
     let mut index = Strides6 {
         dims: [1; MAX_DIMS],
         strides: [0; MAX_DIMS],
@@ -119,6 +145,8 @@ fn strided_gather(src: &CudaStorage, out_dims: &[usize], walk: &[usize]) -> Resu
         out: out.ptr(),
         n: n as i64,
         index,
+        elem_bytes,
+        pad: 0,
     };
     src.device()
         .launch("shape.cu", "strided_gather", launch_1d(n), params)?;
@@ -127,13 +155,12 @@ fn strided_gather(src: &CudaStorage, out_dims: &[usize], walk: &[usize]) -> Resu
 
 /// Output dim d is source dim perm[d] (a copy).
 pub(crate) fn permute(src: &CudaStorage, src_shape: &Shape, perm: &[usize]) -> Result<CudaStorage> {
-    require_32bit("permute", &[src])?;
     require_rank("permute", src_shape)?;
     let src_strides = src_shape.strides();
     let out_dims: Vec<usize> = perm.iter().map(|&p| src_shape.dims()[p]).collect();
     // Stride in the source for a step along each output dim.
     let walk: Vec<usize> = perm.iter().map(|&p| src_strides[p]).collect();
-    strided_gather(src, &out_dims, &walk)
+    strided_gather("permute", src, &out_dims, &walk)
 }
 
 /// Repeats size-1 (and missing leading) dims of `src_shape` to `out_shape`.
@@ -142,7 +169,6 @@ pub(crate) fn broadcast(
     src_shape: &Shape,
     out_shape: &Shape,
 ) -> Result<CudaStorage> {
-    require_32bit("broadcast_to", &[src])?;
     require_rank("broadcast_to", out_shape)?;
     let pad = out_shape.rank() - src_shape.rank();
     let src_strides = src_shape.strides();
@@ -156,7 +182,7 @@ pub(crate) fn broadcast(
             }
         })
         .collect();
-    strided_gather(src, out_shape.dims(), &walk)
+    strided_gather("broadcast_to", src, out_shape.dims(), &walk)
 }
 
 /// Entries `start..start + len` of the middle dim of [outer, dim, inner].
@@ -168,7 +194,7 @@ pub(crate) fn narrow(
     start: usize,
     len: usize,
 ) -> Result<CudaStorage> {
-    require_32bit("narrow", &[src])?;
+    let elem_bytes = element_bytes("narrow", &[src])?;
     let n = outer * len * inner;
     let out = CudaStorage::alloc(src.device(), src.dtype(), n)?;
     let params = SliceCopyParams {
@@ -181,6 +207,8 @@ pub(crate) fn narrow(
         src_start: start as i64,
         dst_dim: len as i64,
         dst_start: 0,
+        elem_bytes,
+        pad: 0,
     };
     src.device()
         .launch("shape.cu", "slice_copy", launch_1d(n), params)?;
@@ -195,7 +223,7 @@ pub(crate) fn cat(
     inner: usize,
 ) -> Result<CudaStorage> {
     let storages: Vec<&CudaStorage> = parts.iter().map(|(s, _)| *s).collect();
-    require_32bit("cat", &storages)?;
+    let elem_bytes = element_bytes("cat", &storages)?;
     let first = storages[0];
     let total: usize = parts.iter().map(|(_, size)| size).sum();
     let out = CudaStorage::alloc(first.device(), first.dtype(), outer * total * inner)?;
@@ -212,6 +240,8 @@ pub(crate) fn cat(
             src_start: 0,
             dst_dim: total as i64,
             dst_start: offset as i64,
+            elem_bytes,
+            pad: 0,
         };
         first
             .device()
