@@ -4,17 +4,19 @@
 // storage, the backward pass recomputes it, and it equals the CPU's bit for
 // bit (src/ops/dropout/cpu.rs: mix64, random_bits, keep_threshold). One
 // thread per element, grid-stride; memory-bound (read x once, write once).
+// f32, bf16 or f16 data (`format`, see half.cuh), scaled in f32.
 #include "common.cuh"
+#include "half.cuh"
 
 // Mirrors DropoutParams in src/ops/dropout/cuda.rs.
 struct DropoutParams {
-    const float* x;   // x forward, dL/dy backward: the same map
-    float* out;
+    const void* x;    // x forward, dL/dy backward: the same map
+    void* out;
     i64 n;
     u64 key;          // stream_key(seed), hashed on the host
     u64 threshold;    // keep when the 53 random bits are >= this
     float scale;      // 1 / (1 - p), rounded to f32 as the CPU does
-    u32 pad;
+    u32 format;       // KILN_F32, KILN_BF16 or KILN_F16, for x and out
 };
 static_assert(sizeof(DropoutParams) == 48, "DropoutParams must match its Rust mirror");
 
@@ -37,6 +39,6 @@ __device__ __forceinline__ u64 random_bits(u64 key, u64 index) {
 extern "C" __global__ void dropout_apply(const DropoutParams p) {
     GRID_STRIDE_LOOP(i, p.n) {
         bool kept = random_bits(p.key, (u64)i) >= p.threshold;
-        p.out[i] = kept ? p.x[i] * p.scale : 0.0f;
+        store_f32(p.out, i, kept ? load_f32(p.x, i, p.format) * p.scale : 0.0f, p.format);
     }
 }

@@ -929,6 +929,8 @@ const CUDA_SIXTEEN_BIT_OPS: &[&str] = &[
     "clamp",
     "add_scalar",
     "mul_scalar",
+    // dropout.cu
+    "dropout",
     // activation.cu
     "relu",
     "leaky_relu",

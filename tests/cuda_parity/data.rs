@@ -395,6 +395,15 @@ fn dropout_mask_and_gradient_equal_cpu_exactly() {
             .zip(cuda.to_f64_vec())
             .all(|(a, b)| (*a == 0.0) == (b == 0.0));
         assert!(same_mask, "{what}: the zeroed positions differ");
+        // bf16 and f16: the same mask, each survivor scaled in f32 and
+        // rounded once, as on the CPU.
+        for dtype in [kiln::DType::BF16, kiln::DType::F16] {
+            let x = x.to_dtype(dtype).unwrap();
+            let cpu = x.dropout(p, seed).unwrap();
+            let cuda = x.to_device(dev).unwrap().dropout(p, seed).unwrap();
+            assert_eq!(cuda.dtype(), dtype);
+            assert_eq!(cuda.to_f64_vec(), cpu.to_f64_vec(), "{what} {dtype}");
+        }
     }
 }
 

@@ -1,9 +1,8 @@
 //! Launch glue for kernels/dropout.cu.
 
-use crate::cuda::{CudaStorage, launch_1d, require_f32};
+use crate::cuda::{CudaStorage, float_format, launch_1d};
 use crate::error::Result;
 use crate::kernel_params;
-use crate::tensor::DType;
 
 use super::cpu::{keep_threshold, stream_key};
 
@@ -15,7 +14,7 @@ kernel_params! {
         key: u64,
         threshold: u64,
         scale: f32,
-        pad: u32,
+        format: u32,
     }
 }
 
@@ -26,8 +25,8 @@ const _: () = assert!(std::mem::size_of::<DropoutParams>() == 48);
 /// from the same host-computed key and integer threshold. Also the backward
 /// (applied to dL/dy).
 pub(crate) fn dropout(op: &'static str, x: &CudaStorage, p: f64, seed: u64) -> Result<CudaStorage> {
-    require_f32(op, &[x])?;
-    let out = CudaStorage::alloc(x.device(), DType::F32, x.len())?;
+    let format = float_format(op, &[x])?;
+    let out = CudaStorage::alloc(x.device(), x.dtype(), x.len())?;
     let params = DropoutParams {
         x: x.ptr(),
         out: out.ptr(),
@@ -36,7 +35,7 @@ pub(crate) fn dropout(op: &'static str, x: &CudaStorage, p: f64, seed: u64) -> R
         threshold: keep_threshold(p),
         // Rounded to f32 exactly as the CPU kernel's T::from_f64(1 / (1 − p)).
         scale: (1.0 / (1.0 - p)) as f32,
-        pad: 0,
+        format,
     };
     x.device()
         .launch("dropout.cu", "dropout_apply", launch_1d(x.len()), params)?;
