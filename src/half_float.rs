@@ -15,6 +15,7 @@ use std::mem::MaybeUninit;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
+use crate::ops::elementwise::cpu::filled;
 use crate::per_isa;
 pub use half::{bf16, f16};
 
@@ -93,38 +94,28 @@ per_isa! {
     }
 }
 
-/// A vector of `len` elements, each written once by `fill` (no zero-fill).
-fn filled<E>(len: usize, fill: impl FnOnce(&mut [MaybeUninit<E>])) -> Vec<E> {
-    let mut out = Vec::with_capacity(len);
-    fill(&mut out.spare_capacity_mut()[..len]);
-    // SAFETY: `fill` is one of this module's converters, which write every
-    // element of the slice they are given (they assert equal lengths).
-    unsafe { out.set_len(len) };
-    out
-}
-
 /// `src` widened to f32, in parallel for large slices.
 pub fn widen<H: HalfFloat>(src: &[H]) -> Vec<f32> {
-    filled(src.len(), |dst| {
-        if src.len() < PARALLEL_THRESHOLD {
-            H::widen_into(src, dst);
-        } else {
-            dst.par_chunks_mut(PARALLEL_THRESHOLD)
-                .zip(src.par_chunks(PARALLEL_THRESHOLD))
-                .for_each(|(d, s)| H::widen_into(s, d));
-        }
-    })
+    convert_in_parallel(src, H::widen_into)
 }
 
 /// `src` rounded to a 16-bit float, in parallel for large slices.
 pub fn narrow<H: HalfFloat>(src: &[f32]) -> Vec<H> {
+    convert_in_parallel(src, H::narrow_into)
+}
+
+/// A new vector of `convert(src)`, one thread per block of large slices.
+fn convert_in_parallel<S: Sync, D: Copy + Send>(
+    src: &[S],
+    convert: fn(&[S], &mut [MaybeUninit<D>]),
+) -> Vec<D> {
     filled(src.len(), |dst| {
         if src.len() < PARALLEL_THRESHOLD {
-            H::narrow_into(src, dst);
+            convert(src, dst);
         } else {
             dst.par_chunks_mut(PARALLEL_THRESHOLD)
                 .zip(src.par_chunks(PARALLEL_THRESHOLD))
-                .for_each(|(d, s)| H::narrow_into(s, d));
+                .for_each(|(d, s)| convert(s, d));
         }
     })
 }

@@ -44,11 +44,12 @@ pub fn zip_map<T: Float>(x: &[T], y: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<
 /// first: for a memory-bound op the zeroing was a whole extra pass over the
 /// output (`add` on the GPT's [2048, 512] bias: 58% of copy bandwidth with
 /// it). `fill` must write every element; the kernels here write the output
-/// through zips with inputs of its own length, asserted by their callers.
-pub(crate) fn filled<T: Float>(len: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+/// through zips with inputs of its own length, asserted by their callers, as
+/// do the 16-bit converters of `half_float`.
+pub(crate) fn filled<T: Copy>(len: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
     let mut out = Vec::with_capacity(len);
     fill(&mut out.spare_capacity_mut()[..len]);
-    // SAFETY: `fill` initialised out[..len] (see above), and T is a plain float.
+    // SAFETY: `fill` initialised out[..len] (see above), and T is plain data.
     unsafe { out.set_len(len) };
     out
 }
