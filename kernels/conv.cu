@@ -1,4 +1,4 @@
-// Convolutions (conv2d and conv_transpose2d, f32, groups = 1). Every kernel
+// Convolutions (conv2d and conv_transpose2d, groups = 1). Every kernel
 // sees its problem in conv2d terms through one ConvGeometry (see
 // src/ops/conv/mod.rs): a kernel window slides over an input image
 // [N, C, H, W] and produces an output grid [N, O, Ho, Wo]; the weight is
@@ -15,7 +15,13 @@
 // (64 positions × 64 channels per block, 4 × 4 values per thread), so each
 // value loaded is reused 64 times; its A tile is gathered straight from the
 // image (padding → 0) instead of from an im2col buffer, which would cost
-// kh·kw times the input in memory and traffic. The engine uses the tiled one.
+// kh·kw times the input in memory and traffic. The engine uses the tiled one
+// for f32. For bf16/f16 it uses conv2d_forward_tensor_core: the same implicit
+// GEMM on the tensor-core tile of the 16-bit GEMM (tensor_core.cuh).
+//
+// Formats: image, weight, grid, bias and out share one float format (f32,
+// bf16 or f16, ConvParams::format). Every kernel but the f32 implicit GEMM
+// reads it through load_f32, accumulates in f32 and rounds once on the store.
 //
 // Backward-data gathers: one thread per input pixel sums the dy·W products
 // of the outputs that read it. Scattering instead (one thread per output,
@@ -25,6 +31,8 @@
 // block per weight element / channel with block_sum, again no atomics, so
 // every gradient is deterministic.
 #include "common.cuh"
+#include "half.cuh"
+#include "tensor_core.cuh"
 
 // Mirrors ConvGeometry / ConvShape in src/ops/conv/cuda.rs.
 struct ConvShape {
@@ -41,16 +49,37 @@ struct ConvShape {
 static_assert(sizeof(ConvShape) == 120, "ConvShape must match its Rust mirror");
 
 // Mirrors ConvParams in src/ops/conv/cuda.rs. Each kernel reads two of
-// image / weight / grid and writes `out`.
+// image / weight / grid and writes `out`, all of `format`.
 struct ConvParams {
-    const float* image;   // [N, C, H, W]
-    const float* weight;  // [O, C, kh, kw]
-    const float* grid;    // [N, O, Ho, Wo]
-    const float* bias;    // forward: [O], backward_data: [C]; null for none
-    float* out;
+    const void* image;   // [N, C, H, W]
+    const void* weight;  // [O, C, kh, kw]
+    const void* grid;    // [N, O, Ho, Wo]
+    const void* bias;    // forward: [O], backward_data: [C]; null for none
+    void* out;
     ConvShape geometry;
+    u32 format;          // KILN_F32, KILN_BF16 or KILN_F16
+    u32 pad;
 };
-static_assert(sizeof(ConvParams) == 160, "ConvParams must match its Rust mirror");
+static_assert(sizeof(ConvParams) == 168, "ConvParams must match its Rust mirror");
+
+// Offset in image n's [C, H, W] of im2col row k = (c, i, j) for the window
+// whose top-left corner is (corner_h, corner_w); −1 where it falls in the padding.
+__device__ __forceinline__ i64 im2col_offset(const ConvShape& g, i64 corner_h, i64 corner_w, int k) {
+    const int taps = (int)(g.kernel_h * g.kernel_w);
+    const int c = k / taps;
+    const int tap = k - c * taps;
+    const int i = tap / (int)g.kernel_w;
+    const int j = tap - i * (int)g.kernel_w;
+    const i64 ih = corner_h + i * g.dilation_h;
+    const i64 iw = corner_w + j * g.dilation_w;
+    if (ih < 0 || ih >= g.in_h || iw < 0 || iw >= g.in_w) return -1;
+    return (c * g.in_h + ih) * g.in_w + iw;
+}
+
+// The bias term of output channel (or, backward-data, input channel) c.
+__device__ __forceinline__ float bias_at(const ConvParams& p, i64 c) {
+    return p.bias ? load_f32(p.bias, c, p.format) : 0.0f;
+}
 
 // ---- forward v1: one thread per output value ------------------------------------
 // y[n, o, oh, ow] = b[o] + Σ_{c,i,j} x[n, c, oh·s − p + i·d, ow·s − p + j·d] · W[o, c, i, j]
@@ -62,23 +91,24 @@ extern "C" __global__ void conv2d_forward_direct(const ConvParams p) {
         const i64 oh = (idx / g.out_w) % g.out_h;
         const i64 o = (idx / (g.out_w * g.out_h)) % g.out_channels;
         const i64 n = idx / (g.out_w * g.out_h * g.out_channels);
-        const float* image_n = p.image + n * g.in_channels * g.in_h * g.in_w;
-        const float* weight_o = p.weight + o * g.in_channels * g.kernel_h * g.kernel_w;
-        float acc = p.bias ? p.bias[o] : 0.0f;
+        const i64 image_n = n * g.in_channels * g.in_h * g.in_w;
+        const i64 weight_o = o * g.in_channels * g.kernel_h * g.kernel_w;
+        float acc = bias_at(p, o);
         for (i64 c = 0; c < g.in_channels; ++c) {
-            const float* plane = image_n + c * g.in_h * g.in_w;
-            const float* taps = weight_o + c * g.kernel_h * g.kernel_w;
+            const i64 plane = image_n + c * g.in_h * g.in_w;
+            const i64 taps = weight_o + c * g.kernel_h * g.kernel_w;
             for (i64 i = 0; i < g.kernel_h; ++i) {
                 const i64 ih = oh * g.stride_h - g.pad_h + i * g.dilation_h;
                 if (ih < 0 || ih >= g.in_h) continue;
                 for (i64 j = 0; j < g.kernel_w; ++j) {
                     const i64 iw = ow * g.stride_w - g.pad_w + j * g.dilation_w;
                     if (iw < 0 || iw >= g.in_w) continue;
-                    acc += plane[ih * g.in_w + iw] * taps[i * g.kernel_w + j];
+                    acc += load_f32(p.image, plane + ih * g.in_w + iw, p.format) *
+                           load_f32(p.weight, taps + i * g.kernel_w + j, p.format);
                 }
             }
         }
-        p.out[idx] = acc;
+        store_f32(p.out, idx, acc, p.format);
     }
 }
 
@@ -86,6 +116,7 @@ extern "C" __global__ void conv2d_forward_direct(const ConvParams p) {
 // C[m, o] = Σ_k A[m, k] · B[k, o] with m = (n, oh, ow), k = (c, i, j),
 // A = im2col(x) gathered on the fly and B = Wᵀ (W is row-major [O, K]).
 // Launch: grid (⌈N·Ho·Wo / 64⌉, ⌈O / 64⌉), 256 threads; K = C·kh·kw < 2^31.
+// f32 only (format is KILN_F32).
 #define IG_TILE_M 64    // output positions per block
 #define IG_TILE_N 64    // output channels per block
 #define IG_TILE_K 16    // (channel, tap) pairs per shared-memory stage
@@ -102,8 +133,7 @@ extern "C" __global__ void conv2d_forward_implicit_gemm(const ConvParams p) {
     const int t = threadIdx.x;
     const i64 positions = g.out_h * g.out_w;
     const i64 m_total = g.batch * positions;
-    const int taps = (int)(g.kernel_h * g.kernel_w);
-    const int k_total = (int)g.in_channels * taps;
+    const int k_total = (int)(g.in_channels * g.kernel_h * g.kernel_w);
     const i64 m0 = (i64)blockIdx.x * IG_TILE_M;
     const i64 o0 = (i64)blockIdx.y * IG_TILE_N;
 
@@ -117,7 +147,8 @@ extern "C" __global__ void conv2d_forward_implicit_gemm(const ConvParams p) {
     const i64 gather_pos = gather_valid ? gather_m % positions : 0;
     const i64 corner_h = (gather_pos / g.out_w) * g.stride_h - g.pad_h;
     const i64 corner_w = (gather_pos % g.out_w) * g.stride_w - g.pad_w;
-    const float* image_n = p.image + gather_n * g.in_channels * g.in_h * g.in_w;
+    const float* image_n = static_cast<const float*>(p.image) + gather_n * g.in_channels * g.in_h * g.in_w;
+    const float* weight = static_cast<const float*>(p.weight);
 
     // B loader: row b_k, channels b_o + 16r (16 consecutive k per channel: coalesced).
     const int b_k = t % IG_TILE_K;
@@ -137,26 +168,15 @@ extern "C" __global__ void conv2d_forward_implicit_gemm(const ConvParams p) {
         for (int r = 0; r < 4; ++r) {
             const int kl = a_k + 4 * r;
             const int k = k0 + kl;
-            float v = 0.0f;
-            if (gather_valid && k < k_total) {
-                const int c = k / taps;
-                const int tap = k - c * taps;
-                const int i = tap / (int)g.kernel_w;
-                const int j = tap - i * (int)g.kernel_w;
-                const i64 ih = corner_h + i * g.dilation_h;
-                const i64 iw = corner_w + j * g.dilation_w;
-                if (ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w) {
-                    v = image_n[(c * g.in_h + ih) * g.in_w + iw];
-                }
-            }
-            a_tile[kl][a_m] = v;
+            const i64 at = (gather_valid && k < k_total) ? im2col_offset(g, corner_h, corner_w, k) : -1;
+            a_tile[kl][a_m] = at >= 0 ? image_n[at] : 0.0f;
         }
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
             const int ol = b_o + 16 * r;
             const i64 o = o0 + ol;
             const int k = k0 + b_k;
-            b_tile[b_k][ol] = (o < g.out_channels && k < k_total) ? p.weight[o * k_total + k] : 0.0f;
+            b_tile[b_k][ol] = (o < g.out_channels && k < k_total) ? weight[o * k_total + k] : 0.0f;
         }
         __syncthreads();
 #pragma unroll
@@ -185,10 +205,70 @@ extern "C" __global__ void conv2d_forward_implicit_gemm(const ConvParams p) {
         for (int c = 0; c < 4; ++c) {
             const i64 o = o0 + ty + 16 * c;
             if (o >= g.out_channels) continue;
-            const float bias = p.bias ? p.bias[o] : 0.0f;
-            p.out[(n * g.out_channels + o) * positions + pos] = acc[r][c] + bias;
+            static_cast<float*>(p.out)[(n * g.out_channels + o) * positions + pos] = acc[r][c] + bias_at(p, o);
         }
     }
+}
+
+// ---- forward, 16-bit: implicit GEMM on the tensor-core tile ----------------------
+// The same product as conv2d_forward_implicit_gemm, C[m, o] = Σ_k A[m, k]·Wᵀ[k, o],
+// with bf16/f16 operands on mma.sync (tensor_core.cuh), f32 accumulation and
+// the bias added before the one rounding. A is gathered from the image into
+// a_tile[m][k] (zeros in the padding and past the edges); W's rows are
+// already Bᵀ's rows, contiguous in k.
+// Launch: grid (⌈N·Ho·Wo / 64⌉, ⌈O / 64⌉), 128 threads; K = C·kh·kw < 2^31.
+extern "C" __launch_bounds__(TC_THREADS) __global__ void conv2d_forward_tensor_core(const ConvParams p) {
+    const ConvShape g = p.geometry;
+    __shared__ __align__(16) u16 a_tile[TC_BM][TC_STRIDE];  // [position][k]
+    __shared__ __align__(16) u16 b_tile[TC_BN][TC_STRIDE];  // [channel][k]
+    const i64 positions = g.out_h * g.out_w;
+    const i64 m_total = g.batch * positions;
+    const int k_total = (int)(g.in_channels * g.kernel_h * g.kernel_w);
+    const i64 m0 = (i64)blockIdx.x * TC_BM;
+    const i64 o0 = (i64)blockIdx.y * TC_BN;
+
+    // Gather: this thread fills position a_m of the tile (consecutive
+    // threads, consecutive positions: coalesced along ow), k rows a_k + 2s.
+    const int a_m = threadIdx.x % TC_BM;
+    const int a_k = threadIdx.x / TC_BM;
+    const i64 gather_m = m0 + a_m;
+    const bool gather_valid = gather_m < m_total;
+    const i64 gather_n = gather_valid ? gather_m / positions : 0;
+    const i64 gather_pos = gather_valid ? gather_m % positions : 0;
+    const i64 corner_h = (gather_pos / g.out_w) * g.stride_h - g.pad_h;
+    const i64 corner_w = (gather_pos % g.out_w) * g.stride_w - g.pad_w;
+    const u16* image_n = static_cast<const u16*>(p.image) + gather_n * g.in_channels * g.in_h * g.in_w;
+    const u16* weight = static_cast<const u16*>(p.weight);
+
+    TensorCoreAccumulators acc;
+    tc_zero(acc);
+    for (int k0 = 0; k0 < k_total; k0 += TC_BK) {
+#pragma unroll
+        for (int kl = a_k; kl < TC_BK; kl += TC_THREADS / TC_BM) {
+            const int k = k0 + kl;
+            const i64 at = (gather_valid && k < k_total) ? im2col_offset(g, corner_h, corner_w, k) : -1;
+            a_tile[a_m][kl] = at >= 0 ? image_n[at] : (u16)0;
+        }
+        tc_stage(b_tile, weight, g.out_channels, k_total, o0, k0, k_total, 1);
+        __syncthreads();
+        tc_multiply_slice(acc, a_tile, b_tile, p.format);
+        __syncthreads();
+    }
+
+    // y[n, o, pos] = C[m, o] + b[o], rounded once.
+    u16* out = static_cast<u16*>(p.out);
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const i64 m = tc_output_row(m0, mi, e), o = tc_output_col(o0, ni, e);
+                if (m >= m_total || o >= g.out_channels) continue;
+                const i64 n = m / positions, pos = m % positions;
+                out[(n * g.out_channels + o) * positions + pos] =
+                    f32_to_half(acc.d[mi][ni][e] + bias_at(p, o), p.format);
+            }
 }
 
 // ---- backward-data (also conv_transpose2d's forward) ------------------------------
@@ -205,9 +285,9 @@ extern "C" __global__ void conv2d_backward_data(const ConvParams p) {
         const i64 h = (idx / g.in_w) % g.in_h;
         const i64 c = (idx / (g.in_w * g.in_h)) % g.in_channels;
         const i64 n = idx / (g.in_w * g.in_h * g.in_channels);
-        const float* grid_n = p.grid + n * g.out_channels * grid_plane;
-        const float* weight_c = p.weight + c * g.kernel_h * g.kernel_w;
-        float acc = p.bias ? p.bias[c] : 0.0f;
+        const i64 grid_n = n * g.out_channels * grid_plane;
+        const i64 weight_c = c * g.kernel_h * g.kernel_w;
+        float acc = bias_at(p, c);
         for (i64 i = 0; i < g.kernel_h; ++i) {
             const i64 th = h + g.pad_h - i * g.dilation_h;
             if (th < 0 || th % g.stride_h != 0) continue;
@@ -218,14 +298,15 @@ extern "C" __global__ void conv2d_backward_data(const ConvParams p) {
                 if (tw < 0 || tw % g.stride_w != 0) continue;
                 const i64 ow = tw / g.stride_w;
                 if (ow >= g.out_w) continue;
-                const float* dy_at = grid_n + oh * g.out_w + ow;
-                const float* weight_at = weight_c + i * g.kernel_w + j;
+                const i64 dy_at = grid_n + oh * g.out_w + ow;
+                const i64 weight_at = weight_c + i * g.kernel_w + j;
                 for (i64 o = 0; o < g.out_channels; ++o) {
-                    acc += dy_at[o * grid_plane] * weight_at[o * weight_per_out];
+                    acc += load_f32(p.grid, dy_at + o * grid_plane, p.format) *
+                           load_f32(p.weight, weight_at + o * weight_per_out, p.format);
                 }
             }
         }
-        p.out[idx] = acc;
+        store_f32(p.out, idx, acc, p.format);
     }
 }
 
@@ -251,24 +332,26 @@ extern "C" __global__ void conv2d_backward_weight(const ConvParams p) {
             const i64 ih = (pos / g.out_w) * g.stride_h - g.pad_h + i * g.dilation_h;
             const i64 iw = (pos % g.out_w) * g.stride_w - g.pad_w + j * g.dilation_w;
             if (ih < 0 || ih >= g.in_h || iw < 0 || iw >= g.in_w) continue;
-            partial += p.grid[(n * g.out_channels + o) * positions + pos] *
-                       p.image[((n * g.in_channels + c) * g.in_h + ih) * g.in_w + iw];
+            partial += load_f32(p.grid, (n * g.out_channels + o) * positions + pos, p.format) *
+                       load_f32(p.image, ((n * g.in_channels + c) * g.in_h + ih) * g.in_w + iw, p.format);
         }
         const float total = block_sum(partial, scratch);
-        if (threadIdx.x == 0) p.out[widx] = total;
+        if (threadIdx.x == 0) store_f32(p.out, widx, total, p.format);
     }
 }
 
 // ---- bias gradient -----------------------------------------------------------
 // Mirrors BiasGradParams in src/ops/conv/cuda.rs.
 struct BiasGradParams {
-    const float* grad;  // [batch, channels, pixels]
-    float* out;         // [channels]
+    const void* grad;  // [batch, channels, pixels]
+    void* out;         // [channels], the same format
     i64 batch;
     i64 channels;
     i64 pixels;
+    u32 format;
+    u32 pad;
 };
-static_assert(sizeof(BiasGradParams) == 40, "BiasGradParams must match its Rust mirror");
+static_assert(sizeof(BiasGradParams) == 48, "BiasGradParams must match its Rust mirror");
 
 // dL/db[c] = Σ_{n,p} dy[n, c, p]: one block per channel (block-stride), block_sum.
 extern "C" __global__ void bias_grad(const BiasGradParams p) {
@@ -278,9 +361,9 @@ extern "C" __global__ void bias_grad(const BiasGradParams p) {
         float partial = 0.0f;
         for (i64 r = threadIdx.x; r < reduction; r += blockDim.x) {
             const i64 n = r / p.pixels;
-            partial += p.grad[(n * p.channels + c) * p.pixels + r % p.pixels];
+            partial += load_f32(p.grad, (n * p.channels + c) * p.pixels + r % p.pixels, p.format);
         }
         const float total = block_sum(partial, scratch);
-        if (threadIdx.x == 0) p.out[c] = total;
+        if (threadIdx.x == 0) store_f32(p.out, c, total, p.format);
     }
 }

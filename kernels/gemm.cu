@@ -31,7 +31,8 @@
 //   C rounded once to the operands' format): a 128-thread block computes a
 //   64×64 tile of C over K-slices of 16; each of its 4 warps owns a 32×32
 //   quarter as 2×4 tiles of mma.sync.m16n8k16, 8 tensor-core instructions
-//   per slice, fed from shared memory in the PTX fragment layout. Tiles are
+//   per slice, fed from shared memory in the PTX fragment layout (the tile
+//   lives in tensor_core.cuh: the 16-bit convolution uses it too). Tiles are
 //   staged with bounds-checked 16-bit loads (zeros past the ragged edges),
 //   arranged so consecutive threads read along whichever dimension is
 //   contiguous. Still to come on this rung: ldmatrix, cp.async pipelining,
@@ -42,6 +43,7 @@
 // row tiles and batch items beyond the grid (a no-op for usual sizes).
 #include "common.cuh"
 #include "half.cuh"
+#include "tensor_core.cuh"
 
 // Mirrors GemmParams in src/ops/gemm/cuda.rs.
 struct GemmParams {
@@ -295,88 +297,35 @@ struct GemmHalfParams {
 };
 static_assert(sizeof(GemmHalfParams) == 72, "GemmHalfParams must match its Rust mirror");
 
-#define V4_BM 64
-#define V4_BN 64
-#define V4_BK 16
-#define V4_THREADS 128
-// Row length of the staged tiles: 8 spare halves keep the fragment reads of
-// one warp off a single shared-memory bank.
-#define V4_STRIDE (V4_BK + 8)
-
-// Stages the BM×BK (or BN×BK) slice of an operand at (first row, k0) into
-// tile[row][k], zeros past the matrix. `strides` give element (row, k).
-__device__ __forceinline__ void v4_stage(u16 (*tile)[V4_STRIDE], const u16* data, i64 rows, i64 depth,
-                                         i64 row0, i64 k0, MatrixStrides strides) {
-    // Consecutive threads take consecutive addresses: along k when k is the
-    // contiguous dimension, else along the rows.
-    const bool k_contiguous = strides.col == 1;
-    for (int e = threadIdx.x; e < V4_BM * V4_BK; e += V4_THREADS) {
-        const int r = k_contiguous ? e / V4_BK : e % V4_BM;
-        const int q = k_contiguous ? e % V4_BK : e / V4_BM;
-        const i64 row = row0 + r, kk = k0 + q;
-        tile[r][q] = (row < rows && kk < depth) ? data[row * strides.row + kk * strides.col] : (u16)0;
-    }
-}
-
-extern "C" __launch_bounds__(V4_THREADS) __global__ void gemm_v4_tensor_core(const GemmHalfParams params) {
+extern "C" __launch_bounds__(TC_THREADS) __global__ void gemm_v4_tensor_core(const GemmHalfParams params) {
     const GemmParams& p = params.gemm;
-    __shared__ __align__(16) u16 a_tile[V4_BM][V4_STRIDE];
-    __shared__ __align__(16) u16 b_tile[V4_BN][V4_STRIDE];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int group = lane / 4, t = lane % 4;
-    const int warp_row = (warp / 2) * 32, warp_col = (warp % 2) * 32;
+    __shared__ __align__(16) u16 a_tile[TC_BM][TC_STRIDE];
+    __shared__ __align__(16) u16 b_tile[TC_BN][TC_STRIDE];
     // op(A)[i, q], and op(B)ᵀ[j, q]: B is staged as rows of N, like A's rows of M.
-    const MatrixStrides as = a_strides(p);
-    const MatrixStrides b_kn = b_strides(p);
-    const MatrixStrides bs = {b_kn.col, b_kn.row};
-    const i64 col0 = (i64)blockIdx.x * V4_BN;
+    const MatrixStrides as = a_strides(p), bs = b_strides(p);
+    const i64 col0 = (i64)blockIdx.x * TC_BN;
     for (i64 batch = blockIdx.z; batch < p.batch; batch += gridDim.z) {
         const u16* a = reinterpret_cast<const u16*>(p.a) + batch * p.m * p.k;
         const u16* b = reinterpret_cast<const u16*>(p.b) + batch * p.k * p.n;
         u16* c = reinterpret_cast<u16*>(p.c) + batch * p.m * p.n;
-        for (i64 row0 = (i64)blockIdx.y * V4_BM; row0 < p.m; row0 += (i64)gridDim.y * V4_BM) {
-            float acc[2][4][4];
-#pragma unroll
-            for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-                for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
-            for (i64 k0 = 0; k0 < p.k; k0 += V4_BK) {
-                v4_stage(a_tile, a, p.m, p.k, row0, k0, as);
-                v4_stage(b_tile, b, p.n, p.k, col0, k0, bs);
+        for (i64 row0 = (i64)blockIdx.y * TC_BM; row0 < p.m; row0 += (i64)gridDim.y * TC_BM) {
+            TensorCoreAccumulators acc;
+            tc_zero(acc);
+            for (i64 k0 = 0; k0 < p.k; k0 += TC_BK) {
+                tc_stage(a_tile, a, p.m, p.k, row0, k0, as.row, as.col);
+                tc_stage(b_tile, b, p.n, p.k, col0, k0, bs.col, bs.row);
                 __syncthreads();
-                u32 a_frag[2][4], b_frag[4][2];
-#pragma unroll
-                for (int mi = 0; mi < 2; ++mi) {
-                    const int r = warp_row + mi * 16 + group;
-                    a_frag[mi][0] = pack_half2(a_tile[r][2 * t], a_tile[r][2 * t + 1]);
-                    a_frag[mi][1] = pack_half2(a_tile[r + 8][2 * t], a_tile[r + 8][2 * t + 1]);
-                    a_frag[mi][2] = pack_half2(a_tile[r][2 * t + 8], a_tile[r][2 * t + 9]);
-                    a_frag[mi][3] = pack_half2(a_tile[r + 8][2 * t + 8], a_tile[r + 8][2 * t + 9]);
-                }
-#pragma unroll
-                for (int ni = 0; ni < 4; ++ni) {
-                    const int j = warp_col + ni * 8 + group;
-                    b_frag[ni][0] = pack_half2(b_tile[j][2 * t], b_tile[j][2 * t + 1]);
-                    b_frag[ni][1] = pack_half2(b_tile[j][2 * t + 8], b_tile[j][2 * t + 9]);
-                }
-#pragma unroll
-                for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-                    for (int ni = 0; ni < 4; ++ni) mma_m16n8k16(acc[mi][ni], a_frag[mi], b_frag[ni], params.kind);
+                tc_multiply_slice(acc, a_tile, b_tile, params.kind);
                 __syncthreads();
             }
-            // d[0..1] is row g, columns 2t and 2t + 1 of the tile; d[2..3] row g + 8.
 #pragma unroll
             for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
                 for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
-                        const i64 i = row0 + warp_row + mi * 16 + group + (e >= 2 ? 8 : 0);
-                        const i64 j = col0 + warp_col + ni * 8 + 2 * t + (e & 1);
-                        if (i < p.m && j < p.n) c[i * p.n + j] = f32_to_half(acc[mi][ni][e], params.kind);
+                        const i64 i = tc_output_row(row0, mi, e), j = tc_output_col(col0, ni, e);
+                        if (i < p.m && j < p.n) c[i * p.n + j] = f32_to_half(acc.d[mi][ni][e], params.kind);
                     }
         }
     }

@@ -910,10 +910,12 @@ pub(crate) fn same_device(op: &'static str, tensors: &[&Tensor]) -> Result<Devic
     Ok(device)
 }
 
-/// Checks that every operand shares one float dtype.
 /// The ops whose CUDA kernels take bf16 and f16 tensors.
 const CUDA_SIXTEEN_BIT_OPS: &[&str] = &[
     "matmul",
+    // conv.cu (conv_transpose2d runs conv2d's backward-data kernel)
+    "conv2d",
+    "conv_transpose2d",
     // matmul_nt then add on CUDA
     "linear",
     // elementwise.cu
@@ -940,6 +942,7 @@ const CUDA_SIXTEEN_BIT_OPS: &[&str] = &[
     "gelu_tanh",
 ];
 
+/// Checks that every operand shares one float dtype.
 pub(crate) fn same_float_dtype(op: &'static str, tensors: &[&Tensor]) -> Result<DType> {
     let dtype = tensors[0].dtype();
     // 16-bit tensors reach an op only where it has a path for them: the CPU

@@ -102,41 +102,50 @@ fn ptxas_or_skip() -> Option<std::path::PathBuf> {
     None
 }
 
-/// The tensor-core GEMM keeps its accumulators and fragments in registers:
-/// ptxas -v reports no spill stores or loads for it on sm_80 and sm_90.
+/// The tensor-core kernels (the GEMM's v4 rung and the 16-bit implicit-GEMM
+/// convolution) keep their accumulators and fragments in registers:
+/// ptxas -v reports no spill stores or loads for them on sm_80 and sm_90.
 #[test]
-fn the_tensor_core_gemm_assembles_without_register_spills() {
+fn the_tensor_core_kernels_assemble_without_register_spills() {
     if !nvrtc_or_skip() {
         return;
     }
     let Some(ptxas) = ptxas_or_skip() else {
         return;
     };
-    let source = expanded_source("gemm.cu").unwrap();
     let dir = std::env::temp_dir().join(format!("kiln-ptxas-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    for arch in ["sm_80", "sm_90"] {
-        let ptx_path = dir.join(format!("gemm-{arch}.ptx"));
-        std::fs::write(&ptx_path, compile_source("gemm.cu", &source, arch).unwrap()).unwrap();
-        let output = std::process::Command::new(&ptxas)
-            .args(["-v", "--gpu-name", arch, "-o"])
-            .arg(dir.join(format!("gemm-{arch}.cubin")))
-            .arg(&ptx_path)
-            .output()
-            .unwrap();
-        let log = String::from_utf8_lossy(&output.stderr).into_owned();
-        assert!(output.status.success(), "ptxas failed for {arch}:\n{log}");
-        // "Function properties for gemm_v4_tensor_core", then its frame and spills.
-        let properties = log
-            .split("Function properties for ")
-            .find(|block| block.starts_with("gemm_v4_tensor_core"))
-            .unwrap_or_else(|| panic!("no properties for gemm_v4_tensor_core in:\n{log}"));
-        let spills = properties.lines().nth(1).unwrap_or_default();
-        eprintln!("{arch} gemm_v4_tensor_core: {}", spills.trim());
-        assert!(
-            spills.contains("0 bytes spill stores, 0 bytes spill loads"),
-            "{arch}: gemm_v4_tensor_core spills registers: {spills}\n{log}"
-        );
+    for (file, kernel) in [
+        ("gemm.cu", "gemm_v4_tensor_core"),
+        ("conv.cu", "conv2d_forward_tensor_core"),
+    ] {
+        let source = expanded_source(file).unwrap();
+        for arch in ["sm_80", "sm_90"] {
+            let ptx_path = dir.join(format!("{file}-{arch}.ptx"));
+            std::fs::write(&ptx_path, compile_source(file, &source, arch).unwrap()).unwrap();
+            let output = std::process::Command::new(&ptxas)
+                .args(["-v", "--gpu-name", arch, "-o"])
+                .arg(dir.join(format!("{file}-{arch}.cubin")))
+                .arg(&ptx_path)
+                .output()
+                .unwrap();
+            let log = String::from_utf8_lossy(&output.stderr).into_owned();
+            assert!(
+                output.status.success(),
+                "ptxas failed for {file} on {arch}:\n{log}"
+            );
+            // "Function properties for <kernel>", then its frame and spills.
+            let properties = log
+                .split("Function properties for ")
+                .find(|block| block.starts_with(kernel))
+                .unwrap_or_else(|| panic!("no properties for {kernel} in:\n{log}"));
+            let spills = properties.lines().nth(1).unwrap_or_default();
+            eprintln!("{arch} {kernel}: {}", spills.trim());
+            assert!(
+                spills.contains("0 bytes spill stores, 0 bytes spill loads"),
+                "{arch}: {kernel} spills registers: {spills}\n{log}"
+            );
+        }
     }
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -386,16 +386,21 @@ impl CudaStorage {
     }
 }
 
-/// CUDA kernels compute in f32; other float dtypes are refused with a hint.
+/// The codes of kernels/half.cuh for the float formats kernels read and write.
+pub(crate) const FORMAT_BF16: u32 = 0;
+pub(crate) const FORMAT_F16: u32 = 1;
+pub(crate) const FORMAT_F32: u32 = 2;
+
 /// The code kernels/half.cuh gives the one float format of `storages`
-/// (KILN_F32, KILN_BF16, KILN_F16), for kernels that take any of the three.
+/// (KILN_F32, KILN_BF16, KILN_F16), for kernels that take any of the three;
+/// other dtypes are refused with a hint.
 pub(crate) fn float_format(op: &'static str, storages: &[&CudaStorage]) -> Result<u32> {
     let dtype = storages[0].dtype;
     if let Some(other) = storages.iter().find(|s| s.dtype != dtype) {
         return Err(Error::dtype_mismatch(op, dtype, other.dtype));
     }
     match dtype {
-        DType::F32 => Ok(2),
+        DType::F32 => Ok(FORMAT_F32),
         DType::BF16 | DType::F16 => half_kind(op, dtype),
         other => Err(Error::DType {
             op,
@@ -409,8 +414,8 @@ pub(crate) fn float_format(op: &'static str, storages: &[&CudaStorage]) -> Resul
 /// The code kernels/half.cuh gives a 16-bit format (KILN_BF16, KILN_F16).
 pub(crate) fn half_kind(op: &'static str, dtype: DType) -> Result<u32> {
     match dtype {
-        DType::BF16 => Ok(0),
-        DType::F16 => Ok(1),
+        DType::BF16 => Ok(FORMAT_BF16),
+        DType::F16 => Ok(FORMAT_F16),
         other => Err(Error::DType {
             op,
             msg: format!("expected a 16-bit operand (bf16 or f16), got {other}"),

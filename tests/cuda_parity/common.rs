@@ -88,3 +88,55 @@ pub fn check_op(
         }
     }
 }
+
+/// `check_op` for 16-bit tensors: `inputs` (f32) are rounded to `dtype`,
+/// `f` runs on them on the CPU and on the device, and the outputs and the
+/// gradients of Σ out·w (w random, in `dtype`; the sum in f32) must agree.
+/// Outputs and gradients must keep `dtype`. Returns nothing: every
+/// comparison asserts.
+pub fn check_op_16bit(
+    what: &str,
+    device: Device,
+    inputs: &[Tensor],
+    dtype: DType,
+    f: impl Fn(&[Tensor]) -> kiln::Result<Tensor>,
+    atol: f64,
+    rtol: f64,
+) {
+    let inputs: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(dtype).unwrap()).collect();
+    let run = |on: Device| {
+        let leaves: Vec<Tensor> = inputs
+            .iter()
+            .map(|t| t.to_device(on).unwrap().requires_grad_())
+            .collect();
+        let out = f(&leaves).unwrap();
+        assert_eq!(out.dtype(), dtype, "{what}: output dtype");
+        let probe = randn(out.dims(), 999).to_dtype(dtype).unwrap();
+        let loss = out
+            .mul(&probe.to_device(on).unwrap())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let grads: Vec<Tensor> = leaves
+            .iter()
+            .filter_map(|l| grads.get(l).cloned())
+            .collect();
+        (out, grads)
+    };
+    let (cpu, cuda) = (run(Device::Cpu), run(device));
+    assert_close(&format!("{dtype} {what}"), &cpu.0, &cuda.0, atol, rtol);
+    assert_eq!(cpu.1.len(), cuda.1.len(), "{dtype} {what}: gradients");
+    for (i, (c, g)) in cpu.1.iter().zip(&cuda.1).enumerate() {
+        assert_eq!(g.dtype(), dtype, "{dtype} {what}: gradient dtype");
+        assert_close(
+            &format!("{dtype} {what} grad of input {i}"),
+            c,
+            g,
+            atol,
+            2.0 * rtol,
+        );
+    }
+}

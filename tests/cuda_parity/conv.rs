@@ -9,9 +9,9 @@
 //! the GPU).
 
 use kiln::ops::conv::{Conv2dForwardKernel, conv2d_forward_with_kernel};
-use kiln::{Conv2dParams, ConvTranspose2dParams, Device, Tensor};
+use kiln::{Conv2dParams, ConvTranspose2dParams, DType, Device, Tensor};
 
-use crate::common::{assert_close, check_op, cuda_or_skip, randn, uniform};
+use crate::common::{assert_close, check_op, check_op_16bit, cuda_or_skip, randn, uniform};
 
 const ATOL: f64 = 1e-4;
 const RTOL: f64 = 1e-4;
@@ -147,9 +147,11 @@ fn every_conv2d_forward_kernel_matches_cpu() {
             .conv2d(&inputs[1], inputs.get(2), case.params)
             .unwrap();
         let on_device: Vec<Tensor> = inputs.iter().map(|t| t.to_device(dev).unwrap()).collect();
+        // f32 asked for the tensor-core kernel runs the implicit GEMM.
         for kernel in [
             Conv2dForwardKernel::Direct,
             Conv2dForwardKernel::ImplicitGemm,
+            Conv2dForwardKernel::TensorCore,
         ] {
             let actual = conv2d_forward_with_kernel(
                 &on_device[0],
@@ -167,6 +169,151 @@ fn every_conv2d_forward_kernel_matches_cpu() {
                 RTOL,
             );
         }
+    }
+}
+
+/// The 16-bit formats and their tolerances: the CPU and the device both
+/// accumulate in f32 and round once, in different orders, so a value may
+/// land one 16-bit ulp away (2⁻⁷ of its size for bf16, 2⁻¹⁰ for f16); the
+/// atol covers values that cancel to near zero.
+const SIXTEEN_BIT: [(DType, f64); 2] = [(DType::BF16, 1.0 / 128.0), (DType::F16, 1.0 / 1024.0)];
+const SIXTEEN_BIT_ATOL: f64 = 2e-3;
+
+/// bf16/f16 conv2d on every forward kernel (the direct one in 16 bits, the
+/// tiled ones on tensor cores) against the CPU's 16-bit conv2d.
+#[test]
+fn sixteen_bit_conv2d_forward_kernels_match_cpu() {
+    let Some(dev) = cuda_or_skip("sixteen_bit_conv2d_forward_kernels") else {
+        return;
+    };
+    for (dtype, rtol) in SIXTEEN_BIT {
+        for (k, case) in conv2d_cases().iter().enumerate() {
+            let inputs: Vec<Tensor> = conv2d_case_operands(case, 300 + 10 * k as u64)
+                .iter()
+                .map(|t| t.to_dtype(dtype).unwrap())
+                .collect();
+            let expected = inputs[0]
+                .conv2d(&inputs[1], inputs.get(2), case.params)
+                .unwrap();
+            let on_device: Vec<Tensor> = inputs.iter().map(|t| t.to_device(dev).unwrap()).collect();
+            for kernel in [
+                Conv2dForwardKernel::Direct,
+                Conv2dForwardKernel::ImplicitGemm,
+                Conv2dForwardKernel::TensorCore,
+            ] {
+                let actual = conv2d_forward_with_kernel(
+                    &on_device[0],
+                    &on_device[1],
+                    on_device.get(2),
+                    case.params,
+                    kernel,
+                )
+                .unwrap();
+                assert_eq!(actual.dtype(), dtype);
+                assert_close(
+                    &format!("{dtype} {} with {kernel:?}", case.what),
+                    &expected,
+                    &actual,
+                    SIXTEEN_BIT_ATOL,
+                    rtol,
+                );
+            }
+        }
+    }
+}
+
+/// bf16/f16 conv2d and conv_transpose2d through the engine, forward and
+/// every input gradient (backward-data, backward-weight and bias-grad in
+/// 16 bits), against the CPU.
+#[test]
+fn sixteen_bit_convolutions_and_grads_match_cpu() {
+    let Some(dev) = cuda_or_skip("sixteen_bit_convolutions_and_grads") else {
+        return;
+    };
+    for (dtype, rtol) in SIXTEEN_BIT {
+        for (k, case) in conv2d_cases().iter().enumerate() {
+            let inputs = conv2d_case_operands(case, 400 + 10 * k as u64);
+            let params = case.params;
+            check_op_16bit(
+                case.what,
+                dev,
+                &inputs,
+                dtype,
+                |t| t[0].conv2d(&t[1], t.get(2), params),
+                SIXTEEN_BIT_ATOL,
+                rtol,
+            );
+        }
+        let params = ConvTranspose2dParams {
+            stride: [2, 2],
+            padding: [1, 1],
+            output_padding: [1, 0],
+            dilation: [1, 1],
+        };
+        let inputs = operands(&[3, 70, 5, 6], &[70, 9, 4, 4], 70 * 16, Some(9), 500);
+        check_op_16bit(
+            "conv_transpose2d 4x4 stride 2 pad 1 output_padding 1x0, 70 -> 9 channels, bias",
+            dev,
+            &inputs,
+            dtype,
+            |t| t[0].conv_transpose2d(&t[1], t.get(2), params),
+            SIXTEEN_BIT_ATOL,
+            rtol,
+        );
+    }
+}
+
+/// Under autocast an f32 conv2d runs in bf16 on the device and its f32
+/// parameters get f32 gradients, as on the CPU.
+#[test]
+fn autocast_conv2d_on_the_device_matches_cpu_with_f32_gradients() {
+    let Some(dev) = cuda_or_skip("autocast_conv2d") else {
+        return;
+    };
+    let case = &conv2d_cases()[1];
+    let inputs = conv2d_case_operands(case, 600);
+    let run = |on: Device| {
+        let leaves: Vec<Tensor> = inputs
+            .iter()
+            .map(|t| t.to_device(on).unwrap().requires_grad_())
+            .collect();
+        let out = {
+            let _scope = kiln::autocast(DType::BF16);
+            leaves[0]
+                .conv2d(&leaves[1], leaves.get(2), case.params)
+                .unwrap()
+        };
+        assert_eq!(out.dtype(), DType::BF16);
+        let grads = out
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let grads: Vec<Tensor> = leaves
+            .iter()
+            .map(|l| grads.get(l).unwrap().clone())
+            .collect();
+        (out, grads)
+    };
+    let (cpu, cuda) = (run(Device::Cpu), run(dev));
+    assert_close(
+        "autocast conv2d",
+        &cpu.0,
+        &cuda.0,
+        SIXTEEN_BIT_ATOL,
+        1.0 / 128.0,
+    );
+    for (i, (c, g)) in cpu.1.iter().zip(&cuda.1).enumerate() {
+        assert_eq!(g.dtype(), DType::F32, "gradient {i} dtype");
+        assert_close(
+            &format!("autocast conv2d grad {i}"),
+            c,
+            g,
+            SIXTEEN_BIT_ATOL,
+            1.0 / 64.0,
+        );
     }
 }
 

@@ -195,44 +195,9 @@ fn sixteen_bit_elementwise_and_activations_match_cpu_forward_and_backward() {
             randn(&[37, 129], 60),
             uniform(0.5, 2.0, &[37, 129], 61),
             randn(&[37, 1], 63),
-        ]
-        .map(|t| t.to_dtype(dtype).unwrap());
-        let probe = randn(&[37, 129], 62);
+        ];
         for (name, op) in ops {
-            let run = |device: kiln::Device| {
-                let leaves: Vec<kiln::Tensor> = inputs
-                    .iter()
-                    .map(|t| t.to_device(device).unwrap().requires_grad_())
-                    .collect();
-                let out = op(&leaves).unwrap();
-                assert_eq!(out.dtype(), dtype, "{name}");
-                let loss = out
-                    .mul(&probe.to_dtype(dtype).unwrap().to_device(device).unwrap())
-                    .unwrap()
-                    .to_dtype(kiln::DType::F32)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap();
-                let grads = loss.backward().unwrap();
-                let grads: Vec<kiln::Tensor> = leaves
-                    .iter()
-                    .filter_map(|l| grads.get(l).cloned())
-                    .collect();
-                (out, grads)
-            };
-            let (cpu, cuda) = (run(kiln::Device::Cpu), run(dev));
-            crate::common::assert_close(&format!("{dtype} {name}"), &cpu.0, &cuda.0, 1e-6, rtol);
-            assert_eq!(cpu.1.len(), cuda.1.len(), "{dtype} {name}: gradients");
-            for (c, g) in cpu.1.iter().zip(&cuda.1) {
-                assert_eq!(g.dtype(), dtype, "{dtype} {name}: gradient dtype");
-                crate::common::assert_close(
-                    &format!("{dtype} {name} gradient"),
-                    c,
-                    g,
-                    1e-6,
-                    2.0 * rtol,
-                );
-            }
+            crate::common::check_op_16bit(name, dev, &inputs, dtype, op, 1e-6, rtol);
         }
     }
 }

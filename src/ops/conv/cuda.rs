@@ -4,7 +4,7 @@
 
 use cudarc::driver::LaunchConfig;
 
-use crate::cuda::{CudaStorage, launch_1d, require_f32};
+use crate::cuda::{CudaStorage, FORMAT_F32, float_format, launch_1d};
 use crate::error::{Error, Result};
 use crate::kernel_params;
 
@@ -12,10 +12,12 @@ use super::{Conv2dForwardKernel, ConvGeometry};
 
 const FILE: &str = "conv.cu";
 
-/// Tile of `conv2d_forward_implicit_gemm`: output positions × output
-/// channels per block, and its threads (the IG_* constants in conv.cu).
+/// Tile of `conv2d_forward_implicit_gemm` and of `conv2d_forward_tensor_core`:
+/// output positions × output channels per block (IG_TILE_* in conv.cu and
+/// TC_BM/TC_BN in tensor_core.cuh), and their threads.
 const IMPLICIT_GEMM_TILE: [usize; 2] = [64, 64];
 const IMPLICIT_GEMM_THREADS: u32 = 256;
+const TENSOR_CORE_THREADS: u32 = 128;
 
 /// Threads of the block reductions (backward-weight, bias-grad): a multiple of 32.
 const REDUCTION_THREADS: usize = 256;
@@ -46,7 +48,8 @@ kernel_params! {
 
 kernel_params! {
     /// Each kernel reads two of image / weight / grid (0 for the unused one)
-    /// and writes `out`; `bias` is 0 when there is none.
+    /// and writes `out`, all in `format` (see `float_format`); `bias` is 0
+    /// when there is none.
     pub struct ConvParams {
         image: u64,
         weight: u64,
@@ -54,6 +57,8 @@ kernel_params! {
         bias: u64,
         out: u64,
         geometry: ConvShape,
+        format: u32,
+        pad: u32,
     }
 }
 
@@ -64,13 +69,15 @@ kernel_params! {
         batch: i64,
         channels: i64,
         pixels: i64,
+        format: u32,
+        pad: u32,
     }
 }
 
 // conv.cu static_asserts the same sizes, so a field added on one side only fails to compile.
 const _: () = assert!(std::mem::size_of::<ConvShape>() == 120);
-const _: () = assert!(std::mem::size_of::<ConvParams>() == 160);
-const _: () = assert!(std::mem::size_of::<BiasGradParams>() == 40);
+const _: () = assert!(std::mem::size_of::<ConvParams>() == 168);
+const _: () = assert!(std::mem::size_of::<BiasGradParams>() == 48);
 
 fn conv_shape(g: &ConvGeometry) -> ConvShape {
     ConvShape {
@@ -97,7 +104,22 @@ fn ptr_or_null(storage: Option<&CudaStorage>) -> u64 {
     storage.map_or(0, CudaStorage::ptr)
 }
 
+/// The formats of a convolution's operands: image/grid, weight, and the
+/// optional bias must share one (f32, bf16 or f16).
+fn operands_format(
+    op: &'static str,
+    data: &CudaStorage,
+    weight: &CudaStorage,
+    bias: Option<&CudaStorage>,
+) -> Result<u32> {
+    let mut operands = vec![data, weight];
+    operands.extend(bias);
+    float_format(op, &operands)
+}
+
 /// y = conv2d(image, W) + b: the output grid [N, out_channels, out_size].
+/// 16-bit operands run the tensor-core kernel unless `Direct` is asked for;
+/// f32 operands asked for the tensor-core kernel run the implicit GEMM.
 pub(crate) fn conv2d_forward(
     kernel: Conv2dForwardKernel,
     g: &ConvGeometry,
@@ -106,8 +128,7 @@ pub(crate) fn conv2d_forward(
     bias: Option<&CudaStorage>,
 ) -> Result<CudaStorage> {
     let op = "conv2d";
-    require_f32(op, &[image, weight])?;
-    require_f32(op, bias.as_slice())?;
+    let format = operands_format(op, image, weight, bias)?;
     let len = g.output_shape().numel();
     let out = CudaStorage::alloc(image.device(), image.dtype(), len)?;
     let params = ConvParams {
@@ -117,45 +138,47 @@ pub(crate) fn conv2d_forward(
         bias: ptr_or_null(bias),
         out: out.ptr(),
         geometry: conv_shape(g),
+        format,
+        pad: 0,
     };
     let device = image.device();
-    match kernel {
-        Conv2dForwardKernel::Direct => {
-            device.launch(FILE, "conv2d_forward_direct", launch_1d(len), params)?
+    let (name, threads) = match (kernel, format == FORMAT_F32) {
+        (Conv2dForwardKernel::Direct, _) => {
+            device.launch(FILE, "conv2d_forward_direct", launch_1d(len), params)?;
+            return Ok(out);
         }
-        Conv2dForwardKernel::ImplicitGemm => {
-            // The kernel indexes the reduction dim (channel, tap) with 32-bit ints.
-            if g.col_rows() > i32::MAX as usize {
-                return Err(Error::invalid(
-                    op,
-                    format!(
-                        "in_channels·kh·kw = {} exceeds the CUDA kernel's 32-bit reduction index",
-                        g.col_rows()
-                    ),
-                ));
-            }
-            let [tile_m, tile_n] = IMPLICIT_GEMM_TILE;
-            let position_tiles = (g.batch * g.out_positions()).div_ceil(tile_m);
-            let channel_tiles = g.out_channels.div_ceil(tile_n);
-            let (Ok(grid_x), Ok(grid_y)) =
-                (u32::try_from(position_tiles), u16::try_from(channel_tiles))
-            else {
-                return Err(Error::invalid(
-                    op,
-                    format!(
-                        "output {} is too large for one implicit-GEMM launch",
-                        g.output_shape()
-                    ),
-                ));
-            };
-            let config = LaunchConfig {
-                grid_dim: (grid_x, u32::from(grid_y), 1),
-                block_dim: (IMPLICIT_GEMM_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            device.launch(FILE, "conv2d_forward_implicit_gemm", config, params)?
-        }
+        (_, true) => ("conv2d_forward_implicit_gemm", IMPLICIT_GEMM_THREADS),
+        (_, false) => ("conv2d_forward_tensor_core", TENSOR_CORE_THREADS),
+    };
+    // The tiled kernels index the reduction dim (channel, tap) with 32-bit ints.
+    if g.col_rows() > i32::MAX as usize {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "in_channels·kh·kw = {} exceeds the CUDA kernel's 32-bit reduction index",
+                g.col_rows()
+            ),
+        ));
     }
+    let [tile_m, tile_n] = IMPLICIT_GEMM_TILE;
+    let position_tiles = (g.batch * g.out_positions()).div_ceil(tile_m);
+    let channel_tiles = g.out_channels.div_ceil(tile_n);
+    let (Ok(grid_x), Ok(grid_y)) = (u32::try_from(position_tiles), u16::try_from(channel_tiles))
+    else {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "output {} is too large for one implicit-GEMM launch",
+                g.output_shape()
+            ),
+        ));
+    };
+    let config = LaunchConfig {
+        grid_dim: (grid_x, u32::from(grid_y), 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    device.launch(FILE, name, config, params)?;
     Ok(out)
 }
 
@@ -167,9 +190,7 @@ pub(crate) fn conv2d_backward_data(
     weight: &CudaStorage,
     bias: Option<&CudaStorage>,
 ) -> Result<CudaStorage> {
-    let op = "conv2d_backward_data";
-    require_f32(op, &[grid, weight])?;
-    require_f32(op, bias.as_slice())?;
+    let format = operands_format("conv2d_backward_data", grid, weight, bias)?;
     let len = g.input_shape().numel();
     let out = CudaStorage::alloc(grid.device(), grid.dtype(), len)?;
     let params = ConvParams {
@@ -179,6 +200,8 @@ pub(crate) fn conv2d_backward_data(
         bias: ptr_or_null(bias),
         out: out.ptr(),
         geometry: conv_shape(g),
+        format,
+        pad: 0,
     };
     grid.device()
         .launch(FILE, "conv2d_backward_data", launch_1d(len), params)?;
@@ -191,7 +214,7 @@ pub(crate) fn conv2d_backward_weight(
     image: &CudaStorage,
     grid: &CudaStorage,
 ) -> Result<CudaStorage> {
-    require_f32("conv2d_backward_weight", &[image, grid])?;
+    let format = float_format("conv2d_backward_weight", &[image, grid])?;
     let len = g.weight_shape().numel();
     let out = CudaStorage::alloc(image.device(), image.dtype(), len)?;
     let params = ConvParams {
@@ -201,6 +224,8 @@ pub(crate) fn conv2d_backward_weight(
         bias: 0,
         out: out.ptr(),
         geometry: conv_shape(g),
+        format,
+        pad: 0,
     };
     let config = reduction_launch(len, g.batch * g.out_positions());
     image
@@ -216,7 +241,7 @@ pub(crate) fn bias_grad(
     channels: usize,
     pixels: usize,
 ) -> Result<CudaStorage> {
-    require_f32("conv_bias_grad", &[grad])?;
+    let format = float_format("conv_bias_grad", &[grad])?;
     let out = CudaStorage::alloc(grad.device(), grad.dtype(), channels)?;
     let params = BiasGradParams {
         grad: grad.ptr(),
@@ -224,6 +249,8 @@ pub(crate) fn bias_grad(
         batch: batch as i64,
         channels: channels as i64,
         pixels: pixels as i64,
+        format,
+        pad: 0,
     };
     let config = reduction_launch(channels, batch * pixels);
     grad.device().launch(FILE, "bias_grad", config, params)?;

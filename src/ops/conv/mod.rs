@@ -384,19 +384,26 @@ fn dispatch(
     })
 }
 
-/// The CUDA kernels for conv2d's forward, the ladder v1, v2 in kernels/conv.cu:
+/// The CUDA kernels for conv2d's forward, the ladder in kernels/conv.cu:
 /// each is parity-tested against the CPU and can be timed on its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Conv2dForwardKernel {
-    /// `conv2d_forward_direct`: one thread per output value (the definition).
+    /// `conv2d_forward_direct`: one thread per output value (the definition),
+    /// in any float format.
     Direct,
     /// `conv2d_forward_implicit_gemm`: shared-memory GEMM tiles with the
-    /// im2col matrix gathered on the fly; the one the engine uses.
+    /// im2col matrix gathered on the fly; the one the engine uses for f32.
+    /// 16-bit operands asked for it run [`Self::TensorCore`].
     ImplicitGemm,
+    /// `conv2d_forward_tensor_core`: the same implicit GEMM on tensor cores
+    /// (mma.sync, bf16/f16 in, f32 accumulate); the one the engine uses for
+    /// bf16 and f16. f32 operands asked for it run [`Self::ImplicitGemm`].
+    TensorCore,
 }
 
 impl Conv2dForwardKernel {
-    /// The kernel behind `Tensor::conv2d` and conv_transpose2d's dL/dx.
+    /// The kernel behind `Tensor::conv2d` and conv_transpose2d's dL/dx (the
+    /// launch glue picks the tensor-core form for 16-bit operands).
     pub const ENGINE: Conv2dForwardKernel = Conv2dForwardKernel::ImplicitGemm;
 }
 
