@@ -11,7 +11,13 @@
 // bound: x read once, y written once, the per-channel values come from cache.
 // Backward: one block per channel computes Σdy and Σdy·x̂ (which are dbias
 // and dweight), then the elementwise dx kernel uses them.
+//
+// Formats: x, y, dy and dx are f32, bf16 or f16 (`format`); the statistics,
+// running statistics, affine parameters and their gradients are always f32,
+// and every value is computed in f32 (PyTorch's autocast runs batch norm in
+// x's dtype the same way).
 #include "common.cuh"
+#include "half.cuh"
 
 // Position of the i-th value (i in [0, N·HW)) of channel c.
 __device__ __forceinline__ i64 channel_offset(i64 i, i64 c, i64 channels, i64 spatial) {
@@ -21,7 +27,7 @@ __device__ __forceinline__ i64 channel_offset(i64 i, i64 c, i64 channels, i64 sp
 
 // Mirrors BatchNormStatsParams in src/ops/batchnorm/cuda.rs.
 struct BatchNormStatsParams {
-    const float* x;
+    const void* x;        // of `format`
     float* mean;          // [C]
     float* invstd;        // [C], 1/√(biased var + eps)
     float* unbiased_var;  // [C], var·m/(m − 1), for the running statistics
@@ -29,7 +35,7 @@ struct BatchNormStatsParams {
     i64 channels;
     i64 spatial;
     float eps;
-    u32 pad;
+    u32 format;
 };
 static_assert(sizeof(BatchNormStatsParams) == 64, "BatchNormStatsParams must match its Rust mirror");
 
@@ -39,11 +45,12 @@ extern "C" __global__ void batch_norm_channel_stats(const BatchNormStatsParams p
     i64 count = p.batch * p.spatial;
     for (i64 c = blockIdx.x; c < p.channels; c += gridDim.x) {
         float sum = 0.0f;
-        for (i64 i = threadIdx.x; i < count; i += blockDim.x) sum += p.x[channel_offset(i, c, p.channels, p.spatial)];
+        for (i64 i = threadIdx.x; i < count; i += blockDim.x)
+            sum += load_f32(p.x, channel_offset(i, c, p.channels, p.spatial), p.format);
         float mean = block_sum(sum, scratch) / (float)count;
         float squares = 0.0f;
         for (i64 i = threadIdx.x; i < count; i += blockDim.x) {
-            float centred = p.x[channel_offset(i, c, p.channels, p.spatial)] - mean;
+            float centred = load_f32(p.x, channel_offset(i, c, p.channels, p.spatial), p.format) - mean;
             squares += centred * centred;
         }
         float var = block_sum(squares, scratch) / (float)count;
@@ -92,17 +99,19 @@ extern "C" __global__ void batch_norm_eval_stats(const BatchNormEvalStatsParams 
 
 // Mirrors BatchNormForwardParams in src/ops/batchnorm/cuda.rs.
 struct BatchNormForwardParams {
-    const float* x;
+    const void* x;        // of `format`, like out
     const float* weight;  // null: weight 1
     const float* bias;    // null: bias 0
     const float* mean;
     const float* invstd;
-    float* out;
+    void* out;
     i64 n;                // N·C·H·W
     i64 channels;
     i64 spatial;
+    u32 format;
+    u32 pad;
 };
-static_assert(sizeof(BatchNormForwardParams) == 72, "BatchNormForwardParams must match its Rust mirror");
+static_assert(sizeof(BatchNormForwardParams) == 80, "BatchNormForwardParams must match its Rust mirror");
 
 // y = (x − mean_c)·(invstd_c·weight_c) + bias_c
 extern "C" __global__ void batch_norm_forward(const BatchNormForwardParams p) {
@@ -110,26 +119,26 @@ extern "C" __global__ void batch_norm_forward(const BatchNormForwardParams p) {
         i64 c = (i / p.spatial) % p.channels;
         float scale = p.invstd[c] * (p.weight ? p.weight[c] : 1.0f);
         float shift = p.bias ? p.bias[c] : 0.0f;
-        p.out[i] = (p.x[i] - p.mean[c]) * scale + shift;
+        store_f32(p.out, i, (load_f32(p.x, i, p.format) - p.mean[c]) * scale + shift, p.format);
     }
 }
 
 // Mirrors BatchNormBackwardParams in src/ops/batchnorm/cuda.rs; one struct
 // for both backward kernels.
 struct BatchNormBackwardParams {
-    const float* x;
-    const float* dy;
+    const void* x;        // x, dy and dx of `format`
+    const void* dy;
     const float* weight;  // null: weight 1
     const float* mean;    // saved by the forward, [C]
     const float* invstd;
-    float* dx;
+    void* dx;
     float* dweight;       // [C], Σ dy·x̂
     float* dbias;         // [C], Σ dy
     i64 batch;
     i64 channels;
     i64 spatial;
     u32 training;         // 1: the statistics came from this batch
-    u32 pad;
+    u32 format;
 };
 static_assert(sizeof(BatchNormBackwardParams) == 96, "BatchNormBackwardParams must match its Rust mirror");
 
@@ -142,9 +151,10 @@ extern "C" __global__ void batch_norm_backward_channel_sums(const BatchNormBackw
         float sum_dy = 0.0f, sum_dy_xhat = 0.0f;
         for (i64 i = threadIdx.x; i < count; i += blockDim.x) {
             i64 at = channel_offset(i, c, p.channels, p.spatial);
-            float xhat = (p.x[at] - mean) * invstd;
-            sum_dy += p.dy[at];
-            sum_dy_xhat += p.dy[at] * xhat;
+            float xhat = (load_f32(p.x, at, p.format) - mean) * invstd;
+            float dy = load_f32(p.dy, at, p.format);
+            sum_dy += dy;
+            sum_dy_xhat += dy * xhat;
         }
         sum_dy = block_sum(sum_dy, scratch);
         sum_dy_xhat = block_sum(sum_dy_xhat, scratch);
@@ -162,11 +172,12 @@ extern "C" __global__ void batch_norm_backward_dx(const BatchNormBackwardParams 
     GRID_STRIDE_LOOP(i, p.batch * p.channels * p.spatial) {
         i64 c = (i / p.spatial) % p.channels;
         float scale = p.invstd[c] * (p.weight ? p.weight[c] : 1.0f);
+        float dy = load_f32(p.dy, i, p.format);
         if (p.training) {
-            float xhat = (p.x[i] - p.mean[c]) * p.invstd[c];
-            p.dx[i] = scale * (p.dy[i] - p.dbias[c] / count - xhat * (p.dweight[c] / count));
+            float xhat = (load_f32(p.x, i, p.format) - p.mean[c]) * p.invstd[c];
+            store_f32(p.dx, i, scale * (dy - p.dbias[c] / count - xhat * (p.dweight[c] / count)), p.format);
         } else {
-            p.dx[i] = scale * p.dy[i];
+            store_f32(p.dx, i, scale * dy, p.format);
         }
     }
 }

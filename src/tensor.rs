@@ -916,6 +916,8 @@ const CUDA_SIXTEEN_BIT_OPS: &[&str] = &[
     // conv.cu (conv_transpose2d runs conv2d's backward-data kernel)
     "conv2d",
     "conv_transpose2d",
+    // batchnorm.cu: x and y in 16 bits, statistics and parameters in f32
+    "batch_norm2d",
     // matmul_nt then add on CUDA
     "linear",
     // elementwise.cu

@@ -9,9 +9,9 @@
 //! means (dy − mean(dy) − x̂·mean(dy·x̂)), which turns a few f32 ulps of the
 //! sums into ~1e-5 relative error of the result.
 
-use kiln::{Device, Tensor};
+use kiln::{DType, Device, Tensor};
 
-use crate::common::{assert_close, check_op, cuda_or_skip, randn, uniform};
+use crate::common::{assert_close, check_op, check_op_16bit, cuda_or_skip, randn, uniform};
 
 const ATOL: f64 = 1e-5;
 const RTOL: f64 = 1e-4;
@@ -80,6 +80,106 @@ fn batch_norm2d_training_matches_cpu_including_running_stats() {
         (cpu_running.0.to_f64_vec()[0] - initial_mean[0]).abs() > 1e-3,
         "the running mean did not move, so the comparison above proves nothing"
     );
+}
+
+/// bf16/f16 x (and, here, 16-bit affine parameters, widened inside) in
+/// training and eval: y and dx keep x's format, every value is computed in
+/// f32, so the two devices agree to one 16-bit ulp (the atol covers dx
+/// values that cancel to near zero).
+#[test]
+fn sixteen_bit_batch_norm2d_matches_cpu_in_training_and_eval() {
+    let Some(dev) = cuda_or_skip("sixteen_bit_batch_norm2d") else {
+        return;
+    };
+    for (dtype, rtol) in [(DType::BF16, 1.0 / 128.0), (DType::F16, 1.0 / 1024.0)] {
+        for training in [true, false] {
+            check_op_16bit(
+                &format!("batch_norm2d training={training}"),
+                dev,
+                &[batch_norm_input(), randn(&[7], 32), randn(&[7], 33)],
+                dtype,
+                |t| {
+                    // Fresh running statistics for each run, alike on both devices.
+                    let mean = randn(&[7], 30).to_device(t[0].device())?;
+                    let var = uniform(0.5, 2.0, &[7], 31).to_device(t[0].device())?;
+                    t[0].batch_norm2d(
+                        Some(&mean),
+                        Some(&var),
+                        Some(&t[1]),
+                        Some(&t[2]),
+                        training,
+                        0.1,
+                        EPS,
+                    )
+                },
+                1e-3,
+                rtol,
+            );
+        }
+    }
+}
+
+/// As autocast leaves it: a bf16 x with f32 running statistics and affine
+/// parameters. The parameters' gradients and the running statistics stay f32.
+#[test]
+fn bf16_batch_norm2d_with_f32_parameters_matches_cpu() {
+    let Some(dev) = cuda_or_skip("bf16_batch_norm2d_f32_parameters") else {
+        return;
+    };
+    let x = batch_norm_input().to_dtype(DType::BF16).unwrap();
+    let run = |on: Device| {
+        let running = (
+            randn(&[7], 40).to_device(on).unwrap(),
+            uniform(0.5, 2.0, &[7], 41).to_device(on).unwrap(),
+        );
+        let leaves: Vec<Tensor> = [x.clone(), randn(&[7], 42), randn(&[7], 43)]
+            .iter()
+            .map(|t| t.to_device(on).unwrap().requires_grad_())
+            .collect();
+        let y = leaves[0]
+            .batch_norm2d(
+                Some(&running.0),
+                Some(&running.1),
+                Some(&leaves[1]),
+                Some(&leaves[2]),
+                true,
+                0.1,
+                EPS,
+            )
+            .unwrap();
+        assert_eq!(y.dtype(), DType::BF16);
+        let probe = randn(y.dims(), 44).to_dtype(DType::BF16).unwrap();
+        let loss = y.mul(&probe.to_device(on).unwrap()).unwrap();
+        let grads = loss
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let grads: Vec<Tensor> = leaves
+            .iter()
+            .map(|l| grads.get(l).unwrap().clone())
+            .collect();
+        (y, grads, running)
+    };
+    let (cpu, cuda) = (run(Device::Cpu), run(dev));
+    let rtol = 1.0 / 128.0;
+    assert_close("bf16 batch_norm2d", &cpu.0, &cuda.0, 1e-3, rtol);
+    for (i, (c, g)) in cpu.1.iter().zip(&cuda.1).enumerate() {
+        let expected = if i == 0 { DType::BF16 } else { DType::F32 };
+        assert_eq!(g.dtype(), expected, "gradient {i} dtype");
+        assert_close(
+            &format!("bf16 batch_norm2d grad {i}"),
+            c,
+            g,
+            1e-3,
+            2.0 * rtol,
+        );
+    }
+    assert_eq!(cuda.2.0.dtype(), DType::F32);
+    assert_close("running_mean", &cpu.2.0, &cuda.2.0, ATOL, RTOL);
+    assert_close("running_var", &cpu.2.1, &cuda.2.1, ATOL, RTOL);
 }
 
 #[test]

@@ -1,10 +1,12 @@
-//! Launch glue for kernels/batchnorm.cu.
+//! Launch glue for kernels/batchnorm.cu. x, y, dy and dx are f32, bf16 or
+//! f16; statistics, parameters and their gradients are f32.
 
-use crate::cuda::{CudaStorage, launch_1d, require_f32};
+use crate::cuda::{CudaStorage, float_format, launch_1d, require_f32};
 use crate::error::Result;
 use crate::kernel_params;
 use crate::ops::layernorm::cuda::ptr_or_null;
 use crate::ops::softmax::cuda::row_launch;
+use crate::tensor::DType;
 
 use super::OP;
 use super::cpu::BatchNormDims;
@@ -21,7 +23,7 @@ kernel_params! {
         channels: i64,
         spatial: i64,
         eps: f32,
-        pad: u32,
+        format: u32,
     }
 }
 
@@ -58,6 +60,8 @@ kernel_params! {
         n: i64,
         channels: i64,
         spatial: i64,
+        format: u32,
+        pad: u32,
     }
 }
 
@@ -75,7 +79,7 @@ kernel_params! {
         channels: i64,
         spatial: i64,
         training: u32,
-        pad: u32,
+        format: u32,
     }
 }
 
@@ -83,7 +87,7 @@ kernel_params! {
 const _: () = assert!(std::mem::size_of::<BatchNormStatsParams>() == 64);
 const _: () = assert!(std::mem::size_of::<RunningStatParams>() == 32);
 const _: () = assert!(std::mem::size_of::<BatchNormEvalStatsParams>() == 48);
-const _: () = assert!(std::mem::size_of::<BatchNormForwardParams>() == 72);
+const _: () = assert!(std::mem::size_of::<BatchNormForwardParams>() == 80);
 const _: () = assert!(std::mem::size_of::<BatchNormBackwardParams>() == 96);
 
 /// Per-channel statistics, each [C] on the device.
@@ -97,12 +101,12 @@ pub(crate) struct ChannelStats {
 
 /// One block per channel: mean, invstd and unbiased variance of the batch.
 pub(crate) fn channel_stats(x: &CudaStorage, d: BatchNormDims, eps: f64) -> Result<ChannelStats> {
-    require_f32(OP, &[x])?;
+    let format = float_format(OP, &[x])?;
     let device = x.device();
     let stats = ChannelStats {
-        mean: CudaStorage::alloc(device, x.dtype(), d.channels)?,
-        invstd: CudaStorage::alloc(device, x.dtype(), d.channels)?,
-        unbiased_var: CudaStorage::alloc(device, x.dtype(), d.channels)?,
+        mean: CudaStorage::alloc(device, DType::F32, d.channels)?,
+        invstd: CudaStorage::alloc(device, DType::F32, d.channels)?,
+        unbiased_var: CudaStorage::alloc(device, DType::F32, d.channels)?,
     };
     let params = BatchNormStatsParams {
         x: x.ptr(),
@@ -113,7 +117,7 @@ pub(crate) fn channel_stats(x: &CudaStorage, d: BatchNormDims, eps: f64) -> Resu
         channels: d.channels as i64,
         spatial: d.spatial as i64,
         eps: eps as f32,
-        pad: 0,
+        format,
     };
     device.launch(
         FILE,
@@ -180,7 +184,8 @@ pub(crate) fn normalize(
     weight: Option<&CudaStorage>,
     bias: Option<&CudaStorage>,
 ) -> Result<CudaStorage> {
-    require_f32(OP, &[x, mean, invstd])?;
+    let format = float_format(OP, &[x])?;
+    require_f32(OP, &[mean, invstd])?;
     require_f32(OP, &weight.into_iter().chain(bias).collect::<Vec<_>>())?;
     let out = CudaStorage::alloc(x.device(), x.dtype(), x.len())?;
     let params = BatchNormForwardParams {
@@ -193,6 +198,8 @@ pub(crate) fn normalize(
         n: x.len() as i64,
         channels: d.channels as i64,
         spatial: d.spatial as i64,
+        format,
+        pad: 0,
     };
     x.device()
         .launch(FILE, "batch_norm_forward", launch_1d(x.len()), params)?;
@@ -216,13 +223,14 @@ pub(crate) fn backward(
     weight: Option<&CudaStorage>,
     training: bool,
 ) -> Result<BatchNormGrads> {
-    require_f32(OP, &[x, dy, mean, invstd])?;
+    let format = float_format(OP, &[x, dy])?;
+    require_f32(OP, &[mean, invstd])?;
     require_f32(OP, &weight.into_iter().collect::<Vec<_>>())?;
     let device = x.device();
     let grads = BatchNormGrads {
         dx: CudaStorage::alloc(device, x.dtype(), x.len())?,
-        dweight: CudaStorage::alloc(device, x.dtype(), d.channels)?,
-        dbias: CudaStorage::alloc(device, x.dtype(), d.channels)?,
+        dweight: CudaStorage::alloc(device, DType::F32, d.channels)?,
+        dbias: CudaStorage::alloc(device, DType::F32, d.channels)?,
     };
     let params = BatchNormBackwardParams {
         x: x.ptr(),
@@ -237,7 +245,7 @@ pub(crate) fn backward(
         channels: d.channels as i64,
         spatial: d.spatial as i64,
         training: u32::from(training),
-        pad: 0,
+        format,
     };
     device.launch(
         FILE,
