@@ -14,26 +14,31 @@
 // Indexing: row r = h·T + i of a head-major [B·H·T] axis; Q[h, i, c] is
 // q[r·D + c], K[h, j, c] is k[(h·T + j)·D + c], P[h, i, j] is probs[r·T + j].
 // Causal mask: query i sees keys j ≤ i; P is 0 above the diagonal.
+//
+// Formats: q, k, v, O and their gradients are f32, bf16 or f16 (`format`);
+// P and dS are always f32, and every value is computed in f32 and rounded
+// once on the store.
 #include "common.cuh"
+#include "half.cuh"
 
 // Mirrors AttentionParams in src/ops/attention/cuda.rs; one struct for every
 // kernel of the file, unused pointers null.
 struct AttentionParams {
-    const float* q;
-    const float* k;
-    const float* v;
+    const void* q;        // q, k, v, out, d_out, dq, dk, dv: of `format`
+    const void* k;
+    const void* v;
     float* probs;         // P, [B·H, T, T]: written by the forward, read by the backward
-    float* out;           // O, [B·H, T, D]
-    const float* d_out;   // dL/dO
+    void* out;            // O, [B·H, T, D]
+    const void* d_out;    // dL/dO
     float* d_scores;      // dS, [B·H, T, T] scratch of the backward
-    float* dq;
-    float* dk;
-    float* dv;
+    void* dq;
+    void* dk;
+    void* dv;
     i64 heads;            // B·H
     i64 seq;              // T
     i64 head_dim;         // D
     float scale;          // 1/√D
-    u32 pad;
+    u32 format;
 };
 static_assert(sizeof(AttentionParams) == 112, "AttentionParams must match its Rust mirror");
 
@@ -44,15 +49,15 @@ extern "C" __global__ void attention_probs(const AttentionParams p) {
     const i64 T = p.seq, D = p.head_dim;
     for (i64 r = blockIdx.x; r < p.heads * T; r += gridDim.x) {
         i64 h = r / T, i = r - h * T;
-        const float* q_row = p.q + r * D;
-        const float* k_head = p.k + h * T * D;
+        const i64 q_row = r * D, k_head = h * T * D;
         float* p_row = p.probs + r * T;
         // Each thread keeps to the same columns j in every loop below, so it
         // reads back only what it wrote itself: no barrier needed between.
         float max = -KILN_INFINITY;
         for (i64 j = threadIdx.x; j <= i; j += blockDim.x) {
             float dot = 0.0f;
-            for (i64 c = 0; c < D; ++c) dot += q_row[c] * k_head[j * D + c];
+            for (i64 c = 0; c < D; ++c)
+                dot += load_f32(p.q, q_row + c, p.format) * load_f32(p.k, k_head + j * D + c, p.format);
             float score = dot * p.scale;
             p_row[j] = score;
             max = fmaxf(max, score);
@@ -76,10 +81,10 @@ extern "C" __global__ void attention_output(const AttentionParams p) {
         i64 r = idx / D, c = idx - r * D;
         i64 h = r / T, i = r - h * T;
         const float* p_row = p.probs + r * T;
-        const float* v_head = p.v + h * T * D;
+        const i64 v_head = h * T * D;
         float acc = 0.0f;
-        for (i64 j = 0; j <= i; ++j) acc += p_row[j] * v_head[j * D + c];
-        p.out[idx] = acc;
+        for (i64 j = 0; j <= i; ++j) acc += p_row[j] * load_f32(p.v, v_head + j * D + c, p.format);
+        store_f32(p.out, idx, acc, p.format);
     }
 }
 
@@ -90,15 +95,15 @@ extern "C" __global__ void attention_score_grads(const AttentionParams p) {
     const i64 T = p.seq, D = p.head_dim;
     for (i64 r = blockIdx.x; r < p.heads * T; r += gridDim.x) {
         i64 h = r / T, i = r - h * T;
-        const float* d_out_row = p.d_out + r * D;
-        const float* v_head = p.v + h * T * D;
+        const i64 d_out_row = r * D, v_head = h * T * D;
         const float* p_row = p.probs + r * T;
         float* ds_row = p.d_scores + r * T;
         // As in attention_probs, each thread revisits only its own columns j.
         float weighted = 0.0f;
         for (i64 j = threadIdx.x; j <= i; j += blockDim.x) {
             float dp = 0.0f;
-            for (i64 c = 0; c < D; ++c) dp += d_out_row[c] * v_head[j * D + c];
+            for (i64 c = 0; c < D; ++c)
+                dp += load_f32(p.d_out, d_out_row + c, p.format) * load_f32(p.v, v_head + j * D + c, p.format);
             ds_row[j] = dp;
             weighted += p_row[j] * dp;
         }
@@ -114,10 +119,10 @@ extern "C" __global__ void attention_query_grads(const AttentionParams p) {
         i64 r = idx / D, c = idx - r * D;
         i64 h = r / T, i = r - h * T;
         const float* ds_row = p.d_scores + r * T;
-        const float* k_head = p.k + h * T * D;
+        const i64 k_head = h * T * D;
         float acc = 0.0f;
-        for (i64 j = 0; j <= i; ++j) acc += ds_row[j] * k_head[j * D + c];
-        p.dq[idx] = acc * p.scale;
+        for (i64 j = 0; j <= i; ++j) acc += ds_row[j] * load_f32(p.k, k_head + j * D + c, p.format);
+        store_f32(p.dq, idx, acc * p.scale, p.format);
     }
 }
 
@@ -130,14 +135,13 @@ extern "C" __global__ void attention_key_value_grads(const AttentionParams p) {
         i64 h = r / T, j = r - h * T;
         const float* ds_head = p.d_scores + h * T * T;
         const float* p_head = p.probs + h * T * T;
-        const float* q_head = p.q + h * T * D;
-        const float* d_out_head = p.d_out + h * T * D;
+        const i64 head = h * T * D;  // of q and d_out
         float dk = 0.0f, dv = 0.0f;
         for (i64 i = j; i < T; ++i) {
-            dk += ds_head[i * T + j] * q_head[i * D + c];
-            dv += p_head[i * T + j] * d_out_head[i * D + c];
+            dk += ds_head[i * T + j] * load_f32(p.q, head + i * D + c, p.format);
+            dv += p_head[i * T + j] * load_f32(p.d_out, head + i * D + c, p.format);
         }
-        p.dk[idx] = dk * p.scale;
-        p.dv[idx] = dv;
+        store_f32(p.dk, idx, dk * p.scale, p.format);
+        store_f32(p.dv, idx, dv, p.format);
     }
 }

@@ -918,6 +918,8 @@ const CUDA_SIXTEEN_BIT_OPS: &[&str] = &[
     "conv_transpose2d",
     // batchnorm.cu: x and y in 16 bits, statistics and parameters in f32
     "batch_norm2d",
+    // attention.cu: q, k, v, O and their gradients in 16 bits, P in f32
+    "causal_attention",
     // matmul_nt then add on CUDA
     "linear",
     // elementwise.cu

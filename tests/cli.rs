@@ -764,8 +764,8 @@ fn mixed_precision_trains_every_model_on_cuda() {
     let s = Scratch::new("cuda-bf16");
     // Every op of the three has a 16-bit CUDA path: tensor-core matmul and
     // convolutions, batch norm in x's format, elementwise, activations, shape
-    // copies and conversions; layer norm, attention and the losses widen to
-    // f32 on the device.
+    // copies, conversions and attention; layer norm, softmax and the losses
+    // widen to f32 on the device.
     for model in ["vae", "gan", "gpt"] {
         train(
             &s,

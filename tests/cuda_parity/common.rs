@@ -89,20 +89,19 @@ pub fn check_op(
     }
 }
 
-/// `check_op` for 16-bit tensors: `inputs` (f32) are rounded to `dtype`,
-/// `f` runs on them on the CPU and on the device, and the outputs and the
-/// gradients of Σ out·w (w random, in `dtype`; the sum in f32) must agree.
-/// Outputs and gradients must keep `dtype`. Returns nothing: every
-/// comparison asserts.
-pub fn check_op_16bit(
+/// Outputs and input gradients of one 16-bit run.
+type Run16 = (Tensor, Vec<Tensor>);
+
+/// `inputs` (f32) rounded to `dtype`, `f` run on them on the CPU and on the
+/// device, and the gradients of Σ out·w (w random, in `dtype`; the sum in
+/// f32). Outputs and gradients must keep `dtype`.
+fn run_16bit(
     what: &str,
     device: Device,
     inputs: &[Tensor],
     dtype: DType,
     f: impl Fn(&[Tensor]) -> kiln::Result<Tensor>,
-    atol: f64,
-    rtol: f64,
-) {
+) -> (Run16, Run16) {
     let inputs: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(dtype).unwrap()).collect();
     let run = |on: Device| {
         let leaves: Vec<Tensor> = inputs
@@ -124,19 +123,69 @@ pub fn check_op_16bit(
             .iter()
             .filter_map(|l| grads.get(l).cloned())
             .collect();
+        for g in &grads {
+            assert_eq!(g.dtype(), dtype, "{what}: gradient dtype");
+        }
         (out, grads)
     };
     let (cpu, cuda) = (run(Device::Cpu), run(device));
-    assert_close(&format!("{dtype} {what}"), &cpu.0, &cuda.0, atol, rtol);
     assert_eq!(cpu.1.len(), cuda.1.len(), "{dtype} {what}: gradients");
+    (cpu, cuda)
+}
+
+/// `check_op` for 16-bit tensors (see `run_16bit`): outputs within
+/// atol + rtol·|cpu| elementwise, gradients within atol + 2·rtol·|cpu|.
+pub fn check_op_16bit(
+    what: &str,
+    device: Device,
+    inputs: &[Tensor],
+    dtype: DType,
+    f: impl Fn(&[Tensor]) -> kiln::Result<Tensor>,
+    atol: f64,
+    rtol: f64,
+) {
+    let (cpu, cuda) = run_16bit(what, device, inputs, dtype, f);
+    assert_close(&format!("{dtype} {what}"), &cpu.0, &cuda.0, atol, rtol);
     for (i, (c, g)) in cpu.1.iter().zip(&cuda.1).enumerate() {
-        assert_eq!(g.dtype(), dtype, "{dtype} {what}: gradient dtype");
         assert_close(
             &format!("{dtype} {what} grad of input {i}"),
             c,
             g,
             atol,
             2.0 * rtol,
+        );
+    }
+}
+
+/// As `check_op_16bit`, with the gradients compared by relative Frobenius
+/// error ‖cuda − cpu‖ / ‖cpu‖ ≤ `grad_error`: for ops whose two forms round
+/// an intermediate differently, so an element's error scales with the sum
+/// of its terms' magnitudes rather than with its own value.
+pub fn check_op_16bit_frobenius_grads(
+    what: &str,
+    device: Device,
+    inputs: &[Tensor],
+    dtype: DType,
+    f: impl Fn(&[Tensor]) -> kiln::Result<Tensor>,
+    (atol, rtol): (f64, f64),
+    grad_error: f64,
+) {
+    let (cpu, cuda) = run_16bit(what, device, inputs, dtype, f);
+    assert_close(&format!("{dtype} {what}"), &cpu.0, &cuda.0, atol, rtol);
+    for (i, (c, g)) in cpu.1.iter().zip(&cuda.1).enumerate() {
+        let (c, g) = (c.to_f64_vec(), g.to_f64_vec());
+        let diff: f64 = c
+            .iter()
+            .zip(&g)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let norm: f64 = c.iter().map(|a| a * a).sum::<f64>().sqrt();
+        let error = diff / norm;
+        eprintln!("{dtype} {what} grad of input {i}: relative Frobenius error {error:.3e}");
+        assert!(
+            error <= grad_error,
+            "{dtype} {what} grad of input {i}: relative Frobenius error {error:.3e} > {grad_error:.0e}"
         );
     }
 }

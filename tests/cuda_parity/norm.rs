@@ -11,7 +11,10 @@
 
 use kiln::{DType, Device, Tensor};
 
-use crate::common::{assert_close, check_op, check_op_16bit, cuda_or_skip, randn, uniform};
+use crate::common::{
+    assert_close, check_op, check_op_16bit, check_op_16bit_frobenius_grads, cuda_or_skip, randn,
+    uniform,
+};
 
 const ATOL: f64 = 1e-5;
 const RTOL: f64 = 1e-4;
@@ -342,6 +345,43 @@ fn causal_attention_matches_cpu() {
             |t| Tensor::causal_attention(&t[0], &t[1], &t[2]),
             ATOL,
             RTOL,
+        );
+    }
+}
+
+/// bf16/f16 attention: the device reads and writes q, k, v, O and their
+/// gradients in 16 bits and keeps P in f32; the CPU widens, computes in f32
+/// and rounds once. The packed op's CPU form keeps P rounded to the 16-bit
+/// format for its backward (half the memory), so its gradients are compared
+/// by relative Frobenius error, at the bounds for 16-bit products
+/// (1e-2 bf16, 2e-3 f16).
+#[test]
+fn sixteen_bit_attention_matches_cpu() {
+    let Some(dev) = cuda_or_skip("sixteen_bit_attention") else {
+        return;
+    };
+    for (dtype, rtol, frobenius) in [
+        (DType::BF16, 1.0 / 128.0, 1e-2),
+        (DType::F16, 1.0 / 1024.0, 2e-3),
+    ] {
+        let shape = [2, 3, 37, 16];
+        check_op_16bit(
+            &format!("causal_attention {shape:?}"),
+            dev,
+            &[randn(&shape, 61), randn(&shape, 62), randn(&shape, 63)],
+            dtype,
+            |t| Tensor::causal_attention(&t[0], &t[1], &t[2]),
+            1e-3,
+            rtol,
+        );
+        check_op_16bit_frobenius_grads(
+            "causal_self_attention [2, 37, 144] 3 heads",
+            dev,
+            &[randn(&[2, 37, 3 * 48], 64)],
+            dtype,
+            |t| t[0].causal_self_attention(3),
+            (1e-3, rtol),
+            frobenius,
         );
     }
 }

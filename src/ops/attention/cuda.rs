@@ -1,11 +1,13 @@
 //! Launch glue for kernels/attention.cu: the straightforward kernels (the
 //! full probability matrix P is kept for the backward); see the file's
-//! header for the fused flash-style rung that would come next.
+//! header for the fused flash-style rung that would come next. q, k, v, O
+//! and their gradients are f32, bf16 or f16; P and dS are f32.
 
-use crate::cuda::{CudaStorage, launch_1d, require_f32};
+use crate::cuda::{CudaStorage, float_format, launch_1d, require_f32};
 use crate::error::Result;
 use crate::kernel_params;
 use crate::ops::softmax::cuda::row_launch;
+use crate::tensor::DType;
 
 use super::OP;
 use super::cpu::AttentionDims;
@@ -28,7 +30,7 @@ kernel_params! {
         seq: i64,
         head_dim: i64,
         scale: f32,
-        pad: u32,
+        format: u32,
     }
 }
 
@@ -36,8 +38,8 @@ kernel_params! {
 const _: () = assert!(std::mem::size_of::<AttentionParams>() == 112);
 
 impl AttentionParams {
-    /// Sizes and scale of `d`, every pointer null.
-    fn sized(d: AttentionDims) -> Self {
+    /// Sizes, scale and format of `d`, every pointer null.
+    fn sized(d: AttentionDims, format: u32) -> Self {
         AttentionParams {
             q: 0,
             k: 0,
@@ -53,7 +55,7 @@ impl AttentionParams {
             seq: d.seq as i64,
             head_dim: d.head_dim as i64,
             scale: d.scale() as f32,
-            pad: 0,
+            format,
         }
     }
 }
@@ -65,18 +67,18 @@ pub(crate) fn attention_forward(
     v: &CudaStorage,
     d: AttentionDims,
 ) -> Result<(CudaStorage, CudaStorage)> {
-    require_f32(OP, &[q, k, v])?;
+    let format = float_format(OP, &[q, k, v])?;
     let device = q.device();
     let rows = d.heads * d.seq;
     let out = CudaStorage::alloc(device, q.dtype(), rows * d.head_dim)?;
-    let probs = CudaStorage::alloc(device, q.dtype(), rows * d.seq)?;
+    let probs = CudaStorage::alloc(device, DType::F32, rows * d.seq)?;
     let params = AttentionParams {
         q: q.ptr(),
         k: k.ptr(),
         v: v.ptr(),
         probs: probs.ptr(),
         out: out.ptr(),
-        ..AttentionParams::sized(d)
+        ..AttentionParams::sized(d, format)
     };
     // Each row's probabilities: one block per query row (a row has T values).
     device.launch(FILE, "attention_probs", row_launch(rows, d.seq), params)?;
@@ -98,7 +100,8 @@ pub(crate) fn attention_backward(
     d_out: &CudaStorage,
     d: AttentionDims,
 ) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
-    require_f32(OP, &[q, k, v, probs, d_out])?;
+    let format = float_format(OP, &[q, k, v, d_out])?;
+    require_f32(OP, &[probs])?;
     let device = q.device();
     let rows = d.heads * d.seq;
     let len = rows * d.head_dim;
@@ -107,7 +110,7 @@ pub(crate) fn attention_backward(
     let dv = CudaStorage::alloc(device, q.dtype(), len)?;
     // dS scratch; freed on return, which is safe because every later kernel
     // that could reuse the block runs after these on the same stream.
-    let d_scores = CudaStorage::alloc(device, q.dtype(), rows * d.seq)?;
+    let d_scores = CudaStorage::alloc(device, DType::F32, rows * d.seq)?;
     let params = AttentionParams {
         q: q.ptr(),
         k: k.ptr(),
@@ -118,7 +121,7 @@ pub(crate) fn attention_backward(
         dq: dq.ptr(),
         dk: dk.ptr(),
         dv: dv.ptr(),
-        ..AttentionParams::sized(d)
+        ..AttentionParams::sized(d, format)
     };
     device.launch(
         FILE,

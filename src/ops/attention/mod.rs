@@ -17,7 +17,7 @@ use crate::float_slice;
 use crate::ops::layernorm::cuda::expect_cuda;
 use crate::profile;
 use crate::storage::{CpuStorage, Float, Storage};
-use crate::tensor::{Shape, Tensor, check_operands};
+use crate::tensor::{Device, Shape, Tensor, check_operands};
 
 use cpu::{AttentionDims, AttentionLayout, AttentionSaved};
 
@@ -37,9 +37,9 @@ impl Tensor {
     pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let [q, k, v] = [q, k, v].map(|t| autocast::cast_input(AutocastOp::Attention, t));
         let (q, k, v) = (&q?, &k?, &v?);
-        if autocast::any_half(&[Some(q), Some(k), Some(v)]) {
-            // Computed in f32 from widened copies, rounded back to q's dtype
-            // (on CUDA too: its attention kernels take f32 only so far).
+        if q.device() == Device::Cpu && autocast::any_half(&[Some(q), Some(k), Some(v)]) {
+            // Computed in f32 from widened copies, rounded back to q's dtype.
+            // (The CUDA kernels read and write 16-bit values themselves.)
             let [wq, wk, wv] = [q, k, v].map(autocast::widened);
             return causal_attention_in_own_dtype(&wq?, &wk?, &wv?)?.to_dtype(q.dtype());
         }
