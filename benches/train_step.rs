@@ -12,6 +12,9 @@
 //!   clipping with the CLI's defaults. On CUDA also nanoGPT's Shakespeare size: 6 layers / 6
 //!   heads / 384 wide, context 256, batch 64 (too slow for the CPU suite).
 //!
+//! Every case runs in f32 and again in bf16 (`--precision bf16`: autocast,
+//! f32 master weights), named "... bf16", on each device.
+//!
 //! Inputs are synthetic (random pixels, random token ids): a step costs the
 //! same on any data of its shape, and the bench needs no data files. FLOPs
 //! are not reported: a step mixes many ops whose exact counts differ with
@@ -60,13 +63,8 @@ fn main() {
         bench.add_peak(common::cuda_peak(target));
     }
     for target in &targets {
-        // Mixed precision runs on the CPU only so far (no 16-bit CUDA kernels).
-        let precisions: &[Precision] = if target.is_cuda() {
-            &[Precision::F32]
-        } else {
-            &[Precision::F32, Precision::BF16]
-        };
-        for &precision in precisions {
+        let precisions = [Precision::F32, Precision::BF16];
+        for precision in precisions {
             bench_gan(&mut bench, target, precision);
             bench_vae(&mut bench, target, precision);
         }
@@ -78,7 +76,7 @@ fn main() {
             block_size: 64,
             dropout: 0.0,
         };
-        for &precision in precisions {
+        for precision in precisions {
             bench_gpt(&mut bench, target, &small, 32, precision);
         }
         if target.is_cuda() {
@@ -89,7 +87,9 @@ fn main() {
                 block_size: 256,
                 ..small
             };
-            bench_gpt(&mut bench, target, &shakespeare, 64, Precision::F32);
+            for precision in precisions {
+                bench_gpt(&mut bench, target, &shakespeare, 64, precision);
+            }
         }
     }
     bench.finish();

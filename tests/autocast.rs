@@ -32,8 +32,15 @@ fn f64_copy(t: &Tensor) -> Tensor {
 
 #[test]
 fn sixteen_bit_matmul_and_linear_match_f64_within_the_format_error() {
-    // Sizes that are not multiples of 16 or of the GEMM's blocks.
-    let (a, b) = (randn(&[37, 53], 1), randn(&[53, 29], 2));
+    // Sizes that are not multiples of 16 or of the GEMM's blocks: a short A
+    // (widened whole) and a tall one (widened a block of rows at a time).
+    for rows in [37, 601] {
+        sixteen_bit_products_match_f64(rows);
+    }
+}
+
+fn sixteen_bit_products_match_f64(rows: usize) {
+    let (a, b) = (randn(&[rows, 53], 1), randn(&[53, 29], 2));
     let bias = randn(&[29], 3);
     let exact = f64_copy(&a).matmul(&f64_copy(&b)).unwrap();
     let exact_linear = f64_copy(&a)
@@ -47,11 +54,17 @@ fn sixteen_bit_matmul_and_linear_match_f64_within_the_format_error() {
         let product = a.matmul(&b).unwrap();
         assert_eq!(product.dtype(), dtype);
         let error = relative_frobenius(&product, &exact);
-        assert!(error <= tolerance, "{dtype} matmul: {error:.2e}");
+        assert!(
+            error <= tolerance,
+            "{dtype} matmul, {rows} rows: {error:.2e}"
+        );
         let linear = a.linear(&b.transpose(0, 1).unwrap(), Some(&bias)).unwrap();
         assert_eq!(linear.dtype(), dtype);
         let error = relative_frobenius(&linear, &exact_linear);
-        assert!(error <= tolerance, "{dtype} linear: {error:.2e}");
+        assert!(
+            error <= tolerance,
+            "{dtype} linear, {rows} rows: {error:.2e}"
+        );
         // Inputs already 16-bit take the same path outside a scope too.
         drop(_scope);
         let direct = a

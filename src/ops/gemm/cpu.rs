@@ -141,9 +141,12 @@ pub fn linear<T: Float>(m: usize, k: usize, n: usize, x: &[T], w: &[T], bias: &[
 const HALF_ROW_BLOCK: usize = 256;
 
 /// C [m, n] = A [m, k] · B (+ `bias` on every row) for a 16-bit A and C,
-/// accumulated in f32: B arrives widened; A and C are converted a block of
-/// rows at a time, each block one single-threaded f32 product on a thread
-/// of its own, so no f32 copy of A or C is ever whole.
+/// accumulated in f32: B arrives widened. Up to HALF_ROW_BLOCK rows, A is
+/// widened whole and multiplied by the f32 path (which splits a short, wide
+/// product by columns, so each thread packs only its half of B). Taller A
+/// and C are converted a block of rows at a time, each block one
+/// single-threaded f32 product on a thread of its own, so no f32 copy of A
+/// or C is ever whole.
 pub(crate) fn gemm_rows_half<H: HalfFloat>(
     m: usize,
     k: usize,
@@ -153,6 +156,22 @@ pub(crate) fn gemm_rows_half<H: HalfFloat>(
 ) -> Vec<H> {
     let n = b.cols;
     assert!(a.len() >= m * k, "gemm_rows_half: A too short");
+    if m <= HALF_ROW_BLOCK {
+        let a = half_float::widen(&a[..m * k]);
+        let mut product = Vec::with_capacity(m * n);
+        gemm_into_uninit(
+            &mut product.spare_capacity_mut()[..m * n],
+            Mat::row_major(&a, m, k),
+            b,
+            worth_all_threads(m * k * n),
+        );
+        // SAFETY: the product wrote all m·n elements.
+        unsafe { product.set_len(m * n) };
+        if let Some(bias) = bias {
+            add_bias_rows(&mut product, bias);
+        }
+        return half_float::narrow(&product);
+    }
     let mut c = Vec::with_capacity(m * n);
     let out = &mut c.spare_capacity_mut()[..m * n];
     // Every thread gets a block, however few the rows (a VAE batch of 128).
