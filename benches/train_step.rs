@@ -22,13 +22,19 @@
 //!
 //! After timing, every training step on each device is broken down by op
 //! (see `kiln::profile`), and each model is validated: its losses are
-//! finite and every parameter has moved.
+//! finite and every parameter has moved. On the CPU the breakdown also gives
+//! the step's host memory: the most heap bytes a step holds above what it
+//! starts with (activations, gradients and temporaries; the model and its
+//! optimizer state are already allocated), counted by this binary's
+//! allocator, so f32 and bf16 steps can be compared byte for byte.
 //!
 //! Run with `cargo bench --bench train_step`; `KILN_BENCH_QUICK=1` keeps the
 //! whole binary under a minute on a 2-core machine.
 
 mod common;
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use common::{Bench, Bound, Case, Target};
@@ -37,6 +43,67 @@ use kiln::models::gpt::GptOptimizers;
 use kiln::models::{dcgan, gpt, vae};
 use kiln::nn::Module;
 use kiln::{DType, MixedPrecision, Precision, Rng, Tensor, profile};
+
+/// The system allocator, counting the heap bytes in use and their peak.
+struct CountingAllocator;
+
+static HEAP_IN_USE: AtomicUsize = AtomicUsize::new(0);
+static HEAP_PEAK: AtomicUsize = AtomicUsize::new(0);
+
+impl CountingAllocator {
+    fn grew(bytes: usize) {
+        let now = HEAP_IN_USE.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        HEAP_PEAK.fetch_max(now, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: every call is passed to System unchanged; only counters are added.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract, passed on.
+        let ptr = unsafe { System.alloc(layout) };
+        if !ptr.is_null() {
+            Self::grew(layout.size());
+        }
+        ptr
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract, passed on.
+        let ptr = unsafe { System.alloc_zeroed(layout) };
+        if !ptr.is_null() {
+            Self::grew(layout.size());
+        }
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.dealloc(ptr, layout) };
+        HEAP_IN_USE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller's contract, passed on.
+        let new = unsafe { System.realloc(ptr, layout, new_size) };
+        if !new.is_null() {
+            HEAP_IN_USE.fetch_sub(layout.size(), Ordering::Relaxed);
+            Self::grew(new_size);
+        }
+        new
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+/// The most heap bytes one call of `step` held above what was in use before it.
+fn step_heap_peak<R>(step: &mut impl FnMut() -> R) -> usize {
+    let start = HEAP_IN_USE.load(Ordering::Relaxed);
+    HEAP_PEAK.store(start, Ordering::Relaxed);
+    drop(step());
+    HEAP_PEAK.load(Ordering::Relaxed).saturating_sub(start)
+}
 
 /// The CLI's default seed: the same initial weights as `kiln train`.
 const SEED: u64 = 0;
@@ -338,7 +405,20 @@ fn profile_steps<R>(target: &Target, what: &str, step: &mut impl FnMut() -> R) -
     }
     text.push_str("\n\n");
     text.push_str(&profile::markdown_table(&per_step, wall / steps as f64));
+    if !target.is_cuda() {
+        let peak = step_heap_peak(step);
+        println!("{what}: step host memory {:.1} MiB", mib(peak));
+        text.push_str(&format!(
+            "\nHost memory of one step (activations, gradients and temporaries above \
+             the model and optimizer state): {:.1} MiB.\n",
+            mib(peak)
+        ));
+    }
     text
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
 }
 
 /// Every parameter's values, to check after timing that training moved them.

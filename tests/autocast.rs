@@ -65,6 +65,17 @@ fn sixteen_bit_products_match_f64(rows: usize) {
             error <= tolerance,
             "{dtype} linear, {rows} rows: {error:.2e}"
         );
+        // Aᵀ·B (a weight gradient's product), its depth in blocks of rows.
+        let c = randn(&[rows, 29], 4);
+        let exact_tn = f64_copy(&a).gemm(&f64_copy(&c), true, false).unwrap();
+        let tn = a
+            .to_dtype(dtype)
+            .unwrap()
+            .gemm(&c.to_dtype(dtype).unwrap(), true, false)
+            .unwrap();
+        assert_eq!(tn.dtype(), dtype);
+        let error = relative_frobenius(&tn, &exact_tn);
+        assert!(error <= tolerance, "{dtype} Aᵀ·B, {rows} rows: {error:.2e}");
         // Inputs already 16-bit take the same path outside a scope too.
         drop(_scope);
         let direct = a
@@ -354,4 +365,44 @@ fn unpacked_causal_attention_under_autocast_runs_in_bf16_and_matches_f64() {
     assert_eq!(out.dtype(), DType::BF16);
     let error = relative_frobenius(&out, &exact);
     assert!(error <= 1e-2, "{error:.2e}");
+}
+
+/// The packed attention of a 16-bit qkv (computed a batch item at a time)
+/// against the f64 one: output and gradient, several items and heads.
+#[test]
+fn packed_causal_self_attention_in_16_bits_matches_f64_with_its_gradient() {
+    let qkv = randn(&[3, 11, 3 * 12], 24);
+    let probe = randn(&[3, 11, 12], 25);
+    let exact_leaf = f64_copy(&qkv).requires_grad_();
+    let exact = exact_leaf.causal_self_attention(3).unwrap();
+    let exact_grad = exact
+        .mul(&f64_copy(&probe))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap()
+        .get(&exact_leaf)
+        .unwrap()
+        .clone();
+    for (dtype, tolerance) in PRECISIONS {
+        let leaf = qkv.to_dtype(dtype).unwrap().requires_grad_();
+        let out = leaf.causal_self_attention(3).unwrap();
+        assert_eq!(out.dtype(), dtype);
+        let error = relative_frobenius(&out, &exact);
+        assert!(error <= tolerance, "{dtype} output: {error:.2e}");
+        let grads = out
+            .mul(&probe.to_dtype(dtype).unwrap())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let grad = grads.get(&leaf).unwrap();
+        assert_eq!(grad.dtype(), dtype);
+        let error = relative_frobenius(grad, &exact_grad);
+        assert!(error <= tolerance, "{dtype} gradient: {error:.2e}");
+    }
 }

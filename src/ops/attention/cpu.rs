@@ -37,7 +37,7 @@ impl AttentionDims {
     }
 
     /// Elements of one head's [T, T] score matrix.
-    fn scores_len(&self) -> usize {
+    pub(crate) fn scores_len(&self) -> usize {
         self.seq * self.seq
     }
 

@@ -14,10 +14,12 @@ use crate::autocast::{self, AutocastOp};
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
 use crate::float_slice;
+use crate::half_float::{self, HalfFloat};
 use crate::ops::layernorm::cuda::expect_cuda;
 use crate::profile;
 use crate::storage::{CpuStorage, Float, Storage};
 use crate::tensor::{Device, Shape, Tensor, check_operands};
+use rayon::prelude::*;
 
 use cpu::{AttentionDims, AttentionLayout, AttentionSaved};
 
@@ -160,13 +162,25 @@ impl Tensor {
             seq,
             head_dim,
         };
-        let layout = AttentionLayout::packed(n_head, dims);
-        let (out, probs) = float_slice!(PACKED_OP, &*storage.widened(), |qkv| {
-            let (q, k, v) = packed_views(qkv, embd);
-            let f = cpu::attention_in(q, k, v, dims, layout);
-            (CpuStorage::from(f.out), CpuStorage::from(f.probs))
-        });
-        let (out, probs) = (out.into_dtype(self.dtype()), probs.into_dtype(self.dtype()));
+        let item = AttentionDims {
+            heads: n_head,
+            ..dims
+        };
+        let (out, probs) = match storage {
+            CpuStorage::BF16(qkv) => {
+                let (out, probs) = packed_forward_half(qkv, n_head, item);
+                (CpuStorage::BF16(out), CpuStorage::BF16(probs))
+            }
+            CpuStorage::F16(qkv) => {
+                let (out, probs) = packed_forward_half(qkv, n_head, item);
+                (CpuStorage::F16(out), CpuStorage::F16(probs))
+            }
+            _ => float_slice!(PACKED_OP, storage, |qkv| {
+                let (q, k, v) = packed_views(qkv, embd);
+                let f = cpu::attention_in(q, k, v, dims, AttentionLayout::packed(n_head, dims));
+                (CpuStorage::from(f.out), CpuStorage::from(f.probs))
+            }),
+        };
         let probs = Tensor::from_result(Storage::Cpu(probs), Shape::new([batch, n_head, seq, seq]));
         Ok(Tensor::from_op(
             Storage::Cpu(out),
@@ -195,6 +209,83 @@ impl Tensor {
     }
 }
 
+/// Packed attention of a 16-bit qkv [B, T, 3E] one batch item at a time
+/// (`item`: the dims of one): each item's rows are widened, computed in f32,
+/// and its output and P rounded back, so no f32 copy of the whole qkv, P or
+/// output exists (they would be among the largest buffers of a GPT step,
+/// alive at its peak). Returns (out [B, T, E], P [B, H, T, T]).
+fn packed_forward_half<H: HalfFloat>(
+    qkv: &[H],
+    n_head: usize,
+    item: AttentionDims,
+) -> (Vec<H>, Vec<H>) {
+    let embd = n_head * item.head_dim;
+    let item_in = 3 * item.seq * embd;
+    let (item_out, item_probs) = (item.seq * embd, n_head * item.scores_len());
+    let batch = qkv.len().checked_div(item_in).unwrap_or(0);
+    let mut out = Vec::with_capacity(batch * item_out);
+    let mut probs = Vec::with_capacity(batch * item_probs);
+    // (An empty qkv gives batch 0: chunk lengths are then never 0.)
+    if batch > 0 {
+        let layout = AttentionLayout::packed(n_head, item);
+        out.spare_capacity_mut()[..batch * item_out]
+            .par_chunks_mut(item_out)
+            .zip(probs.spare_capacity_mut()[..batch * item_probs].par_chunks_mut(item_probs))
+            .zip(qkv.par_chunks(item_in))
+            .for_each(|((out, probs), qkv)| {
+                let qkv = half_float::widen(qkv);
+                let (q, k, v) = packed_views(&qkv, embd);
+                let f = cpu::attention_in(q, k, v, item, layout);
+                H::narrow_into(&f.out, out);
+                H::narrow_into(&f.probs, probs);
+            });
+    }
+    // SAFETY: every item's rows of both were narrowed into (none if empty).
+    unsafe {
+        out.set_len(batch * item_out);
+        probs.set_len(batch * item_probs);
+    }
+    (out, probs)
+}
+
+/// The packed gradient dqkv [B, T, 3E] of a 16-bit qkv, one batch item at
+/// a time as [`packed_forward_half`] (P and dL/dO in qkv's format).
+fn packed_backward_half<H: HalfFloat>(
+    qkv: &[H],
+    probs: &[H],
+    d_out: &[H],
+    n_head: usize,
+    item: AttentionDims,
+) -> Vec<H> {
+    let embd = n_head * item.head_dim;
+    let item_in = 3 * item.seq * embd;
+    let (item_out, item_probs) = (item.seq * embd, n_head * item.scores_len());
+    let batch = qkv.len().checked_div(item_in).unwrap_or(0);
+    let mut dqkv = Vec::with_capacity(batch * item_in);
+    // (An empty qkv gives batch 0: chunk lengths are then never 0.)
+    if batch > 0 {
+        dqkv.spare_capacity_mut()[..batch * item_in]
+            .par_chunks_mut(item_in)
+            .zip(qkv.par_chunks(item_in))
+            .zip(probs.par_chunks(item_probs).zip(d_out.par_chunks(item_out)))
+            .for_each(|((dqkv, qkv), (probs, d_out))| {
+                let [qkv, probs, d_out] = [qkv, probs, d_out].map(half_float::widen);
+                let (q, k, v) = packed_views(&qkv, embd);
+                let saved = AttentionSaved {
+                    q,
+                    k,
+                    v,
+                    probs: &probs,
+                    d_out: &d_out,
+                };
+                H::narrow_into(&cpu::attention_backward_packed(&saved, n_head, item), dqkv);
+            });
+    }
+    // SAFETY: every item's rows were narrowed into (none if qkv is empty).
+    unsafe { dqkv.set_len(batch * item_in) };
+    dqkv
+}
+
 /// q, k and v of packed qkv [B, T, 3E]: the buffer from its first, E-th and
 /// 2E-th value on (each read through the packed layout); all empty if it is.
 fn packed_views<T>(qkv: &[T], embd: usize) -> (&[T], &[T], &[T]) {
@@ -220,26 +311,49 @@ impl Backward for CausalSelfAttentionBackward {
         let qkv = &inputs[0];
         check_operands(PACKED_OP, &[qkv, grad])?;
         let embd = self.n_head * self.dims.head_dim;
+        let item = AttentionDims {
+            heads: self.n_head,
+            ..self.dims
+        };
         let dqkv = qkv.with_cpu(|qs| {
             grad.with_cpu(|gs| {
                 self.probs.with_cpu(|ps| -> Result<CpuStorage> {
-                    let (ps, gs) = (ps.widened(), gs.widened());
-                    Ok(float_slice!(PACKED_OP, &*qs.widened(), |qkv| {
+                    match (qs, ps, gs) {
+                        (CpuStorage::BF16(q), CpuStorage::BF16(p), CpuStorage::BF16(g)) => {
+                            return Ok(CpuStorage::BF16(packed_backward_half(
+                                q,
+                                p,
+                                g,
+                                self.n_head,
+                                item,
+                            )));
+                        }
+                        (CpuStorage::F16(q), CpuStorage::F16(p), CpuStorage::F16(g)) => {
+                            return Ok(CpuStorage::F16(packed_backward_half(
+                                q,
+                                p,
+                                g,
+                                self.n_head,
+                                item,
+                            )));
+                        }
+                        _ => {}
+                    }
+                    Ok(float_slice!(PACKED_OP, qs, |qkv| {
                         let (q, k, v) = packed_views(qkv, embd);
                         let saved = AttentionSaved {
                             q,
                             k,
                             v,
-                            probs: values_as(&ps)?,
-                            d_out: values_as(&gs)?,
+                            probs: values_as(ps)?,
+                            d_out: values_as(gs)?,
                         };
                         CpuStorage::from(cpu::attention_backward_packed(
                             &saved,
                             self.n_head,
                             self.dims,
                         ))
-                    })
-                    .into_dtype(qs.dtype()))
+                    }))
                 })
             })
         })?;

@@ -204,6 +204,55 @@ pub(crate) fn gemm_rows_half<H: HalfFloat>(
     c
 }
 
+/// Reduction rows per block of a 16-bit Aᵀ·B: a block of each operand is
+/// widened at a time (512 rows of a 512-wide operand is 1 MiB of f32).
+const HALF_DEPTH_BLOCK: usize = 512;
+
+/// C [m, n] = Aᵀ · B for a 16-bit A [depth, m] and B [depth, n] (a weight
+/// gradient dYᵀ·X), accumulated in f32 over blocks of HALF_DEPTH_BLOCK
+/// rows of the reduction: no f32 copy of a whole operand is ever made (in
+/// a backward pass dY and X are activation-sized), and C is rounded once.
+pub(crate) fn gemm_tn_half<H: HalfFloat>(
+    depth: usize,
+    m: usize,
+    n: usize,
+    a: &[H],
+    b: &[H],
+) -> Vec<H> {
+    assert!(
+        a.len() >= depth * m && b.len() >= depth * n,
+        "gemm_tn_half: operands too short"
+    );
+    if depth == 0 {
+        return half_float::narrow(&vec![0f32; m * n]);
+    }
+    let mut c = Vec::with_capacity(m * n);
+    for start in (0..depth).step_by(HALF_DEPTH_BLOCK) {
+        let rows = HALF_DEPTH_BLOCK.min(depth - start);
+        let a_rows = half_float::widen(&a[start * m..(start + rows) * m]);
+        let b_rows = half_float::widen(&b[start * n..(start + rows) * n]);
+        let (a_rows, b_rows) = (
+            Mat::row_major(&a_rows, rows, m).transposed(),
+            Mat::row_major(&b_rows, rows, n),
+        );
+        let parallel = worth_all_threads(rows * m * n);
+        if start == 0 {
+            // The first block writes C; the others accumulate onto it.
+            gemm_into_uninit(
+                &mut c.spare_capacity_mut()[..m * n],
+                a_rows,
+                b_rows,
+                parallel,
+            );
+            // SAFETY: the product wrote all m·n elements.
+            unsafe { c.set_len(m * n) };
+        } else {
+            gemm_into(&mut c, a_rows, b_rows, true, parallel);
+        }
+    }
+    half_float::narrow(&c)
+}
+
 /// The values of a buffer a GEMM has written in full.
 ///
 /// # Safety

@@ -219,6 +219,26 @@ impl Tensor {
                 let b = cpu::Mat::op(b, d.k, d.n, d.trans_b);
                 Storage::Cpu(half_rows_product(a, d.m, d.k, b, None))
             }
+            // 16-bit Aᵀ·B of one product (a weight gradient): the depth is
+            // widened a block of rows at a time.
+            (Storage::Cpu(a), Storage::Cpu(b))
+                if a.dtype().is_half()
+                    && b.dtype() == a.dtype()
+                    && plan.dims.batch == 1
+                    && plan.dims.trans_a
+                    && !plan.dims.trans_b =>
+            {
+                let d = plan.dims;
+                Storage::Cpu(match (a, b) {
+                    (CpuStorage::BF16(a), CpuStorage::BF16(b)) => {
+                        CpuStorage::BF16(cpu::gemm_tn_half(d.k, d.m, d.n, a, b))
+                    }
+                    (CpuStorage::F16(a), CpuStorage::F16(b)) => {
+                        CpuStorage::F16(cpu::gemm_tn_half(d.k, d.m, d.n, a, b))
+                    }
+                    _ => unreachable!("two 16-bit operands of one dtype"),
+                })
+            }
             (Storage::Cpu(a), Storage::Cpu(b)) => {
                 Storage::Cpu(float_or_half_slice2!("matmul", a, b, |av, bv| {
                     CpuStorage::from(cpu::gemm(plan.dims, av, bv))
