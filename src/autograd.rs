@@ -5,9 +5,17 @@
 //! the gradients of tensors used more than once, and returns them in a
 //! [`GradStore`]. With [`crate::profile`] on, each rule's call is timed as
 //! "{op} backward".
+//!
+//! As in PyTorch (`retain_graph=False`), the walk releases each node once
+//! its rule has run: the rule and the inputs it saved are dropped, so an
+//! activation's memory is freed as soon as the last rule that needs it is
+//! done, and the peak of a backward pass is the forward's activations, not
+//! their sum with every gradient. A second backward through a released node
+//! is an error; [`Tensor::backward_retaining_graph`] keeps the graph.
 
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::profile;
@@ -51,8 +59,69 @@ pub trait Backward: Send + Sync {
 /// Shared between a tensor and the value-less handles of it that nodes
 /// keep (see [`Backward::reads_input_values`]).
 pub(crate) struct Node {
-    pub backward: Box<dyn Backward>,
+    name: &'static str,
+    /// The rule and its recorded inputs; None once a backward pass has
+    /// released them.
+    edges: Mutex<Option<NodeEdges>>,
+}
+
+#[derive(Clone)]
+pub(crate) struct NodeEdges {
+    pub backward: Arc<dyn Backward>,
     pub inputs: Vec<Tensor>,
+}
+
+/// What a backward pass keeps of the graph it walks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retain {
+    /// Each node is released once its rule has run.
+    Nothing,
+    /// Every node stays (another pass may walk it).
+    Graph,
+}
+
+impl Node {
+    pub(crate) fn new(backward: Arc<dyn Backward>, inputs: Vec<Tensor>) -> Node {
+        Node {
+            name: backward.name(),
+            edges: Mutex::new(Some(NodeEdges { backward, inputs })),
+        }
+    }
+
+    /// The op's name (its rule's), kept after release for `grad_fn`.
+    pub(crate) fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<NodeEdges>> {
+        self.edges.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Handles of the recorded inputs; none once released.
+    pub(crate) fn inputs(&self) -> Vec<Tensor> {
+        self.lock()
+            .as_ref()
+            .map_or_else(Vec::new, |edges| edges.inputs.clone())
+    }
+
+    /// The rule and inputs, leaving the node released.
+    fn take_edges(&self) -> Option<NodeEdges> {
+        self.lock().take()
+    }
+
+    /// A copy of the rule and inputs, keeping them.
+    fn cloned_edges(&self) -> Option<NodeEdges> {
+        self.lock().clone()
+    }
+
+    /// The recorded inputs of a node nothing else holds (for dropping a
+    /// graph iteratively); none once released.
+    pub(crate) fn into_inputs(self) -> Vec<Tensor> {
+        self.edges
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .map_or_else(Vec::new, |edges| edges.inputs)
+    }
 }
 
 thread_local! {
@@ -131,20 +200,39 @@ impl GradStore {
 }
 
 impl Tensor {
-    /// Reverse-mode autodiff from this scalar: dL/dL = 1.
+    /// Reverse-mode autodiff from this scalar: dL/dL = 1. Releases the
+    /// graph as it goes (see the module docs).
     pub fn backward(&self) -> Result<GradStore> {
+        let seed = self.scalar_seed()?;
+        self.backward_with(&seed)
+    }
+
+    /// dL/dL = 1 for a scalar loss.
+    fn scalar_seed(&self) -> Result<Tensor> {
         if self.numel() != 1 {
             return Err(Error::Autograd(format!(
                 "backward() needs a scalar loss, got shape {}; reduce it (sum/mean) or use backward_with()",
                 self.shape()
             )));
         }
-        let seed = Tensor::ones(self.shape().clone(), self.dtype(), self.device())?;
-        self.backward_with(&seed)
+        Tensor::ones(self.shape().clone(), self.dtype(), self.device())
     }
 
-    /// Reverse-mode autodiff with an explicit dL/d(self) (same shape as self).
+    /// [`Tensor::backward`] that keeps the graph, so another backward pass
+    /// may go through it again (PyTorch's `retain_graph=True`): every saved
+    /// activation stays in memory until the graph is dropped.
+    pub fn backward_retaining_graph(&self) -> Result<GradStore> {
+        let seed = self.scalar_seed()?;
+        self.walk_backward(&seed, Retain::Graph)
+    }
+
+    /// Reverse-mode autodiff with an explicit dL/d(self) (same shape as
+    /// self). Releases the graph as it goes (see the module docs).
     pub fn backward_with(&self, grad: &Tensor) -> Result<GradStore> {
+        self.walk_backward(grad, Retain::Nothing)
+    }
+
+    fn walk_backward(&self, grad: &Tensor, retain: Retain) -> Result<GradStore> {
         if !self.requires_grad() {
             return Err(Error::Autograd(
                 "this tensor does not require grad: no input of the computation was marked with requires_grad_()".into(),
@@ -160,39 +248,48 @@ impl Tensor {
         let _no_grad = no_grad();
         // Each rule computes in the dtypes its forward chose.
         let _autocast_off = crate::autocast::suspend();
-        let order = topological_order(self);
+        let mut order = topological_order(self);
         // Gradients flowing into tensors not yet processed.
         let mut pending: HashMap<TensorId, Tensor> = HashMap::new();
         pending.insert(self.id(), grad.clone());
         let mut store = GradStore::default();
-        for tensor in order.iter().rev() {
+        // Popped in reverse topological order; each tensor's handle (and,
+        // released, its node's) is dropped as soon as it is processed.
+        while let Some(tensor) = order.pop() {
             let Some(grad_out) = pending.remove(&tensor.id()) else {
                 continue;
             };
             let Some(node) = tensor.node() else {
-                store.insert(tensor, grad_out);
+                store.insert(&tensor, grad_out);
                 continue;
             };
-            if let Some((dim, start)) = node.backward.slice_of_input()
-                && let Some(sum) = pending.get(&node.inputs[0].id())
+            let edges = match retain {
+                Retain::Nothing => node.take_edges(),
+                Retain::Graph => node.cloned_edges(),
+            };
+            let Some(NodeEdges { backward, inputs }) = edges else {
+                return Err(Error::Autograd(format!(
+                    "backward through the graph a second time: the {} node was released by an \
+                     earlier backward pass; use backward_retaining_graph() on the first pass to \
+                     keep it, or recompute the forward",
+                    node.name()
+                )));
+            };
+            if let Some((dim, start)) = backward.slice_of_input()
+                && let Some(sum) = pending.get(&inputs[0].id())
             {
-                let _profile = profile::backward(node.backward.name(), grad_out.device());
+                let _profile = profile::backward(node.name(), grad_out.device());
                 // In place when nothing else holds the running sum.
                 if sum.try_add_slice_in_place(&grad_out, dim, start) {
                     continue;
                 }
             }
             let input_grads = {
-                let _profile = profile::backward(node.backward.name(), grad_out.device());
-                node.backward.backward(&node.inputs, &grad_out)?
+                let _profile = profile::backward(node.name(), grad_out.device());
+                backward.backward(&inputs, &grad_out)?
             };
-            debug_assert_eq!(
-                input_grads.len(),
-                node.inputs.len(),
-                "{}",
-                node.backward.name()
-            );
-            for (input, grad) in node.inputs.iter().zip(input_grads) {
+            debug_assert_eq!(input_grads.len(), inputs.len(), "{}", node.name());
+            for (input, grad) in inputs.iter().zip(input_grads) {
                 let Some(grad) = grad else { continue };
                 if !input.requires_grad() {
                     continue;
@@ -200,7 +297,7 @@ impl Tensor {
                 if grad.shape() != input.shape() {
                     return Err(Error::Autograd(format!(
                         "rule {} returned a gradient of shape {} for an input of shape {}",
-                        node.backward.name(),
+                        node.name(),
                         grad.shape(),
                         input.shape()
                     )));
@@ -242,7 +339,7 @@ fn topological_order(root: &Tensor) -> Vec<Tensor> {
         }
         stack.push((tensor.clone(), true));
         if let Some(node) = tensor.node() {
-            for input in &node.inputs {
+            for input in &node.inputs() {
                 if input.requires_grad() && !visited.contains(&input.id()) {
                     stack.push((input.clone(), false));
                 }
@@ -290,5 +387,46 @@ mod tests {
         let grads = loss.backward().unwrap();
         // d/dx (2x + 4x²) = 2 + 8x = 10 at x = 1
         assert_eq!(grads.get(&x).unwrap().to_f64_vec(), vec![10.0; 4]);
+    }
+
+    /// A saved activation is freed during backward once the last rule that
+    /// reads it has run, though the loss (and so the graph's root) is still
+    /// held; backward_retaining_graph keeps it, and a second pass works.
+    #[test]
+    fn backward_frees_saved_activations_unless_the_graph_is_retained() {
+        let x = Tensor::ones([4], DType::F32, Device::Cpu)
+            .unwrap()
+            .requires_grad_();
+        let build = || {
+            let y = x.mul_scalar(3.0).unwrap();
+            let y_values = Arc::downgrade(&y.shared_storage());
+            // mul saves y (its rule reads both operands).
+            let loss = y.mul(&y).unwrap().sum_all().unwrap();
+            (loss, y_values)
+        };
+        let (loss, y_values) = build();
+        assert!(y_values.upgrade().is_some());
+        let grads = loss.backward().unwrap();
+        // d/dx (3x)² = 18x
+        assert_eq!(grads.get(&x).unwrap().to_f64_vec(), vec![18.0; 4]);
+        assert!(
+            y_values.upgrade().is_none(),
+            "backward kept a saved activation alive"
+        );
+        let err = loss.backward().unwrap_err().to_string();
+        assert!(
+            err.contains("second time") && err.contains("backward_retaining_graph"),
+            "{err}"
+        );
+
+        let (loss, y_values) = build();
+        let first = loss.backward_retaining_graph().unwrap();
+        assert!(y_values.upgrade().is_some(), "the retained graph lost y");
+        let second = loss.backward().unwrap();
+        assert_eq!(
+            first.get(&x).unwrap().to_f64_vec(),
+            second.get(&x).unwrap().to_f64_vec()
+        );
+        assert!(y_values.upgrade().is_none());
     }
 }

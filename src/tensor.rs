@@ -222,7 +222,7 @@ impl Drop for TensorInner {
     fn drop(&mut self) {
         let Some(node) = self.node.take() else { return };
         let mut pending: Vec<Tensor> = match Arc::try_unwrap(node) {
-            Ok(node) => node.inputs,
+            Ok(node) => node.into_inputs(),
             Err(_) => return,
         };
         while let Some(tensor) = pending.pop() {
@@ -230,7 +230,7 @@ impl Drop for TensorInner {
                 && let Some(node) = inner.node.take()
                 && let Ok(node) = Arc::try_unwrap(node)
             {
-                pending.extend(node.inputs);
+                pending.extend(node.into_inputs());
             }
         }
     }
@@ -355,10 +355,7 @@ impl Tensor {
             device,
             storage: out.0.storage.clone(),
             requires_grad: true,
-            node: Some(Arc::new(Node {
-                backward: Box::new(backward),
-                inputs,
-            })),
+            node: Some(Arc::new(Node::new(Arc::new(backward), inputs))),
             values_released: false,
         }))
     }
@@ -843,7 +840,7 @@ impl fmt::Debug for Tensor {
             self.requires_grad()
         )?;
         if let Some(node) = self.node() {
-            write!(f, ", grad_fn={}", node.backward.name())?;
+            write!(f, ", grad_fn={}", node.name())?;
         }
         let values = self.to_f64_vec();
         const SHOWN: usize = 8;
