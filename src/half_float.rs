@@ -23,11 +23,10 @@ pub use half::{bf16, f16};
 /// the f32 copies of a chunk stay in the L1/L2 cache.
 pub(crate) const CHUNK: usize = 1 << 13;
 
-/// Below this many elements a conversion runs on one thread: waking the
-/// pool costs more than a second thread saves until the copy is in the
-/// millions (measured with a weight of 400×784: 122 µs on one thread, 174 µs
-/// on two, with no gain on two threads at 1024² or 2048² either).
-const PARALLEL_THRESHOLD: usize = 1 << 20;
+/// Below this many elements a conversion runs on one thread. (Raising it
+/// to 2¹⁹ or 2²⁰ made a bf16 DCGAN step 8-15% slower and the VAE's no
+/// faster: the pool is awake between a step's ops.)
+const PARALLEL_THRESHOLD: usize = 1 << 16;
 
 /// A 16-bit float kiln stores: f16 or bf16.
 pub trait HalfFloat: Copy + Send + Sync + 'static {
