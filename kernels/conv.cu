@@ -76,6 +76,24 @@ __device__ __forceinline__ i64 im2col_offset(const ConvShape& g, i64 corner_h, i
     return (c * g.in_h + ih) * g.in_w + iw;
 }
 
+// The input window of output position m = (n, oh, ow) of an implicit GEMM's
+// A tile: its image's offset, and the top-left corner (in padded input
+// coordinates) that tap (0, 0) reads. Past the last position: not valid.
+struct GatherWindow {
+    bool valid;
+    i64 image_offset;
+    i64 corner_h, corner_w;
+};
+
+__device__ __forceinline__ GatherWindow gather_window(const ConvShape& g, i64 m) {
+    const i64 positions = g.out_h * g.out_w;
+    const bool valid = m < g.batch * positions;
+    const i64 n = valid ? m / positions : 0;
+    const i64 pos = valid ? m % positions : 0;
+    return GatherWindow{valid, n * g.in_channels * g.in_h * g.in_w, (pos / g.out_w) * g.stride_h - g.pad_h,
+                        (pos % g.out_w) * g.stride_w - g.pad_w};
+}
+
 // The bias term of output channel (or, backward-data, input channel) c.
 __device__ __forceinline__ float bias_at(const ConvParams& p, i64 c) {
     return p.bias ? load_f32(p.bias, c, p.format) : 0.0f;
@@ -141,13 +159,8 @@ extern "C" __global__ void conv2d_forward_implicit_gemm(const ConvParams p) {
     // Its output position, hence the window corner, is the same every stage.
     const int a_m = t % IG_TILE_M;
     const int a_k = t / IG_TILE_M;
-    const i64 gather_m = m0 + a_m;
-    const bool gather_valid = gather_m < m_total;
-    const i64 gather_n = gather_valid ? gather_m / positions : 0;
-    const i64 gather_pos = gather_valid ? gather_m % positions : 0;
-    const i64 corner_h = (gather_pos / g.out_w) * g.stride_h - g.pad_h;
-    const i64 corner_w = (gather_pos % g.out_w) * g.stride_w - g.pad_w;
-    const float* image_n = static_cast<const float*>(p.image) + gather_n * g.in_channels * g.in_h * g.in_w;
+    const GatherWindow window = gather_window(g, m0 + a_m);
+    const float* image_n = static_cast<const float*>(p.image) + window.image_offset;
     const float* weight = static_cast<const float*>(p.weight);
 
     // B loader: row b_k, channels b_o + 16r (16 consecutive k per channel: coalesced).
@@ -168,7 +181,7 @@ extern "C" __global__ void conv2d_forward_implicit_gemm(const ConvParams p) {
         for (int r = 0; r < 4; ++r) {
             const int kl = a_k + 4 * r;
             const int k = k0 + kl;
-            const i64 at = (gather_valid && k < k_total) ? im2col_offset(g, corner_h, corner_w, k) : -1;
+            const i64 at = (window.valid && k < k_total) ? im2col_offset(g, window.corner_h, window.corner_w, k) : -1;
             a_tile[kl][a_m] = at >= 0 ? image_n[at] : 0.0f;
         }
 #pragma unroll
@@ -231,13 +244,8 @@ extern "C" __launch_bounds__(TC_THREADS) __global__ void conv2d_forward_tensor_c
     // threads, consecutive positions: coalesced along ow), k rows a_k + 2s.
     const int a_m = threadIdx.x % TC_BM;
     const int a_k = threadIdx.x / TC_BM;
-    const i64 gather_m = m0 + a_m;
-    const bool gather_valid = gather_m < m_total;
-    const i64 gather_n = gather_valid ? gather_m / positions : 0;
-    const i64 gather_pos = gather_valid ? gather_m % positions : 0;
-    const i64 corner_h = (gather_pos / g.out_w) * g.stride_h - g.pad_h;
-    const i64 corner_w = (gather_pos % g.out_w) * g.stride_w - g.pad_w;
-    const u16* image_n = static_cast<const u16*>(p.image) + gather_n * g.in_channels * g.in_h * g.in_w;
+    const GatherWindow window = gather_window(g, m0 + a_m);
+    const u16* image_n = static_cast<const u16*>(p.image) + window.image_offset;
     const u16* weight = static_cast<const u16*>(p.weight);
 
     TensorCoreAccumulators acc;
@@ -246,7 +254,7 @@ extern "C" __launch_bounds__(TC_THREADS) __global__ void conv2d_forward_tensor_c
 #pragma unroll
         for (int kl = a_k; kl < TC_BK; kl += TC_THREADS / TC_BM) {
             const int k = k0 + kl;
-            const i64 at = (gather_valid && k < k_total) ? im2col_offset(g, corner_h, corner_w, k) : -1;
+            const i64 at = (window.valid && k < k_total) ? im2col_offset(g, window.corner_h, window.corner_w, k) : -1;
             a_tile[a_m][kl] = at >= 0 ? image_n[at] : (u16)0;
         }
         tc_stage(b_tile, weight, g.out_channels, k_total, o0, k0, k_total, 1);
@@ -257,18 +265,11 @@ extern "C" __launch_bounds__(TC_THREADS) __global__ void conv2d_forward_tensor_c
 
     // y[n, o, pos] = C[m, o] + b[o], rounded once.
     u16* out = static_cast<u16*>(p.out);
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const i64 m = tc_output_row(m0, mi, e), o = tc_output_col(o0, ni, e);
-                if (m >= m_total || o >= g.out_channels) continue;
-                const i64 n = m / positions, pos = m % positions;
-                out[(n * g.out_channels + o) * positions + pos] =
-                    f32_to_half(acc.d[mi][ni][e] + bias_at(p, o), p.format);
-            }
+    tc_for_each_output(acc, m0, o0, [&](i64 m, i64 o, float value) {
+        if (m >= m_total || o >= g.out_channels) return;
+        const i64 n = m / positions, pos = m % positions;
+        out[(n * g.out_channels + o) * positions + pos] = f32_to_half(value + bias_at(p, o), p.format);
+    });
 }
 
 // ---- backward-data (also conv_transpose2d's forward) ------------------------------

@@ -318,15 +318,9 @@ extern "C" __launch_bounds__(TC_THREADS) __global__ void gemm_v4_tensor_core(con
                 tc_multiply_slice(acc, a_tile, b_tile, params.kind);
                 __syncthreads();
             }
-#pragma unroll
-            for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-                for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const i64 i = tc_output_row(row0, mi, e), j = tc_output_col(col0, ni, e);
-                        if (i < p.m && j < p.n) c[i * p.n + j] = f32_to_half(acc.d[mi][ni][e], params.kind);
-                    }
+            tc_for_each_output(acc, row0, col0, [&](i64 i, i64 j, float value) {
+                if (i < p.m && j < p.n) c[i * p.n + j] = f32_to_half(value, params.kind);
+            });
         }
     }
 }

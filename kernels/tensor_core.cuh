@@ -87,3 +87,17 @@ __device__ __forceinline__ i64 tc_output_row(i64 row0, int mi, int e) {
 __device__ __forceinline__ i64 tc_output_col(i64 col0, int ni, int e) {
     return col0 + (threadIdx.x / 32 % 2) * 32 + ni * 8 + 2 * (threadIdx.x % 4) + (e & 1);
 }
+
+// Calls store(i, j, value) for each of this thread's accumulators, with i
+// and j its row and column in C (the tile at row0, col0); the caller checks
+// the bounds and writes.
+template <typename Store>
+__device__ __forceinline__ void tc_for_each_output(const TensorCoreAccumulators& acc, i64 row0, i64 col0,
+                                                   Store store) {
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) store(tc_output_row(row0, mi, e), tc_output_col(col0, ni, e), acc.d[mi][ni][e]);
+}

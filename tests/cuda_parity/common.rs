@@ -111,18 +111,7 @@ fn run_16bit(
         let out = f(&leaves).unwrap();
         assert_eq!(out.dtype(), dtype, "{what}: output dtype");
         let probe = randn(out.dims(), 999).to_dtype(dtype).unwrap();
-        let loss = out
-            .mul(&probe.to_device(on).unwrap())
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .sum_all()
-            .unwrap();
-        let grads = loss.backward().unwrap();
-        let grads: Vec<Tensor> = leaves
-            .iter()
-            .filter_map(|l| grads.get(l).cloned())
-            .collect();
+        let grads = f32_sum_grads(&out.mul(&probe.to_device(on).unwrap()).unwrap(), &leaves);
         for g in &grads {
             assert_eq!(g.dtype(), dtype, "{what}: gradient dtype");
         }
@@ -188,4 +177,20 @@ pub fn check_op_16bit_frobenius_grads(
             "{dtype} {what} grad of input {i}: relative Frobenius error {error:.3e} > {grad_error:.0e}"
         );
     }
+}
+
+/// The gradients of Σ out (summed in f32) with respect to each of `leaves`
+/// that gets one.
+pub fn f32_sum_grads(out: &Tensor, leaves: &[Tensor]) -> Vec<Tensor> {
+    let grads = out
+        .to_dtype(DType::F32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    leaves
+        .iter()
+        .filter_map(|l| grads.get(l).cloned())
+        .collect()
 }

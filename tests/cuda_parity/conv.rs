@@ -11,7 +11,9 @@
 use kiln::ops::conv::{Conv2dForwardKernel, conv2d_forward_with_kernel};
 use kiln::{Conv2dParams, ConvTranspose2dParams, DType, Device, Tensor};
 
-use crate::common::{assert_close, check_op, check_op_16bit, cuda_or_skip, randn, uniform};
+use crate::common::{
+    assert_close, check_op, check_op_16bit, cuda_or_skip, f32_sum_grads, randn, uniform,
+};
 
 const ATOL: f64 = 1e-4;
 const RTOL: f64 = 1e-4;
@@ -135,19 +137,20 @@ fn conv2d_forward_and_grads_match_cpu() {
     }
 }
 
-/// Every rung of the forward kernel ladder, not only the one the engine uses.
-#[test]
-fn every_conv2d_forward_kernel_matches_cpu() {
-    let Some(dev) = cuda_or_skip("every_conv2d_forward_kernel") else {
-        return;
-    };
+/// Every conv2d case on every rung of the forward kernel ladder, not only
+/// the one the engine uses, with operands rounded to `dtype`, against the
+/// CPU. (f32 asked for the tensor-core kernel runs the implicit GEMM;
+/// 16-bit asked for the implicit GEMM runs the tensor-core kernel.)
+fn every_forward_kernel_matches_cpu(dev: Device, dtype: DType, seed: u64, atol: f64, rtol: f64) {
     for (k, case) in conv2d_cases().iter().enumerate() {
-        let inputs = conv2d_case_operands(case, 100 + 10 * k as u64);
+        let inputs: Vec<Tensor> = conv2d_case_operands(case, seed + 10 * k as u64)
+            .iter()
+            .map(|t| t.to_dtype(dtype).unwrap())
+            .collect();
         let expected = inputs[0]
             .conv2d(&inputs[1], inputs.get(2), case.params)
             .unwrap();
         let on_device: Vec<Tensor> = inputs.iter().map(|t| t.to_device(dev).unwrap()).collect();
-        // f32 asked for the tensor-core kernel runs the implicit GEMM.
         for kernel in [
             Conv2dForwardKernel::Direct,
             Conv2dForwardKernel::ImplicitGemm,
@@ -161,15 +164,24 @@ fn every_conv2d_forward_kernel_matches_cpu() {
                 kernel,
             )
             .unwrap();
+            assert_eq!(actual.dtype(), dtype);
             assert_close(
-                &format!("{} with {kernel:?}", case.what),
+                &format!("{dtype} {} with {kernel:?}", case.what),
                 &expected,
                 &actual,
-                ATOL,
-                RTOL,
+                atol,
+                rtol,
             );
         }
     }
+}
+
+#[test]
+fn every_conv2d_forward_kernel_matches_cpu() {
+    let Some(dev) = cuda_or_skip("every_conv2d_forward_kernel") else {
+        return;
+    };
+    every_forward_kernel_matches_cpu(dev, DType::F32, 100, ATOL, RTOL);
 }
 
 /// The 16-bit formats and their tolerances: the CPU and the device both
@@ -187,38 +199,7 @@ fn sixteen_bit_conv2d_forward_kernels_match_cpu() {
         return;
     };
     for (dtype, rtol) in SIXTEEN_BIT {
-        for (k, case) in conv2d_cases().iter().enumerate() {
-            let inputs: Vec<Tensor> = conv2d_case_operands(case, 300 + 10 * k as u64)
-                .iter()
-                .map(|t| t.to_dtype(dtype).unwrap())
-                .collect();
-            let expected = inputs[0]
-                .conv2d(&inputs[1], inputs.get(2), case.params)
-                .unwrap();
-            let on_device: Vec<Tensor> = inputs.iter().map(|t| t.to_device(dev).unwrap()).collect();
-            for kernel in [
-                Conv2dForwardKernel::Direct,
-                Conv2dForwardKernel::ImplicitGemm,
-                Conv2dForwardKernel::TensorCore,
-            ] {
-                let actual = conv2d_forward_with_kernel(
-                    &on_device[0],
-                    &on_device[1],
-                    on_device.get(2),
-                    case.params,
-                    kernel,
-                )
-                .unwrap();
-                assert_eq!(actual.dtype(), dtype);
-                assert_close(
-                    &format!("{dtype} {} with {kernel:?}", case.what),
-                    &expected,
-                    &actual,
-                    SIXTEEN_BIT_ATOL,
-                    rtol,
-                );
-            }
-        }
+        every_forward_kernel_matches_cpu(dev, dtype, 300, SIXTEEN_BIT_ATOL, rtol);
     }
 }
 
@@ -284,17 +265,8 @@ fn autocast_conv2d_on_the_device_matches_cpu_with_f32_gradients() {
                 .unwrap()
         };
         assert_eq!(out.dtype(), DType::BF16);
-        let grads = out
-            .to_dtype(DType::F32)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let grads: Vec<Tensor> = leaves
-            .iter()
-            .map(|l| grads.get(l).unwrap().clone())
-            .collect();
+        let grads = f32_sum_grads(&out, &leaves);
+        assert_eq!(grads.len(), leaves.len());
         (out, grads)
     };
     let (cpu, cuda) = (run(Device::Cpu), run(dev));

@@ -12,8 +12,8 @@
 use kiln::{DType, Device, Tensor};
 
 use crate::common::{
-    assert_close, check_op, check_op_16bit, check_op_16bit_frobenius_grads, cuda_or_skip, randn,
-    uniform,
+    assert_close, check_op, check_op_16bit, check_op_16bit_frobenius_grads, cuda_or_skip,
+    f32_sum_grads, randn, uniform,
 };
 
 const ATOL: f64 = 1e-5;
@@ -152,18 +152,8 @@ fn bf16_batch_norm2d_with_f32_parameters_matches_cpu() {
             .unwrap();
         assert_eq!(y.dtype(), DType::BF16);
         let probe = randn(y.dims(), 44).to_dtype(DType::BF16).unwrap();
-        let loss = y.mul(&probe.to_device(on).unwrap()).unwrap();
-        let grads = loss
-            .to_dtype(DType::F32)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let grads: Vec<Tensor> = leaves
-            .iter()
-            .map(|l| grads.get(l).unwrap().clone())
-            .collect();
+        let grads = f32_sum_grads(&y.mul(&probe.to_device(on).unwrap()).unwrap(), &leaves);
+        assert_eq!(grads.len(), leaves.len());
         (y, grads, running)
     };
     let (cpu, cuda) = (run(Device::Cpu), run(dev));
