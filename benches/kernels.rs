@@ -4,7 +4,8 @@
 //! its fast path on the CPU.
 //!
 //! Shapes: DCGAN at batch 64 on 32×32 images (every conv and convT layer,
-//! its batch norms and leaky ReLUs), the VAE's linear layers at batch 128,
+//! its batch norms and leaky ReLUs; on CUDA each conv's forward also in bf16
+//! on tensor cores), the VAE's linear layers at batch 128,
 //! GPT 4 layers / 128 wide / block 64 at batch 32, and a larger GPT (6
 //! layers / 384 wide / block 256, batch 64), square GEMMs (1024³, and 4096³
 //! on CUDA) and fused Adam over whole models' parameters.
@@ -38,6 +39,17 @@ use kiln::{Conv2dParams, ConvTranspose2dParams, DType, Device, GeluApproximation
 
 /// Relative tolerance of the after-timing checks (f32, sums of up to ~10⁴ terms).
 const RTOL: f32 = 1e-3;
+
+/// The check's tolerance for an output of `dtype`: a 16-bit result rounded
+/// once on each side may differ by an ulp of its format (2⁻⁸ of the value
+/// for bf16, 2⁻¹¹ for f16), beyond what f32 sums allow.
+fn rtol_for(dtype: DType) -> f32 {
+    match dtype {
+        DType::BF16 => 1e-2,
+        DType::F16 => 2e-3,
+        _ => RTOL,
+    }
+}
 
 /// The most input sets a memory-bound case rotates through.
 const MAX_ROTATION: usize = 32;
@@ -183,7 +195,11 @@ fn bench_op<I>(
         reference.map(|reference| reference(&first))
     };
     if let Some(expected) = expected {
-        bench.check(target, case, compare(&actual, &expected, RTOL));
+        bench.check(
+            target,
+            case,
+            compare(&actual, &expected, rtol_for(actual.dtype())),
+        );
     }
     Some(first)
 }
@@ -199,7 +215,7 @@ fn bench_baseline(
     kiln_output: &Tensor,
     mut run: impl FnMut() -> Result<Tensor, String>,
 ) {
-    let checked = run().and_then(|out| compare(&out, kiln_output, RTOL));
+    let checked = run().and_then(|out| compare(&out, kiln_output, rtol_for(kiln_output.dtype())));
     if let Err(e) = checked {
         eprintln!(
             "  {name} baseline for {} {} dropped: {e}",
@@ -464,7 +480,7 @@ fn tensor_core_gemm_benches(bench: &mut Bench, target: &Target, vendor: &Vendor)
                     || cublas.gemm_16bit(&inputs.0, &inputs.1, &c, shape.trans_a, shape.trans_b);
                 // Both round C once to 16 bits after f32 sums in their own
                 // order: elements may differ by an ulp (2⁻⁷ of bf16's scale).
-                let checked = call().and_then(|()| compare(&widened(&c), &out, 1e-2));
+                let checked = call().and_then(|()| compare(&widened(&c), &out, rtol_for(dtype)));
                 match checked {
                     Err(e) => eprintln!(
                         "  cuBLAS baseline for {} {} dropped: {e}",
@@ -683,6 +699,27 @@ fn conv2d_layer(bench: &mut Bench, target: &Target, vendor: &Vendor, layer: &Con
                 bench.set_baseline(target, &case, "reference", seconds);
             }
         }
+    }
+
+    // The bf16 forward on tensor cores (2-byte operands), checked against
+    // the CPU's bf16 conv2d.
+    if target.is_cuda() {
+        let case = Case::new(
+            "conv2d forward tensor_core bf16",
+            layer.label(),
+            Bound::Compute,
+        )
+        .flops(flops)
+        .bytes(2 * (nx + nw + ny) as u64);
+        let prepare_bf16 = |device: Device, seed: u64| {
+            let (x, w) = prepare(device, seed);
+            let bf16 = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+            (bf16(x), bf16(w))
+        };
+        let run = |(x, w): &(Tensor, Tensor)| {
+            conv2d_forward_with_kernel(x, w, None, params, Conv2dForwardKernel::TensorCore).unwrap()
+        };
+        bench_op(bench, target, &case, prepare_bf16, run, None);
     }
 
     let conv = |x: &Tensor, w: &Tensor, b: Option<&Tensor>| x.conv2d(w, b, params).unwrap();
