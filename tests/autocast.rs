@@ -406,3 +406,33 @@ fn packed_causal_self_attention_in_16_bits_matches_f64_with_its_gradient() {
         assert!(error <= tolerance, "{dtype} gradient: {error:.2e}");
     }
 }
+
+/// A 16-bit sum over leading dims outside the graph (a bias gradient) is
+/// summed a chunk of rows at a time; it equals the sum of the widened
+/// tensor rounded back, in 16 bits outside autocast and f32 inside.
+#[test]
+fn sixteen_bit_sums_over_leading_dims_match_the_widened_sum() {
+    for dtype in [DType::BF16, DType::F16] {
+        // 2·300·45 values: more than one chunk and enough to split across threads.
+        let x = randn(&[2, 300, 45], 26)
+            .mul_scalar(3.0)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let wide = x.to_dtype(DType::F32).unwrap();
+        for (dims, keepdim) in [(&[0usize][..], false), (&[0, 1][..], true)] {
+            let got = kiln::no_grad_scope(|| x.sum(dims, keepdim)).unwrap();
+            let expected = wide.sum(dims, keepdim).unwrap().to_dtype(dtype).unwrap();
+            assert_eq!(got.dtype(), dtype);
+            assert_eq!(got.dims(), expected.dims());
+            assert_eq!(
+                got.to_f64_vec(),
+                expected.to_f64_vec(),
+                "{dtype} sum over {dims:?}"
+            );
+            let _scope = autocast(DType::BF16);
+            let inside = kiln::no_grad_scope(|| x.sum(dims, keepdim)).unwrap();
+            assert_eq!(inside.dtype(), DType::F32);
+        }
+    }
+}

@@ -209,9 +209,13 @@ pub(crate) fn gemm_rows_half<H: HalfFloat>(
 const HALF_DEPTH_BLOCK: usize = 512;
 
 /// C [m, n] = Aᵀ · B for a 16-bit A [depth, m] and B [depth, n] (a weight
-/// gradient dYᵀ·X), accumulated in f32 over blocks of HALF_DEPTH_BLOCK
-/// rows of the reduction: no f32 copy of a whole operand is ever made (in
-/// a backward pass dY and X are activation-sized), and C is rounded once.
+/// gradient dYᵀ·X), accumulated in f32 and rounded once. A depth of one
+/// block is one product across the threads; past that, each thread takes
+/// a contiguous share of the depth and sums it into a C of its own, one
+/// block of HALF_DEPTH_BLOCK rows at a time (widened, then one
+/// single-threaded product), so no f32 copy of a whole operand is ever made
+/// (in a backward pass dY and X are activation-sized) and the threads never
+/// wait on each other; the partial Cs (weight-sized) are added at the end.
 pub(crate) fn gemm_tn_half<H: HalfFloat>(
     depth: usize,
     m: usize,
@@ -223,31 +227,50 @@ pub(crate) fn gemm_tn_half<H: HalfFloat>(
         a.len() >= depth * m && b.len() >= depth * n,
         "gemm_tn_half: operands too short"
     );
-    if depth == 0 {
-        return half_float::narrow(&vec![0f32; m * n]);
-    }
-    let mut c = Vec::with_capacity(m * n);
-    for start in (0..depth).step_by(HALF_DEPTH_BLOCK) {
-        let rows = HALF_DEPTH_BLOCK.min(depth - start);
-        let a_rows = half_float::widen(&a[start * m..(start + rows) * m]);
-        let b_rows = half_float::widen(&b[start * n..(start + rows) * n]);
+    if depth <= HALF_DEPTH_BLOCK {
+        // One block: one product, split across the threads by C's rows or columns.
         let (a_rows, b_rows) = (
-            Mat::row_major(&a_rows, rows, m).transposed(),
-            Mat::row_major(&b_rows, rows, n),
+            half_float::widen(&a[..depth * m]),
+            half_float::widen(&b[..depth * n]),
         );
-        let parallel = worth_all_threads(rows * m * n);
-        if start == 0 {
-            // The first block writes C; the others accumulate onto it.
-            gemm_into_uninit(
-                &mut c.spare_capacity_mut()[..m * n],
-                a_rows,
-                b_rows,
-                parallel,
+        let mut c = vec![0f32; m * n];
+        gemm_into(
+            &mut c,
+            Mat::row_major(&a_rows, depth, m).transposed(),
+            Mat::row_major(&b_rows, depth, n),
+            false,
+            worth_all_threads(depth * m * n),
+        );
+        return half_float::narrow(&c);
+    }
+    let tasks = if worth_all_threads(depth * m * n) {
+        rayon::current_num_threads().min(depth.div_ceil(HALF_DEPTH_BLOCK))
+    } else {
+        1
+    };
+    let share = depth.div_ceil(tasks).max(1);
+    let partial = |task: usize| {
+        let mut c = vec![0f32; m * n];
+        let rows = task * share..((task + 1) * share).min(depth);
+        for start in rows.clone().step_by(HALF_DEPTH_BLOCK) {
+            let len = HALF_DEPTH_BLOCK.min(rows.end - start);
+            let a_rows = half_float::widen(&a[start * m..(start + len) * m]);
+            let b_rows = half_float::widen(&b[start * n..(start + len) * n]);
+            gemm_into(
+                &mut c,
+                Mat::row_major(&a_rows, len, m).transposed(),
+                Mat::row_major(&b_rows, len, n),
+                true,
+                false,
             );
-            // SAFETY: the product wrote all m·n elements.
-            unsafe { c.set_len(m * n) };
-        } else {
-            gemm_into(&mut c, a_rows, b_rows, true, parallel);
+        }
+        c
+    };
+    let mut partials: Vec<Vec<f32>> = (0..tasks).into_par_iter().map(partial).collect();
+    let mut c = partials.swap_remove(0);
+    for other in &partials {
+        for (sum, value) in c.iter_mut().zip(other) {
+            *sum += value;
         }
     }
     half_float::narrow(&c)

@@ -4,6 +4,7 @@
 
 use rayon::prelude::*;
 
+use crate::half_float::{self, CHUNK, HalfFloat};
 use crate::per_isa;
 use crate::simd;
 use crate::storage::Float;
@@ -64,6 +65,43 @@ pub fn sum<T: Float>(x: &[T], outer: usize, n: usize, inner: usize) -> Vec<T> {
         }
     }
     out
+}
+
+/// Column sums of a 16-bit [rows, columns] matrix (rows = x.len() / columns),
+/// in f64, rounded once to f32: each task widens a chunk of its rows at a
+/// time (no f32 copy of the whole matrix) into a row of sums of its own.
+pub fn column_sums_half<H: HalfFloat>(x: &[H], columns: usize) -> Vec<f32> {
+    if columns == 0 {
+        return Vec::new();
+    }
+    let rows = x.len() / columns;
+    let chunk_rows = (CHUNK / columns).max(1);
+    let tasks = if x.len() >= PARALLEL_LEN {
+        rayon::current_num_threads().min(rows.max(1))
+    } else {
+        1
+    };
+    let rows_per_task = rows.div_ceil(tasks).max(1);
+    let partial = |task: &[H]| {
+        let mut acc = vec![0f64; columns];
+        for chunk in task.chunks(chunk_rows * columns) {
+            for row in half_float::widen(chunk).chunks_exact(columns) {
+                accumulate_f64(&mut acc, row);
+            }
+        }
+        acc
+    };
+    let partials: Vec<Vec<f64>> = x[..rows * columns]
+        .par_chunks(rows_per_task * columns)
+        .map(partial)
+        .collect();
+    let mut sums = vec![0f64; columns];
+    for p in &partials {
+        for (s, v) in sums.iter_mut().zip(p) {
+            *s += v;
+        }
+    }
+    sums.into_iter().map(|s| s as f32).collect()
 }
 
 per_isa! {

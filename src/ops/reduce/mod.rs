@@ -95,6 +95,9 @@ impl Tensor {
     /// Σ over `dims` (an empty list reduces nothing; `sum_all` reduces every dim).
     pub fn sum(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
         if self.dtype().is_half() {
+            if let Some(out) = leading_dims_sum_half(self, dims, keepdim)? {
+                return Ok(out);
+            }
             return autocast::in_float32(AutocastOp::Sum, self, |x| x.sum(dims, keepdim));
         }
         let _profile = profile::op("sum", self.device());
@@ -227,6 +230,28 @@ impl Tensor {
         }
         self.sum(&dims, true)?.reshape(shape.clone())
     }
+}
+
+/// The sum of a 16-bit CPU tensor over its leading dims (a bias gradient:
+/// Σ over the rows of dY), outside the graph: the rows are widened a chunk
+/// at a time and summed in f64, so no f32 copy of the whole tensor is made.
+/// The output's dtype is `in_float32`'s. None where this does not apply
+/// (other dims, CUDA, or a graph to record).
+fn leading_dims_sum_half(x: &Tensor, dims: &[usize], keepdim: bool) -> Result<Option<Tensor>> {
+    let leading =
+        !dims.is_empty() && dims.len() < x.rank() && dims.iter().enumerate().all(|(i, &d)| d == i);
+    if !leading || (x.requires_grad() && crate::autograd::is_grad_enabled()) {
+        return Ok(None);
+    }
+    let columns: usize = x.dims()[dims.len()..].iter().product();
+    let sums = match &*x.storage() {
+        Storage::Cpu(CpuStorage::BF16(v)) => cpu::column_sums_half(v, columns),
+        Storage::Cpu(CpuStorage::F16(v)) => cpu::column_sums_half(v, columns),
+        _ => return Ok(None),
+    };
+    let shape = reduced_shape(x.shape(), dims, keepdim);
+    let out = Tensor::from_cpu(CpuStorage::F32(sums), shape);
+    autocast::finish_output(AutocastOp::Sum, out, x.dtype()).map(Some)
 }
 
 struct SumBackward {
