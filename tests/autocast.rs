@@ -436,3 +436,77 @@ fn sixteen_bit_sums_over_leading_dims_match_the_widened_sum() {
         }
     }
 }
+
+/// 16-bit conv2d and conv_transpose2d on a batch of DCGAN-sized layers
+/// (several of the CPU kernels' im2col chunks): forward and the input and
+/// weight gradients against f64.
+#[test]
+fn sixteen_bit_convolutions_match_f64_with_gradients() {
+    let x = randn(&[6, 16, 64, 64], 27);
+    let w = randn(&[8, 16, 3, 3], 28).mul_scalar(0.1).unwrap();
+    let bias = randn(&[8], 29);
+    let wt = randn(&[16, 4, 2, 2], 30).mul_scalar(0.1).unwrap();
+    let conv_params = Conv2dParams {
+        stride: [1, 1],
+        padding: [1, 1],
+        dilation: [1, 1],
+    };
+    let transpose_params = ConvTranspose2dParams {
+        stride: [2, 2],
+        padding: [0, 0],
+        output_padding: [0, 0],
+        dilation: [1, 1],
+    };
+    type Layer = fn(&Tensor, &Tensor, &Tensor, Conv2dParams, ConvTranspose2dParams) -> Tensor;
+    let layers: [(&str, Layer, bool); 2] = [
+        (
+            "conv2d",
+            |x, w, b, p, _| x.conv2d(w, Some(b), p).unwrap(),
+            false,
+        ),
+        (
+            "conv_transpose2d",
+            |x, w, _, _, p| x.conv_transpose2d(w, None, p).unwrap(),
+            true,
+        ),
+    ];
+    for (name, layer, transposed) in layers {
+        let weight = if transposed { &wt } else { &w };
+        let exact_leaves =
+            [f64_copy(&x), f64_copy(weight), f64_copy(&bias)].map(|t| t.requires_grad_());
+        let exact = layer(
+            &exact_leaves[0],
+            &exact_leaves[1],
+            &exact_leaves[2],
+            conv_params,
+            transpose_params,
+        );
+        let exact_grads = exact.sum_all().unwrap().backward().unwrap();
+        for (dtype, tolerance) in PRECISIONS {
+            let leaves = [&x, weight, &bias].map(|t| t.to_dtype(dtype).unwrap().requires_grad_());
+            let y = layer(
+                &leaves[0],
+                &leaves[1],
+                &leaves[2],
+                conv_params,
+                transpose_params,
+            );
+            assert_eq!(y.dtype(), dtype);
+            let error = relative_frobenius(&y, &exact);
+            assert!(error <= tolerance, "{dtype} {name}: {error:.2e}");
+            let grads = y
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (i, which) in ["x", "weight"].iter().enumerate() {
+                let got = grads.get(&leaves[i]).unwrap();
+                let want = exact_grads.get(&exact_leaves[i]).unwrap();
+                let error = relative_frobenius(got, want);
+                assert!(error <= tolerance, "{dtype} {name} d{which}: {error:.2e}");
+            }
+        }
+    }
+}
