@@ -26,6 +26,16 @@ fn relative_frobenius(got: &Tensor, exact: &Tensor) -> f64 {
     (diff / norm).sqrt()
 }
 
+/// The gradients of Σ y, summed in f32 (y may be 16-bit).
+fn backward_of_f32_sum(y: &Tensor) -> kiln::GradStore {
+    y.to_dtype(DType::F32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap()
+}
+
 fn f64_copy(t: &Tensor) -> Tensor {
     t.to_dtype(DType::F64).unwrap()
 }
@@ -391,15 +401,7 @@ fn packed_causal_self_attention_in_16_bits_matches_f64_with_its_gradient() {
         assert_eq!(out.dtype(), dtype);
         let error = relative_frobenius(&out, &exact);
         assert!(error <= tolerance, "{dtype} output: {error:.2e}");
-        let grads = out
-            .mul(&probe.to_dtype(dtype).unwrap())
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads = backward_of_f32_sum(&out.mul(&probe.to_dtype(dtype).unwrap()).unwrap());
         let grad = grads.get(&leaf).unwrap();
         assert_eq!(grad.dtype(), dtype);
         let error = relative_frobenius(grad, &exact_grad);
@@ -494,13 +496,7 @@ fn sixteen_bit_convolutions_match_f64_with_gradients() {
             assert_eq!(y.dtype(), dtype);
             let error = relative_frobenius(&y, &exact);
             assert!(error <= tolerance, "{dtype} {name}: {error:.2e}");
-            let grads = y
-                .to_dtype(DType::F32)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let grads = backward_of_f32_sum(&y);
             for (i, which) in ["x", "weight"].iter().enumerate() {
                 let got = grads.get(&leaves[i]).unwrap();
                 let want = exact_grads.get(&exact_leaves[i]).unwrap();
