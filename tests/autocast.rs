@@ -506,3 +506,73 @@ fn sixteen_bit_convolutions_match_f64_with_gradients() {
         }
     }
 }
+
+/// Batch norm of a 16-bit x with f32 parameters and running statistics:
+/// output, dx and the parameters' gradients against f64, training and eval.
+#[test]
+fn sixteen_bit_batch_norm_matches_f64_with_gradients() {
+    // Each image offset differently, so the batch statistics are not those
+    // of any one image.
+    let offsets = Tensor::from_vec(vec![0f32, 2.0, 4.0, 6.0, 8.0, 10.0], [6, 1, 1, 1]).unwrap();
+    let x = randn(&[6, 16, 64, 64], 31).add(&offsets).unwrap();
+    let (weight, bias) = (randn(&[16], 32), randn(&[16], 33));
+    for training in [true, false] {
+        let run = |x: &Tensor, weight: &Tensor, bias: &Tensor| {
+            let dtype = if weight.dtype() == DType::F64 {
+                DType::F64
+            } else {
+                DType::F32
+            };
+            let running_mean = randn(&[16], 34).to_dtype(dtype).unwrap();
+            let running_var = randn(&[16], 35)
+                .powf(2.0)
+                .unwrap()
+                .add_scalar(0.5)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let leaves = [x, weight, bias].map(|t| t.clone().requires_grad_());
+            let y = leaves[0]
+                .batch_norm2d(
+                    Some(&running_mean),
+                    Some(&running_var),
+                    Some(&leaves[1]),
+                    Some(&leaves[2]),
+                    training,
+                    0.1,
+                    1e-5,
+                )
+                .unwrap();
+            let probe = randn(y.dims(), 36).to_dtype(y.dtype()).unwrap();
+            let grads = backward_of_f32_sum(&y.mul(&probe).unwrap());
+            let grads: Vec<Tensor> = leaves
+                .iter()
+                .map(|l| grads.get(l).unwrap().clone())
+                .collect();
+            (y, grads, running_mean)
+        };
+        let exact = run(&f64_copy(&x), &f64_copy(&weight), &f64_copy(&bias));
+        for (dtype, tolerance) in PRECISIONS {
+            let got = run(&x.to_dtype(dtype).unwrap(), &weight, &bias);
+            assert_eq!(got.0.dtype(), dtype);
+            let error = relative_frobenius(&got.0, &exact.0);
+            assert!(
+                error <= tolerance,
+                "{dtype} training={training} y: {error:.2e}"
+            );
+            for (i, name) in ["dx", "dweight", "dbias"].iter().enumerate() {
+                let error = relative_frobenius(&got.1[i], &exact.1[i]);
+                assert!(
+                    error <= tolerance,
+                    "{dtype} training={training} {name}: {error:.2e}"
+                );
+            }
+            // From the 16-bit x: its rounding moves the batch mean a little.
+            let error = relative_frobenius(&got.2, &exact.2);
+            assert!(
+                error <= tolerance,
+                "{dtype} training={training} running mean: {error:.2e}"
+            );
+        }
+    }
+}
