@@ -180,11 +180,24 @@ impl CudaDevice {
     /// Whether the device has the bf16/f16 tensor cores of compute
     /// capability 8.0 and later (`mma.sync.m16n8k16`), as its arch says.
     pub fn has_tensor_cores(&self) -> bool {
-        self.arch
-            .strip_prefix("sm_")
-            .and_then(|digits| digits.get(..digits.len().saturating_sub(1)))
-            .and_then(|major| major.parse::<u32>().ok())
-            .is_some_and(|major| major >= 8)
+        arch_has_tensor_cores(&self.arch)
+    }
+
+    /// An error for `op` unless the device has tensor cores: every kernel
+    /// that issues `mma.sync` (the 16-bit GEMM and convolution) checks here
+    /// before launching, rather than trapping on an older device.
+    pub(crate) fn require_tensor_cores(&self, op: &'static str) -> Result<()> {
+        if self.has_tensor_cores() {
+            return Ok(());
+        }
+        Err(Error::Cuda {
+            op,
+            msg: format!(
+                "16-bit {op} runs on tensor cores, which need compute capability 8.0 (sm_80) \
+                 or newer; this device is {}: convert to f32 with .to_dtype(DType::F32)",
+                self.arch
+            ),
+        })
     }
 
     /// Whether this device is the CPU emulator.
@@ -436,4 +449,33 @@ pub fn require_f32(op: &'static str, storages: &[&CudaStorage]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether an arch name "sm_<major><minor>" is compute capability 8.0 or later.
+fn arch_has_tensor_cores(arch: &str) -> bool {
+    arch.strip_prefix("sm_")
+        .and_then(|digits| digits.get(..digits.len().saturating_sub(1)))
+        .and_then(|major| major.parse::<u32>().ok())
+        .is_some_and(|major| major >= 8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::arch_has_tensor_cores;
+
+    #[test]
+    fn tensor_cores_start_at_compute_capability_8() {
+        for (arch, expected) in [
+            ("sm_70", false),
+            ("sm_75", false),
+            ("sm_80", true),
+            ("sm_86", true),
+            ("sm_90", true),
+            ("sm_100", true),
+            ("compute_90", false),
+            ("sm_", false),
+        ] {
+            assert_eq!(arch_has_tensor_cores(arch), expected, "{arch}");
+        }
+    }
 }

@@ -148,7 +148,10 @@ pub(crate) fn conv2d_forward(
             return Ok(out);
         }
         (_, true) => ("conv2d_forward_implicit_gemm", IMPLICIT_GEMM_THREADS),
-        (_, false) => ("conv2d_forward_tensor_core", TENSOR_CORE_THREADS),
+        (_, false) => {
+            device.require_tensor_cores(op)?;
+            ("conv2d_forward_tensor_core", TENSOR_CORE_THREADS)
+        }
     };
     // The tiled kernels index the reduction dim (channel, tap) with 32-bit ints.
     if g.col_rows() > i32::MAX as usize {

@@ -134,16 +134,7 @@ fn gemm_half(dims: GemmDims, a: &CudaStorage, b: &CudaStorage) -> Result<CudaSto
         return Err(Error::dtype_mismatch("matmul", a.dtype(), b.dtype()));
     }
     let device = a.device();
-    if !device.has_tensor_cores() {
-        return Err(Error::Cuda {
-            op: "matmul",
-            msg: format!(
-                "16-bit products run on tensor cores, which need compute capability 8.0 (sm_80) \
-                 or newer; this device is {}: convert to f32 with .to_dtype(DType::F32)",
-                device.arch()
-            ),
-        });
-    }
+    device.require_tensor_cores("matmul")?;
     let c_len = dims.batch * dims.m * dims.n;
     let c = CudaStorage::alloc(device, a.dtype(), c_len)?;
     if c_len == 0 {
