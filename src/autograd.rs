@@ -97,11 +97,11 @@ impl Node {
         self.edges.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Handles of the recorded inputs; none once released.
-    pub(crate) fn inputs(&self) -> Vec<Tensor> {
-        self.lock()
-            .as_ref()
-            .map_or_else(Vec::new, |edges| edges.inputs.clone())
+    /// Calls `f` on each recorded input; on none once released.
+    pub(crate) fn for_each_input(&self, f: impl FnMut(&Tensor)) {
+        if let Some(edges) = self.lock().as_ref() {
+            edges.inputs.iter().for_each(f);
+        }
     }
 
     /// The rule and inputs, leaving the node released.
@@ -339,11 +339,11 @@ fn topological_order(root: &Tensor) -> Vec<Tensor> {
         }
         stack.push((tensor.clone(), true));
         if let Some(node) = tensor.node() {
-            for input in &node.inputs() {
+            node.for_each_input(|input| {
                 if input.requires_grad() && !visited.contains(&input.id()) {
                     stack.push((input.clone(), false));
                 }
-            }
+            });
         }
     }
     order

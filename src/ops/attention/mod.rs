@@ -209,6 +209,30 @@ impl Tensor {
     }
 }
 
+/// Sizes of one batch item of packed attention with `n_head` heads.
+struct PackedItem {
+    /// E = H·D.
+    embd: usize,
+    /// Values of qkv [T, 3E] (and of its gradient).
+    input: usize,
+    /// Values of the output [T, E] (and of dL/dO).
+    output: usize,
+    /// Values of P [H, T, T].
+    probs: usize,
+}
+
+impl PackedItem {
+    fn new(n_head: usize, item: AttentionDims) -> Self {
+        let embd = n_head * item.head_dim;
+        PackedItem {
+            embd,
+            input: 3 * item.seq * embd,
+            output: item.seq * embd,
+            probs: n_head * item.scores_len(),
+        }
+    }
+}
+
 /// Packed attention of a 16-bit qkv [B, T, 3E] one batch item at a time
 /// (`item`: the dims of one): each item's rows are widened, computed in f32,
 /// and its output and P rounded back, so no f32 copy of the whole qkv, P or
@@ -219,9 +243,12 @@ fn packed_forward_half<H: HalfFloat>(
     n_head: usize,
     item: AttentionDims,
 ) -> (Vec<H>, Vec<H>) {
-    let embd = n_head * item.head_dim;
-    let item_in = 3 * item.seq * embd;
-    let (item_out, item_probs) = (item.seq * embd, n_head * item.scores_len());
+    let PackedItem {
+        embd,
+        input: item_in,
+        output: item_out,
+        probs: item_probs,
+    } = PackedItem::new(n_head, item);
     let batch = qkv.len().checked_div(item_in).unwrap_or(0);
     let mut out = Vec::with_capacity(batch * item_out);
     let mut probs = Vec::with_capacity(batch * item_probs);
@@ -257,9 +284,12 @@ fn packed_backward_half<H: HalfFloat>(
     n_head: usize,
     item: AttentionDims,
 ) -> Vec<H> {
-    let embd = n_head * item.head_dim;
-    let item_in = 3 * item.seq * embd;
-    let (item_out, item_probs) = (item.seq * embd, n_head * item.scores_len());
+    let PackedItem {
+        embd,
+        input: item_in,
+        output: item_out,
+        probs: item_probs,
+    } = PackedItem::new(n_head, item);
     let batch = qkv.len().checked_div(item_in).unwrap_or(0);
     let mut dqkv = Vec::with_capacity(batch * item_in);
     // (An empty qkv gives batch 0: chunk lengths are then never 0.)

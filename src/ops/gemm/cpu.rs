@@ -174,7 +174,7 @@ pub(crate) fn gemm_rows_half<H: HalfFloat>(
     }
     let mut c = Vec::with_capacity(m * n);
     let out = &mut c.spare_capacity_mut()[..m * n];
-    // Every thread gets a block, however few the rows (a VAE batch of 128).
+    // A block per thread, of at most HALF_ROW_BLOCK rows.
     let threads = rayon::current_num_threads();
     let block_rows = m
         .div_ceil(threads)
@@ -233,14 +233,15 @@ pub(crate) fn gemm_tn_half<H: HalfFloat>(
             half_float::widen(&a[..depth * m]),
             half_float::widen(&b[..depth * n]),
         );
-        let mut c = vec![0f32; m * n];
-        gemm_into(
-            &mut c,
+        let mut c = Vec::with_capacity(m * n);
+        gemm_into_uninit(
+            &mut c.spare_capacity_mut()[..m * n],
             Mat::row_major(&a_rows, depth, m).transposed(),
             Mat::row_major(&b_rows, depth, n),
-            false,
             worth_all_threads(depth * m * n),
         );
+        // SAFETY: the product wrote all m·n elements.
+        unsafe { c.set_len(m * n) };
         return half_float::narrow(&c);
     }
     let tasks = if worth_all_threads(depth * m * n) {
