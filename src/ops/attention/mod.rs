@@ -243,25 +243,20 @@ fn packed_forward_half<H: HalfFloat>(
     n_head: usize,
     item: AttentionDims,
 ) -> (Vec<H>, Vec<H>) {
-    let PackedItem {
-        embd,
-        input: item_in,
-        output: item_out,
-        probs: item_probs,
-    } = PackedItem::new(n_head, item);
-    let batch = qkv.len().checked_div(item_in).unwrap_or(0);
-    let mut out = Vec::with_capacity(batch * item_out);
-    let mut probs = Vec::with_capacity(batch * item_probs);
+    let size = PackedItem::new(n_head, item);
+    let batch = qkv.len().checked_div(size.input).unwrap_or(0);
+    let mut out = Vec::with_capacity(batch * size.output);
+    let mut probs = Vec::with_capacity(batch * size.probs);
     // (An empty qkv gives batch 0: chunk lengths are then never 0.)
     if batch > 0 {
         let layout = AttentionLayout::packed(n_head, item);
-        out.spare_capacity_mut()[..batch * item_out]
-            .par_chunks_mut(item_out)
-            .zip(probs.spare_capacity_mut()[..batch * item_probs].par_chunks_mut(item_probs))
-            .zip(qkv.par_chunks(item_in))
+        out.spare_capacity_mut()[..batch * size.output]
+            .par_chunks_mut(size.output)
+            .zip(probs.spare_capacity_mut()[..batch * size.probs].par_chunks_mut(size.probs))
+            .zip(qkv.par_chunks(size.input))
             .for_each(|((out, probs), qkv)| {
                 let qkv = half_float::widen(qkv);
-                let (q, k, v) = packed_views(&qkv, embd);
+                let (q, k, v) = packed_views(&qkv, size.embd);
                 let f = cpu::attention_in(q, k, v, item, layout);
                 H::narrow_into(&f.out, out);
                 H::narrow_into(&f.probs, probs);
@@ -269,8 +264,8 @@ fn packed_forward_half<H: HalfFloat>(
     }
     // SAFETY: every item's rows of both were narrowed into (none if empty).
     unsafe {
-        out.set_len(batch * item_out);
-        probs.set_len(batch * item_probs);
+        out.set_len(batch * size.output);
+        probs.set_len(batch * size.probs);
     }
     (out, probs)
 }
@@ -284,23 +279,22 @@ fn packed_backward_half<H: HalfFloat>(
     n_head: usize,
     item: AttentionDims,
 ) -> Vec<H> {
-    let PackedItem {
-        embd,
-        input: item_in,
-        output: item_out,
-        probs: item_probs,
-    } = PackedItem::new(n_head, item);
-    let batch = qkv.len().checked_div(item_in).unwrap_or(0);
-    let mut dqkv = Vec::with_capacity(batch * item_in);
+    let size = PackedItem::new(n_head, item);
+    let batch = qkv.len().checked_div(size.input).unwrap_or(0);
+    let mut dqkv = Vec::with_capacity(batch * size.input);
     // (An empty qkv gives batch 0: chunk lengths are then never 0.)
     if batch > 0 {
-        dqkv.spare_capacity_mut()[..batch * item_in]
-            .par_chunks_mut(item_in)
-            .zip(qkv.par_chunks(item_in))
-            .zip(probs.par_chunks(item_probs).zip(d_out.par_chunks(item_out)))
+        dqkv.spare_capacity_mut()[..batch * size.input]
+            .par_chunks_mut(size.input)
+            .zip(qkv.par_chunks(size.input))
+            .zip(
+                probs
+                    .par_chunks(size.probs)
+                    .zip(d_out.par_chunks(size.output)),
+            )
             .for_each(|((dqkv, qkv), (probs, d_out))| {
                 let [qkv, probs, d_out] = [qkv, probs, d_out].map(half_float::widen);
-                let (q, k, v) = packed_views(&qkv, embd);
+                let (q, k, v) = packed_views(&qkv, size.embd);
                 let saved = AttentionSaved {
                     q,
                     k,
@@ -312,7 +306,7 @@ fn packed_backward_half<H: HalfFloat>(
             });
     }
     // SAFETY: every item's rows were narrowed into (none if qkv is empty).
-    unsafe { dqkv.set_len(batch * item_in) };
+    unsafe { dqkv.set_len(batch * size.input) };
     dqkv
 }
 
