@@ -69,29 +69,41 @@ fn initialised<E: Copy>(dst: &mut [MaybeUninit<E>], zero: E) -> &mut [E] {
     unsafe { &mut *(dst as *mut [MaybeUninit<E>] as *mut [E]) }
 }
 
+/// bf16 → f32: the 16 bits become the top of the f32.
+#[inline(always)]
+pub fn widen_bf16_value(x: bf16) -> f32 {
+    f32::from_bits(u32::from(x.to_bits()) << 16)
+}
+
+/// f32 → bf16, rounding to nearest even: adding 0x7FFF plus the lowest kept
+/// bit carries into the kept half exactly when the dropped half is over one
+/// half, or one half with the kept half odd. A NaN keeps its sign and top
+/// payload bits and is made quiet.
+#[inline(always)]
+pub fn narrow_bf16_value(x: f32) -> bf16 {
+    let bits = x.to_bits();
+    let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16;
+    let quiet_nan = (bits >> 16) | 0x0040;
+    let is_nan = bits & 0x7FFF_FFFF > 0x7F80_0000;
+    bf16::from_bits((if is_nan { quiet_nan } else { rounded }) as u16)
+}
+
 per_isa! {
-    /// bf16 → f32: the 16 bits become the top of the f32.
+    /// bf16 → f32 over a slice ([`widen_bf16_value`]).
     fn widen_bf16 / widen_bf16_with<>(src: &[bf16], dst: &mut [MaybeUninit<f32>]) where [] {
         assert_eq!(src.len(), dst.len());
-        for (d, s) in dst.iter_mut().zip(src) {
-            d.write(f32::from_bits(u32::from(s.to_bits()) << 16));
+        for (d, &s) in dst.iter_mut().zip(src) {
+            d.write(widen_bf16_value(s));
         }
     }
 }
 
 per_isa! {
-    /// f32 → bf16, rounding to nearest even: adding 0x7FFF plus the lowest
-    /// kept bit carries into the kept half exactly when the dropped half is
-    /// over one half, or one half with the kept half odd. A NaN keeps its
-    /// sign and top payload bits and is made quiet.
+    /// f32 → bf16 over a slice ([`narrow_bf16_value`]).
     fn narrow_bf16 / narrow_bf16_with<>(src: &[f32], dst: &mut [MaybeUninit<bf16>]) where [] {
         assert_eq!(src.len(), dst.len());
         for (d, &x) in dst.iter_mut().zip(src) {
-            let bits = x.to_bits();
-            let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16;
-            let quiet_nan = (bits >> 16) | 0x0040;
-            let is_nan = bits & 0x7FFF_FFFF > 0x7F80_0000;
-            d.write(bf16::from_bits((if is_nan { quiet_nan } else { rounded }) as u16));
+            d.write(narrow_bf16_value(x));
         }
     }
 }

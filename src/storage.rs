@@ -207,6 +207,8 @@ pub trait Float:
     const MIN_POSITIVE: Self;
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
+    /// Rounded to f32 (exact for f32 itself).
+    fn to_f32(self) -> f32;
     fn exp(self) -> Self;
     fn ln(self) -> Self;
     fn sqrt(self) -> Self;
@@ -273,6 +275,115 @@ impl_element!(f16, F16);
 impl_element!(bf16, BF16);
 impl_element!(u32, U32);
 
+/// A float type a tensor stores, as the CPU kernels compute with it: f32
+/// and f64 compute as themselves; bf16 and f16 are widened to f32 where a
+/// kernel reads them (while it packs a GEMM panel or an im2col row, say) and
+/// rounded to nearest even where it writes them, so a 16-bit operand never
+/// needs a whole f32 copy.
+pub trait Stored: Element {
+    /// The type arithmetic on these values is done in.
+    type Computed: Float;
+    fn widen(self) -> Self::Computed;
+    fn narrow(value: Self::Computed) -> Self;
+    /// The values themselves when they are already `Computed` (no copy).
+    fn as_computed(values: &[Self]) -> Option<&[Self::Computed]>;
+    fn as_computed_mut(values: &mut [Self]) -> Option<&mut [Self::Computed]>;
+
+    /// dst[i] = src[i] widened.
+    #[inline]
+    fn widen_slice(src: &[Self], dst: &mut [Self::Computed]) {
+        assert_eq!(src.len(), dst.len(), "widen_slice: lengths");
+        match Self::as_computed(src) {
+            Some(src) => dst.copy_from_slice(src),
+            None => dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s.widen()),
+        }
+    }
+
+    /// dst[i] = src[i] rounded to this type.
+    #[inline]
+    fn narrow_slice(src: &[Self::Computed], dst: &mut [Self]) {
+        assert_eq!(src.len(), dst.len(), "narrow_slice: lengths");
+        match Self::as_computed_mut(dst) {
+            Some(dst) => dst.copy_from_slice(src),
+            None => dst
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, &s)| *d = Self::narrow(s)),
+        }
+    }
+
+    /// A whole slice as `Computed`: borrowed when it already is.
+    fn computed(values: &[Self]) -> std::borrow::Cow<'_, [Self::Computed]> {
+        match Self::as_computed(values) {
+            Some(values) => std::borrow::Cow::Borrowed(values),
+            None => std::borrow::Cow::Owned(values.iter().map(|v| v.widen()).collect()),
+        }
+    }
+
+    /// A vector of computed values as this type (moved when it already is).
+    fn from_computed(values: Vec<Self::Computed>) -> Vec<Self>;
+}
+
+macro_rules! impl_stored_as_itself {
+    ($t:ty) => {
+        impl Stored for $t {
+            type Computed = $t;
+            #[inline(always)]
+            fn widen(self) -> $t {
+                self
+            }
+            #[inline(always)]
+            fn narrow(value: $t) -> $t {
+                value
+            }
+            fn as_computed(values: &[$t]) -> Option<&[$t]> {
+                Some(values)
+            }
+            fn as_computed_mut(values: &mut [$t]) -> Option<&mut [$t]> {
+                Some(values)
+            }
+            fn from_computed(values: Vec<$t>) -> Vec<$t> {
+                values
+            }
+        }
+    };
+}
+
+impl_stored_as_itself!(f32);
+impl_stored_as_itself!(f64);
+
+macro_rules! impl_stored_as_f32 {
+    ($t:ty, $widen:path, $narrow:path) => {
+        impl Stored for $t {
+            type Computed = f32;
+            #[inline(always)]
+            fn widen(self) -> f32 {
+                $widen(self)
+            }
+            #[inline(always)]
+            fn narrow(value: f32) -> $t {
+                $narrow(value)
+            }
+            fn as_computed(_: &[$t]) -> Option<&[f32]> {
+                None
+            }
+            fn as_computed_mut(_: &mut [$t]) -> Option<&mut [f32]> {
+                None
+            }
+            fn from_computed(values: Vec<f32>) -> Vec<$t> {
+                half_float::narrow(&values)
+            }
+        }
+    };
+}
+
+impl_stored_as_f32!(
+    bf16,
+    half_float::widen_bf16_value,
+    half_float::narrow_bf16_value
+);
+impl_stored_as_f32!(f16, f16::to_f32, f16::from_f32);
+
 macro_rules! impl_float {
     ($t:ty, $variant:ident, $tanh:path, $softplus:path, $exp_nonpositive:path) => {
         impl Float for $t {
@@ -284,6 +395,9 @@ macro_rules! impl_float {
             }
             fn to_f64(self) -> f64 {
                 self as f64
+            }
+            fn to_f32(self) -> f32 {
+                self as f32
             }
             fn exp(self) -> Self {
                 <$t>::exp(self)
@@ -529,6 +643,41 @@ macro_rules! float_or_half_slice2 {
                 out.converted(a.dtype())
             }
             (a, b) => $crate::float_slice2!($op, a, b, |$x, $y| $body),
+        }
+    };
+}
+
+/// Runs `$body` on the slice of any float storage, f16 and bf16 included, as
+/// it is stored: for kernels generic over [`Stored`], which widen 16-bit
+/// values where they read them. `$body` returns a `CpuStorage`.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! stored_slice {
+    ($op:expr, $storage:expr, |$v:ident| $body:expr) => {
+        match $storage {
+            $crate::storage::CpuStorage::F32($v) => $body,
+            $crate::storage::CpuStorage::F64($v) => $body,
+            $crate::storage::CpuStorage::F16($v) => $body,
+            $crate::storage::CpuStorage::BF16($v) => $body,
+            other => return Err($crate::Error::unsupported_dtype($op, other.dtype())),
+        }
+    };
+}
+
+/// [`stored_slice!`] for two storages of one float dtype.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! stored_slice2 {
+    ($op:expr, $a:expr, $b:expr, |$x:ident, $y:ident| $body:expr) => {
+        match ($a, $b) {
+            ($crate::storage::CpuStorage::F32($x), $crate::storage::CpuStorage::F32($y)) => $body,
+            ($crate::storage::CpuStorage::F64($x), $crate::storage::CpuStorage::F64($y)) => $body,
+            ($crate::storage::CpuStorage::F16($x), $crate::storage::CpuStorage::F16($y)) => $body,
+            ($crate::storage::CpuStorage::BF16($x), $crate::storage::CpuStorage::BF16($y)) => $body,
+            (a, b) if a.dtype() == b.dtype() => {
+                return Err($crate::Error::unsupported_dtype($op, a.dtype()))
+            }
+            (a, b) => return Err($crate::Error::dtype_mismatch($op, a.dtype(), b.dtype())),
         }
     };
 }

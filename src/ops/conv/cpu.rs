@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use super::ConvGeometry;
 use crate::ops::gemm::cpu::{Mat, gemm_into, worth_all_threads};
-use crate::storage::Float;
+use crate::storage::{Float, Stored};
 
 /// The weight gradient packs im2col matrices of several images side by side;
 /// this bounds that buffer (in elements, 4 MiB of f32): chunks whose columns
@@ -33,46 +33,51 @@ const WEIGHT_GRAD_CHUNK_COLS: usize = 1 << 20;
 
 /// Forward: y_n = W · im2col(x_n) + b, for x [N, C, H, W], W [O, C, kh, kw],
 /// b [O]; returns y [N, O, Ho, Wo]. Also conv_transpose2d's dL/dx.
-pub fn conv2d_forward<T: Float>(
+///
+/// A 16-bit x is widened row by row as its columns are built, and y is
+/// rounded as it is laid out: no whole f32 copy of either is made. The
+/// weight and bias are given already widened (they are parameter-sized).
+pub fn conv2d_forward<S: Stored>(
     g: &ConvGeometry,
-    x: &[T],
-    weight: &[T],
-    bias: Option<&[T]>,
-) -> Vec<T> {
+    x: &[S],
+    weight: &[S::Computed],
+    bias: Option<&[S::Computed]>,
+) -> Vec<S> {
     forward_in_chunks(g, x, weight, bias, CHUNK_COLS)
 }
 
 /// [`conv2d_forward`] with image chunks of at most `max_cols` column elements.
-fn forward_in_chunks<T: Float>(
+fn forward_in_chunks<S: Stored>(
     g: &ConvGeometry,
-    x: &[T],
-    weight: &[T],
-    bias: Option<&[T]>,
+    x: &[S],
+    weight: &[S::Computed],
+    bias: Option<&[S::Computed]>,
     max_cols: usize,
-) -> Vec<T> {
+) -> Vec<S> {
     let (rows, positions) = (g.col_rows(), g.out_positions());
     let image_len = g.in_channels * g.in_pixels();
-    check_lengths(g, Some(x), Some(weight), None);
+    check_lengths(g, Some(x.len()), Some(weight.len()), None);
     assert!(
         bias.is_none_or(|b| b.len() == g.out_channels),
         "conv2d_forward: bias length"
     );
-    let mut y = vec![T::ZERO; g.batch * g.out_channels * positions];
     if is_dense(g) {
         // y [N, O] = x [N, C·kh·kw] · Wᵀ (+ b)
+        let mut y = vec![<S::Computed>::ZERO; g.batch * g.out_channels];
         if let Some(bias) = bias {
             y.chunks_mut(g.out_channels)
                 .for_each(|row| row.copy_from_slice(bias));
         }
         gemm_into(
             &mut y,
-            Mat::row_major(x, g.batch, rows),
+            Mat::row_major(&S::computed(x), g.batch, rows),
             Mat::row_major(weight, g.out_channels, rows).transposed(),
             bias.is_some(),
             worth_all_threads(g.batch * g.out_channels * rows),
         );
-        return y;
+        return S::from_computed(y);
     }
+    let mut y = vec![S::narrow(<S::Computed>::ZERO); g.batch * g.out_channels * positions];
     // Chunks of images: cols [C·kh·kw, n·Ho·Wo] of a few images side by
     // side (about L2-sized), one GEMM y_rows [O, n·Ho·Wo] = W · cols, then
     // each image's [O, Ho·Wo] block copied out. One image at a time made
@@ -109,33 +114,36 @@ fn forward_in_chunks<T: Float>(
 /// Backward-data: dx_n = col2im(Wᵀ · dy_n) + b, for dy [N, O, Ho, Wo]; returns
 /// dx [N, C, H, W]. Also conv_transpose2d's forward, where b is its bias [C]
 /// (conv2d's own dL/dx passes none).
-pub fn conv2d_backward_data<T: Float>(
+///
+/// A 16-bit dy is widened as it is rearranged for the GEMM, and each image
+/// of dx is summed in f32 and rounded once, as it is finished.
+pub fn conv2d_backward_data<S: Stored>(
     g: &ConvGeometry,
-    dy: &[T],
-    weight: &[T],
-    bias: Option<&[T]>,
-) -> Vec<T> {
+    dy: &[S],
+    weight: &[S::Computed],
+    bias: Option<&[S::Computed]>,
+) -> Vec<S> {
     backward_data_in_chunks(g, dy, weight, bias, CHUNK_COLS)
 }
 
 /// [`conv2d_backward_data`] with image chunks of at most `max_cols` column elements.
-fn backward_data_in_chunks<T: Float>(
+fn backward_data_in_chunks<S: Stored>(
     g: &ConvGeometry,
-    dy: &[T],
-    weight: &[T],
-    bias: Option<&[T]>,
+    dy: &[S],
+    weight: &[S::Computed],
+    bias: Option<&[S::Computed]>,
     max_cols: usize,
-) -> Vec<T> {
+) -> Vec<S> {
     let (rows, positions, pixels) = (g.col_rows(), g.out_positions(), g.in_pixels());
     let grid_len = g.out_channels * positions;
-    check_lengths(g, None, Some(weight), Some(dy));
+    check_lengths(g, None, Some(weight.len()), Some(dy.len()));
     assert!(
         bias.is_none_or(|b| b.len() == g.in_channels),
         "conv2d_backward_data: bias length"
     );
-    let mut dx = vec![T::ZERO; g.batch * g.in_channels * pixels];
     if is_dense(g) {
         // dx [N, C·kh·kw] = dy [N, O] · W (+ b[c] on every pixel of channel c)
+        let mut dx = vec![<S::Computed>::ZERO; g.batch * g.in_channels * pixels];
         if let Some(bias) = bias {
             for (plane, &b) in dx.chunks_mut(pixels).zip(bias.iter().cycle()) {
                 plane.fill(b);
@@ -143,13 +151,14 @@ fn backward_data_in_chunks<T: Float>(
         }
         gemm_into(
             &mut dx,
-            Mat::row_major(dy, g.batch, g.out_channels),
+            Mat::row_major(&S::computed(dy), g.batch, g.out_channels),
             Mat::row_major(weight, g.out_channels, rows),
             bias.is_some(),
             worth_all_threads(g.batch * g.out_channels * rows),
         );
-        return dx;
+        return S::from_computed(dx);
     }
+    let mut dx = vec![S::narrow(<S::Computed>::ZERO); g.batch * g.in_channels * pixels];
     // Chunks of images: cols [C·kh·kw, n·Ho·Wo] = Wᵀ · dy of a few images
     // as one GEMM (per image it would be a thin product far below the GEMM's
     // peak), then col2im of each image's segment while the columns are still
@@ -157,7 +166,9 @@ fn backward_data_in_chunks<T: Float>(
     // DCGAN's D2 that col2im then read back from memory).
     let image_len = g.in_channels * pixels;
     let images_per_chunk = images_per_chunk(g, max_cols);
-    let scratch_len = (rows + g.out_channels) * images_per_chunk * positions;
+    let dy_rows_len = g.out_channels * images_per_chunk * positions;
+    // Columns, dy's rows and (for a 16-bit dx) one image summed in f32.
+    let scratch_len = rows * images_per_chunk * positions + dy_rows_len + image_len;
     let macs = g.out_channels * rows * images_per_chunk * positions;
     for_each_chunk(
         &mut dx,
@@ -168,7 +179,9 @@ fn backward_data_in_chunks<T: Float>(
             let first = chunk * images_per_chunk;
             let images = dx_chunk.len() / image_len;
             let width = images * positions;
-            let (cols, dy_rows) = scratch.split_at_mut(rows * width);
+            let (cols, rest) = scratch.split_at_mut(rows * images_per_chunk * positions);
+            let cols = &mut cols[..rows * width];
+            let (dy_rows, wide_image) = rest.split_at_mut(dy_rows_len);
             let dy_rows = &mut dy_rows[..g.out_channels * width];
             grid_as_rows_into(
                 g,
@@ -183,12 +196,24 @@ fn backward_data_in_chunks<T: Float>(
                 parallel,
             );
             for (n, dx_n) in dx_chunk.chunks_mut(image_len).enumerate() {
-                if let Some(bias) = bias {
-                    for (plane, &b) in dx_n.chunks_mut(pixels).zip(bias) {
-                        plane.fill(b);
+                let sum_into = |image: &mut [S::Computed]| {
+                    match bias {
+                        Some(bias) => {
+                            for (plane, &b) in image.chunks_mut(pixels).zip(bias) {
+                                plane.fill(b);
+                            }
+                        }
+                        None => image.fill(<S::Computed>::ZERO),
+                    }
+                    col2im_add(g, &cols[n * positions..], width, image);
+                };
+                match S::as_computed_mut(dx_n) {
+                    Some(dx_n) => sum_into(dx_n),
+                    None => {
+                        sum_into(&mut *wide_image);
+                        S::narrow_slice(wide_image, dx_n);
                     }
                 }
-                col2im_add(g, &cols[n * positions..], width, dx_n);
             }
         },
     );
@@ -209,7 +234,12 @@ const CHUNK_COLS: usize = 1 << 18;
 /// y_rows [O, n·Ho·Wo] (image after image along each row) laid out as the
 /// output grid [n, O, Ho·Wo], plus the bias of each channel: the inverse
 /// of [`grid_as_rows_into`].
-fn rows_as_grid<T: Float>(g: &ConvGeometry, rows: &[T], bias: Option<&[T]>, grid: &mut [T]) {
+fn rows_as_grid<S: Stored>(
+    g: &ConvGeometry,
+    rows: &[S::Computed],
+    bias: Option<&[S::Computed]>,
+    grid: &mut [S],
+) {
     let positions = g.out_positions();
     let width = rows.len() / g.out_channels;
     for (n, image) in grid.chunks_mut(g.out_channels * positions).enumerate() {
@@ -218,9 +248,12 @@ fn rows_as_grid<T: Float>(g: &ConvGeometry, rows: &[T], bias: Option<&[T]>, grid
             match bias {
                 Some(bias) => {
                     let b = bias[o];
-                    plane.iter_mut().zip(src).for_each(|(d, &v)| *d = v + b);
+                    plane
+                        .iter_mut()
+                        .zip(src)
+                        .for_each(|(d, &v)| *d = S::narrow(v + b));
                 }
-                None => plane.copy_from_slice(src),
+                None => S::narrow_slice(src, plane),
             }
         }
     }
@@ -229,7 +262,7 @@ fn rows_as_grid<T: Float>(g: &ConvGeometry, rows: &[T], bias: Option<&[T]>, grid
 /// The im2col columns of images [n, C, H, W] side by side, on one thread,
 /// into `cols` [C·kh·kw, n·Ho·Wo]: row (c, i, j) holds tap (i, j) of
 /// channel c, image after image.
-fn im2col_batch_into<T: Float>(g: &ConvGeometry, images: &[T], cols: &mut [T]) {
+fn im2col_batch_into<S: Stored>(g: &ConvGeometry, images: &[S], cols: &mut [S::Computed]) {
     let width = cols.len() / g.col_rows();
     for (row, cols_row) in cols.chunks_mut(width.max(1)).enumerate() {
         im2col_batch_row(g, images, row, cols_row);
@@ -237,7 +270,12 @@ fn im2col_batch_into<T: Float>(g: &ConvGeometry, images: &[T], cols: &mut [T]) {
 }
 
 /// Row `row` of a batch's columns: tap (i, j) of channel c for each image in turn.
-fn im2col_batch_row<T: Float>(g: &ConvGeometry, images: &[T], row: usize, cols_row: &mut [T]) {
+fn im2col_batch_row<S: Stored>(
+    g: &ConvGeometry,
+    images: &[S],
+    row: usize,
+    cols_row: &mut [S::Computed],
+) {
     let image_len = g.in_channels * g.in_pixels();
     let (c, i, j) = tap_of_row(g, row);
     let window = TapWindow::new(g, [i, j]);
@@ -250,7 +288,7 @@ fn im2col_batch_row<T: Float>(g: &ConvGeometry, images: &[T], row: usize, cols_r
 /// An output grid [n, O, Ho·Wo] as rows [O, n·Ho·Wo], image after image
 /// along each row (the layout of a batch's im2col columns), on one thread,
 /// into `rows` (as long as `grid`).
-fn grid_as_rows_into<T: Float>(g: &ConvGeometry, grid: &[T], rows: &mut [T]) {
+fn grid_as_rows_into<S: Stored>(g: &ConvGeometry, grid: &[S], rows: &mut [S::Computed]) {
     let width = grid.len() / g.out_channels;
     for (o, row) in rows.chunks_mut(width.max(1)).enumerate() {
         grid_row(g, grid, o, row);
@@ -258,10 +296,13 @@ fn grid_as_rows_into<T: Float>(g: &ConvGeometry, grid: &[T], rows: &mut [T]) {
 }
 
 /// Row o of [`grid_as_rows_into`]: channel o of each image in turn.
-fn grid_row<T: Float>(g: &ConvGeometry, grid: &[T], o: usize, row: &mut [T]) {
+fn grid_row<S: Stored>(g: &ConvGeometry, grid: &[S], o: usize, row: &mut [S::Computed]) {
     let positions = g.out_positions();
     for (n, segment) in row.chunks_mut(positions).enumerate() {
-        segment.copy_from_slice(&grid[(n * g.out_channels + o) * positions..][..positions]);
+        S::widen_slice(
+            &grid[(n * g.out_channels + o) * positions..][..positions],
+            segment,
+        );
     }
 }
 
@@ -277,20 +318,23 @@ fn grid_row<T: Float>(g: &ConvGeometry, grid: &[T], o: usize, row: &mut [T]) {
 /// sums), and it is the same single-GEMM formulation a GPU kernel uses. The
 /// price is memory for all the columns at once, so very large batches are
 /// processed in chunks, accumulated into dW one after another.
-pub fn conv2d_backward_weight<T: Float>(g: &ConvGeometry, x: &[T], dy: &[T]) -> Vec<T> {
+///
+/// 16-bit x and dy are widened as they are packed into the columns and
+/// rows, a chunk at a time; dW is summed in f32 and rounded once.
+pub fn conv2d_backward_weight<S: Stored>(g: &ConvGeometry, x: &[S], dy: &[S]) -> Vec<S> {
     if is_dense(g) {
         // dW [O, C·kh·kw] = dyᵀ [O, N] · x [N, C·kh·kw]
-        check_lengths(g, Some(x), None, Some(dy));
+        check_lengths(g, Some(x.len()), None, Some(dy.len()));
         let rows = g.col_rows();
-        let mut dw = vec![T::ZERO; g.out_channels * rows];
+        let mut dw = vec![<S::Computed>::ZERO; g.out_channels * rows];
         gemm_into(
             &mut dw,
-            Mat::row_major(dy, g.batch, g.out_channels).transposed(),
-            Mat::row_major(x, g.batch, rows),
+            Mat::row_major(&S::computed(dy), g.batch, g.out_channels).transposed(),
+            Mat::row_major(&S::computed(x), g.batch, rows),
             false,
             worth_all_threads(g.batch * g.out_channels * rows),
         );
-        return dw;
+        return S::from_computed(dw);
     }
     backward_weight_in_chunks(g, x, dy, WEIGHT_GRAD_CHUNK_COLS)
 }
@@ -306,13 +350,13 @@ fn is_dense(g: &ConvGeometry) -> bool {
 
 /// `conv2d_backward_weight` with im2col buffers of at most `max_cols` elements
 /// (at least one image's worth).
-fn backward_weight_in_chunks<T: Float>(
+fn backward_weight_in_chunks<S: Stored>(
     g: &ConvGeometry,
-    x: &[T],
-    dy: &[T],
+    x: &[S],
+    dy: &[S],
     max_cols: usize,
-) -> Vec<T> {
-    check_lengths(g, Some(x), None, Some(dy));
+) -> Vec<S> {
+    check_lengths(g, Some(x.len()), None, Some(dy.len()));
     let (rows, positions) = (g.col_rows(), g.out_positions());
     let (image_len, grid_len) = (g.in_channels * g.in_pixels(), g.out_channels * positions);
     // The GEMM packs a transposed operand through strided reads, which is
@@ -322,11 +366,12 @@ fn backward_weight_in_chunks<T: Float>(
     // dW = dy · colsᵀ it spent half its time packing cols); otherwise
     // (D1: 16 taps, 64 channels) dW = dy · colsᵀ directly.
     let transposed_out = rows > g.out_channels;
-    let mut dw = vec![T::ZERO; g.out_channels * rows];
+    let zero = <S::Computed>::ZERO;
+    let mut dw = vec![zero; g.out_channels * rows];
     let images_per_chunk = images_per_chunk(g, max_cols);
     // One buffer each for every chunk's columns and rearranged dy.
-    let mut cols = vec![T::ZERO; rows * images_per_chunk * positions];
-    let mut dy_rows = vec![T::ZERO; g.out_channels * images_per_chunk * positions];
+    let mut cols = vec![zero; rows * images_per_chunk * positions];
+    let mut dy_rows = vec![zero; g.out_channels * images_per_chunk * positions];
     let mut first = 0;
     while first < g.batch {
         let images = images_per_chunk.min(g.batch - first);
@@ -355,54 +400,55 @@ fn backward_weight_in_chunks<T: Float>(
         gemm_into(&mut dw, a, b, first > 0, worth_all_threads(macs));
         first += images;
     }
+    // The columns are the step's largest buffer: free them before dW's copy.
+    drop((cols, dy_rows));
     if !transposed_out {
-        return dw;
+        return S::from_computed(dw);
     }
     // dw holds dWᵀ [C·kh·kw, O]: lay it out as dW [O, C·kh·kw].
-    let mut out = vec![T::ZERO; g.out_channels * rows];
+    let mut out = vec![S::narrow(zero); g.out_channels * rows];
     for (o, out_row) in out.chunks_mut(rows).enumerate() {
         for (r, v) in out_row.iter_mut().enumerate() {
-            *v = dw[r * g.out_channels + o];
+            *v = S::narrow(dw[r * g.out_channels + o]);
         }
     }
     out
 }
 
 /// dL/db[c] = Σ_{n,p} dy[n, c, p] for dy [batch, channels, pixels], summed in f64.
-pub fn bias_grad<T: Float>(dy: &[T], batch: usize, channels: usize, pixels: usize) -> Vec<T> {
+pub fn bias_grad<S: Stored>(dy: &[S], batch: usize, channels: usize, pixels: usize) -> Vec<S> {
     (0..channels)
         .into_par_iter()
         .map(|c| {
             let mut total = 0f64;
             for n in 0..batch {
                 let plane = &dy[(n * channels + c) * pixels..][..pixels];
-                total += plane.iter().map(|v| v.to_f64()).sum::<f64>();
+                total += plane.iter().map(|v| v.widen().to_f64()).sum::<f64>();
             }
-            T::from_f64(total)
+            S::narrow(<S::Computed>::from_f64(total))
         })
         .collect()
 }
 
 // ----- im2col / col2im ------------------------------------------------------
 
-/// Kernels take plain slices; a slice that does not fit the geometry is a
-/// caller's bug, reported here before any indexing.
-fn check_lengths<T>(
+/// Kernels take plain slices; a slice whose length does not fit the
+/// geometry is a caller's bug, reported here before any indexing.
+fn check_lengths(
     g: &ConvGeometry,
-    image: Option<&[T]>,
-    weight: Option<&[T]>,
-    grid: Option<&[T]>,
+    image: Option<usize>,
+    weight: Option<usize>,
+    grid: Option<usize>,
 ) {
     let expected = [
         ("input image", image, g.input_shape().numel()),
         ("weight", weight, g.weight_shape().numel()),
         ("output grid", grid, g.output_shape().numel()),
     ];
-    for (what, slice, len) in expected {
-        if let Some(slice) = slice {
+    for (what, given, len) in expected {
+        if let Some(given) = given {
             assert_eq!(
-                slice.len(),
-                len,
+                given, len,
                 "conv kernel: {what} has the wrong length for {g:?}"
             );
         }
@@ -481,21 +527,24 @@ impl TapWindow {
 
     /// One im2col row: out[oh, ow] = plane[oh·s − p + i·d, ow·s − p + j·d],
     /// zero where that falls outside the plane.
-    fn gather<T: Float>(&self, g: &ConvGeometry, plane: &[T], out: &mut [T]) {
+    fn gather<S: Stored>(&self, g: &ConvGeometry, plane: &[S], out: &mut [S::Computed]) {
         let [out_w, in_w] = [g.out_size[1], g.in_size[1]];
+        let zero = <S::Computed>::ZERO;
         let cols = self.cols.clone();
         if cols.is_empty() {
-            out.fill(T::ZERO);
+            out.fill(zero);
             return;
         }
-        out[..self.rows.start * out_w].fill(T::ZERO);
-        out[self.rows.end * out_w..].fill(T::ZERO);
+        out[..self.rows.start * out_w].fill(zero);
+        out[self.rows.end * out_w..].fill(zero);
         for oh in self.rows.clone() {
             let src = &plane[self.input_row(g, oh) * in_w + self.first_pixel[1]..];
             let dst = &mut out[oh * out_w..(oh + 1) * out_w];
-            dst[..cols.start].fill(T::ZERO);
-            dst[cols.end..].fill(T::ZERO);
-            strided_map(g.stride[1], src, &mut dst[cols.clone()], |d, v| *d = v);
+            dst[..cols.start].fill(zero);
+            dst[cols.end..].fill(zero);
+            strided_map(g.stride[1], src, &mut dst[cols.clone()], |d, v| {
+                *d = v.widen()
+            });
         }
     }
 
@@ -516,7 +565,7 @@ impl TapWindow {
 
 /// f(dst[k], src[k·stride]) for every k in dst.
 #[inline(always)]
-fn strided_map<T: Copy>(stride: usize, src: &[T], dst: &mut [T], f: impl Fn(&mut T, T)) {
+fn strided_map<S: Copy, D>(stride: usize, src: &[S], dst: &mut [D], f: impl Fn(&mut D, S)) {
     dst.iter_mut()
         .zip(src.iter().step_by(stride))
         .for_each(|(d, &v)| f(d, v));
@@ -558,12 +607,12 @@ fn col2im_add<T: Float>(g: &ConvGeometry, cols: &[T], row_stride: usize, image: 
 /// buffer of `scratch_len`. With at least as many chunks as threads, chunks
 /// run in parallel and each GEMM is single-threaded; otherwise chunks run
 /// in turn and each GEMM (of `macs_per_chunk` multiply-adds) uses the threads.
-fn for_each_chunk<T: Float>(
-    out: &mut [T],
+fn for_each_chunk<O: Send, T: Float>(
+    out: &mut [O],
     chunk_len: usize,
     scratch_len: usize,
     macs_per_chunk: usize,
-    per_chunk: impl Fn(usize, &mut [T], &mut [T], bool) + Send + Sync,
+    per_chunk: impl Fn(usize, &mut [O], &mut [T], bool) + Send + Sync,
 ) {
     if chunk_len == 0 {
         return;
@@ -999,6 +1048,63 @@ mod tests {
             }
             assert_close("backward-data in chunks", &data, &expected, &g);
         }
+    }
+
+    /// A bf16 x (or dy) is widened where the kernels read it and the output
+    /// rounded where they write it: bit for bit the f32 kernels run on the
+    /// widened values, then rounded, with chunks of 2, 2 and 1 images (the
+    /// last chunk shorter, so the scratch buffers are only partly used).
+    #[test]
+    fn bf16_kernels_equal_the_f32_kernels_on_the_widened_values() {
+        use crate::half_float::bf16;
+        let x = Shape::new([5, 2, 5, 5]);
+        let weight = Shape::new([3, 2, 3, 3]);
+        let params = Conv2dParams {
+            stride: [2, 2],
+            padding: [1, 1],
+            dilation: [1, 1],
+        };
+        let g = ConvGeometry::for_conv2d(&x, &weight, params).unwrap();
+        let mut rng = StdRng::seed_from_u64(11);
+        let mut bf16_values = |len: usize| -> Vec<bf16> {
+            let values = random_values(len, &mut rng);
+            values.iter().map(|&v| bf16::from_f64(v)).collect()
+        };
+        let (xs, dys) = (
+            bf16_values(x.numel()),
+            bf16_values(g.output_shape().numel()),
+        );
+        let widen = |v: &[bf16]| -> Vec<f32> { v.iter().map(|h| h.to_f32()).collect() };
+        let round = |v: &[f32]| -> Vec<bf16> { v.iter().map(|&f| bf16::from_f32(f)).collect() };
+        let w: Vec<f32> = widen(&bf16_values(weight.numel()));
+        let out_bias: Vec<f32> = widen(&bf16_values(g.out_channels));
+        let in_bias: Vec<f32> = widen(&bf16_values(g.in_channels));
+        let two_images = 2 * g.col_rows() * g.out_positions();
+        let (x32, dy32) = (widen(&xs), widen(&dys));
+        for bias in [false, true] {
+            let out_bias = bias.then_some(&out_bias[..]);
+            let in_bias = bias.then_some(&in_bias[..]);
+            assert_eq!(
+                forward_in_chunks(&g, &xs, &w, out_bias, two_images),
+                round(&forward_in_chunks(&g, &x32, &w, out_bias, two_images)),
+                "forward"
+            );
+            assert_eq!(
+                backward_data_in_chunks(&g, &dys, &w, in_bias, two_images),
+                round(&backward_data_in_chunks(&g, &dy32, &w, in_bias, two_images)),
+                "backward-data"
+            );
+        }
+        assert_eq!(
+            backward_weight_in_chunks(&g, &xs, &dys, two_images),
+            round(&backward_weight_in_chunks(&g, &x32, &dy32, two_images)),
+            "backward-weight"
+        );
+        assert_eq!(
+            bias_grad(&dys, 5, g.out_channels, g.out_positions()),
+            round(&bias_grad(&dy32, 5, g.out_channels, g.out_positions())),
+            "bias gradient"
+        );
     }
 
     #[test]

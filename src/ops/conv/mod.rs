@@ -26,9 +26,9 @@ use crate::autograd::Backward;
 use crate::cuda::CudaStorage;
 use crate::error::{Error, Result};
 use crate::profile;
-use crate::storage::{CpuStorage, Float, Storage};
+use crate::storage::{CpuStorage, Element, Storage, Stored};
 use crate::tensor::{Shape, Tensor, check_operands};
-use crate::{float_or_half_slice, float_or_half_slice2};
+use crate::{stored_slice, stored_slice2};
 
 /// Hyper-parameters of `conv2d`, each as (height, width).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -347,7 +347,10 @@ fn pair(values: [usize; 2]) -> String {
 }
 
 /// The typed slice of an optional operand that shares `_like`'s dtype.
-fn same_dtype_slice<'a, T: Float>(_like: &[T], storage: Option<&'a CpuStorage>) -> Option<&'a [T]> {
+fn same_dtype_slice<'a, T: Element>(
+    _like: &[T],
+    storage: Option<&'a CpuStorage>,
+) -> Option<&'a [T]> {
     storage.map(|s| T::slice(s).expect("check_operands gave every operand one dtype"))
 }
 
@@ -423,11 +426,15 @@ fn run_conv2d_forward(
         weight,
         bias,
         |xs, ws, bs| {
-            // A 16-bit bias widens beside the operands (see float_or_half_slice2!).
-            let bs = bs.map(CpuStorage::widened);
-            Ok(float_or_half_slice2!(op, xs, ws, |x, w| CpuStorage::from(
-                cpu::conv2d_forward(g, x, w, same_dtype_slice(x, bs.as_deref()))
-            )))
+            Ok(stored_slice2!(op, xs, ws, |x, w| {
+                let bias = same_dtype_slice(x, bs).map(Stored::computed);
+                CpuStorage::from(cpu::conv2d_forward(
+                    g,
+                    x,
+                    &Stored::computed(w),
+                    bias.as_deref(),
+                ))
+            }))
         },
         |xs, ws, bs| cuda::conv2d_forward(kernel, g, xs, ws, bs),
     )
@@ -446,10 +453,15 @@ fn run_conv2d_backward_data(
         weight,
         bias,
         |gs, ws, bs| {
-            let bs = bs.map(CpuStorage::widened);
-            Ok(float_or_half_slice2!(op, gs, ws, |dy, w| CpuStorage::from(
-                cpu::conv2d_backward_data(g, dy, w, same_dtype_slice(dy, bs.as_deref()))
-            )))
+            Ok(stored_slice2!(op, gs, ws, |dy, w| {
+                let bias = same_dtype_slice(dy, bs).map(Stored::computed);
+                CpuStorage::from(cpu::conv2d_backward_data(
+                    g,
+                    dy,
+                    &Stored::computed(w),
+                    bias.as_deref(),
+                ))
+            }))
         },
         |gs, ws, bs| cuda::conv2d_backward_data(g, gs, ws, bs),
     )
@@ -463,7 +475,7 @@ fn run_conv2d_backward_weight(g: &ConvGeometry, image: &Tensor, grid: &Tensor) -
         grid,
         None,
         |xs, gs, _| {
-            Ok(float_or_half_slice2!(op, xs, gs, |x, dy| CpuStorage::from(
+            Ok(stored_slice2!(op, xs, gs, |x, dy| CpuStorage::from(
                 cpu::conv2d_backward_weight(g, x, dy)
             )))
         },
@@ -476,7 +488,7 @@ fn run_bias_grad(grad: &Tensor) -> Result<Storage> {
     let dims = grad.dims();
     let (batch, channels, pixels) = (dims[0], dims[1], dims[2] * dims[3]);
     Ok(match &*grad.storage() {
-        Storage::Cpu(s) => Storage::Cpu(float_or_half_slice!("conv_bias_grad", s, |dy| {
+        Storage::Cpu(s) => Storage::Cpu(stored_slice!("conv_bias_grad", s, |dy| {
             CpuStorage::from(cpu::bias_grad(dy, batch, channels, pixels))
         })),
         Storage::Cuda(s) => Storage::Cuda(cuda::bias_grad(s, batch, channels, pixels)?),
