@@ -13,7 +13,9 @@
 //!   heads / 384 wide, context 256, batch 64 (too slow for the CPU suite).
 //!
 //! Every case runs in f32 and again in bf16 (`--precision bf16`: autocast,
-//! f32 master weights), named "... bf16", on each device.
+//! f32 master weights, and as in `kiln train` the optimizers keep bf16
+//! copies of the weights for the forward pass), named "... bf16", on each
+//! device.
 //!
 //! Inputs are synthetic (random pixels, random token ids): a step costs the
 //! same on any data of its shape, and the bench needs no data files. FLOPs
@@ -42,6 +44,7 @@ use kiln::cli::specs::{GanSpec, GptSpec, VaeSpec, build_gan, build_gpt, build_va
 use kiln::models::gpt::GptOptimizers;
 use kiln::models::{dcgan, gpt, vae};
 use kiln::nn::Module;
+use kiln::optim::Optimizer;
 use kiln::{DType, MixedPrecision, Precision, Rng, Tensor, profile};
 
 /// The system allocator, counting the heap bytes in use and their peak.
@@ -181,6 +184,7 @@ fn bench_gan(bench: &mut Bench, target: &Target, precision: Precision) {
     let (generator, discriminator) = build_gan(&spec, SEED, target.device).expect("DCGAN");
     let mut optim_g = dcgan::optimizer(&generator, 2e-4).expect("Adam for G");
     let mut optim_d = dcgan::optimizer(&discriminator, 2e-4).expect("Adam for D");
+    keep_forward_copies(&mut [&mut optim_g, &mut optim_d], precision);
     let mut rng = Rng::seed(1);
     let size = dcgan::IMAGE_SIZE;
     let real = Tensor::rand(
@@ -244,6 +248,7 @@ fn bench_vae(bench: &mut Bench, target: &Target, precision: Precision) {
     };
     let model = build_vae(&spec, SEED, target.device).expect("VAE");
     let mut optimizer = vae::optimizer(&model, 1e-3).expect("Adam");
+    keep_forward_copies(&mut [&mut optimizer], precision);
     let mut rng = Rng::seed(3);
     let x = Tensor::rand(
         0.0,
@@ -293,6 +298,10 @@ fn bench_gpt(
     let model = build_gpt(spec, SEED, target.device).expect("GPT");
     let mut optimizers =
         GptOptimizers::new(&model, 1e-3, gpt::DEFAULT_WEIGHT_DECAY).expect("AdamW");
+    keep_forward_copies(
+        &mut [&mut optimizers.decay, &mut optimizers.no_decay],
+        precision,
+    );
     let (x, y) = random_windows(batch, spec.block_size, target);
     let initial = snapshot(&model);
 
@@ -415,6 +424,15 @@ fn profile_steps<R>(target: &Target, what: &str, step: &mut impl FnMut() -> R) -
         ));
     }
     text
+}
+
+/// The precision's forward copies, as `kiln train` keeps them.
+fn keep_forward_copies(optimizers: &mut [&mut dyn Optimizer], precision: Precision) {
+    for optimizer in optimizers {
+        optimizer
+            .keep_forward_copies(precision.forward_copies())
+            .expect("forward copies");
+    }
 }
 
 fn mib(bytes: usize) -> f64 {

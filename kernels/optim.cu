@@ -11,7 +11,38 @@
 // gradients deterministically: each gradient gets a fixed number of blocks
 // that write double partial sums side by side in one buffer, then one block
 // adds them all in a fixed order; the host reads that one number back.
+// Both updates can also write the parameter's 16-bit forward copy in the
+// same pass (src/optim/forward_copy.rs): rounded to nearest even, or
+// stochastically with the CPU's hash of (stream, element index).
 #include "common.cuh"
+#include "half.cuh"
+
+// ---- forward copies --------------------------------------------------------------------------
+// The copy modes; mirror CopyFormat::mode in src/optim/forward_copy.rs.
+#define COPY_NONE 0u
+#define COPY_BF16_NEAREST 1u
+#define COPY_F16_NEAREST 2u
+#define COPY_BF16_STOCHASTIC 3u
+
+// Wellons' lowbias32 integer hash, as forward_copy.rs's mix32.
+__device__ __forceinline__ u32 mix32(u32 x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    return x ^ (x >> 16);
+}
+
+// The 16 bits of the copy of updated value x, element i, in `mode`.
+// Stochastic: the random low 16 bits are added to the dropped half of x's
+// magnitude, carrying into the kept half with probability dropped / 2¹⁶.
+__device__ __forceinline__ u16 forward_copy_bits(float x, u32 mode, u32 stream, i64 i) {
+    if (mode == COPY_F16_NEAREST) return f32_to_f16(x);
+    u32 bits = __float_as_uint(x);
+    if (mode == COPY_BF16_NEAREST || (bits & 0x7FFFFFFFu) >= 0x7F800000u) return f32_to_bf16(x);
+    u32 random = mix32(stream ^ ((u32)i * 0x9E3779B9u));
+    return (u16)((bits + (random & 0xFFFFu)) >> 16);
+}
 
 // ---- SGD --------------------------------------------------------------------------------
 // Mirrors SgdParams in src/optim/cuda.rs.
@@ -27,9 +58,12 @@ struct SgdParams {
     u32 apply_weight_decay;     // weight_decay != 0
     u32 first_step;             // the buffer is set to d instead of updated
     u32 nesterov;
+    u32 copy_mode;              // COPY_*: whether and how the forward copy is written
+    u16* copy;                  // the forward copy; null without one
+    u32 copy_stream;            // the random stream of stochastic rounding
     u32 pad;
 };
-static_assert(sizeof(SgdParams) == 64, "SgdParams must match its Rust mirror");
+static_assert(sizeof(SgdParams) == 80, "SgdParams must match its Rust mirror");
 
 // d = g + wd·p; buf = d (first step) or μ·buf + (1 − dampening)·d;
 // d = d + μ·buf (Nesterov) or buf; p = p − lr·d.
@@ -43,7 +77,9 @@ extern "C" __global__ void sgd_update(const SgdParams p) {
             p.momentum_buffer[i] = buf;
             d = p.nesterov ? d + p.momentum * buf : buf;
         }
-        p.param[i] = param - p.lr * d;
+        float updated = param - p.lr * d;
+        p.param[i] = updated;
+        if (p.copy_mode != COPY_NONE) p.copy[i] = forward_copy_bits(updated, p.copy_mode, p.copy_stream, i);
     }
 }
 
@@ -65,8 +101,11 @@ struct AdamParams {
     float eps;
     u32 apply_weight_decay;        // weight_decay != 0
     u32 decoupled_weight_decay;    // AdamW: p·(1 − lr·wd) instead of g + wd·p
+    u16* copy;                     // the forward copy; null without one
+    u32 copy_mode;                 // COPY_*
+    u32 copy_stream;               // the random stream of stochastic rounding
 };
-static_assert(sizeof(AdamParams) == 80, "AdamParams must match its Rust mirror");
+static_assert(sizeof(AdamParams) == 96, "AdamParams must match its Rust mirror");
 
 // (Adam) g = g + wd·p, or (AdamW) p = p·(1 − lr·wd);
 // m = lerp(m, g, 1 − β1); v = β2·v + (1 − β2)·g²;
@@ -90,7 +129,9 @@ extern "C" __global__ void adam_update(const AdamParams p) {
         float denom = sqrtf(v) / p.bias_correction2_sqrt + p.eps;
         p.exp_avg[i] = m;
         p.exp_avg_sq[i] = v;
-        p.param[i] = param + p.neg_step_size * m / denom;
+        float updated = param + p.neg_step_size * m / denom;
+        p.param[i] = updated;
+        if (p.copy_mode != COPY_NONE) p.copy[i] = forward_copy_bits(updated, p.copy_mode, p.copy_stream, i);
     }
 }
 

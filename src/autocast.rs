@@ -32,7 +32,7 @@ use std::cell::Cell;
 
 use crate::autograd::GradStore;
 use crate::error::{Error, Result};
-use crate::optim::GradScaler;
+use crate::optim::{ForwardCopies, GradScaler};
 use crate::tensor::{DType, Tensor};
 
 thread_local! {
@@ -143,10 +143,14 @@ impl AutocastOp {
 }
 
 /// `t` as the op `op` takes it under the current autocast state: see
-/// [`CastPolicy`]. Tensors that are not floats pass through.
+/// [`CastPolicy`]. Tensors that are not floats pass through. A parameter
+/// whose optimizer keeps a 16-bit copy of it (`optim::ForwardCopies`)
+/// is cast by taking that copy.
 pub(crate) fn cast_input(op: AutocastOp, t: &Tensor) -> Result<Tensor> {
     match (op.policy(), autocast_dtype()) {
-        (CastPolicy::LowerPrecision, Some(half)) if t.dtype() == DType::F32 => t.to_dtype(half),
+        (CastPolicy::LowerPrecision, Some(half)) if t.dtype() == DType::F32 => {
+            t.to_dtype_for_forward(half)
+        }
         (CastPolicy::Float32, _) if t.dtype().is_half() => t.to_dtype(DType::F32),
         _ => Ok(t.clone()),
     }
@@ -286,6 +290,13 @@ impl Precision {
     /// forward pass.
     pub fn autocast(self) -> Option<AutocastGuard> {
         self.lower_dtype().map(autocast)
+    }
+
+    /// The forward copies an optimizer keeps for this precision: of the
+    /// autocast dtype, rounded to nearest even, so they hold exactly what
+    /// autocast's own cast gives (none for f32). See [`ForwardCopies`].
+    pub fn forward_copies(self) -> Option<ForwardCopies> {
+        self.lower_dtype().map(ForwardCopies::nearest_even)
     }
 }
 

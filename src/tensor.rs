@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -200,6 +200,43 @@ impl Rng {
 #[derive(Clone)]
 pub struct Tensor(Arc<TensorInner>);
 
+/// A tensor's values, shared by its handles (`detach`, `requires_grad_`)
+/// and its views (`reshape`).
+pub(crate) struct SharedStorage {
+    values: RwLock<Storage>,
+    /// A 16-bit copy of the values that an optimizer wrote beside its update
+    /// for autocast's forward to use (see `optim::ForwardCopies`). Any other
+    /// write to the values drops it, so it is never stale.
+    forward_copy: Mutex<Option<Arc<SharedStorage>>>,
+}
+
+impl SharedStorage {
+    pub(crate) fn new(values: Storage) -> Arc<Self> {
+        Arc::new(SharedStorage {
+            values: RwLock::new(values),
+            forward_copy: Mutex::new(None),
+        })
+    }
+
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, Storage> {
+        self.values.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The values to write in place; drops the forward copy, which they
+    /// will no longer match.
+    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, Storage> {
+        self.take_forward_copy();
+        self.values.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn take_forward_copy(&self) -> Option<Arc<SharedStorage>> {
+        self.forward_copy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+}
+
 struct TensorInner {
     id: TensorId,
     shape: Shape,
@@ -207,7 +244,7 @@ struct TensorInner {
     device: Device,
     /// Shared with `detach()`ed handles; written in place only by optimizers
     /// and running statistics (`Tensor::assign`).
-    storage: Arc<RwLock<Storage>>,
+    storage: Arc<SharedStorage>,
     requires_grad: bool,
     /// Set when the tensor came from an op on tensors that require grad.
     node: Option<Arc<Node>>,
@@ -290,7 +327,7 @@ impl Tensor {
             shape,
             dtype,
             device,
-            storage: Arc::new(RwLock::new(storage)),
+            storage: SharedStorage::new(storage),
             requires_grad,
             node,
             values_released: false,
@@ -307,19 +344,19 @@ impl Tensor {
         inputs: &[&Tensor],
         make_backward: impl FnOnce(&Tensor) -> B,
     ) -> Self {
-        Self::from_op_shared(Arc::new(RwLock::new(storage)), shape, inputs, make_backward)
+        Self::from_op_shared(SharedStorage::new(storage), shape, inputs, make_backward)
     }
 
     /// Like `from_op`, for outputs that share the storage of an input
     /// (`reshape`: contiguous data needs no copy to change shape).
     pub(crate) fn from_op_shared<B: Backward + 'static>(
-        storage: Arc<RwLock<Storage>>,
+        storage: Arc<SharedStorage>,
         shape: Shape,
         inputs: &[&Tensor],
         make_backward: impl FnOnce(&Tensor) -> B,
     ) -> Self {
         let (dtype, device) = {
-            let s = storage.read().unwrap_or_else(|e| e.into_inner());
+            let s = storage.read();
             (s.dtype(), s.device())
         };
         let out = Tensor(Arc::new(TensorInner {
@@ -369,14 +406,14 @@ impl Tensor {
             shape: self.0.shape.clone(),
             dtype: self.0.dtype,
             device: self.0.device,
-            storage: Arc::new(RwLock::new(Storage::Cpu(empty))),
+            storage: SharedStorage::new(Storage::Cpu(empty)),
             requires_grad: self.0.requires_grad,
             node: self.0.node.clone(),
             values_released: true,
         }))
     }
 
-    pub(crate) fn shared_storage(&self) -> Arc<RwLock<Storage>> {
+    pub(crate) fn shared_storage(&self) -> Arc<SharedStorage> {
         self.0.storage.clone()
     }
 
@@ -648,11 +685,60 @@ impl Tensor {
             "a backward rule read the values of an input it declared it does not read \
              (Backward::reads_input_values)"
         );
-        self.0.storage.read().unwrap_or_else(|e| e.into_inner())
+        self.0.storage.read()
     }
 
     pub(crate) fn storage_mut(&self) -> RwLockWriteGuard<'_, Storage> {
-        self.0.storage.write().unwrap_or_else(|e| e.into_inner())
+        self.0.storage.write()
+    }
+
+    /// Hands `copy` (the values rounded to a 16-bit dtype) to autocast's
+    /// forward, until the values are next written.
+    pub(crate) fn set_forward_copy(&self, copy: Arc<SharedStorage>) {
+        *self
+            .0
+            .storage
+            .forward_copy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(copy);
+    }
+
+    /// The 16-bit copy of this parameter that its optimizer wrote at its
+    /// last update for autocast's forward (see `optim::ForwardCopies`), as
+    /// a tensor outside the graph; `None` if there is none (no copies kept,
+    /// no update yet, or the values were written since).
+    pub fn forward_copy(&self) -> Option<Tensor> {
+        let copy = self
+            .0
+            .storage
+            .forward_copy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        let dtype = copy.read().dtype();
+        Some(Tensor(Arc::new(TensorInner {
+            id: TensorId::next(),
+            shape: self.0.shape.clone(),
+            dtype,
+            device: self.0.device,
+            storage: copy,
+            requires_grad: false,
+            node: None,
+            values_released: false,
+        })))
+    }
+
+    /// The forward copy's storage, if there is one in `dtype`.
+    pub(crate) fn forward_copy_storage(&self, dtype: DType) -> Option<Arc<SharedStorage>> {
+        let slot = self
+            .0
+            .storage
+            .forward_copy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        slot.as_ref()
+            .filter(|copy| copy.read().dtype() == dtype)
+            .cloned()
     }
 
     /// Runs `f` on the CPU storage: the CPU branch of every op goes through
@@ -779,6 +865,23 @@ impl Tensor {
             &[self],
             |_| ToDtypeBackward { source },
         ))
+    }
+
+    /// `to_dtype(dtype)` for autocast's forward: a parameter whose optimizer
+    /// keeps a copy in `dtype` (see `optim::ForwardCopies`) gives that copy,
+    /// with no conversion; the gradient flows to the parameter as through
+    /// `to_dtype`.
+    pub(crate) fn to_dtype_for_forward(&self, dtype: DType) -> Result<Self> {
+        let source = self.dtype();
+        match self.forward_copy_storage(dtype) {
+            Some(copy) if source.is_float() && dtype != source => Ok(Tensor::from_op_shared(
+                copy,
+                self.shape().clone(),
+                &[self],
+                |_| ToDtypeBackward { source },
+            )),
+            _ => self.to_dtype(dtype),
+        }
     }
 
     /// All values, in row-major order, as `T` (an error if the dtype differs).

@@ -173,6 +173,12 @@ pub struct TrainArgs {
     #[arg(long, value_enum)]
     pub precision: Option<PrecisionArg>,
 
+    /// With --precision bf16: round the bf16 copies of the weights that the
+    /// optimizer writes for the forward pass stochastically (seeded by
+    /// --seed) instead of to nearest even.
+    #[arg(long)]
+    pub stochastic_rounding: bool,
+
     /// Save a checkpoint (and refresh loss.png / samples.png) every N steps.
     #[arg(long, default_value_t = 500)]
     pub checkpoint_every: usize,

@@ -82,6 +82,10 @@ pub struct TrainingConfig {
     /// "f32", "bf16" or "f16" (absent in checkpoints from before mixed precision: f32).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precision: Option<String>,
+    /// Whether the bf16 forward copies of the weights are rounded
+    /// stochastically (absent: to nearest even).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stochastic_rounding: Option<bool>,
 }
 
 impl TrainingConfig {
@@ -408,6 +412,7 @@ mod tests {
                 grad_clip: None,
                 weight_decay: None,
                 precision: Some("bf16".into()),
+                stochastic_rounding: Some(true),
             },
             step: 3,
             epoch: 1,

@@ -34,7 +34,7 @@ use crate::models::dcgan::{self, Discriminator, Generator};
 use crate::models::gpt::{self, Gpt, GptOptimizers};
 use crate::models::vae::{self, Vae};
 use crate::nn::Module;
-use crate::optim::{Adam, Optimizer};
+use crate::optim::{Adam, ForwardCopies, Optimizer};
 use crate::{DType, Device, MixedPrecision, Precision, Rng, Tensor, no_grad};
 
 /// Images in samples.png (an 8×8 grid).
@@ -65,6 +65,8 @@ trait Trainee {
     fn checkpoint_tensors(&self) -> Vec<(String, Tensor)>;
     /// Restores what `checkpoint_tensors` saved.
     fn restore(&mut self, checkpoint: &LoadedCheckpoint) -> Result<()>;
+    /// Every optimizer of the run.
+    fn optimizers(&mut self) -> Vec<&mut dyn Optimizer>;
     /// Writes the pictures refreshed at each checkpoint (besides loss.png).
     fn save_pictures(&self, _dir: &Path) -> Result<()> {
         Ok(())
@@ -97,6 +99,7 @@ struct Settings {
     grad_clip: f64,
     weight_decay: f64,
     precision: Precision,
+    stochastic_rounding: bool,
 }
 
 /// A flag's value: the one typed (which must match the resumed run's), the
@@ -137,6 +140,17 @@ fn optional_setting<T: PartialEq + Display + Copy>(
 }
 
 impl Settings {
+    /// The 16-bit weight copies the optimizers keep for the forward pass:
+    /// the precision's own (rounded to nearest even: training is unchanged,
+    /// only the per-step conversions go) or, on request, stochastic ones.
+    fn forward_copies(&self) -> Option<ForwardCopies> {
+        if self.stochastic_rounding {
+            Some(ForwardCopies::stochastic_bf16(self.seed))
+        } else {
+            self.precision.forward_copies()
+        }
+    }
+
     fn resolve(args: &TrainArgs, resumed: Option<&RunState>) -> Result<Settings> {
         let kind = args.model;
         let saved = resumed.map(|s| &s.training);
@@ -186,7 +200,19 @@ impl Settings {
                 saved.map(TrainingConfig::precision).transpose()?,
                 Precision::F32,
             )?,
+            stochastic_rounding: setting(
+                "stochastic-rounding",
+                args.stochastic_rounding.then_some(true),
+                saved.map(|t| t.stochastic_rounding.unwrap_or(false)),
+                false,
+            )?,
         };
+        if settings.stochastic_rounding && settings.precision != Precision::BF16 {
+            bail!(
+                "--stochastic-rounding rounds the bf16 copies of the weights; it needs --precision bf16 (the run trains in {})",
+                settings.precision
+            );
+        }
         if settings.batch_size == 0 {
             bail!("--batch-size must be at least 1");
         }
@@ -255,6 +281,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
                 (Box::new(trainee), serde_json::to_value(spec)?, Some(vocab))
             }
         };
+    for optimizer in trainee.optimizers() {
+        optimizer.keep_forward_copies(settings.forward_copies())?;
+    }
     let examples = trainee.length().examples();
     if let Some(state) = state
         && state.training.examples != examples
@@ -309,6 +338,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         grad_clip: (kind == ModelKind::Gpt).then_some(settings.grad_clip),
         weight_decay: (kind == ModelKind::Gpt).then_some(settings.weight_decay),
         precision: Some(settings.precision.name().to_string()),
+        stochastic_rounding: settings.stochastic_rounding.then_some(true),
     };
     let run_state = |step: usize, epoch: usize| RunState {
         format: STATE_FORMAT,
@@ -624,6 +654,10 @@ impl Trainee for GanTrainee {
         restore_optimizer(&mut self.optim_d, checkpoint, "optim_d")
     }
 
+    fn optimizers(&mut self) -> Vec<&mut dyn Optimizer> {
+        vec![&mut self.optim_g, &mut self.optim_d]
+    }
+
     fn save_pictures(&self, dir: &Path) -> Result<()> {
         let images = {
             let _no_grad = no_grad();
@@ -768,6 +802,10 @@ impl Trainee for VaeTrainee {
     fn restore(&mut self, checkpoint: &LoadedCheckpoint) -> Result<()> {
         specs::load_into(&self.vae, checkpoint, "model")?;
         restore_optimizer(&mut self.optimizer, checkpoint, "optim")
+    }
+
+    fn optimizers(&mut self) -> Vec<&mut dyn Optimizer> {
+        vec![&mut self.optimizer]
     }
 
     fn save_pictures(&self, dir: &Path) -> Result<()> {
@@ -935,6 +973,10 @@ impl Trainee for GptTrainee {
         specs::load_into(&self.gpt, checkpoint, "model")?;
         restore_optimizer(&mut self.optimizers.decay, checkpoint, "optim_decay")?;
         restore_optimizer(&mut self.optimizers.no_decay, checkpoint, "optim_no_decay")
+    }
+
+    fn optimizers(&mut self) -> Vec<&mut dyn Optimizer> {
+        vec![&mut self.optimizers.decay, &mut self.optimizers.no_decay]
     }
 }
 

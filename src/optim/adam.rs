@@ -10,6 +10,7 @@ use super::bookkeeping::{
 };
 use super::cpu::AdamScalars;
 use super::dispatch::{checked_grad, run_adam};
+use super::forward_copy::{ForwardCopies, copy_buffer, refresh_copy};
 use crate::autograd::GradStore;
 use crate::error::{Error, Result};
 use crate::profile;
@@ -69,6 +70,7 @@ struct AdamCore {
     config: AdamConfig,
     decoupled_weight_decay: bool,
     slots: Vec<AdamSlot>,
+    forward_copies: Option<ForwardCopies>,
 }
 
 pub(super) const ADAM_STATE: [&str; 3] = ["step", "exp_avg", "exp_avg_sq"];
@@ -104,6 +106,7 @@ impl AdamCore {
             config,
             decoupled_weight_decay,
             slots,
+            forward_copies: None,
         })
     }
 
@@ -132,6 +135,13 @@ impl AdamCore {
             })?;
             let scalars =
                 AdamScalars::at_step(&self.config, self.decoupled_weight_decay, moments.step);
+            let copy = match &self.forward_copies {
+                Some(copies) => {
+                    let format = copies.format_at(moments.step, &slot.name);
+                    Some((copy_buffer(&slot.param, format.dtype())?, format))
+                }
+                None => None,
+            };
             run_adam(
                 &slot.name,
                 &slot.param,
@@ -139,7 +149,37 @@ impl AdamCore {
                 &moments.exp_avg,
                 &moments.exp_avg_sq,
                 &scalars,
+                copy.as_ref().map(|(buffer, format)| (&**buffer, *format)),
             )?;
+            if let Some((buffer, _)) = copy {
+                slot.param.set_forward_copy(buffer);
+            }
+        }
+        Ok(())
+    }
+
+    fn keep_forward_copies(
+        &mut self,
+        op: &'static str,
+        copies: Option<ForwardCopies>,
+    ) -> Result<()> {
+        if let Some(copies) = &copies {
+            copies.check(op)?;
+        }
+        self.forward_copies = copies;
+        self.refresh_forward_copies()
+    }
+
+    /// Writes each stepped parameter's copy as its last update did (after a
+    /// state load, or when copies are switched on mid-run).
+    fn refresh_forward_copies(&self) -> Result<()> {
+        let Some(copies) = &self.forward_copies else {
+            return Ok(());
+        };
+        for slot in &self.slots {
+            if let Some(moments) = &slot.moments {
+                refresh_copy(&slot.param, copies.format_at(moments.step, &slot.name))?;
+            }
         }
         Ok(())
     }
@@ -211,7 +251,7 @@ impl AdamCore {
         for (slot, moments) in self.slots.iter_mut().zip(loaded) {
             slot.moments = moments;
         }
-        Ok(())
+        self.refresh_forward_copies()
     }
 }
 
@@ -261,6 +301,9 @@ macro_rules! adam_optimizer {
             }
             fn load_state_dict(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
                 self.0.load_state_dict(stringify!($name), tensors)
+            }
+            fn keep_forward_copies(&mut self, copies: Option<ForwardCopies>) -> Result<()> {
+                self.0.keep_forward_copies(stringify!($name), copies)
             }
         }
     };

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use cudarc::driver::LaunchConfig;
 
 use super::cpu::{AdamScalars, SgdScalars};
+use super::forward_copy::CopyFormat;
 use crate::cuda::{CudaStorage, launch_1d, require_f32};
 use crate::error::Result;
 use crate::kernel_params;
@@ -27,6 +28,9 @@ kernel_params! {
         apply_weight_decay: u32,
         first_step: u32,
         nesterov: u32,
+        copy_mode: u32,
+        copy: u64,
+        copy_stream: u32,
         pad: u32,
     }
 }
@@ -48,6 +52,9 @@ kernel_params! {
         eps: f32,
         apply_weight_decay: u32,
         decoupled_weight_decay: u32,
+        copy: u64,
+        copy_mode: u32,
+        copy_stream: u32,
     }
 }
 
@@ -68,8 +75,29 @@ kernel_params! {
 }
 
 // kernels/optim.cu static_asserts the same sizes.
-const _: () = assert!(std::mem::size_of::<SgdParams>() == 64);
-const _: () = assert!(std::mem::size_of::<AdamParams>() == 80);
+const _: () = assert!(std::mem::size_of::<SgdParams>() == 80);
+const _: () = assert!(std::mem::size_of::<AdamParams>() == 96);
+
+/// The (buffer, mode, random stream) of a forward copy for the update
+/// kernels: mode 0 and a null buffer when there is none.
+fn copy_fields(copy: Option<(&CudaStorage, CopyFormat)>) -> Result<(u64, u32, u32)> {
+    Ok(match copy {
+        Some((buffer, format)) => {
+            if buffer.dtype() != format.dtype() {
+                return Err(crate::Error::invalid(
+                    "optimizer step",
+                    format!(
+                        "a forward copy buffer of dtype {} for {} copies",
+                        buffer.dtype(),
+                        format.dtype()
+                    ),
+                ));
+            }
+            (buffer.ptr(), format.mode(), format.stream())
+        }
+        None => (0, 0, 0),
+    })
+}
 const _: () = assert!(std::mem::size_of::<SumOfSquaresParams>() == 24);
 const _: () = assert!(std::mem::size_of::<FinishSumOfSquaresParams>() == 24);
 
@@ -80,12 +108,14 @@ pub(super) fn sgd_update(
     grad: &CudaStorage,
     momentum_buffer: Option<(&CudaStorage, bool)>,
     s: &SgdScalars,
+    copy: Option<(&CudaStorage, CopyFormat)>,
 ) -> Result<()> {
     require_f32("Sgd", &[param, grad])?;
     if let Some((buffer, _)) = momentum_buffer {
         require_f32("Sgd", &[buffer])?;
     }
     let n = param.len();
+    let (copy, copy_mode, copy_stream) = copy_fields(copy)?;
     let params = SgdParams {
         param: param.ptr(),
         grad: grad.ptr(),
@@ -98,6 +128,9 @@ pub(super) fn sgd_update(
         apply_weight_decay: u32::from(s.weight_decay != 0.0),
         first_step: u32::from(momentum_buffer.is_some_and(|(_, first)| first)),
         nesterov: u32::from(s.nesterov),
+        copy_mode,
+        copy,
+        copy_stream,
         pad: 0,
     };
     param
@@ -112,9 +145,11 @@ pub(super) fn adam_update(
     exp_avg: &CudaStorage,
     exp_avg_sq: &CudaStorage,
     s: &AdamScalars,
+    copy: Option<(&CudaStorage, CopyFormat)>,
 ) -> Result<()> {
     require_f32("Adam", &[param, grad, exp_avg, exp_avg_sq])?;
     let n = param.len();
+    let (copy, copy_mode, copy_stream) = copy_fields(copy)?;
     let params = AdamParams {
         param: param.ptr(),
         grad: grad.ptr(),
@@ -131,6 +166,9 @@ pub(super) fn adam_update(
         eps: s.eps as f32,
         apply_weight_decay: u32::from(s.weight_decay != 0.0),
         decoupled_weight_decay: u32::from(s.decoupled_weight_decay),
+        copy,
+        copy_mode,
+        copy_stream,
     };
     param
         .device()

@@ -1,14 +1,39 @@
 //! One update of one parameter on its own device: the CPU kernel over
 //! rayon chunks, or the CUDA kernel, with the gradient and state checked.
 
+use rayon::iter::Either;
 use rayon::prelude::*;
 
 use super::cpu::{AdamScalars, SgdScalars, UPDATE_CHUNK, adam_update, sgd_update};
 use super::cuda;
+use super::forward_copy::{CopyFormat, copy_bits, write_copy};
 use crate::cuda::CudaStorage;
 use crate::error::{Error, Result};
 use crate::storage::{CpuStorage, Float, Storage};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, SharedStorage, Tensor};
+
+/// Where an update also writes its parameter's forward copy, and how.
+pub(super) type CopyTarget<'a> = Option<(&'a SharedStorage, CopyFormat)>;
+
+/// The copy's 16-bit patterns in update-sized chunks, or one `None` per
+/// chunk when there is no copy, to zip beside the parameter's chunks.
+fn copy_chunks(
+    copy: Option<&mut [u16]>,
+    chunks: usize,
+) -> impl IndexedParallelIterator<Item = Option<&mut [u16]>> {
+    match copy {
+        Some(copy) => Either::Left(copy.par_chunks_mut(UPDATE_CHUNK).map(Some)),
+        None => Either::Right((0..chunks).into_par_iter().map(|_| None)),
+    }
+}
+
+/// Writes the copy of chunk `k` of a parameter just updated, while it is
+/// still in cache.
+fn write_chunk_copy<T: Float>(k: usize, param: &[T], copy: Option<&mut [u16]>, format: CopyFormat) {
+    if let Some(copy) = copy {
+        write_copy(param, copy, format, k * UPDATE_CHUNK);
+    }
+}
 
 /// The typed slice of a float storage, or an error naming the parameter.
 pub(super) fn typed_mut<'a, T: Float>(
@@ -74,6 +99,7 @@ pub(super) fn run_sgd(
     grad: &Tensor,
     momentum_buffer: Option<(&Tensor, bool)>,
     s: &SgdScalars,
+    copy: CopyTarget,
 ) -> Result<()> {
     fn typed_update<T: Float>(
         name: &str,
@@ -81,21 +107,34 @@ pub(super) fn run_sgd(
         grad: &CpuStorage,
         buffer: Option<(&mut CpuStorage, bool)>,
         s: &SgdScalars,
+        copy: Option<(&mut [u16], CopyFormat)>,
     ) -> Result<()> {
         let param = typed_mut::<T>(param, name)?;
         let grad = typed::<T>(grad, name)?;
+        let chunks = param.len().div_ceil(UPDATE_CHUNK);
+        let (copy, format) = copy.map_or((None, CopyFormat::Bf16Nearest), |(c, f)| (Some(c), f));
         match buffer {
             None => param
                 .par_chunks_mut(UPDATE_CHUNK)
                 .zip(grad.par_chunks(UPDATE_CHUNK))
-                .for_each(|(p, g)| sgd_update(p, g, None, false, s)),
+                .zip(copy_chunks(copy, chunks))
+                .enumerate()
+                .for_each(|(k, ((p, g), c))| {
+                    sgd_update(p, g, None, false, s);
+                    write_chunk_copy(k, p, c, format);
+                }),
             Some((buffer, first_step)) => {
                 let buffer = typed_mut::<T>(buffer, name)?;
                 param
                     .par_chunks_mut(UPDATE_CHUNK)
                     .zip(grad.par_chunks(UPDATE_CHUNK))
                     .zip(buffer.par_chunks_mut(UPDATE_CHUNK))
-                    .for_each(|((p, g), b)| sgd_update(p, g, Some(b), first_step, s));
+                    .zip(copy_chunks(copy, chunks))
+                    .enumerate()
+                    .for_each(|(k, (((p, g), b), c))| {
+                        sgd_update(p, g, Some(b), first_step, s);
+                        write_chunk_copy(k, p, c, format);
+                    });
             }
         }
         Ok(())
@@ -104,15 +143,20 @@ pub(super) fn run_sgd(
     let mut param_guard = param.storage_mut();
     let grad_guard = grad.storage();
     let mut buffer_guard = momentum_buffer.map(|(b, first)| (b.storage_mut(), first));
+    let mut copy_guard = copy.map(|(buffer, format)| (buffer.write(), format));
     match (&mut *param_guard, &*grad_guard) {
         (Storage::Cpu(p), Storage::Cpu(g)) => {
             let buffer = match &mut buffer_guard {
                 Some((guard, first)) => Some((cpu_state(name, guard)?, *first)),
                 None => None,
             };
+            let copy = match &mut copy_guard {
+                Some((guard, format)) => Some((copy_bits(cpu_state(name, guard)?), *format)),
+                None => None,
+            };
             match p.dtype() {
-                DType::F32 => typed_update::<f32>(name, p, g, buffer, s),
-                DType::F64 => typed_update::<f64>(name, p, g, buffer, s),
+                DType::F32 => typed_update::<f32>(name, p, g, buffer, s, copy),
+                DType::F64 => typed_update::<f64>(name, p, g, buffer, s, copy),
                 other => Err(Error::unsupported_dtype("Sgd", other)),
             }
         }
@@ -121,7 +165,11 @@ pub(super) fn run_sgd(
                 Some((guard, first)) => Some((&*cuda_state(name, guard)?, *first)),
                 None => None,
             };
-            cuda::sgd_update(p, g, buffer, s)
+            let copy = match &mut copy_guard {
+                Some((guard, format)) => Some((&*cuda_state(name, guard)?, *format)),
+                None => None,
+            };
+            cuda::sgd_update(p, g, buffer, s, copy)
         }
         _ => unreachable!("checked_grad put the gradient on its parameter's device"),
     }
@@ -134,6 +182,7 @@ pub(super) fn run_adam(
     exp_avg: &Tensor,
     exp_avg_sq: &Tensor,
     s: &AdamScalars,
+    copy: CopyTarget,
 ) -> Result<()> {
     fn typed_update<T: Float>(
         name: &str,
@@ -142,17 +191,25 @@ pub(super) fn run_adam(
         exp_avg: &mut CpuStorage,
         exp_avg_sq: &mut CpuStorage,
         s: &AdamScalars,
+        copy: Option<(&mut [u16], CopyFormat)>,
     ) -> Result<()> {
         let param = typed_mut::<T>(param, name)?;
         let grad = typed::<T>(grad, name)?;
         let exp_avg = typed_mut::<T>(exp_avg, name)?;
         let exp_avg_sq = typed_mut::<T>(exp_avg_sq, name)?;
+        let chunks = param.len().div_ceil(UPDATE_CHUNK);
+        let (copy, format) = copy.map_or((None, CopyFormat::Bf16Nearest), |(c, f)| (Some(c), f));
         param
             .par_chunks_mut(UPDATE_CHUNK)
             .zip(grad.par_chunks(UPDATE_CHUNK))
             .zip(exp_avg.par_chunks_mut(UPDATE_CHUNK))
             .zip(exp_avg_sq.par_chunks_mut(UPDATE_CHUNK))
-            .for_each(|(((p, g), m), v)| adam_update(p, g, m, v, s));
+            .zip(copy_chunks(copy, chunks))
+            .enumerate()
+            .for_each(|(k, ((((p, g), m), v), c))| {
+                adam_update(p, g, m, v, s);
+                write_chunk_copy(k, p, c, format);
+            });
         Ok(())
     }
 
@@ -160,20 +217,29 @@ pub(super) fn run_adam(
     let grad_guard = grad.storage();
     let mut exp_avg_guard = exp_avg.storage_mut();
     let mut exp_avg_sq_guard = exp_avg_sq.storage_mut();
+    let mut copy_guard = copy.map(|(buffer, format)| (buffer.write(), format));
     match (&mut *param_guard, &*grad_guard) {
         (Storage::Cpu(p), Storage::Cpu(g)) => {
             let m = cpu_state(name, &mut exp_avg_guard)?;
             let v = cpu_state(name, &mut exp_avg_sq_guard)?;
+            let copy = match &mut copy_guard {
+                Some((guard, format)) => Some((copy_bits(cpu_state(name, guard)?), *format)),
+                None => None,
+            };
             match p.dtype() {
-                DType::F32 => typed_update::<f32>(name, p, g, m, v, s),
-                DType::F64 => typed_update::<f64>(name, p, g, m, v, s),
+                DType::F32 => typed_update::<f32>(name, p, g, m, v, s, copy),
+                DType::F64 => typed_update::<f64>(name, p, g, m, v, s, copy),
                 other => Err(Error::unsupported_dtype("Adam", other)),
             }
         }
         (Storage::Cuda(p), Storage::Cuda(g)) => {
             let m = cuda_state(name, &mut exp_avg_guard)?;
             let v = cuda_state(name, &mut exp_avg_sq_guard)?;
-            cuda::adam_update(p, g, m, v, s)
+            let copy = match &mut copy_guard {
+                Some((guard, format)) => Some((&*cuda_state(name, guard)?, *format)),
+                None => None,
+            };
+            cuda::adam_update(p, g, m, v, s, copy)
         }
         _ => unreachable!("checked_grad put the gradient on its parameter's device"),
     }

@@ -16,7 +16,8 @@
 //! glue (`cuda`), the per-parameter dispatch between the two (`dispatch`),
 //! the checks and state (de)serialisation every optimizer shares
 //! (`bookkeeping`), one file per optimizer (`sgd`, `adam`), and gradient
-//! clipping (`clip`), and loss scaling for f16 (`grad_scaler`).
+//! clipping (`clip`), loss scaling for f16 (`grad_scaler`), and the 16-bit
+//! forward copies the updates can write beside the parameters (`forward_copy`).
 
 mod adam;
 mod bookkeeping;
@@ -24,6 +25,7 @@ mod clip;
 mod cpu;
 mod cuda;
 mod dispatch;
+mod forward_copy;
 mod grad_scaler;
 mod sgd;
 
@@ -36,6 +38,7 @@ use crate::tensor::Tensor;
 pub use adam::{Adam, AdamConfig, AdamW};
 pub use clip::clip_grad_norm;
 pub use cpu::{AdamScalars, SgdScalars, adam_update, sgd_update, unscale_and_check_finite};
+pub use forward_copy::{CopyRounding, ForwardCopies, round_bf16_stochastic};
 pub use grad_scaler::{GradScaler, GradScalerConfig};
 pub use sgd::{Sgd, SgdConfig};
 
@@ -57,4 +60,10 @@ pub trait Optimizer {
     /// Restores state saved by `state_dict` (values are copied). Fails,
     /// loading nothing, if a tensor is unexpected, mis-shaped or incomplete.
     fn load_state_dict(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()>;
+
+    /// Keeps (or with `None`, stops keeping) a 16-bit copy of each
+    /// parameter, written by every update in the same pass, that autocast's
+    /// forward takes instead of converting the parameter (see
+    /// [`ForwardCopies`]). Parameters already stepped get theirs at once.
+    fn keep_forward_copies(&mut self, copies: Option<ForwardCopies>) -> Result<()>;
 }

@@ -9,6 +9,7 @@ use super::bookkeeping::{
 };
 use super::cpu::SgdScalars;
 use super::dispatch::{checked_grad, run_sgd};
+use super::forward_copy::{CopyRounding, ForwardCopies, copy_buffer};
 use crate::autograd::GradStore;
 use crate::error::{Error, Result};
 use crate::profile;
@@ -48,6 +49,7 @@ struct SgdSlot {
 pub struct Sgd {
     config: SgdConfig,
     slots: Vec<SgdSlot>,
+    forward_copies: Option<ForwardCopies>,
 }
 
 impl Sgd {
@@ -76,7 +78,11 @@ impl Sgd {
                 momentum_buffer: None,
             })
             .collect();
-        Ok(Sgd { config, slots })
+        Ok(Sgd {
+            config,
+            slots,
+            forward_copies: None,
+        })
     }
 
     pub fn config(&self) -> &SgdConfig {
@@ -112,8 +118,40 @@ impl Optimizer for Sgd {
             } else {
                 None
             };
-            run_sgd(&slot.name, &slot.param, &grad, buffer, &scalars)?;
+            let copy = match &self.forward_copies {
+                Some(copies) => {
+                    // Round to nearest even only (keep_forward_copies): no step enters.
+                    let format = copies.format_at(0, &slot.name);
+                    Some((copy_buffer(&slot.param, format.dtype())?, format))
+                }
+                None => None,
+            };
+            let target = copy.as_ref().map(|(buffer, format)| (&**buffer, *format));
+            run_sgd(&slot.name, &slot.param, &grad, buffer, &scalars, target)?;
+            if let Some((buffer, _)) = copy {
+                slot.param.set_forward_copy(buffer);
+            }
         }
+        Ok(())
+    }
+
+    /// Copies rounded to nearest even only: SGD keeps no step count for
+    /// stochastic rounding to draw its bits from (and a resumed run could
+    /// not recreate them). Such copies hold what autocast would compute, so
+    /// a parameter without one yet (before its first step, or after a
+    /// resume) loses nothing.
+    fn keep_forward_copies(&mut self, copies: Option<ForwardCopies>) -> Result<()> {
+        if let Some(copies) = &copies {
+            copies.check("Sgd")?;
+            if copies.rounding != CopyRounding::NearestEven {
+                return Err(Error::invalid(
+                    "Sgd",
+                    "stochastic rounding of forward copies needs a step count, which Sgd \
+                     does not keep; use CopyRounding::NearestEven (or Adam/AdamW)",
+                ));
+            }
+        }
+        self.forward_copies = copies;
         Ok(())
     }
 

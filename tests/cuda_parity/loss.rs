@@ -9,10 +9,10 @@
 use std::collections::HashMap;
 
 use kiln::optim::{
-    Adam, AdamConfig, AdamW, GradScaler, GradScalerConfig, Optimizer, Sgd, SgdConfig,
-    clip_grad_norm,
+    Adam, AdamConfig, AdamW, ForwardCopies, GradScaler, GradScalerConfig, Optimizer, Sgd,
+    SgdConfig, clip_grad_norm,
 };
-use kiln::{Device, GradStore, Reduction, Tensor};
+use kiln::{DType, Device, GradStore, Reduction, Tensor};
 
 use crate::common::{assert_close, check_op, cuda_or_skip, randn, uniform};
 
@@ -289,6 +289,80 @@ fn sgd_with_momentum_five_steps_match_cpu() {
     five_steps_match("sgd nesterov", dev, |params| {
         Box::new(Sgd::new(params, nesterov).unwrap())
     });
+}
+
+/// The bits of a tensor's values, widened to f64 (exact for every float dtype).
+fn value_bits(t: &Tensor) -> Vec<u64> {
+    t.to_f64_vec().into_iter().map(f64::to_bits).collect()
+}
+
+/// The fused updates write each parameter's forward copy on CUDA as on the
+/// CPU: to nearest even (bf16 and f16), or stochastically with the same
+/// random bits, so wherever the two devices' updated values agree (all but
+/// the last-bit differences of fused multiply-adds) their copies agree too.
+#[test]
+fn fused_updates_write_forward_copies_as_the_cpu_does() {
+    let Some(dev) = cuda_or_skip("forward copies") else {
+        return;
+    };
+    type Make = fn(Vec<(String, Tensor)>) -> Box<dyn Optimizer>;
+    let adamw: Make = |params| Box::new(AdamW::new(params, AdamConfig::adamw()).unwrap());
+    let sgd: Make = |params| {
+        let config = SgdConfig {
+            momentum: 0.9,
+            ..SgdConfig::new(0.05)
+        };
+        Box::new(Sgd::new(params, config).unwrap())
+    };
+    let cases = [
+        (
+            "adamw bf16",
+            adamw,
+            ForwardCopies::nearest_even(DType::BF16),
+        ),
+        ("adamw f16", adamw, ForwardCopies::nearest_even(DType::F16)),
+        ("adamw stochastic", adamw, ForwardCopies::stochastic_bf16(9)),
+        ("sgd bf16", sgd, ForwardCopies::nearest_even(DType::BF16)),
+    ];
+    for (what, make, copies) in cases {
+        let cpu_params = params_on(Device::Cpu, 13);
+        let cuda_params = params_on(dev, 13);
+        let mut cpu_optimizer = make(cpu_params.clone());
+        let mut cuda_optimizer = make(cuda_params.clone());
+        for optimizer in [&mut cpu_optimizer, &mut cuda_optimizer] {
+            optimizer.keep_forward_copies(Some(copies)).unwrap();
+        }
+        for step in 0..3 {
+            cpu_optimizer.step(&grads_for(&cpu_params, step)).unwrap();
+            cuda_optimizer.step(&grads_for(&cuda_params, step)).unwrap();
+        }
+        for ((name, cpu), (_, cuda)) in cpu_params.iter().zip(&cuda_params) {
+            let cuda_copy = cuda.forward_copy().expect("a copy on CUDA");
+            assert_eq!(cuda_copy.device(), dev, "{what} {name}");
+            assert_eq!(cuda_copy.dtype(), copies.dtype, "{what} {name}");
+            let (cpu_copy, cuda_copy) = (
+                value_bits(&cpu.forward_copy().unwrap()),
+                value_bits(&cuda_copy),
+            );
+            let (cpu_values, cuda_values) = (value_bits(cpu), value_bits(cuda));
+            let mut compared = 0;
+            for i in 0..cpu_values.len() {
+                if cpu_values[i] == cuda_values[i] {
+                    assert_eq!(cpu_copy[i], cuda_copy[i], "{what} {name}[{i}]");
+                    compared += 1;
+                }
+            }
+            assert!(
+                compared * 10 >= cpu_values.len() * 9,
+                "{what} {name}: only {compared} of {} values agree",
+                cpu_values.len()
+            );
+            if copies == ForwardCopies::nearest_even(copies.dtype) {
+                let nearest = value_bits(&cuda.to_dtype(copies.dtype).unwrap());
+                assert_eq!(cuda_copy, nearest, "{what} {name}: rounded to nearest even");
+            }
+        }
+    }
 }
 
 #[test]
