@@ -497,6 +497,59 @@ fn mixed_precision_runs_resume_bit_for_bit_with_the_loss_scaler_in_the_checkpoin
 }
 
 #[test]
+fn stochastic_rounding_is_recorded_resumes_bit_for_bit_and_needs_bf16() {
+    // The resumed run recreates the copies of its last update from the
+    // optimizer's step counts: without them its first forward would round
+    // the weights to nearest and the runs would part.
+    resume_is_bit_identical("gpt", &["--precision", "bf16", "--stochastic-rounding"]);
+    let s = Scratch::new("stochastic");
+    train(
+        &s,
+        "vae",
+        "stochastic",
+        &[
+            "--steps",
+            "3",
+            "--precision",
+            "bf16",
+            "--stochastic-rounding",
+        ],
+    );
+    train(
+        &s,
+        "vae",
+        "nearest",
+        &["--steps", "3", "--precision", "bf16"],
+    );
+    let (stochastic, nearest) = (s.path("stochastic"), s.path("nearest"));
+    assert_eq!(state(&stochastic)["training"]["stochastic_rounding"], true);
+    assert!(
+        state(&nearest)["training"]
+            .get("stochastic_rounding")
+            .is_none()
+    );
+    assert_ne!(
+        checkpoint_values(&stochastic)["model.fc1.weight"],
+        checkpoint_values(&nearest)["model.fc1.weight"],
+        "the copies' rounding changes the forward passes, so the training"
+    );
+    let data = s.data().display().to_string();
+    let out = s.arg("f32");
+    kiln_fails(
+        &[
+            "train",
+            "vae",
+            "--data",
+            &data,
+            "--out",
+            &out,
+            "--stochastic-rounding",
+        ],
+        &["--stochastic-rounding", "--precision bf16"],
+    );
+}
+
+#[test]
 fn precision_is_recorded_kept_on_resume_and_used_by_sample_and_eval() {
     let s = Scratch::new("precision");
     train(&s, "vae", "half", &["--steps", "2", "--precision", "f16"]);
