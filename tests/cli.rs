@@ -203,6 +203,16 @@ fn train_with_env(
     kiln_with_env(&args, env)
 }
 
+/// `kiln train MODEL` (tiny, as `train`) that must fail with one error line
+/// containing every `expected` text.
+fn train_fails(scratch: &Scratch, model: &str, out: &str, extra: &[&str], expected: &[&str]) {
+    let data = scratch.data().display().to_string();
+    let out = scratch.arg(out);
+    let mut args = vec!["train", model, "--data", &data, "--out", &out];
+    args.extend_from_slice(extra);
+    kiln_fails(&args, expected);
+}
+
 /// Every file of a directory with its bytes.
 fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     fs::read_dir(dir)
@@ -533,18 +543,11 @@ fn stochastic_rounding_is_recorded_resumes_bit_for_bit_and_needs_bf16() {
         checkpoint_values(&nearest)["model.fc1.weight"],
         "the copies' rounding changes the forward passes, so the training"
     );
-    let data = s.data().display().to_string();
-    let out = s.arg("f32");
-    kiln_fails(
-        &[
-            "train",
-            "vae",
-            "--data",
-            &data,
-            "--out",
-            &out,
-            "--stochastic-rounding",
-        ],
+    train_fails(
+        &s,
+        "vae",
+        "f32",
+        &["--stochastic-rounding"],
         &["--stochastic-rounding", "--precision bf16"],
     );
 }
@@ -1055,19 +1058,11 @@ fn threads_flag_sets_the_cpu_thread_count_and_zero_is_an_error() {
         checkpoint_values(&s.path("two")),
         "the thread count changes no result"
     );
-    let data = s.data().display().to_string();
-    let out = s.arg("zero");
-    kiln_fails(
-        &[
-            "train",
-            "vae",
-            "--data",
-            &data,
-            "--out",
-            &out,
-            "--threads",
-            "0",
-        ],
+    train_fails(
+        &s,
+        "vae",
+        "zero",
+        &["--threads", "0"],
         &["--threads 0", "at least 1"],
     );
 }

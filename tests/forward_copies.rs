@@ -70,6 +70,23 @@ fn adam(mlp: &Mlp) -> Adam {
     Adam::new(mlp.params.clone(), AdamConfig::adam()).unwrap()
 }
 
+/// Adam keeping `copies` of `mlp`'s parameters.
+fn adam_keeping(mlp: &Mlp, copies: ForwardCopies) -> Adam {
+    let mut optimizer = adam(mlp);
+    optimizer.keep_forward_copies(Some(copies)).unwrap();
+    optimizer
+}
+
+/// A float tensor's values as f32 (exact for bf16 and f16).
+fn values(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32).unwrap().to_vec().unwrap()
+}
+
+/// The values rounded to bf16 (to nearest even), as f32.
+fn nearest_bf16(t: &Tensor) -> Vec<f32> {
+    values(&t.to_dtype(DType::BF16).unwrap())
+}
+
 fn bits(t: &Tensor) -> Vec<u64> {
     t.to_f64_vec().into_iter().map(f64::to_bits).collect()
 }
@@ -77,10 +94,7 @@ fn bits(t: &Tensor) -> Vec<u64> {
 #[test]
 fn nearest_even_copies_train_bit_identically_and_the_forward_takes_them() {
     let (with, without) = (Mlp::new(1), Mlp::new(1));
-    let mut keeping = adam(&with);
-    keeping
-        .keep_forward_copies(Some(ForwardCopies::nearest_even(DType::BF16)))
-        .unwrap();
+    let mut keeping = adam_keeping(&with, ForwardCopies::nearest_even(DType::BF16));
     let mut converting = adam(&without);
     for step in 0..6 {
         assert_eq!(
@@ -128,17 +142,14 @@ fn copy_seen_by_the_forward(w: &Tensor) -> Vec<f32> {
     let _autocast = autocast(DType::BF16);
     let seen = identity.linear(w, None).unwrap().transpose(0, 1).unwrap();
     assert_eq!(seen.dims(), &[rows, cols]);
-    seen.to_dtype(DType::F32).unwrap().to_vec::<f32>().unwrap()
+    values(&seen)
 }
 
 #[test]
 fn stochastic_copies_bracket_the_parameters_are_reproducible_and_come_back_on_resume() {
     let train = |seed: u64, steps: usize| {
         let mlp = Mlp::new(2);
-        let mut optimizer = adam(&mlp);
-        optimizer
-            .keep_forward_copies(Some(ForwardCopies::stochastic_bf16(seed)))
-            .unwrap();
+        let mut optimizer = adam_keeping(&mlp, ForwardCopies::stochastic_bf16(seed));
         for _ in 0..steps {
             mlp.step(&mut optimizer);
         }
@@ -146,13 +157,7 @@ fn stochastic_copies_bracket_the_parameters_are_reproducible_and_come_back_on_re
     };
     let (mlp, optimizer) = train(5, 3);
     let w = mlp.param("w1");
-    let copy: Vec<f32> = w
-        .forward_copy()
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_vec()
-        .unwrap();
+    let copy = values(&w.forward_copy().unwrap());
     assert_eq!(
         copy_seen_by_the_forward(w),
         copy,
@@ -178,12 +183,7 @@ fn stochastic_copies_bracket_the_parameters_are_reproducible_and_come_back_on_re
     );
     assert_ne!(
         copy,
-        w.to_dtype(DType::BF16)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_vec::<f32>()
-            .unwrap(),
+        nearest_bf16(w),
         "stochastic copies differ from rounding to nearest"
     );
 
@@ -200,10 +200,7 @@ fn stochastic_copies_bracket_the_parameters_are_reproducible_and_come_back_on_re
     for ((_, to), (_, from)) in resumed.params.iter().zip(&mlp.params) {
         to.assign(from).unwrap();
     }
-    let mut resumed_optimizer = adam(&resumed);
-    resumed_optimizer
-        .keep_forward_copies(Some(ForwardCopies::stochastic_bf16(5)))
-        .unwrap();
+    let mut resumed_optimizer = adam_keeping(&resumed, ForwardCopies::stochastic_bf16(5));
     let state: HashMap<String, Tensor> = optimizer.state_dict().into_iter().collect();
     resumed_optimizer.load_state_dict(&state).unwrap();
     for ((name, p), (_, q)) in resumed.params.iter().zip(&mlp.params) {
@@ -218,10 +215,7 @@ fn stochastic_copies_bracket_the_parameters_are_reproducible_and_come_back_on_re
 #[test]
 fn any_other_write_to_a_parameter_drops_its_copy() {
     let mlp = Mlp::new(4);
-    let mut optimizer = adam(&mlp);
-    optimizer
-        .keep_forward_copies(Some(ForwardCopies::stochastic_bf16(1)))
-        .unwrap();
+    let mut optimizer = adam_keeping(&mlp, ForwardCopies::stochastic_bf16(1));
     mlp.step(&mut optimizer);
     let w = mlp.param("w2");
     assert!(w.forward_copy().is_some());
@@ -229,13 +223,7 @@ fn any_other_write_to_a_parameter_drops_its_copy() {
     // Through a detached handle: it shares the values, so it shares the copy.
     w.detach().assign(&new_values).unwrap();
     assert!(w.forward_copy().is_none(), "assign left a stale copy");
-    let nearest: Vec<f32> = new_values
-        .to_dtype(DType::BF16)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_vec()
-        .unwrap();
+    let nearest = nearest_bf16(&new_values);
     assert_eq!(
         copy_seen_by_the_forward(w),
         nearest,
@@ -248,10 +236,7 @@ fn any_other_write_to_a_parameter_drops_its_copy() {
 #[test]
 fn a_copy_saved_by_a_live_graph_is_not_overwritten() {
     let mlp = Mlp::new(5);
-    let mut optimizer = adam(&mlp);
-    optimizer
-        .keep_forward_copies(Some(ForwardCopies::nearest_even(DType::BF16)))
-        .unwrap();
+    let mut optimizer = adam_keeping(&mlp, ForwardCopies::nearest_even(DType::BF16));
     mlp.step(&mut optimizer);
     let w = mlp.param("w1");
     let before = copy_seen_by_the_forward(w);

@@ -1014,10 +1014,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn forward_and_data_grad_in_image_chunks_match_the_references() {
-        // 5 images, 2 per chunk: chunks of 2, 2 and 1, with and without bias,
-        // strided and padded so that col2im overlaps taps.
+    /// 5 images [2, 5, 5] under a strided, padded 3×3 conv (col2im overlaps taps).
+    fn five_strided_padded_images() -> (Shape, Shape, ConvGeometry) {
         let x = Shape::new([5, 2, 5, 5]);
         let weight = Shape::new([3, 2, 3, 3]);
         let params = Conv2dParams {
@@ -1026,6 +1024,14 @@ mod tests {
             dilation: [1, 1],
         };
         let g = ConvGeometry::for_conv2d(&x, &weight, params).unwrap();
+        (x, weight, g)
+    }
+
+    #[test]
+    fn forward_and_data_grad_in_image_chunks_match_the_references() {
+        // 5 images, 2 per chunk: chunks of 2, 2 and 1, with and without bias,
+        // strided and padded so that col2im overlaps taps.
+        let (x, weight, g) = five_strided_padded_images();
         let mut rng = StdRng::seed_from_u64(9);
         let xv = random_values(x.numel(), &mut rng);
         let w = random_values(weight.numel(), &mut rng);
@@ -1057,14 +1063,7 @@ mod tests {
     #[test]
     fn bf16_kernels_equal_the_f32_kernels_on_the_widened_values() {
         use crate::half_float::bf16;
-        let x = Shape::new([5, 2, 5, 5]);
-        let weight = Shape::new([3, 2, 3, 3]);
-        let params = Conv2dParams {
-            stride: [2, 2],
-            padding: [1, 1],
-            dilation: [1, 1],
-        };
-        let g = ConvGeometry::for_conv2d(&x, &weight, params).unwrap();
+        let (x, weight, g) = five_strided_padded_images();
         let mut rng = StdRng::seed_from_u64(11);
         let mut bf16_values = |len: usize| -> Vec<bf16> {
             let values = random_values(len, &mut rng);
