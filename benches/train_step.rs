@@ -392,14 +392,7 @@ fn profile_steps<R>(target: &Target, what: &str, step: &mut impl FnMut() -> R) -
         target.sync();
     }
     let wall = started.elapsed().as_secs_f64();
-    let per_step: Vec<profile::OpTime> = profile::take()
-        .into_iter()
-        .map(|t| profile::OpTime {
-            calls: t.calls / steps as u64,
-            seconds: t.seconds / steps as f64,
-            ..t
-        })
-        .collect();
+    let per_step = profile::per_step(profile::take(), steps);
     let mut text = format!(
         "{what} on {}: calls and ms per step, \
          averaged over {steps} profiled steps after warm-up. Each op is timed once at its \

@@ -12,6 +12,9 @@
 //! done, and the peak of a backward pass is the forward's activations, not
 //! their sum with every gradient. A second backward through a released node
 //! is an error; [`Tensor::backward_retaining_graph`] keeps the graph.
+//!
+//! [`graph()`] draws the tape (Graphviz DOT, with [`module_scope`]s as
+//! boxes) and [`trace()`] records what each rule of a backward pass did.
 
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
@@ -20,6 +23,15 @@ use std::sync::{Arc, Mutex};
 use crate::error::{Error, Result};
 use crate::profile;
 use crate::tensor::{Tensor, TensorId};
+
+pub mod graph;
+pub mod trace;
+
+pub use graph::{
+    Edge, Graph, GraphBuilder, GraphNode, NodeKind, ScopeGuard, TensorInfo, graph,
+    graph_with_names, module_scope,
+};
+pub use trace::{GradSummary, Trace, TraceGuard, TraceRecord, trace};
 
 /// One op's derivative rule. Each op family defines its own structs, with
 /// the math in a one-line comment beside `backward`.
@@ -60,6 +72,8 @@ pub trait Backward: Send + Sync {
 /// keep (see [`Backward::reads_input_values`]).
 pub(crate) struct Node {
     name: &'static str,
+    /// The [`module_scope`] open when the op ran (None outside any).
+    scope: Option<Arc<graph::ScopePath>>,
     /// The rule and its recorded inputs; None once a backward pass has
     /// released them.
     edges: Mutex<Option<NodeEdges>>,
@@ -84,6 +98,7 @@ impl Node {
     pub(crate) fn new(backward: Arc<dyn Backward>, inputs: Vec<Tensor>) -> Node {
         Node {
             name: backward.name(),
+            scope: graph::current_scope(),
             edges: Mutex::new(Some(NodeEdges { backward, inputs })),
         }
     }
@@ -91,6 +106,10 @@ impl Node {
     /// The op's name (its rule's), kept after release for `grad_fn`.
     pub(crate) fn name(&self) -> &'static str {
         self.name
+    }
+
+    pub(crate) fn scope(&self) -> Option<&graph::ScopePath> {
+        self.scope.as_deref()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<NodeEdges>> {
@@ -248,6 +267,7 @@ impl Tensor {
         let _no_grad = no_grad();
         // Each rule computes in the dtypes its forward chose.
         let _autocast_off = crate::autocast::suspend();
+        let tracing = trace::is_active();
         let mut order = topological_order(self);
         // Gradients flowing into tensors not yet processed.
         let mut pending: HashMap<TensorId, Tensor> = HashMap::new();
@@ -281,6 +301,9 @@ impl Tensor {
                 let _profile = profile::backward(node.name(), grad_out.device());
                 // In place when nothing else holds the running sum.
                 if sum.try_add_slice_in_place(&grad_out, dim, start) {
+                    if tracing {
+                        trace::record_slice_accumulation(node, &grad_out, &inputs[0]);
+                    }
                     continue;
                 }
             }
@@ -289,6 +312,9 @@ impl Tensor {
                 backward.backward(&inputs, &grad_out)?
             };
             debug_assert_eq!(input_grads.len(), inputs.len(), "{}", node.name());
+            if tracing {
+                trace::record(node, &grad_out, &inputs, &input_grads);
+            }
             for (input, grad) in inputs.iter().zip(input_grads) {
                 let Some(grad) = grad else { continue };
                 if !input.requires_grad() {
@@ -325,7 +351,7 @@ impl Tensor {
 /// Tensors reachable from `root` through nodes that require grad, ordered so
 /// that every tensor comes after all of its inputs. Iterative DFS with an
 /// explicit stack: (tensor, whether its inputs were already pushed).
-fn topological_order(root: &Tensor) -> Vec<Tensor> {
+pub(crate) fn topological_order(root: &Tensor) -> Vec<Tensor> {
     let mut order = Vec::new();
     let mut visited: HashSet<TensorId> = HashSet::new();
     let mut stack: Vec<(Tensor, bool)> = vec![(root.clone(), false)];

@@ -183,7 +183,7 @@ impl Drop for OpScope {
 /// Waits for the device's queued work, so that a scope's wall time is its
 /// kernels' time. A failure is left for the next op to report: a profiler
 /// must not change what the program does.
-fn synchronize(device: Device) {
+pub(crate) fn synchronize(device: Device) {
     if let Device::Cuda(ordinal) = device
         && let Ok(cuda) = crate::cuda::device(ordinal)
     {
@@ -210,10 +210,30 @@ pub fn take() -> Vec<OpTime> {
     times
 }
 
-/// A markdown table of `times` (op, calls, total ms, % of step). Shares are
-/// of `wall_seconds`, the measured time of the profiled steps, with a row
-/// for the time spent outside every op scope (creating tensors, copying
-/// data, the host-side bookkeeping); pass 0 to take shares of the ops' sum.
+/// `times` recorded over `steps` steps as averages per step (calls and
+/// seconds divided by the step count), for a table of one step.
+pub fn per_step(times: Vec<OpTime>, steps: usize) -> Vec<OpTime> {
+    let steps = steps.max(1);
+    times
+        .into_iter()
+        .map(|t| OpTime {
+            calls: t.calls / steps as u64,
+            seconds: t.seconds / steps as f64,
+            ..t
+        })
+        .collect()
+}
+
+/// Whether a row of [`take`] is a backward rule ("{name} backward").
+pub fn is_backward(time: &OpTime) -> bool {
+    time.name.ends_with(" backward")
+}
+
+/// A markdown table of `times` (op, calls, ms, % of step): totals as taken,
+/// or one step's after [`per_step`]. Shares are of `wall_seconds`, the
+/// measured time of the same steps, with a row for the time spent outside
+/// every op scope (creating tensors, copying data, the host-side
+/// bookkeeping); pass 0 to take shares of the ops' sum.
 pub fn markdown_table(times: &[OpTime], wall_seconds: f64) -> String {
     let recorded: f64 = times.iter().map(|t| t.seconds).sum();
     let total = if wall_seconds > 0.0 {
@@ -228,7 +248,7 @@ pub fn markdown_table(times: &[OpTime], wall_seconds: f64) -> String {
             0.0
         }
     };
-    let mut out = String::from("| op | calls | total ms | % of step |\n|---|---:|---:|---:|\n");
+    let mut out = String::from("| op | calls | ms | % of step |\n|---|---:|---:|---:|\n");
     for t in times {
         out.push_str(&format!(
             "| {} | {} | {:.3} | {:.1}% |\n",

@@ -811,6 +811,110 @@ fn the_library_entry_point_runs_a_command_and_reports_usage_errors() {
     assert!(error.contains("mlp"), "{error}");
 }
 
+/// A profiled run's profile.json: its rows, the table's total, and the
+/// step time metrics.csv gives for the same steps.
+fn check_profile(dir: &Path, model: &str) -> String {
+    let json: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(dir.join("profile.json")).unwrap()).unwrap();
+    let total = json["ms_per_step"].as_f64().unwrap();
+    let ops = json["ops"].as_array().unwrap();
+    let phases: Vec<&str> = ops.iter().map(|op| op["phase"].as_str().unwrap()).collect();
+    assert!(
+        phases.contains(&"forward") && phases.contains(&"backward"),
+        "{model}: {phases:?}"
+    );
+    let rows: f64 = ops.iter().map(|op| op["ms"].as_f64().unwrap()).sum::<f64>()
+        + json["outside_op_scopes_ms"].as_f64().unwrap();
+    assert!(
+        (rows - total).abs() <= 1e-9 * total.max(1.0),
+        "{model}: rows {rows} of {total}"
+    );
+    // The same steps timed by the training loop (metrics.csv's samples/s):
+    // the table accounts for the whole step, within 5%.
+    let (first, last) = (
+        json["first_step"].as_u64().unwrap() as usize,
+        json["last_step"].as_u64().unwrap() as usize,
+    );
+    let metrics = fs::read_to_string(dir.join("metrics.csv")).unwrap();
+    // Examples per step with `tiny`'s sizes: the VAE's 12 images in batches
+    // of 5 (5, 5, 2), the GAN's batches of 2, the GPT's 4 windows.
+    let examples_in_step = |step: usize| match model {
+        "vae" => [5.0, 5.0, 2.0][(step - 1) % 3],
+        "gan" => 2.0,
+        _ => 4.0,
+    };
+    let step_ms: Vec<f64> = metrics
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(',').collect();
+            let step: usize = fields[0].parse().unwrap();
+            let samples_per_s: f64 = fields[fields.len() - 1].parse().unwrap();
+            (first..=last)
+                .contains(&step)
+                .then(|| 1e3 * examples_in_step(step) / samples_per_s)
+        })
+        .collect();
+    assert_eq!(
+        step_ms.len(),
+        last + 1 - first,
+        "{model}: profiled steps in metrics.csv"
+    );
+    let loop_ms = step_ms.iter().sum::<f64>() / step_ms.len() as f64;
+    assert!(
+        (total - loop_ms).abs() <= 0.05 * loop_ms,
+        "{model}: the table's step of {total} ms against the loop's {loop_ms} ms"
+    );
+    fs::read_to_string(dir.join("profile.md")).unwrap()
+}
+
+#[test]
+fn profiled_runs_print_and_write_a_table_that_accounts_for_the_step() {
+    let s = Scratch::new("profile");
+    for model in ["vae", "gan", "gpt"] {
+        let printed = train(&s, model, model, &["--steps", "8", "--profile", "4"]);
+        assert!(
+            printed.contains("| op | calls | ms | % of step |"),
+            "{printed}"
+        );
+        assert!(printed.contains("backward |"), "{printed}");
+        let table = check_profile(&s.path(model), model);
+        assert!(
+            table.contains("steps 4..7 (4 profiled after 3 of warm-up)"),
+            "{table}"
+        );
+    }
+    // The profiled run trained as an unprofiled one does.
+    train(&s, "vae", "plain", &["--steps", "8"]);
+    assert_eq!(
+        metrics_without_timing(&s.path("vae")),
+        metrics_without_timing(&s.path("plain"))
+    );
+    // A run shorter than warm-up plus window profiles what it can.
+    let printed = train(&s, "vae", "short", &["--steps", "2", "--profile", "5"]);
+    assert!(
+        printed.contains("(2 profiled after 0 of warm-up)"),
+        "{printed}"
+    );
+    train_fails(
+        &s,
+        "vae",
+        "zero",
+        &["--profile", "0"],
+        &["--profile", "at least 1"],
+    );
+    if kiln::Device::cuda(0).is_ok() {
+        let printed = train(
+            &s,
+            "gpt",
+            "cuda",
+            &["--steps", "5", "--profile", "2", "--device", "cuda"],
+        );
+        assert!(printed.contains("synchronises the device"), "{printed}");
+        check_profile(&s.path("cuda"), "gpt");
+    }
+}
+
 #[test]
 fn mixed_precision_trains_every_model_on_cuda() {
     if kiln::Device::cuda(0).is_err() {

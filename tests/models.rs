@@ -6,7 +6,7 @@
 use kiln::models::dcgan::{DcganConfig, Discriminator, Generator};
 use kiln::models::gpt::{Gpt, GptConfig};
 use kiln::models::vae::{Vae, VaeConfig};
-use kiln::nn::{Init, Module};
+use kiln::nn::{Init, KvCache, Module};
 use kiln::optim::{Adam, AdamConfig, AdamW, Optimizer};
 use kiln::{DType, Device, Reduction, Rng, Tensor};
 
@@ -578,6 +578,52 @@ fn gpt_generate_returns_new_tokens_greedily_with_top_k_1_and_sharpens_with_low_t
     assert!(gpt.generate(&prompt, 5, 1.0, Some(0), &mut rng).is_err());
     assert!(gpt.generate(&[], 5, 1.0, None, &mut rng).is_err());
     assert!(gpt.generate(&[30], 5, 1.0, None, &mut rng).is_err());
+}
+
+/// The KV cache: attention fed one position at a time, each query against
+/// the cached keys and values, gives the outputs of the whole sequence at
+/// once; and cached generation gives the uncached tokens, within the block
+/// and while the window slides past it.
+#[test]
+fn kv_cached_attention_and_generation_match_recomputing_the_window() {
+    let gpt = small_gpt(&small_gpt_config(30), 21);
+    let attn = &gpt.h[0].attn;
+    let x = Tensor::randn([1, 9, 64], DType::F32, Device::Cpu, &mut Rng::seed(4)).unwrap();
+    let whole = attn.forward(&x).unwrap().to_f64_vec();
+    for prefill in [1, 4] {
+        let mut cache = KvCache::default();
+        let mut outputs = attn
+            .forward_cached(&x.narrow(1, 0, prefill).unwrap(), &mut cache)
+            .unwrap()
+            .to_f64_vec();
+        for t in prefill..9 {
+            let y = attn
+                .forward_cached(&x.narrow(1, t, 1).unwrap(), &mut cache)
+                .unwrap();
+            outputs.extend(y.to_f64_vec());
+        }
+        assert_eq!(cache.len(), 9);
+        for (i, (a, b)) in outputs.iter().zip(&whole).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                "prefill {prefill}, [{i}]: {a} vs {b}"
+            );
+        }
+        // A filled cache takes one position at a time.
+        assert!(
+            attn.forward_cached(&x.narrow(1, 0, 2).unwrap(), &mut cache)
+                .is_err()
+        );
+    }
+    // 200 tokens with a block of 32: 29 from the cache, then a sliding window.
+    let prompt = [5u32, 6, 7];
+    for top_k in [Some(1), Some(3)] {
+        let generate = |kv_cache| {
+            gpt.generate_with(&prompt, 200, 0.9, top_k, kv_cache, &mut Rng::seed(8))
+                .unwrap()
+        };
+        assert_eq!(generate(true), generate(false), "top_k {top_k:?}");
+    }
 }
 
 #[test]

@@ -28,6 +28,9 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Evaluate a checkpoint on held-out data (VAE: test negative ELBO; GPT: validation loss).
     Eval(EvalArgs),
+    /// Draw the autograd graph of a model's training loss as Graphviz DOT,
+    /// SVG or PNG (--depth N boxes repeated blocks).
+    Graph(super::graph::GraphArgs),
 }
 
 /// The three models kiln trains.
@@ -183,6 +186,11 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 500)]
     pub checkpoint_every: usize,
 
+    /// Profile N training steps (after a short warm-up): print the time per
+    /// op at the end and write profile.md and profile.json into --out.
+    #[arg(long, value_name = "N")]
+    pub profile: Option<usize>,
+
     /// Use only the first N training examples: images, or for gpt characters
     /// of the training text (quick runs and tests).
     #[arg(long)]
@@ -302,6 +310,10 @@ pub struct GenerateArgs {
     pub seed: u64,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
+    /// Recompute the whole window for every character instead of keeping
+    /// each layer's keys and values (the same text; to measure the cache).
+    #[arg(long)]
+    pub no_kv_cache: bool,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -1,5 +1,7 @@
 //! `kiln generate`: continues a prompt with a trained character GPT.
 
+use std::time::Instant;
+
 use anyhow::{Context, Result, bail};
 
 use super::args::GenerateArgs;
@@ -27,8 +29,23 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let top_k = (args.top_k > 0).then_some(args.top_k);
     let mut rng = stream_rng(args.seed, Stream::Sampling, 0);
     let _autocast = super::checkpoint_autocast(&checkpoint)?;
-    let continuation =
-        gpt.generate(&ids, args.max_new_tokens, args.temperature, top_k, &mut rng)?;
+    let started = Instant::now();
+    let continuation = gpt.generate_with(
+        &ids,
+        args.max_new_tokens,
+        args.temperature,
+        top_k,
+        !args.no_kv_cache,
+        &mut rng,
+    )?;
+    let seconds = started.elapsed().as_secs_f64();
     println!("{prompt}{}", vocab.decode(&continuation));
+    // On stderr, so that stdout is the text alone.
+    eprintln!(
+        "{} characters in {seconds:.2} s: {:.0} characters/s (KV cache {})",
+        continuation.len(),
+        continuation.len() as f64 / seconds.max(f64::MIN_POSITIVE),
+        if args.no_kv_cache { "off" } else { "on" }
+    );
     Ok(())
 }

@@ -9,11 +9,13 @@
 pub mod args;
 pub mod eval;
 pub mod generate;
+pub mod graph;
 pub mod progress;
 pub mod run_dir;
 pub mod sample;
 pub mod seeds;
 pub mod specs;
+pub mod step_profile;
 pub mod train;
 
 use std::ffi::OsString;
@@ -60,6 +62,7 @@ fn execute(cli: Cli) -> Result<()> {
         Command::Sample(args) => sample::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Graph(args) => graph::run(args),
     }
 }
 

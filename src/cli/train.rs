@@ -27,6 +27,7 @@ use super::specs::{
     self, GAN_IMAGE_SIZE, GanSpec, GptSpec, VAE_IMAGE_SIZE, VaeSpec, build_gan, build_gpt,
     build_vae, images_dir, text_path,
 };
+use super::step_profile::StepProfiler;
 use crate::data::idx::{ImageSet, Split, load_split};
 use crate::data::image::{save_grid_png, save_line_chart_png};
 use crate::data::text::{load_text, random_batch};
@@ -361,6 +362,12 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         settings.lr,
         out.display()
     );
+    if args.profile == Some(0) {
+        bail!("--profile needs at least 1 step to profile");
+    }
+    let mut profiler = args
+        .profile
+        .map(|steps| StepProfiler::new(steps, start_step, total_steps, device));
     let progress = Progress::new(total_steps, start_step);
     let epochs_total = trainee.length().epochs_after(total_steps.saturating_sub(1)) + 1;
     let mut last_checkpoint = start_step;
@@ -368,7 +375,11 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         let epoch = trainee.length().epochs_after(step);
         let started = Instant::now();
         let mut rng = stream_rng(settings.seed, Stream::Step, step as u64);
-        let values = trainee.train_step(step, &mut rng, &mut amp)?;
+        let mut train_step = || trainee.train_step(step, &mut rng, &mut amp);
+        let values = match &mut profiler {
+            Some(profiler) => profiler.run(step, train_step)?,
+            None => train_step()?,
+        };
         let samples_per_s =
             trainee.length().examples_in_step(step) as f64 / started.elapsed().as_secs_f64();
         if !values[0].is_finite() {
@@ -422,6 +433,10 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         }
     }
     progress.finish();
+    if let Some(profiler) = &profiler {
+        let what = format!("kiln train {} ({})", kind.name(), settings.precision);
+        profiler.finish(&what, &out)?;
+    }
     Ok(())
 }
 

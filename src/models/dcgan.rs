@@ -10,6 +10,7 @@
 //! gives 32×32, which fits 28×28 (Fashion-)MNIST padded by two pixels.
 
 use crate::autocast::MixedPrecision;
+use crate::autograd::module_scope;
 use crate::error::{Error, Result};
 use crate::nn::init::{Init, normal};
 use crate::nn::{
@@ -171,6 +172,8 @@ impl Module for Generator {
                 ));
             }
         };
+        // Boxes the generator's ops in `kiln graph` (the checkpoint's prefix).
+        let _scope = module_scope("generator");
         self.main.forward(&z.to_device(self.device())?)
     }
 
@@ -240,6 +243,7 @@ impl Module for Discriminator {
         };
         // [N, 1, 1, 1] → [N]
         let images = images.to_device(self.device())?;
+        let _scope = module_scope("discriminator");
         self.main.forward(&images)?.reshape([n])
     }
 

@@ -18,7 +18,7 @@ use crate::autograd::no_grad;
 use crate::error::{Error, Result};
 use crate::nn::init::{Init, constant, normal};
 use crate::nn::{
-    CausalSelfAttention, Dropout, Embedding, Gelu, LayerNorm, Linear, Module, TensorRole,
+    CausalSelfAttention, Dropout, Embedding, Gelu, KvCache, LayerNorm, Linear, Module, TensorRole,
     visit_child,
 };
 use crate::ops::activation::GeluApproximation;
@@ -250,12 +250,34 @@ impl Gpt {
     /// if given (`Some(1)` is greedy decoding), and draws from their softmax
     /// with `rng`. Runs without a graph and in eval mode (no dropout); the
     /// model's train/eval mode is restored afterwards.
+    ///
+    /// Each layer's keys and values are kept between tokens (a KV cache), so
+    /// that while the text fits in `block_size` a new token costs one
+    /// position's work instead of the whole window's. Past `block_size` the
+    /// window slides: every token then sits at a new position, and with
+    /// learned position embeddings its keys and values change, so each step
+    /// recomputes the window, as without the cache. [`Gpt::generate_with`]
+    /// can turn the cache off; the tokens are the same either way (up to the
+    /// last bits of the logits, which an exact tie could show).
     pub fn generate(
         &self,
         prompt: &[u32],
         max_new_tokens: usize,
         temperature: f64,
         top_k: Option<usize>,
+        rng: &mut Rng,
+    ) -> Result<Vec<u32>> {
+        self.generate_with(prompt, max_new_tokens, temperature, top_k, true, rng)
+    }
+
+    /// [`Gpt::generate`], with the KV cache on or off (`kv_cache`).
+    pub fn generate_with(
+        &self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        temperature: f64,
+        top_k: Option<usize>,
+        kv_cache: bool,
         rng: &mut Rng,
     ) -> Result<Vec<u32>> {
         const OP: &str = "Gpt::generate";
@@ -281,7 +303,7 @@ impl Gpt {
         let was_training = self.drop.is_training();
         self.eval();
         let _no_grad = no_grad();
-        let sampled = self.sample_tokens(prompt, max_new_tokens, temperature, top_k, rng);
+        let sampled = self.sample_tokens(prompt, max_new_tokens, temperature, top_k, kv_cache, rng);
         self.set_training(was_training);
         sampled
     }
@@ -292,20 +314,63 @@ impl Gpt {
         max_new_tokens: usize,
         temperature: f64,
         top_k: Option<usize>,
+        kv_cache: bool,
         rng: &mut Rng,
     ) -> Result<Vec<u32>> {
+        let block = self.config.block_size;
         let mut tokens = prompt.to_vec();
+        let mut cache: Option<Vec<KvCache>> = None;
         for _ in 0..max_new_tokens {
-            let context = &tokens[tokens.len().saturating_sub(self.config.block_size)..];
-            let t = context.len();
-            let ids = Tensor::from_indices(context.to_vec(), [1, t])?;
+            let window = &tokens[tokens.len().saturating_sub(block)..];
             // The last position's logits [V], on the host: one small row.
-            let last_row = self.forward(&ids)?.narrow(1, t - 1, 1)?.to_f64_vec();
+            let last_row = match &mut cache {
+                // The cache holds every position of the window but the last.
+                Some(layers) if kv_cache && layers[0].len() + 1 == window.len() => {
+                    let newest = &window[window.len() - 1..];
+                    self.last_logits_cached(newest, layers)?
+                }
+                _ if kv_cache && tokens.len() <= block => {
+                    let mut layers: Vec<KvCache> =
+                        self.h.iter().map(|_| KvCache::default()).collect();
+                    let logits = self.last_logits_cached(window, &mut layers)?;
+                    cache = Some(layers);
+                    logits
+                }
+                // No cache, or a sliding window: the whole window.
+                _ => {
+                    let t = window.len();
+                    let ids = Tensor::from_indices(window.to_vec(), [1, t])?;
+                    self.forward(&ids)?.narrow(1, t - 1, 1)?.to_f64_vec()
+                }
+            };
             let scaled: Vec<f64> = last_row.iter().map(|l| l / temperature).collect();
             let next = sample_from_logits(&keep_top_k(scaled, top_k), rng);
             tokens.push(next);
         }
         Ok(tokens.split_off(prompt.len()))
+    }
+
+    /// The logits [V] of the last of `new` tokens, which follow the
+    /// positions already in `layers` (one cache per block), adding theirs.
+    fn last_logits_cached(&self, new: &[u32], layers: &mut [KvCache]) -> Result<Vec<f64>> {
+        let (past, n) = (layers[0].len(), new.len());
+        let device = self.wte.weight.device();
+        let ids = Tensor::from_indices(new.to_vec(), [1, n])?.to_device(device)?;
+        let positions = Tensor::arange(past as f64, (past + n) as f64, 1.0, DType::U32, device)?;
+        let mut x = self
+            .wte
+            .forward(&ids)?
+            .add(&self.wpe.forward(&positions)?)?;
+        for (block, cache) in self.h.iter().zip(layers.iter_mut()) {
+            x = x.add(&block.attn.forward_cached(&block.ln_1.forward(&x)?, cache)?)?;
+            x = x.add(&block.mlp.forward(&block.ln_2.forward(&x)?)?)?;
+        }
+        // Only the last position's logits are needed.
+        let last = x.narrow(1, n - 1, 1)?;
+        Ok(self
+            .lm_head
+            .forward(&self.ln_f.forward(&last)?)?
+            .to_f64_vec())
     }
 }
 
@@ -371,7 +436,9 @@ impl Module for Gpt {
         let mut x = self
             .drop
             .forward(&tokens.add(&self.wpe.forward(&positions)?)?)?;
-        for block in &self.h {
+        for (i, block) in self.h.iter().enumerate() {
+            // Names the block's ops for `kiln graph` (one box per block).
+            let _scope = crate::autograd::module_scope(&format!("h.{i}"));
             x = block.forward(&x)?;
         }
         self.lm_head.forward(&self.ln_f.forward(&x)?)

@@ -13,6 +13,7 @@
 //! `bce_with_logits`, which stays finite when a pixel saturates.
 
 use crate::autocast::MixedPrecision;
+use crate::autograd::module_scope;
 use crate::error::{Error, Result};
 use crate::nn::init::Init;
 use crate::nn::{Linear, Module, TensorRole, visit_child};
@@ -90,6 +91,8 @@ impl Vae {
     /// x is moved to the model's device if it is elsewhere.
     pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let x = self.input_on_device(x)?;
+        // Boxes the encoder's ops in `kiln graph`.
+        let _scope = module_scope("encoder");
         let h = self.fc1.forward(&x)?.relu()?;
         Ok((self.fc21.forward(&h)?, self.fc22.forward(&h)?))
     }
@@ -104,6 +107,7 @@ impl Vae {
             ));
         }
         let z = z.to_device(self.fc3.weight.device())?;
+        let _scope = module_scope("decoder");
         let h = self.fc3.forward(&z)?.relu()?;
         self.fc4.forward(&h)
     }

@@ -46,6 +46,84 @@ impl CausalSelfAttention {
     }
 }
 
+/// One layer's keys and values for generation, [B, H, T, D] each, for the
+/// positions seen so far.
+#[derive(Default)]
+pub struct KvCache {
+    keys: Option<Tensor>,
+    values: Option<Tensor>,
+}
+
+impl KvCache {
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.keys.as_ref().map_or(0, |k| k.dims()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl CausalSelfAttention {
+    /// The forward of new positions x [B, n, E] that follow the ones in
+    /// `cache` (for generation, outside the graph): their keys and values
+    /// join the cache, and each new query attends to every cached position
+    /// and to the new ones up to its own. An empty cache takes a whole
+    /// prompt through the fused causal attention, as `forward` does; one
+    /// new position then attends to all T cached keys with one product per
+    /// head (softmax(q·Kᵀ/√D)·V), instead of the whole window being
+    /// recomputed.
+    pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let e = self.embd;
+        let (b, n) = match x.dims() {
+            [b, n, width] if *width == e => (*b, *n),
+            _ => {
+                return Err(Error::shape(
+                    "CausalSelfAttention",
+                    format!("expected input [B, T, {e}], got {}", x.shape()),
+                ));
+            }
+        };
+        if !cache.is_empty() && n != 1 {
+            return Err(Error::invalid(
+                "CausalSelfAttention",
+                format!("a filled cache takes one new position at a time, got {n}"),
+            ));
+        }
+        let (h, d) = (self.n_head, e / self.n_head);
+        let qkv = self.c_attn.forward(x)?;
+        // [B, n, E] → [B, H, n, D]
+        let heads = |part: usize| {
+            qkv.narrow(2, part * e, e)?
+                .reshape([b, n, h, d])?
+                .permute(&[0, 2, 1, 3])
+        };
+        let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+        let y = match (&cache.keys, &cache.values) {
+            (Some(keys), Some(values)) => {
+                let keys = Tensor::cat(&[keys, &k], 2)?;
+                let values = Tensor::cat(&[values, &v], 2)?;
+                // The one new query sees every position: no mask.
+                let weights = q
+                    .matmul_nt(&keys)?
+                    .mul_scalar(1.0 / (d as f64).sqrt())?
+                    .softmax()?;
+                let y = weights.matmul(&values)?;
+                (cache.keys, cache.values) = (Some(keys), Some(values));
+                y
+            }
+            _ => {
+                let y = Tensor::causal_attention(&q, &k, &v)?;
+                (cache.keys, cache.values) = (Some(k), Some(v));
+                y
+            }
+        };
+        let y = y.permute(&[0, 2, 1, 3])?.reshape([b, n, e])?;
+        self.resid_dropout.forward(&self.c_proj.forward(&y)?)
+    }
+}
+
 impl Module for CausalSelfAttention {
     /// x [B, T, E] → [B, T, E].
     fn forward(&self, x: &Tensor) -> Result<Tensor> {

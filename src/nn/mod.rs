@@ -23,7 +23,7 @@ mod norm;
 use std::collections::{HashMap, HashSet};
 
 pub use activation::{Flatten, Gelu, LeakyRelu, Relu, Sigmoid, Tanh};
-pub use attention::CausalSelfAttention;
+pub use attention::{CausalSelfAttention, KvCache};
 pub use container::Sequential;
 pub use conv::{Conv2d, ConvTranspose2d};
 pub use dropout::Dropout;
