@@ -53,6 +53,22 @@
 //! Every rule is checked by [`gradcheck::gradcheck`] against central finite
 //! differences in `f64`, and every op's semantics against PyTorch's output
 //! (`tests/golden`).
+//!
+//! ## 5. Seeing it
+//!
+//! - [`autograd::graph()`] returns the graph `backward()` would walk (ops,
+//!   leaves with their parameter names, edges the way gradients flow) and
+//!   renders it as Graphviz DOT; [`autograd::module_scope`] groups a
+//!   module's ops so that repeated blocks collapse into boxes. From the
+//!   command line: `kiln graph gan|vae|gpt --out graph.svg [--depth 1]`.
+//! - [`autograd::trace()`] records a backward pass rule by rule: the shapes and
+//!   norms of the gradient each rule received and returned, as a table.
+//! - [`profile`] times each op and each backward rule of a training step;
+//!   `kiln train ... --profile N` prints that table for N steps and writes
+//!   `profile.md` and `profile.json`.
+//! - [`models::gpt::Gpt::generate`] keeps each layer's keys and values
+//!   between tokens ([`nn::KvCache`]); `kiln generate --no-kv-cache` turns
+//!   the cache off to compare.
 
 pub mod autocast;
 pub mod autograd;
