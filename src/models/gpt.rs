@@ -303,7 +303,12 @@ impl Gpt {
         let was_training = self.drop.is_training();
         self.eval();
         let _no_grad = no_grad();
-        let sampled = self.sample_tokens(prompt, max_new_tokens, temperature, top_k, kv_cache, rng);
+        let how = Sampling {
+            temperature,
+            top_k,
+            kv_cache,
+        };
+        let sampled = self.sample_tokens(prompt, max_new_tokens, &how, rng);
         self.set_training(was_training);
         sampled
     }
@@ -312,11 +317,10 @@ impl Gpt {
         &self,
         prompt: &[u32],
         max_new_tokens: usize,
-        temperature: f64,
-        top_k: Option<usize>,
-        kv_cache: bool,
+        how: &Sampling,
         rng: &mut Rng,
     ) -> Result<Vec<u32>> {
+        let kv_cache = how.kv_cache;
         let block = self.config.block_size;
         let mut tokens = prompt.to_vec();
         let mut cache: Option<Vec<KvCache>> = None;
@@ -343,8 +347,8 @@ impl Gpt {
                     self.forward(&ids)?.narrow(1, t - 1, 1)?.to_f64_vec()
                 }
             };
-            let scaled: Vec<f64> = last_row.iter().map(|l| l / temperature).collect();
-            let next = sample_from_logits(&keep_top_k(scaled, top_k), rng);
+            let scaled: Vec<f64> = last_row.iter().map(|l| l / how.temperature).collect();
+            let next = sample_from_logits(&keep_top_k(scaled, how.top_k), rng);
             tokens.push(next);
         }
         Ok(tokens.split_off(prompt.len()))
@@ -372,6 +376,13 @@ impl Gpt {
             .forward(&self.ln_f.forward(&last)?)?
             .to_f64_vec())
     }
+}
+
+/// How [`Gpt::generate_with`] draws each token (its arguments, checked).
+struct Sampling {
+    temperature: f64,
+    top_k: Option<usize>,
+    kv_cache: bool,
 }
 
 /// Sets every logit below the k-th largest to −∞ (ties with it are kept, as
