@@ -297,7 +297,8 @@ fn bench_gpt(
 ) {
     let model = build_gpt(spec, SEED, target.device).expect("GPT");
     let mut optimizers =
-        GptOptimizers::new(&model, 1e-3, gpt::DEFAULT_WEIGHT_DECAY).expect("AdamW");
+        GptOptimizers::new(&model, 1e-3, gpt::DEFAULT_WEIGHT_DECAY, gpt::DEFAULT_BETA2)
+            .expect("AdamW");
     keep_forward_copies(
         &mut [&mut optimizers.decay, &mut optimizers.no_decay],
         precision,

@@ -452,13 +452,15 @@ fn resume_is_bit_identical(model: &str, extra: &[&str]) {
     let s = Scratch::new(&format!("resume-{model}"));
     let mut straight = vec!["--steps", "6"];
     straight.extend_from_slice(extra);
-    train(&s, model, "straight", &straight);
     let mut first = vec!["--steps", "3"];
     first.extend_from_slice(extra);
     if model == "gpt" {
-        // The rate schedule spans the whole run, not the first half of it.
+        // A decaying rate, whose schedule spans the whole run: the resumed
+        // half must carry on along it.
+        straight.extend(["--lr-decay-steps", "6"]);
         first.extend(["--lr-decay-steps", "6"]);
     }
+    train(&s, model, "straight", &straight);
     train(&s, model, "resumed", &first);
     assert_eq!(state(&s.path("resumed"))["step"], 3);
     train(&s, model, "resumed", &["--steps", "6", "--resume"]);
@@ -549,6 +551,47 @@ fn stochastic_rounding_is_recorded_resumes_bit_for_bit_and_needs_bf16() {
         "f32",
         &["--stochastic-rounding"],
         &["--stochastic-rounding", "--precision bf16"],
+    );
+}
+
+#[test]
+fn gpt_init_and_beta2_are_recorded_kept_on_resume_and_checked() {
+    let s = Scratch::new("gpt-recipe");
+    train(&s, "gpt", "default", &["--steps", "2"]);
+    let training = &state(&s.path("default"))["training"];
+    assert_eq!(training["init"], "pytorch");
+    assert_eq!(training["beta2"], 0.999);
+    assert_eq!(training["lr_decay_steps"], 0, "a constant rate");
+    train(
+        &s,
+        "gpt",
+        "gpt2",
+        &["--steps", "2", "--init", "gpt2", "--beta2", "0.99"],
+    );
+    assert_ne!(
+        checkpoint_values(&s.path("default"))["model.wte.weight"],
+        checkpoint_values(&s.path("gpt2"))["model.wte.weight"],
+        "the initialisation differs"
+    );
+    train(&s, "gpt", "gpt2", &["--steps", "3", "--resume"]);
+    let training = &state(&s.path("gpt2"))["training"];
+    assert_eq!(
+        (training["init"].clone(), training["beta2"].clone()),
+        ("gpt2".into(), 0.99.into())
+    );
+    train_fails(
+        &s,
+        "gpt",
+        "gpt2",
+        &["--steps", "4", "--resume", "--beta2", "0.9"],
+        &["--beta2", "resumed run"],
+    );
+    train_fails(
+        &s,
+        "gpt",
+        "bad",
+        &["--beta2", "1.0"],
+        &["--beta2", "[0, 1)"],
     );
 }
 

@@ -43,7 +43,8 @@ fn main() {
         dropout: 0.0,
     };
     let model = build_gpt(&spec, 0, Device::Cpu).unwrap();
-    let mut optimizers = GptOptimizers::new(&model, 1e-3, gpt::DEFAULT_WEIGHT_DECAY).unwrap();
+    let mut optimizers =
+        GptOptimizers::new(&model, 1e-3, gpt::DEFAULT_WEIGHT_DECAY, gpt::DEFAULT_BETA2).unwrap();
     let mut rng = Rng::seed(4);
     let ids: Vec<u32> = (0..32 * 65).map(|_| (rng.next_u64() % 84) as u32).collect();
     let window = |offset: usize| {

@@ -4,7 +4,7 @@
 //! the GPT memorises a paragraph).
 
 use kiln::models::dcgan::{DcganConfig, Discriminator, Generator};
-use kiln::models::gpt::{Gpt, GptConfig};
+use kiln::models::gpt::{Gpt, GptConfig, GptInit};
 use kiln::models::vae::{Vae, VaeConfig};
 use kiln::nn::{Init, KvCache, Module};
 use kiln::optim::{Adam, AdamConfig, AdamW, Optimizer};
@@ -432,12 +432,14 @@ fn gpt_uses_gpt2_names_and_parameter_count() {
 }
 
 #[test]
-fn gpt_initialisation_scales_residual_projections_by_depth() {
+fn gpt2_initialisation_scales_residual_projections_by_depth() {
     let cfg = GptConfig {
         n_layer: 8,
         ..small_gpt_config(30)
     };
-    let gpt = small_gpt(&cfg, 9);
+    let mut rng = Rng::seed(9);
+    let mut init = Init::new(&mut rng, Device::Cpu, DType::F32);
+    let gpt = Gpt::with_init(&cfg, GptInit::Gpt2, 9, &mut init).unwrap();
     let params = gpt.named_parameters();
     let (_, std) = mean_and_std(&param(&params, "h.0.mlp.c_fc.weight").to_f64_vec());
     assert!((std - 0.02).abs() < 1e-3, "c_fc std {std}");
@@ -524,6 +526,36 @@ fn gpt_rejects_bad_configs() {
         let err = Gpt::new(&cfg, 0, &mut init).err().unwrap().to_string();
         assert!(err.contains(expected), "{cfg:?}: {err}");
     }
+}
+
+/// The default initialisation is PyTorch's: unit-normal embeddings, linear
+/// layers uniform in ±1/√fan_in (biases too), LayerNorms 1 and 0.
+#[test]
+fn gpt_starts_from_pytorchs_initialisation_by_default() {
+    let gpt = small_gpt(&small_gpt_config(30), 10);
+    let params = gpt.named_parameters();
+    let (mean, std) = mean_and_std(&param(&params, "wte.weight").to_f64_vec());
+    assert!(
+        mean.abs() < 0.05 && (std - 1.0).abs() < 0.05,
+        "wte: {mean}, {std}"
+    );
+    for (name, fan_in) in [("h.0.mlp.c_fc", 64.0f64), ("h.1.mlp.c_proj", 256.0)] {
+        let bound = 1.0 / fan_in.sqrt();
+        for part in ["weight", "bias"] {
+            let values = param(&params, &format!("{name}.{part}")).to_f64_vec();
+            let largest = values.iter().fold(0f64, |m, v| m.max(v.abs()));
+            assert!(
+                largest <= bound && largest > 0.9 * bound,
+                "{name}.{part}: {largest} vs {bound}"
+            );
+        }
+    }
+    assert!(
+        param(&params, "ln_f.weight")
+            .to_f64_vec()
+            .iter()
+            .all(|&w| w == 1.0)
+    );
 }
 
 /// The token with the largest logit after `context`, computed independently of `generate`.

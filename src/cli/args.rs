@@ -26,7 +26,9 @@ pub enum Command {
     Sample(SampleArgs),
     /// Continue a text prompt with a trained GPT and print the result.
     Generate(GenerateArgs),
-    /// Evaluate a checkpoint on held-out data (VAE: test negative ELBO; GPT: validation loss).
+    /// Evaluate a checkpoint on held-out data (VAE: test negative ELBO; GPT:
+    /// validation loss; GAN/VAE with --classifier: classifier-feature FID of
+    /// samples; classifier: test accuracy).
     Eval(EvalArgs),
     /// Draw the autograd graph of a model's training loss as Graphviz DOT,
     /// SVG or PNG (--depth N boxes repeated blocks).
@@ -42,6 +44,8 @@ pub enum ModelKind {
     Vae,
     /// Character-level GPT on Shakespeare.
     Gpt,
+    /// Fashion-MNIST CNN classifier, the judge of `kiln eval gan|vae --classifier`.
+    Classifier,
 }
 
 impl ModelKind {
@@ -50,6 +54,7 @@ impl ModelKind {
             ModelKind::Gan => "gan",
             ModelKind::Vae => "vae",
             ModelKind::Gpt => "gpt",
+            ModelKind::Classifier => "classifier",
         }
     }
 
@@ -58,6 +63,7 @@ impl ModelKind {
             "gan" => Some(ModelKind::Gan),
             "vae" => Some(ModelKind::Vae),
             "gpt" => Some(ModelKind::Gpt),
+            "classifier" => Some(ModelKind::Classifier),
             _ => None,
         }
     }
@@ -84,10 +90,17 @@ impl From<ImageModelKind> for ModelKind {
 /// The models `kiln eval` can score.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EvalModelKind {
-    /// VAE: mean negative ELBO per test image (nats).
+    /// VAE: mean negative ELBO per test image (nats); with --classifier,
+    /// also the sample-quality scores of its samples.
     Vae,
     /// GPT: mean cross-entropy on validation batches (nats per character).
     Gpt,
+    /// GAN (needs --classifier): classifier-feature FID, class-histogram
+    /// entropy and mean prediction entropy of --n generated images.
+    Gan,
+    /// Classifier: test accuracy, and the scores of --n real training
+    /// images (the floor a generator can reach).
+    Classifier,
 }
 
 impl From<EvalModelKind> for ModelKind {
@@ -95,6 +108,8 @@ impl From<EvalModelKind> for ModelKind {
         match kind {
             EvalModelKind::Vae => ModelKind::Vae,
             EvalModelKind::Gpt => ModelKind::Gpt,
+            EvalModelKind::Gan => ModelKind::Gan,
+            EvalModelKind::Classifier => ModelKind::Classifier,
         }
     }
 }
@@ -106,6 +121,37 @@ pub enum DeviceArg {
     Cpu,
     /// The first CUDA device (fails with a clear error when there is none).
     Cuda,
+}
+
+/// The weight initialisation of a new GPT (see `kiln::models::gpt::GptInit`).
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GptInitArg {
+    /// PyTorch's module defaults: embeddings N(0, 1), linear layers U(±1/√fan_in).
+    Pytorch,
+    /// GPT-2's: N(0, 0.02²), residual projections scaled by 1/√(2·n_layer).
+    Gpt2,
+}
+
+impl GptInitArg {
+    pub fn name(self) -> &'static str {
+        match self {
+            GptInitArg::Pytorch => "pytorch",
+            GptInitArg::Gpt2 => "gpt2",
+        }
+    }
+
+    pub fn scheme(self) -> crate::models::gpt::GptInit {
+        match self {
+            GptInitArg::Pytorch => crate::models::gpt::GptInit::PyTorch,
+            GptInitArg::Gpt2 => crate::models::gpt::GptInit::Gpt2,
+        }
+    }
+}
+
+impl std::fmt::Display for GptInitArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// The precision of a training run.
@@ -139,7 +185,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
 
-    /// Passes over the training set (gan: 5, vae: 10; gpt counts --steps only).
+    /// Passes over the training set (gan: 5, vae: 10, classifier: 3; gpt counts --steps only).
     #[arg(long)]
     pub epochs: Option<usize>,
 
@@ -147,11 +193,11 @@ pub struct TrainArgs {
     #[arg(long)]
     pub steps: Option<usize>,
 
-    /// Examples per step (gan: 64, vae: 128, gpt: 12).
+    /// Examples per step (gan: 64, vae: 128, gpt: 12, classifier: 128).
     #[arg(long)]
     pub batch_size: Option<usize>,
 
-    /// Peak learning rate (gan: 2e-4, vae: 1e-3, gpt: 1e-3).
+    /// Peak learning rate (gan: 2e-4, vae: 1e-3, gpt: 1e-3, classifier: 1e-3).
     #[arg(long)]
     pub lr: Option<f64>,
 
@@ -204,6 +250,20 @@ pub struct TrainArgs {
 
     #[command(flatten)]
     pub gpt: GptArgs,
+
+    #[command(flatten)]
+    pub classifier: ClassifierArgs,
+}
+
+/// Classifier size (`kiln train classifier`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct ClassifierArgs {
+    /// Classifier: channels of the first convolution (twice that in the next two) [default: 32].
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Classifier: width of the penultimate layer, the features of the FID [default: 128].
+    #[arg(long)]
+    pub features: Option<usize>,
 }
 
 /// DCGAN size (`kiln train gan`).
@@ -249,10 +309,11 @@ pub struct GptArgs {
     /// GPT: dropout probability [default: 0.0].
     #[arg(long)]
     pub dropout: Option<f64>,
-    /// GPT: linear warm-up steps of the learning rate [default: 100].
+    /// GPT: linear warm-up steps of the learning rate [default: 0].
     #[arg(long)]
     pub warmup: Option<usize>,
-    /// GPT: steps over which the rate decays (cosine) to lr/10 [default: --steps].
+    /// GPT: steps over which the rate decays (cosine) to lr/10; 0 keeps it
+    /// constant [default: 0].
     #[arg(long)]
     pub lr_decay_steps: Option<usize>,
     /// GPT: clip the global gradient norm to this value (0 disables) [default: 5.0].
@@ -261,6 +322,12 @@ pub struct GptArgs {
     /// GPT: AdamW decoupled weight decay of the matrices [default: 0.01].
     #[arg(long)]
     pub weight_decay: Option<f64>,
+    /// GPT: AdamW's beta2 [default: 0.999; 0.99 in runs saved before it was recorded].
+    #[arg(long)]
+    pub beta2: Option<f64>,
+    /// GPT: how a new run's weights start [default: pytorch].
+    #[arg(long, value_enum)]
+    pub init: Option<GptInitArg>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -327,7 +394,8 @@ pub struct EvalArgs {
     /// Data directory, as filled by scripts/fetch-data.sh.
     #[arg(long, default_value = "data")]
     pub data: PathBuf,
-    /// Seed of the evaluation's randomness (VAE: the eps of the ELBO; GPT: the batch offsets).
+    /// Seed of the evaluation's randomness (VAE: the eps of the ELBO; GPT: the
+    /// batch offsets; --classifier: the samples' noise; classifier: which training images).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// GPT: number of random validation batches averaged.
@@ -337,9 +405,17 @@ pub struct EvalArgs {
     /// block size) instead of random batches; slower, but free of sampling noise.
     #[arg(long)]
     pub full: bool,
-    /// Score only the first N held-out examples (VAE: images; GPT: characters).
+    /// Score only the first N held-out examples (VAE: images; GPT: characters;
+    /// with --classifier and for classifier: the test images).
     #[arg(long)]
     pub limit: Option<usize>,
+    /// A classifier run directory (`kiln train classifier`) whose features and
+    /// predictions score the samples of gan (required) or vae.
+    #[arg(long)]
+    pub classifier: Option<PathBuf>,
+    /// Samples generated for the scores (classifier: real training images).
+    #[arg(long, default_value_t = 5000)]
+    pub n: usize,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
 }

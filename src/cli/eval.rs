@@ -1,4 +1,4 @@
-//! `kiln eval vae|gpt`: held-out scores of a trained model.
+//! `kiln eval vae|gpt|gan|classifier`: held-out scores of a trained model.
 //!
 //! - VAE: the negative ELBO per image (nats), averaged over the test set
 //!   (10,000 Fashion-MNIST images, or the first --limit), with one eps per
@@ -9,10 +9,15 @@
 //!   training batch size and block size, their offsets drawn from a
 //!   generator seeded by --seed, as nanoGPT's `estimate_loss`; with --full,
 //!   the mean over every consecutive window of the whole split instead.
+//! - GAN, and VAE with --classifier: the classifier-feature FID and the two
+//!   entropies of --n samples (see `quality`).
+//! - Classifier: the test accuracy and the same scores of --n real
+//!   training images, the floor of the generators' scores.
 
 use anyhow::{Context, Result, bail};
 
 use super::args::{EvalArgs, EvalModelKind};
+use super::quality;
 use super::run_dir::load_checkpoint;
 use super::seeds::{Stream, stream_rng};
 use super::specs::{VAE_IMAGE_SIZE, images_dir, load_gpt, load_vae, text_path};
@@ -26,6 +31,9 @@ const VAE_EVAL_BATCH: usize = 500;
 pub fn run(args: &EvalArgs) -> Result<()> {
     if args.limit == Some(0) {
         bail!("--limit must be at least 1");
+    }
+    if args.classifier.is_some() && args.model == EvalModelKind::Gpt {
+        bail!("--classifier scores images: use it with `kiln eval gan` or `kiln eval vae`");
     }
     let device = super::device(args.device)?;
     let checkpoint = load_checkpoint(&args.checkpoint)?;
@@ -54,7 +62,10 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                 "test negative ELBO: {:.4} nats per image (mean over {count} test images)",
                 total / count as f64
             );
+            quality::eval_vae_samples(args, &vae, device)?;
         }
+        EvalModelKind::Gan => quality::eval_gan(args, &checkpoint, device)?,
+        EvalModelKind::Classifier => quality::eval_classifier(args, &checkpoint, device)?,
         EvalModelKind::Gpt => {
             if args.batches == 0 {
                 bail!("--batches must be at least 1");

@@ -16,7 +16,8 @@ use super::args::ModelKind;
 use super::run_dir::{LoadedCheckpoint, load_checkpoint, write_atomically};
 use super::seeds::{Stream, stream_rng};
 use super::specs::{
-    GanSpec, GptSpec, VAE_IMAGE_SIZE, VaeSpec, build_gan, build_gpt, build_vae, load_into, spec,
+    ClassifierSpec, GanSpec, GptSpec, VAE_IMAGE_SIZE, VaeSpec, build_classifier, build_gan,
+    build_gpt, build_vae, load_into, spec,
 };
 use crate::autograd::GraphBuilder;
 use crate::nn::Module;
@@ -104,6 +105,7 @@ pub fn run(args: &GraphArgs) -> Result<()> {
         ModelKind::Gan => gan_loss(checkpoint.as_ref())?,
         ModelKind::Vae => vae_loss(checkpoint.as_ref())?,
         ModelKind::Gpt => gpt_loss(checkpoint.as_ref(), args.n_layer)?,
+        ModelKind::Classifier => classifier_loss(checkpoint.as_ref())?,
     };
     let mut graph = GraphBuilder::new()
         .names(&names)
@@ -252,6 +254,39 @@ fn vae_loss(checkpoint: Option<&LoadedCheckpoint>) -> Result<LossAndNames> {
     )?;
     let loss = vae.loss(&x, &mut rng)?.total;
     Ok((loss, vae.named_parameters()))
+}
+
+/// The classifier's cross entropy on random images with labels 0, 1, ...
+fn classifier_loss(checkpoint: Option<&LoadedCheckpoint>) -> Result<LossAndNames> {
+    let spec = match checkpoint {
+        Some(c) => {
+            c.expect_model("classifier")?;
+            spec(&c.state)?
+        }
+        None => ClassifierSpec {
+            width: 32,
+            features: 128,
+            classes: 10,
+        },
+    };
+    let classifier = build_classifier(&spec, run_seed(checkpoint), Device::Cpu)?;
+    if let Some(c) = checkpoint {
+        load_into(&classifier, c, "model")?;
+    }
+    let mut rng = batch_rng(checkpoint);
+    let size = crate::models::classifier::IMAGE_SIZE;
+    let x = Tensor::rand(
+        0.0,
+        1.0,
+        [BATCH, 1, size, size],
+        DType::F32,
+        Device::Cpu,
+        &mut rng,
+    )?;
+    let labels = (0..BATCH).map(|i| (i % spec.classes) as u32).collect();
+    let y = Tensor::from_indices(labels, [BATCH])?;
+    let (loss, _) = classifier.loss(&x, &y)?;
+    Ok((loss, classifier.named_parameters()))
 }
 
 /// The next-token cross-entropy of random token ids, a full block long.

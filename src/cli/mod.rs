@@ -11,6 +11,7 @@ pub mod eval;
 pub mod generate;
 pub mod graph;
 pub mod progress;
+pub mod quality;
 pub mod run_dir;
 pub mod sample;
 pub mod seeds;

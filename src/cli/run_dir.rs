@@ -86,6 +86,13 @@ pub struct TrainingConfig {
     /// stochastically (absent: to nearest even).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stochastic_rounding: Option<bool>,
+    /// GPT: AdamW's beta2 (absent in runs from before it was recorded: 0.99).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta2: Option<f64>,
+    /// GPT: the weight initialisation the run started from ("pytorch" or
+    /// "gpt2"; absent in runs from before it was recorded: "gpt2").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<String>,
 }
 
 impl TrainingConfig {
@@ -413,6 +420,8 @@ mod tests {
                 weight_decay: None,
                 precision: Some("bf16".into()),
                 stochastic_rounding: Some(true),
+                beta2: None,
+                init: None,
             },
             step: 3,
             epoch: 1,

@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 use super::run_dir::{LoadedCheckpoint, RunState};
 use super::seeds::{Stream, stream_rng};
 use crate::data::text::Vocab;
+use crate::models::classifier::{Classifier, ClassifierConfig};
 use crate::models::dcgan::{DcganConfig, Discriminator, Generator};
-use crate::models::gpt::{Gpt, GptConfig};
+use crate::models::gpt::{Gpt, GptConfig, GptInit};
 use crate::models::vae::{Vae, VaeConfig};
 use crate::nn::{Init, Module};
 use crate::{DType, Device};
@@ -89,6 +90,23 @@ impl From<&GptSpec> for GptConfig {
     }
 }
 
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ClassifierSpec {
+    pub width: usize,
+    pub features: usize,
+    pub classes: usize,
+}
+
+impl From<&ClassifierSpec> for ClassifierConfig {
+    fn from(s: &ClassifierSpec) -> ClassifierConfig {
+        ClassifierConfig {
+            width: s.width,
+            features: s.features,
+            classes: s.classes,
+        }
+    }
+}
+
 /// The architecture recorded in `state`, read as a `T`.
 pub fn spec<T: for<'de> Deserialize<'de>>(state: &RunState) -> Result<T> {
     serde_json::from_value(state.config.clone()).with_context(|| {
@@ -116,10 +134,31 @@ pub fn build_vae(spec: &VaeSpec, seed: u64, device: Device) -> Result<Vae> {
 }
 
 pub fn build_gpt(spec: &GptSpec, seed: u64, device: Device) -> Result<Gpt> {
+    build_gpt_with_init(spec, GptInit::default(), seed, device)
+}
+
+/// [`build_gpt`] with the weights initialised as `scheme` says.
+pub fn build_gpt_with_init(
+    spec: &GptSpec,
+    scheme: GptInit,
+    seed: u64,
+    device: Device,
+) -> Result<Gpt> {
     let mut rng = stream_rng(seed, Stream::Init, 0);
     let mut init = Init::new(&mut rng, device, DType::F32);
     let dropout_seed = stream_rng(seed, Stream::Dropout, 0).next_u64();
-    Ok(Gpt::new(&GptConfig::from(spec), dropout_seed, &mut init)?)
+    Ok(Gpt::with_init(
+        &GptConfig::from(spec),
+        scheme,
+        dropout_seed,
+        &mut init,
+    )?)
+}
+
+pub fn build_classifier(spec: &ClassifierSpec, seed: u64, device: Device) -> Result<Classifier> {
+    let mut rng = stream_rng(seed, Stream::Init, 0);
+    let mut init = Init::new(&mut rng, device, DType::F32);
+    Ok(Classifier::new(&ClassifierConfig::from(spec), &mut init)?)
 }
 
 /// Loads the tensors "`prefix`.x" of `checkpoint` into `module`.
@@ -169,4 +208,14 @@ pub fn load_gpt(checkpoint: &LoadedCheckpoint, device: Device) -> Result<(Gpt, V
     load_into(&gpt, checkpoint, "model")?;
     gpt.eval();
     Ok((gpt, vocab))
+}
+
+/// The trained classifier of a checkpoint, in eval mode.
+pub fn load_classifier(checkpoint: &LoadedCheckpoint, device: Device) -> Result<Classifier> {
+    checkpoint.expect_model("classifier")?;
+    let spec: ClassifierSpec = spec(&checkpoint.state)?;
+    let classifier = build_classifier(&spec, checkpoint.state.seed, device)?;
+    load_into(&classifier, checkpoint, "model")?;
+    classifier.eval();
+    Ok(classifier)
 }

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-use super::args::{ModelKind, PrecisionArg, TrainArgs};
+use super::args::{GptInitArg, ModelKind, PrecisionArg, TrainArgs};
 use super::progress::Progress;
 use super::run_dir::{
     self, LOSS_CHART_FILE, LoadedCheckpoint, METRICS_FILE, MetricsLog, RunState, SAMPLES_FILE,
@@ -24,8 +24,8 @@ use super::run_dir::{
 };
 use super::seeds::{Stream, permutation, stream_rng};
 use super::specs::{
-    self, GAN_IMAGE_SIZE, GanSpec, GptSpec, VAE_IMAGE_SIZE, VaeSpec, build_gan, build_gpt,
-    build_vae, images_dir, text_path,
+    self, GAN_IMAGE_SIZE, GanSpec, GptSpec, VAE_IMAGE_SIZE, VaeSpec, build_gan,
+    build_gpt_with_init, build_vae, images_dir, text_path,
 };
 use super::step_profile::StepProfiler;
 use crate::data::idx::{ImageSet, Split, load_split};
@@ -37,6 +37,9 @@ use crate::models::vae::{self, Vae};
 use crate::nn::Module;
 use crate::optim::{Adam, ForwardCopies, Optimizer};
 use crate::{DType, Device, MixedPrecision, Precision, Rng, Tensor, no_grad};
+
+mod classifier;
+pub use classifier::labelled_batch;
 
 /// Images in samples.png (an 8×8 grid).
 const SAMPLE_GRID: usize = 8;
@@ -99,6 +102,8 @@ struct Settings {
     lr_decay_steps: Option<usize>,
     grad_clip: f64,
     weight_decay: f64,
+    beta2: f64,
+    gpt_init: GptInitArg,
     precision: Precision,
     stochastic_rounding: bool,
 }
@@ -159,6 +164,7 @@ impl Settings {
             ModelKind::Gan => (64, 2e-4),
             ModelKind::Vae => (128, 1e-3),
             ModelKind::Gpt => (12, 1e-3),
+            ModelKind::Classifier => (128, 1e-3),
         };
         let settings = Settings {
             seed: setting("seed", args.seed, resumed.map(|s| s.seed), 0)?,
@@ -175,14 +181,18 @@ impl Settings {
                 ModelKind::Gan => Some(5),
                 ModelKind::Vae => Some(10),
                 ModelKind::Gpt => None,
+                ModelKind::Classifier => Some(3),
             }),
             max_steps: args.steps.or(saved.and_then(|t| t.max_steps)),
-            warmup: setting("warmup", args.gpt.warmup, saved.and_then(|t| t.warmup), 100)?,
+            warmup: setting("warmup", args.gpt.warmup, saved.and_then(|t| t.warmup), 0)?,
+            // A constant rate for new runs; a resumed run keeps its own (one
+            // saved without any decayed over all its steps).
             lr_decay_steps: optional_setting(
                 "lr-decay-steps",
                 args.gpt.lr_decay_steps,
                 saved.map(|t| t.lr_decay_steps),
-            )?,
+            )?
+            .or(resumed.is_none().then_some(0)),
             grad_clip: setting(
                 "grad-clip",
                 args.gpt.grad_clip,
@@ -201,6 +211,22 @@ impl Settings {
                 saved.map(TrainingConfig::precision).transpose()?,
                 Precision::F32,
             )?,
+            // Runs saved before these were recorded used 0.99 and GPT-2's init.
+            beta2: setting(
+                "beta2",
+                args.gpt.beta2,
+                saved.map(|t| t.beta2.unwrap_or(0.99)),
+                gpt::DEFAULT_BETA2,
+            )?,
+            gpt_init: setting(
+                "init",
+                args.gpt.init,
+                saved.map(|t| match t.init.as_deref() {
+                    Some("pytorch") => GptInitArg::Pytorch,
+                    _ => GptInitArg::Gpt2,
+                }),
+                GptInitArg::Pytorch,
+            )?,
             stochastic_rounding: setting(
                 "stochastic-rounding",
                 args.stochastic_rounding.then_some(true),
@@ -208,6 +234,9 @@ impl Settings {
                 false,
             )?,
         };
+        if !(0.0..1.0).contains(&settings.beta2) {
+            bail!("--beta2 must lie in [0, 1), got {}", settings.beta2);
+        }
         if settings.stochastic_rounding && settings.precision != Precision::BF16 {
             bail!(
                 "--stochastic-rounding rounds the bf16 copies of the weights; it needs --precision bf16 (the run trains in {})",
@@ -281,6 +310,11 @@ pub fn run(args: &TrainArgs) -> Result<()> {
                 let (trainee, spec, vocab) = GptTrainee::new(args, &settings, state, device)?;
                 (Box::new(trainee), serde_json::to_value(spec)?, Some(vocab))
             }
+            ModelKind::Classifier => {
+                let (trainee, spec) =
+                    classifier::ClassifierTrainee::new(args, &settings, state, device)?;
+                (Box::new(trainee), serde_json::to_value(spec)?, None)
+            }
         };
     for optimizer in trainee.optimizers() {
         optimizer.keep_forward_copies(settings.forward_copies())?;
@@ -338,6 +372,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         lr_decay_steps: settings.lr_decay_steps,
         grad_clip: (kind == ModelKind::Gpt).then_some(settings.grad_clip),
         weight_decay: (kind == ModelKind::Gpt).then_some(settings.weight_decay),
+        beta2: (kind == ModelKind::Gpt).then_some(settings.beta2),
+        init: (kind == ModelKind::Gpt).then(|| settings.gpt_init.name().to_string()),
         precision: Some(settings.precision.name().to_string()),
         stochastic_rounding: settings.stochastic_rounding.then_some(true),
     };
@@ -846,11 +882,17 @@ struct GptTrainee {
 }
 
 /// nanoGPT's schedule: linear warm-up over `warmup` steps, then a cosine
-/// from `lr` down to lr/10 at step `decay_steps`, then lr/10.
+/// from `lr` down to lr/10 at step `decay_steps`, then lr/10; with
+/// `decay_steps` 0, `lr` from the end of the warm-up on (kiln's default: at
+/// 2000 steps the 4-layer model ends at 1.7960 with a constant 1e-3 and at
+/// 1.8275 decayed to 1e-4, with PyTorch's initialisation and β₂ = 0.999).
 pub fn gpt_learning_rate(step: usize, lr: f64, warmup: usize, decay_steps: usize) -> f64 {
     let min_lr = lr / 10.0;
     if step < warmup {
         return lr * (step + 1) as f64 / (warmup + 1) as f64;
+    }
+    if decay_steps == 0 {
+        return lr;
     }
     if step >= decay_steps {
         return min_lr;
@@ -905,8 +947,9 @@ impl GptTrainee {
                 spec.block_size
             );
         }
-        let gpt = build_gpt(&spec, settings.seed, device)?;
-        let optimizers = GptOptimizers::new(&gpt, settings.lr, settings.weight_decay)?;
+        let gpt = build_gpt_with_init(&spec, settings.gpt_init.scheme(), settings.seed, device)?;
+        let optimizers =
+            GptOptimizers::new(&gpt, settings.lr, settings.weight_decay, settings.beta2)?;
         let steps = settings.max_steps.unwrap_or(DEFAULT_GPT_STEPS);
         let trainee = GptTrainee {
             gpt,
@@ -1016,5 +1059,10 @@ mod tests {
             rates.windows(2).all(|w| w[1] <= w[0]),
             "the decay is monotone"
         );
+        // No decay steps: the rate stays at lr after the warm-up.
+        assert!((gpt_learning_rate(0, lr, warmup, 0) - lr / 11.0).abs() < 1e-15);
+        for step in [10, 110, 5000] {
+            assert_eq!(gpt_learning_rate(step, lr, warmup, 0), lr);
+        }
     }
 }

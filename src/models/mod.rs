@@ -7,9 +7,14 @@
 //! - [`vae`]: a variational autoencoder with a Bernoulli likelihood (Kingma &
 //!   Welling, 2014, in the layout of PyTorch's `examples/vae`);
 //! - [`gpt`]: a character-level GPT with GPT-2-style pre-LayerNorm blocks.
+//!
+//! Beside them, [`classifier`] is a small Fashion-MNIST CNN whose features
+//! and predictions [`quality`] turns into scores of generated images.
 
+pub mod classifier;
 pub mod dcgan;
 pub mod gpt;
+pub mod quality;
 pub mod vae;
 
 use crate::error::{Error, Result};

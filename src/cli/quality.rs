@@ -1,0 +1,294 @@
+//! The sample-quality scores of `kiln eval gan|vae --classifier DIR` and the
+//! accuracy and floor of `kiln eval classifier`: a trained Fashion-MNIST
+//! classifier reads generated (or real) images; its penultimate features
+//! give a Fréchet distance to the test set's features (a classifier-feature
+//! FID, not the Inception FID of the literature: the numbers are only
+//! comparable between runs scored by the same classifier checkpoint), and
+//! its class probabilities the two entropies (see `models::quality`).
+//!
+//! Every image reaches the classifier as Fashion-MNIST is stored and as the
+//! classifier was trained: [N, 1, 28, 28] in [0, 1]. The GAN's images are
+//! 32×32 in [−1, 1] (28×28 images padded by 2 pixels of background, then
+//! mapped by x ↦ 2x − 1), so they are converted back: the central 28×28
+//! crop, mapped by y ↦ (y + 1)/2. On a real training image this is the
+//! exact inverse of the GAN's input pipeline.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+
+use super::args::EvalArgs;
+use super::run_dir::{LoadedCheckpoint, load_checkpoint};
+use super::seeds::{Stream, permutation, stream_rng};
+use super::specs::{GAN_IMAGE_SIZE, images_dir, load_classifier, load_generator};
+use super::train::{labelled_batch, vae_images};
+use crate::autocast::AutocastGuard;
+use crate::data::idx::{ImageSet, Split, load_split};
+use crate::models::classifier::{Classifier, IMAGE_SIZE, correct_predictions};
+use crate::models::quality::{
+    FeatureStats, class_histogram_entropy, frechet_distance, mean_prediction_entropy,
+};
+use crate::models::vae::Vae;
+use crate::nn::Module;
+use crate::{DType, Device, Precision, Tensor, no_grad};
+
+/// Images the classifier reads per forward pass (and generated per batch).
+const BATCH: usize = 500;
+
+/// A classifier checkpoint, loaded for scoring, with its precision.
+pub struct Judge {
+    classifier: Classifier,
+    precision: Precision,
+}
+
+/// What the classifier makes of a set of images.
+struct Outputs {
+    /// [count, features] row after row.
+    features: Vec<f32>,
+    /// [count, classes] row after row.
+    probabilities: Vec<f32>,
+    count: usize,
+}
+
+/// The three scores of a set of images against the test set.
+pub struct Scores {
+    pub fid: f64,
+    pub histogram_entropy: f64,
+    pub prediction_entropy: f64,
+    pub samples: usize,
+    pub test_images: usize,
+    pub features: usize,
+    pub classes: usize,
+}
+
+impl Scores {
+    /// The lines `kiln eval` prints.
+    pub fn print(&self, what: &str) {
+        let Scores {
+            samples,
+            test_images,
+            features,
+            classes,
+            ..
+        } = self;
+        println!(
+            "classifier-feature FID: {:.4} ({features}-wide features of {samples} {what} vs {test_images} test images)",
+            self.fid
+        );
+        println!(
+            "class-histogram entropy: {:.4} nats (mode coverage; ln {classes} = {:.4} when every class comes equally often)",
+            self.histogram_entropy,
+            (*classes as f64).ln()
+        );
+        println!(
+            "mean prediction entropy: {:.4} nats (sharpness; 0 when the classifier is certain of every image)",
+            self.prediction_entropy
+        );
+    }
+}
+
+impl Judge {
+    /// The classifier of `--classifier PATH` (a run directory or its checkpoint files).
+    pub fn load(path: &Path, device: Device) -> Result<Judge> {
+        let checkpoint = load_checkpoint(path).with_context(|| {
+            format!(
+                "--classifier {}: give the run directory of `kiln train classifier`",
+                path.display()
+            )
+        })?;
+        Judge::new(&checkpoint, device)
+            .context("--classifier must name a run of `kiln train classifier`")
+    }
+
+    /// The classifier of a loaded checkpoint.
+    pub fn new(checkpoint: &LoadedCheckpoint, device: Device) -> Result<Judge> {
+        Ok(Judge {
+            classifier: load_classifier(checkpoint, device)?,
+            precision: checkpoint.precision()?,
+        })
+    }
+
+    /// Autocast as the classifier was trained, whatever scope the caller is
+    /// in (a bf16 generator's must not leak into an f32 classifier).
+    fn precision_scope(&self) -> (AutocastGuard, Option<AutocastGuard>) {
+        (crate::autocast::suspend(), self.precision.autocast())
+    }
+
+    /// Features and probabilities of `images` [N, 1, 28, 28] in [0, 1].
+    fn outputs(&self, images: &Tensor) -> Result<Outputs> {
+        let _no_grad = no_grad();
+        let _autocast = self.precision_scope();
+        let mut outputs = Outputs {
+            features: Vec::new(),
+            probabilities: Vec::new(),
+            count: images.dims()[0],
+        };
+        for start in (0..outputs.count).step_by(BATCH) {
+            let len = BATCH.min(outputs.count - start);
+            let features = self.classifier.features(&images.narrow(0, start, len)?)?;
+            let probabilities = self.classifier.probabilities(&features)?;
+            outputs
+                .features
+                .extend(features.to_dtype(DType::F32)?.to_vec::<f32>()?);
+            outputs.probabilities.extend(probabilities.to_vec::<f32>()?);
+        }
+        Ok(outputs)
+    }
+
+    /// The first `limit` test images (all without it), as the classifier reads them.
+    fn test_images(&self, data: &Path, limit: Option<usize>) -> Result<(Tensor, Tensor)> {
+        let test = load_images(data, Split::Test)?;
+        let count = limit.map_or(test.count, |l| l.min(test.count));
+        let indices: Vec<usize> = (0..count).collect();
+        labelled_batch(&test, &indices)
+    }
+
+    /// FID and entropies of `images` [N, 1, 28, 28] in [0, 1] against the test set.
+    pub fn score(&self, images: &Tensor, data: &Path, limit: Option<usize>) -> Result<Scores> {
+        let (test, _) = self.test_images(data, limit)?;
+        self.score_against(images, &self.outputs(&test)?)
+    }
+
+    fn score_against(&self, images: &Tensor, test: &Outputs) -> Result<Scores> {
+        let config = self.classifier.config();
+        let (features, classes) = (config.features, config.classes);
+        let generated = self.outputs(images)?;
+        if generated.count < 2 || test.count < 2 {
+            bail!(
+                "the FID needs at least 2 images on each side, got {} samples and {} test images",
+                generated.count,
+                test.count
+            );
+        }
+        let fid = frechet_distance(
+            &FeatureStats::from_rows(&generated.features, features)?,
+            &FeatureStats::from_rows(&test.features, features)?,
+        )?;
+        Ok(Scores {
+            fid,
+            histogram_entropy: class_histogram_entropy(&generated.probabilities, classes),
+            prediction_entropy: mean_prediction_entropy(&generated.probabilities, classes),
+            samples: generated.count,
+            test_images: test.count,
+            features,
+            classes,
+        })
+    }
+}
+
+fn load_images(data: &Path, split: Split) -> Result<ImageSet> {
+    let dir = images_dir(data);
+    load_split(&dir, split).with_context(|| format!("loading Fashion-MNIST from {}", dir.display()))
+}
+
+/// Checks --n: the FID's covariances need two samples.
+fn sample_count(args: &EvalArgs) -> Result<usize> {
+    if args.n < 2 {
+        bail!("--n {}: the FID needs at least 2 samples", args.n);
+    }
+    Ok(args.n)
+}
+
+/// GAN images [N, 1, 32, 32] in [−1, 1] → [N, 1, 28, 28] in [0, 1]: the
+/// central crop (undoing the 2-pixel padding) mapped by y ↦ (y + 1)/2.
+pub fn gan_to_classifier_images(images: &Tensor) -> Result<Tensor> {
+    let border = (GAN_IMAGE_SIZE - IMAGE_SIZE) / 2;
+    Ok(images
+        .to_dtype(DType::F32)?
+        .narrow(2, border, IMAGE_SIZE)?
+        .narrow(3, border, IMAGE_SIZE)?
+        .add_scalar(1.0)?
+        .mul_scalar(0.5)?
+        .clamp(0.0, 1.0)?)
+}
+
+/// `kiln eval gan --classifier DIR`: the scores of --n generator samples.
+/// `checkpoint` is the GAN's, and its autocast scope is live.
+pub fn eval_gan(args: &EvalArgs, checkpoint: &LoadedCheckpoint, device: Device) -> Result<()> {
+    let Some(classifier) = &args.classifier else {
+        bail!(
+            "kiln eval gan needs --classifier DIR: a run of `kiln train classifier`, whose features score the samples"
+        );
+    };
+    let n = sample_count(args)?;
+    let generator = load_generator(checkpoint, device)?;
+    let judge = Judge::load(classifier, device)?;
+    // Noise as `kiln sample gan --seed` draws it, batch after batch.
+    let mut rng = stream_rng(args.seed, Stream::Sampling, 0);
+    let mut batches = Vec::new();
+    for start in (0..n).step_by(BATCH) {
+        let len = BATCH.min(n - start);
+        let z = Tensor::randn([len, generator.nz(), 1, 1], DType::F32, device, &mut rng)?;
+        batches.push(gan_to_classifier_images(&generator.forward(&z)?)?);
+    }
+    let images = Tensor::cat(&batches.iter().collect::<Vec<_>>(), 0)?;
+    judge
+        .score(&images, &args.data, args.limit)?
+        .print("generated images");
+    Ok(())
+}
+
+/// `kiln eval vae --classifier DIR`: the scores of --n images decoded from
+/// prior samples z ~ N(0, I) (Bernoulli probabilities, as `kiln sample vae`).
+pub fn eval_vae_samples(args: &EvalArgs, vae: &Vae, device: Device) -> Result<()> {
+    let Some(classifier) = &args.classifier else {
+        return Ok(());
+    };
+    let n = sample_count(args)?;
+    let judge = Judge::load(classifier, device)?;
+    let mut rng = stream_rng(args.seed, Stream::Sampling, 0);
+    let mut batches = Vec::new();
+    for start in (0..n).step_by(BATCH) {
+        let len = BATCH.min(n - start);
+        let latents = Tensor::randn([len, vae.config().latent], DType::F32, device, &mut rng)?;
+        batches.push(vae_images(vae, &latents)?.to_dtype(DType::F32)?);
+    }
+    let images = Tensor::cat(&batches.iter().collect::<Vec<_>>(), 0)?;
+    judge
+        .score(&images, &args.data, args.limit)?
+        .print("decoded prior samples");
+    Ok(())
+}
+
+/// `kiln eval classifier`: test accuracy, then the scores of --n random
+/// training images against the test set, the floor a perfect generator of
+/// Fashion-MNIST would reach with as many samples.
+pub fn eval_classifier(
+    args: &EvalArgs,
+    checkpoint: &LoadedCheckpoint,
+    device: Device,
+) -> Result<()> {
+    if args.classifier.is_some() {
+        bail!(
+            "--classifier scores the samples of gan and vae; `kiln eval classifier` takes the classifier as --checkpoint"
+        );
+    }
+    let n = sample_count(args)?;
+    let judge = Judge::new(checkpoint, device)?;
+    let (test, labels) = judge.test_images(&args.data, args.limit)?;
+    let count = labels.dims()[0];
+    let mut correct = 0;
+    {
+        let _no_grad = no_grad();
+        let _autocast = judge.precision_scope();
+        for start in (0..count).step_by(BATCH) {
+            let len = BATCH.min(count - start);
+            let logits = judge.classifier.forward(&test.narrow(0, start, len)?)?;
+            correct += correct_predictions(&logits, &labels.narrow(0, start, len)?)?;
+        }
+    }
+    println!(
+        "test accuracy: {:.2}% ({correct} of {count} test images)",
+        100.0 * correct as f64 / count as f64
+    );
+    let train = load_images(&args.data, Split::Train)?;
+    let mut rng = stream_rng(args.seed, Stream::Eval, 0);
+    let mut order = permutation(train.count, &mut rng);
+    order.truncate(n);
+    let (real, _) = labelled_batch(&train, &order)?;
+    let test_outputs = judge.outputs(&test)?;
+    judge
+        .score_against(&real, &test_outputs)?
+        .print("training images (the floor)");
+    Ok(())
+}

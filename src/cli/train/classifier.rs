@@ -1,0 +1,120 @@
+//! `kiln train classifier`: the Fashion-MNIST classifier that scores the
+//! image models' samples (`kiln eval gan|vae --classifier`), trained by the
+//! shared loop of `train` with cross entropy and Adam.
+
+use anyhow::Result;
+
+use super::{
+    EpochSchedule, RunLength, Settings, Trainee, load_images, restore_optimizer, scalar, size,
+};
+use crate::cli::args::TrainArgs;
+use crate::cli::run_dir::{LoadedCheckpoint, RunState, prefixed};
+use crate::cli::specs::{self, ClassifierSpec, build_classifier};
+use crate::data::idx::{ImageSet, Split};
+use crate::models::classifier::{self, Classifier, IMAGE_SIZE};
+use crate::nn::Module;
+use crate::optim::{Adam, Optimizer};
+use crate::{Device, MixedPrecision, Rng, Tensor};
+
+/// Fashion-MNIST's ten classes.
+const CLASSES: usize = 10;
+
+pub(super) struct ClassifierTrainee {
+    classifier: Classifier,
+    optimizer: Adam,
+    images: ImageSet,
+    schedule: EpochSchedule,
+    device: Device,
+}
+
+/// Images [N, 1, 28, 28] in [0, 1] and their u32 labels [N]: what the
+/// classifier reads.
+pub fn labelled_batch(images: &ImageSet, indices: &[usize]) -> Result<(Tensor, Tensor)> {
+    let x = images.batch(indices, IMAGE_SIZE, 0.0, 1.0)?;
+    let labels: Vec<u32> = indices.iter().map(|&i| images.labels[i] as u32).collect();
+    let y = Tensor::from_indices(labels, [indices.len()])?;
+    Ok((x, y))
+}
+
+impl ClassifierTrainee {
+    pub(super) fn new(
+        args: &TrainArgs,
+        settings: &Settings,
+        resumed: Option<&RunState>,
+        device: Device,
+    ) -> Result<(Self, ClassifierSpec)> {
+        let saved: Option<ClassifierSpec> = resumed.map(specs::spec).transpose()?;
+        let saved = saved.as_ref();
+        let spec = ClassifierSpec {
+            width: size("width", args.classifier.width, saved.map(|s| s.width), 32)?,
+            features: size(
+                "features",
+                args.classifier.features,
+                saved.map(|s| s.features),
+                128,
+            )?,
+            classes: CLASSES,
+        };
+        let images = load_images(&args.data, Split::Train)?;
+        let examples = settings.limit.map_or(images.count, |l| l.min(images.count));
+        let classifier = build_classifier(&spec, settings.seed, device)?;
+        let optimizer = classifier::optimizer(&classifier, settings.lr)?;
+        let trainee = ClassifierTrainee {
+            classifier,
+            optimizer,
+            images,
+            schedule: EpochSchedule {
+                seed: settings.seed,
+                examples,
+                batch_size: settings.batch_size,
+                order: None,
+            },
+            device,
+        };
+        Ok((trainee, spec))
+    }
+}
+
+impl Trainee for ClassifierTrainee {
+    fn metric_names(&self) -> &'static [&'static str] {
+        // accuracy: the fraction of the batch classified right, before the update.
+        &["loss", "accuracy"]
+    }
+
+    fn train_step(
+        &mut self,
+        step: usize,
+        _rng: &mut Rng,
+        amp: &mut MixedPrecision,
+    ) -> Result<Vec<f64>> {
+        let indices = self.schedule.batch(step).to_vec();
+        let (x, y) = labelled_batch(&self.images, &indices)?;
+        let (loss, correct) = classifier::train_step(
+            &self.classifier,
+            &mut self.optimizer,
+            &x.to_device(self.device)?,
+            &y.to_device(self.device)?,
+            amp,
+        )?;
+        Ok(vec![scalar(&loss)?, correct as f64 / indices.len() as f64])
+    }
+
+    fn length(&self) -> &dyn RunLength {
+        &self.schedule
+    }
+
+    fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut tensors = prefixed("model", self.classifier.state_dict());
+        tensors.extend(prefixed("optim", self.optimizer.state_dict()));
+        tensors
+    }
+
+    fn restore(&mut self, checkpoint: &LoadedCheckpoint) -> Result<()> {
+        specs::load_into(&self.classifier, checkpoint, "model")?;
+        restore_optimizer(&mut self.optimizer, checkpoint, "optim")
+    }
+
+    fn optimizers(&mut self) -> Vec<&mut dyn Optimizer> {
+        vec![&mut self.optimizer]
+    }
+}
