@@ -722,6 +722,27 @@ impl Trainee for GanTrainee {
     }
 }
 
+/// The checkpoint tensors of a run of one model and one optimizer:
+/// "model.*" and "optim.*".
+fn model_and_optimizer_tensors(
+    model: &dyn Module,
+    optimizer: &dyn Optimizer,
+) -> Vec<(String, Tensor)> {
+    let mut tensors = prefixed("model", model.state_dict());
+    tensors.extend(prefixed("optim", optimizer.state_dict()));
+    tensors
+}
+
+/// Restores what [`model_and_optimizer_tensors`] saved.
+fn restore_model_and_optimizer(
+    model: &dyn Module,
+    optimizer: &mut dyn Optimizer,
+    checkpoint: &LoadedCheckpoint,
+) -> Result<()> {
+    specs::load_into(model, checkpoint, "model")?;
+    restore_optimizer(optimizer, checkpoint, "optim")
+}
+
 fn restore_optimizer(
     optimizer: &mut dyn Optimizer,
     checkpoint: &LoadedCheckpoint,
@@ -845,14 +866,11 @@ impl Trainee for VaeTrainee {
     }
 
     fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut tensors = prefixed("model", self.vae.state_dict());
-        tensors.extend(prefixed("optim", self.optimizer.state_dict()));
-        tensors
+        model_and_optimizer_tensors(&self.vae, &self.optimizer)
     }
 
     fn restore(&mut self, checkpoint: &LoadedCheckpoint) -> Result<()> {
-        specs::load_into(&self.vae, checkpoint, "model")?;
-        restore_optimizer(&mut self.optimizer, checkpoint, "optim")
+        restore_model_and_optimizer(&self.vae, &mut self.optimizer, checkpoint)
     }
 
     fn optimizers(&mut self) -> Vec<&mut dyn Optimizer> {

@@ -5,14 +5,14 @@
 use anyhow::Result;
 
 use super::{
-    EpochSchedule, RunLength, Settings, Trainee, load_images, restore_optimizer, scalar, size,
+    EpochSchedule, RunLength, Settings, Trainee, load_images, model_and_optimizer_tensors,
+    restore_model_and_optimizer, scalar, size,
 };
 use crate::cli::args::TrainArgs;
-use crate::cli::run_dir::{LoadedCheckpoint, RunState, prefixed};
+use crate::cli::run_dir::{LoadedCheckpoint, RunState};
 use crate::cli::specs::{self, ClassifierSpec, build_classifier};
 use crate::data::idx::{ImageSet, Split};
 use crate::models::classifier::{self, Classifier, IMAGE_SIZE};
-use crate::nn::Module;
 use crate::optim::{Adam, Optimizer};
 use crate::{Device, MixedPrecision, Rng, Tensor};
 
@@ -104,14 +104,11 @@ impl Trainee for ClassifierTrainee {
     }
 
     fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut tensors = prefixed("model", self.classifier.state_dict());
-        tensors.extend(prefixed("optim", self.optimizer.state_dict()));
-        tensors
+        model_and_optimizer_tensors(&self.classifier, &self.optimizer)
     }
 
     fn restore(&mut self, checkpoint: &LoadedCheckpoint) -> Result<()> {
-        specs::load_into(&self.classifier, checkpoint, "model")?;
-        restore_optimizer(&mut self.optimizer, checkpoint, "optim")
+        restore_model_and_optimizer(&self.classifier, &mut self.optimizer, checkpoint)
     }
 
     fn optimizers(&mut self) -> Vec<&mut dyn Optimizer> {
