@@ -373,6 +373,9 @@ macro_rules! impl_stored_as_f32 {
             fn from_computed(values: Vec<f32>) -> Vec<$t> {
                 half_float::narrow(&values)
             }
+            fn computed(values: &[$t]) -> std::borrow::Cow<'_, [f32]> {
+                std::borrow::Cow::Owned(half_float::widen(values))
+            }
         }
     };
 }

@@ -518,6 +518,16 @@ struct EpochSchedule {
 }
 
 impl EpochSchedule {
+    /// The run's epochs over `count` images (or the first --limit of them).
+    fn over(settings: &Settings, count: usize) -> EpochSchedule {
+        EpochSchedule {
+            seed: settings.seed,
+            examples: settings.limit.map_or(count, |l| l.min(count)),
+            batch_size: settings.batch_size,
+            order: None,
+        }
+    }
+
     fn steps_per_epoch(&self) -> usize {
         self.examples.div_ceil(self.batch_size)
     }
@@ -604,7 +614,7 @@ impl GanTrainee {
             channels: 1,
         };
         let images = load_images(&args.data, Split::Train)?;
-        let examples = settings.limit.map_or(images.count, |l| l.min(images.count));
+        let schedule = EpochSchedule::over(settings, images.count);
         let (generator, discriminator) = build_gan(&spec, settings.seed, device)?;
         let optim_g = dcgan::optimizer(&generator, settings.lr)?;
         let optim_d = dcgan::optimizer(&discriminator, settings.lr)?;
@@ -621,12 +631,7 @@ impl GanTrainee {
             optim_g,
             optim_d,
             images,
-            schedule: EpochSchedule {
-                seed: settings.seed,
-                examples,
-                batch_size: settings.batch_size,
-                order: None,
-            },
+            schedule,
             nz: spec.nz,
             device,
             fixed_noise,
@@ -813,7 +818,7 @@ impl VaeTrainee {
             )?,
         };
         let images = load_images(&args.data, Split::Train)?;
-        let examples = settings.limit.map_or(images.count, |l| l.min(images.count));
+        let schedule = EpochSchedule::over(settings, images.count);
         let vae = build_vae(&spec, settings.seed, device)?;
         let optimizer = vae::optimizer(&vae, settings.lr)?;
         let mut noise_rng = stream_rng(settings.seed, Stream::FixedNoise, 0);
@@ -827,12 +832,7 @@ impl VaeTrainee {
             vae,
             optimizer,
             images,
-            schedule: EpochSchedule {
-                seed: settings.seed,
-                examples,
-                batch_size: settings.batch_size,
-                order: None,
-            },
+            schedule,
             device,
             fixed_latents,
         };

@@ -234,12 +234,16 @@ pub(super) fn copy_buffer(param: &Tensor, dtype: DType) -> Result<Arc<SharedStor
 /// state load: what the last update wrote, recomputed from its step).
 pub(super) fn refresh_copy(param: &Tensor, format: CopyFormat) -> Result<()> {
     let values = param.host_storage()?;
-    let mut copy = CpuStorage::from_f64_vec(vec![0.0; values.len()], format.dtype());
+    let mut bits = vec![0u16; values.len()];
     match &values {
-        CpuStorage::F32(v) => write_copy(v, copy_bits(&mut copy), format, 0),
-        CpuStorage::F64(v) => write_copy(v, copy_bits(&mut copy), format, 0),
+        CpuStorage::F32(v) => write_copy(v, &mut bits, format, 0),
+        CpuStorage::F64(v) => write_copy(v, &mut bits, format, 0),
         other => return Err(Error::unsupported_dtype("forward copy", other.dtype())),
     }
+    let copy = match format.dtype() {
+        DType::F16 => CpuStorage::F16(bytemuck::cast_vec(bits)),
+        _ => CpuStorage::BF16(bytemuck::cast_vec(bits)),
+    };
     let storage = match param.device() {
         crate::Device::Cpu => Storage::Cpu(copy),
         crate::Device::Cuda(ordinal) => Storage::Cuda(crate::cuda::CudaStorage::from_cpu(

@@ -56,19 +56,14 @@ impl ClassifierTrainee {
             classes: CLASSES,
         };
         let images = load_images(&args.data, Split::Train)?;
-        let examples = settings.limit.map_or(images.count, |l| l.min(images.count));
+        let schedule = EpochSchedule::over(settings, images.count);
         let classifier = build_classifier(&spec, settings.seed, device)?;
         let optimizer = classifier::optimizer(&classifier, settings.lr)?;
         let trainee = ClassifierTrainee {
             classifier,
             optimizer,
             images,
-            schedule: EpochSchedule {
-                seed: settings.seed,
-                examples,
-                batch_size: settings.batch_size,
-                order: None,
-            },
+            schedule,
             device,
         };
         Ok((trainee, spec))
