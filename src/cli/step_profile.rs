@@ -47,6 +47,9 @@ impl StepProfiler {
         let remaining = total_steps.saturating_sub(start_step);
         let warm_up = WARM_UP_STEPS.min(remaining.saturating_sub(steps.max(1)));
         let first = start_step + warm_up;
+        // Nothing is recorded until the window: clear what came before now,
+        // outside the timed steps.
+        profile::take();
         StepProfiler {
             first,
             end: (first + steps.max(1)).min(total_steps),
@@ -62,18 +65,12 @@ impl StepProfiler {
         if !(self.first..self.end).contains(&step) {
             return train_step();
         }
-        if step == self.first {
-            profile::take();
-        }
         let _profiling = profile::profiling();
         profile::synchronize(self.device);
         let started = Instant::now();
         let result = train_step();
         profile::synchronize(self.device);
         self.seconds += started.elapsed().as_secs_f64();
-        if step + 1 == self.end {
-            self.times = profile::take();
-        }
         result
     }
 
@@ -140,7 +137,9 @@ impl StepProfiler {
     }
 
     /// Prints the table and writes profile.md and profile.json into `out`.
-    pub fn finish(&self, what: &str, out: &Path) -> Result<()> {
+    pub fn finish(&mut self, what: &str, out: &Path) -> Result<()> {
+        // Profiling was off after the window, so this is the window's record.
+        self.times = profile::take();
         if self.times.is_empty() {
             println!("--profile: the run ended before its profiled steps");
             return Ok(());

@@ -409,8 +409,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let mut last_checkpoint = start_step;
     for step in start_step..total_steps {
         let epoch = trainee.length().epochs_after(step);
-        let started = Instant::now();
         let mut rng = stream_rng(settings.seed, Stream::Step, step as u64);
+        let started = Instant::now();
         let mut train_step = || trainee.train_step(step, &mut rng, &mut amp);
         let values = match &mut profiler {
             Some(profiler) => profiler.run(step, train_step)?,
@@ -469,7 +469,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         }
     }
     progress.finish();
-    if let Some(profiler) = &profiler {
+    if let Some(profiler) = &mut profiler {
         let what = format!("kiln train {} ({})", kind.name(), settings.precision);
         profiler.finish(&what, &out)?;
     }
