@@ -175,18 +175,13 @@ fn case_name(model: &str, precision: Precision) -> String {
 
 fn bench_gan(bench: &mut Bench, target: &Target, precision: Precision) {
     let batch = 64;
-    let spec = GanSpec {
-        nz: 100,
-        ngf: 64,
-        ndf: 64,
-        channels: 1,
-    };
+    let spec = GanSpec::default();
     let (generator, discriminator) = build_gan(&spec, SEED, target.device).expect("DCGAN");
     let mut optim_g = dcgan::optimizer(&generator, 2e-4).expect("Adam for G");
     let mut optim_d = dcgan::optimizer(&discriminator, 2e-4).expect("Adam for D");
     keep_forward_copies(&mut [&mut optim_g, &mut optim_d], precision);
     let mut rng = Rng::seed(1);
-    let size = dcgan::IMAGE_SIZE;
+    let size = generator.image_size();
     let real = Tensor::rand(
         -1.0,
         1.0,
@@ -241,11 +236,7 @@ fn bench_gan(bench: &mut Bench, target: &Target, precision: Precision) {
 
 fn bench_vae(bench: &mut Bench, target: &Target, precision: Precision) {
     let batch = 128;
-    let spec = VaeSpec {
-        input: 784,
-        hidden: 400,
-        latent: 20,
-    };
+    let spec = VaeSpec::default();
     let model = build_vae(&spec, SEED, target.device).expect("VAE");
     let mut optimizer = vae::optimizer(&model, 1e-3).expect("Adam");
     keep_forward_copies(&mut [&mut optimizer], precision);

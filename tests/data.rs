@@ -1,10 +1,12 @@
-//! The data layer: IDX files (raw and gzipped), image batches, the character
-//! vocabulary, random text windows, and the PNG writers. The last tests check the
+//! The data layer: IDX files (raw and gzipped), image batches, image
+//! folders (PNG and JPEG of any size, resized and centre-cropped), the
+//! character vocabulary, random text windows, and the PNG writers. The last tests check the
 //! real datasets when `scripts/fetch-data.sh` has fetched them into `data/`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use kiln::data::folder::ImageFolder;
 use kiln::data::idx::{IdxArray, ImageSet, Split, load_split, read_idx};
 use kiln::data::image::{save_grid_png, save_line_chart_png};
 use kiln::data::text::{Vocab, load_text, random_batch};
@@ -190,6 +192,7 @@ fn two_by_two_set() -> ImageSet {
         images: vec![0, 255, 51, 102, 255, 255, 255, 255],
         labels: vec![3, 7],
         count: 2,
+        channels: 1,
         rows: 2,
         cols: 2,
     }
@@ -223,6 +226,168 @@ fn batch_rejects_bad_indices_and_sizes() {
     assert!(error_text(set.batch(&[2], 4, 0.0, 1.0)).contains("index 2"));
     assert!(error_text(set.batch(&[0], 1, 0.0, 1.0)).contains("size 1"));
     assert!(error_text(set.batch(&[], 4, 0.0, 1.0)).contains("no indices"));
+}
+
+/// An RGB picture: black left half, white right half, `width × height`.
+fn half_black_half_white(width: u32, height: u32) -> image::RgbImage {
+    image::RgbImage::from_fn(width, height, |x, _| {
+        if x < width / 2 {
+            image::Rgb([0, 0, 0])
+        } else {
+            image::Rgb([255, 255, 255])
+        }
+    })
+}
+
+/// A folder of five pictures in three formats and sizes, two levels deep,
+/// with files that are not images around them:
+/// - `a.png`        80×40 half black / half white;
+/// - `b/red.jpg`    30×50 pure red (JPEG);
+/// - `b/c/grey.png` 16×16 grey level 100 (a one-channel PNG);
+/// - `b/c/rgba.PNG` 20×20 green, alpha 0 (alpha is dropped, as PIL does);
+/// - `d/blue.jpeg`  64×24 pure blue.
+fn write_picture_folder(root: &Path) {
+    std::fs::create_dir_all(root.join("b/c")).unwrap();
+    std::fs::create_dir_all(root.join("d")).unwrap();
+    std::fs::create_dir_all(root.join(".hidden")).unwrap();
+    half_black_half_white(80, 40)
+        .save(root.join("a.png"))
+        .unwrap();
+    image::RgbImage::from_pixel(30, 50, image::Rgb([255, 0, 0]))
+        .save(root.join("b/red.jpg"))
+        .unwrap();
+    image::GrayImage::from_pixel(16, 16, image::Luma([100]))
+        .save(root.join("b/c/grey.png"))
+        .unwrap();
+    image::RgbaImage::from_pixel(20, 20, image::Rgba([0, 255, 0, 0]))
+        .save_with_format(root.join("b/c/rgba.PNG"), image::ImageFormat::Png)
+        .unwrap();
+    image::RgbImage::from_pixel(64, 24, image::Rgb([0, 0, 255]))
+        .save_with_format(root.join("d/blue.jpeg"), image::ImageFormat::Jpeg)
+        .unwrap();
+    std::fs::write(root.join("labels.csv"), "a,1\n").unwrap();
+    std::fs::write(root.join(".hidden/x.png"), "skipped: hidden").unwrap();
+}
+
+#[test]
+fn image_folder_finds_every_png_and_jpeg_at_any_depth_in_sorted_order() {
+    let dir = TempDir::new("folder-scan");
+    write_picture_folder(&dir.0);
+    let folder = ImageFolder::scan(&dir.0).unwrap();
+    let names: Vec<String> = folder
+        .files()
+        .iter()
+        .map(|p| p.strip_prefix(&dir.0).unwrap().display().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "a.png",
+            "b/c/grey.png",
+            "b/c/rgba.PNG",
+            "b/red.jpg",
+            "d/blue.jpeg"
+        ]
+    );
+    assert_eq!(folder.decoded_bytes(8, 3), 5 * 3 * 8 * 8);
+}
+
+#[test]
+fn image_folder_resizes_the_short_side_and_crops_the_centre_as_torchvision() {
+    let dir = TempDir::new("folder-load");
+    write_picture_folder(&dir.0);
+    let folder = ImageFolder::scan(&dir.0).unwrap();
+    let decoded = std::sync::atomic::AtomicUsize::new(0);
+    let on_decoded = || {
+        decoded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    };
+    let set = folder.load(8, 3, &on_decoded).unwrap();
+    assert_eq!(decoded.into_inner(), 5);
+    assert_eq!((set.count, set.channels, set.rows, set.cols), (5, 3, 8, 8));
+    assert!(set.labels.is_empty());
+    let plane = |image: usize, channel: usize| -> &[u8] {
+        let start = (image * 3 + channel) * 64;
+        &set.images[start..start + 64]
+    };
+    // a.png, 80×40 → 16×8 → the central 8×8 from x = 4: black on the left,
+    // white on the right, the edge (blurred by the antialiasing filter)
+    // symmetric about the middle. A crop from x = 0 would be all black.
+    // (tests/golden/image_folder.rs compares with torchvision itself.)
+    for row in plane(0, 0).chunks(8) {
+        assert_eq!((row[0], row[2], row[5], row[7]), (0, 0, 255, 255));
+        assert_eq!(row[3] as u32 + row[4] as u32, 255, "{row:?}");
+    }
+    // Solid colours survive resizing exactly (PNG) or nearly (JPEG).
+    assert!(plane(1, 0).iter().all(|&v| v == 100));
+    assert_eq!(plane(1, 0), plane(1, 2));
+    assert!(plane(2, 1).iter().all(|&v| v == 255));
+    assert!(plane(2, 0).iter().all(|&v| v == 0));
+    assert!(plane(3, 0).iter().all(|&v| v >= 250));
+    assert!(plane(3, 1).iter().all(|&v| v <= 5));
+    assert!(plane(4, 2).iter().all(|&v| v >= 250));
+
+    // One channel: PIL's integer ITU-R 601 luma (red → 76, grey stays 100).
+    let grey = folder.load(8, 1, &|| {}).unwrap();
+    assert_eq!(grey.channels, 1);
+    assert!(grey.images[64..128].iter().all(|&v| v == 100));
+    assert!(
+        grey.images[192..256]
+            .iter()
+            .all(|&v| (74..=78).contains(&v))
+    );
+
+    // Batches are [N, C, S, S] in the asked range.
+    let batch = set.batch(&[0, 4], 8, -1.0, 1.0).unwrap();
+    assert_eq!(batch.dims(), [2, 3, 8, 8]);
+    let values = batch.to_f64_vec();
+    assert_eq!(values[0], -1.0);
+    assert_eq!(values[7], 1.0);
+}
+
+#[test]
+fn image_folder_errors_name_the_corrupt_file_the_empty_folder_and_bad_sizes() {
+    let dir = TempDir::new("folder-errors");
+    let missing = error_text(ImageFolder::scan(&dir.path("nowhere")));
+    assert!(
+        missing.contains("nowhere") && missing.contains("is not a folder"),
+        "{missing}"
+    );
+
+    std::fs::create_dir_all(dir.path("empty/deeper")).unwrap();
+    std::fs::write(dir.path("empty/deeper/notes.txt"), "no pictures").unwrap();
+    let empty = error_text(ImageFolder::scan(&dir.path("empty")));
+    assert!(
+        empty.contains("holds no PNG or JPEG image")
+            && empty.contains("2 folder(s), 1 other file(s)"),
+        "{empty}"
+    );
+
+    let pictures = dir.path("pictures");
+    write_picture_folder(&pictures);
+    let folder = ImageFolder::scan(&pictures).unwrap();
+    for bad in [0, 2] {
+        let (size, channels) = if bad == 0 { (0, 3) } else { (8, bad) };
+        let text = error_text(folder.load(size, channels, &|| {}));
+        assert!(text.contains("ImageFolder"), "{text}");
+    }
+
+    // A truncated JPEG, then a text file named .png: each error names its file.
+    let jpeg = std::fs::read(pictures.join("b/red.jpg")).unwrap();
+    let broken: [(&str, &[u8]); 2] = [
+        ("b/red.jpg", &jpeg[..jpeg.len() / 3]),
+        ("d/not-an-image.png", b"hello"),
+    ];
+    for (name, bytes) in broken {
+        std::fs::write(pictures.join(name), bytes).unwrap();
+        let folder = ImageFolder::scan(&pictures).unwrap();
+        let text = error_text(folder.load(8, 3, &|| {}));
+        assert!(
+            text.contains(name) && text.contains("cannot be decoded"),
+            "{name}: {text}"
+        );
+        std::fs::remove_file(pictures.join(name)).unwrap();
+    }
+    assert_eq!(ImageFolder::scan(&pictures).unwrap().len(), 4);
 }
 
 #[test]

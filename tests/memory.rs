@@ -68,16 +68,11 @@ fn main() {
         .unwrap();
     });
 
-    let gan = GanSpec {
-        nz: 100,
-        ngf: 64,
-        ndf: 64,
-        channels: 1,
-    };
+    let gan = GanSpec::default();
     let (generator, discriminator) = build_gan(&gan, 0, Device::Cpu).unwrap();
     let mut optim_g = dcgan::optimizer(&generator, 2e-4).unwrap();
     let mut optim_d = dcgan::optimizer(&discriminator, 2e-4).unwrap();
-    let size = dcgan::IMAGE_SIZE;
+    let size = generator.image_size();
     let real = Tensor::rand(
         -1.0,
         1.0,

@@ -3,12 +3,12 @@
 //! prove each model can learn (GAN losses stay finite, the VAE's loss falls,
 //! the GPT memorises a paragraph).
 
-use kiln::models::dcgan::{DcganConfig, Discriminator, Generator};
+use kiln::models::dcgan::{self, DcganConfig, Discriminator, Generator};
 use kiln::models::gpt::{Gpt, GptConfig, GptInit};
 use kiln::models::vae::{Vae, VaeConfig};
 use kiln::nn::{Init, KvCache, Module};
 use kiln::optim::{Adam, AdamConfig, AdamW, Optimizer};
-use kiln::{DType, Device, Reduction, Rng, Tensor};
+use kiln::{DType, Device, MixedPrecision, Precision, Reduction, Rng, Tensor};
 
 fn names(pairs: &[(String, Tensor)]) -> Vec<&str> {
     pairs.iter().map(|(n, _)| n.as_str()).collect()
@@ -118,6 +118,7 @@ fn dcgan_generator_makes_32x32_images_in_tanh_range_and_discriminator_one_logit_
         ngf: 4,
         ndf: 4,
         channels: 3,
+        image_size: 32,
     };
     let g = Generator::new(&cfg, &mut init).unwrap();
     let d = Discriminator::new(&cfg, &mut init).unwrap();
@@ -132,6 +133,93 @@ fn dcgan_generator_makes_32x32_images_in_tanh_range_and_discriminator_one_logit_
 }
 
 #[test]
+fn dcgan_at_64x64_rgb_adds_one_stage_and_a_training_step_runs() {
+    let mut rng = Rng::seed(12);
+    let mut init = Init::new(&mut rng, Device::Cpu, DType::F32);
+    let cfg = DcganConfig {
+        nz: 6,
+        ngf: 2,
+        ndf: 2,
+        channels: 3,
+        image_size: 64,
+    };
+    let g = Generator::new(&cfg, &mut init).unwrap();
+    let d = Discriminator::new(&cfg, &mut init).unwrap();
+    // The paper's 64×64 stacks: 4 transposed convolutions before the output
+    // layer, from 8·ngf feature maps; the discriminator mirrors them.
+    let shapes = |m: &dyn Module| -> Vec<(String, Vec<usize>)> {
+        m.named_parameters()
+            .into_iter()
+            .filter(|(name, _)| name.ends_with(".weight"))
+            .map(|(name, t)| (name, t.dims().to_vec()))
+            .filter(|(_, dims)| dims.len() == 4)
+            .collect()
+    };
+    let expect = |list: &[(&str, [usize; 4])]| -> Vec<(String, Vec<usize>)> {
+        list.iter()
+            .map(|(n, d)| (n.to_string(), d.to_vec()))
+            .collect()
+    };
+    assert_eq!(
+        shapes(&g),
+        expect(&[
+            ("main.0.weight", [6, 16, 4, 4]),
+            ("main.3.weight", [16, 8, 4, 4]),
+            ("main.6.weight", [8, 4, 4, 4]),
+            ("main.9.weight", [4, 2, 4, 4]),
+            ("main.12.weight", [2, 3, 4, 4]),
+        ])
+    );
+    assert_eq!(
+        shapes(&d),
+        expect(&[
+            ("main.0.weight", [2, 3, 4, 4]),
+            ("main.2.weight", [4, 2, 4, 4]),
+            ("main.5.weight", [8, 4, 4, 4]),
+            ("main.8.weight", [16, 8, 4, 4]),
+            ("main.11.weight", [1, 16, 4, 4]),
+        ])
+    );
+
+    let mut data_rng = Rng::seed(13);
+    let real = Tensor::rand(
+        -1.0,
+        1.0,
+        [4, 3, 64, 64],
+        DType::F32,
+        Device::Cpu,
+        &mut data_rng,
+    )
+    .unwrap();
+    let z = Tensor::randn([4, 6, 1, 1], DType::F32, Device::Cpu, &mut data_rng).unwrap();
+    assert_eq!(g.forward(&z).unwrap().dims(), [4, 3, 64, 64]);
+    let mut optim_g = dcgan::optimizer(&g, 2e-4).unwrap();
+    let mut optim_d = dcgan::optimizer(&d, 2e-4).unwrap();
+    let before = g.state_dict()[0].1.to_f64_vec();
+    let mut amp = MixedPrecision::new(Precision::F32);
+    let step = dcgan::train_step(&g, &d, &mut optim_g, &mut optim_d, &real, &z, &mut amp).unwrap();
+    assert_eq!(step.logits_real.dims(), [4]);
+    assert_eq!(step.logits_fake.dims(), [4]);
+    assert!(step.loss_d.item().unwrap().is_finite() && step.loss_g.item().unwrap().is_finite());
+    assert_ne!(
+        g.state_dict()[0].1.to_f64_vec(),
+        before,
+        "G was not updated"
+    );
+
+    // 32×32 images are not 64×64 ones, and the side must be a power of two.
+    let small = Tensor::zeros([2, 3, 32, 32], DType::F32, Device::Cpu).unwrap();
+    let err = d.forward(&small).unwrap_err().to_string();
+    assert!(err.contains("[N, 3, 64, 64]"), "{err}");
+    let odd = DcganConfig {
+        image_size: 48,
+        ..cfg
+    };
+    let err = Generator::new(&odd, &mut init).err().unwrap().to_string();
+    assert!(err.contains("power of two") && err.contains("48"), "{err}");
+}
+
+#[test]
 fn dcgan_rejects_wrong_input_shapes_and_zero_sizes() {
     let mut rng = Rng::seed(3);
     let mut init = Init::new(&mut rng, Device::Cpu, DType::F32);
@@ -140,6 +228,7 @@ fn dcgan_rejects_wrong_input_shapes_and_zero_sizes() {
         ngf: 4,
         ndf: 4,
         channels: 1,
+        image_size: 32,
     };
     let g = Generator::new(&cfg, &mut init).unwrap();
     let d = Discriminator::new(&cfg, &mut init).unwrap();
@@ -179,6 +268,7 @@ fn dcgan_adversarial_training_keeps_losses_finite_and_samples_varied() {
         ngf: 16,
         ndf: 16,
         channels: 1,
+        image_size: 32,
     };
     let g = Generator::new(&cfg, &mut init).unwrap();
     let d = Discriminator::new(&cfg, &mut init).unwrap();
@@ -784,6 +874,7 @@ fn models_built_on_cuda_keep_parameters_there_and_match_the_cpu() {
             ngf: 8,
             ndf: 8,
             channels: 1,
+            image_size: 32,
         };
         let vae = VaeConfig {
             input: 784,

@@ -96,6 +96,7 @@ fn gan_images_convert_back_to_the_classifiers_images_exactly() {
         images: pixels,
         labels: vec![0; count],
         count,
+        channels: 1,
         rows: 28,
         cols: 28,
     };
@@ -423,4 +424,50 @@ fn bad_classifier_arguments_are_clear_errors() {
         ],
         &["--classifier scores images"],
     );
+}
+
+#[test]
+fn a_classifier_scores_only_models_of_its_own_dataset() {
+    let scratch = Scratch::new("datasets");
+    // The same synthetic IDX files serve as MNIST too.
+    let (fashion, mnist) = (
+        scratch.root.join("data/fashion-mnist"),
+        scratch.root.join("data/mnist"),
+    );
+    fs::create_dir_all(&mnist).unwrap();
+    for entry in fs::read_dir(&fashion).unwrap() {
+        let path = entry.unwrap().path();
+        fs::copy(&path, mnist.join(path.file_name().unwrap())).unwrap();
+    }
+    scratch.train("classifier", "fashion-judge", &[]);
+    scratch.train("classifier", "mnist-judge", &["--dataset", "mnist"]);
+    scratch.train("gan", "gan", &["--dataset", "mnist"]);
+    let (data, gan) = (scratch.arg("data"), scratch.arg("gan"));
+    let eval = |judge: &str| {
+        let judge = scratch.arg(judge);
+        let args = [
+            "eval",
+            "gan",
+            "--checkpoint",
+            &gan,
+            "--classifier",
+            &judge,
+            "--data",
+            &data,
+            "--n",
+            "10",
+        ];
+        args.map(str::to_string)
+    };
+    let args = eval("fashion-judge");
+    kiln_fails(
+        &args.each_ref().map(String::as_str),
+        &[
+            "the GAN was trained on mnist but the classifier on fashion-mnist",
+            "kiln train classifier --dataset mnist",
+        ],
+    );
+    let args = eval("mnist-judge");
+    let stdout = kiln_ok(&args.each_ref().map(String::as_str));
+    check_scores(&stdout, "10 generated images vs 12 test images");
 }

@@ -38,13 +38,13 @@ pub enum Command {
 /// The three models kiln trains.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ModelKind {
-    /// DCGAN on Fashion-MNIST padded to 32x32.
+    /// DCGAN on Fashion-MNIST padded to 32x32 (or --dataset, --image-size 64).
     Gan,
-    /// Fully connected VAE on Fashion-MNIST 28x28.
+    /// Fully connected VAE on Fashion-MNIST 28x28 (or --dataset).
     Vae,
     /// Character-level GPT on Shakespeare.
     Gpt,
-    /// Fashion-MNIST CNN classifier, the judge of `kiln eval gan|vae --classifier`.
+    /// Fashion-MNIST (or MNIST) CNN classifier, the judge of `kiln eval gan|vae --classifier`.
     Classifier,
 }
 
@@ -111,6 +111,43 @@ impl From<EvalModelKind> for ModelKind {
             EvalModelKind::Gan => ModelKind::Gan,
             EvalModelKind::Classifier => ModelKind::Classifier,
         }
+    }
+}
+
+/// The images of `kiln train gan|vae|classifier`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DatasetArg {
+    /// Fashion-MNIST's 28x28 grey clothes, from DATA/fashion-mnist/ (scripts/fetch-data.sh).
+    FashionMnist,
+    /// MNIST's 28x28 grey digits, from the IDX files in DATA/mnist/.
+    Mnist,
+    /// Every PNG/JPEG under the folder --data, resized and centre-cropped to --image-size.
+    Folder,
+}
+
+impl DatasetArg {
+    pub fn name(self) -> &'static str {
+        match self {
+            DatasetArg::FashionMnist => "fashion-mnist",
+            DatasetArg::Mnist => "mnist",
+            DatasetArg::Folder => "folder",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<DatasetArg> {
+        [
+            DatasetArg::FashionMnist,
+            DatasetArg::Mnist,
+            DatasetArg::Folder,
+        ]
+        .into_iter()
+        .find(|d| d.name() == name)
+    }
+}
+
+impl std::fmt::Display for DatasetArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -205,9 +242,14 @@ pub struct TrainArgs {
     #[arg(long)]
     pub seed: Option<u64>,
 
-    /// Data directory, as filled by scripts/fetch-data.sh (holds fashion-mnist/ and shakespeare.txt).
-    #[arg(long, default_value = "data")]
-    pub data: PathBuf,
+    /// Data directory, as filled by scripts/fetch-data.sh (holds
+    /// fashion-mnist/, mnist/ and shakespeare.txt) [default: data]; with
+    /// --dataset folder, the image folder [default: the resumed run's].
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub images: ImageArgs,
 
     /// Run directory for checkpoints, metrics and pictures [default: runs/<model>].
     #[arg(long)]
@@ -253,6 +295,21 @@ pub struct TrainArgs {
 
     #[command(flatten)]
     pub classifier: ClassifierArgs,
+}
+
+/// The images an image model trains on (`kiln train gan|vae|classifier`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct ImageArgs {
+    /// gan/vae/classifier: the images [default: fashion-mnist].
+    #[arg(long, value_enum)]
+    pub dataset: Option<DatasetArg>,
+    /// gan/vae: image side; gan: a power of two (32, or 64 as in the DCGAN
+    /// paper), vae: 28 for MNIST-like sets [default: gan 32, vae 28].
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// gan/vae: 1 (grey) or 3 (RGB, --dataset folder only) [default: 1].
+    #[arg(long)]
+    pub channels: Option<usize>,
 }
 
 /// Classifier size (`kiln train classifier`).
@@ -391,9 +448,10 @@ pub struct EvalArgs {
     /// A run directory, its checkpoint.json or its checkpoint.safetensors.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Data directory, as filled by scripts/fetch-data.sh.
-    #[arg(long, default_value = "data")]
-    pub data: PathBuf,
+    /// Data directory, as filled by scripts/fetch-data.sh [default: data];
+    /// for a VAE trained on an image folder, a folder of held-out images.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
     /// Seed of the evaluation's randomness (VAE: the eps of the ELBO; GPT: the
     /// batch offsets; --classifier: the samples' noise; classifier: which training images).
     #[arg(long, default_value_t = 0)]

@@ -1,7 +1,8 @@
 //! `kiln eval vae|gpt|gan|classifier`: held-out scores of a trained model.
 //!
-//! - VAE: the negative ELBO per image (nats), averaged over the test set
-//!   (10,000 Fashion-MNIST images, or the first --limit), with one eps per
+//! - VAE: the negative ELBO per image (nats), averaged over the test set of
+//!   its dataset (10,000 images, or the first --limit; for a VAE of an image
+//!   folder, the folder given as --data), with one eps per
 //!   image drawn from a generator seeded by --seed: an upper bound on
 //!   −log p(x).
 //! - GPT: the mean cross-entropy (nats per character) of --batches random
@@ -16,12 +17,14 @@
 
 use anyhow::{Context, Result, bail};
 
-use super::args::{EvalArgs, EvalModelKind};
+use super::args::{DatasetArg, EvalArgs, EvalModelKind};
+use super::datasets::{ImageSource, data_dir};
 use super::quality;
 use super::run_dir::load_checkpoint;
 use super::seeds::{Stream, stream_rng};
-use super::specs::{VAE_IMAGE_SIZE, images_dir, load_gpt, load_vae, text_path};
-use crate::data::idx::{Split, load_split};
+use super::specs::{load_gpt, load_vae, text_path};
+use super::train::vae_batch;
+use crate::data::idx::Split;
 use crate::data::text::{load_text, random_batch};
 use crate::no_grad;
 
@@ -42,27 +45,27 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let _autocast = super::checkpoint_autocast(&checkpoint)?;
     match args.model {
         EvalModelKind::Vae => {
-            let vae = load_vae(&checkpoint, device)?;
-            let dir = images_dir(&args.data);
-            let test = load_split(&dir, Split::Test)
-                .with_context(|| format!("loading Fashion-MNIST from {}", dir.display()))?;
+            let (vae, spec) = load_vae(&checkpoint, device)?;
+            let source = ImageSource::of_run(&checkpoint.state.training, args.data.as_deref())?;
+            let test = source.load(Split::Test, spec.image_size, spec.channels)?;
             let count = args.limit.map_or(test.count, |l| l.min(test.count));
-            let pixels = VAE_IMAGE_SIZE * VAE_IMAGE_SIZE;
             let mut total = 0.0;
             for start in (0..count).step_by(VAE_EVAL_BATCH) {
                 let indices: Vec<usize> = (start..(start + VAE_EVAL_BATCH).min(count)).collect();
-                let x = test
-                    .batch(&indices, VAE_IMAGE_SIZE, 0.0, 1.0)?
-                    .reshape([indices.len(), pixels])?
-                    .to_device(device)?;
+                let x = vae_batch(&spec, &test, &indices, device)?;
                 // The loss is a mean over the batch; weight it by the batch's size.
                 total += vae.loss(&x, &mut rng)?.total.item()? * indices.len() as f64;
             }
+            // A folder is a set of held-out images the user chose, not a test split.
+            let images = match source.dataset {
+                DatasetArg::Folder => "held-out images",
+                _ => "test images",
+            };
             println!(
-                "test negative ELBO: {:.4} nats per image (mean over {count} test images)",
+                "test negative ELBO: {:.4} nats per image (mean over {count} {images})",
                 total / count as f64
             );
-            quality::eval_vae_samples(args, &vae, device)?;
+            quality::eval_vae_samples(args, &checkpoint, &vae, &spec, device)?;
         }
         EvalModelKind::Gan => quality::eval_gan(args, &checkpoint, device)?,
         EvalModelKind::Classifier => quality::eval_classifier(args, &checkpoint, device)?,
@@ -71,7 +74,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                 bail!("--batches must be at least 1");
             }
             let (gpt, _) = load_gpt(&checkpoint, device)?;
-            let path = text_path(&args.data);
+            let path = text_path(&data_dir(args.data.as_deref()));
             let text =
                 load_text(&path).with_context(|| format!("loading the text {}", path.display()))?;
             let saved_vocab = checkpoint.state.vocab.as_deref().unwrap_or_default();

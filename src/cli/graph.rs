@@ -16,8 +16,8 @@ use super::args::ModelKind;
 use super::run_dir::{LoadedCheckpoint, load_checkpoint, write_atomically};
 use super::seeds::{Stream, stream_rng};
 use super::specs::{
-    ClassifierSpec, GanSpec, GptSpec, VAE_IMAGE_SIZE, VaeSpec, build_classifier, build_gan,
-    build_gpt, build_vae, load_into, spec,
+    ClassifierSpec, GanSpec, GptSpec, VaeSpec, build_classifier, build_gan, build_gpt, build_vae,
+    load_into, spec,
 };
 use crate::autograd::GraphBuilder;
 use crate::nn::Module;
@@ -204,12 +204,7 @@ fn gan_loss(checkpoint: Option<&LoadedCheckpoint>) -> Result<LossAndNames> {
             c.expect_model("gan")?;
             spec(&c.state)?
         }
-        None => GanSpec {
-            nz: 100,
-            ngf: 64,
-            ndf: 64,
-            channels: 1,
-        },
+        None => GanSpec::default(),
     };
     let (generator, discriminator) = build_gan(&spec, run_seed(checkpoint), Device::Cpu)?;
     if let Some(c) = checkpoint {
@@ -233,11 +228,7 @@ fn vae_loss(checkpoint: Option<&LoadedCheckpoint>) -> Result<LossAndNames> {
             c.expect_model("vae")?;
             spec(&c.state)?
         }
-        None => VaeSpec {
-            input: VAE_IMAGE_SIZE * VAE_IMAGE_SIZE,
-            hidden: 400,
-            latent: 20,
-        },
+        None => VaeSpec::default(),
     };
     let vae = build_vae(&spec, run_seed(checkpoint), Device::Cpu)?;
     if let Some(c) = checkpoint {

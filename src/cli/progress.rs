@@ -39,6 +39,11 @@ impl Progress {
         self.bar.set_message(status);
     }
 
+    /// One more item done; callable from any thread.
+    pub fn advance(&self) {
+        self.bar.inc(1);
+    }
+
     /// Prints a line above the bar, or plainly when there is no bar.
     pub fn println(&self, line: &str) {
         if self.interactive {

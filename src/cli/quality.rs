@@ -6,24 +6,29 @@
 //! comparable between runs scored by the same classifier checkpoint), and
 //! its class probabilities the two entropies (see `models::quality`).
 //!
-//! Every image reaches the classifier as Fashion-MNIST is stored and as the
+//! Every image reaches the classifier as the IDX sets are stored and as the
 //! classifier was trained: [N, 1, 28, 28] in [0, 1]. The GAN's images are
 //! 32×32 in [−1, 1] (28×28 images padded by 2 pixels of background, then
 //! mapped by x ↦ 2x − 1), so they are converted back: the central 28×28
 //! crop, mapped by y ↦ (y + 1)/2. On a real training image this is the
 //! exact inverse of the GAN's input pipeline.
+//!
+//! A classifier judges only models trained on its own dataset (Fashion-MNIST
+//! or MNIST, as recorded in both checkpoints); a model trained on an image
+//! folder has no judge here.
 
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use super::args::EvalArgs;
+use super::args::{DatasetArg, EvalArgs};
+use super::datasets::{ImageSource, data_dir, recorded_dataset};
 use super::run_dir::{LoadedCheckpoint, load_checkpoint};
 use super::seeds::{Stream, permutation, stream_rng};
-use super::specs::{GAN_IMAGE_SIZE, images_dir, load_classifier, load_generator};
+use super::specs::{VaeSpec, load_classifier, load_generator};
 use super::train::{labelled_batch, vae_images};
 use crate::autocast::AutocastGuard;
-use crate::data::idx::{ImageSet, Split, load_split};
+use crate::data::idx::Split;
 use crate::models::classifier::{Classifier, IMAGE_SIZE, correct_predictions};
 use crate::models::quality::{
     FeatureStats, class_histogram_entropy, frechet_distance, mean_prediction_entropy,
@@ -39,6 +44,8 @@ const BATCH: usize = 500;
 pub struct Judge {
     classifier: Classifier,
     precision: Precision,
+    /// The dataset it learned, whose test split the samples are scored against.
+    dataset: DatasetArg,
 }
 
 /// What the classifier makes of a set of images.
@@ -105,7 +112,25 @@ impl Judge {
         Ok(Judge {
             classifier: load_classifier(checkpoint, device)?,
             precision: checkpoint.precision()?,
+            dataset: recorded_dataset(&checkpoint.state.training)?,
         })
+    }
+
+    /// Refuses to score a model trained on other images than the classifier.
+    fn check_judges(&self, model: &str, trained_on: &LoadedCheckpoint) -> Result<()> {
+        let dataset = recorded_dataset(&trained_on.state.training)?;
+        if dataset == DatasetArg::Folder {
+            bail!(
+                "the {model} was trained on an image folder; the classifier scores only models of the labelled IDX sets (fashion-mnist, mnist)"
+            );
+        }
+        if dataset != self.dataset {
+            bail!(
+                "the {model} was trained on {dataset} but the classifier on {}; score it with a classifier of the same data (kiln train classifier --dataset {dataset})",
+                self.dataset
+            );
+        }
+        Ok(())
     }
 
     /// Autocast as the classifier was trained, whatever scope the caller is
@@ -136,15 +161,20 @@ impl Judge {
     }
 
     /// The first `limit` test images (all without it), as the classifier reads them.
-    fn test_images(&self, data: &Path, limit: Option<usize>) -> Result<(Tensor, Tensor)> {
-        let test = load_images(data, Split::Test)?;
+    fn test_images(&self, data: Option<&Path>, limit: Option<usize>) -> Result<(Tensor, Tensor)> {
+        let test = self.source(data).load_idx(Split::Test)?;
         let count = limit.map_or(test.count, |l| l.min(test.count));
         let indices: Vec<usize> = (0..count).collect();
         labelled_batch(&test, &indices)
     }
 
     /// FID and entropies of `images` [N, 1, 28, 28] in [0, 1] against the test set.
-    pub fn score(&self, images: &Tensor, data: &Path, limit: Option<usize>) -> Result<Scores> {
+    pub fn score(
+        &self,
+        images: &Tensor,
+        data: Option<&Path>,
+        limit: Option<usize>,
+    ) -> Result<Scores> {
         let (test, _) = self.test_images(data, limit)?;
         self.score_against(images, &self.outputs(&test)?)
     }
@@ -176,9 +206,14 @@ impl Judge {
     }
 }
 
-fn load_images(data: &Path, split: Split) -> Result<ImageSet> {
-    let dir = images_dir(data);
-    load_split(&dir, split).with_context(|| format!("loading Fashion-MNIST from {}", dir.display()))
+impl Judge {
+    /// The classifier's dataset under the data directory `data`.
+    fn source(&self, data: Option<&Path>) -> ImageSource {
+        ImageSource {
+            dataset: self.dataset,
+            path: data_dir(data),
+        }
+    }
 }
 
 /// Checks --n: the FID's covariances need two samples.
@@ -189,17 +224,34 @@ fn sample_count(args: &EvalArgs) -> Result<usize> {
     Ok(args.n)
 }
 
-/// GAN images [N, 1, 32, 32] in [−1, 1] → [N, 1, 28, 28] in [0, 1]: the
-/// central crop (undoing the 2-pixel padding) mapped by y ↦ (y + 1)/2.
+/// GAN images [N, 1, S, S] in [−1, 1] (S ≥ 28) → [N, 1, 28, 28] in [0, 1]:
+/// the central crop (undoing the padding) mapped by y ↦ (y + 1)/2.
 pub fn gan_to_classifier_images(images: &Tensor) -> Result<Tensor> {
-    let border = (GAN_IMAGE_SIZE - IMAGE_SIZE) / 2;
-    Ok(images
-        .to_dtype(DType::F32)?
-        .narrow(2, border, IMAGE_SIZE)?
-        .narrow(3, border, IMAGE_SIZE)?
+    Ok(central_crop(images)?
         .add_scalar(1.0)?
         .mul_scalar(0.5)?
         .clamp(0.0, 1.0)?)
+}
+
+/// The central 28×28 of grey images [N, 1, S, S] with S ≥ 28, in f32.
+fn central_crop(images: &Tensor) -> Result<Tensor> {
+    let (channels, side) = match images.dims() {
+        [_, c, h, w] if h == w => (*c, *h),
+        _ => bail!(
+            "expected square images [N, 1, S, S], got {}",
+            images.shape()
+        ),
+    };
+    if channels != 1 || side < IMAGE_SIZE {
+        bail!(
+            "the classifier reads grey images of at least {IMAGE_SIZE}x{IMAGE_SIZE}, got {channels} channel(s) of {side}x{side}"
+        );
+    }
+    let border = (side - IMAGE_SIZE) / 2;
+    Ok(images
+        .to_dtype(DType::F32)?
+        .narrow(2, border, IMAGE_SIZE)?
+        .narrow(3, border, IMAGE_SIZE)?)
 }
 
 /// `kiln eval gan --classifier DIR`: the scores of --n generator samples.
@@ -213,6 +265,7 @@ pub fn eval_gan(args: &EvalArgs, checkpoint: &LoadedCheckpoint, device: Device) 
     let n = sample_count(args)?;
     let generator = load_generator(checkpoint, device)?;
     let judge = Judge::load(classifier, device)?;
+    judge.check_judges("GAN", checkpoint)?;
     // Noise as `kiln sample gan --seed` draws it, batch after batch.
     let mut rng = stream_rng(args.seed, Stream::Sampling, 0);
     let mut batches = Vec::new();
@@ -223,36 +276,43 @@ pub fn eval_gan(args: &EvalArgs, checkpoint: &LoadedCheckpoint, device: Device) 
     }
     let images = Tensor::cat(&batches.iter().collect::<Vec<_>>(), 0)?;
     judge
-        .score(&images, &args.data, args.limit)?
+        .score(&images, args.data.as_deref(), args.limit)?
         .print("generated images");
     Ok(())
 }
 
 /// `kiln eval vae --classifier DIR`: the scores of --n images decoded from
 /// prior samples z ~ N(0, I) (Bernoulli probabilities, as `kiln sample vae`).
-pub fn eval_vae_samples(args: &EvalArgs, vae: &Vae, device: Device) -> Result<()> {
+pub fn eval_vae_samples(
+    args: &EvalArgs,
+    checkpoint: &LoadedCheckpoint,
+    vae: &Vae,
+    spec: &VaeSpec,
+    device: Device,
+) -> Result<()> {
     let Some(classifier) = &args.classifier else {
         return Ok(());
     };
     let n = sample_count(args)?;
     let judge = Judge::load(classifier, device)?;
+    judge.check_judges("VAE", checkpoint)?;
     let mut rng = stream_rng(args.seed, Stream::Sampling, 0);
     let mut batches = Vec::new();
     for start in (0..n).step_by(BATCH) {
         let len = BATCH.min(n - start);
         let latents = Tensor::randn([len, vae.config().latent], DType::F32, device, &mut rng)?;
-        batches.push(vae_images(vae, &latents)?.to_dtype(DType::F32)?);
+        batches.push(central_crop(&vae_images(vae, spec, &latents)?)?);
     }
     let images = Tensor::cat(&batches.iter().collect::<Vec<_>>(), 0)?;
     judge
-        .score(&images, &args.data, args.limit)?
+        .score(&images, args.data.as_deref(), args.limit)?
         .print("decoded prior samples");
     Ok(())
 }
 
 /// `kiln eval classifier`: test accuracy, then the scores of --n random
 /// training images against the test set, the floor a perfect generator of
-/// Fashion-MNIST would reach with as many samples.
+/// the classifier's dataset would reach with as many samples.
 pub fn eval_classifier(
     args: &EvalArgs,
     checkpoint: &LoadedCheckpoint,
@@ -265,7 +325,7 @@ pub fn eval_classifier(
     }
     let n = sample_count(args)?;
     let judge = Judge::new(checkpoint, device)?;
-    let (test, labels) = judge.test_images(&args.data, args.limit)?;
+    let (test, labels) = judge.test_images(args.data.as_deref(), args.limit)?;
     let count = labels.dims()[0];
     let mut correct = 0;
     {
@@ -281,7 +341,7 @@ pub fn eval_classifier(
         "test accuracy: {:.2}% ({correct} of {count} test images)",
         100.0 * correct as f64 / count as f64
     );
-    let train = load_images(&args.data, Split::Train)?;
+    let train = judge.source(args.data.as_deref()).load_idx(Split::Train)?;
     let mut rng = stream_rng(args.seed, Stream::Eval, 0);
     let mut order = permutation(train.count, &mut rng);
     order.truncate(n);

@@ -86,6 +86,13 @@ pub struct TrainingConfig {
     /// stochastically (absent: to nearest even).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stochastic_rounding: Option<bool>,
+    /// Image models: the dataset ("fashion-mnist", "mnist" or "folder";
+    /// absent in runs from before it could change: "fashion-mnist").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
+    /// `--dataset folder`: the image folder, as it was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_folder: Option<String>,
     /// GPT: AdamW's beta2 (absent in runs from before it was recorded: 0.99).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub beta2: Option<f64>,
@@ -422,6 +429,8 @@ mod tests {
                 stochastic_rounding: Some(true),
                 beta2: None,
                 init: None,
+                dataset: Some("folder".into()),
+                image_folder: Some("pictures/faces".into()),
             },
             step: 3,
             epoch: 1,

@@ -31,10 +31,10 @@ pub fn run(args: &SampleArgs) -> Result<()> {
             (generator.forward(&z)?, -1.0, 1.0)
         }
         ImageModelKind::Vae => {
-            let vae = load_vae(&checkpoint, device)?;
+            let (vae, spec) = load_vae(&checkpoint, device)?;
             let latents =
                 Tensor::randn([args.n, vae.config().latent], DType::F32, device, &mut rng)?;
-            (vae_images(&vae, &latents)?, 0.0, 1.0)
+            (vae_images(&vae, &spec, &latents)?, 0.0, 1.0)
         }
     };
     drop(autocast);

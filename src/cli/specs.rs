@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::run_dir::{LoadedCheckpoint, RunState};
@@ -16,15 +16,10 @@ use crate::models::vae::{Vae, VaeConfig};
 use crate::nn::{Init, Module};
 use crate::{DType, Device};
 
-/// Image side the DCGAN works at (28×28 images are centred in 32×32).
+/// Image side the DCGAN works at by default (28×28 images are centred in 32×32).
 pub const GAN_IMAGE_SIZE: usize = 32;
-/// Image side of the VAE (the IDX images as they are).
+/// Image side of the VAE by default (the IDX images as they are).
 pub const VAE_IMAGE_SIZE: usize = 28;
-
-/// The Fashion-MNIST directory inside a data directory.
-pub fn images_dir(data: &Path) -> PathBuf {
-    data.join("fashion-mnist")
-}
 
 /// The Shakespeare text inside a data directory.
 pub fn text_path(data: &Path) -> PathBuf {
@@ -37,6 +32,26 @@ pub struct GanSpec {
     pub ngf: usize,
     pub ndf: usize,
     pub channels: usize,
+    /// Absent in runs from before it could change: 32.
+    #[serde(default = "default_gan_image_size")]
+    pub image_size: usize,
+}
+
+fn default_gan_image_size() -> usize {
+    GAN_IMAGE_SIZE
+}
+
+impl Default for GanSpec {
+    /// `kiln train gan`'s defaults: the tutorial's sizes, padded grey images.
+    fn default() -> Self {
+        GanSpec {
+            nz: 100,
+            ngf: 64,
+            ndf: 64,
+            channels: 1,
+            image_size: GAN_IMAGE_SIZE,
+        }
+    }
 }
 
 impl From<&GanSpec> for DcganConfig {
@@ -46,15 +61,56 @@ impl From<&GanSpec> for DcganConfig {
             ngf: s.ngf,
             ndf: s.ndf,
             channels: s.channels,
+            image_size: s.image_size,
         }
     }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct VaeSpec {
+    /// Pixels per image: channels · image_size².
     pub input: usize,
     pub hidden: usize,
     pub latent: usize,
+    /// Absent in runs from before it could change: 28.
+    #[serde(default = "default_vae_image_size")]
+    pub image_size: usize,
+    /// Absent in runs from before it could change: 1.
+    #[serde(default = "one")]
+    pub channels: usize,
+}
+
+fn default_vae_image_size() -> usize {
+    VAE_IMAGE_SIZE
+}
+
+fn one() -> usize {
+    1
+}
+
+impl Default for VaeSpec {
+    /// `kiln train vae`'s defaults: the PyTorch example's sizes on 28×28 grey images.
+    fn default() -> Self {
+        VaeSpec::for_images(VAE_IMAGE_SIZE, 1, 400, 20)
+    }
+}
+
+impl VaeSpec {
+    /// A VAE over `channels × image_size²` pixels.
+    pub fn for_images(image_size: usize, channels: usize, hidden: usize, latent: usize) -> Self {
+        VaeSpec {
+            input: channels * image_size * image_size,
+            hidden,
+            latent,
+            image_size,
+            channels,
+        }
+    }
+
+    /// The image shape [n, C, S, S] of n flat rows of pixels.
+    pub fn image_shape(&self, n: usize) -> [usize; 4] {
+        [n, self.channels, self.image_size, self.image_size]
+    }
 }
 
 impl From<&VaeSpec> for VaeConfig {
@@ -183,14 +239,24 @@ pub fn load_generator(checkpoint: &LoadedCheckpoint, device: Device) -> Result<G
     Ok(generator)
 }
 
-/// The trained VAE of a checkpoint, in eval mode.
-pub fn load_vae(checkpoint: &LoadedCheckpoint, device: Device) -> Result<Vae> {
+/// The trained VAE of a checkpoint, in eval mode, with its sizes.
+pub fn load_vae(checkpoint: &LoadedCheckpoint, device: Device) -> Result<(Vae, VaeSpec)> {
     checkpoint.expect_model("vae")?;
     let spec: VaeSpec = spec(&checkpoint.state)?;
+    if spec.input != spec.channels * spec.image_size * spec.image_size {
+        bail!(
+            "{}: the VAE's input of {} pixels does not match its {}×{}×{} images",
+            checkpoint.weights_path.display(),
+            spec.input,
+            spec.channels,
+            spec.image_size,
+            spec.image_size
+        );
+    }
     let vae = build_vae(&spec, checkpoint.state.seed, device)?;
     load_into(&vae, checkpoint, "model")?;
     vae.eval();
-    Ok(vae)
+    Ok((vae, spec))
 }
 
 /// The trained GPT of a checkpoint, in eval mode, with its vocabulary.

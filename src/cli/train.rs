@@ -17,6 +17,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 
 use super::args::{GptInitArg, ModelKind, PrecisionArg, TrainArgs};
+use super::datasets::{self, ImageSource};
 use super::progress::Progress;
 use super::run_dir::{
     self, LOSS_CHART_FILE, LoadedCheckpoint, METRICS_FILE, MetricsLog, RunState, SAMPLES_FILE,
@@ -24,11 +25,10 @@ use super::run_dir::{
 };
 use super::seeds::{Stream, permutation, stream_rng};
 use super::specs::{
-    self, GAN_IMAGE_SIZE, GanSpec, GptSpec, VAE_IMAGE_SIZE, VaeSpec, build_gan,
-    build_gpt_with_init, build_vae, images_dir, text_path,
+    self, GanSpec, GptSpec, VaeSpec, build_gan, build_gpt_with_init, build_vae, text_path,
 };
 use super::step_profile::StepProfiler;
-use crate::data::idx::{ImageSet, Split, load_split};
+use crate::data::idx::{ImageSet, Split};
 use crate::data::image::{save_grid_png, save_line_chart_png};
 use crate::data::text::{load_text, random_batch};
 use crate::models::dcgan::{self, Discriminator, Generator};
@@ -106,11 +106,13 @@ struct Settings {
     gpt_init: GptInitArg,
     precision: Precision,
     stochastic_rounding: bool,
+    /// The images of gan, vae and classifier (None for gpt).
+    images: Option<ImageSource>,
 }
 
 /// A flag's value: the one typed (which must match the resumed run's), the
 /// resumed run's, or the default.
-fn setting<T: PartialEq + Display + Copy>(
+pub(super) fn setting<T: PartialEq + Display + Copy>(
     flag: &str,
     given: Option<T>,
     saved: Option<T>,
@@ -233,7 +235,20 @@ impl Settings {
                 saved.map(|t| t.stochastic_rounding.unwrap_or(false)),
                 false,
             )?,
+            images: match kind {
+                ModelKind::Gpt => None,
+                _ => Some(ImageSource::for_training(args, saved)?),
+            },
         };
+        let image_flags = &args.images;
+        let image_flag_given = image_flags.dataset.is_some()
+            || image_flags.image_size.is_some()
+            || image_flags.channels.is_some();
+        if kind == ModelKind::Gpt && image_flag_given {
+            bail!(
+                "--dataset, --image-size and --channels choose the images of gan, vae and classifier; kiln train gpt reads the text in --data"
+            );
+        }
         if !(0.0..1.0).contains(&settings.beta2) {
             bail!("--beta2 must lie in [0, 1), got {}", settings.beta2);
         }
@@ -360,6 +375,10 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         resumed.as_ref().map(|_| start_step),
     )?;
 
+    let (dataset, image_folder) = settings
+        .images
+        .as_ref()
+        .map_or((None, None), ImageSource::record);
     let training = TrainingConfig {
         batch_size: settings.batch_size,
         lr: settings.lr,
@@ -376,6 +395,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         init: (kind == ModelKind::Gpt).then(|| settings.gpt_init.name().to_string()),
         precision: Some(settings.precision.name().to_string()),
         stochastic_rounding: settings.stochastic_rounding.then_some(true),
+        dataset,
+        image_folder,
     };
     let run_state = |step: usize, epoch: usize| RunState {
         format: STATE_FORMAT,
@@ -500,10 +521,22 @@ fn save_loss_chart(
     Ok(())
 }
 
-/// Loads a Fashion-MNIST split from a data directory, with context.
-fn load_images(data: &Path, split: Split) -> Result<ImageSet> {
-    let dir = images_dir(data);
-    load_split(&dir, split).with_context(|| format!("loading Fashion-MNIST from {}", dir.display()))
+impl Settings {
+    /// The training images of an image model, `size × size` with `channels`.
+    fn training_images(&self, size: usize, channels: usize) -> Result<ImageSet> {
+        self.images
+            .as_ref()
+            .context("this model reads no images")?
+            .load(Split::Train, size, channels)
+    }
+
+    /// The labelled training split of an IDX set (the classifier's data).
+    fn labelled_training_images(&self) -> Result<ImageSet> {
+        self.images
+            .as_ref()
+            .context("this model reads no images")?
+            .load_idx(Split::Train)
+    }
 }
 
 /// Global step → (epoch, batch in epoch) for a shuffled pass over `examples`
@@ -594,6 +627,7 @@ struct GanTrainee {
     images: ImageSet,
     schedule: EpochSchedule,
     nz: usize,
+    image_size: usize,
     device: Device,
     /// The noise behind samples.png, the same at every checkpoint.
     fixed_noise: Tensor,
@@ -607,15 +641,29 @@ impl GanTrainee {
         device: Device,
     ) -> Result<(Self, GanSpec)> {
         let saved: Option<GanSpec> = resumed.map(specs::spec).transpose()?;
+        let saved = saved.as_ref();
+        let defaults = GanSpec::default();
         let spec = GanSpec {
-            nz: size("nz", args.gan.nz, saved.as_ref().map(|s| s.nz), 100)?,
-            ngf: size("ngf", args.gan.ngf, saved.as_ref().map(|s| s.ngf), 64)?,
-            ndf: size("ndf", args.gan.ndf, saved.as_ref().map(|s| s.ndf), 64)?,
-            channels: 1,
+            nz: size("nz", args.gan.nz, saved.map(|s| s.nz), defaults.nz)?,
+            ngf: size("ngf", args.gan.ngf, saved.map(|s| s.ngf), defaults.ngf)?,
+            ndf: size("ndf", args.gan.ndf, saved.map(|s| s.ndf), defaults.ndf)?,
+            channels: size(
+                "channels",
+                args.images.channels,
+                saved.map(|s| s.channels),
+                defaults.channels,
+            )?,
+            image_size: size(
+                "image-size",
+                args.images.image_size,
+                saved.map(|s| s.image_size),
+                defaults.image_size,
+            )?,
         };
-        let images = load_images(&args.data, Split::Train)?;
-        let schedule = EpochSchedule::over(settings, images.count);
+        // Validates the sizes before the data is read.
         let (generator, discriminator) = build_gan(&spec, settings.seed, device)?;
+        let images = settings.training_images(spec.image_size, spec.channels)?;
+        let schedule = EpochSchedule::over(settings, images.count);
         let optim_g = dcgan::optimizer(&generator, settings.lr)?;
         let optim_d = dcgan::optimizer(&discriminator, settings.lr)?;
         let mut noise_rng = stream_rng(settings.seed, Stream::FixedNoise, 0);
@@ -633,6 +681,7 @@ impl GanTrainee {
             images,
             schedule,
             nz: spec.nz,
+            image_size: spec.image_size,
             device,
             fixed_noise,
         };
@@ -657,7 +706,7 @@ impl Trainee for GanTrainee {
         let n = indices.len();
         let real = self
             .images
-            .batch(&indices, GAN_IMAGE_SIZE, -1.0, 1.0)?
+            .batch(&indices, self.image_size, -1.0, 1.0)?
             .to_device(self.device)?;
         let z = Tensor::randn([n, self.nz, 1, 1], DType::F32, self.device, rng)?;
         let result = dcgan::train_step(
@@ -767,6 +816,7 @@ fn restore_optimizer(
 
 struct VaeTrainee {
     vae: Vae,
+    spec: VaeSpec,
     optimizer: Adam,
     images: ImageSet,
     schedule: EpochSchedule,
@@ -775,23 +825,27 @@ struct VaeTrainee {
     fixed_latents: Tensor,
 }
 
-/// Images as the VAE sees them: [N, 784] in [0, 1].
-fn vae_batch(images: &ImageSet, indices: &[usize], device: Device) -> Result<Tensor> {
-    let pixels = VAE_IMAGE_SIZE * VAE_IMAGE_SIZE;
+/// Images as the VAE sees them: flat rows [N, C·S·S] in [0, 1].
+pub fn vae_batch(
+    spec: &VaeSpec,
+    images: &ImageSet,
+    indices: &[usize],
+    device: Device,
+) -> Result<Tensor> {
     Ok(images
-        .batch(indices, VAE_IMAGE_SIZE, 0.0, 1.0)?
-        .reshape([indices.len(), pixels])?
+        .batch(indices, spec.image_size, 0.0, 1.0)?
+        .reshape([indices.len(), spec.input])?
         .to_device(device)?)
 }
 
-/// Decoded images [N, 1, 28, 28] in [0, 1] from latents [N, latent].
-pub fn vae_images(vae: &Vae, latents: &Tensor) -> Result<Tensor> {
+/// Decoded images [N, C, S, S] in [0, 1] from latents [N, latent].
+pub fn vae_images(vae: &Vae, spec: &VaeSpec, latents: &Tensor) -> Result<Tensor> {
     let _no_grad = no_grad();
     let n = latents.dims()[0];
     Ok(vae
         .decode(latents)?
         .sigmoid()?
-        .reshape([n, 1, VAE_IMAGE_SIZE, VAE_IMAGE_SIZE])?)
+        .reshape(spec.image_shape(n))?)
 }
 
 impl VaeTrainee {
@@ -802,24 +856,28 @@ impl VaeTrainee {
         device: Device,
     ) -> Result<(Self, VaeSpec)> {
         let saved: Option<VaeSpec> = resumed.map(specs::spec).transpose()?;
-        let spec = VaeSpec {
-            input: VAE_IMAGE_SIZE * VAE_IMAGE_SIZE,
-            hidden: size(
-                "hidden",
-                args.vae.hidden,
-                saved.as_ref().map(|s| s.hidden),
-                400,
+        let saved = saved.as_ref();
+        let defaults = VaeSpec::default();
+        let spec = VaeSpec::for_images(
+            size(
+                "image-size",
+                args.images.image_size,
+                saved.map(|s| s.image_size),
+                defaults.image_size,
             )?,
-            latent: size(
-                "latent",
-                args.vae.latent,
-                saved.as_ref().map(|s| s.latent),
-                20,
+            size(
+                "channels",
+                args.images.channels,
+                saved.map(|s| s.channels),
+                defaults.channels,
             )?,
-        };
-        let images = load_images(&args.data, Split::Train)?;
-        let schedule = EpochSchedule::over(settings, images.count);
+            size("hidden", args.vae.hidden, saved.map(|s| s.hidden), 400)?,
+            size("latent", args.vae.latent, saved.map(|s| s.latent), 20)?,
+        );
+        // Validates the sizes before the data is read.
         let vae = build_vae(&spec, settings.seed, device)?;
+        let images = settings.training_images(spec.image_size, spec.channels)?;
+        let schedule = EpochSchedule::over(settings, images.count);
         let optimizer = vae::optimizer(&vae, settings.lr)?;
         let mut noise_rng = stream_rng(settings.seed, Stream::FixedNoise, 0);
         let fixed_latents = Tensor::randn(
@@ -830,6 +888,7 @@ impl VaeTrainee {
         )?;
         let trainee = VaeTrainee {
             vae,
+            spec: spec.clone(),
             optimizer,
             images,
             schedule,
@@ -852,7 +911,7 @@ impl Trainee for VaeTrainee {
         amp: &mut MixedPrecision,
     ) -> Result<Vec<f64>> {
         let indices = self.schedule.batch(step).to_vec();
-        let x = vae_batch(&self.images, &indices, self.device)?;
+        let x = vae_batch(&self.spec, &self.images, &indices, self.device)?;
         let loss = vae::train_step(&self.vae, &mut self.optimizer, &x, rng, amp)?;
         Ok(vec![
             scalar(&loss.total)?,
@@ -878,7 +937,7 @@ impl Trainee for VaeTrainee {
     }
 
     fn save_pictures(&self, dir: &Path) -> Result<()> {
-        let images = vae_images(&self.vae, &self.fixed_latents)?;
+        let images = vae_images(&self.vae, &self.spec, &self.fixed_latents)?;
         save_grid_png(&dir.join(SAMPLES_FILE), &images, SAMPLE_GRID, 0.0, 1.0)?;
         Ok(())
     }
@@ -927,7 +986,7 @@ impl GptTrainee {
         resumed: Option<&RunState>,
         device: Device,
     ) -> Result<(Self, GptSpec, String)> {
-        let path = text_path(&args.data);
+        let path = text_path(&datasets::data_dir(args.data.as_deref()));
         let text =
             load_text(&path).with_context(|| format!("loading the text {}", path.display()))?;
         let vocab = text.vocab.to_string_repr();

@@ -149,15 +149,19 @@ impl Split {
     }
 }
 
-/// Greyscale images with their class labels, as stored in the IDX files.
+/// Images of one size, as bytes: the greyscale IDX sets with their class
+/// labels, or a decoded image folder (`super::folder`, unlabelled).
 #[derive(Clone, Debug)]
 pub struct ImageSet {
-    /// `count · rows · cols` pixels, 0 (background) to 255, image after image.
+    /// `count · channels · rows · cols` pixels, 0 (background) to 255,
+    /// image after image, each as its channel planes.
     pub images: Vec<u8>,
-    /// One class label per image.
+    /// One class label per image (IDX sets), or none at all (a folder).
     pub labels: Vec<u8>,
     /// The number of images.
     pub count: usize,
+    /// Channels per image: 1 (grey, the IDX sets) or 3 (RGB).
+    pub channels: usize,
     /// The height of every image in pixels (28 for both datasets).
     pub rows: usize,
     /// The width of every image in pixels (28 for both datasets).
@@ -204,6 +208,7 @@ pub fn load_split(dir: &Path, split: Split) -> Result<ImageSet> {
         images: images.data,
         labels: labels.data,
         count,
+        channels: 1,
         rows,
         cols,
     })
@@ -229,7 +234,7 @@ fn missing(msg: String) -> Error {
 }
 
 impl ImageSet {
-    /// A batch of images as an f32 tensor `[indices.len(), 1, size, size]`.
+    /// A batch of images as an f32 tensor `[indices.len(), channels, size, size]`.
     ///
     /// Pixels are mapped linearly from 0..255 to `[lo, hi]` (e.g. `[-1, 1]` for a
     /// tanh generator, `[0, 1]` for a VAE), and each image is centred inside a
@@ -237,16 +242,18 @@ impl ImageSet {
     /// this is how 28×28 digits become the 32×32 inputs a DCGAN expects.
     pub fn batch(&self, indices: &[usize], size: usize, lo: f32, hi: f32) -> Result<Tensor> {
         const OP: &str = "ImageSet::batch";
-        if self.images.len() != self.count * self.rows * self.cols {
+        let image_len = self.channels * self.rows * self.cols;
+        if self.images.len() != self.count * image_len {
             return Err(Error::shape(
                 OP,
                 format!(
-                    "the set holds {} pixels, but {} images of {}x{} need {}",
+                    "the set holds {} pixels, but {} images of {}x{}x{} need {}",
                     self.images.len(),
                     self.count,
+                    self.channels,
                     self.rows,
                     self.cols,
-                    self.count * self.rows * self.cols
+                    self.count * image_len
                 ),
             ));
         }
@@ -283,18 +290,22 @@ impl ImageSet {
         let (rows, cols) = (self.rows, self.cols);
         let (top, left) = ((size - rows) / 2, (size - cols) / 2);
         let scale = (hi - lo) / 255.0;
-        let mut out = vec![lo; indices.len() * size * size];
+        let mut out = vec![lo; indices.len() * self.channels * size * size];
+        // Frame k is channel k % C of image indices[k / C].
+        let channels = self.channels;
         out.par_chunks_mut(size * size)
-            .zip(indices.par_iter())
-            .for_each(|(frame, &index)| {
-                let image = &self.images[index * rows * cols..(index + 1) * rows * cols];
-                for (r, pixels) in image.chunks_exact(cols).enumerate() {
+            .enumerate()
+            .for_each(|(k, frame)| {
+                let (index, channel) = (indices[k / channels], k % channels);
+                let start = index * image_len + channel * rows * cols;
+                let plane = &self.images[start..start + rows * cols];
+                for (r, pixels) in plane.chunks_exact(cols).enumerate() {
                     let start = (top + r) * size + left;
                     for (dst, &p) in frame[start..start + cols].iter_mut().zip(pixels) {
                         *dst = lo + scale * p as f32;
                     }
                 }
             });
-        Tensor::from_vec(out, [indices.len(), 1, size, size])
+        Tensor::from_vec(out, [indices.len(), self.channels, size, size])
     }
 }

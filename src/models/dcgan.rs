@@ -1,13 +1,17 @@
 //! DCGAN (Radford, Metz & Chintala, "Unsupervised Representation Learning
-//! with Deep Convolutional Generative Adversarial Networks", 2016) for 32×32
-//! images, laid out as the PyTorch DCGAN tutorial: each network is one
-//! `main` [`Sequential`], so state-dict names read `main.0.weight`,
-//! `main.1.running_mean`, ... Convolutions have no bias (BatchNorm's shift
-//! plays that role), weights start from N(0, 0.02) and BatchNorm scales
-//! from N(1, 0.02), as the paper prescribes.
+//! with Deep Convolutional Generative Adversarial Networks", 2016), laid out
+//! as the PyTorch DCGAN tutorial: each network is one `main` [`Sequential`],
+//! so state-dict names read `main.0.weight`, `main.1.running_mean`, ...
+//! Convolutions have no bias (BatchNorm's shift plays that role), weights
+//! start from N(0, 0.02) and BatchNorm scales from N(1, 0.02), as the paper
+//! prescribes.
 //!
-//! The tutorial targets 64×64 with five layers; one stride-2 layer fewer
-//! gives 32×32, which fits 28×28 (Fashion-)MNIST padded by two pixels.
+//! The image side sets the depth: each stride-2 stage doubles (generator)
+//! or halves (discriminator) the side between 4×4 and the image, so 64×64
+//! (the paper's and the tutorial's size) has four stages and 32×32, which
+//! fits 28×28 (Fashion-)MNIST padded by two pixels, has three. The feature
+//! maps double at each stage away from the image: ngf at the generator's
+//! last hidden layer, ngf·2^(stages−1) at its first.
 
 use crate::autocast::MixedPrecision;
 use crate::autograd::module_scope;
@@ -22,8 +26,8 @@ use crate::ops::loss::Reduction;
 use crate::optim::{Adam, AdamConfig, Optimizer};
 use crate::tensor::{DType, Device, Tensor};
 
-/// Side of the images both networks work on.
-pub const IMAGE_SIZE: usize = 32;
+/// The image side of [`DcganConfig::default`]: padded (Fashion-)MNIST.
+pub const DEFAULT_IMAGE_SIZE: usize = 32;
 
 /// Std of the N(0, σ²) conv weights and N(1, σ²) BatchNorm scales.
 const INIT_STD: f64 = 0.02;
@@ -42,6 +46,8 @@ pub struct DcganConfig {
     pub ndf: usize,
     /// Image channels: 1 (grey) or 3 (RGB).
     pub channels: usize,
+    /// Side of the square images: a power of two, at least 8 (32 or 64).
+    pub image_size: usize,
 }
 
 impl Default for DcganConfig {
@@ -52,6 +58,7 @@ impl Default for DcganConfig {
             ngf: 64,
             ndf: 64,
             channels: 1,
+            image_size: DEFAULT_IMAGE_SIZE,
         }
     }
 }
@@ -66,7 +73,22 @@ impl DcganConfig {
                 ("ndf", self.ndf),
                 ("channels", self.channels),
             ],
-        )
+        )?;
+        if self.image_size < 8 || !self.image_size.is_power_of_two() {
+            return Err(Error::invalid(
+                model,
+                format!(
+                    "image_size must be a power of two of at least 8 (32 or 64 as in the paper), got {}",
+                    self.image_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Stride-2 stages between the 4×4 maps and the image: log2(size / 4).
+    pub fn stages(&self) -> usize {
+        (self.image_size / 4).trailing_zeros() as usize
     }
 }
 
@@ -115,12 +137,14 @@ fn batch_norm(channels: usize, init: &mut Init) -> Result<BatchNorm2d> {
     Ok(bn)
 }
 
-/// Maps a latent z [N, nz, 1, 1] to images [N, C, 32, 32] in [−1, 1]:
-/// ConvT(nz→4ngf, 4, 1, 0) 4×4 → ConvT(→2ngf, 4, 2, 1) 8×8 →
-/// ConvT(→ngf) 16×16, each with BatchNorm + ReLU, then ConvT(→C) 32×32 + tanh.
+/// Maps a latent z [N, nz, 1, 1] to images [N, C, S, S] in [−1, 1]. At
+/// S = 32: ConvT(nz→4ngf, 4, 1, 0) 4×4 → ConvT(→2ngf, 4, 2, 1) 8×8 →
+/// ConvT(→ngf) 16×16, each with BatchNorm + ReLU, then ConvT(→C) 32×32 +
+/// tanh; S = 64 starts from 8ngf and adds one stage.
 pub struct Generator {
     pub main: Sequential,
     nz: usize,
+    image_size: usize,
     device: Device,
 }
 
@@ -128,27 +152,34 @@ impl Generator {
     pub fn new(cfg: &DcganConfig, init: &mut Init) -> Result<Self> {
         cfg.validate("Generator")?;
         let (nz, ngf, c) = (cfg.nz, cfg.ngf, cfg.channels);
-        let main = Sequential::new()
-            .with(up_conv(nz, 4 * ngf, 1, 0, init)?)
-            .with(batch_norm(4 * ngf, init)?)
-            .with(Relu)
-            .with(up_conv(4 * ngf, 2 * ngf, 2, 1, init)?)
-            .with(batch_norm(2 * ngf, init)?)
-            .with(Relu)
-            .with(up_conv(2 * ngf, ngf, 2, 1, init)?)
-            .with(batch_norm(ngf, init)?)
-            .with(Relu)
-            .with(up_conv(ngf, c, 2, 1, init)?)
-            .with(Tanh);
+        // Feature maps from the 4×4 layer out: ngf·2^(stages−1), ..., ngf.
+        let widths: Vec<usize> = (0..cfg.stages()).rev().map(|i| ngf << i).collect();
+        let mut main = Sequential::new()
+            .with(up_conv(nz, widths[0], 1, 0, init)?)
+            .with(batch_norm(widths[0], init)?)
+            .with(Relu);
+        for pair in widths.windows(2) {
+            main = main
+                .with(up_conv(pair[0], pair[1], 2, 1, init)?)
+                .with(batch_norm(pair[1], init)?)
+                .with(Relu);
+        }
+        let main = main.with(up_conv(ngf, c, 2, 1, init)?).with(Tanh);
         Ok(Generator {
             main,
             nz,
+            image_size: cfg.image_size,
             device: init.device,
         })
     }
 
     pub fn nz(&self) -> usize {
         self.nz
+    }
+
+    /// Side of the images it draws.
+    pub fn image_size(&self) -> usize {
+        self.image_size
     }
 
     /// Where the parameters live (`init.device` at construction).
@@ -158,7 +189,7 @@ impl Generator {
 }
 
 impl Module for Generator {
-    /// z [N, nz, 1, 1] (or [N, nz]) → images [N, C, 32, 32] in [−1, 1]; z is
+    /// z [N, nz, 1, 1] (or [N, nz]) → images [N, C, S, S] in [−1, 1]; z is
     /// moved to the model's device if it is elsewhere.
     fn forward(&self, z: &Tensor) -> Result<Tensor> {
         let nz = self.nz;
@@ -186,14 +217,16 @@ impl Module for Generator {
     }
 }
 
-/// Scores images [N, C, 32, 32] with one logit each (real > 0 > fake):
-/// Conv(C→ndf, 4, 2, 1) 16×16 + LeakyReLU(0.2) → Conv(→2ndf) 8×8 →
-/// Conv(→4ndf) 4×4, each with BatchNorm + LeakyReLU, then Conv(→1, 4, 1, 0).
-/// The tutorial's final sigmoid is left to the loss (`bce_with_logits`),
-/// which is stable where sigmoid-then-log is not.
+/// Scores images [N, C, S, S] with one logit each (real > 0 > fake). At
+/// S = 32: Conv(C→ndf, 4, 2, 1) 16×16 + LeakyReLU(0.2) → Conv(→2ndf) 8×8 →
+/// Conv(→4ndf) 4×4, each with BatchNorm + LeakyReLU, then Conv(→1, 4, 1, 0);
+/// S = 64 adds one stage, ending at 8ndf. The tutorial's final sigmoid is
+/// left to the loss (`bce_with_logits`), which is stable where
+/// sigmoid-then-log is not.
 pub struct Discriminator {
     pub main: Sequential,
     channels: usize,
+    image_size: usize,
     device: Device,
 }
 
@@ -201,19 +234,24 @@ impl Discriminator {
     pub fn new(cfg: &DcganConfig, init: &mut Init) -> Result<Self> {
         cfg.validate("Discriminator")?;
         let (ndf, c) = (cfg.ndf, cfg.channels);
-        let main = Sequential::new()
+        // Feature maps from the image side in: ndf, 2ndf, ..., ndf·2^(stages−1).
+        let widths: Vec<usize> = (0..cfg.stages()).map(|i| ndf << i).collect();
+        // The first layer has no BatchNorm, as in the paper.
+        let mut main = Sequential::new()
             .with(down_conv(c, ndf, 2, 1, init)?)
-            .with(LeakyRelu(LEAKY_SLOPE))
-            .with(down_conv(ndf, 2 * ndf, 2, 1, init)?)
-            .with(batch_norm(2 * ndf, init)?)
-            .with(LeakyRelu(LEAKY_SLOPE))
-            .with(down_conv(2 * ndf, 4 * ndf, 2, 1, init)?)
-            .with(batch_norm(4 * ndf, init)?)
-            .with(LeakyRelu(LEAKY_SLOPE))
-            .with(down_conv(4 * ndf, 1, 1, 0, init)?);
+            .with(LeakyRelu(LEAKY_SLOPE));
+        for pair in widths.windows(2) {
+            main = main
+                .with(down_conv(pair[0], pair[1], 2, 1, init)?)
+                .with(batch_norm(pair[1], init)?)
+                .with(LeakyRelu(LEAKY_SLOPE));
+        }
+        let last = widths[widths.len() - 1];
+        let main = main.with(down_conv(last, 1, 1, 0, init)?);
         Ok(Discriminator {
             main,
             channels: c,
+            image_size: cfg.image_size,
             device: init.device,
         })
     }
@@ -225,10 +263,10 @@ impl Discriminator {
 }
 
 impl Module for Discriminator {
-    /// images `[N, C, 32, 32]` → logits `[N]`; images are moved to the model's
+    /// images `[N, C, S, S]` → logits `[N]`; images are moved to the model's
     /// device if they are elsewhere (a data loader's batches live on the CPU).
     fn forward(&self, images: &Tensor) -> Result<Tensor> {
-        let (c, s) = (self.channels, IMAGE_SIZE);
+        let (c, s) = (self.channels, self.image_size);
         let n = match images.dims() {
             [n, ch, h, w] if *ch == c && *h == s && *w == s && *n > 0 => *n,
             _ => {
@@ -283,7 +321,7 @@ pub struct GanStep {
 }
 
 /// One training step of both networks, as the PyTorch DCGAN tutorial: a
-/// discriminator step on `real` images [N, C, 32, 32] in [−1, 1] and on
+/// discriminator step on `real` images [N, C, S, S] in [−1, 1] and on
 /// G(`z`), then a generator step through the updated discriminator. `z` is
 /// the latent batch [N, nz, 1, 1]. The same call serves `kiln train gan`
 /// and the benchmarks.

@@ -447,6 +447,32 @@ def state_dict_small():
 
 # ---------------------------------------------------------------------------
 
+def image_folder_transforms():
+    """torchvision's Resize(12) + CenterCrop(12) on PIL RGB images of four
+    shapes (shrinking and growing, wide and tall), then PIL's grey
+    conversion: what kiln's image-folder loader must reproduce. Needs
+    torchvision and Pillow (imported here so the other cases do not)."""
+    from PIL import Image
+    from torchvision import transforms
+
+    torch.manual_seed(0)
+    size = 12
+    resize_and_crop = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)])
+    tensors = {}
+    shapes = [(23, 37), (37, 23), (11, 30), (13, 9)]  # (height, width)
+    for i, (h, w) in enumerate(shapes):
+        pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8)
+        image = Image.frombytes("RGB", (w, h), bytes(pixels.flatten().tolist()))
+        out = resize_and_crop(image)
+        assert out.size == (size, size)
+        rgb = torch.tensor(list(out.getdata()), dtype=DTYPE).reshape(size, size, 3)
+        grey = torch.tensor(list(out.convert("L").getdata()), dtype=DTYPE)
+        tensors[f"input{i}"] = pixels.to(DTYPE)
+        tensors[f"rgb{i}"] = rgb.permute(2, 0, 1)
+        tensors[f"grey{i}"] = grey.reshape(1, size, size)
+    save("image_folder_transforms", tensors, {"size": size, "count": len(shapes)})
+
+
 CASES = [
     conv2d_a,
     conv2d_b,
@@ -471,6 +497,7 @@ CASES = [
     adamw,
     sgd_momentum,
     state_dict_small,
+    image_folder_transforms,
 ]
 
 

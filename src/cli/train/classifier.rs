@@ -5,13 +5,13 @@
 use anyhow::Result;
 
 use super::{
-    EpochSchedule, RunLength, Settings, Trainee, load_images, model_and_optimizer_tensors,
+    EpochSchedule, RunLength, Settings, Trainee, model_and_optimizer_tensors,
     restore_model_and_optimizer, scalar, size,
 };
 use crate::cli::args::TrainArgs;
 use crate::cli::run_dir::{LoadedCheckpoint, RunState};
 use crate::cli::specs::{self, ClassifierSpec, build_classifier};
-use crate::data::idx::{ImageSet, Split};
+use crate::data::idx::ImageSet;
 use crate::models::classifier::{self, Classifier, IMAGE_SIZE};
 use crate::optim::{Adam, Optimizer};
 use crate::{Device, MixedPrecision, Rng, Tensor};
@@ -30,6 +30,9 @@ pub(super) struct ClassifierTrainee {
 /// Images [N, 1, 28, 28] in [0, 1] and their u32 labels [N]: what the
 /// classifier reads.
 pub fn labelled_batch(images: &ImageSet, indices: &[usize]) -> Result<(Tensor, Tensor)> {
+    if images.labels.len() != images.count {
+        anyhow::bail!("the classifier needs labelled images; this set has no labels");
+    }
     let x = images.batch(indices, IMAGE_SIZE, 0.0, 1.0)?;
     let labels: Vec<u32> = indices.iter().map(|&i| images.labels[i] as u32).collect();
     let y = Tensor::from_indices(labels, [indices.len()])?;
@@ -55,7 +58,7 @@ impl ClassifierTrainee {
             )?,
             classes: CLASSES,
         };
-        let images = load_images(&args.data, Split::Train)?;
+        let images = settings.labelled_training_images()?;
         let schedule = EpochSchedule::over(settings, images.count);
         let classifier = build_classifier(&spec, settings.seed, device)?;
         let optimizer = classifier::optimizer(&classifier, settings.lr)?;
