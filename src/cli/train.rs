@@ -249,6 +249,13 @@ impl Settings {
                 "--dataset, --image-size and --channels choose the images of gan, vae and classifier; kiln train gpt reads the text in --data"
             );
         }
+        if kind == ModelKind::Classifier
+            && (image_flags.image_size.is_some() || image_flags.channels.is_some())
+        {
+            bail!(
+                "the classifier reads the 28x28 grey images of an IDX set as they are; --image-size and --channels are for gan and vae"
+            );
+        }
         if !(0.0..1.0).contains(&settings.beta2) {
             bail!("--beta2 must lie in [0, 1), got {}", settings.beta2);
         }

@@ -230,6 +230,10 @@ fn image_dataset_misuse_is_one_clear_error() {
         ],
         &["no labels"],
     );
+    kiln_fails(
+        &["train", "classifier", "--channels", "3", "--out", &out],
+        &["--image-size and --channels are for gan and vae"],
+    );
 
     let empty = scratch.path("empty/sub");
     fs::create_dir_all(&empty).unwrap();
