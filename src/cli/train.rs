@@ -1,5 +1,8 @@
-//! `kiln train gan|vae|gpt`: the three training loops and the machinery
-//! they share (settings, resuming, checkpoints, metrics, progress).
+//! `kiln train gan|vae|gpt|classifier`: the training loop and the machinery
+//! every model shares (settings, resuming, checkpoints, metrics, progress,
+//! the epochs over an image set); each model's step, data and checkpoint
+//! contents live in its own module (`train/gan.rs`, `vae.rs`, `gpt.rs`,
+//! `classifier.rs`), behind the `Trainee` trait.
 //!
 //! Reproducibility: every random draw of step k comes from a generator
 //! seeded with (seed, k) (see `seeds`), the order of the images in epoch e
@@ -17,29 +20,29 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 
 use super::args::{GptInitArg, ModelKind, PrecisionArg, TrainArgs};
-use super::datasets::{self, ImageSource};
+use super::datasets::ImageSource;
 use super::progress::Progress;
 use super::run_dir::{
-    self, LOSS_CHART_FILE, LoadedCheckpoint, METRICS_FILE, MetricsLog, RunState, SAMPLES_FILE,
-    STATE_FORMAT, TrainingConfig, WEIGHTS_FILE, prefixed,
+    self, LOSS_CHART_FILE, LoadedCheckpoint, METRICS_FILE, MetricsLog, RunState, STATE_FORMAT,
+    TrainingConfig, WEIGHTS_FILE, prefixed,
 };
 use super::seeds::{Stream, permutation, stream_rng};
-use super::specs::{
-    self, GanSpec, GptSpec, VaeSpec, build_gan, build_gpt_with_init, build_vae, text_path,
-};
+use super::specs;
 use super::step_profile::StepProfiler;
 use crate::data::idx::{ImageSet, Split};
-use crate::data::image::{save_grid_png, save_line_chart_png};
-use crate::data::text::{load_text, random_batch};
-use crate::models::dcgan::{self, Discriminator, Generator};
-use crate::models::gpt::{self, Gpt, GptOptimizers};
-use crate::models::vae::{self, Vae};
+use crate::data::image::save_line_chart_png;
 use crate::nn::Module;
-use crate::optim::{Adam, ForwardCopies, Optimizer};
-use crate::{DType, Device, MixedPrecision, Precision, Rng, Tensor, no_grad};
+use crate::optim::{ForwardCopies, Optimizer};
+use crate::{MixedPrecision, Precision, Rng, Tensor};
 
 mod classifier;
+mod gan;
+mod gpt;
+mod vae;
+
 pub use classifier::labelled_batch;
+pub use gpt::gpt_learning_rate;
+pub use vae::{vae_batch, vae_images};
 
 /// Images in samples.png (an 8×8 grid).
 const SAMPLE_GRID: usize = 8;
@@ -199,13 +202,13 @@ impl Settings {
                 "grad-clip",
                 args.gpt.grad_clip,
                 saved.and_then(|t| t.grad_clip),
-                gpt::DEFAULT_GRAD_CLIP,
+                crate::models::gpt::DEFAULT_GRAD_CLIP,
             )?,
             weight_decay: setting(
                 "weight-decay",
                 args.gpt.weight_decay,
                 saved.and_then(|t| t.weight_decay),
-                gpt::DEFAULT_WEIGHT_DECAY,
+                crate::models::gpt::DEFAULT_WEIGHT_DECAY,
             )?,
             precision: setting(
                 "precision",
@@ -218,7 +221,7 @@ impl Settings {
                 "beta2",
                 args.gpt.beta2,
                 saved.map(|t| t.beta2.unwrap_or(0.99)),
-                gpt::DEFAULT_BETA2,
+                crate::models::gpt::DEFAULT_BETA2,
             )?,
             gpt_init: setting(
                 "init",
@@ -321,15 +324,15 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let (mut trainee, config, vocab): (Box<dyn Trainee>, serde_json::Value, Option<String>) =
         match kind {
             ModelKind::Gan => {
-                let (trainee, spec) = GanTrainee::new(args, &settings, state, device)?;
+                let (trainee, spec) = gan::GanTrainee::new(args, &settings, state, device)?;
                 (Box::new(trainee), serde_json::to_value(spec)?, None)
             }
             ModelKind::Vae => {
-                let (trainee, spec) = VaeTrainee::new(args, &settings, state, device)?;
+                let (trainee, spec) = vae::VaeTrainee::new(args, &settings, state, device)?;
                 (Box::new(trainee), serde_json::to_value(spec)?, None)
             }
             ModelKind::Gpt => {
-                let (trainee, spec, vocab) = GptTrainee::new(args, &settings, state, device)?;
+                let (trainee, spec, vocab) = gpt::GptTrainee::new(args, &settings, state, device)?;
                 (Box::new(trainee), serde_json::to_value(spec)?, Some(vocab))
             }
             ModelKind::Classifier => {
@@ -624,165 +627,6 @@ fn scalar(tensor: &Tensor) -> Result<f64> {
     Ok(tensor.item()?)
 }
 
-// ----- DCGAN -----------------------------------------------------------------
-
-struct GanTrainee {
-    generator: Generator,
-    discriminator: Discriminator,
-    optim_g: Adam,
-    optim_d: Adam,
-    images: ImageSet,
-    schedule: EpochSchedule,
-    nz: usize,
-    image_size: usize,
-    device: Device,
-    /// The noise behind samples.png, the same at every checkpoint.
-    fixed_noise: Tensor,
-}
-
-impl GanTrainee {
-    fn new(
-        args: &TrainArgs,
-        settings: &Settings,
-        resumed: Option<&RunState>,
-        device: Device,
-    ) -> Result<(Self, GanSpec)> {
-        let saved: Option<GanSpec> = resumed.map(specs::spec).transpose()?;
-        let saved = saved.as_ref();
-        let defaults = GanSpec::default();
-        let spec = GanSpec {
-            nz: size("nz", args.gan.nz, saved.map(|s| s.nz), defaults.nz)?,
-            ngf: size("ngf", args.gan.ngf, saved.map(|s| s.ngf), defaults.ngf)?,
-            ndf: size("ndf", args.gan.ndf, saved.map(|s| s.ndf), defaults.ndf)?,
-            channels: size(
-                "channels",
-                args.images.channels,
-                saved.map(|s| s.channels),
-                defaults.channels,
-            )?,
-            image_size: size(
-                "image-size",
-                args.images.image_size,
-                saved.map(|s| s.image_size),
-                defaults.image_size,
-            )?,
-        };
-        // Validates the sizes before the data is read.
-        let (generator, discriminator) = build_gan(&spec, settings.seed, device)?;
-        let images = settings.training_images(spec.image_size, spec.channels)?;
-        let schedule = EpochSchedule::over(settings, images.count);
-        let optim_g = dcgan::optimizer(&generator, settings.lr)?;
-        let optim_d = dcgan::optimizer(&discriminator, settings.lr)?;
-        let mut noise_rng = stream_rng(settings.seed, Stream::FixedNoise, 0);
-        let fixed_noise = Tensor::randn(
-            [SAMPLE_GRID * SAMPLE_GRID, spec.nz, 1, 1],
-            DType::F32,
-            device,
-            &mut noise_rng,
-        )?;
-        let trainee = GanTrainee {
-            generator,
-            discriminator,
-            optim_g,
-            optim_d,
-            images,
-            schedule,
-            nz: spec.nz,
-            image_size: spec.image_size,
-            device,
-            fixed_noise,
-        };
-        Ok((trainee, spec))
-    }
-}
-
-impl Trainee for GanTrainee {
-    fn metric_names(&self) -> &'static [&'static str] {
-        // D(x), D(G(z)): the discriminator's mean probability of "real" on
-        // the real and on the generated batch, as in the PyTorch tutorial.
-        &["loss_d", "loss_g", "d_x", "d_g_z"]
-    }
-
-    fn train_step(
-        &mut self,
-        step: usize,
-        rng: &mut Rng,
-        amp: &mut MixedPrecision,
-    ) -> Result<Vec<f64>> {
-        let indices = self.schedule.batch(step).to_vec();
-        let n = indices.len();
-        let real = self
-            .images
-            .batch(&indices, self.image_size, -1.0, 1.0)?
-            .to_device(self.device)?;
-        let z = Tensor::randn([n, self.nz, 1, 1], DType::F32, self.device, rng)?;
-        let result = dcgan::train_step(
-            &self.generator,
-            &self.discriminator,
-            &mut self.optim_g,
-            &mut self.optim_d,
-            &real,
-            &z,
-            amp,
-        )?;
-        let _no_grad = no_grad();
-        Ok(vec![
-            scalar(&result.loss_d)?,
-            scalar(&result.loss_g)?,
-            // In f32 whatever the precision (16-bit logits would round the means).
-            scalar(
-                &result
-                    .logits_real
-                    .to_dtype(DType::F32)?
-                    .sigmoid()?
-                    .mean_all()?,
-            )?,
-            scalar(
-                &result
-                    .logits_fake
-                    .to_dtype(DType::F32)?
-                    .sigmoid()?
-                    .mean_all()?,
-            )?,
-        ])
-    }
-
-    fn length(&self) -> &dyn RunLength {
-        &self.schedule
-    }
-
-    fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut tensors = prefixed("generator", self.generator.state_dict());
-        tensors.extend(prefixed("discriminator", self.discriminator.state_dict()));
-        tensors.extend(prefixed("optim_g", self.optim_g.state_dict()));
-        tensors.extend(prefixed("optim_d", self.optim_d.state_dict()));
-        tensors
-    }
-
-    fn restore(&mut self, checkpoint: &LoadedCheckpoint) -> Result<()> {
-        specs::load_into(&self.generator, checkpoint, "generator")?;
-        specs::load_into(&self.discriminator, checkpoint, "discriminator")?;
-        restore_optimizer(&mut self.optim_g, checkpoint, "optim_g")?;
-        restore_optimizer(&mut self.optim_d, checkpoint, "optim_d")
-    }
-
-    fn optimizers(&mut self) -> Vec<&mut dyn Optimizer> {
-        vec![&mut self.optim_g, &mut self.optim_d]
-    }
-
-    fn save_pictures(&self, dir: &Path) -> Result<()> {
-        let images = {
-            let _no_grad = no_grad();
-            self.generator.eval();
-            let images = self.generator.forward(&self.fixed_noise);
-            self.generator.train();
-            images?
-        };
-        save_grid_png(&dir.join(SAMPLES_FILE), &images, SAMPLE_GRID, -1.0, 1.0)?;
-        Ok(())
-    }
-}
-
 /// The checkpoint tensors of a run of one model and one optimizer:
 /// "model.*" and "optim.*".
 fn model_and_optimizer_tensors(
@@ -817,336 +661,4 @@ fn restore_optimizer(
                 checkpoint.weights_path.display()
             )
         })
-}
-
-// ----- VAE ---------------------------------------------------------------------
-
-struct VaeTrainee {
-    vae: Vae,
-    spec: VaeSpec,
-    optimizer: Adam,
-    images: ImageSet,
-    schedule: EpochSchedule,
-    device: Device,
-    /// Latents behind samples.png, the same at every checkpoint.
-    fixed_latents: Tensor,
-}
-
-/// Images as the VAE sees them: flat rows [N, C·S·S] in [0, 1].
-pub fn vae_batch(
-    spec: &VaeSpec,
-    images: &ImageSet,
-    indices: &[usize],
-    device: Device,
-) -> Result<Tensor> {
-    Ok(images
-        .batch(indices, spec.image_size, 0.0, 1.0)?
-        .reshape([indices.len(), spec.input])?
-        .to_device(device)?)
-}
-
-/// Decoded images [N, C, S, S] in [0, 1] from latents [N, latent].
-pub fn vae_images(vae: &Vae, spec: &VaeSpec, latents: &Tensor) -> Result<Tensor> {
-    let _no_grad = no_grad();
-    let n = latents.dims()[0];
-    Ok(vae
-        .decode(latents)?
-        .sigmoid()?
-        .reshape(spec.image_shape(n))?)
-}
-
-impl VaeTrainee {
-    fn new(
-        args: &TrainArgs,
-        settings: &Settings,
-        resumed: Option<&RunState>,
-        device: Device,
-    ) -> Result<(Self, VaeSpec)> {
-        let saved: Option<VaeSpec> = resumed.map(specs::spec).transpose()?;
-        let saved = saved.as_ref();
-        let defaults = VaeSpec::default();
-        let spec = VaeSpec::for_images(
-            size(
-                "image-size",
-                args.images.image_size,
-                saved.map(|s| s.image_size),
-                defaults.image_size,
-            )?,
-            size(
-                "channels",
-                args.images.channels,
-                saved.map(|s| s.channels),
-                defaults.channels,
-            )?,
-            size("hidden", args.vae.hidden, saved.map(|s| s.hidden), 400)?,
-            size("latent", args.vae.latent, saved.map(|s| s.latent), 20)?,
-        );
-        // Validates the sizes before the data is read.
-        let vae = build_vae(&spec, settings.seed, device)?;
-        let images = settings.training_images(spec.image_size, spec.channels)?;
-        let schedule = EpochSchedule::over(settings, images.count);
-        let optimizer = vae::optimizer(&vae, settings.lr)?;
-        let mut noise_rng = stream_rng(settings.seed, Stream::FixedNoise, 0);
-        let fixed_latents = Tensor::randn(
-            [SAMPLE_GRID * SAMPLE_GRID, spec.latent],
-            DType::F32,
-            device,
-            &mut noise_rng,
-        )?;
-        let trainee = VaeTrainee {
-            vae,
-            spec: spec.clone(),
-            optimizer,
-            images,
-            schedule,
-            device,
-            fixed_latents,
-        };
-        Ok((trainee, spec))
-    }
-}
-
-impl Trainee for VaeTrainee {
-    fn metric_names(&self) -> &'static [&'static str] {
-        &["loss", "reconstruction", "kl"]
-    }
-
-    fn train_step(
-        &mut self,
-        step: usize,
-        rng: &mut Rng,
-        amp: &mut MixedPrecision,
-    ) -> Result<Vec<f64>> {
-        let indices = self.schedule.batch(step).to_vec();
-        let x = vae_batch(&self.spec, &self.images, &indices, self.device)?;
-        let loss = vae::train_step(&self.vae, &mut self.optimizer, &x, rng, amp)?;
-        Ok(vec![
-            scalar(&loss.total)?,
-            scalar(&loss.reconstruction)?,
-            scalar(&loss.kl)?,
-        ])
-    }
-
-    fn length(&self) -> &dyn RunLength {
-        &self.schedule
-    }
-
-    fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
-        model_and_optimizer_tensors(&self.vae, &self.optimizer)
-    }
-
-    fn restore(&mut self, checkpoint: &LoadedCheckpoint) -> Result<()> {
-        restore_model_and_optimizer(&self.vae, &mut self.optimizer, checkpoint)
-    }
-
-    fn optimizers(&mut self) -> Vec<&mut dyn Optimizer> {
-        vec![&mut self.optimizer]
-    }
-
-    fn save_pictures(&self, dir: &Path) -> Result<()> {
-        let images = vae_images(&self.vae, &self.spec, &self.fixed_latents)?;
-        save_grid_png(&dir.join(SAMPLES_FILE), &images, SAMPLE_GRID, 0.0, 1.0)?;
-        Ok(())
-    }
-}
-
-// ----- GPT ---------------------------------------------------------------------
-
-struct GptTrainee {
-    gpt: Gpt,
-    optimizers: GptOptimizers,
-    train: Vec<u32>,
-    batch_size: usize,
-    block_size: usize,
-    device: Device,
-    lr: f64,
-    warmup: usize,
-    lr_decay_steps: usize,
-    grad_clip: f64,
-}
-
-/// nanoGPT's schedule: linear warm-up over `warmup` steps, then a cosine
-/// from `lr` down to lr/10 at step `decay_steps`, then lr/10; with
-/// `decay_steps` 0, `lr` from the end of the warm-up on (kiln's default: at
-/// 2000 steps the 4-layer model ends at 1.7960 with a constant 1e-3 and at
-/// 1.8275 decayed to 1e-4, with PyTorch's initialisation and β₂ = 0.999).
-pub fn gpt_learning_rate(step: usize, lr: f64, warmup: usize, decay_steps: usize) -> f64 {
-    let min_lr = lr / 10.0;
-    if step < warmup {
-        return lr * (step + 1) as f64 / (warmup + 1) as f64;
-    }
-    if decay_steps == 0 {
-        return lr;
-    }
-    if step >= decay_steps {
-        return min_lr;
-    }
-    let progress = (step - warmup) as f64 / (decay_steps - warmup).max(1) as f64;
-    let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
-    min_lr + cosine * (lr - min_lr)
-}
-
-impl GptTrainee {
-    fn new(
-        args: &TrainArgs,
-        settings: &Settings,
-        resumed: Option<&RunState>,
-        device: Device,
-    ) -> Result<(Self, GptSpec, String)> {
-        let path = text_path(&datasets::data_dir(args.data.as_deref()));
-        let text =
-            load_text(&path).with_context(|| format!("loading the text {}", path.display()))?;
-        let vocab = text.vocab.to_string_repr();
-        if let Some(state) = resumed
-            && state.vocab.as_deref() != Some(vocab.as_str())
-        {
-            bail!(
-                "{} has another vocabulary than the resumed run's; resume with the same text",
-                path.display()
-            );
-        }
-        let saved: Option<GptSpec> = resumed.map(specs::spec).transpose()?;
-        let saved = saved.as_ref();
-        let spec = GptSpec {
-            vocab_size: text.vocab.len(),
-            n_layer: size("n-layer", args.gpt.n_layer, saved.map(|s| s.n_layer), 4)?,
-            n_head: size("n-head", args.gpt.n_head, saved.map(|s| s.n_head), 4)?,
-            n_embd: size("n-embd", args.gpt.n_embd, saved.map(|s| s.n_embd), 128)?,
-            block_size: size(
-                "block-size",
-                args.gpt.block_size,
-                saved.map(|s| s.block_size),
-                64,
-            )?,
-            dropout: setting("dropout", args.gpt.dropout, saved.map(|s| s.dropout), 0.0)?,
-        };
-        let mut train = text.train;
-        if let Some(limit) = settings.limit {
-            train.truncate(limit);
-        }
-        if train.len() <= spec.block_size {
-            bail!(
-                "{} training characters are too few for --block-size {} (one more is needed for the target)",
-                train.len(),
-                spec.block_size
-            );
-        }
-        let gpt = build_gpt_with_init(&spec, settings.gpt_init.scheme(), settings.seed, device)?;
-        let optimizers =
-            GptOptimizers::new(&gpt, settings.lr, settings.weight_decay, settings.beta2)?;
-        let steps = settings.max_steps.unwrap_or(DEFAULT_GPT_STEPS);
-        let trainee = GptTrainee {
-            gpt,
-            optimizers,
-            train,
-            batch_size: settings.batch_size,
-            block_size: spec.block_size,
-            device,
-            lr: settings.lr,
-            warmup: settings.warmup,
-            lr_decay_steps: settings.lr_decay_steps.unwrap_or(steps),
-            grad_clip: settings.grad_clip,
-        };
-        Ok((trainee, spec, vocab))
-    }
-}
-
-/// Text runs count steps (--steps); an epoch is one pass of characters.
-impl RunLength for GptTrainee {
-    fn examples_in_step(&self, _step: usize) -> usize {
-        self.batch_size
-    }
-
-    fn examples(&self) -> usize {
-        self.train.len()
-    }
-
-    fn total_steps(&self, settings: &Settings) -> usize {
-        settings.max_steps.unwrap_or(DEFAULT_GPT_STEPS)
-    }
-
-    fn epochs_after(&self, steps: usize) -> usize {
-        steps * self.batch_size * self.block_size / self.train.len()
-    }
-}
-
-impl Trainee for GptTrainee {
-    fn metric_names(&self) -> &'static [&'static str] {
-        &["loss", "lr", "grad_norm"]
-    }
-
-    fn train_step(
-        &mut self,
-        step: usize,
-        rng: &mut Rng,
-        amp: &mut MixedPrecision,
-    ) -> Result<Vec<f64>> {
-        let lr = gpt_learning_rate(step, self.lr, self.warmup, self.lr_decay_steps);
-        self.optimizers.set_learning_rate(lr);
-        let (x, y) = random_batch(&self.train, self.batch_size, self.block_size, rng)?;
-        let result = gpt::train_step(
-            &self.gpt,
-            &mut self.optimizers,
-            &x.to_device(self.device)?,
-            &y.to_device(self.device)?,
-            self.grad_clip,
-            amp,
-        )?;
-        // metrics.csv keeps a NaN column when gradients are not clipped.
-        let grad_norm = result.grad_norm.unwrap_or(f64::NAN);
-        Ok(vec![scalar(&result.loss)?, lr, grad_norm])
-    }
-
-    fn length(&self) -> &dyn RunLength {
-        self
-    }
-
-    fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut tensors = prefixed("model", self.gpt.state_dict());
-        tensors.extend(prefixed("optim_decay", self.optimizers.decay.state_dict()));
-        tensors.extend(prefixed(
-            "optim_no_decay",
-            self.optimizers.no_decay.state_dict(),
-        ));
-        tensors
-    }
-
-    fn restore(&mut self, checkpoint: &LoadedCheckpoint) -> Result<()> {
-        specs::load_into(&self.gpt, checkpoint, "model")?;
-        restore_optimizer(&mut self.optimizers.decay, checkpoint, "optim_decay")?;
-        restore_optimizer(&mut self.optimizers.no_decay, checkpoint, "optim_no_decay")
-    }
-
-    fn optimizers(&mut self) -> Vec<&mut dyn Optimizer> {
-        vec![&mut self.optimizers.decay, &mut self.optimizers.no_decay]
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::gpt_learning_rate;
-
-    #[test]
-    fn gpt_rate_warms_up_linearly_then_decays_by_cosine_to_a_tenth() {
-        let (lr, warmup, decay) = (1e-3, 10, 110);
-        assert!((gpt_learning_rate(0, lr, warmup, decay) - lr / 11.0).abs() < 1e-15);
-        assert!((gpt_learning_rate(9, lr, warmup, decay) - lr * 10.0 / 11.0).abs() < 1e-15);
-        assert!((gpt_learning_rate(10, lr, warmup, decay) - lr).abs() < 1e-15);
-        // Half way through the decay the cosine is at its midpoint.
-        assert!((gpt_learning_rate(60, lr, warmup, decay) - 0.55 * lr).abs() < 1e-12);
-        assert_eq!(gpt_learning_rate(110, lr, warmup, decay), lr / 10.0);
-        assert_eq!(gpt_learning_rate(5000, lr, warmup, decay), lr / 10.0);
-        let rates: Vec<f64> = (10..110)
-            .map(|s| gpt_learning_rate(s, lr, warmup, decay))
-            .collect();
-        assert!(
-            rates.windows(2).all(|w| w[1] <= w[0]),
-            "the decay is monotone"
-        );
-        // No decay steps: the rate stays at lr after the warm-up.
-        assert!((gpt_learning_rate(0, lr, warmup, 0) - lr / 11.0).abs() < 1e-15);
-        for step in [10, 110, 5000] {
-            assert_eq!(gpt_learning_rate(step, lr, warmup, 0), lr);
-        }
-    }
 }
