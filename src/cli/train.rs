@@ -532,20 +532,18 @@ fn save_loss_chart(
 }
 
 impl Settings {
+    fn image_source(&self) -> Result<&ImageSource> {
+        self.images.as_ref().context("this model reads no images")
+    }
+
     /// The training images of an image model, `size × size` with `channels`.
     fn training_images(&self, size: usize, channels: usize) -> Result<ImageSet> {
-        self.images
-            .as_ref()
-            .context("this model reads no images")?
-            .load(Split::Train, size, channels)
+        self.image_source()?.load(Split::Train, size, channels)
     }
 
     /// The labelled training split of an IDX set (the classifier's data).
     fn labelled_training_images(&self) -> Result<ImageSet> {
-        self.images
-            .as_ref()
-            .context("this model reads no images")?
-            .load_idx(Split::Train)
+        self.image_source()?.load_idx(Split::Train)
     }
 }
 
@@ -620,6 +618,26 @@ impl RunLength for EpochSchedule {
 /// The sizes of a model: a flag (checked against a resumed run) or the default.
 fn size(flag: &str, given: Option<usize>, saved: Option<usize>, default: usize) -> Result<usize> {
     setting(flag, given, saved, default)
+}
+
+/// The side and channels of an image model's images (`--image-size`,
+/// `--channels`): typed (and checked against a resumed run), the resumed
+/// run's, or the model's `default`.
+fn image_geometry(
+    args: &TrainArgs,
+    saved: Option<(usize, usize)>,
+    default: (usize, usize),
+) -> Result<(usize, usize)> {
+    let images = &args.images;
+    Ok((
+        size(
+            "image-size",
+            images.image_size,
+            saved.map(|s| s.0),
+            default.0,
+        )?,
+        size("channels", images.channels, saved.map(|s| s.1), default.1)?,
+    ))
 }
 
 /// The value of a rank-0 tensor (a loss), for the metrics.

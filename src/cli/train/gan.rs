@@ -6,7 +6,8 @@ use std::path::Path;
 use anyhow::Result;
 
 use super::{
-    EpochSchedule, RunLength, SAMPLE_GRID, Settings, Trainee, restore_optimizer, scalar, size,
+    EpochSchedule, RunLength, SAMPLE_GRID, Settings, Trainee, image_geometry, restore_optimizer,
+    scalar, size,
 };
 use crate::cli::args::TrainArgs;
 use crate::cli::run_dir::{LoadedCheckpoint, RunState, SAMPLES_FILE, prefixed};
@@ -43,22 +44,17 @@ impl GanTrainee {
         let saved: Option<GanSpec> = resumed.map(specs::spec).transpose()?;
         let saved = saved.as_ref();
         let defaults = GanSpec::default();
+        let (image_size, channels) = image_geometry(
+            args,
+            saved.map(|s| (s.image_size, s.channels)),
+            (defaults.image_size, defaults.channels),
+        )?;
         let spec = GanSpec {
             nz: size("nz", args.gan.nz, saved.map(|s| s.nz), defaults.nz)?,
             ngf: size("ngf", args.gan.ngf, saved.map(|s| s.ngf), defaults.ngf)?,
             ndf: size("ndf", args.gan.ndf, saved.map(|s| s.ndf), defaults.ndf)?,
-            channels: size(
-                "channels",
-                args.images.channels,
-                saved.map(|s| s.channels),
-                defaults.channels,
-            )?,
-            image_size: size(
-                "image-size",
-                args.images.image_size,
-                saved.map(|s| s.image_size),
-                defaults.image_size,
-            )?,
+            channels,
+            image_size,
         };
         // Validates the sizes before the data is read.
         let (generator, discriminator) = build_gan(&spec, settings.seed, device)?;

@@ -6,8 +6,8 @@ use std::path::Path;
 use anyhow::Result;
 
 use super::{
-    EpochSchedule, RunLength, SAMPLE_GRID, Settings, Trainee, model_and_optimizer_tensors,
-    restore_model_and_optimizer, scalar, size,
+    EpochSchedule, RunLength, SAMPLE_GRID, Settings, Trainee, image_geometry,
+    model_and_optimizer_tensors, restore_model_and_optimizer, scalar, size,
 };
 use crate::cli::args::TrainArgs;
 use crate::cli::run_dir::{LoadedCheckpoint, RunState, SAMPLES_FILE};
@@ -63,19 +63,14 @@ impl VaeTrainee {
         let saved: Option<VaeSpec> = resumed.map(specs::spec).transpose()?;
         let saved = saved.as_ref();
         let defaults = VaeSpec::default();
+        let (image_size, channels) = image_geometry(
+            args,
+            saved.map(|s| (s.image_size, s.channels)),
+            (defaults.image_size, defaults.channels),
+        )?;
         let spec = VaeSpec::for_images(
-            size(
-                "image-size",
-                args.images.image_size,
-                saved.map(|s| s.image_size),
-                defaults.image_size,
-            )?,
-            size(
-                "channels",
-                args.images.channels,
-                saved.map(|s| s.channels),
-                defaults.channels,
-            )?,
+            image_size,
+            channels,
             size("hidden", args.vae.hidden, saved.map(|s| s.hidden), 400)?,
             size("latent", args.vae.latent, saved.map(|s| s.latent), 20)?,
         );
