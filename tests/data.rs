@@ -578,3 +578,21 @@ fn fetched_shakespeare_has_84_characters() {
     assert_eq!(data.train.len() + data.val.len(), 5_057_198);
     assert_eq!(data.val.len(), 5_057_198 - 5_057_198 * 9 / 10);
 }
+
+#[cfg(unix)]
+#[test]
+fn image_folder_follows_a_link_to_a_folder_once_and_a_loop_never() {
+    let dir = TempDir::new("folder-links");
+    write_picture_folder(&dir.path("pictures"));
+    // A link back up the tree, and a second way into one folder.
+    std::os::unix::fs::symlink(dir.path("pictures"), dir.path("pictures/b/up")).unwrap();
+    std::os::unix::fs::symlink(dir.path("pictures/d"), dir.path("pictures/d-again")).unwrap();
+    let folder = ImageFolder::scan(&dir.path("pictures")).unwrap();
+    assert_eq!(folder.len(), 5, "{:?}", folder.files());
+    // The first path in sorted order wins: d/, not d-again/.
+    assert!(
+        folder.files()[4].ends_with("d/blue.jpeg"),
+        "{:?}",
+        folder.files()
+    );
+}

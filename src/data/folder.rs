@@ -14,6 +14,7 @@
 //! it (any depth, case-insensitive extension, hidden entries skipped) is an
 //! image, in sorted path order. A folder carries no labels.
 
+use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -143,19 +144,25 @@ struct Walk {
     others: usize,
     /// Canonical paths of the folders entered, so that a symbolic link
     /// back up the tree is not followed forever.
-    entered: Vec<PathBuf>,
+    entered: HashSet<PathBuf>,
 }
 
 impl Walk {
     fn visit(&mut self, dir: &Path) -> Result<()> {
         let canonical = fs::canonicalize(dir).map_err(|e| io_error(dir, e))?;
-        if self.entered.contains(&canonical) {
+        if !self.entered.insert(canonical) {
             return Ok(());
         }
-        self.entered.push(canonical);
         self.folders += 1;
-        for entry in fs::read_dir(dir).map_err(|e| io_error(dir, e))? {
-            let path = entry.map_err(|e| io_error(dir, e))?.path();
+        // Sorted, so that a folder reached by two paths is always listed
+        // under the same one.
+        let mut paths = fs::read_dir(dir)
+            .map_err(|e| io_error(dir, e))?
+            .map(|entry| entry.map(|e| e.path()))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| io_error(dir, e))?;
+        paths.sort();
+        for path in paths {
             let hidden = path
                 .file_name()
                 .and_then(|n| n.to_str())
