@@ -9,8 +9,8 @@
 //! is a permutation seeded with (seed, e), and a checkpoint holds the models,
 //! their BatchNorm statistics and the optimizers' moments. A run resumed
 //! from step k on the CPU therefore continues bit-identically to one that
-//! never stopped. (GPT dropout masks are the exception: they are counted per
-//! process, so with --dropout > 0 a resumed run draws different masks.)
+//! never stopped; the GPT's dropout masks too, since each step restarts
+//! their stream at the step's number.
 
 use std::fmt::Display;
 use std::fs;

@@ -266,6 +266,18 @@ impl Gpt {
         &self.config
     }
 
+    /// Starts mask stream `stream` in every dropout of the model (see
+    /// [`Dropout::restart_stream`]). `kiln train gpt` starts stream k
+    /// before step k, so a run resumed at step k draws the masks that a run
+    /// that never stopped draws.
+    pub fn restart_dropout_streams(&self, stream: u64) {
+        self.drop.restart_stream(stream);
+        for block in &self.h {
+            block.attn.resid_dropout.restart_stream(stream);
+            block.mlp.dropout.restart_stream(stream);
+        }
+    }
+
     /// Mean cross entropy of the next-token predictions over all B·T
     /// positions: x, y are u32 [B, T], y[b, t] the token that follows x[b, t].
     pub fn loss(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {

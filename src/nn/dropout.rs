@@ -1,6 +1,9 @@
 //! `Dropout` with reproducible masks: each training forward uses a seed
-//! derived from the module's base seed and its call count, so masks differ
-//! from step to step yet a rerun with the same seed draws the same ones.
+//! derived from the module's base seed, its stream and its call count in
+//! that stream, so masks differ from call to call yet a rerun with the same
+//! seed draws the same ones. A training loop that starts stream k before
+//! step k ([`Dropout::restart_stream`]) makes the masks a function of the
+//! step alone: a run resumed at step k draws what it would have drawn.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -13,6 +16,9 @@ use crate::tensor::Tensor;
 pub struct Dropout {
     p: f64,
     seed: u64,
+    /// The mask stream (0 until a loop restarts one).
+    stream: AtomicU64,
+    /// Training forwards since the stream started.
     calls: AtomicU64,
     training: AtomicBool,
 }
@@ -28,6 +34,7 @@ impl Dropout {
         Ok(Dropout {
             p,
             seed,
+            stream: AtomicU64::new(0),
             calls: AtomicU64::new(0),
             training: AtomicBool::new(true),
         })
@@ -39,6 +46,13 @@ impl Dropout {
 
     pub fn is_training(&self) -> bool {
         self.training.load(Ordering::Relaxed)
+    }
+
+    /// Starts mask stream `stream`: the next forward draws its first mask.
+    /// Stream 0 is where a new module starts.
+    pub fn restart_stream(&self, stream: u64) {
+        self.stream.store(stream, Ordering::Relaxed);
+        self.calls.store(0, Ordering::Relaxed);
     }
 }
 
@@ -57,7 +71,13 @@ impl Module for Dropout {
             return Ok(x.clone());
         }
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
-        x.dropout(self.p, mix_seed(self.seed, call))
+        // Stream 0 keeps the base seed; other streams move it by an odd
+        // multiple of the stream, far from the neighbouring modules' bases.
+        let stream = self.stream.load(Ordering::Relaxed);
+        let base = self
+            .seed
+            .wrapping_add(stream.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        x.dropout(self.p, mix_seed(base, call))
     }
 
     fn visit(&self, _prefix: &str, _visitor: &mut dyn FnMut(&str, &Tensor, TensorRole)) {}

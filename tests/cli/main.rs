@@ -247,6 +247,11 @@ fn gpt_resumed_after_three_steps_matches_six_straight_steps_bit_for_bit() {
 }
 
 #[test]
+fn gpt_with_dropout_resumes_bit_for_bit_because_each_step_restarts_the_masks() {
+    resume_is_bit_identical("gpt", &["--dropout", "0.2"]);
+}
+
+#[test]
 fn mixed_precision_runs_resume_bit_for_bit_with_the_loss_scaler_in_the_checkpoint() {
     // f16 scales the loss: its scale and clean-step count must be restored.
     resume_is_bit_identical("vae", &["--precision", "f16"]);

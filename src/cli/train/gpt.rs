@@ -145,6 +145,8 @@ impl Trainee for GptTrainee {
         rng: &mut Rng,
         amp: &mut MixedPrecision,
     ) -> Result<Vec<f64>> {
+        // The step's dropout masks depend on the step alone (resumable).
+        self.gpt.restart_dropout_streams(step as u64);
         let lr = gpt_learning_rate(step, self.lr, self.warmup, self.lr_decay_steps);
         self.optimizers.set_learning_rate(lr);
         let (x, y) = random_batch(&self.train, self.batch_size, self.block_size, rng)?;
