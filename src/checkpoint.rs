@@ -232,16 +232,66 @@ pub fn save_module<M: Module + ?Sized>(
     save(path, &module.state_dict(), metadata)
 }
 
+/// What [`load_module_with`] accepts.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions {
+    /// Load tensors holding NaN or ±Inf. Off by default: such weights come
+    /// from a diverged run or a damaged file, and would train or sample on
+    /// silently.
+    pub allow_non_finite: bool,
+}
+
 /// Loads a checkpoint into `module` (see `Module::load_state_dict`: all or
-/// nothing) and returns the file's metadata.
+/// nothing) and returns the file's metadata. A tensor holding NaN or ±Inf
+/// is an error naming it (see [`load_module_with`] to allow them).
 pub fn load_module<M: Module + ?Sized>(
     path: impl AsRef<Path>,
     module: &M,
 ) -> Result<BTreeMap<String, String>> {
+    load_module_with(path, module, LoadOptions::default())
+}
+
+/// [`load_module`] with `options`.
+pub fn load_module_with<M: Module + ?Sized>(
+    path: impl AsRef<Path>,
+    module: &M,
+    options: LoadOptions,
+) -> Result<BTreeMap<String, String>> {
     let path = path.as_ref();
     let checkpoint = load(path)?;
+    if !options.allow_non_finite {
+        check_finite(path, &checkpoint.tensors)?;
+    }
     module
         .load_state_dict(&checkpoint.tensors)
         .map_err(|e| checkpoint_error(path, e.to_string()))?;
     Ok(checkpoint.metadata)
+}
+
+/// An error naming the first tensor (in name order) of a file at `path`
+/// that holds NaN or ±Inf: how many such values, and the first one.
+pub fn check_finite(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let tensor = &tensors[name];
+        if !tensor.dtype().is_float() {
+            continue;
+        }
+        let values = tensor.to_f64_vec();
+        let mut bad = values.iter().enumerate().filter(|(_, v)| !v.is_finite());
+        if let Some((index, value)) = bad.next() {
+            let count = 1 + bad.count();
+            return Err(checkpoint_error(
+                path,
+                format!(
+                    "tensor {name} {} holds {count} non-finite value(s), the first {value} at flat index {index}; \
+                     the run that wrote it diverged or the file is damaged: use an earlier checkpoint, \
+                     or allow non-finite weights explicitly (kiln: --allow-non-finite) to load it anyway",
+                    tensor.shape()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
-use kiln::checkpoint::{self, load, load_module, save, save_module};
+use kiln::checkpoint::{self, LoadOptions, load, load_module, load_module_with, save, save_module};
 use kiln::nn::{BatchNorm2d, Conv2d, Flatten, Init, LeakyRelu, Linear, Module, Sequential};
 use kiln::ops::conv::Conv2dParams;
 use kiln::optim::{Adam, AdamConfig, Optimizer};
@@ -284,6 +284,47 @@ fn load_module_wraps_mismatches_as_checkpoint_errors_naming_the_file() {
         text.contains("small.safetensors") && text.contains("0.weight"),
         "{text}"
     );
+}
+
+#[test]
+fn a_tensor_holding_nan_or_inf_is_refused_by_name_unless_allowed() {
+    let dir = TempDir::new("non-finite");
+    let path = dir.path("diverged.safetensors");
+    let source = model(3, DType::F32);
+    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        let mut tensors: Vec<(String, Tensor)> = source.state_dict();
+        let index = tensors.iter().position(|(n, _)| n == "0.weight").unwrap();
+        let mut poisoned = tensors[index].1.to_f64_vec();
+        poisoned[4] = bad;
+        poisoned[5] = bad;
+        let dims = tensors[index].1.dims().to_vec();
+        tensors[index].1 =
+            Tensor::from_vec(poisoned.iter().map(|&v| v as f32).collect(), dims).unwrap();
+        save(&path, &tensors, &BTreeMap::new()).unwrap();
+
+        let target = model(4, DType::F32);
+        let before = values(&target);
+        let err = load_module(&path, &target).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, Error::Checkpoint { .. }), "{text}");
+        assert!(
+            text.contains("diverged.safetensors")
+                && text.contains("tensor 0.weight")
+                && text.contains("2 non-finite value(s)")
+                && text.contains("flat index 4")
+                && text.contains(&format!("{bad}")),
+            "{text}"
+        );
+        assert_eq!(values(&target), before, "nothing is loaded");
+
+        let allow = LoadOptions {
+            allow_non_finite: true,
+        };
+        load_module_with(&path, &target, allow).unwrap();
+        let loaded = target.state_dict();
+        let weight = &loaded.iter().find(|(n, _)| n == "0.weight").unwrap().1;
+        assert!(!weight.to_f64_vec()[4].is_finite());
+    }
 }
 
 #[test]

@@ -15,6 +15,10 @@ pub struct Cli {
     /// CPU threads for kiln's kernels [default: RAYON_NUM_THREADS, else one per core].
     #[arg(long, global = true)]
     pub threads: Option<usize>,
+    /// Load checkpoints whose weights or optimizer state hold NaN or ±Inf
+    /// (refused by default, naming the tensor).
+    #[arg(long, global = true)]
+    pub allow_non_finite: bool,
 }
 
 #[derive(Subcommand, Debug)]

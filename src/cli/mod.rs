@@ -59,6 +59,7 @@ fn execute(cli: Cli) -> Result<()> {
     if let Some(threads) = cli.threads {
         use_threads(threads)?;
     }
+    run_dir::allow_non_finite_weights(cli.allow_non_finite);
     match &cli.command {
         Command::Train(args) => train::run(args),
         Command::Sample(args) => sample::run(args),

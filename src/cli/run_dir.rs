@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
@@ -204,6 +205,16 @@ pub fn save_checkpoint(dir: &Path, state: &RunState, tensors: &[(String, Tensor)
     write_atomically(&dir.join(STATE_FILE), format!("{json}\n").as_bytes())
 }
 
+/// Whether [`load_checkpoint`] accepts NaN and ±Inf in a checkpoint's
+/// tensors (`kiln --allow-non-finite`); a process-wide choice of the
+/// command line.
+static ALLOW_NON_FINITE: AtomicBool = AtomicBool::new(false);
+
+/// Sets what [`load_checkpoint`] does with non-finite tensors.
+pub fn allow_non_finite_weights(allow: bool) {
+    ALLOW_NON_FINITE.store(allow, Ordering::Relaxed);
+}
+
 /// The weights file named by `path`: a run directory, its checkpoint.json,
 /// or a safetensors file.
 fn weights_path(path: &Path) -> Result<PathBuf> {
@@ -238,6 +249,9 @@ fn weights_path(path: &Path) -> Result<PathBuf> {
 pub fn load_checkpoint(path: &Path) -> Result<LoadedCheckpoint> {
     let weights_path = weights_path(path)?;
     let checkpoint = crate::checkpoint::load(&weights_path)?;
+    if !ALLOW_NON_FINITE.load(Ordering::Relaxed) {
+        crate::checkpoint::check_finite(&weights_path, &checkpoint.tensors)?;
+    }
     let json = checkpoint.metadata.get(STATE_METADATA_KEY).ok_or_else(|| {
         anyhow!(
             "{} is a safetensors file but not a kiln training checkpoint (no {STATE_METADATA_KEY} metadata)",

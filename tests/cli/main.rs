@@ -546,6 +546,50 @@ fn bad_inputs_fail_clearly_and_leave_the_checkpoint_files_byte_identical() {
 }
 
 #[test]
+fn a_checkpoint_holding_nan_is_refused_by_name_unless_allowed() {
+    let s = Scratch::new("nan-weights");
+    train(&s, "vae", "run", &["--steps", "2"]);
+    let weights = s.path("run/checkpoint.safetensors");
+    let mut loaded = checkpoint::load(&weights).unwrap();
+    let name = "model.fc21.weight";
+    let original = loaded.tensors[name].clone();
+    let mut values = original.to_vec::<f32>().unwrap();
+    values[7] = f32::NAN;
+    loaded.tensors.insert(
+        name.to_string(),
+        kiln::Tensor::from_vec(values, original.dims().to_vec()).unwrap(),
+    );
+    let tensors: Vec<(String, kiln::Tensor)> = loaded.tensors.into_iter().collect();
+    checkpoint::save(&weights, &tensors, &loaded.metadata).unwrap();
+    let before = snapshot(&s.path("run"));
+
+    let (run, grid) = (s.arg("run"), s.arg("grid.png"));
+    let expected = [name, "1 non-finite value(s)", "NaN", "--allow-non-finite"];
+    kiln_fails(
+        &["sample", "vae", "--checkpoint", &run, "--out", &grid],
+        &expected,
+    );
+    train_fails(&s, "vae", "run", &["--resume", "--steps", "3"], &expected);
+    assert_eq!(
+        snapshot(&s.path("run")),
+        before,
+        "the run directory changed"
+    );
+    assert!(!s.path("grid.png").exists());
+
+    kiln_ok(&[
+        "sample",
+        "vae",
+        "--checkpoint",
+        &run,
+        "--out",
+        &grid,
+        "--allow-non-finite",
+    ]);
+    assert!(s.path("grid.png").exists());
+}
+
+#[test]
 fn resume_without_a_checkpoint_is_an_error_that_creates_nothing() {
     let s = Scratch::new("resume-nothing");
     let data = s.data().display().to_string();
