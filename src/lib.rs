@@ -70,6 +70,7 @@
 //!   between tokens ([`nn::KvCache`]); `kiln generate --no-kv-cache` turns
 //!   the cache off to compare.
 
+pub mod atomic_file;
 pub mod autocast;
 pub mod autograd;
 pub mod checkpoint;

@@ -154,7 +154,7 @@ fn load_folder(root: &Path, size: usize, channels: usize) -> Result<ImageSet> {
         bytes as f64 / (1024.0 * 1024.0)
     );
     let progress = Progress::new(folder.len(), 0);
-    let set = folder.load(size, channels, &|| progress.advance());
+    let set = folder.load(size, channels, &|| progress.advance(1));
     progress.finish();
     Ok(set?)
 }

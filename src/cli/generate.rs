@@ -1,5 +1,6 @@
 //! `kiln generate`: continues a prompt with a trained character GPT.
 
+use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -8,6 +9,7 @@ use super::args::GenerateArgs;
 use super::run_dir::load_checkpoint;
 use super::seeds::{Stream, stream_rng};
 use super::specs::load_gpt;
+use crate::models::gpt::Sampling;
 
 /// Prints the prompt followed by `--max-new-tokens` sampled characters.
 pub fn run(args: &GenerateArgs) -> Result<()> {
@@ -29,22 +31,29 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let top_k = (args.top_k > 0).then_some(args.top_k);
     let mut rng = stream_rng(args.seed, Stream::Sampling, 0);
     let _autocast = super::checkpoint_autocast(&checkpoint)?;
-    let started = Instant::now();
-    let continuation = gpt.generate_with(
-        &ids,
-        args.max_new_tokens,
-        args.temperature,
+    let how = Sampling {
+        temperature: args.temperature,
         top_k,
-        !args.no_kv_cache,
-        &mut rng,
-    )?;
+        kv_cache: !args.no_kv_cache,
+    };
+    // The text goes to stdout as it is drawn, the speed to stderr at the end.
+    let mut stdout = std::io::stdout().lock();
+    write!(stdout, "{prompt}")?;
+    let mut drawn = 0usize;
+    let started = Instant::now();
+    gpt.generate_streaming(&ids, args.max_new_tokens, &how, &mut rng, &mut |token| {
+        stdout
+            .write_all(vocab.decode(&[token]).as_bytes())
+            .and_then(|()| stdout.flush())
+            .map_err(crate::Error::Io)?;
+        drawn += 1;
+        Ok(())
+    })?;
+    writeln!(stdout)?;
     let seconds = started.elapsed().as_secs_f64();
-    println!("{prompt}{}", vocab.decode(&continuation));
-    // On stderr, so that stdout is the text alone.
     eprintln!(
-        "{} characters in {seconds:.2} s: {:.0} characters/s (KV cache {})",
-        continuation.len(),
-        continuation.len() as f64 / seconds.max(f64::MIN_POSITIVE),
+        "{drawn} characters in {seconds:.2} s: {:.0} characters/s (KV cache {})",
+        drawn as f64 / seconds.max(f64::MIN_POSITIVE),
         if args.no_kv_cache { "off" } else { "on" }
     );
     Ok(())

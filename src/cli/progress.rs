@@ -39,9 +39,9 @@ impl Progress {
         self.bar.set_message(status);
     }
 
-    /// One more item done; callable from any thread.
-    pub fn advance(&self) {
-        self.bar.inc(1);
+    /// `items` more done; callable from any thread.
+    pub fn advance(&self, items: usize) {
+        self.bar.inc(items as u64);
     }
 
     /// Prints a line above the bar, or plainly when there is no bar.

@@ -23,6 +23,7 @@ use anyhow::{Context, Result, bail};
 
 use super::args::{DatasetArg, EvalArgs};
 use super::datasets::{ImageSource, data_dir, recorded_dataset};
+use super::progress::Progress;
 use super::run_dir::{LoadedCheckpoint, load_checkpoint};
 use super::seeds::{Stream, permutation, stream_rng};
 use super::specs::{VaeSpec, load_classifier, load_generator};
@@ -30,9 +31,7 @@ use super::train::{labelled_batch, vae_images};
 use crate::autocast::AutocastGuard;
 use crate::data::idx::Split;
 use crate::models::classifier::{Classifier, IMAGE_SIZE, correct_predictions};
-use crate::models::quality::{
-    FeatureStats, class_histogram_entropy, frechet_distance, mean_prediction_entropy,
-};
+use crate::models::quality::{ClassTally, FeatureAccumulator, frechet_distance};
 use crate::models::vae::Vae;
 use crate::nn::Module;
 use crate::{DType, Device, Precision, Tensor, no_grad};
@@ -48,13 +47,12 @@ pub struct Judge {
     dataset: DatasetArg,
 }
 
-/// What the classifier makes of a set of images.
-struct Outputs {
-    /// [count, features] row after row.
-    features: Vec<f32>,
-    /// [count, classes] row after row.
-    probabilities: Vec<f32>,
-    count: usize,
+/// What the classifier makes of a set of images, summed image by image:
+/// the features' mean and covariance, and the class predictions. Any
+/// number of images fits in the same small memory.
+struct Tally {
+    features: FeatureAccumulator,
+    classes: ClassTally,
 }
 
 /// The three scores of a set of images against the test set.
@@ -139,25 +137,31 @@ impl Judge {
         (crate::autocast::suspend(), self.precision.autocast())
     }
 
-    /// Features and probabilities of `images` [N, 1, 28, 28] in [0, 1].
-    fn outputs(&self, images: &Tensor) -> Result<Outputs> {
+    /// An empty tally of this classifier's outputs.
+    fn tally(&self) -> Tally {
+        let config = self.classifier.config();
+        Tally {
+            features: FeatureAccumulator::new(config.features),
+            classes: ClassTally::new(config.classes),
+        }
+    }
+
+    /// Adds the features and predictions of `images` [N, 1, 28, 28] in
+    /// [0, 1] to `tally`, a batch at a time.
+    fn add(&self, images: &Tensor, tally: &mut Tally) -> Result<()> {
         let _no_grad = no_grad();
         let _autocast = self.precision_scope();
-        let mut outputs = Outputs {
-            features: Vec::new(),
-            probabilities: Vec::new(),
-            count: images.dims()[0],
-        };
-        for start in (0..outputs.count).step_by(BATCH) {
-            let len = BATCH.min(outputs.count - start);
+        let count = images.dims()[0];
+        for start in (0..count).step_by(BATCH) {
+            let len = BATCH.min(count - start);
             let features = self.classifier.features(&images.narrow(0, start, len)?)?;
             let probabilities = self.classifier.probabilities(&features)?;
-            outputs
+            tally
                 .features
-                .extend(features.to_dtype(DType::F32)?.to_vec::<f32>()?);
-            outputs.probabilities.extend(probabilities.to_vec::<f32>()?);
+                .add(&features.to_dtype(DType::F32)?.to_vec::<f32>()?)?;
+            tally.classes.add(&probabilities.to_vec::<f32>()?);
         }
-        Ok(outputs)
+        Ok(())
     }
 
     /// The first `limit` test images (all without it), as the classifier reads them.
@@ -168,41 +172,52 @@ impl Judge {
         labelled_batch(&test, &indices)
     }
 
-    /// FID and entropies of `images` [N, 1, 28, 28] in [0, 1] against the test set.
-    pub fn score(
-        &self,
-        images: &Tensor,
-        data: Option<&Path>,
-        limit: Option<usize>,
-    ) -> Result<Scores> {
+    /// The tally of the first `limit` test images.
+    fn test_tally(&self, data: Option<&Path>, limit: Option<usize>) -> Result<Tally> {
         let (test, _) = self.test_images(data, limit)?;
-        self.score_against(images, &self.outputs(&test)?)
+        let mut tally = self.tally();
+        self.add(&test, &mut tally)?;
+        Ok(tally)
     }
 
-    fn score_against(&self, images: &Tensor, test: &Outputs) -> Result<Scores> {
+    /// FID and entropies of the `generated` tally against the `test` one.
+    fn scores(&self, generated: &Tally, test: &Tally) -> Result<Scores> {
         let config = self.classifier.config();
-        let (features, classes) = (config.features, config.classes);
-        let generated = self.outputs(images)?;
-        if generated.count < 2 || test.count < 2 {
+        let (samples, test_images) = (generated.features.count(), test.features.count());
+        if samples < 2 || test_images < 2 {
             bail!(
-                "the FID needs at least 2 images on each side, got {} samples and {} test images",
-                generated.count,
-                test.count
+                "the FID needs at least 2 images on each side, got {samples} samples and {test_images} test images"
             );
         }
-        let fid = frechet_distance(
-            &FeatureStats::from_rows(&generated.features, features)?,
-            &FeatureStats::from_rows(&test.features, features)?,
-        )?;
         Ok(Scores {
-            fid,
-            histogram_entropy: class_histogram_entropy(&generated.probabilities, classes),
-            prediction_entropy: mean_prediction_entropy(&generated.probabilities, classes),
-            samples: generated.count,
-            test_images: test.count,
-            features,
-            classes,
+            fid: frechet_distance(&generated.features.stats()?, &test.features.stats()?)?,
+            histogram_entropy: generated.classes.histogram_entropy(),
+            prediction_entropy: generated.classes.mean_prediction_entropy(),
+            samples,
+            test_images,
+            features: config.features,
+            classes: config.classes,
         })
+    }
+
+    /// Scores --n images drawn `BATCH` at a time by `draw(len)` (a progress
+    /// bar counts them): memory does not grow with --n.
+    fn score_drawn(
+        &self,
+        args: &EvalArgs,
+        mut draw: impl FnMut(usize) -> Result<Tensor>,
+    ) -> Result<Scores> {
+        let n = sample_count(args)?;
+        let test = self.test_tally(args.data.as_deref(), args.limit)?;
+        let mut generated = self.tally();
+        let progress = Progress::new(n, 0);
+        for start in (0..n).step_by(BATCH) {
+            let len = BATCH.min(n - start);
+            self.add(&draw(len)?, &mut generated)?;
+            progress.advance(len);
+        }
+        progress.finish();
+        self.scores(&generated, &test)
     }
 }
 
@@ -262,21 +277,17 @@ pub fn eval_gan(args: &EvalArgs, checkpoint: &LoadedCheckpoint, device: Device) 
             "kiln eval gan needs --classifier DIR: a run of `kiln train classifier`, whose features score the samples"
         );
     };
-    let n = sample_count(args)?;
     let generator = load_generator(checkpoint, device)?;
     let judge = Judge::load(classifier, device)?;
     judge.check_judges("GAN", checkpoint)?;
     // Noise as `kiln sample gan --seed` draws it, batch after batch.
     let mut rng = stream_rng(args.seed, Stream::Sampling, 0);
-    let mut batches = Vec::new();
-    for start in (0..n).step_by(BATCH) {
-        let len = BATCH.min(n - start);
-        let z = Tensor::randn([len, generator.nz(), 1, 1], DType::F32, device, &mut rng)?;
-        batches.push(gan_to_classifier_images(&generator.forward(&z)?)?);
-    }
-    let images = Tensor::cat(&batches.iter().collect::<Vec<_>>(), 0)?;
     judge
-        .score(&images, args.data.as_deref(), args.limit)?
+        .score_drawn(args, |len| {
+            let _no_grad = no_grad();
+            let z = Tensor::randn([len, generator.nz(), 1, 1], DType::F32, device, &mut rng)?;
+            gan_to_classifier_images(&generator.forward(&z)?)
+        })?
         .print("generated images");
     Ok(())
 }
@@ -293,19 +304,14 @@ pub fn eval_vae_samples(
     let Some(classifier) = &args.classifier else {
         return Ok(());
     };
-    let n = sample_count(args)?;
     let judge = Judge::load(classifier, device)?;
     judge.check_judges("VAE", checkpoint)?;
     let mut rng = stream_rng(args.seed, Stream::Sampling, 0);
-    let mut batches = Vec::new();
-    for start in (0..n).step_by(BATCH) {
-        let len = BATCH.min(n - start);
-        let latents = Tensor::randn([len, vae.config().latent], DType::F32, device, &mut rng)?;
-        batches.push(central_crop(&vae_images(vae, spec, &latents)?)?);
-    }
-    let images = Tensor::cat(&batches.iter().collect::<Vec<_>>(), 0)?;
     judge
-        .score(&images, args.data.as_deref(), args.limit)?
+        .score_drawn(args, |len| {
+            let latents = Tensor::randn([len, vae.config().latent], DType::F32, device, &mut rng)?;
+            central_crop(&vae_images(vae, spec, &latents)?)
+        })?
         .print("decoded prior samples");
     Ok(())
 }
@@ -346,9 +352,11 @@ pub fn eval_classifier(
     let mut order = permutation(train.count, &mut rng);
     order.truncate(n);
     let (real, _) = labelled_batch(&train, &order)?;
-    let test_outputs = judge.outputs(&test)?;
+    let (mut real_tally, mut test_tally) = (judge.tally(), judge.tally());
+    judge.add(&real, &mut real_tally)?;
+    judge.add(&test, &mut test_tally)?;
     judge
-        .score_against(&real, &test_outputs)?
+        .scores(&real_tally, &test_tally)?
         .print("training images (the floor)");
     Ok(())
 }

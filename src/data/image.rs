@@ -3,7 +3,10 @@
 //! built-in 5×7 bitmap font, so the charts are readable without any fonts
 //! installed on the machine.
 
+use std::io::Write;
 use std::path::Path;
+
+use crate::atomic_file::AtomicFile;
 
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
@@ -11,77 +14,197 @@ use crate::tensor::{DType, Tensor};
 /// Pixels between (and around) the images of a grid, as torchvision's `make_grid` does.
 const GRID_PADDING: usize = 2;
 
+/// The geometry of a grid of `count` images `[channels, height, width]`,
+/// `nrow` per row, with [`GRID_PADDING`] black pixels between and around them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GridLayout {
+    pub count: usize,
+    pub nrow: usize,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl GridLayout {
+    /// Checks the sizes a PNG grid can be drawn from.
+    fn validate(&self, op: &'static str) -> Result<()> {
+        let GridLayout {
+            count,
+            nrow,
+            channels,
+            height,
+            width,
+        } = *self;
+        if channels != 1 && channels != 3 {
+            return Err(Error::shape(
+                op,
+                format!("images must have 1 or 3 channels, got {channels}"),
+            ));
+        }
+        if count == 0 || height == 0 || width == 0 {
+            return Err(Error::shape(
+                op,
+                format!("nothing to draw in {count} images of {height}x{width}"),
+            ));
+        }
+        if nrow == 0 {
+            return Err(Error::invalid(
+                op,
+                "nrow (images per row) must be at least 1",
+            ));
+        }
+        let (w, h) = (self.canvas_width(), self.canvas_height());
+        if w > MAX_PNG_SIDE || h > MAX_PNG_SIDE {
+            return Err(Error::invalid(
+                op,
+                format!("a grid of {w}x{h} pixels exceeds PNG's largest side of {MAX_PNG_SIDE}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Rows of images: the bands the grid is written in.
+    pub fn bands(&self) -> usize {
+        self.count.div_ceil(self.nrow)
+    }
+
+    pub fn canvas_width(&self) -> usize {
+        self.nrow.min(self.count) * (self.width + GRID_PADDING) + GRID_PADDING
+    }
+
+    pub fn canvas_height(&self) -> usize {
+        self.bands() * (self.height + GRID_PADDING) + GRID_PADDING
+    }
+
+    /// The most bytes the PNG can take: its RGB rows uncompressed (one
+    /// filter byte each), deflate's stored-block overhead and the chunks.
+    pub fn png_bytes_bound(&self) -> u64 {
+        let raw = self.canvas_height() as u64 * (1 + 3 * self.canvas_width() as u64);
+        raw + raw / 16_000 * 5 + 4096
+    }
+}
+
+/// PNG stores each side in 31 bits.
+const MAX_PNG_SIDE: usize = (1 << 31) - 1;
+
 /// Writes an RGB PNG grid of `images` `[N, C, H, W]` (C = 1 for greyscale or 3 for RGB),
 /// `nrow` images per row with 2 black pixels between and around them. Values are
 /// mapped linearly from `[lo, hi]` to 0..255 and clamped. The file is written to a
 /// temporary name and renamed, so a reader never sees half a picture.
 pub fn save_grid_png(path: &Path, images: &Tensor, nrow: usize, lo: f32, hi: f32) -> Result<()> {
-    const OP: &str = "save_grid_png";
     let &[count, channels, height, width] = images.dims() else {
         return Err(Error::shape(
-            OP,
+            "save_grid_png",
             format!(
                 "images must have shape [N, C, H, W], got {}",
                 images.shape()
             ),
         ));
     };
-    if channels != 1 && channels != 3 {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "images must have 1 or 3 channels, got shape {}",
-                images.shape()
-            ),
-        ));
-    }
-    if count == 0 || height == 0 || width == 0 {
-        return Err(Error::shape(
-            OP,
-            format!("nothing to draw in images of shape {}", images.shape()),
-        ));
-    }
-    if nrow == 0 {
-        return Err(Error::invalid(
-            OP,
-            "nrow (images per row) must be at least 1",
-        ));
-    }
+    let layout = GridLayout {
+        count,
+        nrow,
+        channels,
+        height,
+        width,
+    };
+    stream_grid_png(path, layout, lo, hi, |first, len| {
+        images.narrow(0, first, len)
+    })
+}
+
+/// Writes the PNG grid of `layout` band by band: `band_images(first, len)`
+/// returns images `first..first + len` as `[len, C, H, W]` when their row of
+/// the grid is due, so a grid of any length needs the memory of one row.
+/// Values map from `[lo, hi]` to 0..255 as in [`save_grid_png`]; the file
+/// appears at `path` only once complete.
+pub fn stream_grid_png<E: From<Error>>(
+    path: &Path,
+    layout: GridLayout,
+    lo: f32,
+    hi: f32,
+    mut band_images: impl FnMut(usize, usize) -> std::result::Result<Tensor, E>,
+) -> std::result::Result<(), E> {
+    const OP: &str = "save_grid_png";
+    layout.validate(OP)?;
     if !(lo.is_finite() && hi.is_finite() && lo < hi) {
         return Err(Error::invalid(
             OP,
             format!("value range [{lo}, {hi}] must be finite with lo < hi"),
-        ));
+        )
+        .into());
     }
-    let values = images.to_dtype(DType::F32)?.to_vec::<f32>()?;
+    let io_error = |what: &str, e: &dyn std::fmt::Display| {
+        Error::Io(std::io::Error::other(format!(
+            "{OP}: cannot {what} {}: {e}",
+            path.display()
+        )))
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| io_error("create the folder of", &e))?;
+    }
+    let mut file = AtomicFile::create(path).map_err(|e| io_error("write", &e))?;
+    let (canvas_width, canvas_height) = (layout.canvas_width(), layout.canvas_height());
+    let mut encoder = png::Encoder::new(&mut file, canvas_width as u32, canvas_height as u32);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().map_err(|e| io_error("encode", &e))?;
+    let mut stream = writer.stream_writer().map_err(|e| io_error("encode", &e))?;
+    // The top border, then each band: a row of images and the border below it.
+    stream
+        .write_all(&Canvas::new(canvas_width, GRID_PADDING, BLACK).rgb)
+        .map_err(|e| io_error("write", &e))?;
+    let GridLayout {
+        nrow,
+        channels,
+        height,
+        width,
+        ..
+    } = layout;
     let to_byte = |v: f32| ((v - lo) / (hi - lo) * 255.0).round().clamp(0.0, 255.0) as u8;
-
-    let grid_cols = nrow.min(count);
-    let grid_rows = count.div_ceil(nrow);
-    let canvas_width = grid_cols * (width + GRID_PADDING) + GRID_PADDING;
-    let canvas_height = grid_rows * (height + GRID_PADDING) + GRID_PADDING;
-    let mut canvas = Canvas::new(canvas_width, canvas_height, BLACK);
     let plane = height * width;
-    for (n, image) in values.chunks_exact(channels * plane).enumerate() {
-        let left = GRID_PADDING + (n % nrow) * (width + GRID_PADDING);
-        let top = GRID_PADDING + (n / nrow) * (height + GRID_PADDING);
-        for y in 0..height {
-            for x in 0..width {
-                let at = y * width + x;
-                let rgb = if channels == 1 {
-                    [to_byte(image[at]); 3]
-                } else {
-                    [
-                        to_byte(image[at]),
-                        to_byte(image[plane + at]),
-                        to_byte(image[2 * plane + at]),
-                    ]
-                };
-                canvas.set(left + x, top + y, rgb);
+    for band in 0..layout.bands() {
+        let first = band * nrow;
+        let len = nrow.min(layout.count - first);
+        let images = band_images(first, len)?;
+        if images.dims() != [len, channels, height, width] {
+            return Err(E::from(Error::shape(
+                OP,
+                format!(
+                    "images {first}..{} must have shape [{len}, {channels}, {height}, {width}], got {}",
+                    first + len,
+                    images.shape()
+                ),
+            )));
+        }
+        let values = images.to_dtype(DType::F32)?.to_vec::<f32>()?;
+        let mut canvas = Canvas::new(canvas_width, height + GRID_PADDING, BLACK);
+        for (n, image) in values.chunks_exact(channels * plane).enumerate() {
+            let left = GRID_PADDING + n * (width + GRID_PADDING);
+            for y in 0..height {
+                for x in 0..width {
+                    let at = y * width + x;
+                    let rgb = if channels == 1 {
+                        [to_byte(image[at]); 3]
+                    } else {
+                        [
+                            to_byte(image[at]),
+                            to_byte(image[plane + at]),
+                            to_byte(image[2 * plane + at]),
+                        ]
+                    };
+                    canvas.set(left + x, y, rgb);
+                }
             }
         }
+        stream
+            .write_all(&canvas.rgb)
+            .map_err(|e| io_error("write", &e))?;
     }
-    canvas.write_png(OP, path)
+    stream.finish().map_err(|e| io_error("encode", &e))?;
+    writer.finish().map_err(|e| io_error("encode", &e))?;
+    file.commit().map_err(|e| io_error("write", &e))?;
+    Ok(())
 }
 
 /// The chart's size in pixels.

@@ -144,6 +144,7 @@ fn batch_norm(channels: usize, init: &mut Init) -> Result<BatchNorm2d> {
 pub struct Generator {
     pub main: Sequential,
     nz: usize,
+    channels: usize,
     image_size: usize,
     device: Device,
 }
@@ -168,6 +169,7 @@ impl Generator {
         Ok(Generator {
             main,
             nz,
+            channels: c,
             image_size: cfg.image_size,
             device: init.device,
         })
@@ -175,6 +177,11 @@ impl Generator {
 
     pub fn nz(&self) -> usize {
         self.nz
+    }
+
+    /// Channels of the images it draws.
+    pub fn channels(&self) -> usize {
+        self.channels
     }
 
     /// Side of the images it draws.

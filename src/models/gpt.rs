@@ -336,7 +336,35 @@ impl Gpt {
         kv_cache: bool,
         rng: &mut Rng,
     ) -> Result<Vec<u32>> {
+        let mut tokens = Vec::with_capacity(max_new_tokens);
+        let how = Sampling {
+            temperature,
+            top_k,
+            kv_cache,
+        };
+        self.generate_streaming(prompt, max_new_tokens, &how, rng, &mut |token| {
+            tokens.push(token);
+            Ok(())
+        })?;
+        Ok(tokens)
+    }
+
+    /// [`Gpt::generate_with`] that hands each token to `on_token` as it is
+    /// drawn instead of collecting them: memory stays that of one window
+    /// however many tokens are asked for. An error from `on_token` stops
+    /// the generation.
+    pub fn generate_streaming(
+        &self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        how: &Sampling,
+        rng: &mut Rng,
+        on_token: &mut dyn FnMut(u32) -> Result<()>,
+    ) -> Result<()> {
         const OP: &str = "Gpt::generate";
+        let Sampling {
+            temperature, top_k, ..
+        } = *how;
         let vocab = self.config.vocab_size;
         if prompt.is_empty() {
             return Err(Error::invalid(OP, "the prompt needs at least one token"));
@@ -359,12 +387,7 @@ impl Gpt {
         let was_training = self.drop.is_training();
         self.eval();
         let _no_grad = no_grad();
-        let how = Sampling {
-            temperature,
-            top_k,
-            kv_cache,
-        };
-        let sampled = self.sample_tokens(prompt, max_new_tokens, &how, rng);
+        let sampled = self.sample_tokens(prompt, max_new_tokens, how, rng, on_token);
         self.set_training(was_training);
         sampled
     }
@@ -375,12 +398,16 @@ impl Gpt {
         max_new_tokens: usize,
         how: &Sampling,
         rng: &mut Rng,
-    ) -> Result<Vec<u32>> {
+        on_token: &mut dyn FnMut(u32) -> Result<()>,
+    ) -> Result<()> {
         let kv_cache = how.kv_cache;
         let block = self.config.block_size;
+        // The text's tail: at least the window, at most two.
         let mut tokens = prompt.to_vec();
         let mut cache: Option<Vec<KvCache>> = None;
-        for _ in 0..max_new_tokens {
+        for step in 0..max_new_tokens {
+            // The whole text so far, head included.
+            let length = prompt.len() + step;
             let window = &tokens[tokens.len().saturating_sub(block)..];
             // The last position's logits [V], on the host: one small row.
             let last_row = match &mut cache {
@@ -389,7 +416,7 @@ impl Gpt {
                     let newest = &window[window.len() - 1..];
                     self.last_logits_cached(newest, layers)?
                 }
-                _ if kv_cache && tokens.len() <= block => {
+                _ if kv_cache && length <= block => {
                     let mut layers: Vec<KvCache> =
                         self.h.iter().map(|_| KvCache::default()).collect();
                     let logits = self.last_logits_cached(window, &mut layers)?;
@@ -406,8 +433,12 @@ impl Gpt {
             let scaled: Vec<f64> = last_row.iter().map(|l| l / how.temperature).collect();
             let next = sample_from_logits(&keep_top_k(scaled, how.top_k), rng);
             tokens.push(next);
+            on_token(next)?;
+            if tokens.len() >= 2 * block {
+                tokens.drain(..tokens.len() - block);
+            }
         }
-        Ok(tokens.split_off(prompt.len()))
+        Ok(())
     }
 
     /// The logits [V] of the last of `new` tokens, which follow the
@@ -434,11 +465,15 @@ impl Gpt {
     }
 }
 
-/// How [`Gpt::generate_with`] draws each token (its arguments, checked).
-struct Sampling {
-    temperature: f64,
-    top_k: Option<usize>,
-    kv_cache: bool,
+/// How [`Gpt::generate_streaming`] draws each token (checked when it starts).
+#[derive(Clone, Copy, Debug)]
+pub struct Sampling {
+    /// Divides the logits: below 1 sharpens the distribution, above 1 flattens it.
+    pub temperature: f64,
+    /// Keep only the k most likely tokens (`Some(1)`: greedy decoding).
+    pub top_k: Option<usize>,
+    /// Keep each layer's keys and values between tokens.
+    pub kv_cache: bool,
 }
 
 /// Sets every logit below the k-th largest to −∞ (ties with it are kept, as

@@ -33,7 +33,53 @@ impl FeatureStats {
     /// The statistics of `rows` vectors of width `dim` stored one after the
     /// other in `features` (`features.len() == rows · dim`, rows ≥ 2).
     pub fn from_rows(features: &[f32], dim: usize) -> Result<FeatureStats> {
-        const OP: &str = "FeatureStats::from_rows";
+        if dim == 0 {
+            return Err(Error::shape(
+                "FeatureStats::from_rows",
+                "feature vectors must have a width of at least 1",
+            ));
+        }
+        let mut accumulator = FeatureAccumulator::new(dim);
+        accumulator.add(features)?;
+        accumulator.stats()
+    }
+}
+
+/// Running sums of feature vectors fed batch by batch, so that the
+/// statistics of any number of vectors take O(d²) memory. The sums are of
+/// x − s, s the first vector seen (a shift that keeps the one-pass
+/// covariance as accurate as a two-pass one for features far from 0):
+/// μ = s + Σ(x − s)/n, Σ = (Σ(x − s)(x − s)ᵀ − n (μ − s)(μ − s)ᵀ)/(n − 1).
+#[derive(Clone, Debug)]
+pub struct FeatureAccumulator {
+    dim: usize,
+    count: usize,
+    shift: Vec<f64>,
+    sum: Vec<f64>,
+    /// Upper triangle of Σ(x − s)(x − s)ᵀ, d×d row-major.
+    outer: Vec<f64>,
+}
+
+impl FeatureAccumulator {
+    pub fn new(dim: usize) -> FeatureAccumulator {
+        FeatureAccumulator {
+            dim,
+            count: 0,
+            shift: Vec::new(),
+            sum: vec![0.0; dim],
+            outer: vec![0.0; dim * dim],
+        }
+    }
+
+    /// Vectors added so far.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Adds the vectors stored one after the other in `features`.
+    pub fn add(&mut self, features: &[f32]) -> Result<()> {
+        const OP: &str = "FeatureAccumulator::add";
+        let dim = self.dim;
         if dim == 0 || !features.len().is_multiple_of(dim) {
             return Err(Error::shape(
                 OP,
@@ -43,47 +89,51 @@ impl FeatureStats {
                 ),
             ));
         }
-        let count = features.len() / dim;
-        if count < 2 {
-            return Err(Error::invalid(
-                OP,
-                format!("a covariance needs at least 2 vectors, got {count}"),
-            ));
-        }
         if let Some(bad) = features.iter().find(|v| !v.is_finite()) {
             return Err(Error::invalid(
                 OP,
                 format!("the features hold a non-finite value ({bad})"),
             ));
         }
-        let mut mean = vec![0.0; dim];
-        for row in features.chunks_exact(dim) {
-            for (m, &v) in mean.iter_mut().zip(row) {
-                *m += v as f64;
-            }
-        }
-        for m in &mut mean {
-            *m /= count as f64;
-        }
-        // Σ = Σ_n (x_n − μ)(x_n − μ)ᵀ / (n − 1), upper triangle then mirrored.
-        let mut covariance = vec![0.0; dim * dim];
         let mut centred = vec![0.0; dim];
         for row in features.chunks_exact(dim) {
-            for ((c, &v), m) in centred.iter_mut().zip(row).zip(&mean) {
-                *c = v as f64 - m;
+            if self.shift.is_empty() {
+                self.shift = row.iter().map(|&v| v as f64).collect();
+            }
+            for ((c, &v), s) in centred.iter_mut().zip(row).zip(&self.shift) {
+                *c = v as f64 - s;
+            }
+            for (total, c) in self.sum.iter_mut().zip(&centred) {
+                *total += c;
             }
             for i in 0..dim {
                 let ci = centred[i];
-                let out = &mut covariance[i * dim..(i + 1) * dim];
+                let out = &mut self.outer[i * dim..(i + 1) * dim];
                 for j in i..dim {
                     out[j] += ci * centred[j];
                 }
             }
+            self.count += 1;
         }
-        let scale = 1.0 / (count - 1) as f64;
+        Ok(())
+    }
+
+    /// Mean and covariance of the vectors added (at least 2).
+    pub fn stats(&self) -> Result<FeatureStats> {
+        let (dim, count) = (self.dim, self.count);
+        if count < 2 {
+            return Err(Error::invalid(
+                "FeatureAccumulator::stats",
+                format!("a covariance needs at least 2 vectors, got {count}"),
+            ));
+        }
+        let n = count as f64;
+        let offset: Vec<f64> = self.sum.iter().map(|s| s / n).collect();
+        let mean = self.shift.iter().zip(&offset).map(|(s, o)| s + o).collect();
+        let mut covariance = vec![0.0; dim * dim];
         for i in 0..dim {
             for j in i..dim {
-                let value = covariance[i * dim + j] * scale;
+                let value = (self.outer[i * dim + j] - n * offset[i] * offset[j]) / (n - 1.0);
                 covariance[i * dim + j] = value;
                 covariance[j * dim + i] = value;
             }
@@ -129,31 +179,68 @@ pub fn frechet_distance(a: &FeatureStats, b: &FeatureStats) -> Result<f64> {
 /// fraction of samples whose most probable class is i, −Σ pᵢ ln pᵢ.
 /// `probabilities` holds one row of `classes` values per sample.
 pub fn class_histogram_entropy(probabilities: &[f32], classes: usize) -> f64 {
-    let mut counts = vec![0usize; classes];
-    let mut samples = 0;
-    for row in probabilities.chunks_exact(classes) {
-        let best = row
-            .iter()
-            .enumerate()
-            .max_by(|x, y| x.1.total_cmp(y.1))
-            .map_or(0, |(i, _)| i);
-        counts[best] += 1;
-        samples += 1;
-    }
-    let fractions: Vec<f64> = counts
-        .iter()
-        .map(|&c| c as f64 / samples.max(1) as f64)
-        .collect();
-    entropy(&fractions)
+    let mut tally = ClassTally::new(classes);
+    tally.add(probabilities);
+    tally.histogram_entropy()
 }
 
 /// The mean over samples of −Σᵢ p(i | x) ln p(i | x) (nats).
 pub fn mean_prediction_entropy(probabilities: &[f32], classes: usize) -> f64 {
-    let rows: Vec<f64> = probabilities
-        .chunks_exact(classes)
-        .map(|row| entropy(&row.iter().map(|&p| p as f64).collect::<Vec<_>>()))
-        .collect();
-    rows.iter().sum::<f64>() / rows.len().max(1) as f64
+    let mut tally = ClassTally::new(classes);
+    tally.add(probabilities);
+    tally.mean_prediction_entropy()
+}
+
+/// The class predictions of samples fed batch by batch: how often each
+/// class is the most probable, and the sum of the predictions' entropies.
+#[derive(Clone, Debug)]
+pub struct ClassTally {
+    counts: Vec<usize>,
+    entropy_sum: f64,
+    samples: usize,
+}
+
+impl ClassTally {
+    pub fn new(classes: usize) -> ClassTally {
+        ClassTally {
+            counts: vec![0; classes],
+            entropy_sum: 0.0,
+            samples: 0,
+        }
+    }
+
+    /// Adds one row of class probabilities per sample.
+    pub fn add(&mut self, probabilities: &[f32]) {
+        let classes = self.counts.len();
+        if classes == 0 {
+            return;
+        }
+        for row in probabilities.chunks_exact(classes) {
+            let best = row
+                .iter()
+                .enumerate()
+                .max_by(|x, y| x.1.total_cmp(y.1))
+                .map_or(0, |(i, _)| i);
+            self.counts[best] += 1;
+            self.entropy_sum += entropy(&row.iter().map(|&p| p as f64).collect::<Vec<_>>());
+            self.samples += 1;
+        }
+    }
+
+    /// The entropy of the histogram of most probable classes (mode coverage).
+    pub fn histogram_entropy(&self) -> f64 {
+        let fractions: Vec<f64> = self
+            .counts
+            .iter()
+            .map(|&c| c as f64 / self.samples.max(1) as f64)
+            .collect();
+        entropy(&fractions)
+    }
+
+    /// The mean entropy of the samples' class distributions (sharpness).
+    pub fn mean_prediction_entropy(&self) -> f64 {
+        self.entropy_sum / self.samples.max(1) as f64
+    }
 }
 
 /// −Σ p ln p, with 0 ln 0 = 0.
@@ -272,6 +359,53 @@ fn matmul(x: &[f64], y: &[f64], d: usize) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn streamed_statistics_of_features_far_from_zero_match_a_two_pass_computation() {
+        // 300 vectors of width 3 around 1e4: a naive one-pass Σx² − n μ²
+        // would lose most digits of the covariance to cancellation.
+        let rows: Vec<[f64; 3]> = (0..300)
+            .map(|i| {
+                let t = i as f64;
+                [
+                    1e4 + (t * 0.37).sin(),
+                    1e4 - (t * 0.11).cos(),
+                    5.0 + 0.01 * t,
+                ]
+            })
+            .collect();
+        let flat: Vec<f32> = rows.iter().flatten().map(|&v| v as f32).collect();
+        let widened: Vec<[f64; 3]> = flat
+            .chunks_exact(3)
+            .map(|r| [r[0] as f64, r[1] as f64, r[2] as f64])
+            .collect();
+        let n = widened.len() as f64;
+        let mean: Vec<f64> = (0..3)
+            .map(|k| widened.iter().map(|r| r[k]).sum::<f64>() / n)
+            .collect();
+        let mut accumulator = FeatureAccumulator::new(3);
+        for batch in flat.chunks(3 * 7) {
+            accumulator.add(batch).unwrap();
+        }
+        let streamed = accumulator.stats().unwrap();
+        assert_eq!(streamed.count, 300);
+        for i in 0..3 {
+            assert!((streamed.mean[i] - mean[i]).abs() < 1e-9 * mean[i].abs().max(1.0));
+            for j in 0..3 {
+                let two_pass = widened
+                    .iter()
+                    .map(|r| (r[i] - mean[i]) * (r[j] - mean[j]))
+                    .sum::<f64>()
+                    / (n - 1.0);
+                let got = streamed.covariance[i * 3 + j];
+                assert!(
+                    (got - two_pass).abs() < 1e-9,
+                    "Σ[{i}][{j}]: {got} vs {two_pass}"
+                );
+            }
+        }
+        assert_eq!(FeatureStats::from_rows(&flat, 3).unwrap(), streamed);
+    }
 
     fn stats(mean: Vec<f64>, covariance: Vec<f64>) -> FeatureStats {
         FeatureStats {

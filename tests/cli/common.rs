@@ -37,6 +37,10 @@ impl Scratch {
         Scratch { root }
     }
 
+    pub fn root_path(&self) -> &Path {
+        &self.root
+    }
+
     pub fn data(&self) -> PathBuf {
         self.root.join("data")
     }

@@ -590,6 +590,87 @@ fn a_checkpoint_holding_nan_is_refused_by_name_unless_allowed() {
 }
 
 #[test]
+fn sampling_streams_any_count_in_batches_and_refuses_a_count_that_cannot_fit() {
+    let s = Scratch::new("sample-n");
+    train(&s, "vae", "run", &["--steps", "2"]);
+    let run = s.arg("run");
+    let sample = |n: &str, name: &str| {
+        let (grid, raw) = (
+            s.arg(&format!("{name}.png")),
+            s.arg(&format!("{name}.safetensors")),
+        );
+        let stdout = kiln_ok(&[
+            "sample",
+            "vae",
+            "--checkpoint",
+            &run,
+            "--n",
+            n,
+            "--out",
+            &grid,
+            "--raw",
+            &raw,
+        ]);
+        let tensors = checkpoint::load(&raw).unwrap().tensors;
+        (stdout, tensors["samples"].clone())
+    };
+    // 700 images: three batches of the generator, 27 grid rows of 27.
+    let (stdout, many) = sample("700", "many");
+    assert!(stdout.contains("into a 812x782 grid"), "{stdout}");
+    assert_eq!(many.dims(), [700, 1, 28, 28]);
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        fs::File::open(s.path("many.png")).unwrap(),
+    ));
+    let info = decoder.read_info().unwrap().info().clone();
+    assert_eq!((info.width, info.height), (812, 782));
+    // The noise is drawn in image order: the first five are those of --n 5
+    // (up to the rounding of a batch of 256 against one of 5), and unlike
+    // the next five.
+    let (_, few) = sample("5", "few");
+    let max_difference = |a: &kiln::Tensor, b: &kiln::Tensor| {
+        let (a, b) = (a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    };
+    let first = many.narrow(0, 0, 5).unwrap();
+    let next = many.narrow(0, 5, 5).unwrap();
+    assert!(max_difference(&first, &few) < 1e-5);
+    assert!(max_difference(&next, &few) > 1e-2);
+
+    let before: Vec<_> = fs::read_dir(&s.root_path()).unwrap().collect();
+    let huge = s.arg("huge.png");
+    let raw = s.arg("huge.safetensors");
+    kiln_fails(
+        &[
+            "sample",
+            "vae",
+            "--checkpoint",
+            &run,
+            "--n",
+            "100000000000",
+            "--out",
+            &huge,
+            "--raw",
+            &raw,
+        ],
+        &[
+            "--n 100000000000 needs up to",
+            "huge.png and",
+            "huge.safetensors",
+            "is free there",
+            "lower --n",
+        ],
+    );
+    assert_eq!(
+        fs::read_dir(&s.root_path()).unwrap().count(),
+        before.len(),
+        "files were written"
+    );
+}
+
+#[test]
 fn resume_without_a_checkpoint_is_an_error_that_creates_nothing() {
     let s = Scratch::new("resume-nothing");
     let data = s.data().display().to_string();
