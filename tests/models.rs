@@ -943,3 +943,88 @@ fn models_built_on_cuda_keep_parameters_there_and_match_the_cpu() {
             .unwrap()
     );
 }
+
+/// Elements of every trainable parameter of `module`.
+fn parameters_of(module: &dyn Module) -> u128 {
+    module
+        .named_parameters()
+        .iter()
+        .map(|(_, t)| t.dims().iter().product::<usize>() as u128)
+        .sum()
+}
+
+#[test]
+fn parameter_counts_computed_from_the_sizes_match_the_built_models() {
+    let mut rng = Rng::seed(21);
+    let mut init = Init::new(&mut rng, Device::Cpu, DType::F32);
+    for (n_layer, n_embd, block_size) in [(1, 8, 4), (3, 24, 16)] {
+        let cfg = GptConfig {
+            vocab_size: 11,
+            n_layer,
+            n_head: 2,
+            n_embd,
+            block_size,
+            dropout: 0.1,
+        };
+        let gpt = Gpt::new(&cfg, 0, &mut init).unwrap();
+        assert_eq!(cfg.parameter_count(), parameters_of(&gpt), "{cfg:?}");
+    }
+    for (image_size, channels) in [(8, 1), (32, 1), (64, 3)] {
+        let cfg = DcganConfig {
+            nz: 5,
+            ngf: 3,
+            ndf: 2,
+            channels,
+            image_size,
+        };
+        let (g, d) = (
+            Generator::new(&cfg, &mut init).unwrap(),
+            Discriminator::new(&cfg, &mut init).unwrap(),
+        );
+        assert_eq!(
+            cfg.parameter_counts(),
+            (parameters_of(&g), parameters_of(&d)),
+            "{cfg:?}"
+        );
+    }
+    let vae = VaeConfig {
+        input: 12,
+        hidden: 7,
+        latent: 3,
+    };
+    assert_eq!(
+        vae.parameter_count(),
+        parameters_of(&Vae::new(&vae, &mut init).unwrap())
+    );
+    let classifier = kiln::models::classifier::ClassifierConfig {
+        width: 3,
+        features: 5,
+        classes: 4,
+    };
+    let built = kiln::models::classifier::Classifier::new(&classifier, &mut init).unwrap();
+    assert_eq!(classifier.parameter_count(), parameters_of(&built));
+    // Sizes far beyond any memory are counted without overflow.
+    let huge = GptConfig {
+        vocab_size: 84,
+        n_layer: 1_000_000,
+        n_head: 1,
+        n_embd: 1 << 20,
+        block_size: 64,
+        dropout: 0.0,
+    };
+    assert!(huge.parameter_count() > 1u128 << 50);
+    let absurd = DcganConfig {
+        nz: usize::MAX,
+        ngf: usize::MAX,
+        ndf: usize::MAX,
+        channels: usize::MAX,
+        image_size: 1 << 62,
+    };
+    assert_eq!(absurd.parameter_counts(), (u128::MAX, u128::MAX));
+    let absurd = GptConfig {
+        n_layer: usize::MAX,
+        n_embd: usize::MAX,
+        ..huge
+    };
+    assert_eq!(absurd.parameter_count(), u128::MAX);
+}

@@ -7,6 +7,7 @@
 //! `error: ...` and exit code 1, and never touches existing checkpoints.
 
 pub mod args;
+pub mod budget;
 pub mod datasets;
 pub mod eval;
 pub mod generate;

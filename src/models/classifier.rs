@@ -50,6 +50,31 @@ impl Default for ClassifierConfig {
     }
 }
 
+impl ClassifierConfig {
+    /// Trainable parameters of the classifier these sizes build, computed
+    /// without building it (to check that it fits before allocating).
+    pub fn parameter_count(&self) -> u128 {
+        let (w, f, c) = (
+            self.width as u128,
+            self.features as u128,
+            self.classes as u128,
+        );
+        // Saturating: sizes from a damaged file may be absurd.
+        let linear = |i: u128, o: u128| i.saturating_mul(o).saturating_add(o);
+        let conv3x3 = |i: u128, o: u128| linear(9 * i, o);
+        [
+            conv3x3(1, w),
+            conv3x3(w, 2 * w),
+            conv3x3(2 * w, 2 * w),
+            2 * (w + 2 * w + 2 * w),
+            linear(2 * w * 49, f),
+            linear(f, c),
+        ]
+        .into_iter()
+        .fold(0, u128::saturating_add)
+    }
+}
+
 /// The classifier: a feature extractor `body` and a linear `head`.
 pub struct Classifier {
     /// Images → features [N, features] (after the ReLU).

@@ -86,6 +86,38 @@ impl DcganConfig {
         Ok(())
     }
 
+    /// Trainable parameters of the generator and of the discriminator these
+    /// sizes build, computed without building them (to check that they fit
+    /// before allocating): 4×4 kernels without bias, and a scale and shift
+    /// per BatchNorm channel.
+    pub fn parameter_counts(&self) -> (u128, u128) {
+        // Saturating: sizes from a damaged file may be absurd.
+        let stages = self.stages().clamp(1, 64);
+        let (nz, c) = (self.nz as u128, self.channels as u128);
+        let kernel = |i: u128, o: u128| i.saturating_mul(o).saturating_mul(16);
+        let sum = |terms: &mut dyn Iterator<Item = u128>| terms.fold(0u128, u128::saturating_add);
+        let widths = |base: usize| -> Vec<u128> {
+            (0..stages)
+                .map(|i| (base as u128).saturating_mul(1 << i))
+                .collect()
+        };
+        // Generator: nz → ngf·2^(s−1) → … → ngf → C, BatchNorm after all but the last.
+        let g = widths(self.ngf);
+        let generator = sum(&mut [kernel(nz, g[g.len() - 1]), kernel(g[0], c)]
+            .into_iter()
+            .chain(g.windows(2).map(|w| kernel(w[1], w[0])))
+            .chain(g.iter().map(|w| w.saturating_mul(2))));
+        // Discriminator: C → ndf → … → ndf·2^(s−1) → 1, BatchNorm after all but the first.
+        let d = widths(self.ndf);
+        let discriminator = sum(&mut [kernel(c, d[0]), kernel(d[d.len() - 1], 1)]
+            .into_iter()
+            .chain(
+                d.windows(2)
+                    .map(|w| kernel(w[0], w[1]).saturating_add(w[1].saturating_mul(2))),
+            ));
+        (generator, discriminator)
+    }
+
     /// Stride-2 stages between the 4×4 maps and the image: log2(size / 4).
     pub fn stages(&self) -> usize {
         (self.image_size / 4).trailing_zeros() as usize

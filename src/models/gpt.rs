@@ -80,6 +80,36 @@ pub struct GptConfig {
 }
 
 impl GptConfig {
+    /// Trainable parameters of the GPT these sizes build, computed without
+    /// building it (to check that it fits before allocating).
+    pub fn parameter_count(&self) -> u128 {
+        let (v, t, e) = (
+            self.vocab_size as u128,
+            self.block_size as u128,
+            self.n_embd as u128,
+        );
+        // Saturating: sizes from a damaged file may be absurd.
+        let linear = |i: u128, o: u128| i.saturating_mul(o).saturating_add(o);
+        let layer_norm = 2 * e;
+        let block = [
+            2 * layer_norm,
+            linear(e, 3 * e),
+            linear(e, e),
+            linear(e, 4 * e),
+            linear(4 * e, e),
+        ]
+        .into_iter()
+        .fold(0u128, u128::saturating_add);
+        [
+            (v + t).saturating_mul(e),
+            (self.n_layer as u128).saturating_mul(block),
+            layer_norm,
+            e.saturating_mul(v),
+        ]
+        .into_iter()
+        .fold(0, u128::saturating_add)
+    }
+
     fn validate(&self) -> Result<()> {
         super::check_positive(
             "Gpt",

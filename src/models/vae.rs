@@ -31,6 +31,25 @@ pub struct VaeConfig {
     pub latent: usize,
 }
 
+impl VaeConfig {
+    /// Trainable parameters of the VAE these sizes build, computed without
+    /// building it (to check that it fits before allocating).
+    pub fn parameter_count(&self) -> u128 {
+        let (x, h, z) = (self.input as u128, self.hidden as u128, self.latent as u128);
+        // Saturating: sizes from a damaged file may be absurd.
+        let linear = |i: u128, o: u128| i.saturating_mul(o).saturating_add(o);
+        [
+            linear(x, h),
+            linear(h, z),
+            linear(h, z),
+            linear(z, h),
+            linear(h, x),
+        ]
+        .into_iter()
+        .fold(0, u128::saturating_add)
+    }
+}
+
 impl Default for VaeConfig {
     /// The PyTorch example's sizes: 784 → 400 → 20.
     fn default() -> Self {

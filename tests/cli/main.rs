@@ -671,6 +671,35 @@ fn sampling_streams_any_count_in_batches_and_refuses_a_count_that_cannot_fit() {
 }
 
 #[test]
+fn a_model_too_large_for_the_memory_is_refused_before_it_is_built() {
+    let s = Scratch::new("too-large");
+    for (model, sizes, what) in [
+        (
+            "gpt",
+            vec!["--n-embd", "100000", "--n-head", "1"],
+            "training the GPT",
+        ),
+        ("gpt", vec!["--n-layer", "1000000"], "training the GPT"),
+        ("gan", vec!["--ngf", "1000000"], "training the DCGAN"),
+        ("vae", vec!["--hidden", "100000000000"], "training the VAE"),
+    ] {
+        let started = std::time::Instant::now();
+        train_fails(
+            &s,
+            model,
+            "run",
+            &sizes,
+            &[what, "needs at least", "GiB", "choose smaller sizes"],
+        );
+        assert!(
+            started.elapsed().as_secs() < 10,
+            "{model} {sizes:?} took long to refuse"
+        );
+    }
+    assert!(!s.path("run").exists());
+}
+
+#[test]
 fn resume_without_a_checkpoint_is_an_error_that_creates_nothing() {
     let s = Scratch::new("resume-nothing");
     let data = s.data().display().to_string();
