@@ -639,7 +639,7 @@ fn sampling_streams_any_count_in_batches_and_refuses_a_count_that_cannot_fit() {
     assert!(max_difference(&first, &few) < 1e-5);
     assert!(max_difference(&next, &few) > 1e-2);
 
-    let before: Vec<_> = fs::read_dir(&s.root_path()).unwrap().collect();
+    let before: Vec<_> = fs::read_dir(s.root_path()).unwrap().collect();
     let huge = s.arg("huge.png");
     let raw = s.arg("huge.safetensors");
     kiln_fails(
@@ -664,7 +664,7 @@ fn sampling_streams_any_count_in_batches_and_refuses_a_count_that_cannot_fit() {
         ],
     );
     assert_eq!(
-        fs::read_dir(&s.root_path()).unwrap().count(),
+        fs::read_dir(s.root_path()).unwrap().count(),
         before.len(),
         "files were written"
     );
