@@ -32,6 +32,12 @@ pub const SAMPLES_FILE: &str = "samples.png";
 /// The safetensors metadata key that holds the run state JSON.
 const STATE_METADATA_KEY: &str = "kiln.run_state";
 
+/// The models a run state may name.
+const KNOWN_MODELS: [&str; 4] = ["gan", "vae", "gpt", "classifier"];
+
+/// What to do about a run state that cannot be used.
+pub(crate) const DAMAGED_STATE: &str = "the run state is damaged or was edited: use an earlier copy of the run's checkpoint, or train again";
+
 /// Version of the run-state layout, bumped on incompatible changes.
 pub const STATE_FORMAT: u32 = 1;
 
@@ -132,6 +138,14 @@ impl LoadedCheckpoint {
 
     /// Fails unless the checkpoint holds a `expected` model, saying what it holds.
     pub fn expect_model(&self, expected: &str) -> Result<()> {
+        if !KNOWN_MODELS.contains(&self.state.model.as_str()) {
+            bail!(
+                "{} holds a model named {:?}, which kiln does not know (it trains {}); {DAMAGED_STATE}",
+                self.weights_path.display(),
+                self.state.model,
+                KNOWN_MODELS.join(", ")
+            );
+        }
         if self.state.model != expected {
             bail!(
                 "{} is a {} checkpoint, not a {expected} one; use `{}` with it",
@@ -235,12 +249,33 @@ fn weights_path(path: &Path) -> Result<PathBuf> {
         );
     }
     if path.extension().is_some_and(|e| e == "json") {
-        let text =
-            fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let state: RunState = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a kiln checkpoint description", path.display()))?;
+        // A device or pipe is refused before it is opened (it may never end).
+        if !path.is_file() {
+            bail!(
+                "{} is not a regular file; pass a run directory or its {STATE_FILE}",
+                path.display()
+            );
+        }
+        let text = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let state: RunState = serde_json::from_slice(&text).map_err(|e| {
+            anyhow!(
+                "{} is not a kiln checkpoint description ({e}); pass the run directory or its \
+                 {WEIGHTS_FILE} instead, which holds the same run state",
+                path.display()
+            )
+        })?;
         let directory = path.parent().unwrap_or(Path::new("."));
-        return Ok(directory.join(state.weights));
+        let weights = directory.join(&state.weights);
+        if !weights.is_file() {
+            bail!(
+                "{} names the weights file {:?}, but {} is missing or not a regular file; \
+                 restore the run's {WEIGHTS_FILE} beside it, or pass the weights file itself",
+                path.display(),
+                state.weights,
+                weights.display()
+            );
+        }
+        return Ok(weights);
     }
     Ok(path.to_path_buf())
 }
@@ -258,9 +293,9 @@ pub fn load_checkpoint(path: &Path) -> Result<LoadedCheckpoint> {
             weights_path.display()
         )
     })?;
-    let state: RunState = serde_json::from_str(json).with_context(|| {
-        format!(
-            "{}: the embedded run state cannot be read",
+    let state: RunState = serde_json::from_str(json).map_err(|e| {
+        anyhow!(
+            "{}: the embedded run state cannot be read ({e}); {DAMAGED_STATE}",
             weights_path.display()
         )
     })?;
@@ -271,11 +306,13 @@ pub fn load_checkpoint(path: &Path) -> Result<LoadedCheckpoint> {
             state.format
         );
     }
-    Ok(LoadedCheckpoint {
+    let loaded = LoadedCheckpoint {
         state,
         tensors: checkpoint.tensors,
         weights_path,
-    })
+    };
+    super::specs::check_config(&loaded)?;
+    Ok(loaded)
 }
 
 /// The per-step training log, `metrics.csv`: a header, then one row per

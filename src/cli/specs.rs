@@ -3,10 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use super::run_dir::{LoadedCheckpoint, RunState};
+use super::run_dir::{DAMAGED_STATE, LoadedCheckpoint, RunState};
 use super::seeds::{Stream, stream_rng};
 use crate::data::text::Vocab;
 use crate::models::classifier::{Classifier, ClassifierConfig};
@@ -163,6 +163,71 @@ impl From<&ClassifierSpec> for ClassifierConfig {
     }
 }
 
+/// Parameters of the model a run state's configuration describes, from the
+/// models' own counts (nothing is built), or None if it cannot be read.
+fn described_parameters(state: &RunState) -> Option<u128> {
+    match state.model.as_str() {
+        "gan" => spec::<GanSpec>(state).ok().map(|s| {
+            let (generator, discriminator) = DcganConfig::from(&s).parameter_counts();
+            generator.saturating_add(discriminator)
+        }),
+        "vae" => spec::<VaeSpec>(state)
+            .ok()
+            .map(|s| VaeConfig::from(&s).parameter_count()),
+        "gpt" => spec::<GptSpec>(state)
+            .ok()
+            .map(|s| GptConfig::from(&s).parameter_count()),
+        "classifier" => spec::<ClassifierSpec>(state)
+            .ok()
+            .map(|s| ClassifierConfig::from(&s).parameter_count()),
+        _ => None,
+    }
+}
+
+/// Checks the size of the model that a checkpoint's run state describes
+/// against the values its file holds, before anything is built from it: a
+/// damaged or edited run state (say `"hidden": 1000000000000`) is an error
+/// naming the file, not an allocation of whatever size it declares. A
+/// configuration that cannot be read is left to the model's loader, which
+/// says so.
+pub fn check_config(checkpoint: &LoadedCheckpoint) -> Result<()> {
+    let state = &checkpoint.state;
+    let Some(parameters) = described_parameters(state) else {
+        return Ok(());
+    };
+    let groups: &[&str] = match state.model.as_str() {
+        "gan" => &["generator", "discriminator"],
+        _ => &["model"],
+    };
+    let stored: usize = checkpoint
+        .tensors
+        .iter()
+        .filter(|(name, _)| {
+            groups.iter().any(|g| {
+                name.strip_prefix(g)
+                    .is_some_and(|rest| rest.starts_with('.'))
+            })
+        })
+        .map(|(_, tensor)| tensor.numel())
+        .sum();
+    if parameters <= stored as u128 {
+        return Ok(());
+    }
+    let needs = if parameters == u128::MAX {
+        "more parameters than can be counted".to_string()
+    } else {
+        format!("{parameters} parameters")
+    };
+    bail!(
+        "{}: the run state's {} configuration {} describes a model of {needs}, but the file holds \
+         only {stored} values for its {}; {DAMAGED_STATE}",
+        checkpoint.weights_path.display(),
+        state.model,
+        state.config,
+        groups.join(" and ")
+    )
+}
+
 /// The architecture recorded in `state`, read as a `T`.
 pub fn spec<T: for<'de> Deserialize<'de>>(state: &RunState) -> Result<T> {
     serde_json::from_value(state.config.clone()).with_context(|| {
@@ -171,6 +236,28 @@ pub fn spec<T: for<'de> Deserialize<'de>>(state: &RunState) -> Result<T> {
             state.model
         )
     })
+}
+
+/// [`spec`] of a checkpoint, with an error naming its file.
+fn read_spec<T: for<'de> Deserialize<'de>>(checkpoint: &LoadedCheckpoint) -> Result<T> {
+    serde_json::from_value(checkpoint.state.config.clone()).map_err(|e| {
+        anyhow!(
+            "{}: the run state's {} configuration cannot be read ({e}); {DAMAGED_STATE}",
+            checkpoint.weights_path.display(),
+            checkpoint.state.model
+        )
+    })
+}
+
+/// An error building the model a checkpoint's run state describes, naming the file.
+fn cannot_build(checkpoint: &LoadedCheckpoint, e: anyhow::Error) -> anyhow::Error {
+    anyhow!(
+        "{}: the run state's {} configuration {} does not describe a model kiln can build \
+         ({e:#}); {DAMAGED_STATE}",
+        checkpoint.weights_path.display(),
+        checkpoint.state.model,
+        checkpoint.state.config
+    )
 }
 
 /// Generator and discriminator, freshly initialised from the run's seed.
@@ -232,8 +319,9 @@ pub fn load_into(module: &dyn Module, checkpoint: &LoadedCheckpoint, prefix: &st
 /// The trained generator of a GAN checkpoint, in eval mode.
 pub fn load_generator(checkpoint: &LoadedCheckpoint, device: Device) -> Result<Generator> {
     checkpoint.expect_model("gan")?;
-    let spec: GanSpec = spec(&checkpoint.state)?;
-    let (generator, _) = build_gan(&spec, checkpoint.state.seed, device)?;
+    let spec: GanSpec = read_spec(checkpoint)?;
+    let (generator, _) =
+        build_gan(&spec, checkpoint.state.seed, device).map_err(|e| cannot_build(checkpoint, e))?;
     load_into(&generator, checkpoint, "generator")?;
     generator.eval();
     Ok(generator)
@@ -242,10 +330,14 @@ pub fn load_generator(checkpoint: &LoadedCheckpoint, device: Device) -> Result<G
 /// The trained VAE of a checkpoint, in eval mode, with its sizes.
 pub fn load_vae(checkpoint: &LoadedCheckpoint, device: Device) -> Result<(Vae, VaeSpec)> {
     checkpoint.expect_model("vae")?;
-    let spec: VaeSpec = spec(&checkpoint.state)?;
-    if spec.input != spec.channels * spec.image_size * spec.image_size {
+    let spec: VaeSpec = read_spec(checkpoint)?;
+    let pixels = spec
+        .channels
+        .checked_mul(spec.image_size)
+        .and_then(|p| p.checked_mul(spec.image_size));
+    if pixels != Some(spec.input) {
         bail!(
-            "{}: the VAE's input of {} pixels does not match its {}×{}×{} images",
+            "{}: the VAE's input of {} pixels does not match its {}×{}×{} images; {DAMAGED_STATE}",
             checkpoint.weights_path.display(),
             spec.input,
             spec.channels,
@@ -253,7 +345,8 @@ pub fn load_vae(checkpoint: &LoadedCheckpoint, device: Device) -> Result<(Vae, V
             spec.image_size
         );
     }
-    let vae = build_vae(&spec, checkpoint.state.seed, device)?;
+    let vae =
+        build_vae(&spec, checkpoint.state.seed, device).map_err(|e| cannot_build(checkpoint, e))?;
     load_into(&vae, checkpoint, "model")?;
     vae.eval();
     Ok((vae, spec))
@@ -262,15 +355,21 @@ pub fn load_vae(checkpoint: &LoadedCheckpoint, device: Device) -> Result<(Vae, V
 /// The trained GPT of a checkpoint, in eval mode, with its vocabulary.
 pub fn load_gpt(checkpoint: &LoadedCheckpoint, device: Device) -> Result<(Gpt, Vocab)> {
     checkpoint.expect_model("gpt")?;
-    let spec: GptSpec = spec(&checkpoint.state)?;
+    let spec: GptSpec = read_spec(checkpoint)?;
     let repr = checkpoint.state.vocab.as_deref().with_context(|| {
         format!(
             "{}: the GPT checkpoint has no vocabulary",
             checkpoint.weights_path.display()
         )
     })?;
-    let vocab = Vocab::from_string_repr(repr)?;
-    let gpt = build_gpt(&spec, checkpoint.state.seed, device)?;
+    let vocab = Vocab::from_string_repr(repr).map_err(|e| {
+        anyhow!(
+            "{}: the GPT checkpoint's vocabulary cannot be read ({e}); {DAMAGED_STATE}",
+            checkpoint.weights_path.display()
+        )
+    })?;
+    let gpt =
+        build_gpt(&spec, checkpoint.state.seed, device).map_err(|e| cannot_build(checkpoint, e))?;
     load_into(&gpt, checkpoint, "model")?;
     gpt.eval();
     Ok((gpt, vocab))
@@ -279,8 +378,9 @@ pub fn load_gpt(checkpoint: &LoadedCheckpoint, device: Device) -> Result<(Gpt, V
 /// The trained classifier of a checkpoint, in eval mode.
 pub fn load_classifier(checkpoint: &LoadedCheckpoint, device: Device) -> Result<Classifier> {
     checkpoint.expect_model("classifier")?;
-    let spec: ClassifierSpec = spec(&checkpoint.state)?;
-    let classifier = build_classifier(&spec, checkpoint.state.seed, device)?;
+    let spec: ClassifierSpec = read_spec(checkpoint)?;
+    let classifier = build_classifier(&spec, checkpoint.state.seed, device)
+        .map_err(|e| cannot_build(checkpoint, e))?;
     load_into(&classifier, checkpoint, "model")?;
     classifier.eval();
     Ok(classifier)

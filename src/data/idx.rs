@@ -34,7 +34,7 @@ pub struct IdxArray {
 /// to run `scripts/fetch-data.sh`), not gzip-decodable, bad magic number, a
 /// value type other than unsigned bytes, or fewer/more bytes than its header declares.
 pub fn read_idx(path: &Path) -> Result<IdxArray> {
-    let raw = std::fs::read(path).map_err(|e| {
+    let cannot_read = |e: std::io::Error| {
         let hint = if e.kind() == std::io::ErrorKind::NotFound {
             format!("; {FETCH_HINT}")
         } else {
@@ -44,21 +44,74 @@ pub fn read_idx(path: &Path) -> Result<IdxArray> {
             e.kind(),
             format!("read_idx: cannot read {}: {e}{hint}", path.display()),
         )
-    })?;
+    };
+    // Anything but a regular file is refused before it is opened: a device
+    // such as /dev/zero never ends, and opening a pipe can block forever.
+    if !std::fs::metadata(path).map_err(cannot_read)?.is_file() {
+        return Err(idx_error(
+            path,
+            "is not a regular file (a directory, device or pipe); pass an IDX file".into(),
+        ));
+    }
+    let raw = std::fs::read(path).map_err(cannot_read)?;
     let bytes = if raw.starts_with(&GZIP_MAGIC) {
-        let mut inflated = Vec::new();
-        flate2::read::GzDecoder::new(raw.as_slice())
-            .read_to_end(&mut inflated)
-            .map_err(|e| idx_error(path, format!("is not a valid gzip stream ({e})")))?;
-        inflated
+        inflate(path, &raw)?
     } else {
         raw
     };
-    parse_idx(path, &bytes)
+    parse_idx(path, bytes)
+}
+
+/// Decompresses a gzipped IDX file no further than its header declares, plus
+/// one byte to detect trailing data: a small stream that inflates to far
+/// more than its header accounts for is refused without being inflated whole.
+fn inflate(path: &Path, gz: &[u8]) -> Result<Vec<u8>> {
+    let mut decoder = flate2::read::GzDecoder::new(gz);
+    let mut bytes = Vec::new();
+    let mut read_up_to = |bytes: &mut Vec<u8>, count: usize| {
+        (&mut decoder)
+            .take(count as u64)
+            .read_to_end(bytes)
+            .map_err(|e| idx_error(path, format!("is not a valid gzip stream ({e})")))
+    };
+    read_up_to(&mut bytes, 4)?;
+    if let [0, 0, _, rank] = bytes[..] {
+        read_up_to(&mut bytes, 4 * rank as usize)?;
+    }
+    let (_, header_len, data_len) = parse_header(path, &bytes)?;
+    let wanted = header_len.saturating_add(data_len).saturating_add(1);
+    let missing = wanted.saturating_sub(bytes.len());
+    read_up_to(&mut bytes, missing)?;
+    Ok(bytes)
 }
 
 /// Parses the bytes of an (already decompressed) IDX file; `path` is only used in errors.
-fn parse_idx(path: &Path, bytes: &[u8]) -> Result<IdxArray> {
+fn parse_idx(path: &Path, mut bytes: Vec<u8>) -> Result<IdxArray> {
+    let (dims, header_len, expected) = parse_header(path, &bytes)?;
+    let found = bytes.len() - header_len;
+    if found < expected {
+        return Err(idx_error(
+            path,
+            format!("is truncated: dimensions {dims:?} need {expected} data bytes, found {found}"),
+        ));
+    }
+    if found > expected {
+        // A gzipped file is inflated only one byte past its data: more may follow.
+        return Err(idx_error(
+            path,
+            format!(
+                "has trailing bytes: dimensions {dims:?} need {expected} data bytes, more follow"
+            ),
+        ));
+    }
+    // The values are the file's bytes after the header: moved, not copied.
+    bytes.drain(..header_len);
+    Ok(IdxArray { dims, data: bytes })
+}
+
+/// The dimensions, header length and data length that the header at the
+/// start of `bytes` declares, or an error saying what is wrong with it.
+fn parse_header(path: &Path, bytes: &[u8]) -> Result<(Vec<usize>, usize, usize)> {
     if bytes.len() < 4 {
         return Err(idx_error(
             path,
@@ -109,26 +162,18 @@ fn parse_idx(path: &Path, bytes: &[u8]) -> Result<IdxArray> {
                 format!("declares dimensions {dims:?} too large to hold"),
             )
         })?;
-    let found = bytes.len() - header_len;
-    if found != expected {
-        let problem = if found < expected {
-            "is truncated"
-        } else {
-            "has trailing bytes"
-        };
-        return Err(idx_error(
-            path,
-            format!("{problem}: dimensions {dims:?} need {expected} data bytes, found {found}"),
-        ));
-    }
-    Ok(IdxArray {
-        dims,
-        data: bytes[header_len..].to_vec(),
-    })
+    Ok((dims, header_len, expected))
 }
 
+/// An error about the file at `path`, which cannot be used as it is.
 fn idx_error(path: &Path, msg: String) -> Error {
-    Error::invalid("read_idx", format!("{} {msg}", path.display()))
+    Error::invalid(
+        "read_idx",
+        format!(
+            "{} {msg}; replace it with a good copy ({FETCH_HINT})",
+            path.display()
+        ),
+    )
 }
 
 /// Which half of an (Fashion-)MNIST dataset to load.

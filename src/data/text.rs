@@ -107,7 +107,7 @@ pub struct TextData {
 /// Reads a UTF-8 text file, builds its vocabulary and splits it 90/10 (train/val) in order.
 /// A missing file gives an error that says to run `scripts/fetch-data.sh`.
 pub fn load_text(path: &Path) -> Result<TextData> {
-    let bytes = std::fs::read(path).map_err(|e| {
+    let cannot_read = |e: std::io::Error| {
         let hint = if e.kind() == std::io::ErrorKind::NotFound {
             "; run scripts/fetch-data.sh to download the datasets into data/"
         } else {
@@ -117,7 +117,19 @@ pub fn load_text(path: &Path) -> Result<TextData> {
             e.kind(),
             format!("load_text: cannot read {}: {e}{hint}", path.display()),
         )
-    })?;
+    };
+    // Anything but a regular file is refused before it is opened: a device
+    // such as /dev/zero never ends, and opening a pipe can block forever.
+    if !std::fs::metadata(path).map_err(cannot_read)?.is_file() {
+        return Err(Error::invalid(
+            "load_text",
+            format!(
+                "{} is not a regular file (a directory, device or pipe); pass a text file",
+                path.display()
+            ),
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(cannot_read)?;
     let text = String::from_utf8(bytes).map_err(|e| {
         Error::invalid(
             "load_text",
