@@ -37,10 +37,15 @@ impl AtomicFile {
     /// directory where the platform allows.
     pub fn commit(mut self) -> io::Result<()> {
         let file = self.file.take().expect("an uncommitted file is open");
-        let file = file.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&self.temporary, &self.path)?;
+        let placed = file
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|file| file.sync_all())
+            .and_then(|()| fs::rename(&self.temporary, &self.path));
+        if let Err(e) = placed {
+            let _ = fs::remove_file(&self.temporary);
+            return Err(e);
+        }
         if let Some(directory) = self.path.parent().filter(|d| !d.as_os_str().is_empty())
             && let Ok(dir) = fs::File::open(directory)
         {
@@ -73,9 +78,10 @@ impl Drop for AtomicFile {
     }
 }
 
-/// Replaces `path` with `bytes` atomically (see [`AtomicFile`]). Every file
-/// kiln writes for a user (checkpoints, run state, pictures, the PTX cache)
-/// goes through here or through an [`AtomicFile`].
+/// Replaces `path` with `bytes` atomically (see [`AtomicFile`]): on failure
+/// `path` is unchanged and no temporary file is left. Every file kiln
+/// writes for a user (checkpoints, run state, pictures, the PTX cache) goes
+/// through here or through an [`AtomicFile`].
 pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut file = AtomicFile::create(path)?;
     file.write_all(bytes)?;

@@ -7,9 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -82,21 +80,6 @@ pub fn save(
     write_atomically(path, &bytes)
 }
 
-/// A temporary name beside `path`, unique within this process and across processes.
-fn temporary_path(path: &Path) -> PathBuf {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let unique = format!(
-        ".{file_name}.tmp-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    );
-    path.with_file_name(unique)
-}
-
 /// Write to a temporary file, fsync, rename over `path`; on failure remove
 /// the temporary file and leave `path` as it was.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -116,42 +99,12 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
             ),
         ));
     }
-    write_file_atomically(path, bytes).map_err(|e| {
+    crate::atomic_file::write_file_atomically(path, bytes).map_err(|e| {
         checkpoint_error(
             path,
             format!("cannot write the checkpoint ({e}); the previous file, if any, is unchanged"),
         )
     })
-}
-
-/// Replaces `path` with `bytes` so that a reader (or a crash) never sees a
-/// half-written file: a uniquely named temporary file in the same directory,
-/// fsync, rename over `path`, then fsync of the directory where the platform
-/// allows. On failure the temporary file is removed and `path` is unchanged.
-/// Every file kiln writes for a user (checkpoints, run state, pictures, the
-/// PTX cache) goes through here.
-pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let temporary = temporary_path(path);
-    let written = (|| -> std::io::Result<()> {
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&temporary)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&temporary, path)
-    })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&temporary);
-        return Err(e);
-    }
-    if let Some(directory) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && let Ok(dir) = fs::File::open(directory)
-    {
-        let _ = dir.sync_all();
-    }
-    Ok(())
 }
 
 /// Reads a safetensors file. F32, F64, F16 and BF16 keep their dtype, U32 and I64 → u32 (an

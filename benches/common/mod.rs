@@ -400,13 +400,13 @@ impl Bench {
         }
         let json = serde_json::to_string_pretty(&self.report).expect("report as JSON");
         let path = dir.join(format!("{}.json", self.report.bench));
-        if let Err(e) = kiln::checkpoint::write_file_atomically(&path, json.as_bytes()) {
+        if let Err(e) = kiln::atomic_file::write_file_atomically(&path, json.as_bytes()) {
             eprintln!("could not write {}: {e}", path.display());
             return;
         }
         let summary = render_summary(&read_reports(&dir));
         let summary_path = dir.join("summary.md");
-        match kiln::checkpoint::write_file_atomically(&summary_path, summary.as_bytes()) {
+        match kiln::atomic_file::write_file_atomically(&summary_path, summary.as_bytes()) {
             Ok(()) => println!("\n{summary}\n(written to {})", summary_path.display()),
             Err(e) => eprintln!("could not write {}: {e}", summary_path.display()),
         }

@@ -178,9 +178,9 @@ pub fn prefixed(prefix: &str, tensors: Vec<(String, Tensor)>) -> Vec<(String, Te
         .collect()
 }
 
-/// Replaces `path` with `bytes` atomically (see `kiln::checkpoint::write_file_atomically`).
+/// Replaces `path` with `bytes` atomically (see `kiln::atomic_file::write_file_atomically`).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    crate::checkpoint::write_file_atomically(path, bytes).map_err(|e| {
+    crate::atomic_file::write_file_atomically(path, bytes).map_err(|e| {
         anyhow!(
             "cannot write {} ({e}); the previous file, if any, is unchanged",
             path.display()

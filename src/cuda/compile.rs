@@ -146,7 +146,7 @@ pub fn ptx_for(file: &str, arch: &str) -> Result<Ptx> {
                 if let Some(dir) = path.parent() {
                     let _ = std::fs::create_dir_all(dir);
                 }
-                let _ = crate::checkpoint::write_file_atomically(path, ptx.as_bytes());
+                let _ = crate::atomic_file::write_file_atomically(path, ptx.as_bytes());
             }
             ptx
         }

@@ -134,15 +134,8 @@ pub fn stream_grid_png<E: From<Error>>(
         )
         .into());
     }
-    let io_error = |what: &str, e: &dyn std::fmt::Display| {
-        Error::Io(std::io::Error::other(format!(
-            "{OP}: cannot {what} {}: {e}",
-            path.display()
-        )))
-    };
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| io_error("create the folder of", &e))?;
-    }
+    let io_error = |what: &str, e: &dyn std::fmt::Display| png_error(OP, path, what, e);
+    create_parent_folder(OP, path)?;
     let mut file = AtomicFile::create(path).map_err(|e| io_error("write", &e))?;
     let (canvas_width, canvas_height) = (layout.canvas_width(), layout.canvas_height());
     let mut encoder = png::Encoder::new(&mut file, canvas_width as u32, canvas_height as u32);
@@ -204,6 +197,23 @@ pub fn stream_grid_png<E: From<Error>>(
     stream.finish().map_err(|e| io_error("encode", &e))?;
     writer.finish().map_err(|e| io_error("encode", &e))?;
     file.commit().map_err(|e| io_error("write", &e))?;
+    Ok(())
+}
+
+/// "`op`: cannot `what` `path`: `e`", as an I/O error.
+fn png_error(op: &str, path: &Path, what: &str, e: &dyn std::fmt::Display) -> Error {
+    Error::Io(std::io::Error::other(format!(
+        "{op}: cannot {what} {}: {e}",
+        path.display()
+    )))
+}
+
+/// Creates the folder a picture is written into, if it is missing.
+fn create_parent_folder(op: &str, path: &Path) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| png_error(op, path, "create the folder of", &e))?;
+    }
     Ok(())
 }
 
@@ -556,15 +566,8 @@ impl Canvas {
 
     /// Encodes the canvas as an 8-bit RGB PNG at `path`, via a temporary file and a rename.
     fn write_png(&self, op: &'static str, path: &Path) -> Result<()> {
-        let io_error = |what: &str, e: &dyn std::fmt::Display| {
-            Error::Io(std::io::Error::other(format!(
-                "{op}: cannot {what} {}: {e}",
-                path.display()
-            )))
-        };
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| io_error("create the folder of", &e))?;
-        }
+        let io_error = |what: &str, e: &dyn std::fmt::Display| png_error(op, path, what, e);
+        create_parent_folder(op, path)?;
         let mut encoded = Vec::new();
         let encoding = (|| -> std::result::Result<(), png::EncodingError> {
             let mut encoder =
@@ -576,7 +579,7 @@ impl Canvas {
             writer.finish()
         })();
         encoding.map_err(|e| io_error("encode", &e))?;
-        crate::checkpoint::write_file_atomically(path, &encoded).map_err(|e| io_error("write", &e))
+        crate::atomic_file::write_file_atomically(path, &encoded).map_err(|e| io_error("write", &e))
     }
 }
 
