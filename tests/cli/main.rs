@@ -6,6 +6,7 @@
 
 mod common;
 mod datasets;
+mod quality;
 
 use std::fs;
 use std::path::Path;
