@@ -6,8 +6,8 @@
 #      forward thread order, logging the first launch of each kernel;
 #   3. the parity suite again in reverse thread order (a kernel whose result
 #      changes with the order is missing a barrier);
-#   4. on the emulated device: the emulator's faults suite, and the CLI and
-#      model tests;
+#   4. on the emulated device: the emulator's faults suite, the CLI and
+#      model tests, and the API fuzz suite with operands on both devices;
 #   5. coverage: every __global__ in kernels/ was launched in 2.
 # Steps 2-5 need a host C++ compiler (c++, g++ or clang++; or KILN_CXX).
 set -euo pipefail
@@ -40,7 +40,7 @@ KILN_CUDA_EMULATE_ORDER=reverse cargo test --release --test cuda_parity
 took
 
 step "emulator faults suite, CLI and models on the emulated device"
-cargo test --release --test emulator --test cli --test models
+cargo test --release --test emulator --test cli --test models --test fuzz_ops
 took
 
 step "kernel coverage of the forward parity run"

@@ -107,6 +107,19 @@ impl Shape {
         self.0.iter().product()
     }
 
+    /// Number of elements, or None when the product of the non-zero dims
+    /// overflows usize: no tensor of that shape could exist, while for a
+    /// shape that passes every partial product (a stride, an outer count)
+    /// fits as well.
+    pub fn checked_numel(&self) -> Option<usize> {
+        let nonzero = self
+            .0
+            .iter()
+            .filter(|&&d| d != 0)
+            .try_fold(1usize, |n, &d| n.checked_mul(d))?;
+        Some(if self.0.contains(&0) { 0 } else { nonzero })
+    }
+
     /// Row-major strides in elements.
     pub fn strides(&self) -> Vec<usize> {
         let mut strides = vec![1; self.0.len()];
@@ -279,7 +292,7 @@ impl Tensor {
     /// Wraps CPU storage; fails if the element count does not fit the shape.
     pub(crate) fn from_cpu_storage(storage: CpuStorage, shape: impl Into<Shape>) -> Result<Self> {
         let shape = shape.into();
-        if storage.len() != shape.numel() {
+        if storage.len() != checked_numel("from_vec", &shape)? {
             return Err(Error::shape(
                 "from_vec",
                 format!(
@@ -435,12 +448,14 @@ impl Tensor {
     /// A tensor filled with `value`.
     pub fn full(value: f64, shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Self> {
         let shape = shape.into();
+        checked_numel("full", &shape)?;
         let storage = CpuStorage::from_f64_vec(vec![value; shape.numel()], dtype);
         Self::from_cpu_storage(storage, shape)?.to_device(device)
     }
 
     pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Self> {
         let shape = shape.into();
+        checked_numel("zeros", &shape)?;
         match device {
             // Zeros are a memset on the device: no host buffer, no copy.
             Device::Cuda(ordinal) if matches!(dtype, DType::F32 | DType::U32) => {
@@ -463,13 +478,23 @@ impl Tensor {
 
     /// `[start, start + step, ...]` up to but excluding `end` (as PyTorch's `arange`).
     pub fn arange(start: f64, end: f64, step: f64, dtype: DType, device: Device) -> Result<Self> {
-        if step == 0.0 || !step.is_finite() || (end - start) / step < 0.0 {
+        let finite = start.is_finite() && end.is_finite() && step.is_finite();
+        if !finite || step == 0.0 || (end - start) / step < 0.0 {
             return Err(Error::invalid(
                 "arange",
                 format!("cannot go from {start} to {end} in steps of {step}"),
             ));
         }
-        let n = ((end - start) / step).ceil() as usize;
+        let steps = ((end - start) / step).ceil();
+        // The values are made as f64 first: beyond isize::MAX bytes of them
+        // no allocation can succeed.
+        if steps > (isize::MAX as usize / std::mem::size_of::<f64>()) as f64 {
+            return Err(Error::invalid(
+                "arange",
+                format!("{start} to {end} in steps of {step} is {steps} values, too many to hold"),
+            ));
+        }
+        let n = steps as usize;
         let values = (0..n).map(|i| start + i as f64 * step).collect();
         let storage = CpuStorage::from_f64_vec(values, dtype);
         Self::from_cpu_storage(storage, [n])?.to_device(device)
@@ -483,7 +508,7 @@ impl Tensor {
         rng: &mut Rng,
     ) -> Result<Self> {
         let shape = shape.into();
-        let values = (0..shape.numel())
+        let values = (0..checked_numel("randn", &shape)?)
             .map(|_| StandardNormal.sample(rng.inner()))
             .collect();
         if !dtype.is_float() {
@@ -509,7 +534,7 @@ impl Tensor {
             ));
         }
         let shape = shape.into();
-        let values = (0..shape.numel())
+        let values = (0..checked_numel("rand", &shape)?)
             .map(|_| {
                 let u: f64 = StandardUniform.sample(rng.inner());
                 low + (high - low) * u
@@ -816,6 +841,7 @@ impl Tensor {
         if device == self.device() {
             return Ok(self.clone());
         }
+        check_cuda_dtype("to_device", self.dtype(), device)?;
         let storage = match device {
             Device::Cpu => Storage::Cpu(self.host_storage()?),
             Device::Cuda(ordinal) => {
@@ -841,6 +867,7 @@ impl Tensor {
         if dtype == self.dtype() {
             return Ok(self.clone());
         }
+        check_cuda_dtype("to_dtype", dtype, self.device())?;
         let _profile = crate::profile::op("to_dtype", self.device());
         // f32 <-> 16-bit converts on the device; other pairs go through the host.
         let on_device = match &*self.storage() {
@@ -993,6 +1020,32 @@ impl Backward for ToDeviceBackward {
     fn backward(&self, _inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         Ok(vec![Some(grad.to_device(self.source)?)])
     }
+}
+
+/// No CUDA kernel takes f64, so no f64 tensor is let onto a CUDA device
+/// (where every op would refuse it, under its kernel's name).
+fn check_cuda_dtype(op: &'static str, dtype: DType, device: Device) -> Result<()> {
+    if dtype == DType::F64 && device != Device::Cpu {
+        return Err(Error::DType {
+            op,
+            msg: format!(
+                "CUDA tensors hold f32, bf16 or f16 values or u32 indices, not f64 (asked for \
+                 {device}); convert with .to_dtype(DType::F32) first"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The element count of a caller's `shape`, or an error naming `op` when
+/// its dims cannot be multiplied in a usize (see [`Shape::checked_numel`]).
+pub(crate) fn checked_numel(op: &'static str, shape: &Shape) -> Result<usize> {
+    shape.checked_numel().ok_or_else(|| {
+        Error::shape(
+            op,
+            format!("shape {shape} has more elements than a usize can count"),
+        )
+    })
 }
 
 /// Checks that every operand shares one device; names the first two that differ.

@@ -2,7 +2,7 @@
 //! CPU from the caller's [`Rng`] (so a seed reproduces a model exactly),
 //! then moved to the target device and marked as requiring grad.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tensor::{DType, Device, Rng, Shape, Tensor};
 
 /// Where and how a module's parameters are created: the random source,
@@ -21,6 +21,10 @@ impl<'a> Init<'a> {
 
 /// A CPU tensor moved to `init.device` and turned into a trainable leaf.
 fn into_parameter(cpu_values: Tensor, init: &Init) -> Result<Tensor> {
+    // Gradients exist for floats only: a u32 parameter could never train.
+    if !cpu_values.dtype().is_float() {
+        return Err(Error::unsupported_dtype("init", cpu_values.dtype()));
+    }
     Ok(cpu_values.to_device(init.device)?.requires_grad_())
 }
 

@@ -48,11 +48,12 @@ impl BatchNorm2d {
 
     /// Replaces the defaults: running = (1 − momentum)·running + momentum·batch.
     pub fn with_options(mut self, momentum: f64, eps: f64) -> Result<Self> {
-        if !(0.0..=1.0).contains(&momentum) || eps.is_nan() || eps <= 0.0 {
+        // eps must also be finite, as batch_norm2d requires of every forward.
+        if !(0.0..=1.0).contains(&momentum) || !eps.is_finite() || eps <= 0.0 {
             return Err(Error::invalid(
                 "BatchNorm2d",
                 format!(
-                    "momentum must lie in [0, 1] and eps be positive, got {momentum} and {eps}"
+                    "momentum must lie in [0, 1] and eps be positive and finite, got {momentum} and {eps}"
                 ),
             ));
         }

@@ -21,7 +21,7 @@ use crate::ops::layernorm::cuda::expect_cuda;
 use crate::ops::normalization_grads;
 use crate::profile;
 use crate::storage::{CpuStorage, Storage};
-use crate::tensor::{DType, Device, Shape, Tensor, check_operands};
+use crate::tensor::{DType, Device, Shape, Tensor, check_operands, same_device};
 use crate::{float_slice, float_slice2};
 
 use cpu::BatchNormDims;
@@ -71,12 +71,23 @@ impl Tensor {
             .into_iter()
             .flatten()
             .collect();
+        let mut operands = vec![self];
+        operands.extend(&params);
         if self.dtype().is_half() {
+            same_device(OP, &operands)?;
             check_operands(OP, &[self])?;
-            check_operands(OP, &params)?;
+            // The kernels read a 16-bit x's statistics and parameters as f32.
+            if let Some(param) = params.iter().find(|p| p.dtype() != DType::F32) {
+                return Err(Error::DType {
+                    op: OP,
+                    msg: format!(
+                        "a {} x takes f32 running statistics, weight and bias, got {}",
+                        self.dtype(),
+                        param.dtype()
+                    ),
+                });
+            }
         } else {
-            let mut operands = vec![self];
-            operands.extend(&params);
             check_operands(OP, &operands)?;
         }
         let &[batch, channels, height, width] = self.dims() else {

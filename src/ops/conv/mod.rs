@@ -27,7 +27,7 @@ use crate::cuda::CudaStorage;
 use crate::error::{Error, Result};
 use crate::profile;
 use crate::storage::{CpuStorage, Element, Storage, Stored};
-use crate::tensor::{Shape, Tensor, check_operands};
+use crate::tensor::{Shape, Tensor, check_operands, checked_numel};
 use crate::{stored_slice, stored_slice2};
 
 /// Hyper-parameters of `conv2d`, each as (height, width).
@@ -119,8 +119,23 @@ impl ConvGeometry {
         let kernel = [wd[2], wd[3]];
         let mut out_size = [0; 2];
         for d in 0..2 {
-            let reach = params.dilation[d] * (kernel[d] - 1) + 1;
-            let padded = in_size[d] + 2 * params.padding[d];
+            // check_ranks made every kernel dim at least 1.
+            let reach = params.dilation[d]
+                .checked_mul(kernel[d] - 1)
+                .and_then(|r| r.checked_add(1));
+            let padded = params.padding[d]
+                .checked_mul(2)
+                .and_then(|p| p.checked_add(in_size[d]));
+            let (Some(reach), Some(padded)) = (reach, padded) else {
+                return Err(Error::invalid(
+                    op,
+                    format!(
+                        "input {x} with weight {weight}: padding {} and dilation {} are too large to compute the output size",
+                        pair(params.padding),
+                        pair(params.dilation)
+                    ),
+                ));
+            };
             if padded < reach {
                 let dilation = if params.dilation == [1, 1] {
                     String::new()
@@ -140,7 +155,7 @@ impl ConvGeometry {
             }
             out_size[d] = (padded - reach) / params.stride[d] + 1;
         }
-        Ok(ConvGeometry {
+        let geometry = ConvGeometry {
             batch: xd[0],
             in_channels: xd[1],
             in_size,
@@ -150,7 +165,9 @@ impl ConvGeometry {
             stride: params.stride,
             padding: params.padding,
             dilation: params.dilation,
-        })
+        };
+        checked_numel(op, &geometry.output_shape())?;
+        Ok(geometry)
     }
 
     /// Validates conv_transpose2d's x [N, Cin, H, W] and weight [Cin, Cout, kh, kw]
@@ -189,13 +206,20 @@ impl ConvGeometry {
         }
         let grid_size = [xd[2], xd[3]];
         let kernel = [wd[2], wd[3]];
-        let mut image_size = [0i64; 2];
+        let mut image_size = [0i128; 2];
         for d in 0..2 {
-            image_size[d] = (grid_size[d] as i64 - 1) * params.stride[d] as i64
-                - 2 * params.padding[d] as i64
-                + params.dilation[d] as i64 * (kernel[d] as i64 - 1)
-                + params.output_padding[d] as i64
-                + 1;
+            let Some(size) = transposed_size(grid_size[d], kernel[d], params, d) else {
+                return Err(Error::invalid(
+                    op,
+                    format!(
+                        "input {x} with weight {weight}: stride {}, padding {} and dilation {} are too large to compute the output size",
+                        pair(params.stride),
+                        pair(params.padding),
+                        pair(params.dilation)
+                    ),
+                ));
+            };
+            image_size[d] = size;
         }
         if image_size.iter().any(|&s| s <= 0) {
             return Err(Error::shape(
@@ -213,7 +237,7 @@ impl ConvGeometry {
                 ),
             ));
         }
-        Ok(ConvGeometry {
+        let geometry = ConvGeometry {
             batch: xd[0],
             in_channels: wd[1],
             in_size: [image_size[0] as usize, image_size[1] as usize],
@@ -223,7 +247,9 @@ impl ConvGeometry {
             stride: params.stride,
             padding: params.padding,
             dilation: params.dilation,
-        })
+        };
+        checked_numel(op, &geometry.input_shape())?;
+        Ok(geometry)
     }
 
     /// [batch, in_channels, in_h, in_w]: conv2d's x, conv_transpose2d's y.
@@ -270,6 +296,25 @@ impl ConvGeometry {
     pub fn in_pixels(&self) -> usize {
         self.in_size[0] * self.in_size[1]
     }
+}
+
+/// conv_transpose2d's output size along `d`, (H − 1)·stride − 2·padding +
+/// dilation·(kh − 1) + output_padding + 1 (negative when the padding crops
+/// everything); None when the extent before cropping does not fit a usize,
+/// as the kernels index within it. H and kh are at least 1 (see
+/// `check_ranks`).
+fn transposed_size(
+    grid: usize,
+    kernel: usize,
+    params: ConvTranspose2dParams,
+    d: usize,
+) -> Option<i128> {
+    let extent = (grid - 1)
+        .checked_mul(params.stride[d])?
+        .checked_add((kernel - 1).checked_mul(params.dilation[d])?)?
+        .checked_add(params.output_padding[d])?
+        .checked_add(1)?;
+    Some(extent as i128 - 2 * params.padding[d] as i128)
 }
 
 /// Rank 4 for both operands, and no empty channel, spatial or kernel dim.

@@ -112,6 +112,10 @@ fn broadcast_zip<T: Float>(
     if a_dims == b_dims {
         return zip_map(a, b, f);
     }
+    // An empty operand broadcasts only to an empty output (0 against 0 or 1).
+    if out_dims.contains(&0) {
+        return Vec::new();
+    }
     if b.len() == 1 {
         let y = b[0];
         return map(a, move |x| f(x, y));

@@ -14,7 +14,7 @@ use crate::error::Result;
 use crate::ops::broadcast_shape;
 use crate::profile;
 use crate::storage::{CpuStorage, Float, Storage};
-use crate::tensor::{Tensor, check_operands};
+use crate::tensor::{Tensor, check_operands, same_device};
 use crate::{float_or_half_slice2, float_slice, float_slice2};
 
 /// The four broadcast arithmetic ops.
@@ -235,11 +235,13 @@ impl<F: Pointwise> Backward for PointwiseBackward<F> {
 }
 
 fn binary(lhs: &Tensor, rhs: &Tensor, op: BinaryOp) -> Result<Tensor> {
-    // bf16 + f32 computes in f32, as PyTorch promotes.
+    let name = op.name();
+    // bf16 + f32 computes in f32, as PyTorch promotes (devices checked
+    // first, so that a mismatch is reported under this op's name).
     if let Some(common) = autocast::promoted(lhs.dtype(), rhs.dtype()) {
+        same_device(name, &[lhs, rhs])?;
         return binary(&lhs.to_dtype(common)?, &rhs.to_dtype(common)?, op);
     }
-    let name = op.name();
     let _profile = profile::op(name, lhs.device());
     check_operands(name, &[lhs, rhs])?;
     let out_shape = broadcast_shape(name, lhs.shape(), rhs.shape())?;

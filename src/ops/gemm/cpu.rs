@@ -288,6 +288,10 @@ unsafe fn assume_written<T>(values: &mut [MaybeUninit<T>]) -> &mut [T] {
 
 /// Adds `bias` to every row of `y` (rows of `bias.len()` elements).
 fn add_bias_rows<T: Float>(y: &mut [T], bias: &[T]) {
+    // No columns: y is empty too.
+    if bias.is_empty() {
+        return;
+    }
     for row in y.chunks_exact_mut(bias.len()) {
         for (value, b) in row.iter_mut().zip(bias) {
             *value += *b;

@@ -373,12 +373,13 @@ impl Backward for GemmBackward {
         // The folded case ([..., M, K] @ [K, N]) is differentiated as one 2-D product.
         let folded = b.rank() == 2 && a.rank() > 2 && !self.trans_lhs;
         let (a2, g2) = if folded {
-            let k = a.dims()[a.rank() - 1];
-            let n = grad.dims()[grad.rank() - 1];
-            (
-                a.reshape([a.numel() / k, k])?,
-                grad.reshape([grad.numel() / n, n])?,
-            )
+            // [..., M, K] → [rows, K] with rows the product of the leading
+            // dims (numel / K is undefined for K = 0).
+            let as_rows = |t: &Tensor| {
+                let (leading, last) = t.dims().split_at(t.rank() - 1);
+                t.reshape([leading.iter().product(), last[0]])
+            };
+            (as_rows(a)?, as_rows(grad)?)
         } else {
             (a.clone(), grad.clone())
         };

@@ -21,7 +21,7 @@ const MIN_COLUMNS_PER_TASK: usize = 64;
 pub fn sum<T: Float>(x: &[T], outer: usize, n: usize, inner: usize) -> Vec<T> {
     assert_eq!(x.len(), outer * n * inner, "sum: input length");
     let mut out = vec![T::ZERO; outer * inner];
-    if inner == 0 {
+    if outer == 0 || inner == 0 {
         return out;
     }
     if inner == 1 {

@@ -121,13 +121,49 @@ pub(crate) fn require_rank(op: &'static str, shape: &Shape) -> Result<()> {
     Ok(())
 }
 
-/// out[i] = src[Σ_d coord_d(i) · walk[d]] over an output of `out_dims`.
+/// `out_dims` and `walk` with size-1 dims dropped and each pair of
+/// neighbouring dims merged where the source is walked across them as one
+/// (outer stride = inner stride · inner size; a broadcast run, stride 0
+/// throughout, included): the same gather in as few dims as it takes.
+fn coalesced(out_dims: &[usize], walk: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    let (mut dims, mut strides): (Vec<usize>, Vec<usize>) = (Vec::new(), Vec::new());
+    for (&size, &stride) in out_dims.iter().zip(walk) {
+        if size == 1 {
+            continue;
+        }
+        match (dims.last_mut(), strides.last_mut()) {
+            (Some(outer), Some(outer_stride)) if *outer_stride == stride * size => {
+                *outer *= size;
+                *outer_stride = stride;
+            }
+            _ => {
+                dims.push(size);
+                strides.push(stride);
+            }
+        }
+    }
+    (dims, strides)
+}
+
+/// out[i] = src[Σ_d coord_d(i) · walk[d]] over an output of `out_dims`;
+/// any rank whose dims coalesce to at most MAX_DIMS.
 fn strided_gather(
     op: &'static str,
     src: &CudaStorage,
     out_dims: &[usize],
     walk: &[usize],
 ) -> Result<CudaStorage> {
+    let (merged_dims, merged_walk) = coalesced(out_dims, walk);
+    if merged_dims.len() > MAX_DIMS {
+        return Err(Error::shape(
+            op,
+            format!(
+                "CUDA {op} supports rank <= {MAX_DIMS} (after merging dims it copies as one), got {}",
+                Shape::new(out_dims)
+            ),
+        ));
+    }
+    let (out_dims, walk) = (&merged_dims, &merged_walk);
     let elem_bytes = element_bytes(op, &[src])?;
     let mut index = Strides6 {
         dims: [1; MAX_DIMS],
@@ -155,7 +191,6 @@ fn strided_gather(
 
 /// Output dim d is source dim perm[d] (a copy).
 pub(crate) fn permute(src: &CudaStorage, src_shape: &Shape, perm: &[usize]) -> Result<CudaStorage> {
-    require_rank("permute", src_shape)?;
     let src_strides = src_shape.strides();
     let out_dims: Vec<usize> = perm.iter().map(|&p| src_shape.dims()[p]).collect();
     // Stride in the source for a step along each output dim.
@@ -169,7 +204,6 @@ pub(crate) fn broadcast(
     src_shape: &Shape,
     out_shape: &Shape,
 ) -> Result<CudaStorage> {
-    require_rank("broadcast_to", out_shape)?;
     let pad = out_shape.rank() - src_shape.rank();
     let src_strides = src_shape.strides();
     // A broadcast dim is walked with stride 0.

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::ops::{broadcast_shape, check_dim};
 use crate::profile;
 use crate::storage::{CpuStorage, Element, Storage, bf16, f16};
-use crate::tensor::{DType, Device, Shape, Tensor, same_device};
+use crate::tensor::{DType, Device, Shape, Tensor, checked_numel, same_device};
 
 pub(crate) use cpu::contiguous_strides;
 
@@ -21,7 +21,7 @@ impl Tensor {
     pub fn reshape(&self, shape: impl Into<Shape>) -> Result<Tensor> {
         let _profile = profile::op("reshape", self.device());
         let shape = shape.into();
-        if shape.numel() != self.numel() {
+        if checked_numel("reshape", &shape)? != self.numel() {
             return Err(Error::shape(
                 "reshape",
                 format!(
@@ -134,12 +134,13 @@ impl Tensor {
         let _profile = profile::op("narrow", self.device());
         check_dim("narrow", dim, self.shape())?;
         let size = self.dims()[dim];
-        if start + len > size {
+        // Widened: start + len may not fit a usize.
+        let end = start as u128 + len as u128;
+        if end > size as u128 {
             return Err(Error::invalid(
                 "narrow",
                 format!(
-                    "range {start}..{} exceeds dim {dim} of shape {}",
-                    start + len,
+                    "range {start}..{end} exceeds dim {dim} of shape {}",
                     self.shape()
                 ),
             ));
@@ -240,6 +241,7 @@ impl Tensor {
     pub fn broadcast_to(&self, shape: impl Into<Shape>) -> Result<Tensor> {
         let _profile = profile::op("broadcast_to", self.device());
         let shape = shape.into();
+        checked_numel("broadcast_to", &shape)?;
         let joint = broadcast_shape("broadcast_to", self.shape(), &shape)?;
         if joint != shape {
             return Err(Error::shape(
