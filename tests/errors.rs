@@ -85,3 +85,34 @@ fn moving_to_a_missing_cuda_backend_is_an_error() {
     let msg = t(&[2]).to_device(Device::Cuda(0)).unwrap_err().to_string();
     assert!(msg.contains("cuda:0"), "{msg}");
 }
+
+#[test]
+fn reductions_read_their_dims_as_pytorch_does() {
+    // torch.arange(6.).reshape(2, 3): sum(dim=[]) is tensor(15.),
+    // sum(dim=[], keepdim=True) tensor([[15.]]), mean(dim=[]) tensor(2.5),
+    // and sum(dim=[0, 0]) "dim 0 appears multiple times in the list of dims".
+    let x = Tensor::arange(0.0, 6.0, 1.0, DType::F64, Device::Cpu)
+        .unwrap()
+        .reshape([2, 3])
+        .unwrap();
+    let all = x.sum(&[], false).unwrap();
+    assert_eq!(all.dims(), [0usize; 0]);
+    assert_eq!(all.item().unwrap(), 15.0);
+    let kept = x.sum(&[], true).unwrap();
+    assert_eq!(
+        (kept.dims(), kept.to_f64_vec()),
+        (&[1usize, 1][..], vec![15.0])
+    );
+    assert_eq!(x.mean(&[], false).unwrap().item().unwrap(), 2.5);
+    assert_eq!(x.mean(&[], true).unwrap().dims(), [1, 1]);
+    // The gradient of Σ over every dim is 1 everywhere.
+    let leaf = x.detach().requires_grad_();
+    let grads = leaf.sum(&[], false).unwrap().backward().unwrap();
+    assert_eq!(grads.get(&leaf).unwrap().to_f64_vec(), vec![1.0; 6]);
+    for repeated in [&[0usize, 0][..], &[1, 0, 1]] {
+        let msg = message(x.sum(repeated, false));
+        assert!(msg.starts_with("sum:") && msg.contains("dim"), "{msg}");
+        assert!(msg.contains("appears more than once"), "{msg}");
+        assert!(message(x.mean(repeated, true)).starts_with("mean:"));
+    }
+}

@@ -943,14 +943,19 @@ fn reductions(case: ReduceCase) -> CaseResult {
     let rank = dims.len();
     let v = float_v(&x);
     let in_range = case.reduce.iter().all(|&d| d < rank);
-    let shape = in_range.then(|| reduced(&dims, &case.reduce, case.keepdim));
+    let mut unique = case.reduce.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    // PyTorch's meaning: no dims reduces them all; a repeated dim is an error.
+    let repeated = unique.len() != case.reduce.len();
+    if case.reduce.is_empty() {
+        unique = (0..rank).collect();
+    }
+    let shape = (in_range && !repeated).then(|| reduced(&dims, &unique, case.keepdim));
     let keepdim = case.keepdim;
     check("sum", Expect::new(shape.clone(), v), &[&x], || {
         x.sum(&case.reduce, keepdim)
     })?;
-    let mut unique = case.reduce.clone();
-    unique.sort_unstable();
-    unique.dedup();
     let count: usize = unique.iter().filter_map(|&d| dims.get(d)).product();
     check(
         "mean",

@@ -25,15 +25,28 @@ fn reduced_shape(shape: &Shape, dims: &[usize], keepdim: bool) -> Shape {
     Shape::new(out)
 }
 
-/// Sorted, de-duplicated, range-checked dims.
+/// The dims a reduction runs over, sorted and range-checked, with
+/// PyTorch's meaning: an empty list means every dim, and a dim listed twice
+/// is an error (PyTorch refuses it too; summing it "twice" has no meaning).
 fn check_dims(op: &'static str, dims: &[usize], shape: &Shape) -> Result<Vec<usize>> {
-    let mut dims = dims.to_vec();
-    dims.sort_unstable();
-    dims.dedup();
-    for &d in &dims {
+    if dims.is_empty() {
+        return Ok((0..shape.rank()).collect());
+    }
+    let mut sorted = dims.to_vec();
+    sorted.sort_unstable();
+    if let Some(pair) = sorted.windows(2).find(|pair| pair[0] == pair[1]) {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "dim {} appears more than once in the dims {dims:?}",
+                pair[0]
+            ),
+        ));
+    }
+    for &d in &sorted {
         check_dim(op, d, shape)?;
     }
-    Ok(dims)
+    Ok(sorted)
 }
 
 /// Sums `dims` of `x`, keeping them as size 1, then multiplies by `scale`
@@ -92,7 +105,9 @@ fn adjacent_runs(dims: &[usize]) -> Vec<std::ops::Range<usize>> {
 }
 
 impl Tensor {
-    /// Σ over `dims` (an empty list reduces nothing; `sum_all` reduces every dim).
+    /// Σ over `dims`. As in PyTorch, an empty list reduces every dim (like
+    /// [`Tensor::sum_all`], with `keepdim` keeping them all as size 1), and
+    /// listing a dim twice is an error.
     pub fn sum(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
         if self.dtype().is_half() {
             if let Some(out) = leading_dims_sum_half(self, dims, keepdim)? {
@@ -122,7 +137,7 @@ impl Tensor {
         self.sum(&dims, false)
     }
 
-    /// Mean over `dims`.
+    /// Mean over `dims`, with [`Tensor::sum`]'s meaning of the list.
     pub fn mean(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
         if self.dtype().is_half() {
             return autocast::in_float32(AutocastOp::Mean, self, |x| x.mean(dims, keepdim));
@@ -228,6 +243,9 @@ impl Tensor {
                 ));
             }
         }
+        // Equal shapes returned above, so some dim is summed (an empty list
+        // would mean every dim).
+        debug_assert!(!dims.is_empty());
         self.sum(&dims, true)?.reshape(shape.clone())
     }
 }
