@@ -95,19 +95,19 @@ fn reductions_read_their_dims_as_pytorch_does() {
         .unwrap()
         .reshape([2, 3])
         .unwrap();
-    let all = x.sum(&[], false).unwrap();
+    let all = x.sum::<usize>(&[], false).unwrap();
     assert_eq!(all.dims(), [0usize; 0]);
     assert_eq!(all.item().unwrap(), 15.0);
-    let kept = x.sum(&[], true).unwrap();
+    let kept = x.sum::<usize>(&[], true).unwrap();
     assert_eq!(
         (kept.dims(), kept.to_f64_vec()),
         (&[1usize, 1][..], vec![15.0])
     );
-    assert_eq!(x.mean(&[], false).unwrap().item().unwrap(), 2.5);
-    assert_eq!(x.mean(&[], true).unwrap().dims(), [1, 1]);
+    assert_eq!(x.mean::<usize>(&[], false).unwrap().item().unwrap(), 2.5);
+    assert_eq!(x.mean::<usize>(&[], true).unwrap().dims(), [1, 1]);
     // The gradient of Σ over every dim is 1 everywhere.
     let leaf = x.detach().requires_grad_();
-    let grads = leaf.sum(&[], false).unwrap().backward().unwrap();
+    let grads = leaf.sum::<usize>(&[], false).unwrap().backward().unwrap();
     assert_eq!(grads.get(&leaf).unwrap().to_f64_vec(), vec![1.0; 6]);
     for repeated in [&[0usize, 0][..], &[1, 0, 1]] {
         let msg = message(x.sum(repeated, false));
@@ -115,4 +115,52 @@ fn reductions_read_their_dims_as_pytorch_does() {
         assert!(msg.contains("appears more than once"), "{msg}");
         assert!(message(x.mean(repeated, true)).starts_with("mean:"));
     }
+}
+
+#[test]
+fn negative_dims_count_from_the_back_as_in_pytorch() {
+    let x = Tensor::arange(0.0, 24.0, 1.0, DType::F64, Device::Cpu)
+        .unwrap()
+        .reshape([2, 3, 4])
+        .unwrap();
+    let same = |a: kiln::Result<Tensor>, b: kiln::Result<Tensor>| {
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a.dims(), b.dims());
+        assert_eq!(a.to_f64_vec(), b.to_f64_vec());
+    };
+    same(x.sum(&[-1], false), x.sum(&[2], false));
+    same(x.sum(&[-3, -1], true), x.sum(&[0, 2], true));
+    same(x.mean(&[-2], false), x.mean(&[1], false));
+    same(x.max(-1, false), x.max(2, false));
+    same(x.narrow(-1, 1, 2), x.narrow(2, 1, 2));
+    same(x.transpose(-1, 0), x.transpose(2, 0));
+    same(x.permute(&[-1, 0, 1]), x.permute(&[2, 0, 1]));
+    same(x.flatten(-2, -1), x.flatten(1, 2));
+    same(Tensor::cat(&[&x, &x], -1), Tensor::cat(&[&x, &x], 2));
+    let ids = Tensor::from_indices(vec![3, 0], [2]).unwrap();
+    same(x.index_select(-1, &ids), x.index_select(2, &ids));
+    let index = Tensor::from_indices(vec![1; 6], [2, 3, 1]).unwrap();
+    same(x.gather(-1, &index), x.gather(2, &index));
+    // Inserting: -1 appends and -(rank + 1) prepends, as torch.unsqueeze.
+    assert_eq!(x.unsqueeze(-1).unwrap().dims(), [2, 3, 4, 1]);
+    assert_eq!(x.unsqueeze(-4).unwrap().dims(), [1, 2, 3, 4]);
+    assert_eq!(Tensor::stack(&[&x, &x], -1).unwrap().dims(), [2, 3, 4, 2]);
+    assert_eq!(
+        x.unsqueeze(-1).unwrap().squeeze(-1).unwrap().dims(),
+        [2, 3, 4]
+    );
+
+    let msg = message(x.sum(&[-4], false));
+    assert!(
+        msg.starts_with("sum:") && msg.contains("dim -4 is out of range") && msg.contains("-3..-1"),
+        "{msg}"
+    );
+    let msg = message(x.sum(&[-1, 2], false));
+    assert!(
+        msg.contains("dim 2 appears more than once in the dims [-1, 2]"),
+        "{msg}"
+    );
+    assert!(message(x.unsqueeze(-5)).starts_with("unsqueeze:"));
+    assert!(message(x.permute(&[-1, 2, 0])).contains("not a permutation"));
+    assert!(message(x.narrow(-4, 0, 1)).starts_with("narrow:"));
 }

@@ -53,6 +53,61 @@ fn dim_from_end(shape: &Shape, k: usize) -> usize {
     }
 }
 
+/// A dim index as PyTorch takes one: `0..rank` from the front, or negative
+/// from the back (`-1` is the last dim). Implemented for `usize` and the
+/// signed integers, so `x.sum(&[-1], false)` and `x.narrow(d, ..)` with a
+/// `usize` d both work; an empty literal list needs its type spelled
+/// (`x.sum::<usize>(&[], false)`).
+pub trait Dim: Copy + std::fmt::Display {
+    /// The dim among `rank` dims that this names, or None when out of range.
+    fn in_rank(self, rank: usize) -> Option<usize>;
+}
+
+impl Dim for usize {
+    fn in_rank(self, rank: usize) -> Option<usize> {
+        (self < rank).then_some(self)
+    }
+}
+
+macro_rules! signed_dim {
+    ($($t:ty),*) => {$(
+        impl Dim for $t {
+            fn in_rank(self, rank: usize) -> Option<usize> {
+                let index = if self < 0 {
+                    rank.checked_sub(self.unsigned_abs() as usize)?
+                } else {
+                    self as usize
+                };
+                (index < rank).then_some(index)
+            }
+        }
+    )*};
+}
+signed_dim!(i32, i64, isize);
+
+/// The index `dim` names among `rank` dims, or an error naming `op`,
+/// `what` the dims are of, and the accepted range.
+pub(crate) fn resolve_dim_in<D: Dim>(
+    op: &'static str,
+    dim: D,
+    rank: usize,
+    what: &dyn std::fmt::Display,
+) -> Result<usize> {
+    dim.in_rank(rank).ok_or_else(|| {
+        Error::invalid(
+            op,
+            format!(
+                "dim {dim} is out of range for {what} (rank {rank}: 0..{rank} from the front, -{rank}..-1 from the back)"
+            ),
+        )
+    })
+}
+
+/// The index `dim` names among the dims of `shape`, or an error naming `op`.
+pub(crate) fn resolve_dim<D: Dim>(op: &'static str, dim: D, shape: &Shape) -> Result<usize> {
+    resolve_dim_in(op, dim, shape.rank(), &format!("shape {shape}"))
+}
+
 /// Checks a dim index against a rank.
 pub(crate) fn check_dim(op: &'static str, dim: usize, shape: &Shape) -> Result<()> {
     if dim >= shape.rank() {

@@ -12,7 +12,7 @@ use crate::autograd::Backward;
 use crate::cuda::CudaStorage;
 use crate::error::{Error, Result};
 use crate::float_slice;
-use crate::ops::check_dim;
+use crate::ops::{Dim, check_dim, resolve_dim};
 use crate::profile;
 use crate::storage::{CpuStorage, Storage};
 use crate::tensor::{DType, Shape, Tensor, check_operands, same_device};
@@ -185,7 +185,8 @@ impl Tensor {
 
     /// Entries along `dim` at the u32 positions of the 1-D `indices` (PyTorch's
     /// `index_select`): the output has `indices.len()` entries along `dim`.
-    pub fn index_select(&self, dim: usize, indices: &Tensor) -> Result<Tensor> {
+    pub fn index_select<D: Dim>(&self, dim: D, indices: &Tensor) -> Result<Tensor> {
+        let dim = resolve_dim("index_select", dim, self.shape())?;
         if self.dtype().is_half() {
             return autocast::in_float32(AutocastOp::Embedding, self, |x| {
                 x.index_select(dim, indices)
@@ -198,14 +199,14 @@ impl Tensor {
     /// PyTorch's `gather`: out[i][j][k] = self[i][index[i][j][k]][k] for dim = 1
     /// (likewise for other dims). `index` is u32 of the same rank as `self`,
     /// no larger than `self` outside `dim`; the output has the shape of `index`.
-    pub fn gather(&self, dim: usize, index: &Tensor) -> Result<Tensor> {
+    pub fn gather<D: Dim>(&self, dim: D, index: &Tensor) -> Result<Tensor> {
+        const OP: &str = "gather";
+        let dim = resolve_dim(OP, dim, self.shape())?;
         if self.dtype().is_half() {
             return autocast::in_float32(AutocastOp::Embedding, self, |x| x.gather(dim, index));
         }
-        const OP: &str = "gather";
         let _profile = profile::op(OP, self.device());
         same_device(OP, &[self, index])?;
-        check_dim(OP, dim, self.shape())?;
         let fits = index.rank() == self.rank()
             && (0..self.rank()).all(|d| d == dim || index.dims()[d] <= self.dims()[d]);
         if !fits {

@@ -7,7 +7,7 @@ use crate::autocast::{self, AutocastOp};
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
 use crate::float_slice;
-use crate::ops::check_dim;
+use crate::ops::{Dim, resolve_dim};
 use crate::profile;
 use crate::storage::{CpuStorage, Storage};
 use crate::tensor::{Shape, Tensor, check_operands};
@@ -28,23 +28,25 @@ fn reduced_shape(shape: &Shape, dims: &[usize], keepdim: bool) -> Shape {
 /// The dims a reduction runs over, sorted and range-checked, with
 /// PyTorch's meaning: an empty list means every dim, and a dim listed twice
 /// is an error (PyTorch refuses it too; summing it "twice" has no meaning).
-fn check_dims(op: &'static str, dims: &[usize], shape: &Shape) -> Result<Vec<usize>> {
+fn check_dims<D: Dim>(op: &'static str, dims: &[D], shape: &Shape) -> Result<Vec<usize>> {
     if dims.is_empty() {
         return Ok((0..shape.rank()).collect());
     }
-    let mut sorted = dims.to_vec();
+    let mut sorted = dims
+        .iter()
+        .map(|&d| resolve_dim(op, d, shape))
+        .collect::<Result<Vec<_>>>()?;
     sorted.sort_unstable();
     if let Some(pair) = sorted.windows(2).find(|pair| pair[0] == pair[1]) {
+        let listed: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
         return Err(Error::invalid(
             op,
             format!(
-                "dim {} appears more than once in the dims {dims:?}",
-                pair[0]
+                "dim {} appears more than once in the dims [{}]",
+                pair[0],
+                listed.join(", ")
             ),
         ));
-    }
-    for &d in &sorted {
-        check_dim(op, d, shape)?;
     }
     Ok(sorted)
 }
@@ -108,16 +110,16 @@ impl Tensor {
     /// Σ over `dims`. As in PyTorch, an empty list reduces every dim (like
     /// [`Tensor::sum_all`], with `keepdim` keeping them all as size 1), and
     /// listing a dim twice is an error.
-    pub fn sum(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
+    pub fn sum<D: Dim>(&self, dims: &[D], keepdim: bool) -> Result<Tensor> {
+        let dims = check_dims("sum", dims, self.shape())?;
         if self.dtype().is_half() {
-            if let Some(out) = leading_dims_sum_half(self, dims, keepdim)? {
+            if let Some(out) = leading_dims_sum_half(self, &dims, keepdim)? {
                 return Ok(out);
             }
-            return autocast::in_float32(AutocastOp::Sum, self, |x| x.sum(dims, keepdim));
+            return autocast::in_float32(AutocastOp::Sum, self, |x| x.sum(&dims, keepdim));
         }
         let _profile = profile::op("sum", self.device());
         check_operands("sum", &[self])?;
-        let dims = check_dims("sum", dims, self.shape())?;
         let storage = sum_keepdim(self, &dims, 1.0)?;
         let out_shape = reduced_shape(self.shape(), &dims, keepdim);
         let input_shape = self.shape().clone();
@@ -138,13 +140,13 @@ impl Tensor {
     }
 
     /// Mean over `dims`, with [`Tensor::sum`]'s meaning of the list.
-    pub fn mean(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
+    pub fn mean<D: Dim>(&self, dims: &[D], keepdim: bool) -> Result<Tensor> {
+        let dims = check_dims("mean", dims, self.shape())?;
         if self.dtype().is_half() {
-            return autocast::in_float32(AutocastOp::Mean, self, |x| x.mean(dims, keepdim));
+            return autocast::in_float32(AutocastOp::Mean, self, |x| x.mean(&dims, keepdim));
         }
         let _profile = profile::op("mean", self.device());
         check_operands("mean", &[self])?;
-        let dims = check_dims("mean", dims, self.shape())?;
         let count: usize = dims.iter().map(|&d| self.dims()[d]).product();
         if count == 0 {
             return Err(Error::shape(
@@ -173,12 +175,13 @@ impl Tensor {
     }
 
     /// Maximum over `dim`; the gradient flows to the first maximal element.
-    pub fn max(&self, dim: usize, keepdim: bool) -> Result<Tensor> {
+    pub fn max<D: Dim>(&self, dim: D, keepdim: bool) -> Result<Tensor> {
         Ok(self.max_with_indices(dim, keepdim)?.0)
     }
 
     /// Maximum over `dim` and the (u32) index of the first maximal element.
-    pub fn max_with_indices(&self, dim: usize, keepdim: bool) -> Result<(Tensor, Tensor)> {
+    pub fn max_with_indices<D: Dim>(&self, dim: D, keepdim: bool) -> Result<(Tensor, Tensor)> {
+        let dim = resolve_dim("max", dim, self.shape())?;
         if self.dtype().is_half() {
             let (values, indices) = autocast::widened(self)?.max_with_indices(dim, keepdim)?;
             let values = autocast::finish_output(AutocastOp::Max, values, self.dtype())?;
@@ -186,7 +189,6 @@ impl Tensor {
         }
         let _profile = profile::op("max", self.device());
         check_operands("max", &[self])?;
-        check_dim("max", dim, self.shape())?;
         let (outer, n, inner) = self.shape().split_at_dim(dim);
         if n == 0 {
             return Err(Error::shape(

@@ -8,7 +8,7 @@ use crate::any_slice;
 use crate::autograd::Backward;
 use crate::cuda::CudaStorage;
 use crate::error::{Error, Result};
-use crate::ops::{broadcast_shape, check_dim};
+use crate::ops::{Dim, broadcast_shape, resolve_dim, resolve_dim_in};
 use crate::profile;
 use crate::storage::{CpuStorage, Element, Storage, bf16, f16};
 use crate::tensor::{DType, Device, Shape, Tensor, checked_numel, same_device};
@@ -41,10 +41,14 @@ impl Tensor {
         ))
     }
 
-    /// Merges dims `start..=end` into one.
-    pub fn flatten(&self, start: usize, end: usize) -> Result<Tensor> {
+    /// Merges dims `start..=end` into one (negative dims count from the back).
+    pub fn flatten<D: Dim>(&self, start: D, end: D) -> Result<Tensor> {
         let _profile = profile::op("flatten", self.device());
-        if start > end || end >= self.rank() {
+        let (start, end) = (
+            resolve_dim("flatten", start, self.shape())?,
+            resolve_dim("flatten", end, self.shape())?,
+        );
+        if start > end {
             return Err(Error::invalid(
                 "flatten",
                 format!("dims {start}..={end} invalid for shape {}", self.shape()),
@@ -57,24 +61,25 @@ impl Tensor {
         self.reshape(new_dims)
     }
 
-    /// Inserts a size-1 dim at `dim` (0..=rank).
-    pub fn unsqueeze(&self, dim: usize) -> Result<Tensor> {
+    /// Inserts a size-1 dim so that it becomes dim `dim` of the result
+    /// (0..=rank, or from the back as in PyTorch: -1 appends).
+    pub fn unsqueeze<D: Dim>(&self, dim: D) -> Result<Tensor> {
         let _profile = profile::op("unsqueeze", self.device());
-        if dim > self.rank() {
-            return Err(Error::invalid(
-                "unsqueeze",
-                format!("dim {dim} out of range for shape {}", self.shape()),
-            ));
-        }
+        let dim = resolve_dim_in(
+            "unsqueeze",
+            dim,
+            self.rank() + 1,
+            &format!("the result of unsqueezing shape {}", self.shape()),
+        )?;
         let mut dims = self.dims().to_vec();
         dims.insert(dim, 1);
         self.reshape(dims)
     }
 
     /// Removes the size-1 dim `dim`.
-    pub fn squeeze(&self, dim: usize) -> Result<Tensor> {
+    pub fn squeeze<D: Dim>(&self, dim: D) -> Result<Tensor> {
         let _profile = profile::op("squeeze", self.device());
-        check_dim("squeeze", dim, self.shape())?;
+        let dim = resolve_dim("squeeze", dim, self.shape())?;
         if self.dims()[dim] != 1 {
             return Err(Error::shape(
                 "squeeze",
@@ -87,23 +92,28 @@ impl Tensor {
     }
 
     /// Reorders dims: output dim `d` is input dim `perm[d]` (a copy).
-    pub fn permute(&self, perm: &[usize]) -> Result<Tensor> {
+    pub fn permute<D: Dim>(&self, perm: &[D]) -> Result<Tensor> {
         let _profile = profile::op("permute", self.device());
         let rank = self.rank();
+        let resolved: Vec<Option<usize>> = perm.iter().map(|&p| p.in_rank(rank)).collect();
         let mut seen = vec![false; rank];
         let valid = perm.len() == rank
-            && perm
+            && resolved
                 .iter()
-                .all(|&p| p < rank && !std::mem::replace(&mut seen[p], true));
+                .all(|p| p.is_some_and(|p| !std::mem::replace(&mut seen[p], true)));
         if !valid {
+            let listed: Vec<String> = perm.iter().map(|p| p.to_string()).collect();
             return Err(Error::invalid(
                 "permute",
                 format!(
-                    "{perm:?} is not a permutation of the dims of shape {}",
+                    "[{}] is not a permutation of the dims of shape {}",
+                    listed.join(", "),
                     self.shape()
                 ),
             ));
         }
+        let perm: Vec<usize> = resolved.into_iter().flatten().collect();
+        let perm = perm.as_slice();
         let out_shape = Shape::new(perm.iter().map(|&p| self.dims()[p]).collect::<Vec<_>>());
         let storage = match &*self.storage() {
             Storage::Cpu(s) => Storage::Cpu(any_slice!(s, |v| CpuStorage::from(cpu::permute(
@@ -120,19 +130,19 @@ impl Tensor {
     }
 
     /// Swaps two dims (a copy).
-    pub fn transpose(&self, dim0: usize, dim1: usize) -> Result<Tensor> {
+    pub fn transpose<D: Dim>(&self, dim0: D, dim1: D) -> Result<Tensor> {
         let _profile = profile::op("transpose", self.device());
-        check_dim("transpose", dim0, self.shape())?;
-        check_dim("transpose", dim1, self.shape())?;
+        let dim0 = resolve_dim("transpose", dim0, self.shape())?;
+        let dim1 = resolve_dim("transpose", dim1, self.shape())?;
         let mut perm: Vec<usize> = (0..self.rank()).collect();
         perm.swap(dim0, dim1);
         self.permute(&perm)
     }
 
     /// The slice `start..start + len` along `dim` (a copy).
-    pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Tensor> {
+    pub fn narrow<D: Dim>(&self, dim: D, start: usize, len: usize) -> Result<Tensor> {
         let _profile = profile::op("narrow", self.device());
-        check_dim("narrow", dim, self.shape())?;
+        let dim = resolve_dim("narrow", dim, self.shape())?;
         let size = self.dims()[dim];
         // Widened: start + len may not fit a usize.
         let end = start as u128 + len as u128;
@@ -160,12 +170,12 @@ impl Tensor {
     }
 
     /// Joins tensors along an existing dim; all other dims must match.
-    pub fn cat(tensors: &[&Tensor], dim: usize) -> Result<Tensor> {
+    pub fn cat<D: Dim>(tensors: &[&Tensor], dim: D) -> Result<Tensor> {
         let _profile = profile::op("cat", tensors.first().map_or(Device::Cpu, |t| t.device()));
         let first = tensors
             .first()
             .ok_or_else(|| Error::invalid("cat", "needs at least one tensor"))?;
-        check_dim("cat", dim, first.shape())?;
+        let dim = resolve_dim("cat", dim, first.shape())?;
         same_device("cat", tensors)?;
         for t in tensors {
             let compatible = t.rank() == first.rank()
@@ -226,9 +236,12 @@ impl Tensor {
         }))
     }
 
-    /// Joins equally-shaped tensors along a new dim.
-    pub fn stack(tensors: &[&Tensor], dim: usize) -> Result<Tensor> {
+    /// Joins equally-shaped tensors along a new dim (negative: from the
+    /// back of the result, as in PyTorch).
+    pub fn stack<D: Dim>(tensors: &[&Tensor], dim: D) -> Result<Tensor> {
         let _profile = profile::op("stack", tensors.first().map_or(Device::Cpu, |t| t.device()));
+        let rank = tensors.first().map_or(0, |t| t.rank());
+        let dim = resolve_dim_in("stack", dim, rank + 1, &"the stacked result")?;
         let unsqueezed = tensors
             .iter()
             .map(|t| t.unsqueeze(dim))
