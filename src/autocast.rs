@@ -12,7 +12,7 @@
 //! let _scope = kiln::autocast(DType::BF16);
 //! let y = x.linear(&w, None)?; // bf16 inputs, f32 accumulation, bf16 out
 //! assert_eq!(y.dtype(), DType::BF16);
-//! let p = y.softmax()?; // f32 policy: computed and returned in f32
+//! let p = y.softmax(-1)?; // f32 policy: computed and returned in f32
 //! assert_eq!(p.dtype(), DType::F32);
 //! # Ok::<(), kiln::Error>(())
 //! ```

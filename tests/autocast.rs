@@ -146,8 +146,8 @@ fn f32_policy_ops_given_huge_bf16_logits_return_finite_f32() {
     let targets = Tensor::from_vec(vec![0u32, 2], [2]).unwrap();
     let _scope = autocast(DType::BF16);
     let outputs = [
-        ("softmax", x.softmax().unwrap()),
-        ("log_softmax", x.log_softmax().unwrap()),
+        ("softmax", x.softmax(-1).unwrap()),
+        ("log_softmax", x.log_softmax(-1).unwrap()),
         ("layer_norm", x.layer_norm(None, None, 1e-5).unwrap()),
         ("sum", x.sum_all().unwrap()),
         ("mean", x.mean(&[1], false).unwrap()),
@@ -169,7 +169,7 @@ fn f32_policy_ops_given_huge_bf16_logits_return_finite_f32() {
             out.to_f64_vec()
         );
     }
-    let p = x.softmax().unwrap().to_f64_vec();
+    let p = x.softmax(-1).unwrap().to_f64_vec();
     assert_eq!(&p[..3], &[1.0, 0.0, 0.0]);
 }
 
@@ -177,7 +177,7 @@ fn f32_policy_ops_given_huge_bf16_logits_return_finite_f32() {
 fn outside_autocast_f32_policy_ops_give_back_the_input_dtype() {
     let x = randn(&[4, 6], 9).to_dtype(DType::F16).unwrap();
     for out in [
-        x.softmax().unwrap(),
+        x.softmax(-1).unwrap(),
         x.layer_norm(None, None, 1e-5).unwrap(),
         x.sum(&[0], false).unwrap(),
         x.max(1, false).unwrap(),
@@ -187,7 +187,7 @@ fn outside_autocast_f32_policy_ops_give_back_the_input_dtype() {
     }
     // And inside a scope the same ops return f32.
     let _scope = autocast(DType::F16);
-    assert_eq!(x.softmax().unwrap().dtype(), DType::F32);
+    assert_eq!(x.softmax(-1).unwrap().dtype(), DType::F32);
     assert_eq!(x.exp().unwrap().dtype(), DType::F32);
     // Ops off the table keep their input's dtype.
     assert_eq!(x.gelu(GeluApproximation::Tanh).unwrap().dtype(), DType::F16);

@@ -161,7 +161,10 @@ impl Classifier {
 
     /// Class probabilities [N, classes] from features [N, features].
     pub fn probabilities(&self, features: &Tensor) -> Result<Tensor> {
-        self.head.forward(features)?.to_dtype(DType::F32)?.softmax()
+        self.head
+            .forward(features)?
+            .to_dtype(DType::F32)?
+            .softmax(-1)
     }
 
     /// Mean cross entropy of the batch `images` against u32 `labels` [N],

@@ -108,7 +108,7 @@ impl CausalSelfAttention {
                 let weights = q
                     .matmul_nt(&keys)?
                     .mul_scalar(1.0 / (d as f64).sqrt())?
-                    .softmax()?;
+                    .softmax(-1)?;
                 let y = weights.matmul(&values)?;
                 (cache.keys, cache.values) = (Some(keys), Some(values));
                 y

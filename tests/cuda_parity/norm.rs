@@ -279,7 +279,7 @@ fn softmax_and_log_softmax_match_cpu() {
             &format!("softmax {shape:?}"),
             dev,
             one,
-            |t| t[0].softmax(),
+            |t| t[0].softmax(-1),
             ATOL,
             RTOL,
         );
@@ -287,7 +287,7 @@ fn softmax_and_log_softmax_match_cpu() {
             &format!("log_softmax {shape:?}"),
             dev,
             one,
-            |t| t[0].log_softmax(),
+            |t| t[0].log_softmax(-1),
             ATOL,
             RTOL,
         );

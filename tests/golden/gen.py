@@ -272,6 +272,22 @@ def log_softmax():
     save("log_softmax", {**inputs, **res}, {"dim": "-1"})
 
 
+def softmax_dim0():
+    """Softmax along the first of three dims (not the rows)."""
+    torch.manual_seed(0)
+    inputs = {"x": leaf(randn(3, 4, 5) * 3.0)}
+    res = forward_backward(lambda x: F.softmax(x, dim=0), inputs, ["x"])
+    save("softmax_dim0", {**inputs, **res}, {"dim": "0"})
+
+
+def log_softmax_dim1():
+    """Log-softmax along the middle of three dims, named from the back (-2)."""
+    torch.manual_seed(0)
+    inputs = {"x": leaf(randn(3, 4, 5) * 3.0)}
+    res = forward_backward(lambda x: F.log_softmax(x, dim=-2), inputs, ["x"])
+    save("log_softmax_dim1", {**inputs, **res}, {"dim": "-2"})
+
+
 # ---------------------------------------------------------------------------
 # losses (scalar output; `out` and `grad_out` are 0-dim)
 # ---------------------------------------------------------------------------
@@ -488,6 +504,8 @@ CASES = [
     layer_norm,
     softmax,
     log_softmax,
+    softmax_dim0,
+    log_softmax_dim1,
     cross_entropy,
     bce_with_logits,
     mse,

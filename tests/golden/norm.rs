@@ -78,7 +78,7 @@ fn layer_norm_matches_pytorch() {
 fn softmax_matches_pytorch() {
     let g = Golden::load("softmax");
     let x = g.tensor("x").requires_grad_();
-    let out = x.softmax().unwrap();
+    let out = x.softmax(-1).unwrap();
     g.assert_close("out", &out);
     check_grads(&g, &out, &[("x", &x)]);
 }
@@ -87,7 +87,22 @@ fn softmax_matches_pytorch() {
 fn log_softmax_matches_pytorch() {
     let g = Golden::load("log_softmax");
     let x = g.tensor("x").requires_grad_();
-    let out = x.log_softmax().unwrap();
+    let out = x.log_softmax(-1).unwrap();
+    g.assert_close("out", &out);
+    check_grads(&g, &out, &[("x", &x)]);
+}
+
+#[test]
+fn softmax_and_log_softmax_along_other_dims_match_pytorch() {
+    // F.softmax(x, dim=0) and F.log_softmax(x, dim=-2) of a [3, 4, 5] x.
+    let g = Golden::load("softmax_dim0");
+    let x = g.tensor("x").requires_grad_();
+    let out = x.softmax(0).unwrap();
+    g.assert_close("out", &out);
+    check_grads(&g, &out, &[("x", &x)]);
+    let g = Golden::load("log_softmax_dim1");
+    let x = g.tensor("x").requires_grad_();
+    let out = x.log_softmax(-2).unwrap();
     g.assert_close("out", &out);
     check_grads(&g, &out, &[("x", &x)]);
 }

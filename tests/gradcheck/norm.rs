@@ -135,10 +135,15 @@ proptest! {
     fn softmax_and_log_softmax_grads(
         shape in prop::collection::vec(1usize..=5, 1..=3),
         seed in any::<u64>(),
+        pick in any::<u8>(),
     ) {
         let x = randn(&shape, seed).mul_scalar(2.0).unwrap();
-        check(|t| t[0].softmax(), std::slice::from_ref(&x));
-        check(|t| t[0].log_softmax(), &[x]);
+        check(|t| t[0].softmax(-1), std::slice::from_ref(&x));
+        check(|t| t[0].log_softmax(-1), std::slice::from_ref(&x));
+        // Any other dim, named from the back.
+        let dim = -1 - (pick as usize % shape.len()) as i64;
+        check(|t| t[0].softmax(dim), std::slice::from_ref(&x));
+        check(|t| t[0].log_softmax(dim), &[x]);
     }
 
     #[test]
@@ -396,10 +401,13 @@ fn layer_norm_rejects_bad_shapes() {
 #[test]
 fn softmax_and_log_softmax_reject_scalars() {
     let scalar = Tensor::scalar(2.0f64);
-    assert_error_mentions(scalar.softmax(), &["softmax", "rank >= 1", "[]"]);
-    assert_error_mentions(scalar.log_softmax(), &["log_softmax", "rank >= 1", "[]"]);
+    assert_error_mentions(scalar.softmax(-1), &["softmax", "out of range", "[]"]);
+    assert_error_mentions(
+        scalar.log_softmax(0),
+        &["log_softmax", "out of range", "[]"],
+    );
     let indices = Tensor::from_indices(vec![1, 2], [2]).unwrap();
-    assert_error_mentions(indices.softmax(), &["softmax", "u32"]);
+    assert_error_mentions(indices.softmax(-1), &["softmax", "u32"]);
 }
 
 #[test]
@@ -503,8 +511,8 @@ fn empty_batches_give_empty_outputs() {
         .batch_norm2d(Some(&mean), Some(&var), None, None, false, 0.1, 1e-5)
         .unwrap();
     assert_eq!(y.dims(), &[0, 3, 2, 2]);
-    assert_eq!(empty(&[0, 4]).softmax().unwrap().dims(), &[0, 4]);
-    assert_eq!(empty(&[2, 0]).log_softmax().unwrap().dims(), &[2, 0]);
+    assert_eq!(empty(&[0, 4]).softmax(-1).unwrap().dims(), &[0, 4]);
+    assert_eq!(empty(&[2, 0]).log_softmax(-1).unwrap().dims(), &[2, 0]);
     assert_eq!(
         empty(&[0, 4]).layer_norm(None, None, 1e-5).unwrap().dims(),
         &[0, 4]

@@ -1,5 +1,6 @@
-//! Softmax and log-softmax over the last dim, each one fused op whose
-//! backward works from the saved output alone (no recomputation of exp).
+//! Softmax and log-softmax along any dim, each one fused op over the last
+//! dim whose backward works from the saved output alone (no recomputation
+//! of exp); another dim is transposed to the back and back again.
 //! On CUDA (kernels/softmax.cu) each row is one thread block.
 
 pub mod cpu;
@@ -8,6 +9,7 @@ pub(crate) mod cuda;
 use crate::autocast::{self, AutocastOp};
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
+use crate::ops::{Dim, resolve_dim};
 use crate::profile;
 use crate::storage::{CpuStorage, Storage};
 use crate::tensor::{Tensor, check_operands};
@@ -33,21 +35,43 @@ impl SoftmaxKind {
 }
 
 impl Tensor {
-    /// softmax(x)ᵢ = exp(xᵢ) / Σⱼ exp(xⱼ) over the last dim, computed with the
-    /// row maximum subtracted so that large logits do not overflow.
-    pub fn softmax(&self) -> Result<Tensor> {
-        autocast::in_float32(AutocastOp::Softmax, self, |x| {
-            softmax_op(x, SoftmaxKind::Softmax)
+    /// softmax(x)ᵢ = exp(xᵢ) / Σⱼ exp(xⱼ) along `dim` (PyTorch's
+    /// `softmax(dim)`; `-1` is the last dim), computed with the maximum
+    /// subtracted so that large logits do not overflow.
+    pub fn softmax<D: Dim>(&self, dim: D) -> Result<Tensor> {
+        along_dim("softmax", self, dim, |x| {
+            autocast::in_float32(AutocastOp::Softmax, x, |x| {
+                softmax_op(x, SoftmaxKind::Softmax)
+            })
         })
     }
 
-    /// log(softmax(x)) over the last dim, as xᵢ − max − ln Σⱼ exp(xⱼ − max):
+    /// log(softmax(x)) along `dim`, as xᵢ − max − ln Σⱼ exp(xⱼ − max):
     /// accurate where taking the log of a tiny softmax would underflow.
-    pub fn log_softmax(&self) -> Result<Tensor> {
-        autocast::in_float32(AutocastOp::LogSoftmax, self, |x| {
-            softmax_op(x, SoftmaxKind::LogSoftmax)
+    pub fn log_softmax<D: Dim>(&self, dim: D) -> Result<Tensor> {
+        along_dim("log_softmax", self, dim, |x| {
+            autocast::in_float32(AutocastOp::LogSoftmax, x, |x| {
+                softmax_op(x, SoftmaxKind::LogSoftmax)
+            })
         })
     }
+}
+
+/// Runs `last_dim_op` (which works along the last dim) along `dim`: the
+/// fused kernels see rows, so another dim is swapped to the back and the
+/// result swapped back (two copies, and their gradients, through transpose).
+fn along_dim<D: Dim>(
+    op: &'static str,
+    x: &Tensor,
+    dim: D,
+    last_dim_op: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let dim = resolve_dim(op, dim, x.shape())?;
+    let last = x.rank() - 1;
+    if dim == last {
+        return last_dim_op(x);
+    }
+    last_dim_op(&x.transpose(dim, last)?)?.transpose(dim, last)
 }
 
 fn softmax_op(x: &Tensor, kind: SoftmaxKind) -> Result<Tensor> {
