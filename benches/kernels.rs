@@ -1141,7 +1141,7 @@ fn softmax_and_layer_norm_benches(bench: &mut Bench, target: &Target) {
             target,
             &case,
             |device, seed| random(&logits, seed, device),
-            |x| x.softmax().unwrap(),
+            |x| x.softmax(-1).unwrap(),
             None,
         );
         let case = Case::new("softmax backward", label, Bound::Memory)
@@ -1153,7 +1153,7 @@ fn softmax_and_layer_norm_benches(bench: &mut Bench, target: &Target) {
             &case,
             |device, seed| {
                 let x = leaf(&logits, seed, device);
-                let y = x.softmax().unwrap();
+                let y = x.softmax(-1).unwrap();
                 (x, y, random(&logits, seed + 1, device))
             },
             |(x, y, dy)| grad_of(y, dy, x),
