@@ -27,8 +27,13 @@ fn matmul_inner_dim_mismatch_is_named() {
         msg.starts_with("matmul:") && msg.contains("[2, 3]") && msg.contains("[4, 5]"),
         "{msg}"
     );
-    let msg = message(t(&[3]).matmul(&t(&[3, 2])));
-    assert!(msg.contains("rank >= 2"), "{msg}");
+    // A vector takes part as PyTorch's matmul takes it; its length must
+    // still match, and a scalar is no operand.
+    assert_eq!(t(&[3]).matmul(&t(&[3, 2])).unwrap().dims(), [2]);
+    let msg = message(t(&[3]).matmul(&t(&[4, 2])));
+    assert!(msg.starts_with("matmul:"), "{msg}");
+    let msg = message(t(&[]).matmul(&t(&[3, 2])));
+    assert!(msg.starts_with("matmul:") && msg.contains("rank >= 2"), "{msg}");
 }
 
 #[test]

@@ -489,6 +489,31 @@ def image_folder_transforms():
     save("image_folder_transforms", tensors, {"size": size, "count": len(shapes)})
 
 
+def matmul_vectors():
+    """torch.matmul with 1-D operands: a vector times a batch of matrices,
+    a batch of matrices times a vector, and a dot product."""
+    torch.manual_seed(0)
+    inputs = {
+        "v": leaf(randn(5)),
+        "w": leaf(randn(5)),
+        "batch": leaf(randn(3, 5, 4)),
+        "mats": leaf(randn(2, 3, 5)),
+    }
+    v, w, batch, mats = inputs["v"], inputs["w"], inputs["batch"], inputs["mats"]
+    outs = {
+        "vec_mat": torch.matmul(v, batch),
+        "mat_vec": torch.matmul(mats, w),
+        "dot": torch.matmul(v, w),
+    }
+    upstream = {k: randn(*o.shape) for k, o in outs.items()}
+    total = sum((outs[k] * upstream[k]).sum() for k in outs)
+    total.backward()
+    tensors = dict(inputs)
+    tensors.update({k: o.detach() for k, o in outs.items()})
+    tensors.update({f"g_{k}": u for k, u in upstream.items()})
+    tensors.update({f"grad_{k}": t.grad for k, t in inputs.items()})
+    save("matmul_vectors", tensors)
+
 CASES = [
     conv2d_a,
     conv2d_b,
@@ -516,6 +541,7 @@ CASES = [
     sgd_momentum,
     state_dict_small,
     image_folder_transforms,
+    matmul_vectors,
 ]
 
 

@@ -1,4 +1,4 @@
-//! Losses and embedding against PyTorch: forward value and input gradient
+//! Losses, embedding and matmul with vector operands against PyTorch: forward value and input gradient
 //! for the stored upstream gradient (a rank-0 `grad_out` for the losses).
 
 use crate::common::Golden;
@@ -43,4 +43,34 @@ fn embedding_with_repeated_ids_matches_pytorch() {
     g.assert_close("out", &out);
     let grads = out.backward_with(&g.tensor("grad_out")).unwrap();
     g.assert_close("grad_weight", grads.get(&weight).unwrap());
+}
+
+#[test]
+fn matmul_with_vectors_matches_pytorch() {
+    // torch.matmul(v, batch), torch.matmul(mats, w) and torch.matmul(v, w).
+    let g = Golden::load("matmul_vectors");
+    let leaf = |name: &str| g.tensor(name).requires_grad_();
+    let (v, w, batch, mats) = (leaf("v"), leaf("w"), leaf("batch"), leaf("mats"));
+    let outs = [
+        ("vec_mat", v.matmul(&batch).unwrap()),
+        ("mat_vec", mats.matmul(&w).unwrap()),
+        ("dot", v.matmul(&w).unwrap()),
+    ];
+    let mut total: Option<Tensor> = None;
+    for (name, out) in &outs {
+        g.assert_close(name, out);
+        let term = out
+            .mul(&g.tensor(&format!("g_{name}")))
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        total = Some(match total {
+            Some(t) => t.add(&term).unwrap(),
+            None => term,
+        });
+    }
+    let grads = total.unwrap().backward().unwrap();
+    for (name, input) in [("v", &v), ("w", &w), ("batch", &batch), ("mats", &mats)] {
+        g.assert_close(&format!("grad_{name}"), grads.get(input).unwrap());
+    }
 }

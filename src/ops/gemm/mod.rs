@@ -165,9 +165,21 @@ fn plan(lhs: &Tensor, rhs: &Tensor, trans_lhs: bool, trans_rhs: bool) -> Result<
 }
 
 impl Tensor {
-    /// Matrix product with batch broadcasting: [..., M, K] @ [..., K, N].
+    /// Matrix product as PyTorch's `matmul`: [..., M, K] @ [..., K, N] with
+    /// batch broadcasting, and a 1-D operand taken as a vector: [K] @ [K] is
+    /// the dot product (a scalar), [K] @ [..., K, N] gives [..., N], and
+    /// [..., M, K] @ [K] gives [..., M] (the vector's dim is added for the
+    /// product and removed from the result, gradients included).
     pub fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
-        self.gemm(rhs, false, false)
+        match (self.rank(), rhs.rank()) {
+            (1, 1) => self
+                .unsqueeze(0)?
+                .gemm(&rhs.unsqueeze(1)?, false, false)?
+                .reshape(Shape::new(Vec::new())),
+            (1, r) if r >= 2 => self.unsqueeze(0)?.gemm(rhs, false, false)?.squeeze(-2),
+            (l, 1) if l >= 2 => self.gemm(&rhs.unsqueeze(1)?, false, false)?.squeeze(-1),
+            _ => self.gemm(rhs, false, false),
+        }
     }
 
     /// self @ rhsᵀ (transposing the last two dims of rhs without a copy), as in `Linear`.
