@@ -33,7 +33,10 @@ fn matmul_inner_dim_mismatch_is_named() {
     let msg = message(t(&[3]).matmul(&t(&[4, 2])));
     assert!(msg.starts_with("matmul:"), "{msg}");
     let msg = message(t(&[]).matmul(&t(&[3, 2])));
-    assert!(msg.starts_with("matmul:") && msg.contains("rank >= 2"), "{msg}");
+    assert!(
+        msg.starts_with("matmul:") && msg.contains("rank >= 2"),
+        "{msg}"
+    );
 }
 
 #[test]
