@@ -3,7 +3,8 @@
 //! synced and renamed over the target only once complete. [`AtomicFile`]
 //! streams (a picture or a tensor far larger than memory, written band by
 //! band); dropping it uncommitted removes the temporary file and leaves the
-//! target as it was.
+//! target as it was. And files read only when they are regular files
+//! ([`read_regular_file`]): a device never ends, and a pipe may block.
 
 use std::fs;
 use std::io::{self, BufWriter, Write};
@@ -86,6 +87,19 @@ pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut file = AtomicFile::create(path)?;
     file.write_all(bytes)?;
     file.commit()
+}
+
+/// The bytes of the regular file at `path`. Anything else (a directory, a
+/// device such as /dev/zero, which never ends, a pipe, whose opening can
+/// block forever) is refused before it is opened, with `InvalidInput`.
+pub fn read_regular_file(path: &Path) -> io::Result<Vec<u8>> {
+    if !fs::metadata(path)?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file (a directory, device or pipe)",
+        ));
+    }
+    fs::read(path)
 }
 
 /// A temporary name beside `path`, unique within this process and across

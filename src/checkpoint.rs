@@ -6,7 +6,6 @@
 //! error mid-save leaves the previous checkpoint intact and no partial file.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::TensorView;
@@ -112,7 +111,14 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 /// tensor.
 pub fn load(path: impl AsRef<Path>) -> Result<Checkpoint> {
     let path = path.as_ref();
-    let bytes = read_regular_file(path).map_err(|msg| checkpoint_error(path, msg))?;
+    let bytes = crate::atomic_file::read_regular_file(path).map_err(|e| {
+        let msg = if e.kind() == std::io::ErrorKind::NotFound {
+            "file not found; check the path, or train first to create it".to_string()
+        } else {
+            format!("cannot read the file: {e}")
+        };
+        checkpoint_error(path, msg)
+    })?;
     let corrupt = |e: safetensors::SafeTensorError| {
         checkpoint_error(
             path,
@@ -135,25 +141,6 @@ pub fn load(path: impl AsRef<Path>) -> Result<Checkpoint> {
         tensors.insert(name.to_string(), tensor);
     }
     Ok(Checkpoint { tensors, metadata })
-}
-
-/// The bytes of the regular file at `path`. Anything else is refused before
-/// it is opened: a device such as /dev/zero never ends, and opening a pipe
-/// can block forever.
-fn read_regular_file(path: &Path) -> std::result::Result<Vec<u8>, String> {
-    let cannot_read = |e: std::io::Error| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            "file not found; check the path, or train first to create it".to_string()
-        } else {
-            format!("cannot read the file: {e}")
-        }
-    };
-    if !fs::metadata(path).map_err(cannot_read)?.is_file() {
-        return Err(
-            "not a regular file (a directory, device or pipe); pass a checkpoint file".to_string(),
-        );
-    }
-    fs::read(path).map_err(cannot_read)
 }
 
 fn tensor_from_view(name: &str, view: &TensorView) -> std::result::Result<Tensor, String> {

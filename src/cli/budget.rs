@@ -11,9 +11,6 @@ use anyhow::{Result, bail};
 /// top, so this is a floor.
 pub const TRAINING_BYTES_PER_PARAMETER: u64 = 4 + 4 + 8 + 2;
 
-/// Bytes per parameter of a model that is only built (f32 weights).
-pub const BUILD_BYTES_PER_PARAMETER: u64 = 4;
-
 /// Memory the system can give a new allocation without swapping, where it
 /// says (Linux: `MemAvailable` in /proc/meminfo).
 pub fn available_memory() -> Option<u64> {
@@ -23,10 +20,10 @@ pub fn available_memory() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Refuses `what` (e.g. "training the GPT") when its `parameters` at
-/// `bytes_per_parameter` need more memory than is available.
-pub fn check_fits(what: &str, parameters: u128, bytes_per_parameter: u64) -> Result<()> {
-    let needed = parameters.saturating_mul(bytes_per_parameter as u128);
+/// Refuses `what` (e.g. "training the GPT") when its `parameters` need
+/// more memory for training than is available.
+pub fn check_training_fits(what: &str, parameters: u128) -> Result<()> {
+    let needed = parameters.saturating_mul(TRAINING_BYTES_PER_PARAMETER as u128);
     let Some(available) = available_memory() else {
         return Ok(());
     };
@@ -42,4 +39,20 @@ pub fn check_fits(what: &str, parameters: u128, bytes_per_parameter: u64) -> Res
 
 fn gib(bytes: u128) -> String {
     format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// `12.3 GiB`-style sizes for messages.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} bytes")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use super::args::{DatasetArg, TrainArgs};
+use super::budget::human_bytes;
 use super::progress::Progress;
 use super::run_dir::TrainingConfig;
 use crate::data::folder::ImageFolder;
@@ -148,10 +149,10 @@ fn load_folder(root: &Path, size: usize, channels: usize) -> Result<ImageSet> {
     let folder = ImageFolder::scan(root)?;
     let bytes = folder.decoded_bytes(size, channels);
     println!(
-        "decoding {} images under {} to {size}x{size}x{channels} ({:.1} MiB in memory)",
+        "decoding {} images under {} to {size}x{size}x{channels} ({} in memory)",
         folder.len(),
         root.display(),
-        bytes as f64 / (1024.0 * 1024.0)
+        human_bytes(bytes as u64)
     );
     let progress = Progress::new(folder.len(), 0);
     let set = folder.load(size, channels, &|| progress.advance(1));

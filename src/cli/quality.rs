@@ -270,7 +270,7 @@ fn central_crop(images: &Tensor) -> Result<Tensor> {
 }
 
 /// `kiln eval gan --classifier DIR`: the scores of --n generator samples.
-/// `checkpoint` is the GAN's, and its autocast scope is live.
+/// `checkpoint` is the GAN's; `kiln eval` runs it without a graph, in its autocast scope.
 pub fn eval_gan(args: &EvalArgs, checkpoint: &LoadedCheckpoint, device: Device) -> Result<()> {
     let Some(classifier) = &args.classifier else {
         bail!(
@@ -284,7 +284,6 @@ pub fn eval_gan(args: &EvalArgs, checkpoint: &LoadedCheckpoint, device: Device) 
     let mut rng = stream_rng(args.seed, Stream::Sampling, 0);
     judge
         .score_drawn(args, |len| {
-            let _no_grad = no_grad();
             let z = Tensor::randn([len, generator.nz(), 1, 1], DType::F32, device, &mut rng)?;
             gan_to_classifier_images(&generator.forward(&z)?)
         })?

@@ -249,14 +249,12 @@ fn weights_path(path: &Path) -> Result<PathBuf> {
         );
     }
     if path.extension().is_some_and(|e| e == "json") {
-        // A device or pipe is refused before it is opened (it may never end).
-        if !path.is_file() {
-            bail!(
-                "{} is not a regular file; pass a run directory or its {STATE_FILE}",
+        let text = crate::atomic_file::read_regular_file(path).with_context(|| {
+            format!(
+                "cannot read {}; pass a run directory or its {STATE_FILE}",
                 path.display()
-            );
-        }
-        let text = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            )
+        })?;
         let state: RunState = serde_json::from_slice(&text).map_err(|e| {
             anyhow!(
                 "{} is not a kiln checkpoint description ({e}); pass the run directory or its \

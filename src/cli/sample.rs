@@ -14,6 +14,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 
 use super::args::{ImageModelKind, SampleArgs};
+use super::budget::human_bytes;
 use super::progress::Progress;
 use super::run_dir::load_checkpoint;
 use super::seeds::{Stream, stream_rng};
@@ -233,21 +234,5 @@ fn file_system_id(path: &Path) -> Option<u64> {
     {
         let _ = path;
         None
-    }
-}
-
-/// `12.3 GiB`-style sizes for messages.
-fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} bytes")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
     }
 }

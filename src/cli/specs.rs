@@ -163,23 +163,46 @@ impl From<&ClassifierSpec> for ClassifierConfig {
     }
 }
 
-/// Parameters of the model a run state's configuration describes, from the
-/// models' own counts (nothing is built), or None if it cannot be read.
+impl GanSpec {
+    /// Parameters of the generator and the discriminator together, from the
+    /// models' own counts (nothing is built).
+    pub fn parameter_count(&self) -> u128 {
+        let (generator, discriminator) = DcganConfig::from(self).parameter_counts();
+        generator.saturating_add(discriminator)
+    }
+}
+
+impl VaeSpec {
+    /// Parameters of the VAE (nothing is built).
+    pub fn parameter_count(&self) -> u128 {
+        VaeConfig::from(self).parameter_count()
+    }
+}
+
+impl GptSpec {
+    /// Parameters of the GPT (nothing is built).
+    pub fn parameter_count(&self) -> u128 {
+        GptConfig::from(self).parameter_count()
+    }
+}
+
+impl ClassifierSpec {
+    /// Parameters of the classifier (nothing is built).
+    pub fn parameter_count(&self) -> u128 {
+        ClassifierConfig::from(self).parameter_count()
+    }
+}
+
+/// Parameters of the model a run state's configuration describes, or None
+/// if it cannot be read.
 fn described_parameters(state: &RunState) -> Option<u128> {
     match state.model.as_str() {
-        "gan" => spec::<GanSpec>(state).ok().map(|s| {
-            let (generator, discriminator) = DcganConfig::from(&s).parameter_counts();
-            generator.saturating_add(discriminator)
-        }),
-        "vae" => spec::<VaeSpec>(state)
-            .ok()
-            .map(|s| VaeConfig::from(&s).parameter_count()),
-        "gpt" => spec::<GptSpec>(state)
-            .ok()
-            .map(|s| GptConfig::from(&s).parameter_count()),
+        "gan" => spec::<GanSpec>(state).ok().map(|s| s.parameter_count()),
+        "vae" => spec::<VaeSpec>(state).ok().map(|s| s.parameter_count()),
+        "gpt" => spec::<GptSpec>(state).ok().map(|s| s.parameter_count()),
         "classifier" => spec::<ClassifierSpec>(state)
             .ok()
-            .map(|s| ClassifierConfig::from(&s).parameter_count()),
+            .map(|s| s.parameter_count()),
         _ => None,
     }
 }
@@ -240,11 +263,10 @@ pub fn spec<T: for<'de> Deserialize<'de>>(state: &RunState) -> Result<T> {
 
 /// [`spec`] of a checkpoint, with an error naming its file.
 fn read_spec<T: for<'de> Deserialize<'de>>(checkpoint: &LoadedCheckpoint) -> Result<T> {
-    serde_json::from_value(checkpoint.state.config.clone()).map_err(|e| {
+    spec(&checkpoint.state).map_err(|e| {
         anyhow!(
-            "{}: the run state's {} configuration cannot be read ({e}); {DAMAGED_STATE}",
-            checkpoint.weights_path.display(),
-            checkpoint.state.model
+            "{}: {e:#}; {DAMAGED_STATE}",
+            checkpoint.weights_path.display()
         )
     })
 }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
+use crate::atomic_file::read_regular_file;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -45,15 +46,7 @@ pub fn read_idx(path: &Path) -> Result<IdxArray> {
             format!("read_idx: cannot read {}: {e}{hint}", path.display()),
         )
     };
-    // Anything but a regular file is refused before it is opened: a device
-    // such as /dev/zero never ends, and opening a pipe can block forever.
-    if !std::fs::metadata(path).map_err(cannot_read)?.is_file() {
-        return Err(idx_error(
-            path,
-            "is not a regular file (a directory, device or pipe); pass an IDX file".into(),
-        ));
-    }
-    let raw = std::fs::read(path).map_err(cannot_read)?;
+    let raw = read_regular_file(path).map_err(cannot_read)?;
     let bytes = if raw.starts_with(&GZIP_MAGIC) {
         inflate(path, &raw)?
     } else {

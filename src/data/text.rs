@@ -6,6 +6,7 @@ use std::path::Path;
 
 use rand::RngExt;
 
+use crate::atomic_file::read_regular_file;
 use crate::error::{Error, Result};
 use crate::tensor::{Rng, Tensor};
 
@@ -118,18 +119,7 @@ pub fn load_text(path: &Path) -> Result<TextData> {
             format!("load_text: cannot read {}: {e}{hint}", path.display()),
         )
     };
-    // Anything but a regular file is refused before it is opened: a device
-    // such as /dev/zero never ends, and opening a pipe can block forever.
-    if !std::fs::metadata(path).map_err(cannot_read)?.is_file() {
-        return Err(Error::invalid(
-            "load_text",
-            format!(
-                "{} is not a regular file (a directory, device or pipe); pass a text file",
-                path.display()
-            ),
-        ));
-    }
-    let bytes = std::fs::read(path).map_err(cannot_read)?;
+    let bytes = read_regular_file(path).map_err(cannot_read)?;
     let text = String::from_utf8(bytes).map_err(|e| {
         Error::invalid(
             "load_text",

@@ -9,11 +9,10 @@ use super::{
     restore_model_and_optimizer, scalar, size,
 };
 use crate::cli::args::TrainArgs;
-use crate::cli::budget::{TRAINING_BYTES_PER_PARAMETER, check_fits};
+use crate::cli::budget::check_training_fits;
 use crate::cli::run_dir::{LoadedCheckpoint, RunState};
 use crate::cli::specs::{self, ClassifierSpec, build_classifier};
 use crate::data::idx::ImageSet;
-use crate::models::classifier::ClassifierConfig;
 use crate::models::classifier::{self, Classifier, IMAGE_SIZE};
 use crate::optim::{Adam, Optimizer};
 use crate::{Device, MixedPrecision, Rng, Tensor};
@@ -62,11 +61,7 @@ impl ClassifierTrainee {
         };
         let images = settings.labelled_training_images()?;
         let schedule = EpochSchedule::over(settings, images.count);
-        check_fits(
-            "training the classifier",
-            ClassifierConfig::from(&spec).parameter_count(),
-            TRAINING_BYTES_PER_PARAMETER,
-        )?;
+        check_training_fits("training the classifier", spec.parameter_count())?;
         let classifier = build_classifier(&spec, settings.seed, device)?;
         let optimizer = classifier::optimizer(&classifier, settings.lr)?;
         let trainee = ClassifierTrainee {

@@ -10,13 +10,12 @@ use super::{
     scalar, size,
 };
 use crate::cli::args::TrainArgs;
-use crate::cli::budget::{TRAINING_BYTES_PER_PARAMETER, check_fits};
+use crate::cli::budget::check_training_fits;
 use crate::cli::run_dir::{LoadedCheckpoint, RunState, SAMPLES_FILE, prefixed};
 use crate::cli::seeds::{Stream, stream_rng};
 use crate::cli::specs::{self, GanSpec, build_gan};
 use crate::data::idx::ImageSet;
 use crate::data::image::save_grid_png;
-use crate::models::dcgan::DcganConfig;
 use crate::models::dcgan::{self, Discriminator, Generator};
 use crate::nn::Module;
 use crate::optim::{Adam, Optimizer};
@@ -59,12 +58,7 @@ impl GanTrainee {
             image_size,
         };
         // Validates the sizes before the data is read.
-        let (g, d) = DcganConfig::from(&spec).parameter_counts();
-        check_fits(
-            "training the DCGAN",
-            g.saturating_add(d),
-            TRAINING_BYTES_PER_PARAMETER,
-        )?;
+        check_training_fits("training the DCGAN", spec.parameter_count())?;
         let (generator, discriminator) = build_gan(&spec, settings.seed, device)?;
         let images = settings.training_images(spec.image_size, spec.channels)?;
         let schedule = EpochSchedule::over(settings, images.count);

@@ -7,12 +7,11 @@ use super::{
     DEFAULT_GPT_STEPS, RunLength, Settings, Trainee, restore_optimizer, scalar, setting, size,
 };
 use crate::cli::args::TrainArgs;
-use crate::cli::budget::{TRAINING_BYTES_PER_PARAMETER, check_fits};
+use crate::cli::budget::check_training_fits;
 use crate::cli::datasets;
 use crate::cli::run_dir::{LoadedCheckpoint, RunState, prefixed};
 use crate::cli::specs::{self, GptSpec, build_gpt_with_init, text_path};
 use crate::data::text::{load_text, random_batch};
-use crate::models::gpt::GptConfig;
 use crate::models::gpt::{self, Gpt, GptOptimizers};
 use crate::nn::Module;
 use crate::optim::Optimizer;
@@ -97,11 +96,7 @@ impl GptTrainee {
                 spec.block_size
             );
         }
-        check_fits(
-            "training the GPT",
-            GptConfig::from(&spec).parameter_count(),
-            TRAINING_BYTES_PER_PARAMETER,
-        )?;
+        check_training_fits("training the GPT", spec.parameter_count())?;
         let gpt = build_gpt_with_init(&spec, settings.gpt_init.scheme(), settings.seed, device)?;
         let optimizers =
             GptOptimizers::new(&gpt, settings.lr, settings.weight_decay, settings.beta2)?;

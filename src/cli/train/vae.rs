@@ -10,13 +10,12 @@ use super::{
     model_and_optimizer_tensors, restore_model_and_optimizer, scalar, size,
 };
 use crate::cli::args::TrainArgs;
-use crate::cli::budget::{TRAINING_BYTES_PER_PARAMETER, check_fits};
+use crate::cli::budget::check_training_fits;
 use crate::cli::run_dir::{LoadedCheckpoint, RunState, SAMPLES_FILE};
 use crate::cli::seeds::{Stream, stream_rng};
 use crate::cli::specs::{self, VaeSpec, build_vae};
 use crate::data::idx::ImageSet;
 use crate::data::image::save_grid_png;
-use crate::models::vae::VaeConfig;
 use crate::models::vae::{self, Vae};
 use crate::optim::{Adam, Optimizer};
 use crate::{DType, Device, MixedPrecision, Rng, Tensor, no_grad};
@@ -77,11 +76,7 @@ impl VaeTrainee {
             size("latent", args.vae.latent, saved.map(|s| s.latent), 20)?,
         );
         // Validates the sizes before the data is read.
-        check_fits(
-            "training the VAE",
-            VaeConfig::from(&spec).parameter_count(),
-            TRAINING_BYTES_PER_PARAMETER,
-        )?;
+        check_training_fits("training the VAE", spec.parameter_count())?;
         let vae = build_vae(&spec, settings.seed, device)?;
         let images = settings.training_images(spec.image_size, spec.channels)?;
         let schedule = EpochSchedule::over(settings, images.count);
