@@ -26,7 +26,7 @@ enum { ACT_RELU = 0, ACT_LEAKY_RELU, ACT_TANH, ACT_SIGMOID, ACT_GELU, ACT_GELU_T
 
 __device__ __forceinline__ float activation_value(u32 op, float x, float slope) {
     switch (op) {
-        case ACT_RELU: return fmaxf(x, 0.0f);
+        case ACT_RELU: return (x > 0.0f || isnan(x)) ? x : 0.0f;  // NaN stays NaN, as in PyTorch
         case ACT_LEAKY_RELU: return x > 0.0f ? x : x * slope;
         case ACT_TANH: return tanhf(x);
         case ACT_SIGMOID: return sigmoid(x);

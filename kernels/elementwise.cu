@@ -68,7 +68,7 @@ __device__ __forceinline__ float unary_value(u32 op, float x, float a, float b) 
         case UNARY_LOG: return logf(x);
         case UNARY_SQRT: return sqrtf(x);
         case UNARY_POWF: return powf(x, a);
-        case UNARY_CLAMP: return fminf(fmaxf(x, a), b);
+        case UNARY_CLAMP: return isnan(x) ? x : fminf(fmaxf(x, a), b);  // min > max gives max, NaN stays NaN, as in PyTorch
         case UNARY_ADD_SCALAR: return x + a;
         default: return x * a;  // UNARY_MUL_SCALAR
     }

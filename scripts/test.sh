@@ -7,7 +7,8 @@
 #   3. the parity suite again in reverse thread order (a kernel whose result
 #      changes with the order is missing a barrier);
 #   4. on the emulated device: the emulator's faults suite, the CLI and
-#      model tests, and the API fuzz suite with operands on both devices;
+#      model tests, the API fuzz suite with operands on both devices, and
+#      the PyTorch-semantics checks;
 #   5. coverage: every __global__ in kernels/ was launched in 2.
 # Steps 2-5 need a host C++ compiler (c++, g++ or clang++; or KILN_CXX).
 set -euo pipefail
@@ -39,8 +40,9 @@ step "CUDA parity on the emulated device, reverse thread order"
 KILN_CUDA_EMULATE_ORDER=reverse cargo test --release --test cuda_parity
 took
 
-step "emulator faults suite, CLI and models on the emulated device"
-cargo test --release --test emulator --test cli --test models --test fuzz_ops
+step "emulator faults suite, CLI, models, fuzz and PyTorch semantics on the emulated device"
+cargo test --release --test emulator --test cli --test models --test fuzz_ops \
+    --test pytorch_semantics
 took
 
 step "kernel coverage of the forward parity run"

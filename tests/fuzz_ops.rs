@@ -869,7 +869,7 @@ fn elementwise(case: ElementwiseCase) -> CaseResult {
         (
             "clamp",
             Box::new(move |x| x.clamp(p, q)),
-            V::from(p.partial_cmp(&q) != Some(std::cmp::Ordering::Greater)),
+            V::from(!p.is_nan() && !q.is_nan()),
         ),
         ("add_scalar", Box::new(move |x| x.add_scalar(p)), V::Valid),
         ("mul_scalar", Box::new(move |x| x.mul_scalar(p)), V::Valid),
@@ -891,15 +891,11 @@ fn elementwise(case: ElementwiseCase) -> CaseResult {
             Box::new(|x| x.gelu(GeluApproximation::Tanh)),
             V::Valid,
         ),
-        (
-            "softmax",
-            Box::new(|t: &Tensor| t.softmax(-1)),
-            V::from(a.rank() > 0),
-        ),
+        ("softmax", Box::new(|t: &Tensor| t.softmax(-1)), V::Valid),
         (
             "log_softmax",
             Box::new(|t: &Tensor| t.log_softmax(-1)),
-            V::from(a.rank() > 0),
+            V::Valid,
         ),
     ];
     for (label, op, op_v) in unary {
@@ -911,9 +907,9 @@ fn elementwise(case: ElementwiseCase) -> CaseResult {
         check(label, Expect::new(shape, v.and(op_v)), &[&a], || op(&a))?;
     }
 
-    // Dropout: p in [0, 1).
-    for p in [0.0, 0.5, case.param.abs().min(2.0), case.param] {
-        let p_v = V::from((0.0..1.0).contains(&p));
+    // Dropout: p in [0, 1].
+    for p in [0.0, 0.5, 1.0, case.param.abs().min(2.0), case.param] {
+        let p_v = V::from((0.0..=1.0).contains(&p));
         check(
             "dropout",
             Expect::new(same.clone(), v.and(p_v)),
@@ -965,13 +961,14 @@ fn reductions(case: ReduceCase) -> CaseResult {
     let dims = x.dims().to_vec();
     let rank = dims.len();
     let v = float_v(&x);
-    let in_range = case.reduce.iter().all(|&d| d < rank);
+    // A 0-d tensor takes dim 0 as one of size 1, as PyTorch's.
+    let in_range = case.reduce.iter().all(|&d| d < rank.max(1));
     let mut unique = case.reduce.clone();
     unique.sort_unstable();
     unique.dedup();
     // PyTorch's meaning: no dims reduces them all; a repeated dim is an error.
     let repeated = unique.len() != case.reduce.len();
-    if case.reduce.is_empty() {
+    if case.reduce.is_empty() || rank == 0 {
         unique = (0..rank).collect();
     }
     let shape = (in_range && !repeated).then(|| reduced(&dims, &unique, case.keepdim));
@@ -997,8 +994,12 @@ fn reductions(case: ReduceCase) -> CaseResult {
     )?;
 
     let dim = case.dim;
-    let max_v = v.and(V::from(dim < rank && dims[dim] > 0));
-    let max_shape = (dim < rank).then(|| reduced(&dims, &[dim], keepdim));
+    let max_v = v.and(V::from(dim < rank.max(1) && (rank == 0 || dims[dim] > 0)));
+    let max_shape = if rank == 0 {
+        (dim == 0).then(Vec::new)
+    } else {
+        (dim < rank).then(|| reduced(&dims, &[dim], keepdim))
+    };
     check("max", Expect::new(max_shape.clone(), max_v), &[&x], || {
         x.max(dim, keepdim)
     })?;
@@ -1125,9 +1126,12 @@ fn shapes(case: ShapeCase) -> CaseResult {
         &[&x],
         || x.unsqueeze(a),
     )?;
-    let squeezed = (a < rank && dims[a] == 1).then(|| {
+    // A dim of another size than 1 is left in place, as torch.squeeze(dim).
+    let squeezed = (a < rank).then(|| {
         let mut out = dims.clone();
-        out.remove(a);
+        if dims[a] == 1 {
+            out.remove(a);
+        }
         out
     });
     check("squeeze", Expect::new(squeezed, V::Valid), &[&x], || {
@@ -1685,7 +1689,17 @@ fn matmuls(case: MatmulCase) -> CaseResult {
     };
     let mut operands = vec![&a, &w];
     operands.extend(bias.as_ref());
-    let shape = gemm_shape(a.dims(), w.dims(), false, true).and_then(|s| match &bias {
+    // A vector x [in] gives [out] (F.linear's 1-D rule) before the bias.
+    let product = match a.dims() {
+        &[width] => gemm_shape(&[1, width], w.dims(), false, true).map(|mut s| {
+            if s[0] == 1 {
+                s.remove(0);
+            }
+            s
+        }),
+        dims => gemm_shape(dims, w.dims(), false, true),
+    };
+    let shape = product.and_then(|s| match &bias {
         Some(bias) => broadcast(&s, bias.dims()),
         None => Some(s),
     });

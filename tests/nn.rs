@@ -340,7 +340,11 @@ fn dropout_masks_in_training_differ_per_call_reproducibly_and_vanish_in_eval() {
     assert!(y.iter().all(|v| close(*v, 1f64.tanh(), 1e-6)));
     model.train();
     assert!(model.forward(&x).unwrap().to_f64_vec().contains(&0.0));
-    assert!(Dropout::new(1.0, 0).is_err() && Dropout::new(-0.1, 0).is_err());
+    assert!(Dropout::new(1.5, 0).is_err() && Dropout::new(-0.1, 0).is_err());
+    assert!(
+        Dropout::new(1.0, 0).is_ok(),
+        "p = 1 is allowed, as torch.nn.Dropout"
+    );
 }
 
 // ----- training -----------------------------------------------------------------

@@ -25,10 +25,10 @@ pub struct Dropout {
 
 impl Dropout {
     pub fn new(p: f64, seed: u64) -> Result<Self> {
-        if !(0.0..1.0).contains(&p) {
+        if !(0.0..=1.0).contains(&p) {
             return Err(Error::invalid(
                 "Dropout",
-                format!("probability must lie in [0, 1), got {p}"),
+                format!("probability must lie in [0, 1], got {p}"),
             ));
         }
         Ok(Dropout {

@@ -393,13 +393,26 @@ fn non_u32_indices_are_rejected_saying_u32() {
 #[test]
 fn dropout_probability_outside_0_1_is_rejected() {
     let x = randn(&[3], 0);
-    for p in [1.0, -0.1, 1.5, f64::NAN] {
+    for p in [-0.1, 1.5, f64::NAN] {
         let msg = message(x.dropout(p, 0));
         assert!(
-            msg.starts_with("dropout:") && msg.contains("[0, 1)"),
+            msg.starts_with("dropout:") && msg.contains("[0, 1]"),
             "{msg}"
         );
     }
+}
+
+#[test]
+fn dropout_with_p_1_is_x_times_0_as_pytorch() {
+    // torch.nn.functional.dropout(x, 1.0) is x·0: zeros, and NaN where x is
+    // NaN or infinite; its gradient is zero.
+    let x = f64_tensor(&[f64::NAN, -1.0, 2.0, f64::INFINITY], &[4]).requires_grad_();
+    let y = x.dropout(1.0, 7).unwrap();
+    let values = y.to_f64_vec();
+    assert!(values[0].is_nan() && values[3].is_nan(), "{values:?}");
+    assert_eq!(&values[1..3], &[0.0, 0.0]);
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    assert_eq!(grads.get(&x).unwrap().to_f64_vec(), vec![0.0; 4]);
 }
 
 #[test]

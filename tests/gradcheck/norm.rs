@@ -399,12 +399,24 @@ fn layer_norm_rejects_bad_shapes() {
 }
 
 #[test]
-fn softmax_and_log_softmax_reject_scalars() {
+fn softmax_and_log_softmax_of_a_scalar_are_1_and_0_as_pytorch() {
+    // torch.softmax(torch.tensor(2.), 0) is 1 and log_softmax 0; a 0-d
+    // tensor takes dim 0 or -1 and no other.
     let scalar = Tensor::scalar(2.0f64);
-    assert_error_mentions(scalar.softmax(-1), &["softmax", "out of range", "[]"]);
+    for (dim, op) in [(0, "softmax"), (-1, "log_softmax")] {
+        let out = if op == "softmax" {
+            scalar.softmax(dim)
+        } else {
+            scalar.log_softmax(dim)
+        }
+        .unwrap();
+        assert_eq!(out.dims(), [0usize; 0], "{op}");
+        assert_eq!(out.item().unwrap(), if op == "softmax" { 1.0 } else { 0.0 });
+    }
+    assert_error_mentions(scalar.softmax(1), &["softmax", "out of range", "0-d"]);
     assert_error_mentions(
-        scalar.log_softmax(0),
-        &["log_softmax", "out of range", "[]"],
+        scalar.log_softmax(-2),
+        &["log_softmax", "out of range", "0-d"],
     );
     let indices = Tensor::from_indices(vec![1, 2], [2]).unwrap();
     assert_error_mentions(indices.softmax(-1), &["softmax", "u32"]);

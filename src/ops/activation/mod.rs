@@ -71,7 +71,14 @@ impl Pointwise for Activation {
     #[inline]
     fn value<T: Float>(self, x: T) -> T {
         match self {
-            Activation::Relu => x.max(T::ZERO),
+            // NaN passes through, as PyTorch's relu (a plain max(x, 0) would give 0).
+            Activation::Relu => {
+                if x > T::ZERO || x.is_nan() {
+                    x
+                } else {
+                    T::ZERO
+                }
+            }
             Activation::LeakyRelu(slope) => {
                 if x > T::ZERO {
                     x
@@ -175,7 +182,7 @@ impl Pointwise for Activation {
 }
 
 impl Tensor {
-    /// max(x, 0).
+    /// max(x, 0), with NaN kept as NaN (PyTorch's `relu`).
     pub fn relu(&self) -> Result<Tensor> {
         pointwise(self, Activation::Relu)
     }

@@ -28,18 +28,22 @@ impl Tensor {
     /// Inverted dropout: zeroes each element with probability `p` and scales
     /// the survivors by 1/(1 − p). The mask depends only on (`seed`, element
     /// index), so the same seed gives the same mask. `p = 0` returns the input
-    /// unchanged; `p` must be in [0, 1).
+    /// unchanged, and `p = 1` is x·0 as PyTorch's (zeros, NaN where x is NaN
+    /// or infinite); `p` must be in [0, 1].
     pub fn dropout(&self, p: f64, seed: u64) -> Result<Tensor> {
         let _profile = profile::op("dropout", self.device());
         check_operands("dropout", &[self])?;
-        if !(0.0..1.0).contains(&p) {
+        if !(0.0..=1.0).contains(&p) {
             return Err(Error::invalid(
                 "dropout",
-                format!("probability p must be in [0, 1), got {p}"),
+                format!("probability p must be in [0, 1], got {p}"),
             ));
         }
         if p == 0.0 {
             return Ok(self.clone());
+        }
+        if p == 1.0 {
+            return self.mul_scalar(0.0);
         }
         let storage = apply_mask("dropout", self, p, seed)?;
         Ok(Tensor::from_op(

@@ -141,7 +141,14 @@ impl Pointwise for UnaryOp {
             UnaryOp::Log => x.ln(),
             UnaryOp::Sqrt => x.sqrt(),
             UnaryOp::Powf(p) => x.powf(T::from_f64(p)),
-            UnaryOp::Clamp { min, max } => x.max(T::from_f64(min)).min(T::from_f64(max)),
+            // PyTorch's order: max first, so min > max gives max; NaN stays NaN.
+            UnaryOp::Clamp { min, max } => {
+                if x.is_nan() {
+                    x
+                } else {
+                    x.max(T::from_f64(min)).min(T::from_f64(max))
+                }
+            }
             UnaryOp::AddScalar(c) => x + T::from_f64(c),
             UnaryOp::MulScalar(c) => x * T::from_f64(c),
         }
@@ -368,12 +375,15 @@ impl Tensor {
         pointwise(self, UnaryOp::Powf(exponent))
     }
 
-    /// Limits every value to [min, max].
+    /// Limits every value to [min, max] as PyTorch's `clamp`: min(max(x,
+    /// min), max), so min > max sets every value to max; NaN stays NaN.
     pub fn clamp(&self, min: f64, max: f64) -> Result<Tensor> {
-        if min > max {
+        if min.is_nan() || max.is_nan() {
             return Err(crate::Error::invalid(
                 "clamp",
-                format!("min {min} is greater than max {max}"),
+                format!(
+                    "bounds must not be NaN (PyTorch would make every value NaN), got min {min} and max {max}"
+                ),
             ));
         }
         pointwise(self, UnaryOp::Clamp { min, max })

@@ -272,12 +272,21 @@ impl Tensor {
 }
 
 impl Tensor {
-    /// x · weightᵀ + bias, as PyTorch's `F.linear`: x [..., in], weight
+    /// x · weightᵀ + bias, as PyTorch's `F.linear`: x [..., in] or [in], weight
     /// [out, in], bias [out]. On the CPU the bias is written into the output
     /// first and the product accumulated onto it, so the output is written
     /// once instead of a matmul and then an add over it; elsewhere (CUDA, or a
     /// bias of another shape, which broadcasts) it is `matmul_nt` then `add`.
     pub fn linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        if self.rank() == 1 {
+            // One vector [in] gives [out], and the bias then broadcasts
+            // against [out], as F.linear's matmul-then-add does.
+            let out = self.unsqueeze(0)?.matmul_nt(weight)?.squeeze(0)?;
+            return match bias {
+                Some(bias) => out.add(bias),
+                None => Ok(out),
+            };
+        }
         let (x, weight, bias) =
             autocast::cast_layer_operands(AutocastOp::Linear, self, weight, bias)?;
         let (x, weight) = (&x, &weight);

@@ -7,7 +7,7 @@ use crate::autocast::{self, AutocastOp};
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
 use crate::float_slice;
-use crate::ops::{Dim, resolve_dim};
+use crate::ops::{Dim, resolve_dim, resolve_dim_in};
 use crate::profile;
 use crate::storage::{CpuStorage, Storage};
 use crate::tensor::{Shape, Tensor, check_operands};
@@ -32,9 +32,15 @@ fn check_dims<D: Dim>(op: &'static str, dims: &[D], shape: &Shape) -> Result<Vec
     if dims.is_empty() {
         return Ok((0..shape.rank()).collect());
     }
+    // A 0-d tensor takes dim 0 (or -1) as PyTorch does, as one dim of size
+    // 1 that is reduced away: the result is the value itself.
+    let (rank, what) = match shape.rank() {
+        0 => (1, format!("shape {shape} (a 0-d tensor takes dim 0 or -1)")),
+        rank => (rank, format!("shape {shape}")),
+    };
     let mut sorted = dims
         .iter()
-        .map(|&d| resolve_dim(op, d, shape))
+        .map(|&d| resolve_dim_in(op, d, rank, &what))
         .collect::<Result<Vec<_>>>()?;
     sorted.sort_unstable();
     if let Some(pair) = sorted.windows(2).find(|pair| pair[0] == pair[1]) {
@@ -47,6 +53,9 @@ fn check_dims<D: Dim>(op: &'static str, dims: &[D], shape: &Shape) -> Result<Vec
                 listed.join(", ")
             ),
         ));
+    }
+    if shape.rank() == 0 {
+        sorted.clear();
     }
     Ok(sorted)
 }
@@ -181,6 +190,14 @@ impl Tensor {
 
     /// Maximum over `dim` and the (u32) index of the first maximal element.
     pub fn max_with_indices<D: Dim>(&self, dim: D, keepdim: bool) -> Result<(Tensor, Tensor)> {
+        if self.rank() == 0 {
+            // A 0-d tensor takes dim 0 or -1 as one of size 1, as PyTorch's:
+            // the value itself, at index 0.
+            let what = format!("shape {} (a 0-d tensor takes dim 0 or -1)", self.shape());
+            resolve_dim_in("max", dim, 1, &what)?;
+            let (values, indices) = self.reshape([1])?.max_with_indices(0, false)?;
+            return Ok((values, indices));
+        }
         let dim = resolve_dim("max", dim, self.shape())?;
         if self.dtype().is_half() {
             let (values, indices) = autocast::widened(self)?.max_with_indices(dim, keepdim)?;

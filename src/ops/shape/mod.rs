@@ -76,15 +76,13 @@ impl Tensor {
         self.reshape(dims)
     }
 
-    /// Removes the size-1 dim `dim`.
+    /// Removes dim `dim` if its size is 1; any other size leaves the tensor
+    /// as it is, as PyTorch's `squeeze(dim)`.
     pub fn squeeze<D: Dim>(&self, dim: D) -> Result<Tensor> {
         let _profile = profile::op("squeeze", self.device());
         let dim = resolve_dim("squeeze", dim, self.shape())?;
         if self.dims()[dim] != 1 {
-            return Err(Error::shape(
-                "squeeze",
-                format!("dim {dim} of shape {} is not 1", self.shape()),
-            ));
+            return Ok(self.clone());
         }
         let mut dims = self.dims().to_vec();
         dims.remove(dim);

@@ -9,7 +9,7 @@ pub(crate) mod cuda;
 use crate::autocast::{self, AutocastOp};
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
-use crate::ops::{Dim, resolve_dim};
+use crate::ops::{Dim, resolve_dim, resolve_dim_in};
 use crate::profile;
 use crate::storage::{CpuStorage, Storage};
 use crate::tensor::{Tensor, check_operands};
@@ -66,6 +66,13 @@ fn along_dim<D: Dim>(
     dim: D,
     last_dim_op: impl Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
+    if x.rank() == 0 {
+        // A 0-d tensor takes dim 0 or -1 as one of size 1, as PyTorch's
+        // (softmax gives 1, log_softmax 0).
+        let what = format!("shape {} (a 0-d tensor takes dim 0 or -1)", x.shape());
+        resolve_dim_in(op, dim, 1, &what)?;
+        return last_dim_op(&x.reshape([1])?)?.reshape(Vec::<usize>::new());
+    }
     let dim = resolve_dim(op, dim, x.shape())?;
     let last = x.rank() - 1;
     if dim == last {
