@@ -869,6 +869,9 @@ impl Tensor {
         }
         check_cuda_dtype("to_dtype", dtype, self.device())?;
         let _profile = crate::profile::op("to_dtype", self.device());
+        if dtype == DType::U32 {
+            self.check_fits_u32()?;
+        }
         // f32 <-> 16-bit converts on the device; other pairs go through the host.
         let on_device = match &*self.storage() {
             Storage::Cuda(s) => crate::ops::shape::cuda::convert(s, dtype).transpose()?,
@@ -892,6 +895,30 @@ impl Tensor {
             &[self],
             |_| ToDtypeBackward { source },
         ))
+    }
+
+    /// Float values become u32 by truncation toward zero, so each must lie
+    /// in (−1, 2³²). Outside, PyTorch's conversion wraps or gives an
+    /// unspecified value; kiln names the first such value instead.
+    fn check_fits_u32(&self) -> Result<()> {
+        if !self.dtype().is_float() {
+            return Ok(());
+        }
+        let values = self.host_storage()?.to_f64_vec();
+        let limit = 2f64.powi(32);
+        match values.iter().position(|&v| !(v > -1.0 && v < limit)) {
+            None => Ok(()),
+            Some(index) => Err(Error::invalid(
+                "to_dtype",
+                format!(
+                    "value {} at flat index {index} of shape {} cannot be held by u32 (truncated \
+                     toward zero it must lie in 0..2^32; PyTorch would wrap it or give an \
+                     unspecified value); clamp the values or pick valid indices first",
+                    values[index],
+                    self.shape()
+                ),
+            )),
+        }
     }
 
     /// `to_dtype(dtype)` for autocast's forward: a parameter whose optimizer

@@ -189,3 +189,37 @@ fn max_propagates_nan_and_picks_the_first_of_ties() {
         assert_eq!(index.to_indices().unwrap(), [1]);
     }
 }
+
+#[test]
+fn floats_become_u32_by_truncation_and_out_of_range_values_are_refused() {
+    // tensor([0.9, 2.7, -0.5]).to(torch.uint32) = [0, 2, 0]; PyTorch wraps
+    // -1.5 to 4294967295 and gives unspecified values for NaN or 5e9: kiln
+    // refuses those, naming the value.
+    for device in devices() {
+        let ok = f32_on(&[0.9, 2.7, -0.5], &[3], device);
+        let converted = ok.to_dtype(kiln::DType::U32).unwrap();
+        assert_eq!(converted.to_indices().unwrap(), [0, 2, 0]);
+        for bad in [-1.5, NAN, 5e9, INF] {
+            let x = f32_on(&[1.0, bad], &[2], device);
+            let message = x.to_dtype(kiln::DType::U32).unwrap_err().to_string();
+            assert!(
+                message.starts_with("to_dtype:") && message.contains("flat index 1"),
+                "{message}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_mean_over_nothing_is_an_error_that_says_pytorch_gives_nan() {
+    // torch.zeros(0).mean(0) = nan, silently; kiln refuses and says so.
+    let message = Tensor::from_vec(Vec::<f32>::new(), [0])
+        .unwrap()
+        .mean(&[0], false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.starts_with("mean:") && message.contains("PyTorch returns NaN"),
+        "{message}"
+    );
+}

@@ -160,7 +160,11 @@ impl Tensor {
         if count == 0 {
             return Err(Error::shape(
                 "mean",
-                format!("mean over an empty dim of shape {}", self.shape()),
+                format!(
+                    "the mean over an empty dim of shape {} is undefined (PyTorch returns NaN); \
+                     check the shape, or take the sum",
+                    self.shape()
+                ),
             ));
         }
         let scale = 1.0 / count as f64;
