@@ -54,16 +54,19 @@ struct IndexAddParams {
     i64 dim_size;
     i64 inner;
     i64 picked;
+    i64 skipped_index;   // entries of this index get no gradient; -1: none
 };
-static_assert(sizeof(IndexAddParams) == 56, "IndexAddParams must match its Rust mirror");
+static_assert(sizeof(IndexAddParams) == 64, "IndexAddParams must match its Rust mirror");
 
-// dx[o, indices[j], i] += dy[o, j, i]
+// dx[o, indices[j], i] += dy[o, j, i] for indices[j] != skipped_index
+// (embedding's padding_idx, whose row of dx stays zero)
 extern "C" __global__ void index_add(const IndexAddParams p) {
     GRID_STRIDE_LOOP(k, p.outer * p.picked * p.inner) {
         i64 i = k % p.inner;
         i64 j = (k / p.inner) % p.picked;
         i64 o = k / (p.picked * p.inner);
-        atomicAdd(&p.dx[(o * p.dim_size + (i64)p.indices[j]) * p.inner + i], p.dy[k]);
+        i64 index = (i64)p.indices[j];
+        if (index != p.skipped_index) atomicAdd(&p.dx[(o * p.dim_size + index) * p.inner + i], p.dy[k]);
     }
 }
 

@@ -1,4 +1,5 @@
-// Layer normalisation over the last dim, forward and backward.
+// Layer normalisation over rows (the normalised trailing dims of x flattened
+// into one), forward and backward.
 //
 // Forward: one block per row; two block reductions (mean, then Σ(x − mean)²,
 // which stays accurate when |mean| ≫ std), then the normalised, affine row.

@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 
 use kiln::nn::{
-    BatchNorm2d, CausalSelfAttention, Conv2d, ConvTranspose2d, Dropout, Embedding, Flatten, Init,
-    LayerNorm, Linear, Module, Relu, Sequential, Tanh, TensorRole,
+    BatchNorm2d, BatchNorm2dOptions, CausalSelfAttention, Conv2d, ConvTranspose2d, Dropout,
+    Embedding, Flatten, Init, LayerNorm, Linear, Module, Relu, Sequential, Tanh, TensorRole,
 };
 use kiln::ops::conv::{Conv2dParams, ConvTranspose2dParams};
 use kiln::optim::{Adam, AdamConfig, Optimizer, Sgd, SgdConfig, clip_grad_norm};
@@ -198,10 +198,10 @@ fn default_initialisation_matches_pytorch_bounds() {
     );
 
     let bn = BatchNorm2d::new(5, &mut init).unwrap();
-    assert_eq!(bn.weight.to_f64_vec(), [1.0; 5]);
-    assert_eq!(bn.bias.to_f64_vec(), [0.0; 5]);
-    assert_eq!(bn.running_mean.to_f64_vec(), [0.0; 5]);
-    assert_eq!(bn.running_var.to_f64_vec(), [1.0; 5]);
+    assert_eq!(bn.weight.as_ref().unwrap().to_f64_vec(), [1.0; 5]);
+    assert_eq!(bn.bias.as_ref().unwrap().to_f64_vec(), [0.0; 5]);
+    assert_eq!(bn.running_mean.as_ref().unwrap().to_f64_vec(), [0.0; 5]);
+    assert_eq!(bn.running_var.as_ref().unwrap().to_f64_vec(), [1.0; 5]);
     let ln = LayerNorm::new(6, &mut init).unwrap();
     assert_eq!(ln.weight.to_f64_vec(), [1.0; 6]);
     assert_eq!(ln.bias.to_f64_vec(), [0.0; 6]);
@@ -284,29 +284,253 @@ fn batch_norm_uses_batch_statistics_in_training_and_running_ones_in_eval() {
         let batch_mean = input.iter().sum::<f64>() / m;
         let unbiased = input.iter().map(|v| (v - batch_mean).powi(2)).sum::<f64>() / (m - 1.0);
         assert!(close(
-            bn.running_mean.to_f64_vec()[ch],
+            bn.running_mean.as_ref().unwrap().to_f64_vec()[ch],
             0.1 * batch_mean,
             1e-12
         ));
         assert!(close(
-            bn.running_var.to_f64_vec()[ch],
+            bn.running_var.as_ref().unwrap().to_f64_vec()[ch],
             0.9 + 0.1 * unbiased,
             1e-12
         ));
     }
-    assert_eq!(bn.num_batches_tracked.item().unwrap(), 1.0);
+    assert_eq!(
+        bn.num_batches_tracked.as_ref().unwrap().item().unwrap(),
+        1.0
+    );
 
     // Eval: (x − running_mean)/√(running_var + eps), statistics frozen.
     bn.eval();
-    let (rm, rv) = (bn.running_mean.to_f64_vec(), bn.running_var.to_f64_vec());
+    let (rm, rv) = (
+        bn.running_mean.as_ref().unwrap().to_f64_vec(),
+        bn.running_var.as_ref().unwrap().to_f64_vec(),
+    );
     let y = bn.forward(&x).unwrap().to_f64_vec();
     for (i, (&out, &input)) in y.iter().zip(&xv).enumerate() {
         let ch = (i / hw) % c;
         assert!(close(out, (input - rm[ch]) / (rv[ch] + 1e-5).sqrt(), 1e-12));
     }
-    assert_eq!(bn.running_mean.to_f64_vec(), rm);
-    assert_eq!(bn.running_var.to_f64_vec(), rv);
-    assert_eq!(bn.num_batches_tracked.item().unwrap(), 1.0);
+    assert_eq!(bn.running_mean.as_ref().unwrap().to_f64_vec(), rm);
+    assert_eq!(bn.running_var.as_ref().unwrap().to_f64_vec(), rv);
+    assert_eq!(
+        bn.num_batches_tracked.as_ref().unwrap().item().unwrap(),
+        1.0
+    );
+}
+
+// ----- norm and embedding options --------------------------------------------
+
+/// An f64 BatchNorm2d of `channels` on the CPU with `options`.
+fn batch_norm_with(channels: usize, options: BatchNorm2dOptions) -> BatchNorm2d {
+    let mut rng = Rng::seed(6);
+    let mut init = Init::new(&mut rng, Device::Cpu, DType::F64);
+    BatchNorm2d::with_config(channels, options, &mut init).unwrap()
+}
+
+#[test]
+fn batch_norm_with_momentum_none_keeps_the_cumulative_average_of_batch_statistics() {
+    let options = BatchNorm2dOptions {
+        momentum: None,
+        ..BatchNorm2dOptions::default()
+    };
+    let bn = batch_norm_with(2, options);
+    let mut rng = Rng::seed(7);
+    let batches: Vec<Tensor> = (0..3)
+        .map(|i| {
+            Tensor::randn([3, 2, 2, 2], DType::F64, Device::Cpu, &mut rng)
+                .unwrap()
+                .add_scalar(i as f64)
+                .unwrap()
+        })
+        .collect();
+    let mut means = vec![];
+    for (step, x) in batches.iter().enumerate() {
+        bn.forward(x).unwrap();
+        let tracked = bn.num_batches_tracked.as_ref().unwrap().item().unwrap();
+        assert_eq!(tracked, (step + 1) as f64);
+        // Channel 0's batch mean; the running mean is the plain average of them.
+        let v = x.to_f64_vec();
+        let channel0: Vec<f64> = (0..3).flat_map(|n| v[n * 8..n * 8 + 4].to_vec()).collect();
+        means.push(channel0.iter().sum::<f64>() / 12.0);
+        let average = means.iter().sum::<f64>() / means.len() as f64;
+        let running = bn.running_mean.as_ref().unwrap().to_f64_vec()[0];
+        assert!(
+            close(running, average, 1e-12),
+            "step {step}: {running} vs {average}"
+        );
+    }
+    // The first batch replaced the initial statistics outright (factor 1).
+    let bn = batch_norm_with(2, options);
+    bn.forward(&batches[0]).unwrap();
+    let var = bn.running_var.as_ref().unwrap().to_f64_vec();
+    let fresh = batch_norm_with(
+        2,
+        BatchNorm2dOptions {
+            momentum: Some(1.0),
+            ..options
+        },
+    );
+    fresh.forward(&batches[0]).unwrap();
+    assert_eq!(var, fresh.running_var.as_ref().unwrap().to_f64_vec());
+    // Eval neither counts nor updates.
+    bn.eval();
+    bn.forward(&batches[1]).unwrap();
+    assert_eq!(
+        bn.num_batches_tracked.as_ref().unwrap().item().unwrap(),
+        1.0
+    );
+    assert_eq!(bn.running_var.as_ref().unwrap().to_f64_vec(), var);
+}
+
+#[test]
+fn batch_norm_without_running_stats_has_no_buffers_and_uses_batch_statistics_in_eval() {
+    let options = BatchNorm2dOptions {
+        track_running_stats: false,
+        ..BatchNorm2dOptions::default()
+    };
+    let bn = batch_norm_with(3, options);
+    assert_eq!(names(&bn.state_dict()), ["weight", "bias"]);
+    assert!(bn.named_buffers().is_empty());
+    let mut rng = Rng::seed(8);
+    let x = Tensor::randn([2, 3, 2, 3], DType::F64, Device::Cpu, &mut rng)
+        .unwrap()
+        .add_scalar(2.0)
+        .unwrap();
+    let batch_normalised = x
+        .batch_norm2d(None, None, None, None, true, 0.1, 1e-5)
+        .unwrap();
+    let train = bn.forward(&x).unwrap().to_f64_vec();
+    bn.eval();
+    let eval = bn.forward(&x).unwrap().to_f64_vec();
+    assert_eq!(train, batch_normalised.to_f64_vec());
+    assert_eq!(eval, train);
+    // Eval still needs more than one value per channel, as PyTorch's.
+    let single = Tensor::ones([1, 3, 1, 1], DType::F64, Device::Cpu).unwrap();
+    let err = bn.forward(&single).unwrap_err().to_string();
+    assert!(err.contains("more than 1 value per channel"), "{err}");
+}
+
+#[test]
+fn batch_norm_without_affine_has_no_parameters_and_normalises_only() {
+    let options = BatchNorm2dOptions {
+        affine: false,
+        ..BatchNorm2dOptions::default()
+    };
+    let bn = batch_norm_with(2, options);
+    assert!(bn.weight.is_none() && bn.bias.is_none());
+    assert!(bn.named_parameters().is_empty());
+    assert_eq!(
+        names(&bn.state_dict()),
+        ["running_mean", "running_var", "num_batches_tracked"]
+    );
+    let mut rng = Rng::seed(9);
+    let x = Tensor::randn([2, 2, 3, 1], DType::F64, Device::Cpu, &mut rng).unwrap();
+    let mean = Tensor::zeros([2], DType::F64, Device::Cpu).unwrap();
+    let var = Tensor::ones([2], DType::F64, Device::Cpu).unwrap();
+    let expected = x
+        .batch_norm2d(Some(&mean), Some(&var), None, None, true, 0.1, 1e-5)
+        .unwrap();
+    assert_eq!(bn.forward(&x).unwrap().to_f64_vec(), expected.to_f64_vec());
+    assert_eq!(
+        bn.running_mean.as_ref().unwrap().to_f64_vec(),
+        mean.to_f64_vec()
+    );
+}
+
+#[test]
+fn batch_norm_config_rejects_bad_momentum_and_eps() {
+    let mut rng = Rng::seed(10);
+    let mut init = Init::new(&mut rng, Device::Cpu, DType::F32);
+    for (momentum, eps) in [
+        (Some(1.5), 1e-5),
+        (Some(-0.1), 1e-5),
+        (None, 0.0),
+        (None, f64::NAN),
+    ] {
+        let options = BatchNorm2dOptions {
+            momentum,
+            eps,
+            ..BatchNorm2dOptions::default()
+        };
+        let err = BatchNorm2d::with_config(2, options, &mut init)
+            .err()
+            .expect("invalid options")
+            .to_string();
+        assert!(
+            err.starts_with("BatchNorm2d:") && err.contains("momentum"),
+            "{err}"
+        );
+    }
+    let err = BatchNorm2d::with_config(0, BatchNorm2dOptions::default(), &mut init).err();
+    assert!(err.unwrap().to_string().contains("at least one channel"));
+}
+
+#[test]
+fn layer_norm_over_a_normalized_shape_has_parameters_of_that_shape() {
+    let mut rng = Rng::seed(11);
+    let mut init = Init::new(&mut rng, Device::Cpu, DType::F64);
+    let ln = LayerNorm::with_normalized_shape(&[3, 4], &mut init).unwrap();
+    assert_eq!(ln.normalized_shape(), [3, 4]);
+    let state = ln.state_dict();
+    assert_eq!(names(&state), ["weight", "bias"]);
+    assert_eq!(shapes(&state), [vec![3, 4], vec![3, 4]]);
+    let x = Tensor::randn([2, 3, 4], DType::F64, Device::Cpu, &mut Rng::seed(13)).unwrap();
+    let expected = x
+        .layer_norm_over(&[3, 4], Some(&ln.weight), Some(&ln.bias), 1e-5)
+        .unwrap();
+    assert_eq!(ln.forward(&x).unwrap().to_f64_vec(), expected.to_f64_vec());
+    // Each [3, 4] slice has zero mean.
+    let y = ln.forward(&x).unwrap().to_f64_vec();
+    assert!(close(y[..12].iter().sum::<f64>(), 0.0, 1e-12));
+    let wrong = Tensor::zeros([2, 4, 3], DType::F64, Device::Cpu).unwrap();
+    let err = ln.forward(&wrong).unwrap_err().to_string();
+    assert!(
+        err.contains("[*, 3, 4]") && err.contains("[2, 4, 3]"),
+        "{err}"
+    );
+    for bad in [&[][..], &[3, 0]] {
+        let err = LayerNorm::with_normalized_shape(bad, &mut init)
+            .err()
+            .unwrap();
+        assert!(err.to_string().starts_with("LayerNorm:"), "{err}");
+    }
+}
+
+#[test]
+fn embedding_with_padding_idx_zeroes_that_row_and_never_trains_it() {
+    let mut rng = Rng::seed(12);
+    let mut init = Init::new(&mut rng, Device::Cpu, DType::F32);
+    let embedding = Embedding::with_padding_idx(6, 4, -2, &mut init).unwrap();
+    assert_eq!(embedding.padding_idx, Some(4));
+    let weight = embedding.weight.to_f64_vec();
+    assert!(
+        weight[16..20]
+            .iter()
+            .all(|&v| v == 0.0 && v.is_sign_positive())
+    );
+    assert!(weight[..16].iter().chain(&weight[20..]).all(|&v| v != 0.0));
+    // The other rows are those `new` draws from the same seed.
+    let mut rng = Rng::seed(12);
+    let mut init = Init::new(&mut rng, Device::Cpu, DType::F32);
+    let plain = Embedding::new(6, 4, &mut init).unwrap().weight.to_f64_vec();
+    assert_eq!(weight[..16], plain[..16]);
+    assert!(embedding.weight.requires_grad());
+
+    let ids = Tensor::from_indices(vec![4, 1, 4, 4], [2, 2]).unwrap();
+    let out = embedding.forward(&ids).unwrap();
+    let grads = out.sum_all().unwrap().backward().unwrap();
+    let grad = grads.get(&embedding.weight).unwrap().to_f64_vec();
+    assert_eq!(grad[4..8], [1.0; 4]);
+    assert_eq!(grad[16..20], [0.0; 4]);
+
+    for padding_idx in [6, -7] {
+        let err = Embedding::with_padding_idx(6, 4, padding_idx, &mut init).err();
+        let err = err.expect("out of range").to_string();
+        assert!(
+            err.starts_with("Embedding:") && err.contains("padding_idx must be within"),
+            "{err}"
+        );
+    }
 }
 
 #[test]

@@ -165,7 +165,7 @@ fn down_conv(
 /// BatchNorm with its scale drawn from N(1, 0.02) and shift 0.
 fn batch_norm(channels: usize, init: &mut Init) -> Result<BatchNorm2d> {
     let mut bn = BatchNorm2d::new(channels, init)?;
-    bn.weight = normal(init, [channels], 1.0, INIT_STD)?;
+    bn.weight = Some(normal(init, [channels], 1.0, INIT_STD)?);
     Ok(bn)
 }
 

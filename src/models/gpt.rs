@@ -266,9 +266,11 @@ impl Gpt {
         };
         let wte = Embedding {
             weight: normal(init, [cfg.vocab_size, e], 0.0, embedding_std)?,
+            padding_idx: None,
         };
         let wpe = Embedding {
             weight: normal(init, [cfg.block_size, e], 0.0, embedding_std)?,
+            padding_idx: None,
         };
         let residual_std = INIT_STD / (2.0 * cfg.n_layer as f64).sqrt();
         // Each dropout gets its own base seed: 0 for the embeddings, then two per block.

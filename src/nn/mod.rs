@@ -30,7 +30,7 @@ pub use dropout::Dropout;
 pub use embedding::Embedding;
 pub use init::Init;
 pub use linear::Linear;
-pub use norm::{BatchNorm2d, LayerNorm};
+pub use norm::{BatchNorm2d, BatchNorm2dOptions, LayerNorm};
 
 use crate::error::{Error, Result};
 use crate::tensor::{Tensor, TensorId};

@@ -8,6 +8,7 @@ mod common;
 mod conv;
 mod data;
 mod elementwise;
+mod embedding;
 mod gemm;
 mod loss;
 mod models;

@@ -9,7 +9,8 @@
 //! means (dy − mean(dy) − x̂·mean(dy·x̂)), which turns a few f32 ulps of the
 //! sums into ~1e-5 relative error of the result.
 
-use kiln::{DType, Device, Tensor};
+use kiln::nn::{BatchNorm2d, BatchNorm2dOptions, Init, Module};
+use kiln::{DType, Device, Rng, Tensor};
 
 use crate::common::{
     assert_close, check_op, check_op_16bit, check_op_16bit_frobenius_grads, cuda_or_skip,
@@ -262,6 +263,102 @@ fn layer_norm_matches_cpu() {
             ATOL,
             RTOL,
         );
+    }
+}
+
+/// Three training steps and an eval forward of a BatchNorm2d built with
+/// `options` on each device: outputs, gradients and running statistics.
+fn check_batch_norm_module(what: &str, dev: Device, options: BatchNorm2dOptions) {
+    let build = |on: Device| {
+        let mut rng = Rng::seed(70);
+        let mut init = Init::new(&mut rng, on, DType::F32);
+        BatchNorm2d::with_config(7, options, &mut init).unwrap()
+    };
+    let (cpu_bn, cuda_bn) = (build(Device::Cpu), build(dev));
+    for step in 0..4 {
+        if step == 3 {
+            cpu_bn.eval();
+            cuda_bn.eval();
+        }
+        let x = batch_norm_input().add_scalar(step as f64).unwrap();
+        check_op(
+            &format!("{what} step {step}"),
+            dev,
+            &[x],
+            |t| match t[0].device() {
+                Device::Cpu => cpu_bn.forward(&t[0]),
+                Device::Cuda(_) => cuda_bn.forward(&t[0]),
+            },
+            ATOL,
+            RTOL,
+        );
+        let running = [
+            ("running_mean", &cpu_bn.running_mean, &cuda_bn.running_mean),
+            ("running_var", &cpu_bn.running_var, &cuda_bn.running_var),
+        ];
+        for (name, cpu, cuda) in running {
+            assert_eq!(cpu.is_some(), cuda.is_some(), "{what}: {name}");
+            if let (Some(cpu), Some(cuda)) = (cpu, cuda) {
+                assert_close(&format!("{what} {name} step {step}"), cpu, cuda, ATOL, RTOL);
+            }
+        }
+    }
+}
+
+#[test]
+fn batch_norm2d_module_options_match_cpu() {
+    let Some(dev) = cuda_or_skip("batch_norm2d_module_options") else {
+        return;
+    };
+    let defaults = BatchNorm2dOptions::default();
+    let cumulative = BatchNorm2dOptions {
+        momentum: None,
+        ..defaults
+    };
+    check_batch_norm_module("BatchNorm2d momentum=None", dev, cumulative);
+    let untracked = BatchNorm2dOptions {
+        track_running_stats: false,
+        ..defaults
+    };
+    check_batch_norm_module("BatchNorm2d untracked", dev, untracked);
+    let plain = BatchNorm2dOptions {
+        affine: false,
+        ..defaults
+    };
+    check_batch_norm_module("BatchNorm2d affine=false", dev, plain);
+}
+
+#[test]
+fn layer_norm_over_trailing_dims_matches_cpu() {
+    let Some(dev) = cuda_or_skip("layer_norm_over") else {
+        return;
+    };
+    // Slices of 693 values (several passes of a 256-thread block) and of
+    // 33 values in 210 rows (four chunks of the parameter sums).
+    for (shape, k, seed) in [(vec![3, 7, 9, 11], 3, 81), (vec![70, 3, 3, 11], 2, 84)] {
+        let normalized = shape[shape.len() - k..].to_vec();
+        let x = randn(&shape, seed).add_scalar(0.5).unwrap();
+        let inputs = [
+            x.clone(),
+            randn(&normalized, seed + 1),
+            randn(&normalized, seed + 2),
+        ];
+        let affine =
+            |t: &[Tensor]| t[0].layer_norm_over(&normalized, Some(&t[1]), Some(&t[2]), EPS);
+        let what = format!("layer_norm_over {shape:?} {normalized:?}");
+        check_op(&what, dev, &inputs, affine, ATOL, RTOL);
+        check_op(
+            &format!("{what} without affine"),
+            dev,
+            &[x],
+            |t| t[0].layer_norm_over(&normalized, None, None, EPS),
+            ATOL,
+            RTOL,
+        );
+        // 16-bit x and parameters: widened, normalised in f32, rounded back.
+        for (dtype, rtol) in [(DType::BF16, 1.0 / 128.0), (DType::F16, 1.0 / 1024.0)] {
+            check_op_16bit(&what, dev, &inputs, dtype, affine, 1e-3, rtol);
+        }
     }
 }
 

@@ -514,6 +514,126 @@ def matmul_vectors():
     tensors.update({f"grad_{k}": t.grad for k, t in inputs.items()})
     save("matmul_vectors", tensors)
 
+# ---------------------------------------------------------------------------
+# norm options: layer_norm over trailing dims, BatchNorm2d momentum=None /
+# track_running_stats=False / affine=False, embedding padding_idx
+# ---------------------------------------------------------------------------
+
+
+def layer_norm_trailing_dims():
+    """F.layer_norm over the last two dims with weight and bias of that
+    shape, and over the last three dims without them."""
+    torch.manual_seed(0)
+    eps = 1e-5
+    inputs = {
+        "x": leaf(randn(2, 3, 4, 5) * 1.5 + 0.3),
+        "weight": leaf(1.0 + 0.3 * randn(4, 5)),
+        "bias": leaf(0.2 * randn(4, 5)),
+    }
+    outs = {
+        "out": F.layer_norm(inputs["x"], (4, 5), inputs["weight"], inputs["bias"], eps=eps),
+        "out_plain": F.layer_norm(inputs["x"], (3, 4, 5), eps=eps),
+    }
+    upstream = {k: randn(*o.shape) for k, o in outs.items()}
+    total = sum((outs[k] * upstream[k]).sum() for k in outs)
+    total.backward()
+    tensors = dict(inputs)
+    tensors.update({k: o.detach() for k, o in outs.items()})
+    tensors.update({f"grad_{k}": u for k, u in upstream.items()})
+    # grad_x sums both outputs' contributions; weight and bias only feed `out`.
+    tensors.update({"grad_x": inputs["x"].grad, "grad_weight": inputs["weight"].grad})
+    tensors["grad_bias"] = inputs["bias"].grad
+    save(
+        "layer_norm_trailing_dims",
+        tensors,
+        {"eps": str(eps), "normalized_shape": "4,5", "normalized_shape_plain": "3,4,5"},
+    )
+
+
+def batch_norm_module_step(bn, x):
+    """One forward of `bn` on a fresh leaf copy of x and the gradients of
+    (out * grad_out).sum() for x and the module's affine parameters."""
+    x = leaf(x)
+    out = bn(x)
+    grad_out = randn(*out.shape)
+    params = [p for p in (bn.weight, bn.bias) if p is not None]
+    grads = torch.autograd.grad((out * grad_out).sum(), [x] + params)
+    res = {"out": out, "grad_out": grad_out, "grad_x": grads[0]}
+    if params:
+        res["grad_weight"], res["grad_bias"] = grads[1], grads[2]
+    return x, res
+
+
+def batch_norm2d_momentum_none():
+    """nn.BatchNorm2d(3, momentum=None): three training steps (the running
+    statistics a cumulative average), then an eval forward."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3, momentum=None)
+    with torch.no_grad():
+        bn.weight.copy_(1.0 + 0.3 * randn(3))
+        bn.bias.copy_(0.2 * randn(3))
+    tensors = {"weight": bn.weight, "bias": bn.bias}
+    bn.train()
+    for step in range(1, 4):
+        x, res = batch_norm_module_step(bn, randn(2, 3, 4, 3) * (1.0 + step) + step)
+        tensors[f"x_s{step}"] = x
+        tensors.update({f"{k}_s{step}": v for k, v in res.items()})
+        tensors[f"running_mean_s{step}"] = bn.running_mean.clone()
+        tensors[f"running_var_s{step}"] = bn.running_var.clone()
+    tensors["num_batches_tracked"] = bn.num_batches_tracked.clone()
+    bn.eval()
+    x, res = batch_norm_module_step(bn, randn(2, 3, 4, 3) * 2.0 + 1.0)
+    tensors["x_eval"] = x
+    tensors.update({f"{k}_eval": v for k, v in res.items()})
+    save("batch_norm2d_momentum_none", tensors, {"eps": "1e-05", "momentum": "None", "steps": 3})
+
+
+def batch_norm2d_untracked():
+    """nn.BatchNorm2d(3, track_running_stats=False) in training and in eval
+    (batch statistics both times), and nn.BatchNorm2d(3, momentum=0.3,
+    affine=False) for one training step and an eval forward."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3, track_running_stats=False)
+    with torch.no_grad():
+        bn.weight.copy_(1.0 + 0.3 * randn(3))
+        bn.bias.copy_(0.2 * randn(3))
+    tensors = {"weight": bn.weight, "bias": bn.bias}
+    for mode in ("train", "eval"):
+        bn.train(mode == "train")
+        x, res = batch_norm_module_step(bn, randn(2, 3, 4, 3) * 1.5 + 0.5)
+        tensors[f"x_{mode}"] = x
+        tensors.update({f"{k}_{mode}": v for k, v in res.items()})
+    plain = nn.BatchNorm2d(3, momentum=0.3, affine=False)
+    for mode in ("train", "eval"):
+        plain.train(mode == "train")
+        x, res = batch_norm_module_step(plain, randn(2, 3, 4, 3) * 1.5 + 0.5)
+        tensors[f"x_plain_{mode}"] = x
+        tensors.update({f"{k}_plain_{mode}": v for k, v in res.items()})
+    tensors["running_mean_plain"] = plain.running_mean
+    tensors["running_var_plain"] = plain.running_var
+    save("batch_norm2d_untracked", tensors, {"eps": "1e-05", "momentum_plain": "0.3"})
+
+
+def embedding_padding_idx():
+    """F.embedding with padding_idx 2 (ids name it three times) and with
+    padding_idx -2 (row 5, named twice): that row gets no gradient."""
+    torch.manual_seed(0)
+    weight = leaf(randn(7, 5))
+    ids = torch.tensor([[2, 4, 6, 2], [0, 2, 4, 3], [5, 1, 5, 6]], dtype=torch.int64)
+    outs = {
+        "out": F.embedding(ids, weight, padding_idx=2),
+        "out_neg": F.embedding(ids, weight, padding_idx=-2),
+    }
+    upstream = {k: randn(*o.shape) for k, o in outs.items()}
+    tensors = {"weight": weight, "ids": ids}
+    for k, o in outs.items():
+        (grad,) = torch.autograd.grad((o * upstream[k]).sum(), [weight])
+        tensors[k] = o
+        tensors["grad_" + k] = upstream[k]
+        tensors["grad_weight" + k[3:]] = grad
+    save("embedding_padding_idx", tensors, {"padding_idx": "2", "padding_idx_neg": "-2"})
+
+
 CASES = [
     conv2d_a,
     conv2d_b,
@@ -542,6 +662,10 @@ CASES = [
     state_dict_small,
     image_folder_transforms,
     matmul_vectors,
+    layer_norm_trailing_dims,
+    batch_norm2d_momentum_none,
+    batch_norm2d_untracked,
+    embedding_padding_idx,
 ]
 
 

@@ -5,6 +5,7 @@ mod common;
 
 mod activation;
 mod conv;
+mod embedding;
 mod image_folder;
 mod misc;
 mod norm;

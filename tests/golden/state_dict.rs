@@ -63,8 +63,20 @@ fn pytorch_state_dict_loads_and_reproduces_eval_output() {
 
     model.load_state_dict(&checkpoint.tensors).unwrap();
     // Two training steps in PyTorch: the int64 counter arrives as u32.
-    assert_eq!(model.bn.num_batches_tracked.dtype(), DType::U32);
-    assert_eq!(model.bn.num_batches_tracked.item().unwrap(), 2.0);
+    assert_eq!(
+        model.bn.num_batches_tracked.as_ref().unwrap().dtype(),
+        DType::U32
+    );
+    assert_eq!(
+        model
+            .bn
+            .num_batches_tracked
+            .as_ref()
+            .unwrap()
+            .item()
+            .unwrap(),
+        2.0
+    );
 
     model.eval();
     let io = Golden::load("state_dict_small_io");

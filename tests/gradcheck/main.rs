@@ -5,5 +5,6 @@
 mod common;
 mod conv;
 mod core;
+mod embedding;
 mod misc;
 mod norm;

@@ -132,6 +132,28 @@ proptest! {
     }
 
     #[test]
+    fn layer_norm_over_trailing_dims_grads_for_x_weight_bias(
+        shape in prop::collection::vec(1usize..=3, 1..=4),
+        pick in any::<u8>(),
+        affine in affine(),
+        seed in any::<u64>(),
+    ) {
+        // Normalise over the last k dims, k in 1..=rank.
+        let k = 1 + pick as usize % shape.len();
+        let normalized = shape[shape.len() - k..].to_vec();
+        let x = randn(&shape, seed).mul_scalar(1.5).unwrap().add_scalar(0.3).unwrap();
+        let weight = uniform(0.5, 1.5, &normalized, seed ^ 1);
+        let inputs = affine.inputs(x, weight, randn(&normalized, seed ^ 2));
+        check(
+            |t| {
+                let (weight, bias) = affine.params(t);
+                t[0].layer_norm_over(&normalized, weight, bias, NORM_EPS)
+            },
+            &inputs,
+        );
+    }
+
+    #[test]
     fn softmax_and_log_softmax_grads(
         shape in prop::collection::vec(1usize..=5, 1..=3),
         seed in any::<u64>(),
@@ -395,6 +417,91 @@ fn layer_norm_rejects_bad_shapes() {
             .unwrap()
             .layer_norm(None, None, 1e-5),
         &["layer_norm", "[3, 0]"],
+    );
+}
+
+#[test]
+fn layer_norm_over_equals_layer_norm_of_the_flattened_trailing_dims() {
+    // Statistics over all normalised dims together: the same as the last-dim
+    // op on x with those dims flattened, values and gradients alike.
+    let x = randn(&[2, 3, 4, 5], 3).requires_grad_();
+    let weight = uniform(0.5, 1.5, &[4, 5], 4).requires_grad_();
+    let bias = randn(&[4, 5], 5).requires_grad_();
+    let over = x
+        .layer_norm_over(&[4, 5], Some(&weight), Some(&bias), 1e-5)
+        .unwrap();
+    let flat = x
+        .reshape([2, 3, 20])
+        .unwrap()
+        .layer_norm(
+            Some(&weight.reshape([20]).unwrap()),
+            Some(&bias.reshape([20]).unwrap()),
+            1e-5,
+        )
+        .unwrap()
+        .reshape([2, 3, 4, 5])
+        .unwrap();
+    assert_eq!(over.dims(), [2, 3, 4, 5]);
+    assert_all_close("forward", &over.to_f64_vec(), &flat.to_f64_vec());
+    let probe = randn(&[2, 3, 4, 5], 6);
+    let over_grads = over.backward_with(&probe).unwrap();
+    let flat_grads = flat.backward_with(&probe).unwrap();
+    for (name, t) in [("x", &x), ("weight", &weight), ("bias", &bias)] {
+        let (a, b) = (over_grads.get(t).unwrap(), flat_grads.get(t).unwrap());
+        assert_eq!(a.dims(), t.dims(), "grad of {name}: shape");
+        assert_all_close(name, &a.to_f64_vec(), &b.to_f64_vec());
+    }
+}
+
+#[test]
+fn layer_norm_over_rejects_shapes_pytorch_rejects() {
+    let x = randn(&[2, 3, 4], 1);
+    assert_error_mentions(
+        x.layer_norm_over(&[4, 5], None, None, 1e-5),
+        &[
+            "layer_norm",
+            "normalized_shape=[4, 5]",
+            "[*, 4, 5]",
+            "[2, 3, 4]",
+        ],
+    );
+    assert_error_mentions(
+        randn(&[4], 2).layer_norm_over(&[2, 4], None, None, 1e-5),
+        &["layer_norm", "[*, 2, 4]", "size [4]"],
+    );
+    assert_error_mentions(
+        x.layer_norm_over(&[], None, None, 1e-5),
+        &[
+            "layer_norm",
+            "at least 1-dimensional",
+            "normalized_shape = []",
+        ],
+    );
+    assert_error_mentions(
+        x.layer_norm_over(&[3, 4], Some(&randn(&[4], 3)), None, 1e-5),
+        &[
+            "layer_norm",
+            "weight of shape [4]",
+            "normalized_shape = [3, 4]",
+        ],
+    );
+    assert_error_mentions(
+        x.layer_norm_over(&[3, 4], None, Some(&randn(&[12], 4)), 1e-5),
+        &[
+            "layer_norm",
+            "bias of shape [12]",
+            "normalized_shape = [3, 4]",
+        ],
+    );
+    assert_error_mentions(
+        Tensor::zeros([2, 0, 3], DType::F64, Device::Cpu)
+            .unwrap()
+            .layer_norm_over(&[0, 3], None, None, 1e-5),
+        &["layer_norm", "[0, 3]", "no values", "unsupported"],
+    );
+    assert_error_mentions(
+        x.layer_norm_over(&[3, 4], None, None, f64::NAN),
+        &["layer_norm", "eps"],
     );
 }
 

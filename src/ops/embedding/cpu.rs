@@ -49,6 +49,19 @@ pub fn index_add<T: Float>(
     inner: usize,
     indices: &[u32],
 ) -> Vec<T> {
+    index_add_skipping(dy, outer, dim_size, inner, indices, None)
+}
+
+/// `index_add` leaving out every j with indices[j] = `skipped` (embedding's
+/// padding_idx), whose entries of dx then stay zero.
+pub fn index_add_skipping<T: Float>(
+    dy: &[T],
+    outer: usize,
+    dim_size: usize,
+    inner: usize,
+    indices: &[u32],
+    skipped: Option<u32>,
+) -> Vec<T> {
     let picked = indices.len();
     let mut dx = vec![T::ZERO; outer * dim_size * inner];
     if inner == 0 || dim_size == 0 {
@@ -56,6 +69,9 @@ pub fn index_add<T: Float>(
     }
     let add_block = |(o, dx_block): (usize, &mut [T])| {
         for (j, &index) in indices.iter().enumerate() {
+            if Some(index) == skipped {
+                continue;
+            }
             let src = &dy[(o * picked + j) * inner..(o * picked + j + 1) * inner];
             let dst = &mut dx_block[index as usize * inner..(index as usize + 1) * inner];
             for (d, &g) in dst.iter_mut().zip(src) {

@@ -39,6 +39,7 @@ kernel_params! {
         dim_size: i64,
         inner: i64,
         picked: i64,
+        skipped_index: i64,
     }
 }
 
@@ -67,7 +68,7 @@ kernel_params! {
 // The .cu file static_asserts the same sizes.
 const _: () = assert!(std::mem::size_of::<IndexCheckParams>() == 32);
 const _: () = assert!(std::mem::size_of::<IndexSelectParams>() == 56);
-const _: () = assert!(std::mem::size_of::<IndexAddParams>() == 56);
+const _: () = assert!(std::mem::size_of::<IndexAddParams>() == 64);
 const _: () = assert!(std::mem::size_of::<GatherParams>() == 136);
 const _: () = assert!(std::mem::size_of::<ScatterAddParams>() == 136);
 
@@ -118,14 +119,14 @@ pub(crate) fn index_select(
     Ok(out)
 }
 
-/// dx[o, indices[j], i] += dy[o, j, i] into zeros of [outer, dim_size, inner].
+/// dx[o, indices[j], i] += dy[o, j, i] into zeros of `(outer, dim_size,
+/// inner)`, for every j with indices[j] ≠ `skipped` (embedding's padding_idx).
 pub(crate) fn index_add(
     op: &'static str,
     dy: &CudaStorage,
     indices: &CudaStorage,
-    outer: usize,
-    dim_size: usize,
-    inner: usize,
+    (outer, dim_size, inner): (usize, usize, usize),
+    skipped: Option<u32>,
 ) -> Result<CudaStorage> {
     require_f32(op, &[dy])?;
     let picked = indices.len();
@@ -139,6 +140,8 @@ pub(crate) fn index_add(
         dim_size: dim_size as i64,
         inner: inner as i64,
         picked: picked as i64,
+        // No u32 index equals −1.
+        skipped_index: skipped.map_or(-1, i64::from),
     };
     dy.device()
         .launch("embedding.cu", "index_add", launch_1d(n), params)?;

@@ -106,7 +106,15 @@ pub(crate) fn multi_index(flat: usize, dims: &[usize]) -> Vec<usize> {
 }
 
 /// `index_select` under the name `op` (so `embedding` reports its own errors).
-fn select_along(op: &'static str, x: &Tensor, dim: usize, indices: &Tensor) -> Result<Tensor> {
+/// Entries picked by the index `frozen_index` (embedding's padding_idx) get
+/// no gradient.
+fn select_along(
+    op: &'static str,
+    x: &Tensor,
+    dim: usize,
+    indices: &Tensor,
+    frozen_index: Option<u32>,
+) -> Result<Tensor> {
     same_device(op, &[x, indices])?;
     check_dim(op, dim, x.shape())?;
     if indices.rank() != 1 {
@@ -138,7 +146,11 @@ fn select_along(op: &'static str, x: &Tensor, dim: usize, indices: &Tensor) -> R
         storage,
         Shape::new(out_dims),
         &[x, indices],
-        |_| IndexSelectBackward { op, dim },
+        |_| IndexSelectBackward {
+            op,
+            dim,
+            frozen_index,
+        },
     ))
 }
 
@@ -146,9 +158,22 @@ impl Tensor {
     /// Rows of `weight` [V, E] picked by the u32 `ids` (any shape S) → [S..., E].
     /// Backward scatter-adds into dweight (repeated ids accumulate); ids get no gradient.
     pub fn embedding(ids: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        Tensor::embedding_with(ids, weight, None)
+    }
+
+    /// PyTorch's `F.embedding(ids, weight, padding_idx)`: the rows `embedding`
+    /// picks, except that row `padding_idx` of weight never gets a gradient
+    /// (ids equal to it still read the row as it is). A negative
+    /// `padding_idx` counts from the end (−1 is the last row); it must lie in
+    /// [−V, V). `None` is plain `embedding`.
+    pub fn embedding_with(
+        ids: &Tensor,
+        weight: &Tensor,
+        padding_idx: Option<isize>,
+    ) -> Result<Tensor> {
         if weight.dtype().is_half() {
             return autocast::in_float32(AutocastOp::Embedding, weight, |w| {
-                Tensor::embedding(ids, w)
+                Tensor::embedding_with(ids, w, padding_idx)
             });
         }
         const OP: &str = "embedding";
@@ -165,6 +190,9 @@ impl Tensor {
             ));
         }
         let vocab = weight.dims()[0];
+        let padding_row = padding_idx
+            .map(|index| padding_row(OP, index, weight.shape()))
+            .transpose()?;
         // Checked here (not by select_along) to name the position in the ids' own shape.
         let context = || format!("weight {} has {vocab} rows", weight.shape());
         match &*ids.storage() {
@@ -177,7 +205,7 @@ impl Tensor {
             }
         }
         let flat_ids = ids.reshape([ids.numel()])?;
-        let rows = select_along(OP, weight, 0, &flat_ids)?;
+        let rows = select_along(OP, weight, 0, &flat_ids, padding_row)?;
         let mut out_dims = ids.dims().to_vec();
         out_dims.push(weight.dims()[1]);
         rows.reshape(out_dims)
@@ -193,7 +221,7 @@ impl Tensor {
             });
         }
         let _profile = profile::op("index_select", self.device());
-        select_along("index_select", self, dim, indices)
+        select_along("index_select", self, dim, indices, None)
     }
 
     /// PyTorch's `gather`: out[i][j][k] = self[i][index[i][j][k]][k] for dim = 1
@@ -246,17 +274,43 @@ impl Tensor {
     }
 }
 
+/// The row of an embedding table [V, E] that `padding_idx` names, as
+/// PyTorch resolves it: in [0, V) as it is, in [−V, 0) counted from the end.
+pub(crate) fn padding_row(op: &'static str, padding_idx: isize, weight: &Shape) -> Result<u32> {
+    let vocab = weight.dims()[0];
+    let row = if padding_idx < 0 {
+        vocab.checked_sub(padding_idx.unsigned_abs())
+    } else {
+        Some(padding_idx.unsigned_abs()).filter(|&row| row < vocab)
+    };
+    match row.and_then(|row| u32::try_from(row).ok()) {
+        Some(row) => Ok(row),
+        None => Err(Error::invalid(
+            op,
+            format!(
+                "padding_idx must be within num_embeddings: got {padding_idx} for weight {weight} \
+                 of {vocab} rows; pass a row in [{}, {vocab}) (negative counts from the end)",
+                -(vocab as i128)
+            ),
+        )),
+    }
+}
+
 struct IndexSelectBackward {
     /// "index_select" or "embedding".
     op: &'static str,
     dim: usize,
+    /// An index whose entries get no gradient (embedding's padding_idx).
+    frozen_index: Option<u32>,
 }
 
 impl Backward for IndexSelectBackward {
     fn name(&self) -> &'static str {
         self.op
     }
-    // dL/dx[.., indices[j], ..] += dL/dy[.., j, ..]   (indices get no gradient)
+    // dL/dx[.., indices[j], ..] += dL/dy[.., j, ..] for every j with
+    // indices[j] ≠ frozen_index, so dL/dx[.., frozen_index, ..] = 0
+    // (indices get no gradient)
     fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let (x, indices) = (&inputs[0], &inputs[1]);
         check_operands(self.op, &[x, grad])?;
@@ -264,12 +318,13 @@ impl Backward for IndexSelectBackward {
         let dx = match &*grad.storage() {
             Storage::Cpu(g) => Storage::Cpu(with_indices(self.op, "indices", indices, |ids| {
                 Ok(float_slice!(self.op, g, |gv| CpuStorage::from(
-                    cpu::index_add(gv, outer, dim_size, inner, ids)
+                    cpu::index_add_skipping(gv, outer, dim_size, inner, ids, self.frozen_index)
                 )))
             })?),
             Storage::Cuda(g) => match &*indices.storage() {
                 Storage::Cuda(ids) => {
-                    Storage::Cuda(cuda::index_add(self.op, g, ids, outer, dim_size, inner)?)
+                    let layout = (outer, dim_size, inner);
+                    Storage::Cuda(cuda::index_add(self.op, g, ids, layout, self.frozen_index)?)
                 }
                 Storage::Cpu(_) => unreachable!("the forward put x and indices on one device"),
             },

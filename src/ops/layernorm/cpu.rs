@@ -1,5 +1,5 @@
-//! CPU kernels of layer normalisation over the last dim, with x viewed as rows
-//! of `width` values, each row normalised on its own. Row sums accumulate in
+//! CPU kernels of layer normalisation, with x viewed as rows of `width`
+//! values (one row per normalised slice), each row normalised on its own. Row sums accumulate in
 //! f64; rows are split across rayon's threads when the input is large.
 
 use rayon::prelude::*;

@@ -1,6 +1,7 @@
-//! Layer normalisation over the last dim (PyTorch's `F.layer_norm` with
-//! `normalized_shape = [last dim]`) as one fused op: one forward kernel and
-//! one backward kernel producing dx, dweight and dbias together. On CUDA
+//! Layer normalisation over the trailing dims (PyTorch's `F.layer_norm`) as
+//! one fused op. x is viewed as rows, each row one normalised slice (the
+//! trailing dims flattened); one forward kernel and one backward kernel
+//! producing dx, dweight and dbias together. On CUDA
 //! (kernels/layernorm.cu) each row is one thread block, and dweight/dbias are
 //! summed over rows in a fixed order, so results do not vary between runs.
 
@@ -21,15 +22,41 @@ const OP: &str = "layer_norm";
 impl Tensor {
     /// Normalises each row of the last dim to zero mean and unit (biased)
     /// variance, y = (x − mean)/√(var + eps) · weight + bias, with optional
-    /// `weight` and `bias` of shape [last dim].
+    /// `weight` and `bias` of shape [last dim]: `layer_norm_over` with
+    /// `normalized_shape = [last dim]`.
     pub fn layer_norm(
         &self,
         weight: Option<&Tensor>,
         bias: Option<&Tensor>,
         eps: f64,
     ) -> Result<Tensor> {
+        match self.dims().last() {
+            Some(&width) if width > 0 => self.layer_norm_over(&[width], weight, bias, eps),
+            _ => Err(Error::shape(
+                OP,
+                format!(
+                    "needs rank >= 1 and a non-empty last dim to normalise over, got shape {}",
+                    self.shape()
+                ),
+            )),
+        }
+    }
+
+    /// PyTorch's `F.layer_norm(x, normalized_shape, weight, bias, eps)`: the
+    /// trailing dims of x must equal `normalized_shape`, and each slice over
+    /// those dims is normalised with the mean and biased variance of all its
+    /// values together. `weight` and `bias`, when given, have shape
+    /// `normalized_shape` and apply elementwise.
+    pub fn layer_norm_over(
+        &self,
+        normalized_shape: &[usize],
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        eps: f64,
+    ) -> Result<Tensor> {
         if autocast::any_half(&[Some(self), weight, bias]) {
-            let out = autocast::widened(self)?.layer_norm(
+            let out = autocast::widened(self)?.layer_norm_over(
+                normalized_shape,
                 autocast::widened_optional(weight)?.as_ref(),
                 autocast::widened_optional(bias)?.as_ref(),
                 eps,
@@ -40,27 +67,18 @@ impl Tensor {
         let mut operands = vec![self];
         operands.extend([weight, bias].into_iter().flatten());
         check_operands(OP, &operands)?;
-        let width = match self.dims().last() {
-            Some(&width) if width > 0 => width,
-            _ => {
-                return Err(Error::shape(
-                    OP,
-                    format!(
-                        "needs rank >= 1 and a non-empty last dim to normalise over, got shape {}",
-                        self.shape()
-                    ),
-                ));
-            }
-        };
+        let width = check_normalized_shape(self.shape(), normalized_shape)?;
         for (name, param) in [("weight", weight), ("bias", bias)] {
             if let Some(param) = param
-                && param.dims() != [width]
+                && param.dims() != normalized_shape
             {
                 return Err(Error::shape(
                     OP,
                     format!(
-                        "{name} has shape {}, expected [{width}] (the last dim of x {})",
+                        "expected {name} to be of same shape as normalized_shape, but got {name} \
+                         of shape {} and normalized_shape = {:?} (the trailing dims of x {})",
                         param.shape(),
+                        normalized_shape,
                         self.shape()
                     ),
                 ));
@@ -72,6 +90,8 @@ impl Tensor {
                 format!("eps must be finite and >= 0, got {eps}"),
             ));
         }
+        // The fused kernels see x as rows of `width` values: the normalised
+        // dims are the trailing, contiguous ones, so they flatten into one.
         let (out, mean, invstd) = match &*self.storage() {
             Storage::Cpu(s) => float_slice!(OP, s, |x| {
                 let weight = weight.map(Tensor::to_vec).transpose()?;
@@ -100,13 +120,13 @@ impl Tensor {
                 )
             }
         };
-        let row_shape = Shape::new(&self.dims()[..self.rank() - 1]);
+        let row_shape = Shape::new(&self.dims()[..self.rank() - normalized_shape.len()]);
         let mut inputs = vec![self];
         inputs.extend(weight);
         inputs.extend(bias);
         Ok(Tensor::from_op(out, self.shape().clone(), &inputs, |_| {
             LayerNormBackward {
-                width,
+                normalized_shape: Shape::new(normalized_shape),
                 mean: Tensor::from_result(mean, row_shape.clone()),
                 invstd: Tensor::from_result(invstd, row_shape),
                 has_weight: weight.is_some(),
@@ -116,8 +136,50 @@ impl Tensor {
     }
 }
 
+/// The number of values each normalised slice holds, after checking (with
+/// PyTorch's wording) that `normalized_shape` is non-empty and equals the
+/// trailing dims of x.
+fn check_normalized_shape(x: &Shape, normalized_shape: &[usize]) -> Result<usize> {
+    if normalized_shape.is_empty() {
+        return Err(Error::shape(
+            OP,
+            "expected normalized_shape to be at least 1-dimensional, i.e., containing at least \
+             one element, but got normalized_shape = []; pass the trailing dims of x to \
+             normalise over",
+        ));
+    }
+    let dims = x.dims();
+    if !dims.ends_with(normalized_shape) {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "given normalized_shape={normalized_shape:?}, expected input with shape \
+                 [*, {}], but got input of size {x}",
+                normalized_shape
+                    .iter()
+                    .map(usize::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    let width: usize = normalized_shape.iter().product();
+    if width == 0 {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "normalized_shape {normalized_shape:?} holds no values, so x {x} has nothing \
+                 to normalise over (unsupported; PyTorch returns the empty x unchanged in shape); \
+                 skip the call for empty slices"
+            ),
+        ));
+    }
+    Ok(width)
+}
+
 struct LayerNormBackward {
-    width: usize,
+    /// The normalised trailing dims, the shape of weight, bias and their gradients.
+    normalized_shape: Shape,
     /// Per-row mean and 1/√(var + eps) from the forward (detached, x's leading dims).
     mean: Tensor,
     invstd: Tensor,
@@ -131,19 +193,21 @@ impl Backward for LayerNormBackward {
         OP
     }
 
-    // x̂ = (x − μ)·invstd, dx̂ = dy·γ, D = last dim:
+    // x̂ = (x − μ)·invstd, dx̂ = dy·γ, D = values per normalised slice
+    // (the product of normalized_shape), each slice one row:
     // dx = invstd/D · (D·dx̂ − Σdx̂ − x̂·Σ(dx̂·x̂)) per row;  dγ = Σ_rows dy·x̂;  dβ = Σ_rows dy
     fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let x = &inputs[0];
         let weight = self.has_weight.then(|| &inputs[1]);
         check_operands(OP, &[x, grad])?;
+        let width = self.normalized_shape.numel();
         let (dx, dweight, dbias) = match (&*x.storage(), &*grad.storage()) {
             (Storage::Cpu(xs), Storage::Cpu(gs)) => float_slice2!(OP, xs, gs, |x, dy| {
                 let weight = weight.map(Tensor::to_vec).transpose()?;
                 let grads = cpu::layer_norm_backward(
                     x,
                     dy,
-                    self.width,
+                    width,
                     &self.mean.to_vec()?,
                     &self.invstd.to_vec()?,
                     weight.as_deref(),
@@ -160,7 +224,7 @@ impl Backward for LayerNormBackward {
                 let grads = cuda::layer_norm_backward(
                     xs,
                     gs,
-                    self.width,
+                    width,
                     cuda::expect_cuda(&mean),
                     cuda::expect_cuda(&invstd),
                     weight.as_deref().map(cuda::expect_cuda),
@@ -176,7 +240,7 @@ impl Backward for LayerNormBackward {
         Ok(normalization_grads(
             (dx, dweight, dbias),
             x.shape(),
-            Shape::new([self.width]),
+            self.normalized_shape.clone(),
             self.has_weight,
             self.has_bias,
         ))
