@@ -6,6 +6,7 @@ mod common;
 mod activation;
 mod conv;
 mod image_folder;
+mod loss;
 mod misc;
 mod norm;
 mod optim;

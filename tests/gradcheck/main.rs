@@ -5,5 +5,6 @@
 mod common;
 mod conv;
 mod core;
+mod loss;
 mod misc;
 mod norm;
