@@ -12,10 +12,16 @@
 // Every kernel reads its inputs once; the backward kernels are one thread per
 // element. They read dL/d(loss) from device memory (`upstream`, the rank-0
 // gradient), so a backward pass never waits for a copy to the host.
-// Target checks (bce targets in [0, 1], class targets below C) run inside the
-// forward kernels and raise a flag in a one-word device buffer; the host reads
-// that word once after the launch and, only if it is set, looks for the first
-// bad value to report it exactly as the CPU path does.
+// Target checks (class targets below C) run inside the forward kernels and
+// raise a flag in a one-word device buffer; the host reads that word once
+// after the launch and, only if it is set, looks for the first bad value to
+// report it exactly as the CPU path does. Binary cross entropy takes any real
+// target, as PyTorch's does.
+// The loss options (no reduction, class weights, ignore_index, label
+// smoothing, bce weights) are compositions of differentiable ops, each of
+// which runs on the device; two kernels here serve them: the unreduced bce
+// terms (with their backward) and the preparation of class targets (ignored
+// ones masked).
 #include "common.cuh"
 
 // dL/d(loss) · scale in double; each kernel rounds its own factor of it to
@@ -30,10 +36,9 @@ struct LossPartialsParams {
     const float* x;     // input (mse, bce) or mu (gaussian_kl)
     const float* y;     // target (mse, bce) or logvar (gaussian_kl)
     double* partials;   // one per block
-    u32* error_flag;    // bce only: set to 1 if a target is outside [0, 1]
     i64 n;
 };
-static_assert(sizeof(LossPartialsParams) == 40, "LossPartialsParams must match its Rust mirror");
+static_assert(sizeof(LossPartialsParams) == 32, "LossPartialsParams must match its Rust mirror");
 
 // Σ (x − y)², the difference taken in f32 as on the CPU.
 extern "C" __global__ void mse_partials(const LossPartialsParams p) {
@@ -47,18 +52,14 @@ extern "C" __global__ void mse_partials(const LossPartialsParams p) {
     if (threadIdx.x == 0) p.partials[blockIdx.x] = total;
 }
 
-// Σ max(x, 0) − x·y + ln(1 + e^(−|x|)) in double; flags targets outside [0, 1] (NaN included).
+// Σ max(x, 0) − x·y + ln(1 + e^(−|x|)) in double, for any real target y.
 extern "C" __global__ void bce_with_logits_partials(const LossPartialsParams p) {
     __shared__ double scratch[32];
     double total = 0.0;
-    bool bad_target = false;
     GRID_STRIDE_LOOP(i, p.n) {
-        float target = p.y[i];
-        bad_target |= !(target >= 0.0f && target <= 1.0f);
-        double x = (double)p.x[i], y = (double)target;
+        double x = (double)p.x[i], y = (double)p.y[i];
         total += fmax(x, 0.0) - x * y + log1p(exp(-fabs(x)));
     }
-    if (bad_target) atomicOr(p.error_flag, 1u);
     total = block_sum_double(total, scratch);
     if (threadIdx.x == 0) p.partials[blockIdx.x] = total;
 }
@@ -198,4 +199,73 @@ extern "C" __global__ void cross_entropy_backward(const CrossEntropyBackwardPara
         if (c == (i64)p.targets[n]) d -= s;
         p.dx[i] = d;
     }
+}
+
+// ---- unreduced binary cross entropy (weights, pos_weight, no reduction) -----------
+// Mirrors BceTermsParams in src/ops/loss/cuda.rs.
+struct BceTermsParams {
+    const float* x;
+    const float* y;
+    const float* pos_weight;  // one per element, or null for 1
+    const float* upstream;    // backward only: dL/d(term), one per element
+    float* out;               // forward: the terms; backward: dL/dx
+    float* out_target;        // backward only: dL/dy, or null when y takes no gradient
+    i64 n;
+};
+static_assert(sizeof(BceTermsParams) == 56, "BceTermsParams must match its Rust mirror");
+
+// softplus(−x) = ln(1 + e^(−x)) = max(−x, 0) + ln(1 + e^(−|x|)): no exponential overflows.
+__device__ __forceinline__ float softplus_of_negated(float x) {
+    return fmaxf(-x, 0.0f) + log1pf(expf(-fabsf(x)));
+}
+
+// term = (1 − y)·x + (1 + (pw − 1)·y)·softplus(−x)
+//      = −pw·y·ln σ(x) − (1 − y)·ln(1 − σ(x)), for any real y.
+extern "C" __global__ void bce_with_logits_terms(const BceTermsParams p) {
+    GRID_STRIDE_LOOP(i, p.n) {
+        float x = p.x[i], y = p.y[i];
+        float pw = p.pos_weight ? p.pos_weight[i] : 1.0f;
+        p.out[i] = (1.0f - y) * x + (1.0f + (pw - 1.0f) * y) * softplus_of_negated(x);
+    }
+}
+
+// dL/dx = g·((1 + (pw − 1)·y)·σ(x) − pw·y),  dL/dy = g·((pw − 1)·softplus(−x) − x)
+extern "C" __global__ void bce_with_logits_terms_backward(const BceTermsParams p) {
+    GRID_STRIDE_LOOP(i, p.n) {
+        float x = p.x[i], y = p.y[i], g = p.upstream[i];
+        float pw = p.pos_weight ? p.pos_weight[i] : 1.0f;
+        p.out[i] = g * ((1.0f + (pw - 1.0f) * y) * sigmoid(x) - pw * y);
+        if (p.out_target) p.out_target[i] = g * ((pw - 1.0f) * softplus_of_negated(x) - x);
+    }
+}
+
+// ---- class targets of cross entropy with options ---------------------------------
+// Mirrors ClassTargetsParams in src/ops/loss/cuda.rs.
+struct ClassTargetsParams {
+    const u32* targets;
+    u32* safe_targets;   // the targets, with ignored (and out-of-range) ones replaced by class 0
+    float* kept;         // 1 where the target counts, 0 where it equals ignore_index
+    u32* flags;          // bit 0: a counted target is ≥ classes; bit 1: some target counts
+    i64 n;
+    i64 classes;
+    i64 ignore_index;    // −1 when no class is ignored
+};
+static_assert(sizeof(ClassTargetsParams) == 56, "ClassTargetsParams must match its Rust mirror");
+
+// One thread per target. An ignored target may be any value (≥ classes
+// included, as PyTorch's 255 for segmentation borders); it gathers class 0
+// and is masked out by `kept`.
+extern "C" __global__ void cross_entropy_class_targets(const ClassTargetsParams p) {
+    bool out_of_range = false, any_kept = false;
+    GRID_STRIDE_LOOP(i, p.n) {
+        u32 t = p.targets[i];
+        bool ignored = p.ignore_index >= 0 && (i64)t == p.ignore_index;
+        bool bad = !ignored && (i64)t >= p.classes;
+        out_of_range |= bad;
+        any_kept |= !ignored;
+        p.safe_targets[i] = (ignored || bad) ? 0u : t;
+        p.kept[i] = ignored ? 0.0f : 1.0f;
+    }
+    if (out_of_range) atomicOr(p.flags, 1u);
+    if (any_kept) atomicOr(p.flags, 2u);
 }

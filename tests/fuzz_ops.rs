@@ -479,11 +479,6 @@ fn cast_operands_v(ts: &[&Tensor], autocast: Option<DType>) -> V {
     device_v(ts).and(u32_v).and(V::Maybe)
 }
 
-/// The values of every float operand lie in [0, 1] (bce's targets).
-fn all_probabilities(t: &Tensor) -> bool {
-    t.to_f64_vec().iter().all(|v| (0.0..=1.0).contains(v))
-}
-
 // ----- shape oracles (written independently of kiln's) ---------------------
 
 fn broadcast(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
@@ -2272,13 +2267,23 @@ fn losses(case: LossCase) -> CaseResult {
     let same = x.dims() == t.dims();
     let mean_ok = case.sum || x.numel() > 0;
     let v = operands_v(&operands).and(V::from(same && mean_ok));
-    check("mse_loss", Expect::new(Some(vec![]), v), &operands, || {
-        x.mse_loss(&t, reduction)
-    })?;
-    let probabilities = t.dtype() != DType::U32 && all_probabilities(&t);
+    // mse broadcasts a target of another shape against the input (PyTorch's rule).
+    let joint = broadcast(x.dims(), t.dims());
+    let mse_mean_ok = case.sum
+        || joint
+            .as_ref()
+            .is_some_and(|d| d.iter().product::<usize>() > 0);
+    let mse_v = operands_v(&operands).and(V::from(joint.is_some() && mse_mean_ok));
+    check(
+        "mse_loss",
+        Expect::new(Some(vec![]), mse_v),
+        &operands,
+        || x.mse_loss(&t, reduction),
+    )?;
+    // Any real target, as PyTorch's (no [0, 1] check).
     check(
         "bce_with_logits",
-        Expect::new(Some(vec![]), v.and(V::from(probabilities))),
+        Expect::new(Some(vec![]), v),
         &operands,
         || x.bce_with_logits(&t, reduction),
     )?;
@@ -2291,14 +2296,19 @@ fn losses(case: LossCase) -> CaseResult {
         || Tensor::gaussian_kl(&x, &t, reduction),
     )?;
 
-    // cross_entropy: logits [N, C] (x flattened to rank 2 when asked), targets [N].
+    // cross_entropy: logits [C], [N, C] or [N, C, d1, …] (x flattened to rank 2 when
+    // asked), targets of their shape without the class dim.
     let logits = if case.flatten && x.rank() >= 1 {
         let classes = x.dims()[1..].iter().product::<usize>();
         valid("reshape", || x.reshape([rows, classes]))?
     } else {
         x.clone()
     };
-    let classes = logits.dims().get(1).copied().unwrap_or(0);
+    // Classes along dim 1, or dim 0 of unbatched logits [C].
+    let classes = match logits.dims() {
+        [c] => *c,
+        dims => dims.get(1).copied().unwrap_or(0),
+    };
     let targets = build_indices(
         &Spec {
             dims: if case.flatten {
@@ -2312,7 +2322,15 @@ fn losses(case: LossCase) -> CaseResult {
     )?;
     let in_range = targets.dtype() == DType::U32
         && targets.to_f64_vec().iter().all(|&i| (i as usize) < classes);
-    let fits = logits.rank() == 2 && targets.dims() == [rows] && in_range && (case.sum || rows > 0);
+    // PyTorch's shapes: [C] with a rank-0 target, [N, C, d1, …] with [N, d1, …].
+    let target_dims: Option<Vec<usize>> = match logits.dims() {
+        [] => None,
+        [_] => Some(Vec::new()),
+        [n, _, rest @ ..] => Some(std::iter::once(*n).chain(rest.iter().copied()).collect()),
+    };
+    let fits = target_dims.as_deref() == Some(targets.dims())
+        && in_range
+        && (case.sum || targets.numel() > 0);
     let v = float_v(&logits)
         .and(device_v(&[&logits, &targets]))
         .and(V::from(fits));

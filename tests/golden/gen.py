@@ -11,6 +11,7 @@ convention.
 
 import math
 import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -632,6 +633,165 @@ def embedding_padding_idx():
         tensors["grad_" + k] = upstream[k]
         tensors["grad_weight" + k[3:]] = grad
     save("embedding_padding_idx", tensors, {"padding_idx": "2", "padding_idx_neg": "-2"})
+# loss options: reduction='none', cross entropy's weight / ignore_index /
+# label_smoothing / class dims, bce's weight / pos_weight / targets outside
+# [0, 1], mse with a broadcasting target
+# ---------------------------------------------------------------------------
+
+
+def loss_case(case, fn, inputs, diff, constants, meta):
+    """Save the differentiated `inputs`, the `constants` (targets, weights),
+    the forward result and the gradients of `fn(**inputs)`."""
+    res = forward_backward(fn, inputs, diff)
+    save(case, {**inputs, **constants, **res}, meta)
+
+
+def mse_none():
+    torch.manual_seed(0)
+    inputs = {"x": leaf(randn(3, 5)), "target": leaf(randn(3, 5))}
+    loss_case(
+        "mse_none",
+        lambda x, target: F.mse_loss(x, target, reduction="none"),
+        inputs, ["x", "target"], {}, {"reduction": "none"},
+    )
+
+
+def mse_broadcast_target():
+    torch.manual_seed(0)
+    inputs = {"x": leaf(randn(4, 3)), "target": leaf(randn(3))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the size-mismatch warning
+        loss_case(
+            "mse_broadcast_target",
+            lambda x, target: F.mse_loss(x, target, reduction="mean"),
+            inputs, ["x", "target"], {}, {"reduction": "mean"},
+        )
+
+
+def bce_with_logits_none():
+    torch.manual_seed(0)
+    inputs = {"x": leaf(randn(4, 6) * 2.0), "target": leaf(torch.rand(4, 6))}
+    loss_case(
+        "bce_with_logits_none",
+        lambda x, target: F.binary_cross_entropy_with_logits(x, target, reduction="none"),
+        inputs, ["x", "target"], {}, {"reduction": "none"},
+    )
+
+
+def bce_with_logits_weights():
+    """weight (4, 1) and pos_weight (5) broadcast against x (4, 5); targets in [-0.5, 1.5]."""
+    torch.manual_seed(0)
+    inputs = {"x": leaf(randn(4, 5) * 2.0), "target": leaf(torch.rand(4, 5) * 2.0 - 0.5)}
+    constants = {"weight": torch.rand(4, 1) + 0.5, "pos_weight": torch.rand(5) * 3.0 + 0.2}
+    loss_case(
+        "bce_with_logits_weights",
+        lambda x, target: F.binary_cross_entropy_with_logits(
+            x, target, weight=constants["weight"], pos_weight=constants["pos_weight"],
+            reduction="mean"),
+        inputs, ["x", "target"], constants, {"reduction": "mean"},
+    )
+
+
+def bce_with_logits_pos_weight_none():
+    """pos_weight (3) against x (2, 4, 3), no reduction; targets in [-1, 2]."""
+    torch.manual_seed(0)
+    inputs = {"x": leaf(randn(2, 4, 3) * 2.0), "target": leaf(torch.rand(2, 4, 3) * 3.0 - 1.0)}
+    constants = {"pos_weight": torch.tensor([0.5, 2.0, 4.0])}
+    loss_case(
+        "bce_with_logits_pos_weight_none",
+        lambda x, target: F.binary_cross_entropy_with_logits(
+            x, target, pos_weight=constants["pos_weight"], reduction="none"),
+        inputs, ["x", "target"], constants, {"reduction": "none"},
+    )
+
+
+def cross_entropy_case(case, x_shape, target, reduction, weight=None, ignore_index=None,
+                       label_smoothing=0.0):
+    x = leaf(randn(*x_shape) * 2.0)
+    constants = {"target": target}
+    if weight is not None:
+        constants["weight"] = weight
+    kwargs = {"weight": weight, "reduction": reduction, "label_smoothing": label_smoothing}
+    if ignore_index is not None:
+        kwargs["ignore_index"] = ignore_index
+    meta = {
+        "reduction": reduction,
+        "ignore_index": "none" if ignore_index is None else ignore_index,
+        "label_smoothing": repr(label_smoothing),
+    }
+    loss_case(case, lambda x: F.cross_entropy(x, target, **kwargs), {"x": x}, ["x"], constants,
+              meta)
+
+
+def cross_entropy_none():
+    torch.manual_seed(0)
+    target = torch.randint(0, 5, (6,), dtype=torch.int64)
+    cross_entropy_case("cross_entropy_none", (6, 5), target, "none")
+
+
+def cross_entropy_class_dims():
+    """Logits (N, C, d1, d2) = (2, 4, 3, 5), targets (2, 3, 5)."""
+    torch.manual_seed(0)
+    target = torch.randint(0, 4, (2, 3, 5), dtype=torch.int64)
+    cross_entropy_case("cross_entropy_class_dims", (2, 4, 3, 5), target, "mean")
+
+
+def cross_entropy_weight():
+    torch.manual_seed(0)
+    target = torch.randint(0, 5, (8,), dtype=torch.int64)
+    weight = torch.rand(5) + 0.2
+    cross_entropy_case("cross_entropy_weight", (8, 5), target, "mean", weight=weight)
+
+
+def cross_entropy_ignore_index():
+    torch.manual_seed(0)
+    target = torch.tensor([0, 1, 3, 1, 2, 1, 3], dtype=torch.int64)
+    cross_entropy_case("cross_entropy_ignore_index", (7, 4), target, "mean", ignore_index=1)
+
+
+def cross_entropy_label_smoothing():
+    torch.manual_seed(0)
+    target = torch.randint(0, 5, (6,), dtype=torch.int64)
+    cross_entropy_case("cross_entropy_label_smoothing", (6, 5), target, "mean",
+                       label_smoothing=0.15)
+
+
+def cross_entropy_all_options():
+    """Class dims, weight, ignore_index and label smoothing together, mean."""
+    torch.manual_seed(0)
+    target = torch.tensor([[2, 0, 3, 2, 1], [1, 2, 2, 3, 0], [0, 3, 1, 2, 2]], dtype=torch.int64)
+    weight = torch.rand(4) + 0.2
+    cross_entropy_case("cross_entropy_all_options", (3, 4, 5), target, "mean", weight=weight,
+                       ignore_index=2, label_smoothing=0.2)
+
+
+def cross_entropy_all_options_none():
+    """As cross_entropy_all_options, unreduced, with a different smoothing."""
+    torch.manual_seed(0)
+    target = torch.tensor([[2, 0, 3, 2, 1], [1, 2, 2, 3, 0], [0, 3, 1, 2, 2]], dtype=torch.int64)
+    weight = torch.rand(4) + 0.2
+    cross_entropy_case("cross_entropy_all_options_none", (3, 4, 5), target, "none",
+                       weight=weight, ignore_index=2, label_smoothing=0.35)
+
+
+def cross_entropy_unbatched():
+    """Logits (C) = (6) against a 0-dim target, with weight and smoothing."""
+    torch.manual_seed(0)
+    target = torch.tensor(4, dtype=torch.int64)
+    weight = torch.rand(6) + 0.2
+    cross_entropy_case("cross_entropy_unbatched", (6,), target, "mean", weight=weight,
+                       label_smoothing=0.1)
+
+
+def gaussian_kl_none():
+    """kiln's gaussian_kl per row: -1/2 sum_j (1 + logvar - mu^2 - e^logvar) over dims 1.."""
+    torch.manual_seed(0)
+    inputs = {"mu": leaf(randn(4, 2, 3)), "logvar": leaf(randn(4, 2, 3) * 0.5)}
+    loss_case(
+        "gaussian_kl_none",
+        lambda mu, logvar: (-0.5 * (1 + logvar - mu**2 - logvar.exp())).sum(dim=(1, 2)),
+        inputs, ["mu", "logvar"], {}, {"reduction": "none"},
+    )
 
 
 CASES = [
@@ -666,6 +826,20 @@ CASES = [
     batch_norm2d_momentum_none,
     batch_norm2d_untracked,
     embedding_padding_idx,
+    mse_none,
+    mse_broadcast_target,
+    bce_with_logits_none,
+    bce_with_logits_weights,
+    bce_with_logits_pos_weight_none,
+    cross_entropy_none,
+    cross_entropy_class_dims,
+    cross_entropy_weight,
+    cross_entropy_ignore_index,
+    cross_entropy_label_smoothing,
+    cross_entropy_all_options,
+    cross_entropy_all_options_none,
+    cross_entropy_unbatched,
+    gaussian_kl_none,
 ]
 
 

@@ -7,6 +7,7 @@ mod activation;
 mod conv;
 mod embedding;
 mod image_folder;
+mod loss;
 mod misc;
 mod norm;
 mod optim;

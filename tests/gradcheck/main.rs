@@ -6,5 +6,6 @@ mod common;
 mod conv;
 mod core;
 mod embedding;
+mod loss;
 mod misc;
 mod norm;

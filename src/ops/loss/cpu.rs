@@ -84,6 +84,51 @@ pub fn bce_with_logits_backward_target<T: Float>(x: &[T], scale: f64) -> Vec<T> 
     map(x, |x| x * scale)
 }
 
+/// softplus(−x) = ln(1 + e^(−x)) = max(−x, 0) + ln(1 + e^(−|x|)): no exponential overflows.
+fn softplus_of_negated<T: Float>(x: T) -> T {
+    (-x).max(T::ZERO) + (-x.abs()).ln_1p_exp_nonpositive()
+}
+
+/// The unreduced terms (1 − y)·x + (1 + (pw − 1)·y)·softplus(−x), which is
+/// −pw·y·ln σ(x) − (1 − y)·ln(1 − σ(x)) for any real y; `pos_weight` None is 1.
+pub fn bce_with_logits_terms<T: Float>(x: &[T], y: &[T], pos_weight: Option<&[T]>) -> Vec<T> {
+    (0..x.len())
+        .map(|i| {
+            let pw = pos_weight.map_or(T::ONE, |p| p[i]);
+            (T::ONE - y[i]) * x[i] + (T::ONE + (pw - T::ONE) * y[i]) * softplus_of_negated(x[i])
+        })
+        .collect()
+}
+
+/// dL/dx = g·((1 + (pw − 1)·y)·σ(x) − pw·y) of the unreduced bce terms.
+pub fn bce_with_logits_terms_backward_input<T: Float>(
+    x: &[T],
+    y: &[T],
+    pos_weight: Option<&[T]>,
+    upstream: &[T],
+) -> Vec<T> {
+    (0..x.len())
+        .map(|i| {
+            let pw = pos_weight.map_or(T::ONE, |p| p[i]);
+            upstream[i] * ((T::ONE + (pw - T::ONE) * y[i]) * sigmoid(x[i]) - pw * y[i])
+        })
+        .collect()
+}
+
+/// dL/dy = g·((pw − 1)·softplus(−x) − x) of the unreduced bce terms.
+pub fn bce_with_logits_terms_backward_target<T: Float>(
+    x: &[T],
+    pos_weight: Option<&[T]>,
+    upstream: &[T],
+) -> Vec<T> {
+    (0..x.len())
+        .map(|i| {
+            let pw = pos_weight.map_or(T::ONE, |p| p[i]);
+            upstream[i] * ((pw - T::ONE) * softplus_of_negated(x[i]) - x[i])
+        })
+        .collect()
+}
+
 /// log Σ_c e^(row[c]), shifted by the row's maximum so no exponential overflows.
 fn log_sum_exp<T: Float>(row: &[T]) -> T {
     let max = row.iter().fold(row[0], |m, &v| m.max(v));

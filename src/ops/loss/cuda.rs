@@ -1,7 +1,8 @@
 //! Launch glue for kernels/loss.cu. A forward returns the rank-0 loss (and
 //! for cross entropy each row's logsumexp); a backward reads dL/d(loss) from
 //! the device, so no value crosses to the host except the one-word target
-//! check of bce and cross entropy.
+//! check of cross entropy. The options paths add the unreduced bce terms and
+//! the preparation of class targets.
 
 use cudarc::driver::LaunchConfig;
 
@@ -24,7 +25,6 @@ kernel_params! {
         x: u64,
         y: u64,
         partials: u64,
-        error_flag: u64,
         n: i64,
     }
 }
@@ -74,8 +74,34 @@ kernel_params! {
     }
 }
 
+kernel_params! {
+    pub struct BceTermsParams {
+        x: u64,
+        y: u64,
+        pos_weight: u64,
+        upstream: u64,
+        out: u64,
+        out_target: u64,
+        n: i64,
+    }
+}
+
+kernel_params! {
+    pub struct ClassTargetsParams {
+        targets: u64,
+        safe_targets: u64,
+        kept: u64,
+        flags: u64,
+        n: i64,
+        classes: i64,
+        ignore_index: i64,
+    }
+}
+
 // kernels/loss.cu static_asserts the same sizes.
-const _: () = assert!(std::mem::size_of::<LossPartialsParams>() == 40);
+const _: () = assert!(std::mem::size_of::<LossPartialsParams>() == 32);
+const _: () = assert!(std::mem::size_of::<BceTermsParams>() == 56);
+const _: () = assert!(std::mem::size_of::<ClassTargetsParams>() == 56);
 const _: () = assert!(std::mem::size_of::<CrossEntropyForwardParams>() == 56);
 const _: () = assert!(std::mem::size_of::<FinishSumParams>() == 32);
 const _: () = assert!(std::mem::size_of::<LossBackwardParams>() == 48);
@@ -142,8 +168,13 @@ fn error_flag(like: &CudaStorage) -> Result<CudaStorage> {
 
 /// Reads a flag buffer back (waits for the kernels before it).
 fn flag_raised(flag: &CudaStorage) -> Result<bool> {
+    Ok(flag_bits(flag)? != 0)
+}
+
+/// The word of a flag buffer (waits for the kernels before it).
+fn flag_bits(flag: &CudaStorage) -> Result<u32> {
     match flag.to_cpu()? {
-        CpuStorage::U32(v) => Ok(v[0] != 0),
+        CpuStorage::U32(v) => Ok(v[0]),
         _ => unreachable!("the flag buffer is allocated as u32"),
     }
 }
@@ -164,37 +195,27 @@ fn finish_sum(partials: &CudaStorage, count: usize, scale: f64) -> Result<CudaSt
 }
 
 /// The loss of `x` against `y` (target, or logvar for the KL), reduced to a
-/// rank-0 tensor. For bce, returns Ok(None) if a target lies outside [0, 1]
-/// (the caller finds and reports it).
+/// rank-0 tensor.
 pub(crate) fn elementwise_loss(
     loss: ElementwiseLoss,
     x: &CudaStorage,
     y: &CudaStorage,
     scale: f64,
-) -> Result<Option<CudaStorage>> {
+) -> Result<CudaStorage> {
     let kernel = loss.partials_kernel();
     require_f32(kernel, &[x, y])?;
     let n = x.len();
     let blocks = n.div_ceil(REDUCE_THREADS as usize).clamp(1, MAX_PARTIALS);
     let partials = CudaStorage::alloc(x.device(), DType::F64, blocks)?;
-    let checks_targets = matches!(loss, ElementwiseLoss::BceWithLogits);
-    let flag = checks_targets.then(|| error_flag(x)).transpose()?;
     let params = LossPartialsParams {
         x: x.ptr(),
         y: y.ptr(),
         partials: partials.ptr(),
-        error_flag: flag.as_ref().map_or(0, CudaStorage::ptr),
         n: n as i64,
     };
     x.device()
         .launch(FILE, kernel, reduce_config(blocks), params)?;
-    let out = finish_sum(&partials, blocks, scale)?;
-    if let Some(flag) = &flag
-        && flag_raised(flag)?
-    {
-        return Ok(None);
-    }
-    Ok(Some(out))
+    finish_sum(&partials, blocks, scale)
 }
 
 /// Cross entropy of `logits` [rows, classes] against u32 `targets` [rows]:
@@ -298,4 +319,107 @@ pub(crate) fn cross_entropy_backward(
     };
     logits.device().launch(FILE, KERNEL, launch_1d(n), params)?;
     Ok(dx)
+}
+
+/// The unreduced bce terms (1 − y)·x + (1 + (pw − 1)·y)·softplus(−x) of
+/// same-length `x`, `y` and `pos_weight` (None: 1).
+pub(crate) fn bce_with_logits_terms(
+    x: &CudaStorage,
+    y: &CudaStorage,
+    pos_weight: Option<&CudaStorage>,
+) -> Result<CudaStorage> {
+    const KERNEL: &str = "bce_with_logits_terms";
+    require_f32(KERNEL, &[x, y])?;
+    if let Some(pw) = pos_weight {
+        require_f32(KERNEL, &[pw])?;
+    }
+    let n = x.len();
+    let out = CudaStorage::alloc(x.device(), DType::F32, n)?;
+    let params = BceTermsParams {
+        x: x.ptr(),
+        y: y.ptr(),
+        pos_weight: pos_weight.map_or(0, CudaStorage::ptr),
+        upstream: 0,
+        out: out.ptr(),
+        out_target: 0,
+        n: n as i64,
+    };
+    x.device().launch(FILE, KERNEL, launch_1d(n), params)?;
+    Ok(out)
+}
+
+/// dL/dx and (if `target_grad`) dL/dy of the unreduced bce terms, from the
+/// per-element upstream gradient.
+pub(crate) fn bce_with_logits_terms_backward(
+    x: &CudaStorage,
+    y: &CudaStorage,
+    pos_weight: Option<&CudaStorage>,
+    upstream: &CudaStorage,
+    target_grad: bool,
+) -> Result<(CudaStorage, Option<CudaStorage>)> {
+    const KERNEL: &str = "bce_with_logits_terms_backward";
+    require_f32(KERNEL, &[x, y, upstream])?;
+    if let Some(pw) = pos_weight {
+        require_f32(KERNEL, &[pw])?;
+    }
+    let n = x.len();
+    let dx = CudaStorage::alloc(x.device(), DType::F32, n)?;
+    let dy = target_grad
+        .then(|| CudaStorage::alloc(x.device(), DType::F32, n))
+        .transpose()?;
+    let params = BceTermsParams {
+        x: x.ptr(),
+        y: y.ptr(),
+        pos_weight: pos_weight.map_or(0, CudaStorage::ptr),
+        upstream: upstream.ptr(),
+        out: dx.ptr(),
+        out_target: dy.as_ref().map_or(0, CudaStorage::ptr),
+        n: n as i64,
+    };
+    x.device().launch(FILE, KERNEL, launch_1d(n), params)?;
+    Ok((dx, dy))
+}
+
+/// What `cross_entropy_class_targets` found besides its two outputs.
+pub(crate) struct ClassTargets {
+    /// The targets with ignored ones replaced by class 0 (u32).
+    pub safe_targets: CudaStorage,
+    /// 1 where a target counts, 0 where it equals ignore_index (f32).
+    pub kept: CudaStorage,
+    /// A counted target is ≥ classes (the caller finds and reports it).
+    pub out_of_range: bool,
+    /// At least one target counts.
+    pub any_kept: bool,
+}
+
+/// Masks the u32 class `targets` equal to `ignore_index` and checks the
+/// others against `classes`, in one launch and one word read back.
+pub(crate) fn class_targets(
+    targets: &CudaStorage,
+    classes: usize,
+    ignore_index: Option<u32>,
+) -> Result<ClassTargets> {
+    const KERNEL: &str = "cross_entropy_class_targets";
+    let n = targets.len();
+    let device = targets.device();
+    let safe_targets = CudaStorage::alloc(device, DType::U32, n)?;
+    let kept = CudaStorage::alloc(device, DType::F32, n)?;
+    let flags = error_flag(targets)?;
+    let params = ClassTargetsParams {
+        targets: targets.ptr(),
+        safe_targets: safe_targets.ptr(),
+        kept: kept.ptr(),
+        flags: flags.ptr(),
+        n: n as i64,
+        classes: classes as i64,
+        ignore_index: ignore_index.map_or(-1, i64::from),
+    };
+    device.launch(FILE, KERNEL, launch_1d(n), params)?;
+    let bits = flag_bits(&flags)?;
+    Ok(ClassTargets {
+        safe_targets,
+        kept,
+        out_of_range: bits & 1 != 0,
+        any_kept: bits & 2 != 0,
+    })
 }

@@ -1,44 +1,88 @@
 //! Losses: mse, binary cross entropy on logits, cross entropy on class
-//! targets, and the Gaussian KL term of a VAE. Each is one fused op with its
-//! own backward kernel (no chain of small ops), returns a rank-0 tensor, and
-//! reduces by [`Reduction::Mean`] or [`Reduction::Sum`].
+//! targets, and the Gaussian KL term of a VAE, with PyTorch's reductions
+//! (`Reduction::Mean`, `Sum`, or `None` for the unreduced losses). A plain
+//! Mean or Sum is one fused op with its own backward kernel (no chain of
+//! small ops) returning a rank-0 tensor; `None` and the options of PyTorch
+//! (class weights, ignore_index, label smoothing, bce weights, a
+//! broadcasting mse target) are composed of differentiable ops.
 
+mod bce;
 pub mod cpu;
+mod cross_entropy;
 pub(crate) mod cuda;
+
+pub use bce::BceWithLogitsOptions;
+pub use cross_entropy::CrossEntropyOptions;
 
 use crate::autocast::{self, AutocastOp};
 use crate::autograd::Backward;
 use crate::cuda::CudaStorage;
 use crate::error::{Error, Result};
-use crate::ops::embedding::{check_index_range, multi_index};
+use crate::ops::broadcast_shape;
 use crate::profile;
-use crate::storage::{CpuStorage, Float, Storage};
-use crate::tensor::{DType, Device, Shape, Tensor, check_operands, same_device};
+use crate::storage::{CpuStorage, Storage};
+use crate::tensor::{DType, Device, Shape, Tensor, check_operands};
 use crate::{float_slice, float_slice2};
 use cuda::{ElementwiseLoss, LossGradient};
 
-/// How a loss combines its per-element (or per-row) terms.
+/// How a loss combines its per-element (or per-row) terms, as PyTorch's
+/// `reduction=` ('mean', 'sum', 'none').
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Reduction {
     /// The average (over elements, rows or samples, as each loss documents).
     #[default]
     Mean,
     Sum,
+    /// No reduction: the loss of each element, row or sample, as each loss
+    /// documents.
+    None,
 }
 
 impl Reduction {
-    /// The factor applied to the summed terms: 1/count for Mean, 1 for Sum.
-    /// A mean over nothing is an error rather than NaN.
+    /// The factor a fused loss applies to its summed terms: 1/count for
+    /// Mean, 1 for Sum. A mean over nothing is an error rather than NaN.
+    /// The fused paths never see `None` (it keeps the terms unreduced).
     fn scale(self, op: &'static str, count: usize, what: &str, shape: &Shape) -> Result<f64> {
         match self {
             Reduction::Sum => Ok(1.0),
-            Reduction::Mean if count == 0 => Err(Error::shape(
-                op,
-                format!("the mean over {what} is undefined: shape {shape} has none"),
-            )),
+            Reduction::Mean if count == 0 => Err(mean_over_nothing(op, what, shape)),
             Reduction::Mean => Ok(1.0 / count as f64),
+            Reduction::None => unreachable!("{op}: an unreduced loss takes no fused reduction"),
         }
     }
+}
+
+fn mean_over_nothing(op: &'static str, what: &str, shape: &Shape) -> Error {
+    Error::shape(
+        op,
+        format!("the mean over {what} is undefined: shape {shape} has none"),
+    )
+}
+
+/// Unreduced loss terms reduced as `reduction` says (a mean over no
+/// element is an error, as for the fused losses).
+fn reduce_terms(op: &'static str, terms: Tensor, reduction: Reduction) -> Result<Tensor> {
+    match reduction {
+        Reduction::None => Ok(terms),
+        Reduction::Sum => terms.sum_all(),
+        Reduction::Mean if terms.numel() == 0 => {
+            Err(mean_over_nothing(op, "elements", terms.shape()))
+        }
+        Reduction::Mean => terms.mean_all(),
+    }
+}
+
+/// Says once per process (as PyTorch's UserWarning) that mse_loss broadcast
+/// a target of another shape against its input.
+fn warn_broadcast_target(input: &Shape, target: &Shape) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        eprintln!(
+            "warning: mse_loss: Using a target size ({target}) that is different to the input \
+             size ({input}). This will likely lead to incorrect results due to broadcasting. \
+             Please ensure they have the same size."
+        );
+    });
 }
 
 /// Checks that `target` has the shape of `input`.
@@ -68,18 +112,18 @@ fn scalar_shape() -> Shape {
 
 /// The rank-0 value scale · Σ term(a, b) of an element-wise loss of two
 /// operands on one device: `on_cpu` sums on the host; on CUDA the `kind`
-/// partials kernel does, and reports None when it flagged a bad target.
+/// partials kernel does.
 fn elementwise_loss_value(
     a: &Tensor,
     b: &Tensor,
     kind: ElementwiseLoss,
     scale: f64,
     on_cpu: impl FnOnce(&CpuStorage, &CpuStorage) -> Result<CpuStorage>,
-) -> Result<Option<Storage>> {
+) -> Result<Storage> {
     Ok(match (&*a.storage(), &*b.storage()) {
-        (Storage::Cpu(x), Storage::Cpu(y)) => Some(Storage::Cpu(on_cpu(x, y)?)),
+        (Storage::Cpu(x), Storage::Cpu(y)) => Storage::Cpu(on_cpu(x, y)?),
         (Storage::Cuda(x), Storage::Cuda(y)) => {
-            cuda::elementwise_loss(kind, x, y, scale)?.map(Storage::Cuda)
+            Storage::Cuda(cuda::elementwise_loss(kind, x, y, scale)?)
         }
         _ => unreachable!("check_operands put both operands on one device"),
     })
@@ -103,7 +147,16 @@ fn upstream_on_device<'a>(
 }
 
 impl Tensor {
-    /// Mean (or sum) of (self − target)² over every element; target has the same shape.
+    /// (self − target)² per element: their mean (Mean), sum (Sum), or each
+    /// of them (None, the broadcast shape), as PyTorch's `F.mse_loss`.
+    ///
+    /// A target of another shape is broadcast against the input (both, as
+    /// `torch.broadcast_tensors`): Mean divides by the broadcast count, and
+    /// each operand's gradient is summed back to its own shape. As PyTorch
+    /// (a UserWarning), the first such call of the process prints a warning
+    /// line to stderr, since a differing shape is usually a mistake ([N]
+    /// against [N, 1] gives N² terms). Shapes that do not broadcast are an
+    /// error naming both.
     pub fn mse_loss(&self, target: &Tensor, reduction: Reduction) -> Result<Tensor> {
         if autocast::any_half(&[Some(self), Some(target)]) {
             let out = autocast::widened(self)?.mse_loss(&autocast::widened(target)?, reduction)?;
@@ -112,14 +165,35 @@ impl Tensor {
         const OP: &str = "mse_loss";
         let _profile = profile::op(OP, self.device());
         check_operands(OP, &[self, target])?;
-        check_same_shape(OP, self, target, "target")?;
+        if self.shape() != target.shape() {
+            let joint = broadcast_shape(OP, self.shape(), target.shape()).map_err(|_| {
+                Error::shape(
+                    OP,
+                    format!(
+                        "target shape {} does not broadcast against input shape {}",
+                        target.shape(),
+                        self.shape()
+                    ),
+                )
+            })?;
+            warn_broadcast_target(self.shape(), target.shape());
+            let (x, y) = (
+                self.broadcast_to(joint.clone())?,
+                target.broadcast_to(joint)?,
+            );
+            return x.mse_loss(&y, reduction);
+        }
+        if reduction == Reduction::None {
+            // (x − y)² per element; the product rule gives dL/dx = 2(x − y)·g = −dL/dy.
+            let difference = self.sub(target)?;
+            return difference.mul(&difference);
+        }
         let scale = reduction.scale(OP, self.numel(), "elements", self.shape())?;
         let value = elementwise_loss_value(self, target, ElementwiseLoss::Mse, scale, |x, y| {
             Ok(float_slice2!(OP, x, y, |xv, yv| CpuStorage::from(vec![
                 cpu::mse(xv, yv, scale)
             ])))
-        })?
-        .expect("mse checks no target values");
+        })?;
         Ok(Tensor::from_op(
             value,
             scalar_shape(),
@@ -128,123 +202,10 @@ impl Tensor {
         ))
     }
 
-    /// Binary cross entropy on logits, max(x, 0) − x·y + ln(1 + e^(−|x|)) per
-    /// element (stable for any x), averaged over elements (Mean) or summed.
-    /// `target` has the same shape, with values in [0, 1].
-    pub fn bce_with_logits(&self, target: &Tensor, reduction: Reduction) -> Result<Tensor> {
-        if autocast::any_half(&[Some(self), Some(target)]) {
-            let out =
-                autocast::widened(self)?.bce_with_logits(&autocast::widened(target)?, reduction)?;
-            return autocast::finish_output(AutocastOp::Loss, out, self.dtype());
-        }
-        const OP: &str = "bce_with_logits";
-        let _profile = profile::op(OP, self.device());
-        check_operands(OP, &[self, target])?;
-        check_same_shape(OP, self, target, "target")?;
-        let scale = reduction.scale(OP, self.numel(), "elements", self.shape())?;
-        let kind = ElementwiseLoss::BceWithLogits;
-        let value = elementwise_loss_value(self, target, kind, scale, |x, y| {
-            check_probabilities(OP, y, target.dims())?;
-            Ok(float_slice2!(OP, x, y, |xv, yv| CpuStorage::from(vec![
-                cpu::bce_with_logits(xv, yv, scale)
-            ])))
-        })?;
-        // The CUDA kernel flags targets outside [0, 1]; only then are they
-        // copied to the host, to name the first one as the CPU path does.
-        let Some(value) = value else {
-            check_probabilities(OP, &target.host_storage()?, target.dims())?;
-            return Err(Error::invalid(OP, "a target value is not in [0, 1]"));
-        };
-        Ok(Tensor::from_op(
-            value,
-            scalar_shape(),
-            &[self, target],
-            |_| BceWithLogitsBackward { scale },
-        ))
-    }
-
-    /// Cross entropy of logits [N, C] against u32 class `targets` [N] in
-    /// [0, C): −log softmax(x_n)[t_n] per row; Mean divides by N.
-    pub fn cross_entropy(&self, targets: &Tensor, reduction: Reduction) -> Result<Tensor> {
-        if self.dtype().is_half() {
-            return autocast::in_float32(AutocastOp::Loss, self, |x| {
-                x.cross_entropy(targets, reduction)
-            });
-        }
-        const OP: &str = "cross_entropy";
-        let _profile = profile::op(OP, self.device());
-        check_operands(OP, &[self])?;
-        same_device(OP, &[self, targets])?;
-        let [rows, classes] = *self.dims() else {
-            return Err(Error::shape(
-                OP,
-                format!("logits must be 2-D [N, C], got shape {}", self.shape()),
-            ));
-        };
-        if targets.dims() != [rows] {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "targets must have shape [{rows}] for logits {}, got {}",
-                    self.shape(),
-                    targets.shape()
-                ),
-            ));
-        }
-        let scale = reduction.scale(OP, rows, "rows", self.shape())?;
-        let classes_context = || format!("logits {} have {classes} classes", self.shape());
-        let (value, row_logsumexp) = match (&*self.storage(), &*targets.storage()) {
-            (Storage::Cpu(x), Storage::Cpu(t)) => {
-                let t = u32_targets(OP, t)?;
-                check_index_range(OP, "target", t, targets.dims(), classes, classes_context)?;
-                float_slice!(OP, x, |xv| {
-                    let (loss, lse) = cpu::cross_entropy(xv, t, classes, scale);
-                    (
-                        Storage::Cpu(CpuStorage::from(vec![loss])),
-                        Storage::Cpu(CpuStorage::from(lse)),
-                    )
-                })
-            }
-            // The kernel flags targets ≥ C; only then are they copied to the
-            // host, to name the first one as the CPU path does.
-            (Storage::Cuda(x), Storage::Cuda(t)) => {
-                require_u32_targets(OP, t.dtype())?;
-                match cuda::cross_entropy(x, t, rows, classes, scale)? {
-                    Some((loss, lse)) => (Storage::Cuda(loss), Storage::Cuda(lse)),
-                    None => {
-                        let host = t.to_cpu()?;
-                        let t = u32_targets(OP, &host)?;
-                        check_index_range(
-                            OP,
-                            "target",
-                            t,
-                            targets.dims(),
-                            classes,
-                            classes_context,
-                        )?;
-                        return Err(Error::invalid(
-                            OP,
-                            format!("a target is out of range: {}", classes_context()),
-                        ));
-                    }
-                }
-            }
-            _ => unreachable!("same_device put logits and targets on one device"),
-        };
-        Ok(Tensor::from_op(
-            value,
-            scalar_shape(),
-            &[self, targets],
-            |_| CrossEntropyBackward {
-                scale,
-                row_logsumexp: Tensor::from_result(row_logsumexp, Shape::new(vec![rows])),
-            },
-        ))
-    }
-
     /// KL(N(mu, e^logvar) ‖ N(0, 1)), the VAE's latent penalty: per row
     /// −½ Σ_j (1 + logvar − mu² − e^logvar) over all non-leading dims; Mean
-    /// averages the rows (dim 0), Sum adds them. mu and logvar share a shape.
+    /// averages the rows (dim 0), Sum adds them, None keeps them ([rows]).
+    /// mu and logvar share a shape.
     pub fn gaussian_kl(mu: &Tensor, logvar: &Tensor, reduction: Reduction) -> Result<Tensor> {
         if autocast::any_half(&[Some(mu), Some(logvar)]) {
             let (wide_mu, wide_logvar) = (autocast::widened(mu)?, autocast::widened(logvar)?);
@@ -261,14 +222,25 @@ impl Tensor {
                 "mu and logvar must have a leading (row) dim, got rank 0",
             ));
         };
+        if reduction == Reduction::None {
+            // ½ Σ_j (mu² + e^logvar − logvar − 1) per row; its gradients
+            // (mu·g and ½(e^logvar − 1)·g) follow from the composed ops.
+            let terms = mu
+                .mul(mu)?
+                .add(&logvar.exp()?)?
+                .sub(logvar)?
+                .add_scalar(-1.0)?
+                .mul_scalar(0.5)?;
+            let per_row: usize = mu.dims()[1..].iter().product();
+            return terms.reshape([rows, per_row])?.sum(&[1], false);
+        }
         let scale = reduction.scale(OP, rows, "rows", mu.shape())?;
         let kind = ElementwiseLoss::GaussianKl;
         let value = elementwise_loss_value(mu, logvar, kind, scale, |m, lv| {
             Ok(float_slice2!(OP, m, lv, |mv, lvv| CpuStorage::from(vec![
                 cpu::gaussian_kl(mv, lvv, scale)
             ])))
-        })?
-        .expect("gaussian_kl checks no input values");
+        })?;
         Ok(Tensor::from_op(
             value,
             scalar_shape(),
@@ -276,26 +248,6 @@ impl Tensor {
             |_| GaussianKlBackward { scale },
         ))
     }
-}
-
-/// Checks that every target of a binary loss (host values of shape `dims`)
-/// is a probability in [0, 1] (this also catches logits passed as the
-/// target by mistake).
-fn check_probabilities(op: &'static str, target: &CpuStorage, dims: &[usize]) -> Result<()> {
-    let outside = float_slice!(op, target, |v| v
-        .iter()
-        .position(|y| !(0.0..=1.0).contains(y))
-        .map(|flat| (flat, v[flat].to_f64())));
-    let Some((flat, value)) = outside else {
-        return Ok(());
-    };
-    Err(Error::invalid(
-        op,
-        format!(
-            "target value {value} at position {:?} is not in [0, 1]",
-            multi_index(flat, dims)
-        ),
-    ))
 }
 
 /// The values of u32 class targets on the host.
@@ -415,48 +367,6 @@ impl Backward for BceWithLogitsBackward {
         };
         let dy = dy.map(|d| Tensor::from_result(d, y.shape().clone()));
         Ok(vec![Some(Tensor::from_result(dx, x.shape().clone())), dy])
-    }
-}
-
-struct CrossEntropyBackward {
-    /// 1/N for Mean, 1 for Sum.
-    scale: f64,
-    /// log Σ_c e^(x[n, c]) per row, from the forward (detached, [N]).
-    row_logsumexp: Tensor,
-}
-
-impl Backward for CrossEntropyBackward {
-    fn name(&self) -> &'static str {
-        "cross_entropy"
-    }
-    // dL/dx[n, c] = (softmax(x_n)[c] − [c = t_n]) · g · scale   (targets get no gradient)
-    fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        const OP: &str = "cross_entropy";
-        let (x, targets) = (&inputs[0], &inputs[1]);
-        let classes = x.dims()[1];
-        let storages = (
-            &*x.storage(),
-            &*targets.storage(),
-            &*self.row_logsumexp.storage(),
-        );
-        let dx = match storages {
-            (Storage::Cpu(xs), Storage::Cpu(ts), Storage::Cpu(ls)) => {
-                let scale = upstream_scale(grad, self.scale)?;
-                let t = u32_targets(OP, ts)?;
-                Storage::Cpu(float_slice2!(OP, xs, ls, |xv, lv| CpuStorage::from(
-                    cpu::cross_entropy_backward(xv, t, lv, classes, scale)
-                )))
-            }
-            (Storage::Cuda(xs), Storage::Cuda(ts), Storage::Cuda(ls)) => {
-                let grad_storage = grad.storage();
-                let g = upstream_on_device(OP, &grad_storage, x.device())?;
-                Storage::Cuda(cuda::cross_entropy_backward(
-                    xs, ts, ls, g, classes, self.scale,
-                )?)
-            }
-            _ => unreachable!("the forward put logits, targets and logsumexp on one device"),
-        };
-        Ok(vec![Some(Tensor::from_result(dx, x.shape().clone())), None])
     }
 }
 
