@@ -12,3 +12,4 @@ mod gemm;
 mod loss;
 mod models;
 mod norm;
+mod optim;
