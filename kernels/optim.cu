@@ -1,12 +1,13 @@
 // Fused optimizer updates and the gradient norm for clipping.
 // `sgd_update` and `adam_update` mirror the CPU kernels of the same names in
-// src/optim/cpu.rs operation for operation: one thread per element reads the
-// parameter, its gradient and its state once and writes parameter and state
-// back in place (memory-bound, so one pass is the whole cost). Every scalar
-// that depends only on the step (bias corrections, lr·wd, 1 − β) is computed
-// on the host in f64 and arrives here rounded to f32, as the CPU kernel
-// rounds it. (NVRTC may contract a·b + c into one fused multiply-add, so
-// results can differ from the CPU in the last bit.)
+// src/optim/cpu.rs operation for operation (`adam_update` given a
+// max_exp_avg_sq buffer mirrors `adam_amsgrad_update`): one thread per
+// element reads the parameter, its gradient and its state once and writes
+// parameter and state back in place (memory-bound, so one pass is the whole
+// cost). Every scalar that depends only on the step (bias corrections,
+// lr·wd, 1 − β) is computed on the host in f64 and arrives here rounded to
+// f32, as the CPU kernel rounds it. (NVRTC may contract a·b + c into one
+// fused multiply-add, so results can differ from the CPU in the last bit.)
 // `sum_of_squares_partials` + `finish_sum_of_squares` give Σ g² over many
 // gradients deterministically: each gradient gets a fixed number of blocks
 // that write double partial sums side by side in one buffer, then one block
@@ -61,16 +62,16 @@ struct SgdParams {
     u32 copy_mode;              // COPY_*: whether and how the forward copy is written
     u16* copy;                  // the forward copy; null without one
     u32 copy_stream;            // the random stream of stochastic rounding
-    u32 pad;
+    u32 maximize;               // ascend: g = −g before everything else
 };
 static_assert(sizeof(SgdParams) == 80, "SgdParams must match its Rust mirror");
 
-// d = g + wd·p; buf = d (first step) or μ·buf + (1 − dampening)·d;
+// g = −g (maximize); d = g + wd·p; buf = d (first step) or μ·buf + (1 − dampening)·d;
 // d = d + μ·buf (Nesterov) or buf; p = p − lr·d.
 extern "C" __global__ void sgd_update(const SgdParams p) {
     GRID_STRIDE_LOOP(i, p.n) {
         float param = p.param[i];
-        float d = p.grad[i];
+        float d = p.maximize ? -p.grad[i] : p.grad[i];
         if (p.apply_weight_decay) d = d + p.weight_decay * param;
         if (p.momentum_buffer) {
             float buf = p.first_step ? d : p.momentum_buffer[i] * p.momentum + p.one_minus_dampening * d;
@@ -90,6 +91,7 @@ struct AdamParams {
     const float* grad;
     float* exp_avg;
     float* exp_avg_sq;
+    float* max_exp_avg_sq;         // AMSGrad's max of exp_avg_sq; null without amsgrad
     i64 n;
     float weight_decay;
     float decay_factor;            // 1 − lr·wd (AdamW)
@@ -104,16 +106,19 @@ struct AdamParams {
     u16* copy;                     // the forward copy; null without one
     u32 copy_mode;                 // COPY_*
     u32 copy_stream;               // the random stream of stochastic rounding
+    u32 maximize;                  // ascend: g = −g before everything else
+    u32 pad;
 };
-static_assert(sizeof(AdamParams) == 96, "AdamParams must match its Rust mirror");
+static_assert(sizeof(AdamParams) == 112, "AdamParams must match its Rust mirror");
 
-// (Adam) g = g + wd·p, or (AdamW) p = p·(1 − lr·wd);
+// g = −g (maximize); (Adam) g = g + wd·p, or (AdamW) p = p·(1 − lr·wd);
 // m = lerp(m, g, 1 − β1); v = β2·v + (1 − β2)·g²;
+// AMSGrad: v_max = max(v_max, v) (NaN propagating, as torch.maximum), which replaces v below;
 // p = p − step_size · m / (√v / √(1 − β2ᵗ) + eps).
 extern "C" __global__ void adam_update(const AdamParams p) {
     GRID_STRIDE_LOOP(i, p.n) {
         float param = p.param[i];
-        float g = p.grad[i];
+        float g = p.maximize ? -p.grad[i] : p.grad[i];
         if (p.apply_weight_decay) {
             if (p.decoupled_weight_decay) {
                 param = param * p.decay_factor;
@@ -126,7 +131,14 @@ extern "C" __global__ void adam_update(const AdamParams p) {
         m = p.one_minus_beta1 < 0.5f ? m + p.one_minus_beta1 * (g - m)
                                      : g - (g - m) * (1.0f - p.one_minus_beta1);
         float v = p.exp_avg_sq[i] * p.beta2 + p.one_minus_beta2 * g * g;
-        float denom = sqrtf(v) / p.bias_correction2_sqrt + p.eps;
+        float second_moment = v;
+        if (p.max_exp_avg_sq) {
+            float v_max = p.max_exp_avg_sq[i];
+            if (v > v_max || isnan(v)) v_max = v;
+            p.max_exp_avg_sq[i] = v_max;
+            second_moment = v_max;
+        }
+        float denom = sqrtf(second_moment) / p.bias_correction2_sqrt + p.eps;
         p.exp_avg[i] = m;
         p.exp_avg_sq[i] = v;
         float updated = param + p.neg_step_size * m / denom;

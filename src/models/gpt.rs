@@ -618,6 +618,7 @@ impl GptOptimizers {
             betas: (0.9, beta2),
             eps: 1e-8,
             weight_decay,
+            ..AdamConfig::adamw()
         };
         Ok(GptOptimizers {
             decay: AdamW::new(matrices, config)?,

@@ -1,5 +1,6 @@
 //! Adam (L2 weight decay added to the gradient) and AdamW (decoupled weight
-//! decay), as `torch.optim.Adam` / `torch.optim.AdamW`.
+//! decay), as `torch.optim.Adam` / `torch.optim.AdamW`, with their `amsgrad`
+//! and `maximize` options.
 
 use std::collections::HashMap;
 
@@ -9,7 +10,7 @@ use super::bookkeeping::{
     unexpected_names,
 };
 use super::cpu::AdamScalars;
-use super::dispatch::{checked_grad, run_adam};
+use super::dispatch::{AdamStateRefs, checked_grad, run_adam};
 use super::forward_copy::{ForwardCopies, copy_buffer, refresh_copy};
 use crate::autograd::GradStore;
 use crate::error::{Error, Result};
@@ -23,16 +24,26 @@ pub struct AdamConfig {
     pub betas: (f64, f64),
     pub eps: f64,
     pub weight_decay: f64,
+    /// AMSGrad (PyTorch's `amsgrad`): divide by the running max of the
+    /// second moment instead of the second moment itself, so the effective
+    /// step size never grows. Keeps a third state tensor, `max_exp_avg_sq`.
+    pub amsgrad: bool,
+    /// Ascend the objective (PyTorch's `maximize`): the gradient is negated
+    /// before everything else, L2 weight decay included.
+    pub maximize: bool,
 }
 
 impl AdamConfig {
-    /// PyTorch's `Adam` defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-8, no weight decay.
+    /// PyTorch's `Adam` defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-8, no
+    /// weight decay, no AMSGrad, minimising.
     pub fn adam() -> Self {
         AdamConfig {
             lr: 1e-3,
             betas: (0.9, 0.999),
             eps: 1e-8,
             weight_decay: 0.0,
+            amsgrad: false,
+            maximize: false,
         }
     }
 
@@ -57,6 +68,8 @@ struct AdamMoments {
     step: u32,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
+    /// AMSGrad's running max of `exp_avg_sq`; present exactly when amsgrad is on.
+    max_exp_avg_sq: Option<Tensor>,
 }
 
 struct AdamSlot {
@@ -73,7 +86,10 @@ struct AdamCore {
     forward_copies: Option<ForwardCopies>,
 }
 
+/// The state of every parameter, under PyTorch's names ...
 pub(super) const ADAM_STATE: [&str; 3] = ["step", "exp_avg", "exp_avg_sq"];
+/// ... and the one AMSGrad adds.
+pub(super) const AMSGRAD_STATE: &str = "max_exp_avg_sq";
 
 impl AdamCore {
     fn new(
@@ -127,6 +143,11 @@ impl AdamCore {
                     step: 0,
                     exp_avg: slot.param.zeros_like()?,
                     exp_avg_sq: slot.param.zeros_like()?,
+                    max_exp_avg_sq: if self.config.amsgrad {
+                        Some(slot.param.zeros_like()?)
+                    } else {
+                        None
+                    },
                 });
             }
             let moments = slot.moments.as_mut().expect("created above");
@@ -146,8 +167,11 @@ impl AdamCore {
                 &slot.name,
                 &slot.param,
                 &grad,
-                &moments.exp_avg,
-                &moments.exp_avg_sq,
+                AdamStateRefs {
+                    exp_avg: &moments.exp_avg,
+                    exp_avg_sq: &moments.exp_avg_sq,
+                    max_exp_avg_sq: moments.max_exp_avg_sq.as_ref(),
+                },
                 &scalars,
                 copy.as_ref().map(|(buffer, format)| (&**buffer, *format)),
             )?;
@@ -192,6 +216,10 @@ impl AdamCore {
             out.push((format!("{}.step", slot.name), step));
             out.push((format!("{}.exp_avg", slot.name), m.exp_avg.clone()));
             out.push((format!("{}.exp_avg_sq", slot.name), m.exp_avg_sq.clone()));
+            if let Some(max_exp_avg_sq) = &m.max_exp_avg_sq {
+                let key = format!("{}.{AMSGRAD_STATE}", slot.name);
+                out.push((key, max_exp_avg_sq.clone()));
+            }
         }
         out
     }
@@ -201,11 +229,14 @@ impl AdamCore {
         op: &'static str,
         tensors: &HashMap<String, Tensor>,
     ) -> Result<()> {
+        let amsgrad = self.config.amsgrad;
         let mut problems = Vec::new();
+        // AMSGrad's tensor is known either way: with amsgrad off it gets the
+        // mismatch message below instead of "unexpected".
         let unexpected = unexpected_names(
             tensors,
             self.slots.iter().map(|s| s.name.clone()),
-            &ADAM_STATE,
+            &[ADAM_STATE.as_slice(), &[AMSGRAD_STATE]].concat(),
         );
         if !unexpected.is_empty() {
             problems.push(format!("unexpected tensors: {}", unexpected.join(", ")));
@@ -213,8 +244,10 @@ impl AdamCore {
         let mut loaded = Vec::new();
         for slot in &self.slots {
             let keys = ADAM_STATE.map(|s| format!("{}.{s}", slot.name));
+            let max_key = format!("{}.{AMSGRAD_STATE}", slot.name);
+            let has_max = tensors.contains_key(&max_key);
             let present: Vec<&String> = keys.iter().filter(|k| tensors.contains_key(*k)).collect();
-            if present.is_empty() {
+            if present.is_empty() && !has_max {
                 loaded.push(None);
                 continue;
             }
@@ -227,21 +260,27 @@ impl AdamCore {
                 problems.push(format!("incomplete state, missing {}", missing.join(", ")));
                 continue;
             }
+            if has_max != amsgrad {
+                problems.push(amsgrad_mismatch(&slot.name, amsgrad));
+                continue;
+            }
             let step = step_count(tensors, &keys[0]);
             let exp_avg = state_copy(tensors, &keys[1], &slot.param);
             let exp_avg_sq = state_copy(tensors, &keys[2], &slot.param);
-            match (step, exp_avg, exp_avg_sq) {
-                (Ok(step), Ok(Some(exp_avg)), Ok(Some(exp_avg_sq))) => {
-                    loaded.push(Some(AdamMoments {
+            let max_exp_avg_sq = state_copy(tensors, &max_key, &slot.param);
+            match (step, exp_avg, exp_avg_sq, max_exp_avg_sq) {
+                (Ok(step), Ok(Some(exp_avg)), Ok(Some(exp_avg_sq)), Ok(max_exp_avg_sq)) => loaded
+                    .push(Some(AdamMoments {
                         step,
                         exp_avg,
                         exp_avg_sq,
-                    }))
-                }
-                (step, exp_avg, exp_avg_sq) => {
+                        max_exp_avg_sq,
+                    })),
+                (step, exp_avg, exp_avg_sq, max_exp_avg_sq) => {
                     problems.extend(step.err());
                     problems.extend(exp_avg.err());
                     problems.extend(exp_avg_sq.err());
+                    problems.extend(max_exp_avg_sq.err());
                 }
             }
         }
@@ -252,6 +291,23 @@ impl AdamCore {
             slot.moments = moments;
         }
         self.refresh_forward_copies()
+    }
+}
+
+/// Why a parameter's saved state does not fit this optimizer's `amsgrad`:
+/// AMSGrad's running max cannot be made up (zeros would let the step size
+/// jump) nor dropped silently (the run would change algorithm).
+fn amsgrad_mismatch(param: &str, amsgrad: bool) -> String {
+    if amsgrad {
+        format!(
+            "{param}.{AMSGRAD_STATE} is missing: the state of {param} was saved with amsgrad \
+             off; resume it with AdamConfig {{ amsgrad: false, .. }}"
+        )
+    } else {
+        format!(
+            "{param}.{AMSGRAD_STATE} is AMSGrad state but amsgrad is off; resume it with \
+             AdamConfig {{ amsgrad: true, .. }}"
+        )
     }
 }
 

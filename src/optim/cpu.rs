@@ -17,9 +17,12 @@ pub struct SgdScalars {
     pub dampening: f64,
     pub weight_decay: f64,
     pub nesterov: bool,
+    /// Ascend: g ← −g before everything else (weight decay included).
+    pub maximize: bool,
 }
 
 /// One SGD step on one parameter, in place:
+/// g = −g (maximize);
 /// d = g + wd·p;
 /// with momentum: buf = d on the first step, else buf = μ·buf + (1 − dampening)·d,
 ///   then d = d + μ·buf (Nesterov) or d = buf;
@@ -36,6 +39,7 @@ pub fn sgd_update<T: Float>(
     let momentum = T::from_f64(s.momentum);
     let one_minus_dampening = T::from_f64(1.0 - s.dampening);
     let decay = |p: T, g: T| {
+        let g = if s.maximize { -g } else { g };
         if s.weight_decay != 0.0 {
             g + weight_decay * p
         } else {
@@ -78,6 +82,8 @@ pub struct AdamScalars {
     pub weight_decay: f64,
     /// AdamW: p ← p·(1 − lr·wd) before the step, instead of g ← g + wd·p.
     pub decoupled_weight_decay: bool,
+    /// Ascend: g ← −g before everything else (weight decay included).
+    pub maximize: bool,
     /// lr / (1 − β1ᵗ)
     pub step_size: f64,
     /// √(1 − β2ᵗ)
@@ -96,13 +102,78 @@ impl AdamScalars {
             eps: config.eps,
             weight_decay: config.weight_decay,
             decoupled_weight_decay,
+            maximize: config.maximize,
             step_size: config.lr / bias_correction1,
             bias_correction2_sqrt: bias_correction2.sqrt(),
         }
     }
 }
 
+/// An Adam step's scalars in the parameter's float type, and the two
+/// halves of the update of one element, shared by [`adam_update`] and
+/// [`adam_amsgrad_update`] (which differ only in the second moment that
+/// divides the step).
+struct AdamElementStep<T> {
+    s: AdamScalars,
+    weight_decay: T,
+    decay_factor: T,
+    one_minus_beta1: T,
+    beta2: T,
+    one_minus_beta2: T,
+    neg_step_size: T,
+    bias_correction2_sqrt: T,
+    eps: T,
+    half: T,
+}
+
+impl<T: Float> AdamElementStep<T> {
+    fn new(s: &AdamScalars) -> Self {
+        AdamElementStep {
+            s: *s,
+            weight_decay: T::from_f64(s.weight_decay),
+            decay_factor: T::from_f64(1.0 - s.lr * s.weight_decay),
+            one_minus_beta1: T::from_f64(1.0 - s.beta1),
+            beta2: T::from_f64(s.beta2),
+            one_minus_beta2: T::from_f64(1.0 - s.beta2),
+            neg_step_size: T::from_f64(-s.step_size),
+            bias_correction2_sqrt: T::from_f64(s.bias_correction2_sqrt),
+            eps: T::from_f64(s.eps),
+            half: T::from_f64(0.5),
+        }
+    }
+
+    /// Negates g (maximize), applies weight decay (to g, or to p for
+    /// AdamW) and returns the new moments (m, v), not yet stored.
+    #[inline(always)]
+    fn moments(&self, p: &mut T, g: T, m: T, v: T) -> (T, T) {
+        let mut g = if self.s.maximize { -g } else { g };
+        if self.s.weight_decay != 0.0 {
+            if self.s.decoupled_weight_decay {
+                *p *= self.decay_factor;
+            } else {
+                g += self.weight_decay * *p;
+            }
+        }
+        // PyTorch's lerp, which picks the form that is exact at its nearer end.
+        let m_new = if self.one_minus_beta1 < self.half {
+            m + self.one_minus_beta1 * (g - m)
+        } else {
+            g - (g - m) * (T::ONE - self.one_minus_beta1)
+        };
+        let v_new = v * self.beta2 + self.one_minus_beta2 * g * g;
+        (m_new, v_new)
+    }
+
+    /// p = p − step_size · m / (√second / √(1 − β2ᵗ) + eps).
+    #[inline(always)]
+    fn descend(&self, p: &mut T, m: T, second_moment: T) {
+        let denom = second_moment.sqrt() / self.bias_correction2_sqrt + self.eps;
+        *p += self.neg_step_size * m / denom;
+    }
+}
+
 /// One Adam step on one parameter, in place, in PyTorch's operation order:
+/// g = −g (maximize);
 /// (Adam) g = g + wd·p, or (AdamW) p = p·(1 − lr·wd);
 /// m = lerp(m, g, 1 − β1) = β1·m + (1 − β1)·g;
 /// v = β2·v + (1 − β2)·g²;
@@ -114,53 +185,54 @@ pub fn adam_update<T: Float>(
     exp_avg_sq: &mut [T],
     s: &AdamScalars,
 ) {
-    let weight_decay = T::from_f64(s.weight_decay);
-    let decay_factor = T::from_f64(1.0 - s.lr * s.weight_decay);
-    let one_minus_beta1 = T::from_f64(1.0 - s.beta1);
-    let beta2 = T::from_f64(s.beta2);
-    let one_minus_beta2 = T::from_f64(1.0 - s.beta2);
-    let neg_step_size = T::from_f64(-s.step_size);
-    let bias_correction2_sqrt = T::from_f64(s.bias_correction2_sqrt);
-    let eps = T::from_f64(s.eps);
-    let half = T::from_f64(0.5);
+    let step = AdamElementStep::<T>::new(s);
     for (((p, &g), m), v) in param
         .iter_mut()
         .zip(grad)
         .zip(exp_avg.iter_mut())
         .zip(exp_avg_sq.iter_mut())
     {
-        let mut g = g;
-        if s.weight_decay != 0.0 {
-            if s.decoupled_weight_decay {
-                *p *= decay_factor;
-            } else {
-                g += weight_decay * *p;
-            }
-        }
-        // PyTorch's lerp, which picks the form that is exact at its nearer end.
-        let m_new = if one_minus_beta1 < half {
-            *m + one_minus_beta1 * (g - *m)
-        } else {
-            g - (g - *m) * (T::ONE - one_minus_beta1)
-        };
-        let v_new = *v * beta2 + one_minus_beta2 * g * g;
-        let denom = v_new.sqrt() / bias_correction2_sqrt + eps;
-        *p += neg_step_size * m_new / denom;
+        let (m_new, v_new) = step.moments(p, g, *m, *v);
+        step.descend(p, m_new, v_new);
         *m = flush_subnormal(m_new);
         *v = flush_subnormal(v_new);
     }
 }
 
-/// x, or 0 if x is subnormal. Adam's moments of a weight whose gradient
-/// is (nearly) always zero decay geometrically into the subnormal range,
-/// where x86 arithmetic takes a microcode assist: after 10 epochs of the
-/// VAE, half of fc1's first moments were subnormal and its Adam step was
-/// several times slower. PyTorch keeps them. Flushing them after the update
-/// leaves the parameters as PyTorch's: a moment below 2⁻¹²⁶ moves a
-/// parameter by under 2⁻¹²⁶·lr/eps, less than half an ulp of any parameter
-/// above about 1e-26 in size, and in v it is far below eps² in the denominator.
-/// (kernels/optim.cu keeps them: a GPU computes with subnormals at full speed.)
-#[inline(always)]
+/// One AMSGrad step (`amsgrad=True`) on one parameter, in place: as
+/// [`adam_update`], then
+/// v_max = max(v_max, v) (NaN propagating, as `torch.maximum`);
+/// p = p − step_size · m / (√v_max / √(1 − β2ᵗ) + eps).
+pub fn adam_amsgrad_update<T: Float>(
+    param: &mut [T],
+    grad: &[T],
+    exp_avg: &mut [T],
+    exp_avg_sq: &mut [T],
+    max_exp_avg_sq: &mut [T],
+    s: &AdamScalars,
+) {
+    let step = AdamElementStep::<T>::new(s);
+    for ((((p, &g), m), v), v_max) in param
+        .iter_mut()
+        .zip(grad)
+        .zip(exp_avg.iter_mut())
+        .zip(exp_avg_sq.iter_mut())
+        .zip(max_exp_avg_sq.iter_mut())
+    {
+        let (m_new, v_new) = step.moments(p, g, *m, *v);
+        #[allow(clippy::eq_op)] // v ≠ v: v is NaN
+        let v_max_new = if v_new > *v_max || v_new != v_new {
+            v_new
+        } else {
+            *v_max
+        };
+        step.descend(p, m_new, v_max_new);
+        *m = flush_subnormal(m_new);
+        *v = flush_subnormal(v_new);
+        *v_max = flush_subnormal(v_max_new);
+    }
+}
+
 /// GradScaler's unscale of one gradient: out = grad · inv_scale, and
 /// whether every result is finite (0·x is ±0 for a finite x and NaN for Inf
 /// or NaN, which equals nothing), in one pass that vectorises.
@@ -177,6 +249,17 @@ pub fn unscale_and_check_finite<T: Float>(grad: &[T], inv_scale: T) -> (Vec<T>, 
     (out, finite)
 }
 
+/// x, or 0 if x is subnormal. Adam's moments of a weight whose gradient
+/// is (nearly) always zero decay geometrically into the subnormal range,
+/// where x86 arithmetic takes a microcode assist: after 10 epochs of the
+/// VAE, half of fc1's first moments were subnormal and its Adam step was
+/// several times slower. PyTorch keeps them. Flushing them after the update
+/// leaves the parameters as PyTorch's: a moment below 2⁻¹²⁶ moves a
+/// parameter by under 2⁻¹²⁶·lr/eps, less than half an ulp of any parameter
+/// above about 1e-26 in size, and in v (or AMSGrad's max of v) it is far
+/// below eps² in the denominator.
+/// (kernels/optim.cu keeps them: a GPU computes with subnormals at full speed.)
+#[inline(always)]
 fn flush_subnormal<T: Float>(x: T) -> T {
     if x.abs() < T::MIN_POSITIVE {
         T::ZERO
@@ -197,6 +280,7 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.0,
             decoupled_weight_decay: false,
+            maximize: false,
             step_size: 1e-3 / (1.0 - 0.9f64.powi(50)),
             bias_correction2_sqrt: (1.0 - 0.999f64.powi(50)).sqrt(),
         }
@@ -226,5 +310,22 @@ mod tests {
         assert_eq!(&exp_avg[..2], &[0.0, 0.0], "decayed first moments flushed");
         assert_eq!(exp_avg_sq[0], 0.0, "decayed second moment flushed");
         assert!(exp_avg[2].is_normal() && exp_avg_sq[2].is_normal());
+    }
+
+    #[test]
+    fn amsgrad_max_propagates_nan_as_torch_maximum() {
+        // A NaN second moment replaces the max (and stays), where a plain
+        // max would keep the old value; a smaller finite one does not.
+        let s = AdamScalars {
+            maximize: true,
+            ..scalars()
+        };
+        let mut param = vec![0.5f32, -0.5];
+        let (mut m, mut v, mut v_max) = (vec![0.0f32; 2], vec![0.0f32; 2], vec![1.0f32, 1.0]);
+        adam_amsgrad_update(&mut param, &[f32::NAN, 0.5], &mut m, &mut v, &mut v_max, &s);
+        assert!(v_max[0].is_nan() && param[0].is_nan());
+        assert_eq!(v_max[1], 1.0, "the larger old max stays");
+        // maximize: a positive gradient moves the parameter up.
+        assert!(param[1] > -0.5);
     }
 }

@@ -31,7 +31,7 @@ kernel_params! {
         copy_mode: u32,
         copy: u64,
         copy_stream: u32,
-        pad: u32,
+        maximize: u32,
     }
 }
 
@@ -41,6 +41,7 @@ kernel_params! {
         grad: u64,
         exp_avg: u64,
         exp_avg_sq: u64,
+        max_exp_avg_sq: u64,
         n: i64,
         weight_decay: f32,
         decay_factor: f32,
@@ -55,6 +56,8 @@ kernel_params! {
         copy: u64,
         copy_mode: u32,
         copy_stream: u32,
+        maximize: u32,
+        pad: u32,
     }
 }
 
@@ -76,7 +79,7 @@ kernel_params! {
 
 // kernels/optim.cu static_asserts the same sizes.
 const _: () = assert!(std::mem::size_of::<SgdParams>() == 80);
-const _: () = assert!(std::mem::size_of::<AdamParams>() == 96);
+const _: () = assert!(std::mem::size_of::<AdamParams>() == 112);
 
 /// The (buffer, mode, random stream) of a forward copy for the update
 /// kernels: mode 0 and a null buffer when there is none.
@@ -131,23 +134,28 @@ pub(super) fn sgd_update(
         copy_mode,
         copy,
         copy_stream,
-        pad: 0,
+        maximize: u32::from(s.maximize),
     };
     param
         .device()
         .launch(FILE, "sgd_update", launch_1d(n), params)
 }
 
-/// One Adam/AdamW step in place, scalars rounded to f32 as on the CPU.
+/// One Adam/AdamW step in place, scalars rounded to f32 as on the CPU;
+/// AMSGrad's when `max_exp_avg_sq` is given.
 pub(super) fn adam_update(
     param: &CudaStorage,
     grad: &CudaStorage,
     exp_avg: &CudaStorage,
     exp_avg_sq: &CudaStorage,
+    max_exp_avg_sq: Option<&CudaStorage>,
     s: &AdamScalars,
     copy: Option<(&CudaStorage, CopyFormat)>,
 ) -> Result<()> {
     require_f32("Adam", &[param, grad, exp_avg, exp_avg_sq])?;
+    if let Some(max_exp_avg_sq) = max_exp_avg_sq {
+        require_f32("Adam", &[max_exp_avg_sq])?;
+    }
     let n = param.len();
     let (copy, copy_mode, copy_stream) = copy_fields(copy)?;
     let params = AdamParams {
@@ -155,6 +163,7 @@ pub(super) fn adam_update(
         grad: grad.ptr(),
         exp_avg: exp_avg.ptr(),
         exp_avg_sq: exp_avg_sq.ptr(),
+        max_exp_avg_sq: max_exp_avg_sq.map_or(0, CudaStorage::ptr),
         n: n as i64,
         weight_decay: s.weight_decay as f32,
         decay_factor: (1.0 - s.lr * s.weight_decay) as f32,
@@ -169,6 +178,8 @@ pub(super) fn adam_update(
         copy,
         copy_mode,
         copy_stream,
+        maximize: u32::from(s.maximize),
+        pad: 0,
     };
     param
         .device()

@@ -4,7 +4,9 @@
 use rayon::iter::Either;
 use rayon::prelude::*;
 
-use super::cpu::{AdamScalars, SgdScalars, UPDATE_CHUNK, adam_update, sgd_update};
+use super::cpu::{
+    AdamScalars, SgdScalars, UPDATE_CHUNK, adam_amsgrad_update, adam_update, sgd_update,
+};
 use super::cuda;
 use super::forward_copy::{CopyFormat, copy_bits, write_copy};
 use crate::cuda::CudaStorage;
@@ -175,21 +177,30 @@ pub(super) fn run_sgd(
     }
 }
 
+/// Adam's state tensors of one parameter: the moments, and AMSGrad's
+/// running max of the second moment when amsgrad is on.
+pub(super) struct AdamStateRefs<'a> {
+    pub exp_avg: &'a Tensor,
+    pub exp_avg_sq: &'a Tensor,
+    pub max_exp_avg_sq: Option<&'a Tensor>,
+}
+
 pub(super) fn run_adam(
     name: &str,
     param: &Tensor,
     grad: &Tensor,
-    exp_avg: &Tensor,
-    exp_avg_sq: &Tensor,
+    state: AdamStateRefs,
     s: &AdamScalars,
     copy: CopyTarget,
 ) -> Result<()> {
+    #[allow(clippy::too_many_arguments)]
     fn typed_update<T: Float>(
         name: &str,
         param: &mut CpuStorage,
         grad: &CpuStorage,
         exp_avg: &mut CpuStorage,
         exp_avg_sq: &mut CpuStorage,
+        max_exp_avg_sq: Option<&mut CpuStorage>,
         s: &AdamScalars,
         copy: Option<(&mut [u16], CopyFormat)>,
     ) -> Result<()> {
@@ -199,47 +210,69 @@ pub(super) fn run_adam(
         let exp_avg_sq = typed_mut::<T>(exp_avg_sq, name)?;
         let chunks = param.len().div_ceil(UPDATE_CHUNK);
         let (copy, format) = copy.map_or((None, CopyFormat::Bf16Nearest), |(c, f)| (Some(c), f));
-        param
+        let moments = param
             .par_chunks_mut(UPDATE_CHUNK)
             .zip(grad.par_chunks(UPDATE_CHUNK))
             .zip(exp_avg.par_chunks_mut(UPDATE_CHUNK))
-            .zip(exp_avg_sq.par_chunks_mut(UPDATE_CHUNK))
-            .zip(copy_chunks(copy, chunks))
-            .enumerate()
-            .for_each(|(k, ((((p, g), m), v), c))| {
-                adam_update(p, g, m, v, s);
-                write_chunk_copy(k, p, c, format);
-            });
+            .zip(exp_avg_sq.par_chunks_mut(UPDATE_CHUNK));
+        match max_exp_avg_sq {
+            None => moments.zip(copy_chunks(copy, chunks)).enumerate().for_each(
+                |(k, ((((p, g), m), v), c))| {
+                    adam_update(p, g, m, v, s);
+                    write_chunk_copy(k, p, c, format);
+                },
+            ),
+            Some(max_exp_avg_sq) => {
+                let max_exp_avg_sq = typed_mut::<T>(max_exp_avg_sq, name)?;
+                moments
+                    .zip(max_exp_avg_sq.par_chunks_mut(UPDATE_CHUNK))
+                    .zip(copy_chunks(copy, chunks))
+                    .enumerate()
+                    .for_each(|(k, (((((p, g), m), v), v_max), c))| {
+                        adam_amsgrad_update(p, g, m, v, v_max, s);
+                        write_chunk_copy(k, p, c, format);
+                    })
+            }
+        }
         Ok(())
     }
 
     let mut param_guard = param.storage_mut();
     let grad_guard = grad.storage();
-    let mut exp_avg_guard = exp_avg.storage_mut();
-    let mut exp_avg_sq_guard = exp_avg_sq.storage_mut();
+    let mut exp_avg_guard = state.exp_avg.storage_mut();
+    let mut exp_avg_sq_guard = state.exp_avg_sq.storage_mut();
+    let mut max_guard = state.max_exp_avg_sq.map(Tensor::storage_mut);
     let mut copy_guard = copy.map(|(buffer, format)| (buffer.write(), format));
     match (&mut *param_guard, &*grad_guard) {
         (Storage::Cpu(p), Storage::Cpu(g)) => {
             let m = cpu_state(name, &mut exp_avg_guard)?;
             let v = cpu_state(name, &mut exp_avg_sq_guard)?;
+            let v_max = match &mut max_guard {
+                Some(guard) => Some(cpu_state(name, guard)?),
+                None => None,
+            };
             let copy = match &mut copy_guard {
                 Some((guard, format)) => Some((copy_bits(cpu_state(name, guard)?), *format)),
                 None => None,
             };
             match p.dtype() {
-                DType::F32 => typed_update::<f32>(name, p, g, m, v, s, copy),
-                DType::F64 => typed_update::<f64>(name, p, g, m, v, s, copy),
+                DType::F32 => typed_update::<f32>(name, p, g, m, v, v_max, s, copy),
+                DType::F64 => typed_update::<f64>(name, p, g, m, v, v_max, s, copy),
                 other => Err(Error::unsupported_dtype("Adam", other)),
             }
         }
         (Storage::Cuda(p), Storage::Cuda(g)) => {
             let m = cuda_state(name, &mut exp_avg_guard)?;
             let v = cuda_state(name, &mut exp_avg_sq_guard)?;
+            let v_max = match &mut max_guard {
+                Some(guard) => Some(&*cuda_state(name, guard)?),
+                None => None,
+            };
             let copy = match &mut copy_guard {
                 Some((guard, format)) => Some((&*cuda_state(name, guard)?, *format)),
                 None => None,
             };
-            cuda::adam_update(p, g, m, v, s, copy)
+            cuda::adam_update(p, g, m, v, v_max, s, copy)
         }
         _ => unreachable!("checked_grad put the gradient on its parameter's device"),
     }

@@ -1,8 +1,10 @@
 //! Optimizers with exactly PyTorch's update rules: [`Sgd`] (momentum,
-//! dampening, Nesterov, L2 weight decay), [`Adam`] (L2 weight decay added to
-//! the gradient) and [`AdamW`] (decoupled weight decay).
+//! dampening, Nesterov, L2 weight decay, maximize), [`Adam`] (L2 weight decay
+//! added to the gradient) and [`AdamW`] (decoupled weight decay), both with
+//! PyTorch's `amsgrad` and `maximize`.
 //!
-//! Each optimizer has one fused CPU kernel (`sgd_update`, `adam_update`): a
+//! Each optimizer has one fused CPU kernel (`sgd_update`, `adam_update`, and
+//! `adam_amsgrad_update` for AMSGrad's third state tensor): a
 //! plain generic function over `T: Float` that updates a parameter and its
 //! state in place, element by element, with no allocation; the CUDA backend
 //! mirrors it in `kernels/optim.cu`. State (momentum buffers, Adam moments)
@@ -20,6 +22,8 @@
 //! forward copies the updates can write beside the parameters (`forward_copy`).
 
 mod adam;
+#[cfg(test)]
+mod adam_state_tests;
 mod bookkeeping;
 mod clip;
 mod cpu;
@@ -37,7 +41,9 @@ use crate::tensor::Tensor;
 
 pub use adam::{Adam, AdamConfig, AdamW};
 pub use clip::clip_grad_norm;
-pub use cpu::{AdamScalars, SgdScalars, adam_update, sgd_update, unscale_and_check_finite};
+pub use cpu::{
+    AdamScalars, SgdScalars, adam_amsgrad_update, adam_update, sgd_update, unscale_and_check_finite,
+};
 pub use forward_copy::{CopyRounding, ForwardCopies, round_bf16_stochastic};
 pub use grad_scaler::{GradScaler, GradScalerConfig};
 pub use sgd::{Sgd, SgdConfig};

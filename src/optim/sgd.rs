@@ -24,10 +24,13 @@ pub struct SgdConfig {
     pub dampening: f64,
     pub weight_decay: f64,
     pub nesterov: bool,
+    /// Ascend the objective (PyTorch's `maximize`): the gradient is negated
+    /// before everything else, weight decay included.
+    pub maximize: bool,
 }
 
 impl SgdConfig {
-    /// Plain SGD: no momentum, no dampening, no weight decay.
+    /// Plain SGD: no momentum, no dampening, no weight decay, minimising.
     pub fn new(lr: f64) -> Self {
         SgdConfig {
             lr,
@@ -35,6 +38,7 @@ impl SgdConfig {
             dampening: 0.0,
             weight_decay: 0.0,
             nesterov: false,
+            maximize: false,
         }
     }
 }
@@ -103,6 +107,7 @@ impl Optimizer for Sgd {
             dampening: c.dampening,
             weight_decay: c.weight_decay,
             nesterov: c.nesterov,
+            maximize: c.maximize,
         };
         for slot in &mut self.slots {
             let Some(grad) = grads.get(&slot.param) else {

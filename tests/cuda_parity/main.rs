@@ -13,3 +13,4 @@ mod gemm;
 mod loss;
 mod models;
 mod norm;
+mod optim;

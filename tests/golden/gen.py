@@ -792,6 +792,80 @@ def gaussian_kl_none():
         lambda mu, logvar: (-0.5 * (1 + logvar - mu**2 - logvar.exp())).sum(dim=(1, 2)),
         inputs, ["mu", "logvar"], {}, {"reduction": "none"},
     )
+# optimiser options: Adam/AdamW amsgrad and maximize, SGD maximize
+# ---------------------------------------------------------------------------
+
+
+def adam_options_case(case, cls, amsgrad, maximize):
+    # beta2 0.8 (not 0.999) lets a small gradient after a large one pull
+    # exp_avg_sq below its running max within three steps, so AMSGrad's
+    # max_exp_avg_sq differs from exp_avg_sq and is what divides the step.
+    lr, beta1, beta2, eps, wd = 0.01, 0.9, 0.8, 1e-8, 0.1
+    opt, pa, pb, tensors = run_optimizer(
+        lambda ps: cls(
+            ps,
+            lr=lr,
+            betas=(beta1, beta2),
+            eps=eps,
+            weight_decay=wd,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=False,
+        )
+    )
+    for suffix, p in (("a", pa), ("b", pb)):
+        st = opt.state[p]
+        tensors[f"exp_avg_{suffix}"] = st["exp_avg"]
+        tensors[f"exp_avg_sq_{suffix}"] = st["exp_avg_sq"]
+        if amsgrad:
+            tensors[f"max_exp_avg_sq_{suffix}"] = st["max_exp_avg_sq"]
+    if amsgrad:
+        lagging = sum(
+            int((opt.state[p]["max_exp_avg_sq"] != opt.state[p]["exp_avg_sq"]).sum()) for p in (pa, pb)
+        )
+        assert lagging >= 3, f"{case}: only {lagging} elements where the max differs"
+    meta = {
+        "lr": str(lr),
+        "beta1": str(beta1),
+        "beta2": str(beta2),
+        "eps": str(eps),
+        "weight_decay": str(wd),
+        "amsgrad": "true" if amsgrad else "false",
+        "maximize": "true" if maximize else "false",
+        "steps": str(STEPS),
+    }
+    save(case, tensors, meta)
+
+
+def adam_amsgrad():
+    adam_options_case("adam_amsgrad", torch.optim.Adam, amsgrad=True, maximize=False)
+
+
+def adam_maximize():
+    adam_options_case("adam_maximize", torch.optim.Adam, amsgrad=False, maximize=True)
+
+
+def adamw_amsgrad_maximize():
+    adam_options_case("adamw_amsgrad_maximize", torch.optim.AdamW, amsgrad=True, maximize=True)
+
+
+def sgd_maximize():
+    lr, momentum, wd = 0.1, 0.9, 0.01
+    opt, pa, pb, tensors = run_optimizer(
+        lambda ps: torch.optim.SGD(ps, lr=lr, momentum=momentum, weight_decay=wd, maximize=True, foreach=False)
+    )
+    tensors["momentum_buffer_a"] = opt.state[pa]["momentum_buffer"]
+    tensors["momentum_buffer_b"] = opt.state[pb]["momentum_buffer"]
+    meta = {
+        "lr": str(lr),
+        "momentum": str(momentum),
+        "dampening": "0.0",
+        "nesterov": "false",
+        "weight_decay": str(wd),
+        "maximize": "true",
+        "steps": str(STEPS),
+    }
+    save("sgd_maximize", tensors, meta)
 
 
 CASES = [
@@ -840,6 +914,10 @@ CASES = [
     cross_entropy_all_options_none,
     cross_entropy_unbatched,
     gaussian_kl_none,
+    adam_amsgrad,
+    adam_maximize,
+    adamw_amsgrad_maximize,
+    sgd_maximize,
 ]
 
 

@@ -1,5 +1,6 @@
-//! SGD (momentum, weight decay), Adam (L2 weight decay) and AdamW (decoupled
-//! weight decay) against three steps of `torch.optim` on the same gradients.
+//! SGD (momentum, weight decay, maximize), Adam (L2 weight decay) and AdamW
+//! (decoupled weight decay), with and without `amsgrad` and `maximize`,
+//! against three steps of `torch.optim` on the same gradients.
 
 use crate::common::Golden;
 use kiln::optim::{Adam, AdamConfig, AdamW, Optimizer, Sgd, SgdConfig};
@@ -40,11 +41,37 @@ fn adam_config(g: &Golden) -> AdamConfig {
         betas: (g.meta_f64("beta1"), g.meta_f64("beta2")),
         eps: g.meta_f64("eps"),
         weight_decay: g.meta_f64("weight_decay"),
+        ..AdamConfig::adam()
     }
 }
 
+/// A "true"/"false" metadata flag.
+fn meta_flag(g: &Golden, key: &str) -> bool {
+    match g.meta(key) {
+        "true" => true,
+        "false" => false,
+        other => panic!("{key}: {other} is not a flag"),
+    }
+}
+
+/// The config of a case that records `amsgrad` and `maximize`.
+fn adam_options_config(g: &Golden) -> AdamConfig {
+    AdamConfig {
+        amsgrad: meta_flag(g, "amsgrad"),
+        maximize: meta_flag(g, "maximize"),
+        ..adam_config(g)
+    }
+}
+
+/// The moments, and AMSGrad's running max exactly when the case stored one.
 fn check_adam_state(g: &Golden, state: &std::collections::HashMap<String, Tensor>) {
     for p in ["a", "b"] {
+        let max_key = format!("{p}.max_exp_avg_sq");
+        if g.has(&format!("max_exp_avg_sq_{p}")) {
+            g.assert_close(&format!("max_exp_avg_sq_{p}"), &state[&max_key]);
+        } else {
+            assert!(!state.contains_key(&max_key), "{max_key} without amsgrad");
+        }
         g.assert_close(&format!("exp_avg_{p}"), &state[&format!("{p}.exp_avg")]);
         g.assert_close(
             &format!("exp_avg_sq_{p}"),
@@ -71,6 +98,33 @@ fn adamw_with_decoupled_weight_decay_matches_pytorch_over_three_steps() {
 }
 
 #[test]
+fn adam_with_amsgrad_matches_pytorch_over_three_steps() {
+    let g = Golden::load("adam_amsgrad");
+    let config = adam_options_config(&g);
+    assert!(config.amsgrad && !config.maximize);
+    let state = run_three_steps(&g, |params| Box::new(Adam::new(params, config).unwrap()));
+    check_adam_state(&g, &state);
+}
+
+#[test]
+fn adam_maximize_negates_the_gradient_before_l2_weight_decay_as_pytorch() {
+    let g = Golden::load("adam_maximize");
+    let config = adam_options_config(&g);
+    assert!(!config.amsgrad && config.maximize);
+    let state = run_three_steps(&g, |params| Box::new(Adam::new(params, config).unwrap()));
+    check_adam_state(&g, &state);
+}
+
+#[test]
+fn adamw_with_amsgrad_and_maximize_matches_pytorch_over_three_steps() {
+    let g = Golden::load("adamw_amsgrad_maximize");
+    let config = adam_options_config(&g);
+    assert!(config.amsgrad && config.maximize);
+    let state = run_three_steps(&g, |params| Box::new(AdamW::new(params, config).unwrap()));
+    check_adam_state(&g, &state);
+}
+
+#[test]
 fn sgd_with_momentum_and_weight_decay_matches_pytorch_over_three_steps() {
     let g = Golden::load("sgd_momentum");
     assert_eq!(g.meta("nesterov"), "false");
@@ -80,6 +134,27 @@ fn sgd_with_momentum_and_weight_decay_matches_pytorch_over_three_steps() {
         weight_decay: g.meta_f64("weight_decay"),
         ..SgdConfig::new(g.meta_f64("lr"))
     };
+    let state = run_three_steps(&g, |params| Box::new(Sgd::new(params, config).unwrap()));
+    for p in ["a", "b"] {
+        g.assert_close(
+            &format!("momentum_buffer_{p}"),
+            &state[&format!("{p}.momentum_buffer")],
+        );
+    }
+}
+
+#[test]
+fn sgd_maximize_with_momentum_and_weight_decay_matches_pytorch_over_three_steps() {
+    let g = Golden::load("sgd_maximize");
+    assert_eq!(g.meta("nesterov"), "false");
+    let config = SgdConfig {
+        momentum: g.meta_f64("momentum"),
+        dampening: g.meta_f64("dampening"),
+        weight_decay: g.meta_f64("weight_decay"),
+        maximize: meta_flag(&g, "maximize"),
+        ..SgdConfig::new(g.meta_f64("lr"))
+    };
+    assert!(config.maximize);
     let state = run_three_steps(&g, |params| Box::new(Sgd::new(params, config).unwrap()));
     for p in ["a", "b"] {
         g.assert_close(
