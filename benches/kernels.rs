@@ -572,8 +572,8 @@ impl ConvLayer {
     fn conv_params(&self) -> Conv2dParams {
         Conv2dParams {
             stride: [self.stride; 2],
-            padding: [self.padding; 2],
-            dilation: [1, 1],
+            padding: [self.padding; 2].into(),
+            ..Conv2dParams::default()
         }
     }
 
@@ -582,7 +582,7 @@ impl ConvLayer {
             stride: [self.stride; 2],
             padding: [self.padding; 2],
             output_padding: [0, 0],
-            dilation: [1, 1],
+            ..ConvTranspose2dParams::default()
         }
     }
 
@@ -642,7 +642,7 @@ fn conv2d_layer(bench: &mut Bench, target: &Target, vendor: &Vendor, layer: &Con
         layer.x,
         layer.w,
         params.stride,
-        params.padding,
+        [layer.padding; 2],
         params.dilation,
     );
     let cpu_reference = |x: &Tensor, w: &Tensor| {

@@ -1,11 +1,17 @@
-// Convolutions (conv2d and conv_transpose2d, groups = 1). Every kernel
-// sees its problem in conv2d terms through one ConvGeometry (see
-// src/ops/conv/mod.rs): a kernel window slides over an input image
-// [N, C, H, W] and produces an output grid [N, O, Ho, Wo]; the weight is
-// [O, C, kh, kw]. Output position (oh, ow) with tap (i, j) reads input pixel
+// Convolutions (conv2d and conv_transpose2d). Every kernel sees its problem
+// in conv2d terms through one ConvGeometry (see src/ops/conv/mod.rs): a
+// kernel window slides over an input image [N, C, H, W] and produces an
+// output grid [N, O, Ho, Wo]; the weight is [O, Cg, kh, kw] with Cg = C/groups.
+// Output position (oh, ow) with tap (i, j) reads input pixel
 // (oh·stride − pad + i·dilation, ow·stride − pad + j·dilation), zero outside.
 // conv_transpose2d runs the same kernels with the roles swapped, so its
-// output_padding is just a larger input image here.
+// output_padding (and conv2d's padding="same" odd extra row/column at the
+// bottom/right) is just the out_size/in_size pair, no extra padding field.
+//
+// Groups: output channel o = g·Og + o' (Og = O/groups) reads only input
+// channels g·Cg .. g·Cg + Cg − 1 of its image, through weight row o. The
+// tiled forwards take the group g from blockIdx.z, so each tile is a plain
+// GEMM of one group's columns by that group's block of weight rows.
 //
 // Forward: the convolution is a GEMM, y[N·Ho·Wo, O] = im2col(x)[N·Ho·Wo,
 // C·kh·kw] · Wᵀ, and its arithmetic (2·C·kh·kw flops per output value) is
@@ -45,14 +51,15 @@ struct ConvShape {
     i64 stride_h, stride_w;
     i64 pad_h, pad_w;
     i64 dilation_h, dilation_w;
+    i64 groups;          // in_channels and out_channels are multiples of it
 };
-static_assert(sizeof(ConvShape) == 120, "ConvShape must match its Rust mirror");
+static_assert(sizeof(ConvShape) == 128, "ConvShape must match its Rust mirror");
 
 // Mirrors ConvParams in src/ops/conv/cuda.rs. Each kernel reads two of
 // image / weight / grid and writes `out`, all of `format`.
 struct ConvParams {
     const void* image;   // [N, C, H, W]
-    const void* weight;  // [O, C, kh, kw]
+    const void* weight;  // [O, C/groups, kh, kw]
     const void* grid;    // [N, O, Ho, Wo]
     const void* bias;    // forward: [O], backward_data: [C]; null for none
     void* out;
@@ -60,10 +67,15 @@ struct ConvParams {
     u32 format;          // KILN_F32, KILN_BF16 or KILN_F16
     u32 pad;
 };
-static_assert(sizeof(ConvParams) == 168, "ConvParams must match its Rust mirror");
+static_assert(sizeof(ConvParams) == 176, "ConvParams must match its Rust mirror");
 
-// Offset in image n's [C, H, W] of im2col row k = (c, i, j) for the window
-// whose top-left corner is (corner_h, corner_w); −1 where it falls in the padding.
+// Input channels per group and output channels per group.
+__device__ __forceinline__ i64 in_per_group(const ConvShape& g) { return g.in_channels / g.groups; }
+__device__ __forceinline__ i64 out_per_group(const ConvShape& g) { return g.out_channels / g.groups; }
+
+// Offset in one group's channels [Cg, H, W] of image n of im2col row k = (c, i, j)
+// (c within the group) for the window whose top-left corner is
+// (corner_h, corner_w); −1 where it falls in the padding.
 __device__ __forceinline__ i64 im2col_offset(const ConvShape& g, i64 corner_h, i64 corner_w, int k) {
     const int taps = (int)(g.kernel_h * g.kernel_w);
     const int c = k / taps;
@@ -77,21 +89,22 @@ __device__ __forceinline__ i64 im2col_offset(const ConvShape& g, i64 corner_h, i
 }
 
 // The input window of output position m = (n, oh, ow) of an implicit GEMM's
-// A tile: its image's offset, and the top-left corner (in padded input
-// coordinates) that tap (0, 0) reads. Past the last position: not valid.
+// A tile for group `group`: the offset of that group's first channel plane
+// in image n, and the top-left corner (in padded input coordinates) that
+// tap (0, 0) reads. Past the last position: not valid.
 struct GatherWindow {
     bool valid;
     i64 image_offset;
     i64 corner_h, corner_w;
 };
 
-__device__ __forceinline__ GatherWindow gather_window(const ConvShape& g, i64 m) {
+__device__ __forceinline__ GatherWindow gather_window(const ConvShape& g, i64 m, i64 group) {
     const i64 positions = g.out_h * g.out_w;
     const bool valid = m < g.batch * positions;
     const i64 n = valid ? m / positions : 0;
     const i64 pos = valid ? m % positions : 0;
-    return GatherWindow{valid, n * g.in_channels * g.in_h * g.in_w, (pos / g.out_w) * g.stride_h - g.pad_h,
-                        (pos % g.out_w) * g.stride_w - g.pad_w};
+    return GatherWindow{valid, (n * g.in_channels + group * in_per_group(g)) * g.in_h * g.in_w,
+                        (pos / g.out_w) * g.stride_h - g.pad_h, (pos % g.out_w) * g.stride_w - g.pad_w};
 }
 
 // The bias term of output channel (or, backward-data, input channel) c.
@@ -100,7 +113,8 @@ __device__ __forceinline__ float bias_at(const ConvParams& p, i64 c) {
 }
 
 // ---- forward v1: one thread per output value ------------------------------------
-// y[n, o, oh, ow] = b[o] + Σ_{c,i,j} x[n, c, oh·s − p + i·d, ow·s − p + j·d] · W[o, c, i, j]
+// y[n, o, oh, ow] = b[o] + Σ_{c,i,j} x[n, g·Cg + c, oh·s − p + i·d, ow·s − p + j·d] · W[o, c, i, j]
+// over the Cg channels c of o's group g = o / Og.
 extern "C" __global__ void conv2d_forward_direct(const ConvParams p) {
     const ConvShape g = p.geometry;
     const i64 total = g.batch * g.out_channels * g.out_h * g.out_w;
@@ -109,10 +123,11 @@ extern "C" __global__ void conv2d_forward_direct(const ConvParams p) {
         const i64 oh = (idx / g.out_w) % g.out_h;
         const i64 o = (idx / (g.out_w * g.out_h)) % g.out_channels;
         const i64 n = idx / (g.out_w * g.out_h * g.out_channels);
-        const i64 image_n = n * g.in_channels * g.in_h * g.in_w;
-        const i64 weight_o = o * g.in_channels * g.kernel_h * g.kernel_w;
+        const i64 cg = in_per_group(g);
+        const i64 image_n = (n * g.in_channels + o / out_per_group(g) * cg) * g.in_h * g.in_w;
+        const i64 weight_o = o * cg * g.kernel_h * g.kernel_w;
         float acc = bias_at(p, o);
-        for (i64 c = 0; c < g.in_channels; ++c) {
+        for (i64 c = 0; c < cg; ++c) {
             const i64 plane = image_n + c * g.in_h * g.in_w;
             const i64 taps = weight_o + c * g.kernel_h * g.kernel_w;
             for (i64 i = 0; i < g.kernel_h; ++i) {
@@ -132,8 +147,10 @@ extern "C" __global__ void conv2d_forward_direct(const ConvParams p) {
 
 // ---- forward v2: implicit GEMM with shared-memory tiles ---------------------------
 // C[m, o] = Σ_k A[m, k] · B[k, o] with m = (n, oh, ow), k = (c, i, j),
-// A = im2col(x) gathered on the fly and B = Wᵀ (W is row-major [O, K]).
-// Launch: grid (⌈N·Ho·Wo / 64⌉, ⌈O / 64⌉), 256 threads; K = C·kh·kw < 2^31.
+// A = im2col(x) gathered on the fly and B = Wᵀ (W is row-major [O, K]), each
+// taken for one group: A over the group's Cg channels, W its block of Og rows.
+// Launch: grid (⌈N·Ho·Wo / 64⌉, ⌈Og / 64⌉, min(groups, 65535)), 256 threads;
+// K = Cg·kh·kw < 2^31.
 // f32 only (format is KILN_F32).
 #define IG_TILE_M 64    // output positions per block
 #define IG_TILE_N 64    // output channels per block
@@ -151,74 +168,82 @@ extern "C" __global__ void conv2d_forward_implicit_gemm(const ConvParams p) {
     const int t = threadIdx.x;
     const i64 positions = g.out_h * g.out_w;
     const i64 m_total = g.batch * positions;
-    const int k_total = (int)(g.in_channels * g.kernel_h * g.kernel_w);
+    const i64 og = out_per_group(g);
+    const int k_total = (int)(in_per_group(g) * g.kernel_h * g.kernel_w);
     const i64 m0 = (i64)blockIdx.x * IG_TILE_M;
     const i64 o0 = (i64)blockIdx.y * IG_TILE_N;
 
     // A loader: this thread gathers position a_m of the tile, rows a_k + 4r.
-    // Its output position, hence the window corner, is the same every stage.
     const int a_m = t % IG_TILE_M;
     const int a_k = t / IG_TILE_M;
-    const GatherWindow window = gather_window(g, m0 + a_m);
-    const float* image_n = static_cast<const float*>(p.image) + window.image_offset;
-    const float* weight = static_cast<const float*>(p.weight);
-
     // B loader: row b_k, channels b_o + 16r (16 consecutive k per channel: coalesced).
     const int b_k = t % IG_TILE_K;
     const int b_o = t / IG_TILE_K;
-
-    // Compute: positions tx + 16r, channels ty + 16c.
+    // Compute: positions tx + 16r, channels ty + 16c (of the group).
     const int tx = t % 16;
     const int ty = t / 16;
-    float acc[4][4];
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[r][c] = 0.0f;
 
-    for (int k0 = 0; k0 < k_total; k0 += IG_TILE_K) {
+    // Group-stride over blockIdx.z (past the gridDim.z limit); o is the
+    // channel within the group, group·Og + o the output channel.
+    for (i64 group = blockIdx.z; group < g.groups; group += gridDim.z) {
+        // This thread's output position, hence the window corner, is the same every stage.
+        const GatherWindow window = gather_window(g, m0 + a_m, group);
+        const float* image_n = static_cast<const float*>(p.image) + window.image_offset;
+        const float* weight = static_cast<const float*>(p.weight) + group * og * k_total;
+
+        float acc[4][4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[r][c] = 0.0f;
+
+        for (int k0 = 0; k0 < k_total; k0 += IG_TILE_K) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int kl = a_k + 4 * r;
+                const int k = k0 + kl;
+                const i64 at =
+                    (window.valid && k < k_total) ? im2col_offset(g, window.corner_h, window.corner_w, k) : -1;
+                a_tile[kl][a_m] = at >= 0 ? image_n[at] : 0.0f;
+            }
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int ol = b_o + 16 * r;
+                const i64 o = o0 + ol;
+                const int k = k0 + b_k;
+                b_tile[b_k][ol] = (o < og && k < k_total) ? weight[o * k_total + k] : 0.0f;
+            }
+            __syncthreads();
+#pragma unroll
+            for (int kk = 0; kk < IG_TILE_K; ++kk) {
+                float a[4], b[4];
+#pragma unroll
+                for (int r = 0; r < 4; ++r) a[r] = a_tile[kk][tx + 16 * r];
+#pragma unroll
+                for (int c = 0; c < 4; ++c) b[c] = b_tile[kk][ty + 16 * c];
+#pragma unroll
+                for (int r = 0; r < 4; ++r)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) acc[r][c] = fmaf(a[r], b[c], acc[r][c]);
+            }
+            __syncthreads();
+        }
+
+        // y[n, o, pos] = C[m, o] + b[o]; 16 consecutive positions per store (coalesced).
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-            const int kl = a_k + 4 * r;
-            const int k = k0 + kl;
-            const i64 at = (window.valid && k < k_total) ? im2col_offset(g, window.corner_h, window.corner_w, k) : -1;
-            a_tile[kl][a_m] = at >= 0 ? image_n[at] : 0.0f;
-        }
+            const i64 m = m0 + tx + 16 * r;
+            if (m >= m_total) continue;
+            const i64 n = m / positions;
+            const i64 pos = m % positions;
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            const int ol = b_o + 16 * r;
-            const i64 o = o0 + ol;
-            const int k = k0 + b_k;
-            b_tile[b_k][ol] = (o < g.out_channels && k < k_total) ? weight[o * k_total + k] : 0.0f;
-        }
-        __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < IG_TILE_K; ++kk) {
-            float a[4], b[4];
-#pragma unroll
-            for (int r = 0; r < 4; ++r) a[r] = a_tile[kk][tx + 16 * r];
-#pragma unroll
-            for (int c = 0; c < 4; ++c) b[c] = b_tile[kk][ty + 16 * c];
-#pragma unroll
-            for (int r = 0; r < 4; ++r)
-#pragma unroll
-                for (int c = 0; c < 4; ++c) acc[r][c] = fmaf(a[r], b[c], acc[r][c]);
-        }
-        __syncthreads();
-    }
-
-    // y[n, o, pos] = C[m, o] + b[o]; 16 consecutive positions per store (coalesced).
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-        const i64 m = m0 + tx + 16 * r;
-        if (m >= m_total) continue;
-        const i64 n = m / positions;
-        const i64 pos = m % positions;
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            const i64 o = o0 + ty + 16 * c;
-            if (o >= g.out_channels) continue;
-            static_cast<float*>(p.out)[(n * g.out_channels + o) * positions + pos] = acc[r][c] + bias_at(p, o);
+            for (int c = 0; c < 4; ++c) {
+                const i64 o = o0 + ty + 16 * c;
+                if (o >= og) continue;
+                const i64 channel = group * og + o;
+                static_cast<float*>(p.out)[(n * g.out_channels + channel) * positions + pos] =
+                    acc[r][c] + bias_at(p, channel);
+            }
         }
     }
 }
@@ -229,14 +254,16 @@ extern "C" __global__ void conv2d_forward_implicit_gemm(const ConvParams p) {
 // the bias added before the one rounding. A is gathered from the image into
 // a_tile[m][k] (zeros in the padding and past the edges); W's rows are
 // already Bᵀ's rows, contiguous in k.
-// Launch: grid (⌈N·Ho·Wo / 64⌉, ⌈O / 64⌉), 128 threads; K = C·kh·kw < 2^31.
+// Launch: grid (⌈N·Ho·Wo / 64⌉, ⌈Og / 64⌉, min(groups, 65535)), 128 threads;
+// K = Cg·kh·kw < 2^31.
 extern "C" __launch_bounds__(TC_THREADS) __global__ void conv2d_forward_tensor_core(const ConvParams p) {
     const ConvShape g = p.geometry;
     __shared__ __align__(16) u16 a_tile[TC_BM][TC_STRIDE];  // [position][k]
     __shared__ __align__(16) u16 b_tile[TC_BN][TC_STRIDE];  // [channel][k]
     const i64 positions = g.out_h * g.out_w;
     const i64 m_total = g.batch * positions;
-    const int k_total = (int)(g.in_channels * g.kernel_h * g.kernel_w);
+    const i64 og = out_per_group(g);
+    const int k_total = (int)(in_per_group(g) * g.kernel_h * g.kernel_w);
     const i64 m0 = (i64)blockIdx.x * TC_BM;
     const i64 o0 = (i64)blockIdx.y * TC_BN;
 
@@ -244,50 +271,59 @@ extern "C" __launch_bounds__(TC_THREADS) __global__ void conv2d_forward_tensor_c
     // threads, consecutive positions: coalesced along ow), k rows a_k + 2s.
     const int a_m = threadIdx.x % TC_BM;
     const int a_k = threadIdx.x / TC_BM;
-    const GatherWindow window = gather_window(g, m0 + a_m);
-    const u16* image_n = static_cast<const u16*>(p.image) + window.image_offset;
-    const u16* weight = static_cast<const u16*>(p.weight);
-
-    TensorCoreAccumulators acc;
-    tc_zero(acc);
-    for (int k0 = 0; k0 < k_total; k0 += TC_BK) {
-#pragma unroll
-        for (int kl = a_k; kl < TC_BK; kl += TC_THREADS / TC_BM) {
-            const int k = k0 + kl;
-            const i64 at = (window.valid && k < k_total) ? im2col_offset(g, window.corner_h, window.corner_w, k) : -1;
-            a_tile[a_m][kl] = at >= 0 ? image_n[at] : (u16)0;
-        }
-        tc_stage(b_tile, weight, g.out_channels, k_total, o0, k0, k_total, 1);
-        __syncthreads();
-        tc_multiply_slice(acc, a_tile, b_tile, p.format);
-        __syncthreads();
-    }
-
-    // y[n, o, pos] = C[m, o] + b[o], rounded once.
     u16* out = static_cast<u16*>(p.out);
-    tc_for_each_output(acc, m0, o0, [&](i64 m, i64 o, float value) {
-        if (m >= m_total || o >= g.out_channels) return;
-        const i64 n = m / positions, pos = m % positions;
-        out[(n * g.out_channels + o) * positions + pos] = f32_to_half(value + bias_at(p, o), p.format);
-    });
+
+    // Group-stride over blockIdx.z, as in conv2d_forward_implicit_gemm.
+    for (i64 group = blockIdx.z; group < g.groups; group += gridDim.z) {
+        const GatherWindow window = gather_window(g, m0 + a_m, group);
+        const u16* image_n = static_cast<const u16*>(p.image) + window.image_offset;
+        const u16* weight = static_cast<const u16*>(p.weight) + group * og * k_total;
+
+        TensorCoreAccumulators acc;
+        tc_zero(acc);
+        for (int k0 = 0; k0 < k_total; k0 += TC_BK) {
+#pragma unroll
+            for (int kl = a_k; kl < TC_BK; kl += TC_THREADS / TC_BM) {
+                const int k = k0 + kl;
+                const i64 at =
+                    (window.valid && k < k_total) ? im2col_offset(g, window.corner_h, window.corner_w, k) : -1;
+                a_tile[a_m][kl] = at >= 0 ? image_n[at] : (u16)0;
+            }
+            tc_stage(b_tile, weight, og, k_total, o0, k0, k_total, 1);
+            __syncthreads();
+            tc_multiply_slice(acc, a_tile, b_tile, p.format);
+            __syncthreads();
+        }
+
+        // y[n, group·Og + o, pos] = C[m, o] + b, rounded once.
+        tc_for_each_output(acc, m0, o0, [&](i64 m, i64 o, float value) {
+            if (m >= m_total || o >= og) return;
+            const i64 n = m / positions, pos = m % positions;
+            const i64 channel = group * og + o;
+            out[(n * g.out_channels + channel) * positions + pos] = f32_to_half(value + bias_at(p, channel), p.format);
+        });
+    }
 }
 
 // ---- backward-data (also conv_transpose2d's forward) ------------------------------
-// dx[n, c, h, w] = b[c] + Σ_{o,i,j} dy[n, o, oh, ow] · W[o, c, i, j] over the
-// taps with h + p − i·d = oh·s (and the same for w), i.e. the outputs whose
-// window read pixel (h, w). One thread per pixel; no atomics.
+// dx[n, c, h, w] = b[c] + Σ_{o,i,j} dy[n, o, oh, ow] · W[o, c − g·Cg, i, j] over
+// the output channels o of c's group g = c / Cg and the taps with
+// h + p − i·d = oh·s (and the same for w), i.e. the outputs whose window
+// read pixel (h, w). One thread per pixel; no atomics.
 extern "C" __global__ void conv2d_backward_data(const ConvParams p) {
     const ConvShape g = p.geometry;
     const i64 total = g.batch * g.in_channels * g.in_h * g.in_w;
     const i64 grid_plane = g.out_h * g.out_w;
-    const i64 weight_per_out = g.in_channels * g.kernel_h * g.kernel_w;
+    const i64 cg = in_per_group(g), og = out_per_group(g);
+    const i64 weight_per_out = cg * g.kernel_h * g.kernel_w;
     GRID_STRIDE_LOOP(idx, total) {
         const i64 w = idx % g.in_w;
         const i64 h = (idx / g.in_w) % g.in_h;
         const i64 c = (idx / (g.in_w * g.in_h)) % g.in_channels;
         const i64 n = idx / (g.in_w * g.in_h * g.in_channels);
         const i64 grid_n = n * g.out_channels * grid_plane;
-        const i64 weight_c = c * g.kernel_h * g.kernel_w;
+        const i64 weight_c = (c % cg) * g.kernel_h * g.kernel_w;
+        const i64 first_o = c / cg * og;
         float acc = bias_at(p, c);
         for (i64 i = 0; i < g.kernel_h; ++i) {
             const i64 th = h + g.pad_h - i * g.dilation_h;
@@ -301,7 +337,7 @@ extern "C" __global__ void conv2d_backward_data(const ConvParams p) {
                 if (ow >= g.out_w) continue;
                 const i64 dy_at = grid_n + oh * g.out_w + ow;
                 const i64 weight_at = weight_c + i * g.kernel_w + j;
-                for (i64 o = 0; o < g.out_channels; ++o) {
+                for (i64 o = first_o; o < first_o + og; ++o) {
                     acc += load_f32(p.grid, dy_at + o * grid_plane, p.format) *
                            load_f32(p.weight, weight_at + o * weight_per_out, p.format);
                 }
@@ -312,20 +348,23 @@ extern "C" __global__ void conv2d_backward_data(const ConvParams p) {
 }
 
 // ---- backward-weight (also conv_transpose2d's dL/dW) -------------------------------
-// dW[o, c, i, j] = Σ_{n,oh,ow} dy[n, o, oh, ow] · x[n, c, oh·s − p + i·d, ow·s − p + j·d].
+// dW[o, c, i, j] = Σ_{n,oh,ow} dy[n, o, oh, ow] · x[n, g·Cg + c, oh·s − p + i·d, ow·s − p + j·d]
+// with g = o / Og, o's group.
 // One block per weight element (block-stride over elements), threads stride
 // over (n, oh, ow) and block_sum combines them. blockDim.x: a multiple of 32.
 extern "C" __global__ void conv2d_backward_weight(const ConvParams p) {
     __shared__ float scratch[32];
     const ConvShape g = p.geometry;
-    const i64 weights = g.out_channels * g.in_channels * g.kernel_h * g.kernel_w;
+    const i64 cg = in_per_group(g);
+    const i64 weights = g.out_channels * cg * g.kernel_h * g.kernel_w;
     const i64 positions = g.out_h * g.out_w;
     const i64 reduction = g.batch * positions;
     for (i64 widx = blockIdx.x; widx < weights; widx += gridDim.x) {
         const i64 j = widx % g.kernel_w;
         const i64 i = (widx / g.kernel_w) % g.kernel_h;
-        const i64 c = (widx / (g.kernel_w * g.kernel_h)) % g.in_channels;
-        const i64 o = widx / (g.kernel_w * g.kernel_h * g.in_channels);
+        const i64 c = (widx / (g.kernel_w * g.kernel_h)) % cg;
+        const i64 o = widx / (g.kernel_w * g.kernel_h * cg);
+        const i64 image_c = o / out_per_group(g) * cg + c;
         float partial = 0.0f;
         for (i64 r = threadIdx.x; r < reduction; r += blockDim.x) {
             const i64 n = r / positions;
@@ -334,7 +373,7 @@ extern "C" __global__ void conv2d_backward_weight(const ConvParams p) {
             const i64 iw = (pos % g.out_w) * g.stride_w - g.pad_w + j * g.dilation_w;
             if (ih < 0 || ih >= g.in_h || iw < 0 || iw >= g.in_w) continue;
             partial += load_f32(p.grid, (n * g.out_channels + o) * positions + pos, p.format) *
-                       load_f32(p.image, ((n * g.in_channels + c) * g.in_h + ih) * g.in_w + iw, p.format);
+                       load_f32(p.image, ((n * g.in_channels + image_c) * g.in_h + ih) * g.in_w + iw, p.format);
         }
         const float total = block_sum(partial, scratch);
         if (threadIdx.x == 0) store_f32(p.out, widx, total, p.format);

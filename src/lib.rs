@@ -97,7 +97,7 @@ pub use autocast::{
 pub use autograd::{Backward, GradStore, is_grad_enabled, no_grad, no_grad_scope};
 pub use error::{Error, Result};
 pub use ops::activation::GeluApproximation;
-pub use ops::conv::{Conv2dParams, ConvTranspose2dParams};
+pub use ops::conv::{Conv2dPadding, Conv2dParams, ConvTranspose2dParams};
 pub use ops::loss::{BceWithLogitsOptions, CrossEntropyOptions, Reduction};
 pub use storage::{bf16, f16};
 pub use tensor::{DType, Device, Rng, Shape, Tensor, TensorId};

@@ -104,8 +104,8 @@ fn sixteen_bit_convolutions_match_f64_within_the_format_error() {
     let bias = randn(&[5], 6);
     let params = Conv2dParams {
         stride: [2, 1],
-        padding: [1, 1],
-        dilation: [1, 1],
+        padding: [1, 1].into(),
+        ..Conv2dParams::default()
     };
     let exact = f64_copy(&x)
         .conv2d(&f64_copy(&w), Some(&f64_copy(&bias)), params)
@@ -116,7 +116,7 @@ fn sixteen_bit_convolutions_match_f64_within_the_format_error() {
         stride: [2, 2],
         padding: [1, 1],
         output_padding: [0, 0],
-        dilation: [1, 1],
+        ..ConvTranspose2dParams::default()
     };
     let exact_t = f64_copy(&x)
         .conv_transpose2d(&f64_copy(&wt), Some(&f64_copy(&bias_t)), params_t)
@@ -449,15 +449,14 @@ fn sixteen_bit_convolutions_match_f64_with_gradients() {
     let bias = randn(&[8], 29);
     let wt = randn(&[16, 4, 2, 2], 30).mul_scalar(0.1).unwrap();
     let conv_params = Conv2dParams {
-        stride: [1, 1],
-        padding: [1, 1],
-        dilation: [1, 1],
+        padding: [1, 1].into(),
+        ..Conv2dParams::default()
     };
     let transpose_params = ConvTranspose2dParams {
         stride: [2, 2],
         padding: [0, 0],
         output_padding: [0, 0],
-        dilation: [1, 1],
+        ..ConvTranspose2dParams::default()
     };
     type Layer = fn(&Tensor, &Tensor, &Tensor, Conv2dParams, ConvTranspose2dParams) -> Tensor;
     let layers: [(&str, Layer, bool); 2] = [

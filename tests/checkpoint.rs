@@ -48,7 +48,7 @@ fn model(seed: u64, dtype: DType) -> Sequential {
     let mut rng = Rng::seed(seed);
     let mut init = Init::new(&mut rng, Device::Cpu, dtype);
     let same = Conv2dParams {
-        padding: [1, 1],
+        padding: [1, 1].into(),
         ..Conv2dParams::default()
     };
     Sequential::new()

@@ -29,7 +29,8 @@ use kiln::nn::{
 use kiln::ops::conv::{Conv2dForwardKernel, conv2d_forward_with_kernel};
 use kiln::ops::gemm::GemmKernel;
 use kiln::{
-    Conv2dParams, ConvTranspose2dParams, DType, Device, GeluApproximation, Reduction, Rng, Tensor,
+    Conv2dPadding, Conv2dParams, ConvTranspose2dParams, DType, Device, GeluApproximation,
+    Reduction, Rng, Tensor,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{
@@ -1813,9 +1814,12 @@ fn conv2d_shape(
     if p.stride.contains(&0) || p.dilation.contains(&0) || bias.is_some_and(|b| b != [w[0]]) {
         return None;
     }
+    let Conv2dPadding::Explicit(padding) = p.padding else {
+        unreachable!("the fuzzed conv2d cases use explicit padding")
+    };
     let mut out = vec![x[0], w[0]];
     for d in 0..2 {
-        let padded = x[2 + d] as u128 + 2 * p.padding[d] as u128;
+        let padded = x[2 + d] as u128 + 2 * padding[d] as u128;
         let reach = p.dilation[d] as u128 * (w[2 + d] as u128 - 1) + 1;
         if padded < reach {
             return None;
@@ -1909,8 +1913,9 @@ fn convolutions(case: ConvCase) -> CaseResult {
 
     let params = Conv2dParams {
         stride: case.stride,
-        padding: case.padding,
+        padding: case.padding.into(),
         dilation: case.dilation,
+        ..Conv2dParams::default()
     };
     let mut operands = vec![&x, &w];
     operands.extend(bias.as_ref());
@@ -1943,6 +1948,7 @@ fn convolutions(case: ConvCase) -> CaseResult {
         padding: case.padding,
         output_padding: case.output_padding,
         dilation: case.dilation,
+        ..ConvTranspose2dParams::default()
     };
     let mut operands = vec![&x, &t];
     operands.extend(bias.as_ref());
@@ -2519,8 +2525,8 @@ fn layers(case: LayerCase) -> CaseResult {
     let sizes_v = V::from(a > 0 && b > 0 && k0 > 0 && k1 > 0).and(init_v);
     let params = Conv2dParams {
         stride: [1 + case.seed as usize % 2, 1],
-        padding: [k0 / 2, k1 / 2],
-        dilation: [1, 1],
+        padding: [k0 / 2, k1 / 2].into(),
+        ..Conv2dParams::default()
     };
     let conv = probe("Conv2d::new", sizes_v, || {
         Conv2d::new(a, b, [k0, k1], params, !training, &mut init)
@@ -2535,7 +2541,7 @@ fn layers(case: LayerCase) -> CaseResult {
         stride: [2, 1],
         padding: [0, 0],
         output_padding: [case.seed as usize % 2, 0],
-        dilation: [1, 1],
+        ..ConvTranspose2dParams::default()
     };
     let transpose = probe("ConvTranspose2d::new", sizes_v, || {
         ConvTranspose2d::new(a, b, [k0, k1], transpose_params, true, &mut init)

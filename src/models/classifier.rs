@@ -93,7 +93,7 @@ fn conv3x3(in_c: usize, out_c: usize, stride: usize, init: &mut Init) -> Result<
         [3, 3],
         Conv2dParams {
             stride: [stride; 2],
-            padding: [1, 1],
+            padding: [1, 1].into(),
             ..Conv2dParams::default()
         },
         true,

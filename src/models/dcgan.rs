@@ -156,7 +156,7 @@ fn down_conv(
         bias: None,
         params: Conv2dParams {
             stride: [stride; 2],
-            padding: [padding; 2],
+            padding: [padding; 2].into(),
             ..Conv2dParams::default()
         },
     })

@@ -1,15 +1,16 @@
 //! conv2d and conv_transpose2d (forward and every input gradient) on CUDA
 //! against the CPU, for shapes that fill no tile evenly (the implicit GEMM
 //! tiles 64 positions × 64 channels × 16 reduction terms), strides 1/2/3,
-//! padding, dilation 2, output_padding, with and without bias, and the DCGAN
-//! layers. Weights are drawn like a layer's initialisation, U(±1/√fan_in),
+//! padding, dilation 2, output_padding, groups (depthwise, and a group
+//! wider than one 64-channel tile), padding="same", with and without bias,
+//! and the DCGAN layers. Weights are drawn like a layer's initialisation, U(±1/√fan_in),
 //! so values stay O(1). Tolerance atol 1e-4 + rtol 1e-4: every value is an
 //! f32 sum of up to a few thousand products, taken in different orders on
 //! the two devices (GEMM blocking on the CPU, tiles and tree reductions on
 //! the GPU).
 
 use kiln::ops::conv::{Conv2dForwardKernel, conv2d_forward_with_kernel};
-use kiln::{Conv2dParams, ConvTranspose2dParams, DType, Device, Tensor};
+use kiln::{Conv2dPadding, Conv2dParams, ConvTranspose2dParams, DType, Device, Tensor};
 
 use crate::common::{
     assert_close, check_op, check_op_16bit, cuda_or_skip, f32_sum_grads, randn, uniform,
@@ -49,10 +50,11 @@ struct Conv2dCase {
 }
 
 fn conv2d_cases() -> Vec<Conv2dCase> {
-    let params = |stride, padding, dilation| Conv2dParams {
+    let params = |stride, padding: [usize; 2], dilation| Conv2dParams {
         stride,
-        padding,
+        padding: padding.into(),
         dilation,
+        groups: 1,
     };
     vec![
         Conv2dCase {
@@ -103,11 +105,59 @@ fn conv2d_cases() -> Vec<Conv2dCase> {
             params: params([2, 2], [1, 1], [1, 1]),
             bias: false,
         },
+        Conv2dCase {
+            what: "conv2d 3x3 stride 2 pad 1 dilation 2x1, 2 groups 4->6, bias",
+            x: [2, 4, 15, 13],
+            out_channels: 6,
+            kernel: [3, 3],
+            params: Conv2dParams {
+                groups: 2,
+                ..params([2, 2], [1, 1], [2, 1])
+            },
+            bias: true,
+        },
+        Conv2dCase {
+            what: "conv2d depthwise 3x3 pad 1, 5 channels x 2, bias",
+            x: [2, 5, 11, 9],
+            out_channels: 10,
+            kernel: [3, 3],
+            params: Conv2dParams {
+                groups: 5,
+                ..params([1, 1], [1, 1], [1, 1])
+            },
+            bias: true,
+        },
+        Conv2dCase {
+            what: "conv2d same 4x2 dilation 1x3 (extra bottom/right row and column), bias",
+            x: [2, 3, 9, 10],
+            out_channels: 4,
+            kernel: [4, 2],
+            params: Conv2dParams {
+                padding: Conv2dPadding::Same,
+                ..params([1, 1], [0, 0], [1, 3])
+            },
+            bias: true,
+        },
+        Conv2dCase {
+            what: "conv2d same 3x3, 2 groups 6->140 (70 per group: two channel tiles), no bias",
+            x: [1, 6, 9, 7],
+            out_channels: 140,
+            kernel: [3, 3],
+            params: Conv2dParams {
+                padding: Conv2dPadding::Same,
+                groups: 2,
+                ..params([1, 1], [0, 0], [1, 1])
+            },
+            bias: false,
+        },
     ]
 }
 
+/// Index in [`conv2d_cases`] of the first grouped case.
+const FIRST_GROUPED_CASE: usize = 6;
+
 fn conv2d_case_operands(case: &Conv2dCase, seed: u64) -> Vec<Tensor> {
-    let [_, channels, _, _] = case.x;
+    let channels = case.x[1] / case.params.groups;
     let [kh, kw] = case.kernel;
     operands(
         &case.x,
@@ -229,7 +279,7 @@ fn sixteen_bit_convolutions_and_grads_match_cpu() {
             stride: [2, 2],
             padding: [1, 1],
             output_padding: [1, 0],
-            dilation: [1, 1],
+            ..ConvTranspose2dParams::default()
         };
         let inputs = operands(&[3, 70, 5, 6], &[70, 9, 4, 4], 70 * 16, Some(9), 500);
         check_op_16bit(
@@ -238,6 +288,20 @@ fn sixteen_bit_convolutions_and_grads_match_cpu() {
             &inputs,
             dtype,
             |t| t[0].conv_transpose2d(&t[1], t.get(2), params),
+            SIXTEEN_BIT_ATOL,
+            rtol,
+        );
+        let grouped = ConvTranspose2dParams {
+            groups: 2,
+            ..params
+        };
+        let inputs = operands(&[2, 6, 5, 4], &[6, 3, 4, 4], 3 * 16, Some(6), 510);
+        check_op_16bit(
+            "conv_transpose2d 4x4 stride 2 pad 1 output_padding 1x0, 2 groups 6 -> 6, bias",
+            dev,
+            &inputs,
+            dtype,
+            |t| t[0].conv_transpose2d(&t[1], t.get(2), grouped),
             SIXTEEN_BIT_ATOL,
             rtol,
         );
@@ -251,7 +315,14 @@ fn autocast_conv2d_on_the_device_matches_cpu_with_f32_gradients() {
     let Some(dev) = cuda_or_skip("autocast_conv2d") else {
         return;
     };
-    let case = &conv2d_cases()[1];
+    let cases = conv2d_cases();
+    for case in [&cases[1], &cases[FIRST_GROUPED_CASE]] {
+        autocast_conv2d_matches_cpu(dev, case);
+    }
+}
+
+/// One conv2d case under bf16 autocast on the CPU and on `dev`.
+fn autocast_conv2d_matches_cpu(dev: Device, case: &Conv2dCase) {
     let inputs = conv2d_case_operands(case, 600);
     let run = |on: Device| {
         let leaves: Vec<Tensor> = inputs
@@ -271,7 +342,7 @@ fn autocast_conv2d_on_the_device_matches_cpu_with_f32_gradients() {
     };
     let (cpu, cuda) = (run(Device::Cpu), run(dev));
     assert_close(
-        "autocast conv2d",
+        &format!("autocast {}", case.what),
         &cpu.0,
         &cuda.0,
         SIXTEEN_BIT_ATOL,
@@ -280,7 +351,7 @@ fn autocast_conv2d_on_the_device_matches_cpu_with_f32_gradients() {
     for (i, (c, g)) in cpu.1.iter().zip(&cuda.1).enumerate() {
         assert_eq!(g.dtype(), DType::F32, "gradient {i} dtype");
         assert_close(
-            &format!("autocast conv2d grad {i}"),
+            &format!("autocast {} grad {i}", case.what),
             c,
             g,
             SIXTEEN_BIT_ATOL,
@@ -316,7 +387,9 @@ fn conv_transpose2d_forward_and_grads_match_cpu() {
         padding,
         output_padding,
         dilation,
+        groups: 1,
     };
+    let grouped = |groups, params| ConvTranspose2dParams { groups, ..params };
     // (what, x [N, Cin, H, W], Cout, kernel, params, bias)
     let cases = [
         (
@@ -367,12 +440,37 @@ fn conv_transpose2d_forward_and_grads_match_cpu() {
             params([2, 2], [1, 1], [0, 0], [1, 1]),
             true,
         ),
+        (
+            "conv_transpose2d 3x3 stride 2x3 pad 1x0 output_padding 1x2, 2 groups 4->6, bias",
+            [2, 4, 5, 4],
+            6,
+            [3, 3],
+            grouped(2, params([2, 3], [1, 0], [1, 2], [1, 1])),
+            true,
+        ),
+        (
+            "conv_transpose2d depthwise 2x3 stride 2 dilation 1x2, 3 channels, bias",
+            [2, 3, 6, 5],
+            3,
+            [2, 3],
+            grouped(3, params([2, 2], [0, 0], [0, 0], [1, 2])),
+            true,
+        ),
+        (
+            "conv_transpose2d 3x3 stride 1, 2 groups 140->6 (70 per group), no bias",
+            [1, 140, 4, 3],
+            6,
+            [3, 3],
+            grouped(2, params([1, 1], [0, 0], [0, 0], [1, 1])),
+            false,
+        ),
     ];
     for (k, (what, x, out_channels, [kh, kw], params, bias)) in cases.into_iter().enumerate() {
         let in_channels = x[1];
+        let out_per_group = out_channels / params.groups;
         let inputs = operands(
             &x,
-            &[in_channels, out_channels, kh, kw],
+            &[in_channels, out_per_group, kh, kw],
             in_channels * kh * kw,
             bias.then_some(out_channels),
             200 + 10 * k as u64,

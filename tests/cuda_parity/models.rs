@@ -80,8 +80,8 @@ fn compare(
 fn dcgan_discriminator_step_matches_cpu() {
     let s2 = Conv2dParams {
         stride: [2, 2],
-        padding: [1, 1],
-        dilation: [1, 1],
+        padding: [1, 1].into(),
+        ..Conv2dParams::default()
     };
     let build = |init: &mut Init| {
         Sequential::new()
@@ -107,7 +107,7 @@ fn dcgan_generator_step_matches_cpu() {
         stride: [2, 2],
         padding: [1, 1],
         output_padding: [0, 0],
-        dilation: [1, 1],
+        ..ConvTranspose2dParams::default()
     };
     let build = |init: &mut Init| {
         Sequential::new()

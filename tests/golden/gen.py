@@ -866,6 +866,83 @@ def sgd_maximize():
         "steps": str(STEPS),
     }
     save("sgd_maximize", tensors, meta)
+# convolutions: groups, depthwise and padding="same"
+# ---------------------------------------------------------------------------
+
+
+def conv2d_groups_case(case, x_shape, w_shape, stride, padding, dilation, groups):
+    """F.conv2d with bias and `groups`; `padding` is a pair or "same"/"valid"."""
+    torch.manual_seed(0)
+    inputs = {
+        "x": leaf(randn(*x_shape)),
+        "weight": leaf(randn(*w_shape) * 0.3),
+        "bias": leaf(randn(w_shape[0]) * 0.1),
+    }
+
+    def fn(x, weight, bias):
+        return F.conv2d(
+            x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups
+        )
+
+    res = forward_backward(fn, inputs, ["x", "weight", "bias"])
+    meta = {
+        "stride": ints(*stride),
+        "padding": padding if isinstance(padding, str) else ints(*padding),
+        "dilation": ints(*dilation),
+        "groups": groups,
+        "bias": "true",
+    }
+    save(case, {**inputs, **res}, meta)
+
+
+def conv2d_grouped():
+    # C = 4, O = 6 in 2 groups: weight (6, 2, 3, 3).
+    conv2d_groups_case("conv2d_grouped", (2, 4, 7, 6), (6, 2, 3, 3), (2, 2), (1, 1), (2, 1), 2)
+
+
+def conv2d_depthwise():
+    # groups = C = 3 with channel multiplier 2: weight (6, 1, 3, 3).
+    conv2d_groups_case("conv2d_depthwise", (2, 3, 6, 5), (6, 1, 3, 3), (1, 1), (1, 1), (1, 1), 3)
+
+
+def conv2d_same_asymmetric():
+    # Even kernel height and dilated width 2 (dilation 3): both totals (3, 3)
+    # are odd, so PyTorch pads one more row/column at the bottom/right.
+    conv2d_groups_case("conv2d_same_asymmetric", (2, 3, 7, 6), (4, 3, 4, 2), (1, 1), "same", (1, 3), 1)
+
+
+def conv_transpose2d_grouped():
+    # Cin = 4 in 2 groups, Cout = 6: weight (4, 3, 3, 3), bias (6).
+    torch.manual_seed(0)
+    stride, padding, output_padding, dilation, groups = (2, 3), (1, 0), (1, 2), (1, 1), 2
+    inputs = {
+        "x": leaf(randn(2, 4, 4, 3)),
+        "weight": leaf(randn(4, 3, 3, 3) * 0.3),
+        "bias": leaf(randn(6) * 0.1),
+    }
+
+    def fn(x, weight, bias):
+        return F.conv_transpose2d(
+            x,
+            weight,
+            bias,
+            stride=stride,
+            padding=padding,
+            output_padding=output_padding,
+            groups=groups,
+            dilation=dilation,
+        )
+
+    res = forward_backward(fn, inputs, ["x", "weight", "bias"])
+    meta = {
+        "stride": ints(*stride),
+        "padding": ints(*padding),
+        "output_padding": ints(*output_padding),
+        "dilation": ints(*dilation),
+        "groups": groups,
+        "bias": "true",
+    }
+    save("conv_transpose2d_grouped", {**inputs, **res}, meta)
 
 
 CASES = [
@@ -918,6 +995,10 @@ CASES = [
     adam_maximize,
     adamw_amsgrad_maximize,
     sgd_maximize,
+    conv2d_grouped,
+    conv2d_depthwise,
+    conv2d_same_asymmetric,
+    conv_transpose2d_grouped,
 ]
 
 

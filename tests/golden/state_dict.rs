@@ -19,7 +19,7 @@ struct Small {
 impl Small {
     fn new(init: &mut Init) -> Small {
         let same = Conv2dParams {
-            padding: [1, 1],
+            padding: [1, 1].into(),
             ..Conv2dParams::default()
         };
         Small {

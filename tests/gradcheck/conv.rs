@@ -1,10 +1,12 @@
 //! conv2d and conv_transpose2d: gradients of x, weight and bias against
 //! finite differences on random small problems (odd sizes, non-square
-//! kernels, stride, padding, dilation, output_padding), and the errors each
-//! op gives for inputs it cannot take.
+//! kernels, stride, padding, dilation, output_padding, groups, depthwise,
+//! padding="same"), and the errors each op gives for inputs it cannot take.
 
-use kiln::ops::conv::{Conv2dParams, ConvTranspose2dParams};
-use kiln::{DType, Device, Tensor};
+use kiln::nn::init::Init;
+use kiln::nn::{Conv2d, ConvTranspose2d};
+use kiln::ops::conv::{Conv2dPadding, Conv2dParams, ConvTranspose2dParams};
+use kiln::{DType, Device, Rng, Tensor};
 use proptest::prelude::*;
 
 use crate::common::{check, randn};
@@ -46,8 +48,9 @@ fn conv2d_case() -> impl Strategy<Value = Conv2dCase> {
                     weight: [o, c, kh, kw],
                     params: Conv2dParams {
                         stride: [sh, sw],
-                        padding: [ph, pw],
+                        padding: [ph, pw].into(),
                         dilation: [dh, dw],
+                        ..Conv2dParams::default()
                     },
                     bias,
                     seed,
@@ -120,8 +123,46 @@ fn conv_transpose2d_case() -> impl Strategy<Value = ConvTranspose2dCase> {
                         padding: [ph, pw],
                         output_padding: [oph, opw],
                         dilation: [dh, dw],
+                        ..ConvTranspose2dParams::default()
                     },
                     bias,
+                    seed,
+                }
+            },
+        )
+}
+
+/// One random grouped conv2d problem: 1 to 3 groups of 1 to 2 input and
+/// output channels each (a depthwise conv when both are 1 per group), with
+/// explicit or "same" padding.
+fn grouped_conv2d_case() -> impl Strategy<Value = Conv2dCase> {
+    (
+        (1usize..=2, 1usize..=3, 1usize..=2, 1usize..=2),
+        (3usize..=6, 3usize..=6),
+        (1usize..=3, 1usize..=3),
+        (1usize..=2, 0usize..=1, 1usize..=2),
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |((n, groups, cg, og), (h, w), (kh, kw), (stride, pad, dilation), same, seed)| {
+                // "same" needs stride 1; explicit padding keeps the output non-empty.
+                let (stride, padding) = if same {
+                    (1, Conv2dPadding::Same)
+                } else {
+                    (stride, Conv2dPadding::Explicit([pad; 2]))
+                };
+                let reach = |k: usize| dilation * (k - 1) + 1;
+                Conv2dCase {
+                    x: [n, groups * cg, h.max(reach(kh)), w.max(reach(kw))],
+                    weight: [groups * og, cg, kh, kw],
+                    params: Conv2dParams {
+                        stride: [stride; 2],
+                        padding,
+                        dilation: [dilation; 2],
+                        groups,
+                    },
+                    bias: true,
                     seed,
                 }
             },
@@ -145,12 +186,110 @@ proptest! {
     }
 
     #[test]
+    fn grouped_conv2d_gradients_match_finite_differences(case in grouped_conv2d_case()) {
+        let inputs = operands(case.x, case.weight, Some(case.weight[0]), case.seed);
+        check(|t| t[0].conv2d(&t[1], t.get(2), case.params), &inputs);
+    }
+
+    #[test]
     fn conv_transpose2d_gradients_of_input_weight_and_bias_match_finite_differences(
         case in conv_transpose2d_case()
     ) {
         let inputs = operands(case.x, case.weight, case.bias.then_some(case.weight[1]), case.seed);
         check(|t| t[0].conv_transpose2d(&t[1], t.get(2), case.params), &inputs);
     }
+}
+
+// ----- groups and padding="same": fixed cases ---------------------------------
+
+/// Gradcheck of conv2d with bias on x, weight shapes and params.
+fn check_conv2d(x: [usize; 4], weight: [usize; 4], params: Conv2dParams) {
+    let inputs = operands(x, weight, Some(weight[0]), 17);
+    check(|t| t[0].conv2d(&t[1], t.get(2), params), &inputs);
+}
+
+#[test]
+fn conv2d_with_two_groups_stride_padding_and_dilation_matches_finite_differences() {
+    let params = Conv2dParams {
+        stride: [2, 2],
+        padding: [1, 1].into(),
+        dilation: [2, 1],
+        groups: 2,
+    };
+    check_conv2d([2, 4, 7, 6], [6, 2, 3, 3], params);
+}
+
+#[test]
+fn depthwise_conv2d_with_channel_multiplier_matches_finite_differences() {
+    let params = Conv2dParams {
+        padding: 1.into(),
+        groups: 3,
+        ..Conv2dParams::default()
+    };
+    check_conv2d([2, 3, 6, 5], [6, 1, 3, 3], params);
+}
+
+#[test]
+fn conv2d_same_padding_with_odd_totals_matches_finite_differences() {
+    // Totals 3 (kernel 4) and 3 (kernel 2, dilation 3): one more row and
+    // column at the bottom/right than at the top/left.
+    let params = Conv2dParams {
+        padding: Conv2dPadding::Same,
+        dilation: [1, 3],
+        ..Conv2dParams::default()
+    };
+    check_conv2d([2, 2, 5, 6], [3, 2, 4, 2], params);
+    // Grouped, and a dilated kernel wider than the image (PyTorch allows it).
+    let params = Conv2dParams {
+        padding: Conv2dPadding::Same,
+        dilation: [3, 2],
+        groups: 2,
+        ..Conv2dParams::default()
+    };
+    check_conv2d([1, 4, 3, 2], [2, 2, 2, 3], params);
+}
+
+#[test]
+fn conv2d_same_padding_keeps_the_size_and_valid_means_no_padding() {
+    let x = randn(&[1, 2, 5, 4], 1);
+    let w = randn(&[3, 2, 4, 3], 2);
+    let same = Conv2dParams {
+        padding: Conv2dPadding::Same,
+        dilation: [1, 2],
+        ..Conv2dParams::default()
+    };
+    assert_eq!(x.conv2d(&w, None, same).unwrap().dims(), &[1, 3, 5, 4]);
+    let valid = Conv2dParams {
+        padding: Conv2dPadding::Valid,
+        ..Conv2dParams::default()
+    };
+    let explicit = Conv2dParams::default();
+    assert_eq!(
+        x.conv2d(&w, None, valid).unwrap().to_f64_vec(),
+        x.conv2d(&w, None, explicit).unwrap().to_f64_vec()
+    );
+}
+
+#[test]
+fn conv_transpose2d_with_two_groups_and_output_padding_matches_finite_differences() {
+    let params = ConvTranspose2dParams {
+        stride: [2, 3],
+        padding: [1, 0],
+        output_padding: [1, 2],
+        groups: 2,
+        ..ConvTranspose2dParams::default()
+    };
+    let inputs = operands([2, 4, 3, 3], [4, 3, 3, 3], Some(6), 23);
+    check(|t| t[0].conv_transpose2d(&t[1], t.get(2), params), &inputs);
+    // Depthwise: one input and one output channel per group, dilated.
+    let params = ConvTranspose2dParams {
+        stride: [2, 1],
+        dilation: [1, 2],
+        groups: 3,
+        ..ConvTranspose2dParams::default()
+    };
+    let inputs = operands([1, 3, 3, 4], [3, 1, 2, 3], Some(3), 29);
+    check(|t| t[0].conv_transpose2d(&t[1], t.get(2), params), &inputs);
 }
 
 // ----- errors -----------------------------------------------------------------
@@ -391,4 +530,119 @@ fn empty_batch_gives_empty_output_and_zero_weight_gradient() {
         .conv_transpose2d(&transposed, None, ConvTranspose2dParams::default())
         .unwrap();
     assert_eq!(y.dims(), &[0, 3, 5, 4]);
+}
+
+#[test]
+fn conv2d_rejects_groups_that_do_not_divide_the_channels() {
+    let groups = |groups| Conv2dParams {
+        groups,
+        ..Conv2dParams::default()
+    };
+    let message = conv2d_error(&[1, 4, 8, 8], &[6, 2, 3, 3], None, groups(0));
+    assert_mentions(&message, &["conv2d", "groups must be at least 1"]);
+    // Output channels (weight dim 0) not divisible, as PyTorch checks first.
+    let message = conv2d_error(&[1, 4, 8, 8], &[5, 2, 3, 3], None, groups(2));
+    assert_mentions(
+        &message,
+        &["conv2d", "[5, 2, 3, 3]", "5 channels", "groups=2"],
+    );
+    // Input channels ≠ weight's in_channels/groups · groups.
+    let message = conv2d_error(&[1, 5, 8, 8], &[6, 2, 3, 3], None, groups(2));
+    assert_mentions(
+        &message,
+        &[
+            "conv2d",
+            "[1, 5, 8, 8]",
+            "5 channels",
+            "groups=2",
+            "expects 4",
+        ],
+    );
+}
+
+#[test]
+fn conv2d_rejects_same_padding_with_stride() {
+    let params = Conv2dParams {
+        stride: [1, 2],
+        padding: Conv2dPadding::Same,
+        ..Conv2dParams::default()
+    };
+    let message = conv2d_error(&[1, 1, 6, 6], &[1, 1, 3, 3], None, params);
+    assert_mentions(
+        &message,
+        &["conv2d", "padding=\"same\"", "strided", "stride 1x2"],
+    );
+}
+
+#[test]
+fn conv_transpose2d_rejects_groups_that_do_not_divide_the_channels() {
+    let groups = |groups| ConvTranspose2dParams {
+        groups,
+        ..ConvTranspose2dParams::default()
+    };
+    let message = conv_transpose2d_error(&[1, 4, 5, 5], &[4, 3, 3, 3], None, groups(0));
+    assert_mentions(&message, &["conv_transpose2d", "groups must be at least 1"]);
+    let message = conv_transpose2d_error(&[1, 5, 5, 5], &[5, 3, 3, 3], None, groups(2));
+    assert_mentions(
+        &message,
+        &["conv_transpose2d", "[5, 3, 3, 3]", "5 channels", "groups=2"],
+    );
+    // The bias is [out_channels/groups · groups] = [6].
+    let message = conv_transpose2d_error(&[1, 4, 5, 5], &[4, 3, 3, 3], Some(&[3]), groups(2));
+    assert_mentions(&message, &["conv_transpose2d", "bias", "[6]", "[3]"]);
+}
+
+// ----- modules ----------------------------------------------------------------
+
+#[test]
+fn grouped_modules_size_and_initialise_the_weight_like_pytorch() {
+    let mut rng = Rng::seed(3);
+    let mut init = Init::new(&mut rng, Device::Cpu, DType::F32);
+    let params = Conv2dParams {
+        groups: 2,
+        ..Conv2dParams::default()
+    };
+    let conv = Conv2d::new(4, 6, [3, 3], params, true, &mut init).unwrap();
+    assert_eq!(conv.weight.dims(), &[6, 2, 3, 3]);
+    // fan_in = 4/2 · 3 · 3 = 18: values fill U(−1/√18, 1/√18), past 1/√36.
+    let largest = |t: &Tensor| t.to_f64_vec().iter().fold(0f64, |m, v| m.max(v.abs()));
+    let bound = 1.0 / 18f64.sqrt();
+    assert!(largest(&conv.weight) <= bound && largest(&conv.weight) > 1.0 / 36f64.sqrt());
+    let params = ConvTranspose2dParams {
+        groups: 2,
+        ..ConvTranspose2dParams::default()
+    };
+    let convt = ConvTranspose2d::new(4, 6, [3, 3], params, true, &mut init).unwrap();
+    assert_eq!(convt.weight.dims(), &[4, 3, 3, 3]);
+    assert_eq!(convt.bias.as_ref().unwrap().dims(), &[6]);
+    // PyTorch reads fan_in from weight.size(1): 6/2 · 3 · 3 = 27.
+    let bound = 1.0 / 27f64.sqrt();
+    assert!(largest(&convt.weight) <= bound && largest(&convt.weight) > 1.0 / 54f64.sqrt());
+}
+
+#[test]
+fn grouped_modules_reject_channels_not_divisible_by_groups() {
+    let mut rng = Rng::seed(3);
+    let mut init = Init::new(&mut rng, Device::Cpu, DType::F32);
+    let groups = Conv2dParams {
+        groups: 3,
+        ..Conv2dParams::default()
+    };
+    let message = Conv2d::new(4, 6, [3, 3], groups, true, &mut init)
+        .err()
+        .expect("4 input channels in 3 groups")
+        .to_string();
+    assert_mentions(&message, &["Conv2d", "in_channels = 4", "groups = 3"]);
+    let groups = ConvTranspose2dParams {
+        groups: 2,
+        ..ConvTranspose2dParams::default()
+    };
+    let message = ConvTranspose2d::new(4, 5, [3, 3], groups, true, &mut init)
+        .err()
+        .expect("5 output channels in 2 groups")
+        .to_string();
+    assert_mentions(
+        &message,
+        &["ConvTranspose2d", "out_channels = 5", "groups = 2"],
+    );
 }

@@ -1,6 +1,8 @@
 //! Launch glue for kernels/conv.cu. Each function takes the problem as a
 //! [`ConvGeometry`] in conv2d terms, exactly like the CPU kernels, so
 //! conv_transpose2d reaches the same launches with the roles swapped.
+//! Every kernel handles groups itself (the tiled forwards take the group
+//! from blockIdx.z), so grouped problems need no copies on the device.
 
 use cudarc::driver::LaunchConfig;
 
@@ -25,6 +27,9 @@ const REDUCTION_THREADS: usize = 256;
 /// The block-stride loops of the reductions cover any count with this many blocks.
 const MAX_REDUCTION_BLOCKS: usize = 1 << 20;
 
+/// The hardware limit on gridDim.z: the tiled forwards stride over groups past it.
+const MAX_GROUP_BLOCKS: usize = 65_535;
+
 kernel_params! {
     /// A [`ConvGeometry`] as the kernels read it.
     pub struct ConvShape {
@@ -43,6 +48,7 @@ kernel_params! {
         pad_w: i64,
         dilation_h: i64,
         dilation_w: i64,
+        groups: i64,
     }
 }
 
@@ -75,8 +81,8 @@ kernel_params! {
 }
 
 // conv.cu static_asserts the same sizes, so a field added on one side only fails to compile.
-const _: () = assert!(std::mem::size_of::<ConvShape>() == 120);
-const _: () = assert!(std::mem::size_of::<ConvParams>() == 168);
+const _: () = assert!(std::mem::size_of::<ConvShape>() == 128);
+const _: () = assert!(std::mem::size_of::<ConvParams>() == 176);
 const _: () = assert!(std::mem::size_of::<BiasGradParams>() == 48);
 
 fn conv_shape(g: &ConvGeometry) -> ConvShape {
@@ -96,6 +102,7 @@ fn conv_shape(g: &ConvGeometry) -> ConvShape {
         pad_w: g.padding[1] as i64,
         dilation_h: g.dilation[0] as i64,
         dilation_w: g.dilation[1] as i64,
+        groups: g.groups as i64,
     }
 }
 
@@ -158,14 +165,16 @@ pub(crate) fn conv2d_forward(
         return Err(Error::invalid(
             op,
             format!(
-                "in_channels·kh·kw = {} exceeds the CUDA kernel's 32-bit reduction index",
+                "in_channels/groups·kh·kw = {} exceeds the CUDA kernel's 32-bit reduction index",
                 g.col_rows()
             ),
         ));
     }
+    // One grid layer per group (blockIdx.z): each tile multiplies one
+    // group's columns by that group's block of weight rows.
     let [tile_m, tile_n] = IMPLICIT_GEMM_TILE;
     let position_tiles = (g.batch * g.out_positions()).div_ceil(tile_m);
-    let channel_tiles = g.out_channels.div_ceil(tile_n);
+    let channel_tiles = g.out_channels_per_group().div_ceil(tile_n);
     let (Ok(grid_x), Ok(grid_y)) = (u32::try_from(position_tiles), u16::try_from(channel_tiles))
     else {
         return Err(Error::invalid(
@@ -177,7 +186,11 @@ pub(crate) fn conv2d_forward(
         ));
     };
     let config = LaunchConfig {
-        grid_dim: (grid_x, u32::from(grid_y), 1),
+        grid_dim: (
+            grid_x,
+            u32::from(grid_y),
+            g.groups.min(MAX_GROUP_BLOCKS) as u32,
+        ),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -211,7 +224,7 @@ pub(crate) fn conv2d_backward_data(
     Ok(out)
 }
 
-/// dW = Σ_{n, positions} grid · image at each tap: [out_channels, in_channels, kh, kw].
+/// dW = Σ_{n, positions} grid · image at each tap: [out_channels, in_channels/groups, kh, kw].
 pub(crate) fn conv2d_backward_weight(
     g: &ConvGeometry,
     image: &CudaStorage,

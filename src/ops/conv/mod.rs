@@ -1,5 +1,5 @@
-//! Convolutions: `conv2d` and `conv_transpose2d`, with PyTorch's semantics
-//! (groups = 1).
+//! Convolutions: `conv2d` and `conv_transpose2d`, with PyTorch's semantics,
+//! `groups` and conv2d's `padding="same"` / `"valid"` included.
 //!
 //! Both ops are built from the same three kernels, which see every problem
 //! in conv2d terms through one [`ConvGeometry`]: a kernel slides over an
@@ -15,381 +15,33 @@
 //!
 //! conv_transpose2d is the adjoint of conv2d: its x plays the role of
 //! conv2d's output grid and its y that of conv2d's input image, and its
-//! weight [Cin, Cout, kh, kw] is exactly a conv2d weight [out, in, kh, kw]
-//! for that reversed problem — so no weight needs to be transposed or copied.
+//! weight [Cin, Cout/groups, kh, kw] is exactly a conv2d weight
+//! [out, in/groups, kh, kw] for that reversed problem — so no weight needs to
+//! be transposed or copied.
+//!
+//! Groups: channels split into `groups` independent convolutions, group g
+//! seeing input channels [g·C/G, (g+1)·C/G) and producing output channels
+//! [g·O/G, (g+1)·O/G) with weight rows [g·O/G, (g+1)·O/G). An image
+//! [N, G·Cg, H, W] is, in memory, [N·G, Cg, H, W], so every kernel treats
+//! group g of image n as one more image whose weight is the g-th block.
 
 pub mod cpu;
+mod cpu_groups;
 pub(crate) mod cuda;
+mod geometry;
+mod reference;
+
+pub use geometry::{Conv2dPadding, Conv2dParams, ConvGeometry, ConvTranspose2dParams};
 
 use crate::autocast::{self, AutocastOp};
 use crate::autograd::Backward;
 use crate::cuda::CudaStorage;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::profile;
 use crate::storage::{CpuStorage, Element, Storage, Stored};
-use crate::tensor::{Shape, Tensor, check_operands, checked_numel};
+use crate::tensor::{Shape, Tensor, check_operands};
 use crate::{stored_slice, stored_slice2};
-
-/// Hyper-parameters of `conv2d`, each as (height, width).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Conv2dParams {
-    pub stride: [usize; 2],
-    pub padding: [usize; 2],
-    pub dilation: [usize; 2],
-}
-
-impl Default for Conv2dParams {
-    /// Stride 1, no padding, no dilation.
-    fn default() -> Self {
-        Conv2dParams {
-            stride: [1, 1],
-            padding: [0, 0],
-            dilation: [1, 1],
-        }
-    }
-}
-
-/// Hyper-parameters of `conv_transpose2d`, each as (height, width).
-/// `padding` crops the output; `output_padding` adds rows/columns at its
-/// bottom/right, to pick among the output sizes a strided conv2d maps to the
-/// same input size.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConvTranspose2dParams {
-    pub stride: [usize; 2],
-    pub padding: [usize; 2],
-    pub output_padding: [usize; 2],
-    pub dilation: [usize; 2],
-}
-
-impl Default for ConvTranspose2dParams {
-    /// Stride 1, no padding, no output padding, no dilation.
-    fn default() -> Self {
-        ConvTranspose2dParams {
-            stride: [1, 1],
-            padding: [0, 0],
-            output_padding: [0, 0],
-            dilation: [1, 1],
-        }
-    }
-}
-
-/// One convolution problem in conv2d terms: the kernel slides over an input
-/// image [batch, in_channels, in_size] and yields an output grid [batch,
-/// out_channels, out_size]; the weight is [out_channels, in_channels, kernel].
-/// Output position (oh, ow) with kernel tap (i, j) reads input pixel
-/// (oh·stride − padding + i·dilation, ow·stride − padding + j·dilation),
-/// and pixels outside the image count as zero.
-///
-/// For conv_transpose2d the roles swap: its x is the output grid, its y the
-/// input image. `out_size` is stored rather than derived, because with
-/// `output_padding` the transposed op's y is larger than conv2d's formula
-/// would give back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConvGeometry {
-    pub batch: usize,
-    pub in_channels: usize,
-    pub in_size: [usize; 2],
-    pub out_channels: usize,
-    pub out_size: [usize; 2],
-    pub kernel: [usize; 2],
-    pub stride: [usize; 2],
-    pub padding: [usize; 2],
-    pub dilation: [usize; 2],
-}
-
-impl ConvGeometry {
-    /// Validates conv2d's x [N, C, H, W] and weight [O, C, kh, kw] and
-    /// computes Ho = ⌊(H + 2·padding − dilation·(kh − 1) − 1) / stride⌋ + 1 (same for Wo).
-    pub fn for_conv2d(x: &Shape, weight: &Shape, params: Conv2dParams) -> Result<ConvGeometry> {
-        let op = "conv2d";
-        check_ranks(op, x, weight, "[out_channels, in_channels, kh, kw]")?;
-        check_positive(op, "stride", params.stride)?;
-        check_positive(op, "dilation", params.dilation)?;
-        let (xd, wd) = (x.dims(), weight.dims());
-        if xd[1] != wd[1] {
-            return Err(Error::shape(
-                op,
-                format!(
-                    "input {x} has {} channels but weight {weight} (out_channels, in_channels, kh, kw) expects {}",
-                    xd[1], wd[1]
-                ),
-            ));
-        }
-        let in_size = [xd[2], xd[3]];
-        let kernel = [wd[2], wd[3]];
-        let mut out_size = [0; 2];
-        for d in 0..2 {
-            // check_ranks made every kernel dim at least 1.
-            let reach = params.dilation[d]
-                .checked_mul(kernel[d] - 1)
-                .and_then(|r| r.checked_add(1));
-            let padded = params.padding[d]
-                .checked_mul(2)
-                .and_then(|p| p.checked_add(in_size[d]));
-            let (Some(reach), Some(padded)) = (reach, padded) else {
-                return Err(Error::invalid(
-                    op,
-                    format!(
-                        "input {x} with weight {weight}: padding {} and dilation {} are too large to compute the output size",
-                        pair(params.padding),
-                        pair(params.dilation)
-                    ),
-                ));
-            };
-            if padded < reach {
-                let dilation = if params.dilation == [1, 1] {
-                    String::new()
-                } else {
-                    format!(", dilation {}", pair(params.dilation))
-                };
-                return Err(Error::shape(
-                    op,
-                    format!(
-                        "input {x} with weight {weight}: input {}x{} with kernel {}{dilation} and padding {} gives an empty output",
-                        in_size[0],
-                        in_size[1],
-                        pair(kernel),
-                        pair(params.padding)
-                    ),
-                ));
-            }
-            out_size[d] = (padded - reach) / params.stride[d] + 1;
-        }
-        let geometry = ConvGeometry {
-            batch: xd[0],
-            in_channels: xd[1],
-            in_size,
-            out_channels: wd[0],
-            out_size,
-            kernel,
-            stride: params.stride,
-            padding: params.padding,
-            dilation: params.dilation,
-        };
-        checked_numel(op, &geometry.output_shape())?;
-        Ok(geometry)
-    }
-
-    /// Validates conv_transpose2d's x [N, Cin, H, W] and weight [Cin, Cout, kh, kw]
-    /// and computes Ho = (H − 1)·stride − 2·padding + dilation·(kh − 1) + output_padding + 1.
-    /// The geometry is the conv2d that maps y [N, Cout, Ho, Wo] back to x.
-    pub fn for_conv_transpose2d(
-        x: &Shape,
-        weight: &Shape,
-        params: ConvTranspose2dParams,
-    ) -> Result<ConvGeometry> {
-        let op = "conv_transpose2d";
-        check_ranks(op, x, weight, "[in_channels, out_channels, kh, kw]")?;
-        check_positive(op, "stride", params.stride)?;
-        check_positive(op, "dilation", params.dilation)?;
-        let (xd, wd) = (x.dims(), weight.dims());
-        if xd[1] != wd[0] {
-            return Err(Error::shape(
-                op,
-                format!(
-                    "input {x} has {} channels but weight {weight} (in_channels, out_channels, kh, kw) expects {}",
-                    xd[1], wd[0]
-                ),
-            ));
-        }
-        for d in 0..2 {
-            let op_d = params.output_padding[d];
-            if op_d >= params.stride[d] && op_d >= params.dilation[d] {
-                return Err(Error::invalid(
-                    op,
-                    format!(
-                        "output_padding {:?} must be smaller than either stride {:?} or dilation {:?} in each dim",
-                        params.output_padding, params.stride, params.dilation
-                    ),
-                ));
-            }
-        }
-        let grid_size = [xd[2], xd[3]];
-        let kernel = [wd[2], wd[3]];
-        let mut image_size = [0i128; 2];
-        for d in 0..2 {
-            let Some(size) = transposed_size(grid_size[d], kernel[d], params, d) else {
-                return Err(Error::invalid(
-                    op,
-                    format!(
-                        "input {x} with weight {weight}: stride {}, padding {} and dilation {} are too large to compute the output size",
-                        pair(params.stride),
-                        pair(params.padding),
-                        pair(params.dilation)
-                    ),
-                ));
-            };
-            image_size[d] = size;
-        }
-        if image_size.iter().any(|&s| s <= 0) {
-            return Err(Error::shape(
-                op,
-                format!(
-                    "input {x} with weight {weight}: input {}x{} with kernel {}, stride {}, padding {} and dilation {} gives an empty output ({}x{})",
-                    grid_size[0],
-                    grid_size[1],
-                    pair(kernel),
-                    pair(params.stride),
-                    pair(params.padding),
-                    pair(params.dilation),
-                    image_size[0],
-                    image_size[1]
-                ),
-            ));
-        }
-        let geometry = ConvGeometry {
-            batch: xd[0],
-            in_channels: wd[1],
-            in_size: [image_size[0] as usize, image_size[1] as usize],
-            out_channels: wd[0],
-            out_size: grid_size,
-            kernel,
-            stride: params.stride,
-            padding: params.padding,
-            dilation: params.dilation,
-        };
-        checked_numel(op, &geometry.input_shape())?;
-        Ok(geometry)
-    }
-
-    /// [batch, in_channels, in_h, in_w]: conv2d's x, conv_transpose2d's y.
-    pub fn input_shape(&self) -> Shape {
-        Shape::new([
-            self.batch,
-            self.in_channels,
-            self.in_size[0],
-            self.in_size[1],
-        ])
-    }
-
-    /// [batch, out_channels, out_h, out_w]: conv2d's y, conv_transpose2d's x.
-    pub fn output_shape(&self) -> Shape {
-        Shape::new([
-            self.batch,
-            self.out_channels,
-            self.out_size[0],
-            self.out_size[1],
-        ])
-    }
-
-    /// [out_channels, in_channels, kh, kw]: the weight of both ops.
-    pub fn weight_shape(&self) -> Shape {
-        Shape::new([
-            self.out_channels,
-            self.in_channels,
-            self.kernel[0],
-            self.kernel[1],
-        ])
-    }
-
-    /// Rows of an im2col matrix: one per (input channel, kernel tap).
-    pub fn col_rows(&self) -> usize {
-        self.in_channels * self.kernel[0] * self.kernel[1]
-    }
-
-    /// Positions of the output grid: the columns of an im2col matrix.
-    pub fn out_positions(&self) -> usize {
-        self.out_size[0] * self.out_size[1]
-    }
-
-    /// Pixels of one input channel plane.
-    pub fn in_pixels(&self) -> usize {
-        self.in_size[0] * self.in_size[1]
-    }
-}
-
-/// conv_transpose2d's output size along `d`, (H − 1)·stride − 2·padding +
-/// dilation·(kh − 1) + output_padding + 1 (negative when the padding crops
-/// everything); None when the extent before cropping does not fit a usize,
-/// as the kernels index within it. H and kh are at least 1 (see
-/// `check_ranks`).
-fn transposed_size(
-    grid: usize,
-    kernel: usize,
-    params: ConvTranspose2dParams,
-    d: usize,
-) -> Option<i128> {
-    let extent = (grid - 1)
-        .checked_mul(params.stride[d])?
-        .checked_add((kernel - 1).checked_mul(params.dilation[d])?)?
-        .checked_add(params.output_padding[d])?
-        .checked_add(1)?;
-    Some(extent as i128 - 2 * params.padding[d] as i128)
-}
-
-/// Rank 4 for both operands, and no empty channel, spatial or kernel dim.
-fn check_ranks(op: &'static str, x: &Shape, weight: &Shape, weight_layout: &str) -> Result<()> {
-    if x.rank() != 4 {
-        return Err(Error::shape(
-            op,
-            format!(
-                "input must be [N, C, H, W] (rank 4), got shape {x} (rank {})",
-                x.rank()
-            ),
-        ));
-    }
-    if weight.rank() != 4 {
-        return Err(Error::shape(
-            op,
-            format!(
-                "weight must be {weight_layout} (rank 4), got shape {weight} (rank {})",
-                weight.rank()
-            ),
-        ));
-    }
-    if x.dims()[1..].contains(&0) {
-        return Err(Error::shape(
-            op,
-            format!("input {x} has an empty channel or spatial dim"),
-        ));
-    }
-    if weight.dims().contains(&0) {
-        return Err(Error::shape(
-            op,
-            format!("weight {weight} has an empty dim"),
-        ));
-    }
-    Ok(())
-}
-
-fn check_positive(op: &'static str, what: &str, values: [usize; 2]) -> Result<()> {
-    if values.contains(&0) {
-        return Err(Error::invalid(
-            op,
-            format!("{what} must be at least 1 in each dim, got {values:?}"),
-        ));
-    }
-    Ok(())
-}
-
-/// The bias, if any, must be [channels]: one value per output channel.
-fn check_bias(
-    op: &'static str,
-    bias: Option<&Tensor>,
-    channels: usize,
-    weight: &Tensor,
-) -> Result<()> {
-    match bias {
-        Some(b) if b.dims() != [channels] => Err(Error::shape(
-            op,
-            format!(
-                "bias must have shape [{channels}] (one value per output channel of weight {}), got {}",
-                weight.shape(),
-                b.shape()
-            ),
-        )),
-        _ => Ok(()),
-    }
-}
-
-/// "5" for a square pair, "5x2" otherwise (for error messages).
-fn pair(values: [usize; 2]) -> String {
-    if values[0] == values[1] {
-        values[0].to_string()
-    } else {
-        format!("{}x{}", values[0], values[1])
-    }
-}
+use geometry::check_bias;
 
 /// The typed slice of an optional operand that shares `_like`'s dtype.
 fn same_dtype_slice<'a, T: Element>(
@@ -512,7 +164,7 @@ fn run_conv2d_backward_data(
     )
 }
 
-/// Σ_n grid_n · im2col(image_n)ᵀ: a weight [out_channels, in_channels, kh, kw].
+/// Σ_n grid_n · im2col(image_n)ᵀ per group: a weight [out_channels, in_channels/groups, kh, kw].
 fn run_conv2d_backward_weight(g: &ConvGeometry, image: &Tensor, grid: &Tensor) -> Result<Storage> {
     let op = "conv2d_backward_weight";
     dispatch(
@@ -560,9 +212,10 @@ pub fn conv2d_forward_with_kernel(
 }
 
 impl Tensor {
-    /// 2-D convolution (PyTorch's `F.conv2d`, groups = 1), as cross-correlation:
-    /// x [N, C, H, W], weight [O, C, kh, kw], bias [O] → [N, O, Ho, Wo] with
-    /// Ho = ⌊(H + 2·padding − dilation·(kh − 1) − 1) / stride⌋ + 1.
+    /// 2-D convolution (PyTorch's `F.conv2d`), as cross-correlation:
+    /// x [N, C, H, W], weight [O, C/groups, kh, kw], bias [O] → [N, O, Ho, Wo] with
+    /// Ho = ⌊(H + 2·padding − dilation·(kh − 1) − 1) / stride⌋ + 1, or Ho = H
+    /// for [`Conv2dPadding::Same`].
     pub fn conv2d(
         &self,
         weight: &Tensor,
@@ -587,8 +240,8 @@ impl Tensor {
         ))
     }
 
-    /// Transposed 2-D convolution (PyTorch's `F.conv_transpose2d`, groups = 1),
-    /// the adjoint of conv2d: x [N, Cin, H, W], weight [Cin, Cout, kh, kw],
+    /// Transposed 2-D convolution (PyTorch's `F.conv_transpose2d`), the
+    /// adjoint of conv2d: x [N, Cin, H, W], weight [Cin, Cout/groups, kh, kw],
     /// bias [Cout] → [N, Cout, Ho, Wo] with
     /// Ho = (H − 1)·stride − 2·padding + dilation·(kh − 1) + output_padding + 1.
     pub fn conv_transpose2d(
@@ -661,7 +314,8 @@ impl Backward for Conv2dBackward {
         "conv2d"
     }
 
-    // dL/dx = col2im(Wᵀ · dL/dy), dL/dW = Σ_n dL/dy_n · im2col(x_n)ᵀ, dL/db = Σ_{n,h,w} dL/dy
+    // dL/dx = col2im(Wᵀ · dL/dy), dL/dW = Σ_n dL/dy_n · im2col(x_n)ᵀ, dL/db = Σ_{n,h,w} dL/dy,
+    // each product taken per group g (x_n's and dL/dy_n's channels of g, W's rows of g).
     fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let g = &self.geometry;
         let (x, weight) = (&inputs[0], &inputs[1]);
@@ -690,7 +344,8 @@ impl Backward for ConvTranspose2dBackward {
         "conv_transpose2d"
     }
 
-    // dL/dx = W · im2col(dL/dy) (conv2d of dL/dy), dL/dW = Σ_n x_n · im2col(dL/dy_n)ᵀ, dL/db = Σ_{n,h,w} dL/dy
+    // dL/dx = W · im2col(dL/dy) (conv2d of dL/dy), dL/dW = Σ_n x_n · im2col(dL/dy_n)ᵀ,
+    // dL/db = Σ_{n,h,w} dL/dy, each product taken per group as in conv2d.
     fn backward(&self, inputs: &[Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let g = &self.geometry;
         let (x, weight) = (&inputs[0], &inputs[1]);
