@@ -440,7 +440,7 @@ fn check_groups(op: &'static str, groups: usize, weight: &Shape, dim: usize) -> 
         ));
     }
     let channels = weight.dims()[dim];
-    if channels % groups != 0 {
+    if !channels.is_multiple_of(groups) {
         return Err(Error::shape(
             op,
             format!(
