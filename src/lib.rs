@@ -97,6 +97,7 @@ pub use autocast::{
 pub use autograd::{Backward, GradStore, is_grad_enabled, no_grad, no_grad_scope};
 pub use error::{Error, Result};
 pub use ops::activation::GeluApproximation;
+pub use ops::attention::{AttentionDropout, AttentionMask, AttentionOptions};
 pub use ops::conv::{Conv2dPadding, Conv2dParams, ConvTranspose2dParams};
 pub use ops::loss::{BceWithLogitsOptions, CrossEntropyOptions, Reduction};
 pub use storage::{bf16, f16};

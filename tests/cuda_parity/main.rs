@@ -5,6 +5,7 @@
 
 mod common;
 
+mod attention;
 mod conv;
 mod data;
 mod elementwise;

@@ -943,6 +943,69 @@ def conv_transpose2d_grouped():
         "bias": "true",
     }
     save("conv_transpose2d_grouped", {**inputs, **res}, meta)
+# scaled_dot_product_attention: lengths, head sizes, masks and scale
+# ---------------------------------------------------------------------------
+
+
+def sdpa_case(case, q_shape, k_shape, v_shape, mask=None, mask_grad=False, **kwargs):
+    """F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs) with
+    the gradients of q, k, v (and of a float mask when `mask_grad`)."""
+    inputs = {"q": leaf(randn(*q_shape)), "k": leaf(randn(*k_shape)), "v": leaf(randn(*v_shape))}
+    diff = ["q", "k", "v"]
+    if mask is not None:
+        inputs["mask"] = leaf(mask) if mask_grad else mask
+        if mask_grad:
+            diff.append("mask")
+
+    def fn(q, k, v, mask=None):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
+
+    res = forward_backward(fn, inputs, diff)
+    tensors = {**inputs, **res}
+    if mask is not None and mask.dtype == torch.bool:
+        tensors["mask"] = mask.to(torch.int64)  # safetensors goldens hold f32/i64 only
+    meta = {k: repr(v) if isinstance(v, float) else str(v).lower() for k, v in kwargs.items()}
+    save(case, tensors, meta)
+
+
+def sdpa_cross_lengths():
+    torch.manual_seed(0)
+    # L = 3 queries over S = 5 keys, value head size 6 != E = 4; not causal.
+    sdpa_case("sdpa_cross_lengths", (2, 3, 3, 4), (2, 3, 5, 4), (2, 3, 5, 6))
+
+
+def sdpa_causal_short_query():
+    torch.manual_seed(0)
+    # L < S: top-left aligned triangle, query i sees keys 0..=i of 6.
+    sdpa_case("sdpa_causal_short_query", (2, 2, 3, 4), (2, 2, 6, 4), (2, 2, 6, 3), is_causal=True)
+
+
+def sdpa_causal_long_query():
+    torch.manual_seed(0)
+    # L > S: queries 2.. see every one of the 3 keys.
+    sdpa_case("sdpa_causal_long_query", (2, 2, 5, 4), (2, 2, 3, 4), (2, 2, 3, 3), is_causal=True)
+
+
+def sdpa_float_mask():
+    torch.manual_seed(0)
+    # A float mask broadcast over the heads, with its own gradient.
+    mask = randn(2, 1, 4, 5)
+    sdpa_case("sdpa_float_mask", (2, 3, 4, 4), (2, 3, 5, 4), (2, 3, 5, 3), mask=mask, mask_grad=True)
+
+
+def sdpa_bool_mask():
+    torch.manual_seed(0)
+    # A boolean [L, S] mask; query row 2 sees no key (its output and gradients are 0).
+    mask = torch.tensor(
+        [[1, 0, 1, 1, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [0, 0, 0, 1, 0]], dtype=torch.bool
+    )
+    sdpa_case("sdpa_bool_mask", (2, 2, 4, 3), (2, 2, 5, 3), (2, 2, 5, 4), mask=mask)
+
+
+def sdpa_scale_broadcast():
+    torch.manual_seed(0)
+    # An explicit scale, and k, v shared by the batch ([1, H, S, E] against [B, H, L, E]).
+    sdpa_case("sdpa_scale_broadcast", (2, 3, 4, 4), (1, 3, 6, 4), (1, 3, 6, 5), scale=0.3)
 
 
 CASES = [
@@ -999,6 +1062,12 @@ CASES = [
     conv2d_depthwise,
     conv2d_same_asymmetric,
     conv_transpose2d_grouped,
+    sdpa_cross_lengths,
+    sdpa_causal_short_query,
+    sdpa_causal_long_query,
+    sdpa_float_mask,
+    sdpa_bool_mask,
+    sdpa_scale_broadcast,
 ]
 
 

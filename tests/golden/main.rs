@@ -4,6 +4,7 @@
 mod common;
 
 mod activation;
+mod attention;
 mod conv;
 mod embedding;
 mod image_folder;

@@ -2,6 +2,7 @@
 //! differences in f64, on shapes and values drawn by proptest (odd sizes and
 //! size-1 dims included).
 
+mod attention;
 mod common;
 mod conv;
 mod core;

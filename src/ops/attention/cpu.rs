@@ -17,18 +17,31 @@ use crate::storage::Float;
 /// Below this many multiply-adds per pass the heads run on one thread.
 const PARALLEL_THRESHOLD: usize = 1 << 15;
 
-/// `heads` = B·H matrices of `seq` = T rows and `head_dim` = D columns.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// `heads` = B·H matrices of `seq` = T rows and `head_dim` = D columns,
+/// and the factor the scores Q·Kᵀ are multiplied by.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttentionDims {
     pub heads: usize,
     pub seq: usize,
     pub head_dim: usize,
+    /// 1/√D unless the caller chose another (PyTorch's `scale`).
+    pub scale: f64,
 }
 
 impl AttentionDims {
-    /// The softmax temperature 1/√D.
+    /// Dims with PyTorch's default scale 1/√D.
+    pub fn new(heads: usize, seq: usize, head_dim: usize) -> Self {
+        AttentionDims {
+            heads,
+            seq,
+            head_dim,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+        }
+    }
+
+    /// The softmax temperature the scores are multiplied by.
     pub fn scale(&self) -> f64 {
-        1.0 / (self.head_dim as f64).sqrt()
+        self.scale
     }
 
     /// Elements of one head's [T, D] matrix.
@@ -657,15 +670,12 @@ mod tests {
     fn fast_forward_and_backward_match_the_direct_loops() {
         // Small (one thread) and large (rayon across heads) shapes.
         for d in [
+            AttentionDims::new(3, 5, 3),
+            AttentionDims::new(6, 33, 17),
+            // An explicit scale, negative to tell it from any 1/√D.
             AttentionDims {
-                heads: 3,
-                seq: 5,
-                head_dim: 3,
-            },
-            AttentionDims {
-                heads: 6,
-                seq: 33,
-                head_dim: 17,
+                scale: -0.4,
+                ..AttentionDims::new(2, 7, 4)
             },
         ] {
             let len = d.heads * d.head_len();
@@ -689,11 +699,7 @@ mod tests {
 
     #[test]
     fn first_position_sees_only_itself() {
-        let d = AttentionDims {
-            heads: 1,
-            seq: 3,
-            head_dim: 2,
-        };
+        let d = AttentionDims::new(1, 3, 2);
         let (q, k) = (values(6, 5), values(6, 6));
         let v = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
         let f = attention(&q, &k, &v, d);

@@ -1,7 +1,9 @@
 //! Causal scaled-dot-product attention (PyTorch's
 //! `F.scaled_dot_product_attention(q, k, v, is_causal=True)`) as one fused op:
-//! O = softmax(mask(Q·Kᵀ/√D))·V per head, with its own backward kernel that
-//! reuses the saved attention probabilities P.
+//! O = softmax(mask(Q·Kᵀ·scale))·V per head (scale 1/√D unless given), with
+//! its own backward kernel that reuses the saved attention probabilities P.
+//! The general `scaled_dot_product_attention` (masks, L ≠ S, dropout) is in
+//! `sdpa.rs` and comes back here for the causal case this op covers.
 //!
 //! On CUDA (kernels/attention.cu) the same steps run as plain kernels, one
 //! block per score row for the softmax and one thread per output element for
@@ -9,6 +11,10 @@
 
 pub mod cpu;
 pub(crate) mod cuda;
+mod safe_softmax;
+mod sdpa;
+
+pub use sdpa::{AttentionDropout, AttentionMask, AttentionOptions};
 
 use crate::autocast::{self, AutocastOp};
 use crate::autograd::Backward;
@@ -37,20 +43,37 @@ impl Tensor {
     /// softmax_j(qᵢ·kⱼ/√D), as PyTorch's
     /// `F.scaled_dot_product_attention(q, k, v, is_causal=True)`.
     pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let [q, k, v] = [q, k, v].map(|t| autocast::cast_input(AutocastOp::Attention, t));
-        let (q, k, v) = (&q?, &k?, &v?);
-        if q.device() == Device::Cpu && autocast::any_half(&[Some(q), Some(k), Some(v)]) {
-            // Computed in f32 from widened copies, rounded back to q's dtype.
-            // (The CUDA kernels read and write 16-bit values themselves.)
-            let [wq, wk, wv] = [q, k, v].map(autocast::widened);
-            return causal_attention_in_own_dtype(&wq?, &wk?, &wv?)?.to_dtype(q.dtype());
-        }
-        causal_attention_in_own_dtype(q, k, v)
+        causal_attention_scaled(q, k, v, None)
     }
 }
 
-/// `causal_attention` without autocast's cast, in the operands' dtype.
-fn causal_attention_in_own_dtype(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+/// `causal_attention` with the scores multiplied by `scale` (None: 1/√D);
+/// also `scaled_dot_product_attention`'s fused path.
+pub(super) fn causal_attention_scaled(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: Option<f64>,
+) -> Result<Tensor> {
+    let [q, k, v] = [q, k, v].map(|t| autocast::cast_input(AutocastOp::Attention, t));
+    let (q, k, v) = (&q?, &k?, &v?);
+    if q.device() == Device::Cpu && autocast::any_half(&[Some(q), Some(k), Some(v)]) {
+        // Computed in f32 from widened copies, rounded back to q's dtype.
+        // (The CUDA kernels read and write 16-bit values themselves.)
+        let [wq, wk, wv] = [q, k, v].map(autocast::widened);
+        return causal_attention_in_own_dtype(&wq?, &wk?, &wv?, scale)?.to_dtype(q.dtype());
+    }
+    causal_attention_in_own_dtype(q, k, v, scale)
+}
+
+/// `causal_attention` without autocast's cast, in the operands' dtype, with
+/// the scores multiplied by `scale` (None: 1/√D).
+fn causal_attention_in_own_dtype(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: Option<f64>,
+) -> Result<Tensor> {
     let _profile = profile::op(OP, q.device());
     check_operands(OP, &[q, k, v])?;
     let &[batch, heads, seq, head_dim] = q.dims() else {
@@ -80,9 +103,8 @@ fn causal_attention_in_own_dtype(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<T
         ));
     }
     let dims = AttentionDims {
-        heads: batch * heads,
-        seq,
-        head_dim,
+        scale: scale.unwrap_or_else(|| 1.0 / (head_dim as f64).sqrt()),
+        ..AttentionDims::new(batch * heads, seq, head_dim)
     };
     let (out, probs) = match &*q.storage() {
         Storage::Cpu(qs) => float_slice!(OP, qs, |q| {
@@ -157,11 +179,7 @@ impl Tensor {
             return self.causal_self_attention_composite(n_head);
         };
         let _profile = profile::op(PACKED_OP, self.device());
-        let dims = AttentionDims {
-            heads: batch * n_head,
-            seq,
-            head_dim,
-        };
+        let dims = AttentionDims::new(batch * n_head, seq, head_dim);
         let item = AttentionDims {
             heads: n_head,
             ..dims
