@@ -382,10 +382,10 @@ fn attention_composed(
         None => scores,
     };
     let weights = safe_softmax_last_dim(&scores)?;
+    // p = 1 is weights·0 inside `dropout`, as torch's.
     let weights = match options.dropout {
-        Some(AttentionDropout { p, .. }) if p == 1.0 => weights.mul_scalar(0.0)?,
-        Some(AttentionDropout { p, seed }) if p > 0.0 => weights.dropout(p, seed)?,
-        _ => weights,
+        Some(AttentionDropout { p, seed }) => weights.dropout(p, seed)?,
+        None => weights,
     };
     weights.matmul(v)
 }
