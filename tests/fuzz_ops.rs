@@ -1801,21 +1801,30 @@ fn conv_case() -> impl Strategy<Value = ConvCase> {
         )
 }
 
-/// conv2d's output [N, O, Ho, Wo], exactly (None if the arguments do not fit).
+/// conv2d's output [N, O, Ho, Wo], exactly (None if the arguments do not fit):
+/// weight [O, C/groups, kh, kw] with O divisible by groups, and PyTorch's
+/// padding "same" (stride 1, Ho = H) and "valid" (no padding).
 fn conv2d_shape(
     x: &[usize],
     w: &[usize],
     bias: Option<&[usize]>,
     p: Conv2dParams,
 ) -> Option<Vec<usize>> {
-    if x.len() != 4 || w.len() != 4 || x[1..].contains(&0) || w.contains(&0) || x[1] != w[1] {
+    if x.len() != 4 || w.len() != 4 || x[1..].contains(&0) || w.contains(&0) {
+        return None;
+    }
+    if p.groups == 0 || w[0] % p.groups != 0 || w[1].checked_mul(p.groups) != Some(x[1]) {
         return None;
     }
     if p.stride.contains(&0) || p.dilation.contains(&0) || bias.is_some_and(|b| b != [w[0]]) {
         return None;
     }
-    let Conv2dPadding::Explicit(padding) = p.padding else {
-        unreachable!("the fuzzed conv2d cases use explicit padding")
+    let padding = match p.padding {
+        Conv2dPadding::Explicit(padding) => padding,
+        Conv2dPadding::Valid => [0, 0],
+        // The output is as large as the input.
+        Conv2dPadding::Same if p.stride == [1, 1] => return Some(vec![x[0], w[0], x[2], x[3]]),
+        Conv2dPadding::Same => return None,
     };
     let mut out = vec![x[0], w[0]];
     for d in 0..2 {
@@ -1829,7 +1838,8 @@ fn conv2d_shape(
     Some(out)
 }
 
-/// conv_transpose2d's output [N, Cout, Ho, Wo], exactly.
+/// conv_transpose2d's output [N, Cout, Ho, Wo], exactly: weight
+/// [Cin, Cout/groups, kh, kw] with Cin divisible by groups.
 fn conv_transpose2d_shape(
     x: &[usize],
     w: &[usize],
@@ -1839,10 +1849,15 @@ fn conv_transpose2d_shape(
     if x.len() != 4 || w.len() != 4 || x[1..].contains(&0) || w.contains(&0) || x[1] != w[0] {
         return None;
     }
-    if p.stride.contains(&0) || p.dilation.contains(&0) || bias.is_some_and(|b| b != [w[1]]) {
+    if p.groups == 0 || w[0] % p.groups != 0 {
         return None;
     }
-    let mut out = vec![x[0], w[1]];
+    let out_channels = w[1].checked_mul(p.groups)?;
+    if p.stride.contains(&0) || p.dilation.contains(&0) || bias.is_some_and(|b| b != [out_channels])
+    {
+        return None;
+    }
+    let mut out = vec![x[0], out_channels];
     for d in 0..2 {
         if p.output_padding[d] >= p.stride[d] && p.output_padding[d] >= p.dilation[d] {
             return None;
@@ -1957,6 +1972,173 @@ fn convolutions(case: ConvCase) -> CaseResult {
     check("conv_transpose2d", Expect::new(shape, v), &operands, || {
         x.conv_transpose2d(&t, bias.as_ref(), params)
     })?;
+    Ok(())
+}
+
+/// conv2d and conv_transpose2d with channel groups, and conv2d with
+/// PyTorch's padding "same" and "valid".
+#[derive(Clone, Debug)]
+struct GroupConvCase {
+    x: Spec,
+    w: Spec,
+    bias: Option<Spec>,
+    groups: usize,
+    /// [N, C/groups, O/groups, H, W, kh, kw]
+    size: [usize; 7],
+    stride: [usize; 2],
+    padding: Conv2dPadding,
+    dilation: [usize; 2],
+    output_padding: [usize; 2],
+    mutation: u8,
+}
+
+fn group_conv_case() -> impl Strategy<Value = GroupConvCase> {
+    let padding = prop_oneof![
+        2 => [0usize..3, 0..3].prop_map(Conv2dPadding::Explicit),
+        2 => Just(Conv2dPadding::Same),
+        1 => Just(Conv2dPadding::Valid),
+        1 => Just(Conv2dPadding::Explicit([BIG, 0])),
+    ];
+    (
+        (
+            spec_with(Just(vec![]), dtype()),
+            partner(),
+            prop::option::weighted(0.6, partner()),
+        ),
+        prop_oneof![4 => 1usize..=4, 1 => Just(0usize), 1 => Just(usize::MAX)],
+        [
+            extent(2),
+            extent(2),
+            extent(2),
+            extent(5),
+            extent(5),
+            extent(3),
+            extent(3),
+        ],
+        [
+            prop_oneof![4 => Just(1usize), 1 => 0usize..=2],
+            prop_oneof![4 => Just(1usize), 1 => 0usize..=2],
+        ],
+        padding,
+        [hyper(1), hyper(1)],
+        [0usize..2, 0..2],
+        0u8..16,
+    )
+        .prop_map(
+            |(
+                (x, w, bias),
+                groups,
+                size,
+                stride,
+                padding,
+                dilation,
+                output_padding,
+                mutation,
+            )| {
+                let w = paired(&x, w);
+                let bias = bias.map(|b| paired(&x, b));
+                GroupConvCase {
+                    x,
+                    w,
+                    bias,
+                    groups,
+                    size,
+                    stride,
+                    padding,
+                    dilation,
+                    output_padding,
+                    mutation,
+                }
+            },
+        )
+}
+
+fn grouped_convolutions(case: GroupConvCase) -> CaseResult {
+    let [n, c, o, h, wd, kh, kw] = case.size;
+    // Channels are multiples of the groups (of 1 when groups is 0 or huge).
+    let g = if case.groups <= 4 { case.groups.max(1) } else { 1 };
+    let (mut cin, mut cout) = (g * c, g * o);
+    let (mut w_in, mut t_in) = (c, g * c);
+    match case.mutation {
+        // A channel count that is no multiple of the groups (or does not match).
+        0 => cin += 1,
+        1 => cout += 1,
+        2 => w_in += 1,
+        3 => t_in += 1,
+        _ => {}
+    }
+    let x = build(&Spec {
+        dims: vec![n, cin, h, wd],
+        ..case.x.clone()
+    })?;
+    let w = build(&Spec {
+        dims: vec![cout, w_in, kh, kw],
+        ..case.w.clone()
+    })?;
+    let t = build(&Spec {
+        dims: vec![if case.mutation == 3 { t_in } else { cin }, o, kh, kw],
+        ..case.w.clone()
+    })?;
+    let bias_len = cout + usize::from(case.mutation == 4);
+    let bias = match &case.bias {
+        Some(spec) => Some(build(&Spec {
+            dims: vec![bias_len],
+            ..spec.clone()
+        })?),
+        None => None,
+    };
+    let extreme = case.dilation.iter().any(|&d| d >= BIG)
+        || matches!(case.padding, Conv2dPadding::Explicit(p) if p.contains(&BIG));
+    let maybe_v = if extreme { V::Maybe } else { V::Valid };
+    let bias_dims = bias.as_ref().map(|b| b.dims());
+
+    let params = Conv2dParams {
+        stride: case.stride,
+        padding: case.padding,
+        dilation: case.dilation,
+        groups: case.groups,
+    };
+    let mut operands = vec![&x, &w];
+    operands.extend(bias.as_ref());
+    let v = operands_v(&operands).and(maybe_v);
+    let shape = conv2d_shape(x.dims(), w.dims(), bias_dims, params);
+    check(
+        "conv2d (groups, padding)",
+        Expect::new(shape, v),
+        &operands,
+        || x.conv2d(&w, bias.as_ref(), params),
+    )?;
+
+    // The transposed op takes the explicit padding pair (none for the others).
+    let padding = match case.padding {
+        Conv2dPadding::Explicit(p) => p,
+        _ => [0, 0],
+    };
+    let params = ConvTranspose2dParams {
+        stride: case.stride,
+        padding,
+        output_padding: case.output_padding,
+        dilation: case.dilation,
+        groups: case.groups,
+    };
+    // conv_transpose2d's bias has Cout = groups·(weight dim 1) entries.
+    let bias = match &case.bias {
+        Some(spec) => Some(build(&Spec {
+            dims: vec![g * o + usize::from(case.mutation == 4)],
+            ..spec.clone()
+        })?),
+        None => None,
+    };
+    let mut operands = vec![&x, &t];
+    operands.extend(bias.as_ref());
+    let v = operands_v(&operands).and(maybe_v);
+    let shape = conv_transpose2d_shape(x.dims(), t.dims(), bias.as_ref().map(|b| b.dims()), params);
+    check(
+        "conv_transpose2d (groups)",
+        Expect::new(shape, v),
+        &operands,
+        || x.conv_transpose2d(&t, bias.as_ref(), params),
+    )?;
     Ok(())
 }
 
@@ -2222,6 +2404,215 @@ fn attention(case: AttentionCase) -> CaseResult {
         Expect::new(shape, float_v(&qkv).and(cast_v)),
         &[&qkv],
         || qkv.causal_self_attention(n_head),
+    )?;
+    Ok(())
+}
+
+/// PyTorch's `F.scaled_dot_product_attention`: q [..., L, E], k [..., S, E],
+/// v [..., S, Ev] with broadcasting batch dims, a float or boolean mask,
+/// is_causal, an explicit scale and dropout on the weights.
+#[derive(Clone, Debug)]
+struct SdpaCase {
+    q: Spec,
+    k: Partner,
+    v: Partner,
+    mask: Option<Partner>,
+    /// [L, S, E, Ev]
+    size: [usize; 4],
+    mutation: u8,
+    mask_kind: u8,
+    is_causal: bool,
+    scale: Option<f64>,
+    dropout: Option<f64>,
+}
+
+fn sdpa_case() -> impl Strategy<Value = SdpaCase> {
+    (
+        spec(2..=5),
+        partner(),
+        partner(),
+        prop::option::weighted(0.5, partner()),
+        [extent(4), extent(4), extent(3), extent(3)],
+        0u8..16,
+        0u8..8,
+        prop::bool::weighted(0.3),
+        prop::option::weighted(0.3, scalar()),
+        prop::option::weighted(
+            0.2,
+            prop_oneof![3 => Just(0.0f64), 3 => 0.0..1.0f64, 1 => Just(1.0), 1 => scalar()],
+        ),
+    )
+        .prop_map(
+            |(q, k, v, mask, size, mutation, mask_kind, is_causal, scale, dropout)| SdpaCase {
+                q,
+                k,
+                v,
+                mask,
+                size,
+                mutation,
+                mask_kind,
+                is_causal,
+                scale,
+                dropout,
+            },
+        )
+}
+
+fn sdpa(case: SdpaCase) -> CaseResult {
+    let [l, s, e, ev] = case.size;
+    // q's batch dims (0 to 3 of them), and k's and v's related to them.
+    let batch = case.q.dims[..case.q.dims.len() - 2].to_vec();
+    let batch_of = |(spec, relation, seed, same_dtype, same_device): &Partner| {
+        let dims = related(&batch, &spec.dims, *relation, *seed);
+        // Relation 7 draws dims of any rank: keep at most 3 as batch dims.
+        let dims = dims[..dims.len().min(3)].to_vec();
+        paired(
+            &case.q,
+            (
+                Spec {
+                    dims,
+                    ..spec.clone()
+                },
+                0,
+                0,
+                *same_dtype,
+                *same_device,
+            ),
+        )
+    };
+    let with_tail = |mut spec: Spec, tail: &[usize]| {
+        spec.dims.extend(tail);
+        spec
+    };
+    let m = case.mutation;
+    let q = build(&with_tail(
+        Spec {
+            dims: batch.clone(),
+            ..case.q.clone()
+        },
+        &[l, e],
+    ))?;
+    let k_tail: &[usize] = match m {
+        0 => &[s, e + 1],
+        1 => &[e],
+        _ => &[s, e],
+    };
+    let k = build(&with_tail(batch_of(&case.k), k_tail))?;
+    let v_tail: &[usize] = match m {
+        2 => &[s + 1, ev],
+        _ => &[s, ev],
+    };
+    let v = build(&with_tail(batch_of(&case.v), v_tail))?;
+    // The oracle reads the sizes off the operands as built.
+    let ranks_fit = k.rank() >= 2 && v.rank() >= 2;
+    let last2 = |t: &Tensor| {
+        let d = t.dims();
+        (d[..d.len().max(2) - 2].to_vec(), d[d.len().max(2) - 2], d[d.len() - 1])
+    };
+    let (q_batch, _, _) = last2(&q);
+    let weights = ranks_fit
+        .then(|| {
+            let ((k_batch, key_len, key_dim), (v_batch, value_len, _)) = (last2(&k), last2(&v));
+            let joint = broadcast(&q_batch, &k_batch)?;
+            broadcast(&joint, &v_batch)?;
+            (key_dim == e && value_len == key_len).then(|| {
+                let mut w = joint;
+                w.extend([l, key_len]);
+                w
+            })
+        })
+        .flatten();
+    let out_shape = weights.as_ref().map(|w| {
+        let (v_batch, _, value_dim) = last2(&v);
+        let mut out = broadcast(&w[..w.len() - 2], &v_batch).expect("checked above");
+        out.extend([l, value_dim]);
+        out
+    });
+    // One float dtype for q, k and v (no promotion) and one device.
+    let same_dtype = [&k, &v].iter().all(|t| t.dtype() == q.dtype());
+    let qkv_v = device_v(&[&q, &k, &v])
+        .and(V::from(same_dtype))
+        .and(float_v(&q));
+
+    // The mask: the weights' shape, a broadcast partner of it, [L, S] or
+    // something else; a float one mostly of q's dtype, a boolean one u32.
+    let mask = match &case.mask {
+        None => None,
+        Some((spec, relation, seed, same_dtype, same_device)) => {
+            let w = weights.clone().unwrap_or_else(|| vec![l, s]);
+            let s = w[w.len() - 1];
+            let dims = match case.mask_kind {
+                0 => vec![l, s],
+                1 => vec![s],
+                2 => {
+                    // A batch dim beyond the weights'.
+                    let mut d = vec![2];
+                    d.extend(&w);
+                    d
+                }
+                _ => related(&w, &spec.dims, *relation, *seed),
+            };
+            let boolean = seed % 3 == 0;
+            let dtype = match (boolean, *same_dtype) {
+                (true, true) => DType::U32,
+                (false, true) => case.q.dtype,
+                _ => spec.dtype,
+            };
+            let spec = Spec {
+                dims,
+                dtype,
+                cuda: if *same_device { case.q.cuda } else { spec.cuda },
+                ..spec.clone()
+            };
+            let t = build_indices(&spec, 2)?;
+            let fits = t.rank() >= 2
+                && weights
+                    .as_ref()
+                    .is_some_and(|w| broadcast(w, t.dims()).as_ref() == Some(w));
+            let kind_v = if boolean {
+                V::from(t.dtype() == DType::U32)
+            } else {
+                V::from(t.dtype() == q.dtype())
+            };
+            let mask_v = kind_v
+                .and(V::from(fits))
+                .and(V::from(t.device() == q.device()));
+            Some((
+                if boolean {
+                    AttentionMask::Bool(t.clone())
+                } else {
+                    AttentionMask::Float(t.clone())
+                },
+                t,
+                mask_v,
+            ))
+        }
+    };
+    let options_v = V::from(
+        !(case.is_causal && mask.is_some())
+            && case.scale.is_none_or(f64::is_finite)
+            && case.dropout.is_none_or(|p| (0.0..=1.0).contains(&p)),
+    );
+    let options = AttentionOptions {
+        mask: mask.as_ref().map(|(m, _, _)| m.clone()),
+        is_causal: case.is_causal,
+        scale: case.scale,
+        dropout: case.dropout.map(|p| AttentionDropout {
+            p,
+            seed: case.q.seed,
+        }),
+    };
+    let mut leaves = vec![&q, &k, &v];
+    let mut v_all = qkv_v.and(options_v);
+    if let Some((_, t, mask_v)) = &mask {
+        leaves.push(t);
+        v_all = v_all.and(*mask_v);
+    }
+    check(
+        "scaled_dot_product_attention",
+        Expect::new(out_shape, v_all),
+        &leaves,
+        || Tensor::scaled_dot_product_attention(&q, &k, &v, &options),
     )?;
     Ok(())
 }

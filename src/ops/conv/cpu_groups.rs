@@ -36,18 +36,42 @@ fn interleave_groups<T: Copy>(parts: &[Vec<T>], len: usize) -> Vec<T> {
     out
 }
 
-/// The per-image lengths of one group: (input image, output grid, weight).
-fn group_lengths(one: &ConvGeometry) -> (usize, usize, usize) {
+/// The per-image lengths of one group: (input image, output grid).
+fn group_lengths(one: &ConvGeometry) -> (usize, usize) {
     (
         one.in_channels * one.in_pixels(),
         one.out_channels * one.out_positions(),
-        one.weight_shape().numel(),
     )
 }
 
 /// The block of `values` (the weight, or a per-channel bias) that belongs to `group`.
 fn block<T>(values: &[T], block_len: usize, group: usize) -> &[T] {
     &values[group * block_len..][..block_len]
+}
+
+/// The kernel `run` (forward or backward-data) group by group: group k's
+/// `input` part [N, in_len] with its weight block and `bias_channels`
+/// biases gives its part [N, out_len] of the output.
+fn by_group<I: Copy + Send + Sync, W: Sync, O: Copy + Send>(
+    g: &ConvGeometry,
+    input: &[I],
+    (in_len, out_len): (usize, usize),
+    weight: &[W],
+    bias: Option<&[W]>,
+    bias_channels: usize,
+    run: impl Fn(&ConvGeometry, &[I], &[W], Option<&[W]>) -> Vec<O> + Sync,
+) -> Vec<O> {
+    let one = g.single_group();
+    let weight_len = one.weight_shape().numel();
+    let parts: Vec<Vec<O>> = (0..g.groups)
+        .into_par_iter()
+        .map(|k| {
+            let input_k = group_part(input, g.groups, in_len, k);
+            let b_k = bias.map(|b| block(b, bias_channels, k));
+            run(&one, &input_k, block(weight, weight_len, k), b_k)
+        })
+        .collect();
+    interleave_groups(&parts, out_len)
 }
 
 /// conv2d's forward, group by group: y_g = conv(x_g, W_g) + b_g.
@@ -59,16 +83,16 @@ pub(super) fn forward<I: Copy + Send + Sync, W: Sync, O: Copy + Send>(
     run: impl Fn(&ConvGeometry, &[I], &[W], Option<&[W]>) -> Vec<O> + Sync,
 ) -> Vec<O> {
     let one = g.single_group();
-    let (image_len, grid_len, weight_len) = group_lengths(&one);
-    let parts: Vec<Vec<O>> = (0..g.groups)
-        .into_par_iter()
-        .map(|k| {
-            let x_k = group_part(x, g.groups, image_len, k);
-            let b_k = bias.map(|b| block(b, one.out_channels, k));
-            run(&one, &x_k, block(weight, weight_len, k), b_k)
-        })
-        .collect();
-    interleave_groups(&parts, grid_len)
+    let (image_len, grid_len) = group_lengths(&one);
+    by_group(
+        g,
+        x,
+        (image_len, grid_len),
+        weight,
+        bias,
+        one.out_channels,
+        run,
+    )
 }
 
 /// The backward-data kernel, group by group: dx_g = convᵀ(dy_g, W_g) + b_g
@@ -81,16 +105,16 @@ pub(super) fn backward_data<I: Copy + Send + Sync, W: Sync, O: Copy + Send>(
     run: impl Fn(&ConvGeometry, &[I], &[W], Option<&[W]>) -> Vec<O> + Sync,
 ) -> Vec<O> {
     let one = g.single_group();
-    let (image_len, grid_len, weight_len) = group_lengths(&one);
-    let parts: Vec<Vec<O>> = (0..g.groups)
-        .into_par_iter()
-        .map(|k| {
-            let dy_k = group_part(dy, g.groups, grid_len, k);
-            let b_k = bias.map(|b| block(b, one.in_channels, k));
-            run(&one, &dy_k, block(weight, weight_len, k), b_k)
-        })
-        .collect();
-    interleave_groups(&parts, image_len)
+    let (image_len, grid_len) = group_lengths(&one);
+    by_group(
+        g,
+        dy,
+        (grid_len, image_len),
+        weight,
+        bias,
+        one.in_channels,
+        run,
+    )
 }
 
 /// The backward-weight kernel, group by group: dW_g = Σ_n dy_{n,g} · im2col(x_{n,g})ᵀ,
@@ -102,7 +126,7 @@ pub(super) fn backward_weight<I: Copy + Send + Sync, O: Copy + Send>(
     run: impl Fn(&ConvGeometry, &[I], &[I]) -> Vec<O> + Sync,
 ) -> Vec<O> {
     let one = g.single_group();
-    let (image_len, grid_len, _) = group_lengths(&one);
+    let (image_len, grid_len) = group_lengths(&one);
     let parts: Vec<Vec<O>> = (0..g.groups)
         .into_par_iter()
         .map(|k| {
