@@ -146,35 +146,3 @@ extern "C" __global__ void attention_key_value_grads(const AttentionParams p) {
     }
 }
 
-// scaled_dot_product_attention's weights: softmax over each row of scores
-// [rows, width], except that a row whose every score is −∞ (a query the mask
-// lets see no key) gives zeros rather than NaN, as PyTorch's. One block per
-// row. Mirrors SafeSoftmaxParams in src/ops/attention/safe_softmax.rs.
-struct SafeSoftmaxParams {
-    const float* x;
-    float* out;
-    i64 rows;
-    i64 width;
-};
-static_assert(sizeof(SafeSoftmaxParams) == 32, "SafeSoftmaxParams must match its Rust mirror");
-
-// yⱼ = exp(xⱼ − max) / Σₗ exp(xₗ − max);  y = 0 on a row with max = −∞
-extern "C" __global__ void attention_safe_softmax(const SafeSoftmaxParams p) {
-    __shared__ float scratch[32];
-    for (i64 row = blockIdx.x; row < p.rows; row += gridDim.x) {
-        const float* x = p.x + row * p.width;
-        float* y = p.out + row * p.width;
-        float max = -KILN_INFINITY;
-        for (i64 j = threadIdx.x; j < p.width; j += blockDim.x) max = fmaxf(max, x[j]);
-        // Every thread gets the same max, so the whole block takes one branch.
-        max = block_max(max, scratch);
-        if (max == -KILN_INFINITY) {
-            for (i64 j = threadIdx.x; j < p.width; j += blockDim.x) y[j] = 0.0f;
-            continue;
-        }
-        float sum = 0.0f;
-        for (i64 j = threadIdx.x; j < p.width; j += blockDim.x) sum += expf(x[j] - max);
-        float inv_sum = 1.0f / block_sum(sum, scratch);
-        for (i64 j = threadIdx.x; j < p.width; j += blockDim.x) y[j] = expf(x[j] - max) * inv_sum;
-    }
-}

@@ -17,11 +17,11 @@ struct SoftmaxParams {
     i64 rows;
     i64 width;
     u32 log;          // 0: softmax, 1: log-softmax
-    u32 pad;
+    u32 masked_rows_to_zero;  // forward softmax only: a row of all −∞ gives zeros, not NaN
 };
 static_assert(sizeof(SoftmaxParams) == 48, "SoftmaxParams must match its Rust mirror");
 
-// softmax: yᵢ = exp(xᵢ − max) / Σⱼ exp(xⱼ − max)
+// softmax: yᵢ = exp(xᵢ − max) / Σⱼ exp(xⱼ − max)  (or 0 on an all −∞ row, if asked)
 // log-softmax: yᵢ = xᵢ − max − ln Σⱼ exp(xⱼ − max)
 extern "C" __global__ void softmax_forward(const SoftmaxParams p) {
     __shared__ float scratch[32];
@@ -31,6 +31,11 @@ extern "C" __global__ void softmax_forward(const SoftmaxParams p) {
         float max = -KILN_INFINITY;
         for (i64 j = threadIdx.x; j < p.width; j += blockDim.x) max = fmaxf(max, x[j]);
         max = block_max(max, scratch);
+        // Every thread has the same max, so the whole block takes one branch.
+        if (p.masked_rows_to_zero && max == -KILN_INFINITY) {
+            for (i64 j = threadIdx.x; j < p.width; j += blockDim.x) y[j] = 0.0f;
+            continue;
+        }
         float sum = 0.0f;
         for (i64 j = threadIdx.x; j < p.width; j += blockDim.x) sum += expf(x[j] - max);
         sum = block_sum(sum, scratch);

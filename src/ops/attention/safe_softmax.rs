@@ -6,11 +6,9 @@
 //! so is the backward: on a row of zeros y ⊙ (dy − Σ dy ⊙ y) is zero too.
 
 use crate::autograd::Backward;
-use crate::cuda::{CudaStorage, require_f32};
 use crate::error::Result;
 use crate::float_slice;
 use crate::float_slice2;
-use crate::kernel_params;
 use crate::ops::softmax::{cpu as softmax_cpu, cuda as softmax_cuda};
 use crate::storage::{CpuStorage, Float, Storage};
 use crate::tensor::{Tensor, check_operands};
@@ -46,37 +44,6 @@ pub fn safe_softmax<T: Float>(x: &[T], width: usize) -> Vec<T> {
     out
 }
 
-kernel_params! {
-    pub struct SafeSoftmaxParams {
-        x: u64,
-        out: u64,
-        rows: i64,
-        width: i64,
-    }
-}
-
-// kernels/attention.cu static_asserts the same size.
-const _: () = assert!(std::mem::size_of::<SafeSoftmaxParams>() == 32);
-
-fn cuda_forward(x: &CudaStorage, width: usize) -> Result<CudaStorage> {
-    require_f32(OP, &[x])?;
-    let out = CudaStorage::alloc(x.device(), x.dtype(), x.len())?;
-    let rows = x.len().checked_div(width).unwrap_or(0);
-    let params = SafeSoftmaxParams {
-        x: x.ptr(),
-        out: out.ptr(),
-        rows: rows as i64,
-        width: width as i64,
-    };
-    x.device().launch(
-        "attention.cu",
-        "attention_safe_softmax",
-        softmax_cuda::row_launch(rows, width),
-        params,
-    )?;
-    Ok(out)
-}
-
 /// The attention weights of `scores` [..., L, S]: softmax over S, with rows
 /// of all −∞ giving zeros. f32 or f64 (16-bit scores are widened by the caller).
 pub(crate) fn safe_softmax_last_dim(scores: &Tensor) -> Result<Tensor> {
@@ -89,7 +56,7 @@ pub(crate) fn safe_softmax_last_dim(scores: &Tensor) -> Result<Tensor> {
         Storage::Cpu(s) => Storage::Cpu(float_slice!(OP, s, |v| CpuStorage::from(safe_softmax(
             v, width
         )))),
-        Storage::Cuda(s) => Storage::Cuda(cuda_forward(s, width)?),
+        Storage::Cuda(s) => Storage::Cuda(softmax_cuda::masked_softmax_forward(OP, s, width)?),
     };
     Ok(Tensor::from_op(
         out,

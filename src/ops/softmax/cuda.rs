@@ -15,7 +15,8 @@ kernel_params! {
         rows: i64,
         width: i64,
         log: u32,
-        pad: u32,
+        /// Forward softmax only: a row of all −∞ gives zeros, not NaN.
+        masked_rows_to_zero: u32,
     }
 }
 
@@ -43,6 +44,26 @@ fn rows_of(len: usize, width: usize) -> usize {
 /// Softmax (`log` false) or log-softmax (`log` true) of every row.
 pub(crate) fn softmax_forward(x: &CudaStorage, width: usize, log: bool) -> Result<CudaStorage> {
     let op = if log { "log_softmax" } else { "softmax" };
+    launch_forward(op, x, width, log, false)
+}
+
+/// Softmax of every row, except that a row of all −∞ (a query that an
+/// attention mask lets see no key) gives zeros instead of NaN.
+pub(crate) fn masked_softmax_forward(
+    op: &'static str,
+    x: &CudaStorage,
+    width: usize,
+) -> Result<CudaStorage> {
+    launch_forward(op, x, width, false, true)
+}
+
+fn launch_forward(
+    op: &'static str,
+    x: &CudaStorage,
+    width: usize,
+    log: bool,
+    masked_rows_to_zero: bool,
+) -> Result<CudaStorage> {
     require_f32(op, &[x])?;
     let out = CudaStorage::alloc(x.device(), x.dtype(), x.len())?;
     let rows = rows_of(x.len(), width);
@@ -53,7 +74,7 @@ pub(crate) fn softmax_forward(x: &CudaStorage, width: usize, log: bool) -> Resul
         rows: rows as i64,
         width: width as i64,
         log: u32::from(log),
-        pad: 0,
+        masked_rows_to_zero: u32::from(masked_rows_to_zero),
     };
     x.device().launch(
         "softmax.cu",
@@ -82,7 +103,7 @@ pub(crate) fn softmax_backward(
         rows: rows as i64,
         width: width as i64,
         log: u32::from(log),
-        pad: 0,
+        masked_rows_to_zero: 0,
     };
     y.device().launch(
         "softmax.cu",
