@@ -23,13 +23,15 @@ use std::sync::{Mutex, OnceLock};
 
 use kiln::nn::init::Init;
 use kiln::nn::{
-    BatchNorm2d, CausalSelfAttention, Conv2d, ConvTranspose2d, Dropout, Embedding, Flatten, Gelu,
-    KvCache, LayerNorm, LeakyRelu, Linear, Module, Relu, Sequential, Sigmoid, Tanh,
+    BatchNorm2d, BatchNorm2dOptions, CausalSelfAttention, Conv2d, ConvTranspose2d, Dropout,
+    Embedding, Flatten, Gelu, KvCache, LayerNorm, LeakyRelu, Linear, Module, Relu, Sequential,
+    Sigmoid, Tanh,
 };
 use kiln::ops::conv::{Conv2dForwardKernel, conv2d_forward_with_kernel};
 use kiln::ops::gemm::GemmKernel;
 use kiln::{
-    Conv2dPadding, Conv2dParams, ConvTranspose2dParams, DType, Device, GeluApproximation,
+    AttentionDropout, AttentionMask, AttentionOptions, BceWithLogitsOptions, Conv2dPadding,
+    Conv2dParams, ConvTranspose2dParams, CrossEntropyOptions, DType, Device, GeluApproximation,
     Reduction, Rng, Tensor,
 };
 use proptest::prelude::*;
@@ -195,6 +197,25 @@ fn inner_names(label: &str) -> &'static [&'static str] {
             &["full", "from_vec", "to_device", "cuda"]
         }
         "from_indices" => &["from_vec"],
+        "conv2d (groups, padding)" | "Conv2d (groups)" => &["conv2d"],
+        "conv_transpose2d (groups)" | "ConvTranspose2d (groups)" => &["conv_transpose2d"],
+        "cross_entropy_with" => &["cross_entropy"],
+        "bce_with_logits_with" => &["bce_with_logits"],
+        "layer_norm_over" | "LayerNorm (normalized_shape)" => &["layer_norm"],
+        "embedding_with" | "embedding_with (padding row gradient)" | "Embedding (padding_idx)" => {
+            &["embedding"]
+        }
+        "BatchNorm2d (config)" => &["batch_norm2d", "item", "assign"],
+        "scaled_dot_product_attention" => &[
+            "causal_attention",
+            "matmul",
+            "matmul_nt",
+            "mul_scalar",
+            "add",
+            "softmax",
+            "dropout",
+            "to_dtype",
+        ],
         // The fallible form of `autocast`.
         "try_autocast" => &["autocast"],
         "to_device" | "Device::cuda" => &["cuda"],
@@ -204,7 +225,12 @@ fn inner_names(label: &str) -> &'static [&'static str] {
         | "Embedding::new"
         | "BatchNorm2d::new"
         | "LayerNorm::new"
-        | "CausalSelfAttention::new" => &[
+        | "CausalSelfAttention::new"
+        | "Conv2d::new (groups)"
+        | "ConvTranspose2d::new (groups)"
+        | "BatchNorm2d::with_config"
+        | "LayerNorm::with_normalized_shape"
+        | "Embedding::with_padding_idx" => &[
             "Linear",
             "Conv2d",
             "ConvTranspose2d",
@@ -782,10 +808,6 @@ fn paired(a: &Spec, (mut b, relation, seed, same_dtype, same_device): Partner) -
         b.cuda = a.cuda;
     }
     b
-}
-
-fn reduction(sum: bool) -> Reduction {
-    if sum { Reduction::Sum } else { Reduction::Mean }
 }
 
 // ----- elementwise, activations ----------------------------------------------
@@ -2005,7 +2027,7 @@ fn group_conv_case() -> impl Strategy<Value = GroupConvCase> {
             partner(),
             prop::option::weighted(0.6, partner()),
         ),
-        prop_oneof![4 => 1usize..=4, 1 => Just(0usize), 1 => Just(usize::MAX)],
+        prop_oneof![8 => 1usize..=4, 1 => Just(0usize), 1 => Just(usize::MAX)],
         [
             extent(2),
             extent(2),
@@ -2016,8 +2038,8 @@ fn group_conv_case() -> impl Strategy<Value = GroupConvCase> {
             extent(3),
         ],
         [
-            prop_oneof![4 => Just(1usize), 1 => 0usize..=2],
-            prop_oneof![4 => Just(1usize), 1 => 0usize..=2],
+            prop_oneof![12 => Just(1usize), 3 => Just(2usize), 1 => Just(0usize)],
+            prop_oneof![12 => Just(1usize), 3 => Just(2usize), 1 => Just(0usize)],
         ],
         padding,
         [hyper(1), hyper(1)],
@@ -2025,16 +2047,7 @@ fn group_conv_case() -> impl Strategy<Value = GroupConvCase> {
         0u8..16,
     )
         .prop_map(
-            |(
-                (x, w, bias),
-                groups,
-                size,
-                stride,
-                padding,
-                dilation,
-                output_padding,
-                mutation,
-            )| {
+            |((x, w, bias), groups, size, stride, padding, dilation, output_padding, mutation)| {
                 let w = paired(&x, w);
                 let bias = bias.map(|b| paired(&x, b));
                 GroupConvCase {
@@ -2056,7 +2069,11 @@ fn group_conv_case() -> impl Strategy<Value = GroupConvCase> {
 fn grouped_convolutions(case: GroupConvCase) -> CaseResult {
     let [n, c, o, h, wd, kh, kw] = case.size;
     // Channels are multiples of the groups (of 1 when groups is 0 or huge).
-    let g = if case.groups <= 4 { case.groups.max(1) } else { 1 };
+    let g = if case.groups <= 4 {
+        case.groups.max(1)
+    } else {
+        1
+    };
     let (mut cin, mut cout) = (g * c, g * o);
     let (mut w_in, mut t_in) = (c, g * c);
     match case.mutation {
@@ -2153,6 +2170,10 @@ struct NormCase {
     training: bool,
     momentum: f64,
     eps: f64,
+    /// layer_norm_over's normalized_shape: the last `trailing` dims of x,
+    /// changed as `ns_kind` says (see `normalized_shape`).
+    trailing: usize,
+    ns_kind: u8,
 }
 
 fn norm_case() -> impl Strategy<Value = NormCase> {
@@ -2170,9 +2191,19 @@ fn norm_case() -> impl Strategy<Value = NormCase> {
         any::<bool>(),
         prop_oneof![6 => 0.0..1.0f64, 1 => scalar()],
         prop_oneof![6 => Just(1e-5f64), 2 => scalar()],
+        (0usize..=3, 0u8..8),
     )
         .prop_map(
-            |(mut x, params, wrong_len, param_dtype_same, training, momentum, eps)| {
+            |(
+                mut x,
+                params,
+                wrong_len,
+                param_dtype_same,
+                training,
+                momentum,
+                eps,
+                (trailing, ns_kind),
+            )| {
                 // Mostly [N, C, H, W], as batch norm takes.
                 if x.seed % 4 != 0 {
                     x.dims.resize(4, 2);
@@ -2185,9 +2216,29 @@ fn norm_case() -> impl Strategy<Value = NormCase> {
                     training,
                     momentum,
                     eps,
+                    trailing,
+                    ns_kind,
                 }
             },
         )
+}
+
+/// The trailing `count` dims of `dims` (all of them when fewer), changed
+/// as `kind` says: 0 one dim more than x has; 1 the last one larger; 2
+/// none at all; otherwise as they are.
+fn normalized_shape(dims: &[usize], count: usize, kind: u8) -> Vec<usize> {
+    let mut shape = dims[dims.len().saturating_sub(count)..].to_vec();
+    match kind {
+        0 => shape.insert(0, dims.len().min(2) + 1),
+        1 => {
+            if let Some(last) = shape.last_mut() {
+                *last += 1;
+            }
+        }
+        2 => shape.clear(),
+        _ => {}
+    }
+    shape
 }
 
 fn normalisations(case: NormCase) -> CaseResult {
@@ -2307,6 +2358,55 @@ fn normalisations(case: NormCase) -> CaseResult {
         Expect::new(Some(dims.clone()), v),
         &operands,
         || x.layer_norm(weight.as_ref(), bias.as_ref(), case.eps),
+    )?;
+
+    // layer_norm_over the trailing dims, with weight and bias of their shape.
+    let shape = normalized_shape(&dims, case.trailing, case.ns_kind);
+    let make_shaped = |i: usize| -> Result<Option<Tensor>, TestCaseError> {
+        case.params[i]
+            .as_ref()
+            .map(|spec| {
+                let mut param_dims = shape.clone();
+                if case.wrong_len[i] {
+                    param_dims.insert(0, 1);
+                }
+                build(&Spec {
+                    dims: param_dims,
+                    dtype: param_dtype(spec),
+                    cuda: if case.param_dtype_same {
+                        case.x.cuda
+                    } else {
+                        spec.cuda
+                    },
+                    fill: Fill::Unit,
+                    ..spec.clone()
+                })
+            })
+            .transpose()
+    };
+    let [weight, bias] = [make_shaped(2)?, make_shaped(3)?];
+    let mut operands = vec![&x];
+    operands.extend([&weight, &bias].into_iter().flatten());
+    // A normalized_shape holding a 0 is refused (kiln's documented choice).
+    let fits = !shape.is_empty()
+        && dims.ends_with(&shape)
+        && shape.iter().product::<usize>() > 0
+        && [&weight, &bias]
+            .iter()
+            .all(|p| p.as_ref().is_none_or(|p| p.dims() == &shape[..]));
+    let v = V::from(fits && case.eps.is_finite() && case.eps >= 0.0)
+        .and(if x.dtype().is_half() {
+            V::Maybe
+        } else {
+            operands_v(&operands)
+        })
+        .and(device_v(&operands))
+        .and(V::from(x.dtype() != DType::U32));
+    check(
+        "layer_norm_over",
+        Expect::new(Some(dims.clone()), v),
+        &operands,
+        || x.layer_norm_over(&shape, weight.as_ref(), bias.as_ref(), case.eps),
     )?;
     Ok(())
 }
@@ -2463,22 +2563,25 @@ fn sdpa(case: SdpaCase) -> CaseResult {
     // q's batch dims (0 to 3 of them), and k's and v's related to them.
     let batch = case.q.dims[..case.q.dims.len() - 2].to_vec();
     let batch_of = |(spec, relation, seed, same_dtype, same_device): &Partner| {
-        let dims = related(&batch, &spec.dims, *relation, *seed);
+        // Mostly broadcastable: a mismatched batch (relations 6, 7) one time in three.
+        let relation = if *relation >= 6 && seed % 3 != 0 {
+            0
+        } else {
+            *relation
+        };
+        let dims = related(&batch, &spec.dims, relation, *seed);
         // Relation 7 draws dims of any rank: keep at most 3 as batch dims.
         let dims = dims[..dims.len().min(3)].to_vec();
-        paired(
-            &case.q,
-            (
-                Spec {
-                    dims,
-                    ..spec.clone()
-                },
-                0,
-                0,
-                *same_dtype,
-                *same_device,
-            ),
-        )
+        Spec {
+            dims,
+            dtype: if *same_dtype {
+                case.q.dtype
+            } else {
+                spec.dtype
+            },
+            cuda: if *same_device { case.q.cuda } else { spec.cuda },
+            ..spec.clone()
+        }
     };
     let with_tail = |mut spec: Spec, tail: &[usize]| {
         spec.dims.extend(tail);
@@ -2507,7 +2610,11 @@ fn sdpa(case: SdpaCase) -> CaseResult {
     let ranks_fit = k.rank() >= 2 && v.rank() >= 2;
     let last2 = |t: &Tensor| {
         let d = t.dims();
-        (d[..d.len().max(2) - 2].to_vec(), d[d.len().max(2) - 2], d[d.len() - 1])
+        (
+            d[..d.len().max(2) - 2].to_vec(),
+            d[d.len().max(2) - 2],
+            d[d.len() - 1],
+        )
     };
     let (q_batch, _, _) = last2(&q);
     let weights = ranks_fit
@@ -2624,8 +2731,59 @@ struct LossCase {
     ids: Spec,
     weight: Spec,
     bound_extra: u32,
-    sum: bool,
+    reduction: Reduction,
     flatten: bool,
+    /// The options of cross_entropy_with, bce_with_logits_with and
+    /// embedding_with.
+    options: LossOptions,
+}
+
+#[derive(Clone, Debug)]
+struct LossOptions {
+    /// Class weights [C] (or another length when `wrong_len`).
+    class_weight: Option<Spec>,
+    wrong_len: bool,
+    /// 0: none; 1: the first target's class; 2: a class beyond C; 3: u32::MAX.
+    ignore: u8,
+    smoothing: f64,
+    /// bce's element weight and pos_weight, each related to the input's shape.
+    bce_weight: Option<Partner>,
+    pos_weight: Option<(Spec, u8)>,
+    /// 0: none; 1: 0; 2: −1; 3: V − 1; 4: V; 5: −V; 6: −V − 1; 7: isize::MIN.
+    padding: u8,
+}
+
+fn reduction_choice() -> impl Strategy<Value = Reduction> {
+    prop_oneof![
+        2 => Just(Reduction::Mean),
+        2 => Just(Reduction::Sum),
+        1 => Just(Reduction::None),
+    ]
+}
+
+fn loss_options() -> impl Strategy<Value = LossOptions> {
+    (
+        prop::option::weighted(0.4, spec_with(Just(vec![]), dtype())),
+        prop::bool::weighted(0.15),
+        0u8..4,
+        prop_oneof![4 => Just(0.0f64), 3 => 0.0..=1.0f64, 1 => Just(1.0), 1 => scalar()],
+        prop::option::weighted(0.4, partner()),
+        prop::option::weighted(0.3, (spec_with(Just(vec![]), dtype()), 0u8..6)),
+        0u8..8,
+    )
+        .prop_map(
+            |(class_weight, wrong_len, ignore, smoothing, bce_weight, pos_weight, padding)| {
+                LossOptions {
+                    class_weight,
+                    wrong_len,
+                    ignore,
+                    smoothing,
+                    bce_weight,
+                    pos_weight,
+                    padding,
+                }
+            },
+        )
 }
 
 fn loss_case() -> impl Strategy<Value = LossCase> {
@@ -2638,22 +2796,37 @@ fn loss_case() -> impl Strategy<Value = LossCase> {
         ),
         spec_with(prop_oneof![4 => dims(2..=2), 1 => dims(1..=3)], dtype()),
         prop_oneof![4 => Just(0u32), 1 => 1u32..3],
-        any::<bool>(),
+        reduction_choice(),
         prop::bool::weighted(0.7),
+        loss_options(),
     )
-        .prop_map(|(x, t, ids, weight, bound_extra, sum, flatten)| LossCase {
-            x,
-            t,
-            ids,
-            weight,
-            bound_extra,
-            sum,
-            flatten,
-        })
+        .prop_map(
+            |(x, t, ids, weight, bound_extra, reduction, flatten, options)| LossCase {
+                x,
+                t,
+                ids,
+                weight,
+                bound_extra,
+                reduction,
+                flatten,
+                options,
+            },
+        )
+}
+
+/// A loss's shape: rank 0 when reduced, `unreduced` for `Reduction::None`.
+fn loss_shape(reduction: Reduction, unreduced: &[usize]) -> Option<Vec<usize>> {
+    Some(if reduction == Reduction::None {
+        unreduced.to_vec()
+    } else {
+        Vec::new()
+    })
 }
 
 fn losses(case: LossCase) -> CaseResult {
-    let reduction = reduction(case.sum);
+    let reduction = case.reduction;
+    // A mean over nothing is an error (PyTorch's NaN); a sum or None is not.
+    let mean_ok = |count: usize| reduction != Reduction::Mean || count > 0;
     let x = build(&case.x)?;
     let mut target_spec = paired(&case.x, case.t.clone());
     if case.flatten {
@@ -2662,35 +2835,88 @@ fn losses(case: LossCase) -> CaseResult {
     let t = build(&target_spec)?;
     let operands = [&x, &t];
     let same = x.dims() == t.dims();
-    let mean_ok = case.sum || x.numel() > 0;
-    let v = operands_v(&operands).and(V::from(same && mean_ok));
+    let v = operands_v(&operands).and(V::from(same && mean_ok(x.numel())));
     // mse broadcasts a target of another shape against the input (PyTorch's rule).
     let joint = broadcast(x.dims(), t.dims());
-    let mse_mean_ok = case.sum
-        || joint
-            .as_ref()
-            .is_some_and(|d| d.iter().product::<usize>() > 0);
+    let mse_mean_ok = joint
+        .as_ref()
+        .is_some_and(|d| mean_ok(d.iter().product::<usize>()));
     let mse_v = operands_v(&operands).and(V::from(joint.is_some() && mse_mean_ok));
     check(
         "mse_loss",
-        Expect::new(Some(vec![]), mse_v),
+        Expect::new(
+            joint.as_deref().and_then(|j| loss_shape(reduction, j)),
+            mse_v,
+        ),
         &operands,
         || x.mse_loss(&t, reduction),
     )?;
     // Any real target, as PyTorch's (no [0, 1] check).
     check(
         "bce_with_logits",
-        Expect::new(Some(vec![]), v),
+        Expect::new(loss_shape(reduction, x.dims()), v),
         &operands,
         || x.bce_with_logits(&t, reduction),
     )?;
     let rows = x.dims().first().copied().unwrap_or(0);
-    let kl_v = operands_v(&operands).and(V::from(same && x.rank() > 0 && (case.sum || rows > 0)));
+    let kl_v = operands_v(&operands).and(V::from(same && x.rank() > 0 && mean_ok(rows)));
     check(
         "gaussian_kl",
-        Expect::new(Some(vec![]), kl_v),
+        Expect::new(loss_shape(reduction, &[rows]), kl_v),
         &operands,
         || Tensor::gaussian_kl(&x, &t, reduction),
+    )?;
+
+    // bce_with_logits_with: an element weight and a pos_weight that must
+    // broadcast to the input's shape (not beyond it), and take no gradient.
+    let options = &case.options;
+    let bce_weight = match &options.bce_weight {
+        Some(p) => {
+            let spec = paired(&case.x, p.clone());
+            // Mostly without a gradient (one is refused).
+            let grad = spec.grad && spec.seed % 3 == 0;
+            Some(build(&Spec { grad, ..spec })?)
+        }
+        None => None,
+    };
+    let pos_weight = match &options.pos_weight {
+        Some((spec, kind)) => {
+            let last = x.dims().last().copied().unwrap_or(1);
+            let dims = match kind {
+                0 | 1 => vec![last],
+                2 => vec![1],
+                3 => vec![last + 1],
+                4 => x.dims().to_vec(),
+                _ => spec.dims.clone(),
+            };
+            let same = *kind < 5;
+            Some(build(&Spec {
+                dims,
+                dtype: if same { case.x.dtype } else { spec.dtype },
+                cuda: if same { case.x.cuda } else { spec.cuda },
+                grad: spec.grad && *kind == 5,
+                ..spec.clone()
+            })?)
+        }
+        None => None,
+    };
+    let mut bce_operands = vec![&x, &t];
+    bce_operands.extend(bce_weight.iter().chain(&pos_weight));
+    let constants_fit = bce_weight
+        .iter()
+        .chain(&pos_weight)
+        .all(|w| broadcast(x.dims(), w.dims()).as_deref() == Some(x.dims()) && !w.requires_grad());
+    let bce_v = operands_v(&bce_operands).and(V::from(same && mean_ok(x.numel()) && constants_fit));
+    let bce_options = BceWithLogitsOptions {
+        reduction,
+        weight: bce_weight.clone(),
+        pos_weight: pos_weight.clone(),
+    };
+    check(
+        "bce_with_logits_with",
+        Expect::new(loss_shape(reduction, x.dims()), bce_v),
+        &operands,
+        || x.bce_with_logits_with(&t, &bce_options),
     )?;
 
     // cross_entropy: logits [C], [N, C] or [N, C, d1, …] (x flattened to rank 2 when
@@ -2717,23 +2943,106 @@ fn losses(case: LossCase) -> CaseResult {
         },
         classes as u32 + case.bound_extra,
     )?;
-    let in_range = targets.dtype() == DType::U32
-        && targets.to_f64_vec().iter().all(|&i| (i as usize) < classes);
+    let target_values = if targets.dtype() == DType::U32 {
+        targets.to_f64_vec()
+    } else {
+        Vec::new()
+    };
+    let in_range =
+        targets.dtype() == DType::U32 && target_values.iter().all(|&i| (i as usize) < classes);
     // PyTorch's shapes: [C] with a rank-0 target, [N, C, d1, …] with [N, d1, …].
     let target_dims: Option<Vec<usize>> = match logits.dims() {
         [] => None,
         [_] => Some(Vec::new()),
         [n, _, rest @ ..] => Some(std::iter::once(*n).chain(rest.iter().copied()).collect()),
     };
-    let fits = target_dims.as_deref() == Some(targets.dims())
-        && in_range
-        && (case.sum || targets.numel() > 0);
+    let shape_fits = target_dims.as_deref() == Some(targets.dims());
+    let fits = shape_fits && in_range && mean_ok(targets.numel());
     let v = float_v(&logits)
         .and(device_v(&[&logits, &targets]))
         .and(V::from(fits));
-    check("cross_entropy", Expect::new(Some(vec![]), v), &[&x], || {
-        logits.cross_entropy(&targets, reduction)
-    })?;
+    check(
+        "cross_entropy",
+        Expect::new(loss_shape(reduction, targets.dims()), v),
+        &[&x],
+        || logits.cross_entropy(&targets, reduction),
+    )?;
+
+    // cross_entropy_with: class weights [C] (no gradient), an ignore_index
+    // that may lie beyond C, label smoothing in [0, 1].
+    let class_weight = match &options.class_weight {
+        Some(spec) => Some(build(&Spec {
+            dims: vec![classes + usize::from(options.wrong_len)],
+            // Mostly the logits' dtype and device, and mostly no gradient.
+            dtype: if spec.seed % 4 == 0 {
+                spec.dtype
+            } else {
+                logits.dtype()
+            },
+            cuda: if spec.seed % 5 == 0 {
+                spec.cuda
+            } else {
+                case.x.cuda
+            },
+            fill: Fill::Unit,
+            grad: spec.grad && spec.seed % 3 == 0,
+            ..spec.clone()
+        })?),
+        None => None,
+    };
+    let ignore_index = match options.ignore {
+        1 => Some(target_values.first().map_or(0, |&t| t as u32)),
+        2 => Some(classes as u32 + 1),
+        3 => Some(u32::MAX),
+        _ => None,
+    };
+    let counted: Vec<f64> = target_values
+        .iter()
+        .copied()
+        .filter(|&t| Some(t as u32) != ignore_index)
+        .collect();
+    let counted_in_range =
+        targets.dtype() == DType::U32 && counted.iter().all(|&i| (i as usize) < classes);
+    let weight_v = match &class_weight {
+        Some(w) => {
+            operands_v(&[&logits, w]).and(V::from(w.dims() == [classes] && !w.requires_grad()))
+        }
+        None => V::Valid,
+    };
+    let smoothing = options.smoothing;
+    // Logits with no classes are refused whenever there is a target, also
+    // when every target is ignored (PyTorch returns 0 or NaN there).
+    let has_classes = V::from(classes > 0 || target_values.is_empty());
+    let with_v = float_v(&logits)
+        .and(device_v(&[&logits, &targets]))
+        .and(weight_v)
+        .and(V::from(
+            shape_fits
+                && counted_in_range
+                && mean_ok(counted.len())
+                && (0.0..=1.0).contains(&smoothing),
+        ))
+        .and(has_classes);
+    // A fresh reshape: backward through cross_entropy released the last one.
+    let logits = if case.flatten && x.rank() >= 1 {
+        valid("reshape", || x.reshape([rows, classes]))?
+    } else {
+        x.clone()
+    };
+    let ce_options = CrossEntropyOptions {
+        reduction,
+        weight: class_weight.clone(),
+        ignore_index,
+        label_smoothing: smoothing,
+    };
+    let mut ce_leaves = vec![&x];
+    ce_leaves.extend(&class_weight);
+    check(
+        "cross_entropy_with",
+        Expect::new(loss_shape(reduction, targets.dims()), with_v),
+        &ce_leaves,
+        || logits.cross_entropy_with(&targets, &ce_options),
+    )?;
 
     // embedding: rows of weight [V, E] picked by u32 ids of any shape.
     let weight = build(&case.weight)?;
@@ -2749,9 +3058,56 @@ fn losses(case: LossCase) -> CaseResult {
     let v = float_v(&weight)
         .and(device_v(&[&weight, &ids]))
         .and(V::from(ids_ok));
-    check("embedding", Expect::new(shape, v), &[&weight], || {
-        Tensor::embedding(&ids, &weight)
-    })?;
+    check(
+        "embedding",
+        Expect::new(shape.clone(), v),
+        &[&weight],
+        || Tensor::embedding(&ids, &weight),
+    )?;
+
+    // embedding_with: a padding_idx in [−V, V) (negative from the end).
+    let signed_vocab = vocab as isize;
+    let padding_idx = match options.padding {
+        0 => None,
+        1 => Some(0),
+        2 => Some(-1),
+        3 => Some(signed_vocab - 1),
+        4 => Some(signed_vocab),
+        5 => Some(-signed_vocab),
+        6 => Some(-signed_vocab - 1),
+        _ => Some(isize::MIN),
+    };
+    let padding_ok = padding_idx.is_none_or(|p| -signed_vocab <= p && p < signed_vocab);
+    let out = check(
+        "embedding_with",
+        Expect::new(shape, v.and(V::from(padding_ok))),
+        &[&weight],
+        || Tensor::embedding_with(&ids, &weight, padding_idx),
+    )?;
+    // The padding row gets no gradient (PyTorch's rule), the others theirs.
+    if let (Some(_), Some(p)) = (out, padding_idx)
+        && weight.requires_grad()
+        && ids.numel() > 0
+    {
+        let row = if p < 0 {
+            (signed_vocab + p) as usize
+        } else {
+            p as usize
+        };
+        let loss = valid("embedding_with (padding row gradient)", || {
+            Tensor::embedding_with(&ids, &weight, padding_idx)?.sum_all()
+        })?;
+        let grads = valid("backward", || loss.backward())?;
+        if let Some(grad) = grads.get(&weight) {
+            let width = weight.dims()[1];
+            let g = grad.to_f64_vec();
+            prop_assert!(
+                g[row * width..(row + 1) * width].iter().all(|&v| v == 0.0),
+                "embedding_with: padding row {} got a gradient",
+                row
+            );
+        }
+    }
     Ok(())
 }
 
@@ -2770,6 +3126,48 @@ struct LayerCase {
     eps: f64,
     momentum: f64,
     seed: u64,
+    config: LayerConfig,
+}
+
+/// The options of the layers' other constructors.
+#[derive(Clone, Debug)]
+struct LayerConfig {
+    /// Conv2d / ConvTranspose2d channel groups.
+    groups: usize,
+    /// Conv2d's padding: 0 "same", 1 "valid", otherwise explicit.
+    padding: u8,
+    /// BatchNorm2d's affine and track_running_stats, and momentum None
+    /// (a cumulative average) when `cumulative`.
+    affine: bool,
+    track: bool,
+    cumulative: bool,
+    /// LayerNorm's normalized_shape [2, a] (as `normalized_shape` changes it).
+    ns_kind: u8,
+    /// Embedding's padding_idx: as `LossOptions::padding`, less `None`.
+    padding_idx: u8,
+}
+
+fn layer_config() -> impl Strategy<Value = LayerConfig> {
+    (
+        prop_oneof![3 => Just(1usize), 3 => 2usize..=3, 1 => Just(0usize)],
+        0u8..4,
+        prop::bool::weighted(0.7),
+        prop::bool::weighted(0.7),
+        prop::bool::weighted(0.3),
+        0u8..8,
+        1u8..8,
+    )
+        .prop_map(
+            |(groups, padding, affine, track, cumulative, ns_kind, padding_idx)| LayerConfig {
+                groups,
+                padding,
+                affine,
+                track,
+                cumulative,
+                ns_kind,
+                padding_idx,
+            },
+        )
 }
 
 fn layer_case() -> impl Strategy<Value = LayerCase> {
@@ -2785,9 +3183,23 @@ fn layer_case() -> impl Strategy<Value = LayerCase> {
         prop_oneof![4 => Just(1e-5f64), 1 => scalar()],
         prop_oneof![4 => 0.0..1.0f64, 1 => scalar()],
         any::<u64>(),
+        layer_config(),
     )
         .prop_map(
-            |(sizes, n_head, init_dtype, init_cuda, input, fit, training, p, eps, momentum, seed)| {
+            |(
+                sizes,
+                n_head,
+                init_dtype,
+                init_cuda,
+                input,
+                fit,
+                training,
+                p,
+                eps,
+                momentum,
+                seed,
+                config,
+            )| {
                 LayerCase {
                     sizes,
                     n_head,
@@ -2800,6 +3212,7 @@ fn layer_case() -> impl Strategy<Value = LayerCase> {
                     eps,
                     momentum,
                     seed,
+                    config,
                 }
             },
         )
@@ -3030,6 +3443,190 @@ fn layers(case: LayerCase) -> CaseResult {
         )?;
     }
 
+    // Conv2d and ConvTranspose2d with groups (channels a·g in, b·g out) and
+    // conv2d's padding "same" / "valid".
+    let config = &case.config;
+    let g = config.groups;
+    let (cin, cout) = (a * g.max(1), b * g.max(1));
+    // An odd channel count with groups 2 or 3 now and then.
+    let cin = cin + usize::from(case.seed % 7 == 0);
+    let groups_v = V::from(g > 0 && cin % g.max(1) == 0 && cout % g.max(1) == 0);
+    let sizes_v = V::from(cin > 0 && cout > 0 && k0 > 0 && k1 > 0)
+        .and(groups_v)
+        .and(init_v);
+    let params = Conv2dParams {
+        // Stride 2 now and then: "same" refuses it.
+        stride: [1 + usize::from(case.seed % 5 == 0), 1],
+        padding: match config.padding {
+            0 => Conv2dPadding::Same,
+            1 => Conv2dPadding::Valid,
+            _ => [k0 / 2, k1 / 2].into(),
+        },
+        groups: g,
+        ..Conv2dParams::default()
+    };
+    let grouped_conv = probe("Conv2d::new (groups)", sizes_v, || {
+        Conv2d::new(cin, cout, [k0, k1], params, training, &mut init)
+    })?;
+    if let Some(layer) = &grouped_conv {
+        prop_assert_eq!(layer.weight.dims(), &[cout, cin / g, k0, k1][..]);
+        let x = layer_input(&case, vec![n, cin, 4, 3])?;
+        let shape = conv2d_shape(x.dims(), layer.weight.dims(), None, params);
+        let v = forward_v(&x, shape.is_some());
+        run_module(
+            "Conv2d (groups)",
+            layer,
+            &x,
+            Expect::new(shape, v),
+            training,
+        )?;
+    }
+    let transpose_params = ConvTranspose2dParams {
+        stride: [1 + case.seed as usize % 2, 2],
+        output_padding: [0, 1],
+        groups: g,
+        ..ConvTranspose2dParams::default()
+    };
+    let grouped_transpose = probe("ConvTranspose2d::new (groups)", sizes_v, || {
+        ConvTranspose2d::new(cin, cout, [k0, k1], transpose_params, !training, &mut init)
+    })?;
+    if let Some(layer) = &grouped_transpose {
+        prop_assert_eq!(layer.weight.dims(), &[cin, cout / g, k0, k1][..]);
+        let x = layer_input(&case, vec![n, cin, 2, 3])?;
+        let shape = conv_transpose2d_shape(x.dims(), layer.weight.dims(), None, transpose_params);
+        let v = forward_v(&x, shape.is_some());
+        run_module(
+            "ConvTranspose2d (groups)",
+            layer,
+            &x,
+            Expect::new(shape, v),
+            training,
+        )?;
+    }
+
+    // BatchNorm2d::with_config: affine, track_running_stats, momentum None.
+    let options = BatchNorm2dOptions {
+        eps: case.eps,
+        momentum: (!config.cumulative).then_some(case.momentum),
+        affine: config.affine,
+        track_running_stats: config.track,
+    };
+    let config_v = V::from(
+        a > 0
+            && options.momentum.is_none_or(|m| (0.0..=1.0).contains(&m))
+            && case.eps > 0.0
+            && case.eps.is_finite(),
+    );
+    // The affine parameters need a float dtype; running statistics alone
+    // are buffers of any dtype (as PyTorch's); without either it makes no
+    // tensor, so the init's dtype and device do not matter.
+    let made_v = if config.affine {
+        init_v
+    } else if config.track && device != Device::Cpu {
+        V::Maybe
+    } else {
+        V::Valid
+    };
+    let configured_norm = probe("BatchNorm2d::with_config", config_v.and(made_v), || {
+        BatchNorm2d::with_config(a, options, &mut init)
+    })?;
+    if let Some(layer) = &configured_norm {
+        prop_assert_eq!(layer.weight.is_some(), config.affine);
+        prop_assert_eq!(layer.running_mean.is_some(), config.track);
+        prop_assert_eq!(layer.parameters().len(), if config.affine { 2 } else { 0 });
+        let x = layer_input(&case, vec![n, a, 2, 1])?;
+        let d = x.dims();
+        // Batch statistics in training, and in eval too without running ones.
+        let batch_stats = training || !config.track;
+        // With neither parameters nor running statistics nothing ties x to
+        // `a` channels (PyTorch checks only the rank then).
+        let channels_fit = d.len() == 4 && (d[1] == a || !(config.affine || config.track));
+        let fits = channels_fit && (!batch_stats || d[0] * d[2] * d[3] > 1);
+        let stats_v = if case.init_dtype == DType::F32 {
+            V::Valid
+        } else {
+            V::Maybe
+        };
+        let expect = Expect::new(Some(d.to_vec()), forward_v(&x, fits).and(stats_v));
+        run_module("BatchNorm2d (config)", layer, &x, expect, training)?;
+    }
+
+    // LayerNorm::with_normalized_shape over the trailing [2, a] (or changed).
+    let shape = normalized_shape(&[n, 2, a], 2, config.ns_kind);
+    let shape_v = V::from(!shape.is_empty() && !shape.contains(&0));
+    let shaped_norm = probe(
+        "LayerNorm::with_normalized_shape",
+        shape_v.and(init_v),
+        || Ok(LayerNorm::with_normalized_shape(&shape, &mut init)?.with_eps(eps)),
+    )?;
+    if let Some(layer) = &shaped_norm {
+        prop_assert_eq!(layer.normalized_shape(), &shape[..]);
+        prop_assert_eq!(layer.weight.dims(), &shape[..]);
+        let mut dims = vec![n];
+        dims.extend(&shape);
+        let x = layer_input(&case, dims)?;
+        let fits = x.dims().ends_with(&shape) && eps.is_finite();
+        let expect = Expect::new(Some(x.dims().to_vec()), forward_v(&x, fits));
+        run_module("LayerNorm (normalized_shape)", layer, &x, expect, training)?;
+    }
+
+    // Embedding::with_padding_idx: the padding row starts at zero.
+    let vocab = a as isize;
+    let padding_idx = match config.padding_idx {
+        1 => 0,
+        2 => -1,
+        3 => vocab - 1,
+        4 => vocab,
+        5 => -vocab,
+        6 => -vocab - 1,
+        _ => isize::MIN,
+    };
+    let padding_v = V::from(a > 0 && b > 0 && -vocab <= padding_idx && padding_idx < vocab);
+    let padded_embedding = probe("Embedding::with_padding_idx", padding_v.and(init_v), || {
+        Embedding::with_padding_idx(a, b, padding_idx, &mut init)
+    })?;
+    if let Some(layer) = &padded_embedding {
+        let row = if padding_idx < 0 {
+            (vocab + padding_idx) as usize
+        } else {
+            padding_idx as usize
+        };
+        prop_assert_eq!(layer.padding_idx, Some(row));
+        let values = layer.weight.to_f64_vec();
+        prop_assert!(values[row * b..(row + 1) * b].iter().all(|&v| v == 0.0));
+        let ids = build_indices(
+            &Spec {
+                dtype: if case.fit == 0 {
+                    case.input.dtype
+                } else {
+                    DType::U32
+                },
+                cuda: case.init_cuda,
+                ..case.input.clone()
+            },
+            a as u32 + u32::from(case.fit == 1),
+        )?;
+        let in_range =
+            ids.dtype() == DType::U32 && ids.to_f64_vec().iter().all(|&i| (i as usize) < a);
+        let mut shape = ids.dims().to_vec();
+        shape.push(b);
+        let weight_v = if case.init_dtype == DType::F32 {
+            V::Valid
+        } else {
+            V::Maybe
+        };
+        let v = V::from(in_range)
+            .and(device_v(&[&ids, &layer.weight]))
+            .and(weight_v);
+        run_module(
+            "Embedding (padding_idx)",
+            layer,
+            &ids,
+            Expect::new(Some(shape), v),
+            training,
+        )?;
+    }
+
     // CausalSelfAttention: E = a·n_head.
     let embd = a * case.n_head.max(1);
     let new_v = V::from(case.n_head > 0 && (0.0..1.0).contains(&case.p)).and(init_v);
@@ -3190,6 +3787,13 @@ fn every_public_op_returns_ok_or_a_named_error_and_never_panics() {
         run_property("convolutions", 3072, conv_case(), convolutions),
         run_property("normalisations", 3072, norm_case(), normalisations),
         run_property("attention", 2048, attention_case(), attention),
+        run_property("sdpa", 1536, sdpa_case(), sdpa),
+        run_property(
+            "grouped convolutions",
+            1536,
+            group_conv_case(),
+            grouped_convolutions,
+        ),
         run_property("losses", 3072, loss_case(), losses),
         run_property("layers", 1536, layer_case(), layers),
     ]

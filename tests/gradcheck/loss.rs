@@ -358,6 +358,31 @@ fn cross_entropy_mean_with_every_target_ignored_is_an_error() {
 }
 
 #[test]
+fn cross_entropy_of_logits_with_no_classes_is_an_error_even_if_every_target_is_ignored() {
+    // PyTorch returns 0 (NaN with label smoothing) when every target is
+    // ignored; kiln refuses logits with nothing to predict. An ignored
+    // target is otherwise never range-checked (it may name no class).
+    let options = CrossEntropyOptions {
+        reduction: Reduction::Sum,
+        ignore_index: Some(5),
+        ..CrossEntropyOptions::default()
+    };
+    let empty = Tensor::zeros([2, 0], kiln::DType::F64, kiln::Device::Cpu).unwrap();
+    let msg = message(empty.cross_entropy_with(&indices(&[5, 5], &[2]), &options));
+    assert_mentions(&msg, &["cross_entropy:", "[2, 0]", "no classes"]);
+    let logits = randn(&[2, 3], 1);
+    let loss = logits
+        .cross_entropy_with(&indices(&[5, 1], &[2]), &options)
+        .unwrap();
+    let only_row_1 = logits
+        .narrow(0, 1, 1)
+        .unwrap()
+        .cross_entropy(&indices(&[1], &[1]), Reduction::Sum)
+        .unwrap();
+    assert_eq!(loss.item().unwrap(), only_row_1.item().unwrap());
+}
+
+#[test]
 fn cross_entropy_option_errors_name_the_option() {
     let logits = randn(&[2, 3], 0);
     let targets = indices(&[0, 2], &[2]);

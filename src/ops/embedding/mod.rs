@@ -81,7 +81,22 @@ pub(crate) fn check_index_range(
     bound: usize,
     context: impl FnOnce() -> String,
 ) -> Result<()> {
-    let Some(flat) = indices.iter().position(|&i| i as usize >= bound) else {
+    check_index_range_skipping(op, role, indices, dims, bound, None, context)
+}
+
+/// [`check_index_range`] where the value `skipped` (cross entropy's
+/// ignore_index) is exempt: it need name no row at all.
+pub(crate) fn check_index_range_skipping(
+    op: &'static str,
+    role: &str,
+    indices: &[u32],
+    dims: &[usize],
+    bound: usize,
+    skipped: Option<u32>,
+    context: impl FnOnce() -> String,
+) -> Result<()> {
+    let out_of_range = |i: u32| Some(i) != skipped && i as usize >= bound;
+    let Some(flat) = indices.iter().position(|&i| out_of_range(i)) else {
         return Ok(());
     };
     Err(Error::invalid(

@@ -9,7 +9,7 @@ use super::{Reduction, cpu, cuda, scalar_shape, u32_targets, upstream_on_device,
 use crate::autocast::{self, AutocastOp};
 use crate::autograd::{Backward, is_grad_enabled};
 use crate::error::{Error, Result};
-use crate::ops::embedding::check_index_range;
+use crate::ops::embedding::{check_index_range, check_index_range_skipping};
 use crate::profile;
 use crate::storage::{CpuStorage, Float, Storage};
 use crate::tensor::{DType, Shape, Tensor, check_operands, same_device};
@@ -105,6 +105,12 @@ impl Tensor {
     }
 }
 
+/// Whether the logits hold any sample (for a zero-size batch, zero classes
+/// is harmless: there is no target).
+fn targets_exist(logits: &Tensor) -> bool {
+    logits.rank() == 1 || (logits.dims()[0] > 0 && logits.dims()[2..].iter().all(|&d| d > 0))
+}
+
 /// Class targets must be u32 indices: a float target would be PyTorch's
 /// class probabilities, which kiln does not take.
 fn require_class_targets(dtype: DType) -> Result<()> {
@@ -153,6 +159,19 @@ fn check_target_shape(logits: &Tensor, targets: &Tensor) -> Result<()> {
 
 /// weight [C] of the logits' dtype and device with no gradient; ε in [0, 1].
 fn check_options(logits: &Tensor, classes: usize, options: &CrossEntropyOptions) -> Result<()> {
+    // No class for a target to name: PyTorch then refuses every counted
+    // target as out of bounds and returns 0 (or NaN with label smoothing)
+    // when all are ignored; kiln refuses the degenerate logits outright.
+    if classes == 0 && targets_exist(logits) {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "logits {} have no classes (dim {} is 0): there is nothing to predict",
+                logits.shape(),
+                if logits.rank() == 1 { 0 } else { 1 }
+            ),
+        ));
+    }
     let smoothing = options.label_smoothing;
     if !(0.0..=1.0).contains(&smoothing) {
         return Err(Error::invalid(
@@ -250,12 +269,10 @@ fn prepare_targets(
 ) -> Result<PreparedTargets> {
     let ignore = options.ignore_index;
     let context = || format!("logits {} have {classes} classes", logits.shape());
+    // Ignored targets are skipped by the range check, as PyTorch's nll_loss
+    // skips them: they may name no class at all (even with C = 0).
     let check_on_host = |t: &[u32]| -> Result<()> {
-        let counted: Vec<u32> = t
-            .iter()
-            .map(|&v| if Some(v) == ignore { 0 } else { v })
-            .collect();
-        check_index_range(OP, "target", &counted, targets.dims(), classes, context)
+        check_index_range_skipping(OP, "target", t, targets.dims(), classes, ignore, context)
     };
     let (safe, kept, any_kept) = match &*targets.storage() {
         Storage::Cpu(t) => {
