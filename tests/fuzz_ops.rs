@@ -1835,7 +1835,7 @@ fn conv2d_shape(
     if x.len() != 4 || w.len() != 4 || x[1..].contains(&0) || w.contains(&0) {
         return None;
     }
-    if p.groups == 0 || w[0] % p.groups != 0 || w[1].checked_mul(p.groups) != Some(x[1]) {
+    if p.groups == 0 || !w[0].is_multiple_of(p.groups) || w[1].checked_mul(p.groups) != Some(x[1]) {
         return None;
     }
     if p.stride.contains(&0) || p.dilation.contains(&0) || bias.is_some_and(|b| b != [w[0]]) {
@@ -1871,7 +1871,7 @@ fn conv_transpose2d_shape(
     if x.len() != 4 || w.len() != 4 || x[1..].contains(&0) || w.contains(&0) || x[1] != w[0] {
         return None;
     }
-    if p.groups == 0 || w[0] % p.groups != 0 {
+    if p.groups == 0 || !w[0].is_multiple_of(p.groups) {
         return None;
     }
     let out_channels = w[1].checked_mul(p.groups)?;
@@ -2874,7 +2874,7 @@ fn losses(case: LossCase) -> CaseResult {
         Some(p) => {
             let spec = paired(&case.x, p.clone());
             // Mostly without a gradient (one is refused).
-            let grad = spec.grad && spec.seed % 3 == 0;
+            let grad = spec.grad && spec.seed.is_multiple_of(3);
             Some(build(&Spec { grad, ..spec })?)
         }
         None => None,
@@ -3449,14 +3449,14 @@ fn layers(case: LayerCase) -> CaseResult {
     let g = config.groups;
     let (cin, cout) = (a * g.max(1), b * g.max(1));
     // An odd channel count with groups 2 or 3 now and then.
-    let cin = cin + usize::from(case.seed % 7 == 0);
+    let cin = cin + usize::from(case.seed.is_multiple_of(7));
     let groups_v = V::from(g > 0 && cin % g.max(1) == 0 && cout % g.max(1) == 0);
     let sizes_v = V::from(cin > 0 && cout > 0 && k0 > 0 && k1 > 0)
         .and(groups_v)
         .and(init_v);
     let params = Conv2dParams {
         // Stride 2 now and then: "same" refuses it.
-        stride: [1 + usize::from(case.seed % 5 == 0), 1],
+        stride: [1 + usize::from(case.seed.is_multiple_of(5)), 1],
         padding: match config.padding {
             0 => Conv2dPadding::Same,
             1 => Conv2dPadding::Valid,
