@@ -9,6 +9,7 @@ use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssi
 pub use half::{bf16, f16};
 
 use crate::cuda::CudaStorage;
+use crate::error::{Error, Result};
 use crate::half_float;
 use crate::tensor::{DType, Device};
 
@@ -64,6 +65,23 @@ pub enum CpuStorage {
     U32(Vec<u32>),
 }
 
+/// An empty vector with room for `len` values, or an error naming `op` when
+/// the host cannot reserve that much: a shape far beyond the machine's memory
+/// is refused instead of aborting the process.
+pub(crate) fn host_vec<T>(op: &'static str, len: usize) -> Result<Vec<T>> {
+    let mut values = Vec::new();
+    values.try_reserve_exact(len).map_err(|_| {
+        let bytes = (len as u128) * std::mem::size_of::<T>() as u128;
+        Error::invalid(
+            op,
+            format!(
+                "cannot allocate {len} values ({bytes} bytes) in host memory; choose a smaller shape"
+            ),
+        )
+    })?;
+    Ok(values)
+}
+
 impl CpuStorage {
     pub fn dtype(&self) -> DType {
         match self {
@@ -102,6 +120,28 @@ impl CpuStorage {
 
     /// Builds storage of `dtype` from f64 values (rounding to nearest even
     /// for the float types, truncating for u32).
+    /// `len` copies of `value` in `dtype` (converted as [`Self::from_f64_vec`]
+    /// converts), or an error naming `op` when the host cannot hold them.
+    pub(crate) fn try_filled(
+        op: &'static str,
+        value: f64,
+        len: usize,
+        dtype: DType,
+    ) -> Result<Self> {
+        fn filled<T: Clone>(op: &'static str, value: T, len: usize) -> Result<Vec<T>> {
+            let mut values = host_vec(op, len)?;
+            values.resize(len, value);
+            Ok(values)
+        }
+        Ok(match dtype {
+            DType::F32 => CpuStorage::F32(filled(op, value as f32, len)?),
+            DType::F64 => CpuStorage::F64(filled(op, value, len)?),
+            DType::F16 => CpuStorage::F16(filled(op, f16::from_f64(value), len)?),
+            DType::BF16 => CpuStorage::BF16(filled(op, bf16::from_f64(value), len)?),
+            DType::U32 => CpuStorage::U32(filled(op, value as u32, len)?),
+        })
+    }
+
     pub fn from_f64_vec(values: Vec<f64>, dtype: DType) -> Self {
         match dtype {
             DType::F32 => CpuStorage::F32(values.into_iter().map(|x| x as f32).collect()),

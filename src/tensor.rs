@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use crate::autograd::{self, Backward, Node};
 use crate::error::{Error, Result};
-use crate::storage::{CpuStorage, Element, Float, Storage};
+use crate::storage::{CpuStorage, Element, Float, Storage, host_vec};
 
 /// Element type of a tensor. `f32` is the working dtype everywhere, `f64`
 /// exists on the CPU for gradcheck, `u32` holds indices. `f16`/`bf16` are
@@ -447,9 +447,19 @@ impl Tensor {
 
     /// A tensor filled with `value`.
     pub fn full(value: f64, shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Self> {
-        let shape = shape.into();
-        checked_numel("full", &shape)?;
-        let storage = CpuStorage::from_f64_vec(vec![value; shape.numel()], dtype);
+        Self::filled("full", value, shape.into(), dtype, device)
+    }
+
+    /// `full` under the name of the constructor the caller used.
+    fn filled(
+        op: &'static str,
+        value: f64,
+        shape: Shape,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Self> {
+        let numel = checked_numel(op, &shape)?;
+        let storage = CpuStorage::try_filled(op, value, numel, dtype)?;
         Self::from_cpu_storage(storage, shape)?.to_device(device)
     }
 
@@ -463,12 +473,12 @@ impl Tensor {
                 let storage = crate::cuda::CudaStorage::zeros(&cuda, dtype, shape.numel())?;
                 Ok(Self::from_result(Storage::Cuda(storage), shape))
             }
-            _ => Self::full(0.0, shape, dtype, device),
+            _ => Self::filled("zeros", 0.0, shape, dtype, device),
         }
     }
 
     pub fn ones(shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Self> {
-        Self::full(1.0, shape, dtype, device)
+        Self::filled("ones", 1.0, shape.into(), dtype, device)
     }
 
     /// Zeros with the shape, dtype and device of `self`.
@@ -508,12 +518,12 @@ impl Tensor {
         rng: &mut Rng,
     ) -> Result<Self> {
         let shape = shape.into();
-        let values = (0..checked_numel("randn", &shape)?)
-            .map(|_| StandardNormal.sample(rng.inner()))
-            .collect();
         if !dtype.is_float() {
             return Err(Error::unsupported_dtype("randn", dtype));
         }
+        let numel = checked_numel("randn", &shape)?;
+        let mut values = host_vec("randn", numel)?;
+        values.extend((0..numel).map(|_| -> f64 { StandardNormal.sample(rng.inner()) }));
         let storage = CpuStorage::from_f64_vec(values, dtype);
         Self::from_cpu_storage(storage, shape)?.to_device(device)
     }
@@ -534,15 +544,15 @@ impl Tensor {
             ));
         }
         let shape = shape.into();
-        let values = (0..checked_numel("rand", &shape)?)
-            .map(|_| {
-                let u: f64 = StandardUniform.sample(rng.inner());
-                low + (high - low) * u
-            })
-            .collect();
         if !dtype.is_float() {
             return Err(Error::unsupported_dtype("rand", dtype));
         }
+        let numel = checked_numel("rand", &shape)?;
+        let mut values = host_vec("rand", numel)?;
+        values.extend((0..numel).map(|_| {
+            let u: f64 = StandardUniform.sample(rng.inner());
+            low + (high - low) * u
+        }));
         let storage = CpuStorage::from_f64_vec(values, dtype);
         Self::from_cpu_storage(storage, shape)?.to_device(device)
     }

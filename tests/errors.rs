@@ -172,3 +172,30 @@ fn negative_dims_count_from_the_back_as_in_pytorch() {
     assert!(message(x.permute(&[-1, 2, 0])).contains("not a permutation"));
     assert!(message(x.narrow(-4, 0, 1)).starts_with("narrow:"));
 }
+
+#[test]
+fn a_tensor_larger_than_the_address_space_is_an_error_not_an_abort() {
+    // 2⁴⁶ f32 values are 256 TiB, more than a process can map, so the
+    // reservation fails on any machine whatever its overcommit policy.
+    let huge = [1usize << 23, 1 << 23];
+    let mut rng = kiln::Rng::seed(0);
+    for (op, result) in [
+        ("zeros", Tensor::zeros(huge, DType::F32, Device::Cpu)),
+        ("ones", Tensor::ones(huge, DType::BF16, Device::Cpu)),
+        ("full", Tensor::full(2.0, huge, DType::F64, Device::Cpu)),
+        (
+            "randn",
+            Tensor::randn(huge, DType::F32, Device::Cpu, &mut rng),
+        ),
+        (
+            "rand",
+            Tensor::rand(0.0, 1.0, huge, DType::F32, Device::Cpu, &mut rng),
+        ),
+    ] {
+        let msg = message(result);
+        assert!(
+            msg.starts_with(&format!("{op}:")) && msg.contains("host memory"),
+            "{msg}"
+        );
+    }
+}
