@@ -186,6 +186,45 @@ fn layer_input(case: &LayerCase, dims: Vec<usize>) -> Result<Tensor, TestCaseErr
     })
 }
 
+/// Ids for an embedding of a rows of b: of the input's dtype unless the
+/// case fits (u32), one past the vocabulary when `case.fit` is 1, on the
+/// input's device when `input_device` else the layer's; and the output the
+/// suite expects of them.
+fn embedding_ids(
+    case: &LayerCase,
+    input_device: bool,
+    a: usize,
+    b: usize,
+    weight: &Tensor,
+) -> Result<(Tensor, Expect), TestCaseError> {
+    let ids_spec = Spec {
+        dtype: if case.fit == 0 {
+            case.input.dtype
+        } else {
+            DType::U32
+        },
+        cuda: if input_device {
+            case.input.cuda
+        } else {
+            case.init_cuda
+        },
+        ..case.input.clone()
+    };
+    let ids = build_indices(&ids_spec, a as u32 + u32::from(case.fit == 1))?;
+    let in_range = ids.dtype() == DType::U32 && ids.to_f64_vec().iter().all(|&i| (i as usize) < a);
+    let mut shape = ids.dims().to_vec();
+    shape.push(b);
+    let weight_v = if case.init_dtype == DType::F32 {
+        V::Valid
+    } else {
+        V::Maybe
+    };
+    let v = V::from(in_range)
+        .and(device_v(&[&ids, weight]))
+        .and(weight_v);
+    Ok((ids, Expect::new(Some(shape), v)))
+}
+
 pub(crate) fn layers(case: LayerCase) -> CaseResult {
     let [a, b, k0, k1] = case.sizes;
     let device = if case.init_cuda && cuda_present() {
@@ -315,39 +354,8 @@ pub(crate) fn layers(case: LayerCase) -> CaseResult {
         || Embedding::new(a, b, &mut init),
     )?;
     if let Some(layer) = &embedding {
-        let ids_spec = Spec {
-            dtype: if case.fit == 0 {
-                case.input.dtype
-            } else {
-                DType::U32
-            },
-            cuda: if case.fit == 2 {
-                case.input.cuda
-            } else {
-                case.init_cuda
-            },
-            ..case.input.clone()
-        };
-        let ids = build_indices(&ids_spec, a as u32 + u32::from(case.fit == 1))?;
-        let in_range =
-            ids.dtype() == DType::U32 && ids.to_f64_vec().iter().all(|&i| (i as usize) < a);
-        let mut shape = ids.dims().to_vec();
-        shape.push(b);
-        let weight_v = if case.init_dtype == DType::F32 {
-            V::Valid
-        } else {
-            V::Maybe
-        };
-        let v = V::from(in_range)
-            .and(device_v(&[&ids, &layer.weight]))
-            .and(weight_v);
-        run_module(
-            "Embedding",
-            layer,
-            &ids,
-            Expect::new(Some(shape), v),
-            training,
-        )?;
+        let (ids, expect) = embedding_ids(&case, case.fit == 2, a, b, &layer.weight)?;
+        run_module("Embedding", layer, &ids, expect, training)?;
     }
 
     // Conv2d and ConvTranspose2d with groups (channels a·g in, b·g out) and
@@ -501,37 +509,8 @@ pub(crate) fn layers(case: LayerCase) -> CaseResult {
         prop_assert_eq!(layer.padding_idx, Some(row));
         let values = layer.weight.to_f64_vec();
         prop_assert!(values[row * b..(row + 1) * b].iter().all(|&v| v == 0.0));
-        let ids = build_indices(
-            &Spec {
-                dtype: if case.fit == 0 {
-                    case.input.dtype
-                } else {
-                    DType::U32
-                },
-                cuda: case.init_cuda,
-                ..case.input.clone()
-            },
-            a as u32 + u32::from(case.fit == 1),
-        )?;
-        let in_range =
-            ids.dtype() == DType::U32 && ids.to_f64_vec().iter().all(|&i| (i as usize) < a);
-        let mut shape = ids.dims().to_vec();
-        shape.push(b);
-        let weight_v = if case.init_dtype == DType::F32 {
-            V::Valid
-        } else {
-            V::Maybe
-        };
-        let v = V::from(in_range)
-            .and(device_v(&[&ids, &layer.weight]))
-            .and(weight_v);
-        run_module(
-            "Embedding (padding_idx)",
-            layer,
-            &ids,
-            Expect::new(Some(shape), v),
-            training,
-        )?;
+        let (ids, expect) = embedding_ids(&case, false, a, b, &layer.weight)?;
+        run_module("Embedding (padding_idx)", layer, &ids, expect, training)?;
     }
 
     // CausalSelfAttention: E = a·n_head.

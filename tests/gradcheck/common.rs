@@ -37,3 +37,31 @@ pub fn check_with(
         panic!("{e}");
     }
 }
+
+/// u32 indices of `shape`.
+pub fn indices(values: &[u32], shape: &[usize]) -> Tensor {
+    Tensor::from_indices(values.to_vec(), shape).unwrap()
+}
+
+/// The message of an expected error.
+pub fn message(result: Result<Tensor>) -> String {
+    match result {
+        Ok(t) => panic!("expected an error, got a tensor of shape {}", t.shape()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Asserts that `message` contains every one of `parts`.
+pub fn assert_mentions(message: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(
+            message.contains(part),
+            "error {message:?} does not mention {part:?}"
+        );
+    }
+}
+
+/// Asserts `result` is an error whose message contains every one of `parts`.
+pub fn assert_error_mentions(result: Result<Tensor>, parts: &[&str]) {
+    assert_mentions(&message(result), parts);
+}

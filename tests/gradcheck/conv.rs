@@ -9,7 +9,7 @@ use kiln::ops::conv::{Conv2dPadding, Conv2dParams, ConvTranspose2dParams};
 use kiln::{DType, Device, Rng, Tensor};
 use proptest::prelude::*;
 
-use crate::common::{check, randn};
+use crate::common::*;
 
 /// One random conv2d problem whose output is not empty.
 #[derive(Debug, Clone)]
@@ -322,16 +322,6 @@ fn conv_transpose2d_error(
         .conv_transpose2d(&zeros(weight), bias.as_ref(), params)
         .expect_err("conv_transpose2d should reject these shapes")
         .to_string()
-}
-
-/// Asserts that `message` contains every one of `parts`.
-fn assert_mentions(message: &str, parts: &[&str]) {
-    for part in parts {
-        assert!(
-            message.contains(part),
-            "error {message:?} should mention {part:?}"
-        );
-    }
 }
 
 #[test]

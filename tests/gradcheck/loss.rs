@@ -6,7 +6,7 @@
 use kiln::{BceWithLogitsOptions, CrossEntropyOptions, Reduction, Tensor};
 use proptest::prelude::*;
 
-use crate::common::{check, randn, uniform};
+use crate::common::*;
 
 const ALL_REDUCTIONS: [Reduction; 3] = [Reduction::Mean, Reduction::Sum, Reduction::None];
 
@@ -36,10 +36,6 @@ fn class_targets(dims: &[usize], classes: usize, seed: u64) -> Tensor {
         })
         .collect();
     Tensor::from_indices(values, dims).unwrap()
-}
-
-fn indices(values: &[u32], shape: &[usize]) -> Tensor {
-    Tensor::from_indices(values.to_vec(), shape).unwrap()
 }
 
 proptest! {
@@ -324,16 +320,6 @@ fn mse_broadcast_mean_divides_by_the_broadcast_count() {
 }
 
 // ----- errors ----------------------------------------------------------------
-
-fn message(result: kiln::Result<Tensor>) -> String {
-    result.expect_err("expected an error").to_string()
-}
-
-fn assert_mentions(msg: &str, parts: &[&str]) {
-    for part in parts {
-        assert!(msg.contains(part), "{msg:?} does not mention {part:?}");
-    }
-}
 
 #[test]
 fn cross_entropy_refuses_class_probability_targets() {

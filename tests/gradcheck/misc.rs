@@ -4,7 +4,7 @@
 use kiln::{DType, Device, Reduction, Tensor};
 use proptest::prelude::*;
 
-use crate::common::{check, randn, uniform};
+use crate::common::*;
 
 const REDUCTIONS: [Reduction; 2] = [Reduction::Mean, Reduction::Sum];
 
@@ -67,10 +67,6 @@ fn gather_case() -> impl Strategy<Value = (Vec<usize>, usize, Vec<usize>, Vec<u3
             })
         })
     })
-}
-
-fn indices(values: &[u32], shape: &[usize]) -> Tensor {
-    Tensor::from_indices(values.to_vec(), shape).unwrap()
 }
 
 proptest! {
@@ -290,10 +286,6 @@ fn dropout_gradient_is_zero_exactly_where_the_output_is_zero() {
 }
 
 // ----- errors --------------------------------------------------------------
-
-fn message(result: kiln::Result<Tensor>) -> String {
-    result.expect_err("expected an error").to_string()
-}
 
 #[test]
 fn out_of_range_id_names_value_and_position() {
