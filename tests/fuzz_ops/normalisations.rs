@@ -192,14 +192,7 @@ pub(crate) fn normalisations(case: NormCase) -> CaseResult {
         && [&weight, &bias]
             .iter()
             .all(|p| p.as_ref().is_none_or(|p| p.dims() == [last]));
-    let v = V::from(fits && case.eps.is_finite() && case.eps >= 0.0)
-        .and(if x.dtype().is_half() {
-            V::Maybe
-        } else {
-            operands_v(&operands)
-        })
-        .and(device_v(&operands))
-        .and(V::from(x.dtype() != DType::U32));
+    let v = layer_norm_v(&x, &operands, fits, case.eps);
     check(
         "layer_norm",
         Expect::new(Some(dims.clone()), v),
@@ -241,14 +234,7 @@ pub(crate) fn normalisations(case: NormCase) -> CaseResult {
         && [&weight, &bias]
             .iter()
             .all(|p| p.as_ref().is_none_or(|p| p.dims() == &shape[..]));
-    let v = V::from(fits && case.eps.is_finite() && case.eps >= 0.0)
-        .and(if x.dtype().is_half() {
-            V::Maybe
-        } else {
-            operands_v(&operands)
-        })
-        .and(device_v(&operands))
-        .and(V::from(x.dtype() != DType::U32));
+    let v = layer_norm_v(&x, &operands, fits, case.eps);
     check(
         "layer_norm_over",
         Expect::new(Some(dims.clone()), v),
@@ -256,4 +242,18 @@ pub(crate) fn normalisations(case: NormCase) -> CaseResult {
         || x.layer_norm_over(&shape, weight.as_ref(), bias.as_ref(), case.eps),
     )?;
     Ok(())
+}
+
+/// What layer_norm and layer_norm_over accept: shapes that `fit`, a finite
+/// eps ≥ 0, float operands of one dtype (a 16-bit x widens its parameters,
+/// so any mix may do) on one device.
+fn layer_norm_v(x: &Tensor, operands: &[&Tensor], fits: bool, eps: f64) -> V {
+    V::from(fits && eps.is_finite() && eps >= 0.0)
+        .and(if x.dtype().is_half() {
+            V::Maybe
+        } else {
+            operands_v(operands)
+        })
+        .and(device_v(operands))
+        .and(V::from(x.dtype() != DType::U32))
 }
